@@ -1,0 +1,127 @@
+#include "afxdp_channels/xsk.h"
+
+#include <sys/mman.h>
+#include <sys/socket.h>
+
+#include <cerrno>
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+#include "common/errno_status.h"
+
+namespace netch::afxdp {
+absl::StatusOr<std::unique_ptr<Umem>> Umem::Create(const UmemConfig& cfg) {
+  if (cfg.frame_count == 0 || (cfg.frame_size != 2048 && cfg.frame_size != 4096))
+    return absl::InvalidArgumentError("UMEM frame_size must be 2048 or 4096, frame_count > 0");
+  std::unique_ptr<Umem> u(new Umem(cfg));
+  u->area_len_ = static_cast<size_t>(cfg.frame_count) * cfg.frame_size;
+  u->area_ =
+      mmap(nullptr, u->area_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (u->area_ == MAP_FAILED) {
+    u->area_ = nullptr;
+    return ErrnoStatus(errno, "mmap UMEM area");
+  }
+  xsk_umem_config ucfg{};
+  ucfg.fill_size = cfg.fill_size;
+  ucfg.comp_size = cfg.comp_size;
+  ucfg.frame_size = cfg.frame_size;
+  ucfg.frame_headroom = 0;
+  ucfg.flags = 0;
+  if (int err = xsk_umem__create(&u->umem_, u->area_, u->area_len_, &u->fill_, &u->comp_, &ucfg))
+    return ErrnoStatus(err, "xsk_umem__create");
+  u->free_.resize(cfg.frame_count);
+  for (uint32_t i = 0; i < cfg.frame_count; ++i)
+    u->free_[i] = static_cast<uint64_t>(cfg.frame_count - 1 - i) * cfg.frame_size;
+  u->free_count_ = cfg.frame_count;
+  return u;
+}
+
+Umem::~Umem() {
+  if (umem_) xsk_umem__delete(umem_);
+  if (area_) munmap(area_, area_len_);
+}
+
+uint32_t Umem::Refill(uint32_t max) {
+  uint32_t n = std::min({max, free_count_, xsk_prod_nb_free(&fill_, max)});
+  if (n == 0) return 0;
+  uint32_t idx = 0;
+  if (xsk_ring_prod__reserve(&fill_, n, &idx) != n) return 0;
+  for (uint32_t i = 0; i < n; ++i) *xsk_ring_prod__fill_addr(&fill_, idx + i) = AllocFrame();
+  xsk_ring_prod__submit(&fill_, n);
+  return n;
+}
+
+uint32_t Umem::ReapCompletions() {
+  uint32_t idx = 0;
+  uint32_t n = xsk_ring_cons__peek(&comp_, cfg_.comp_size, &idx);
+  for (uint32_t i = 0; i < n; ++i) FreeFrame(*xsk_ring_cons__comp_addr(&comp_, idx + i));
+  if (n) xsk_ring_cons__release(&comp_, n);
+  return n;
+}
+
+uint32_t Umem::fill_ring_level() const {
+  // Producer-side view: what we submitted minus what the kernel consumed.
+  return cfg_.fill_size - xsk_prod_nb_free(const_cast<xsk_ring_prod*>(&fill_), cfg_.fill_size);
+}
+
+absl::StatusOr<std::unique_ptr<XskSocket>> XskSocket::Create(Umem* umem, const XskConfig& cfg) {
+  std::unique_ptr<XskSocket> s(new XskSocket(umem, cfg));
+  xsk_socket_config xcfg{};
+  xcfg.rx_size = cfg.rx_size;
+  xcfg.tx_size = cfg.tx_size;
+  xcfg.libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD;
+  xcfg.xdp_flags = 0;
+  xcfg.bind_flags = XDP_USE_NEED_WAKEUP | (cfg.zero_copy ? XDP_ZEROCOPY : XDP_COPY);
+  int err = xsk_socket__create(&s->xsk_, cfg.ifname.c_str(), cfg.queue, umem->raw(), &s->rx_,
+                               &s->tx_, &xcfg);
+  if (err)
+    return ErrnoStatus(
+        err, absl::StrFormat("create AF_XDP socket on %s queue %u", cfg.ifname, cfg.queue));
+  return s;
+}
+
+XskSocket::~XskSocket() {
+  if (xsk_) xsk_socket__delete(xsk_);
+}
+
+uint32_t XskSocket::Receive(std::span<xdp_desc> out) {
+  uint32_t idx = 0;
+  uint32_t n = xsk_ring_cons__peek(&rx_, static_cast<uint32_t>(out.size()), &idx);
+  for (uint32_t i = 0; i < n; ++i) out[i] = *xsk_ring_cons__rx_desc(&rx_, idx + i);
+  if (n) xsk_ring_cons__release(&rx_, n);
+  return n;
+}
+
+uint32_t XskSocket::Transmit(std::span<const xdp_desc> descs) {
+  uint32_t idx = 0;
+  uint32_t n = xsk_ring_prod__reserve(&tx_, static_cast<uint32_t>(descs.size()), &idx);
+  for (uint32_t i = 0; i < n; ++i) *xsk_ring_prod__tx_desc(&tx_, idx + i) = descs[i];
+  if (n) {
+    xsk_ring_prod__submit(&tx_, n);
+    KickTx();
+  }
+  return n;
+}
+
+void XskSocket::KickTx() {
+  // In copy mode the kernel transmits only inside sendto(); with need_wakeup it tells us when.
+  if (!xsk_ring_prod__needs_wakeup(&tx_)) return;
+  sendto(fd(), nullptr, 0, MSG_DONTWAIT, nullptr, 0);
+}
+
+absl::StatusOr<XskStats> XskSocket::Stats() const {
+  xdp_statistics st{};
+  socklen_t len = sizeof(st);
+  if (getsockopt(fd(), SOL_XDP, XDP_STATISTICS, &st, &len))
+    return ErrnoStatus(errno, "XDP_STATISTICS");
+  XskStats out;
+  out.rx_dropped = st.rx_dropped;
+  out.rx_invalid_descs = st.rx_invalid_descs;
+  out.tx_invalid_descs = st.tx_invalid_descs;
+  out.rx_ring_full = st.rx_ring_full;
+  out.rx_fill_ring_empty_descs = st.rx_fill_ring_empty_descs;
+  out.tx_ring_empty_descs = st.tx_ring_empty_descs;
+  return out;
+}
+
+}  // namespace netch::afxdp

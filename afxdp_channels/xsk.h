@@ -1,0 +1,129 @@
+// xsk.h - UMEM and AF_XDP socket ownership for the AF_XDP NetDriver.
+//
+// Umem owns the packet memory, its fill/completion rings and a free-frame pool. The pool is a
+// fixed array used as a stack: no allocation after Create(), and it is not thread-safe by design —
+// one engine thread owns a Umem and everything bound to it (a fill or completion ring shared by
+// two threads would need a lock on every batch).
+//
+// XskSocket is one AF_XDP socket bound to (interface, queue). We never let libxdp load its own
+// XDP program: steering belongs to bpf/steer.bpf.c, and the controller inserts the socket's fd
+// into nc_xsks itself.
+#pragma once
+
+#include <linux/if_xdp.h>
+#include <xdp/xsk.h>
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace netch::afxdp {
+
+inline constexpr uint64_t kNoFrame = ~0ull;
+
+struct UmemConfig {
+  uint32_t frame_count = 4096;
+  uint32_t frame_size = XSK_UMEM__DEFAULT_FRAME_SIZE;  // 4096: a 3520 B frame plus headroom fits
+  uint32_t fill_size = XSK_RING_PROD__DEFAULT_NUM_DESCS * 2;
+  uint32_t comp_size = XSK_RING_CONS__DEFAULT_NUM_DESCS * 2;
+};
+
+class Umem {
+ public:
+  static absl::StatusOr<std::unique_ptr<Umem>> Create(const UmemConfig& cfg);
+  ~Umem();
+  Umem(const Umem&) = delete;
+  Umem& operator=(const Umem&) = delete;
+
+  // Frame pool. AllocFrame returns kNoFrame when empty.
+  uint64_t AllocFrame() { return free_count_ ? free_[--free_count_] : kNoFrame; }
+  void FreeFrame(uint64_t addr) { free_[free_count_++] = FrameBase(addr); }
+  uint32_t free_frames() const { return free_count_; }
+  uint32_t frame_count() const { return cfg_.frame_count; }
+  uint32_t frame_size() const { return cfg_.frame_size; }
+  uint64_t FrameBase(uint64_t addr) const { return addr - addr % cfg_.frame_size; }
+
+  uint8_t* Data(uint64_t addr) { return static_cast<uint8_t*>(xsk_umem__get_data(area_, addr)); }
+
+  // Moves up to `max` free frames into the fill ring (one batch reservation). Returns how many.
+  uint32_t Refill(uint32_t max);
+  // Returns completed TX frames to the pool. Returns how many.
+  uint32_t ReapCompletions();
+  // Frames currently in the fill ring (handed to the kernel for RX).
+  uint32_t fill_ring_level() const;
+
+  xsk_umem* raw() { return umem_; }
+  xsk_ring_prod* fill() { return &fill_; }
+  xsk_ring_cons* comp() { return &comp_; }
+
+ private:
+  explicit Umem(const UmemConfig& cfg) : cfg_(cfg) {}
+
+  UmemConfig cfg_;
+  void* area_ = nullptr;
+  size_t area_len_ = 0;
+  xsk_umem* umem_ = nullptr;
+  xsk_ring_prod fill_{};
+  xsk_ring_cons comp_{};
+  std::vector<uint64_t> free_;
+  uint32_t free_count_ = 0;
+};
+
+struct XskConfig {
+  std::string ifname;
+  uint32_t queue = 0;
+  uint32_t rx_size = XSK_RING_CONS__DEFAULT_NUM_DESCS;
+  uint32_t tx_size = XSK_RING_PROD__DEFAULT_NUM_DESCS;
+  bool zero_copy = false;  // veth has no zero-copy; real NICs with ZC support set this
+};
+
+// XDP_STATISTICS plus the fill-ring counters that the uapi of Debian 12 may lack.
+struct XskStats {
+  uint64_t rx_dropped = 0;
+  uint64_t rx_invalid_descs = 0;
+  uint64_t tx_invalid_descs = 0;
+  uint64_t rx_ring_full = 0;
+  uint64_t rx_fill_ring_empty_descs = 0;
+  uint64_t tx_ring_empty_descs = 0;
+};
+
+class XskSocket {
+ public:
+  // Creates an XSK on cfg.ifname/cfg.queue in the calling thread's network namespace.
+  static absl::StatusOr<std::unique_ptr<XskSocket>> Create(Umem* umem, const XskConfig& cfg);
+  ~XskSocket();
+  XskSocket(const XskSocket&) = delete;
+  XskSocket& operator=(const XskSocket&) = delete;
+
+  int fd() const { return xsk_socket__fd(xsk_); }
+  uint32_t queue() const { return cfg_.queue; }
+  Umem* umem() { return umem_; }
+
+  // Takes up to out.size() received descriptors in one batch. The frames now belong to the caller
+  // (return them with Umem::FreeFrame).
+  uint32_t Receive(std::span<xdp_desc> out);
+  // Queues up to descs.size() frames for transmit in one batch and kicks the kernel if needed.
+  // Returns how many were queued; the rest stay with the caller.
+  uint32_t Transmit(std::span<const xdp_desc> descs);
+  // Copy-mode TX only moves on sendto(); this issues it when the kernel asks for a wakeup.
+  void KickTx();
+  // Whether the kernel wants a poll()/recvfrom() to refill (need_wakeup on the fill ring).
+  bool FillNeedsWakeup() { return xsk_ring_prod__needs_wakeup(umem_->fill()); }
+
+  absl::StatusOr<XskStats> Stats() const;
+
+ private:
+  XskSocket(Umem* umem, const XskConfig& cfg) : umem_(umem), cfg_(cfg) {}
+
+  Umem* umem_;
+  XskConfig cfg_;
+  xsk_socket* xsk_ = nullptr;
+  xsk_ring_cons rx_{};
+  xsk_ring_prod tx_{};
+};
+
+}  // namespace netch::afxdp

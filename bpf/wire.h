@@ -1,0 +1,116 @@
+// wire.h - C++ builders and parsers for the NetChannel wire format defined in netch_wire.h.
+//
+// ParseFrame applies exactly the validation rules of the XDP program (steer.bpf.c), in the same
+// order, and reports its verdict as the nc_counter the program would bump. The BPF table tests
+// use it as the oracle, and the AF_XDP driver uses it to find the headers of a received frame.
+// Headers are copied out with memcpy: in a UMEM frame they are not naturally aligned.
+#pragma once
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string_view>
+
+#include "bpf/netch_wire.h"
+
+namespace netch::wire {
+
+inline constexpr size_t kEthLen = 14;
+inline constexpr size_t kIpv4Len = 20;  // we always send without options
+inline constexpr size_t kUdpLen = 8;
+inline constexpr size_t kChanHdrLen = sizeof(nc_chan_hdr);
+inline constexpr size_t kSegHdrLen = sizeof(nc_hdr);
+inline constexpr size_t kOuterLen = kEthLen + kIpv4Len + kUdpLen;  // Ethernet + IPv4 + UDP
+inline constexpr size_t kMaxSacks = 4;  // what our transport puts on the wire
+
+using MacAddr = std::array<uint8_t, 6>;
+
+// Addresses of one channel's frames. IPs and ports in host byte order.
+struct FrameAddrs {
+  MacAddr src_mac{};
+  MacAddr dst_mac{};
+  uint32_t src_ip = 0;
+  uint32_t dst_ip = 0;
+  uint16_t src_port = 0;  // per-channel UDP source port (RSS/ECMP entropy)
+  uint16_t dst_port = NC_DEFAULT_UDP_PORT;
+  uint8_t ttl = 64;
+  uint8_t tos = 0;  // DSCP/ECN byte; ECT(0) when the congestion controller wants ECN
+};
+
+struct SackBlock {
+  uint32_t start = 0;
+  uint32_t end = 0;
+};
+
+// Host-order view of nc_chan_hdr. payload_len and hdr_len are derived when writing.
+struct ChanHeader {
+  uint8_t type = NC_CT_DATA;
+  uint8_t flags = 0;
+  uint16_t dst_chan = 0;
+  uint16_t src_chan = 0;
+  uint32_t seq = 0;
+  uint32_t ack = 0;
+  uint32_t wnd = 0;
+  uint32_t ts_val = 0;
+  uint32_t ts_ecr = 0;
+  uint8_t nsacks = 0;
+  std::array<SackBlock, kMaxSacks> sacks{};
+};
+
+// Host-order view of nc_hdr. hdr_len and payload_len are derived when writing.
+struct SegHeader {
+  uint8_t type = NC_DATA;
+  uint8_t app_class = NC_CLASS_UNSPEC;
+  uint16_t src_port = 0;
+  uint16_t dst_port = 0;
+  uint32_t conn_id = 0;
+  uint64_t seq = 0;
+};
+
+// Bytes of all headers in front of a segment payload.
+constexpr size_t HeadersLen(const ChanHeader& ch, bool with_seg) {
+  return kOuterLen + kChanHdrLen + ch.nsacks * sizeof(nc_sack_block) + (with_seg ? kSegHdrLen : 0);
+}
+
+// Writes Ethernet/IPv4/UDP/channel (and, if seg != nullptr, NetChannel) headers for a payload of
+// payload_len bytes that the caller places right after them. `out` must hold HeadersLen() bytes.
+// Returns the header length. No allocation: this is the transmit hot path.
+size_t WriteHeaders(uint8_t* out, const FrameAddrs& addrs, const ChanHeader& ch,
+                    const SegHeader* seg, size_t payload_len);
+
+// Convenience for tests and tools: headers + payload into `out`; returns the frame length or 0 if
+// it does not fit (or the payload exceeds what the length fields can express).
+size_t BuildFrame(std::span<uint8_t> out, const FrameAddrs& addrs, const ChanHeader& ch,
+                  const SegHeader* seg, std::span<const uint8_t> payload);
+
+// RFC 1071 Internet checksum of `data`, folded, not inverted.
+uint16_t InternetSum(std::span<const uint8_t> data);
+
+struct ParsedFrame {
+  nc_counter verdict = NC_CNT_PASS_UNPARSED;  // NC_CNT_REDIRECT: a valid NetChannel frame
+  uint32_t src_ip = 0;                        // host order
+  uint32_t dst_ip = 0;
+  uint16_t src_port = 0;
+  uint8_t tos = 0;
+  ChanHeader ch;
+  size_t chan_payload_off = 0;  // offset in the frame of the channel payload
+  size_t chan_payload_len = 0;
+  bool has_seg = false;  // DATA: a NetChannel segment header was parsed
+  SegHeader seg;
+  size_t seg_payload_off = 0;
+  size_t seg_payload_len = 0;
+  bool valid() const { return verdict == NC_CNT_REDIRECT; }
+};
+
+// Classifies a whole frame the way steer.bpf.c does (minus the map-dependent steps: channel
+// table, queue, XSK slot and fault injection). udp_port is in host order.
+ParsedFrame ParseFrame(std::span<const uint8_t> frame, uint16_t udp_port);
+
+// True for verdicts the program answers with XDP_PASS.
+constexpr bool IsPassVerdict(nc_counter c) { return c <= NC_CNT_PASS_OTHER_PORT; }
+
+// The Prometheus-style label of a counter ("drop_bad_ip_csum", ...).
+std::string_view CounterName(nc_counter c);
+
+}  // namespace netch::wire

@@ -1,0 +1,55 @@
+// testhosts.h - the GoogleTest side of scripts/testhosts: two test hosts joined by a veth pair.
+//
+// Each TestHosts gets a prefix unique to this process and instance, so tests running concurrently
+// (ctest -j) never share namespaces. The destructor tears down; `scripts/testhosts up` also cleans
+// up whatever a crashed run left under the same prefix.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+#include "absl/status/status.h"
+#include "bpf/wire.h"
+
+namespace netch::testing {
+
+struct TestHostsOptions {
+  int queues = 1;
+  int mtu = 1500;
+};
+
+class TestHosts {
+ public:
+  static constexpr uint32_t kIpA = 0xC6120001;  // 198.18.0.1
+  static constexpr uint32_t kIpB = 0xC6120002;  // 198.18.0.2
+
+  TestHosts() = default;
+  ~TestHosts();
+  TestHosts(const TestHosts&) = delete;
+  TestHosts& operator=(const TestHosts&) = delete;
+
+  absl::Status Up(const TestHostsOptions& opts = {});
+  void Down();
+
+  const std::string& ns_a() const { return ns_a_; }
+  const std::string& ns_b() const { return ns_b_; }
+  static constexpr const char* kDevA = "nc-a";
+  static constexpr const char* kDevB = "nc-b";
+  // Valid after Up(). Interface indexes are per namespace.
+  int ifindex_a() const { return ifindex_a_; }
+  int ifindex_b() const { return ifindex_b_; }
+  const wire::MacAddr& mac_a() const { return mac_a_; }
+  const wire::MacAddr& mac_b() const { return mac_b_; }
+
+  // Runs a shell command inside a host's namespace; returns its exit status.
+  int RunIn(const std::string& ns, const std::string& cmd) const;
+
+ private:
+  std::string prefix_;
+  std::string ns_a_, ns_b_;
+  int ifindex_a_ = 0, ifindex_b_ = 0;
+  wire::MacAddr mac_a_{}, mac_b_{};
+  bool up_ = false;
+};
+
+}  // namespace netch::testing
