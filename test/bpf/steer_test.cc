@@ -20,7 +20,7 @@
 #include "bpf/steer_program.h"
 #include "bpf/wire.h"
 #include "gtest/gtest.h"
-#include "test/support/netns.h"
+#include "common/netns.h"
 #include "test/support/privilege.h"
 #include "test/support/testhosts.h"
 
@@ -28,7 +28,7 @@ namespace netch {
 namespace {
 
 using Frame = std::vector<uint8_t>;
-using testing::NetnsScope;
+using netch::NetnsScope;
 using testing::TestHosts;
 
 constexpr uint16_t kPort = 9909;

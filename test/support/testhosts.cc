@@ -10,13 +10,14 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
-#include "test/support/netns.h"
+#include "common/netns.h"
 
 #ifndef NETCH_SOURCE_DIR
 #error "NETCH_SOURCE_DIR must point at the source tree (for scripts/testhosts)"
 #endif
 
 namespace netch::testing {
+using ::netch::NetnsScope;
 namespace {
 
 std::atomic<int> g_instance{0};

@@ -1,4 +1,4 @@
-#include "test/support/netns.h"
+#include "common/netns.h"
 
 #include <fcntl.h>
 #include <sched.h>
@@ -11,7 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 
-namespace netch::testing {
+namespace netch {
 
 NetnsScope::NetnsScope(const std::string& name) {
   saved_fd_ = open("/proc/thread-self/ns/net", O_RDONLY | O_CLOEXEC);
@@ -40,4 +40,4 @@ NetnsScope::~NetnsScope() {
   close(saved_fd_);
 }
 
-}  // namespace netch::testing
+}  // namespace netch

@@ -9,7 +9,7 @@
 
 #include "absl/status/status.h"
 
-namespace netch::testing {
+namespace netch {
 
 class NetnsScope {
  public:
@@ -27,4 +27,4 @@ class NetnsScope {
   absl::Status status_;
 };
 
-}  // namespace netch::testing
+}  // namespace netch
