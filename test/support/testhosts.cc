@@ -46,6 +46,8 @@ absl::Status TestHosts::Up(const TestHostsOptions& opts) {
   prefix_ = absl::StrCat("nct", getpid(), "-", g_instance.fetch_add(1));
   ns_a_ = prefix_ + "-a";
   ns_b_ = prefix_ + "-b";
+  std::string gc = absl::StrCat(NETCH_SOURCE_DIR, "/scripts/testhosts gc >&2");
+  (void)std::system(gc.c_str());  // leftovers of crashed runs; failure here is not ours to report
   std::string cmd = absl::StrCat(NETCH_SOURCE_DIR, "/scripts/testhosts up --prefix ", prefix_,
                                  " --queues ", opts.queues, " --mtu ", opts.mtu, " >/dev/null");
   if (std::system(cmd.c_str()) != 0) return absl::InternalError("failed: " + cmd);
