@@ -1,0 +1,199 @@
+// transport.h - the AF_XDP driver's reliable transport for one channel, without I/O.
+//
+// The transport never touches packet bytes or clocks: the driver hands it received headers and
+// opaque buffer handles (UMEM frame addresses in the AF_XDP driver), asks it what to transmit, and
+// passes the time in. That keeps it deterministic under test (a simulated link with a fixed seed)
+// and allocation-free after construction: every ring is sized from TransportConfig up front.
+//
+// What it does: packet sequence numbers (32-bit, wrapping), cumulative + selective ACKs,
+// retransmission timeout (RFC 6298 estimator, exponential backoff), fast retransmit after
+// `dupack_threshold` duplicate ACKs or SACK evidence, receive-window flow control in bytes (a
+// consumer that stops releasing buffers closes the window and stops the sender; nothing is
+// dropped), zero-window probes, keepalive and dead-peer detection, pluggable congestion control.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <vector>
+
+#include "bpf/wire.h"
+
+namespace netch::afxdp {
+
+// Congestion control works in packets (every DATA packet carries at most one MSS).
+class CongestionControl {
+ public:
+  virtual ~CongestionControl() = default;
+  virtual const char* name() const = 0;
+  // `acked` packets newly acknowledged; `ece` if the ACK echoed congestion marks.
+  virtual void OnAck(uint32_t acked, uint64_t rtt_us, bool ece) = 0;
+  // Loss detected by duplicate ACKs or SACK: called once per recovery episode.
+  virtual void OnLoss() = 0;
+  // Retransmission timeout.
+  virtual void OnRto() = 0;
+  virtual uint32_t cwnd() const = 0;
+};
+
+// NewReno-style AIMD: slow start to ssthresh, +1 packet per window after, halve on loss,
+// collapse to the initial window on timeout. ECN echoes are treated like loss (once per RTT).
+std::unique_ptr<CongestionControl> MakeNewReno(uint32_t initial_cwnd, uint32_t max_cwnd);
+
+struct TransportConfig {
+  uint32_t window_packets = 1024;    // max packets in flight / held out of order (power of 2)
+  uint32_t rcv_buf_bytes = 4 << 20;  // receive buffer advertised as the window
+  uint32_t initial_cwnd = 16;
+  uint64_t initial_rto_us = 20'000;
+  uint64_t min_rto_us = 2'000;
+  uint64_t max_rto_us = 1'000'000;
+  uint32_t dupack_threshold = 3;
+  uint32_t ack_every = 2;                // ACK every n-th in-order packet...
+  uint64_t delayed_ack_us = 500;         // ...or after this long
+  uint64_t keepalive_idle_us = 200'000;  // probe an idle peer after this long
+  uint64_t dead_peer_us = 2'000'000;     // nothing heard for this long: kFailed
+  uint32_t isn_send = 0;  // first sequence number we send (agreed in the channel handshake)
+  uint32_t isn_recv = 0;  // first sequence number we expect
+  uint16_t local_chan = 0;
+  uint16_t peer_chan = 0;
+};
+
+enum class TransportState { kUp, kFailed };
+
+struct TransportStats {
+  uint64_t data_sent = 0;    // DATA packets transmitted, first time
+  uint64_t retransmits = 0;  // DATA packets transmitted again
+  uint64_t rto_events = 0;
+  uint64_t fast_retransmits = 0;
+  uint64_t acks_sent = 0;
+  uint64_t data_received = 0;  // DATA packets accepted (in order or buffered)
+  uint64_t dup_received = 0;   // DATA already received: dropped, re-ACKed
+  uint64_t out_of_window = 0;  // DATA beyond the window: dropped
+  uint64_t bad_acks = 0;       // ACKs for data never sent: ignored
+  uint64_t zero_window_probes = 0;
+  uint64_t keepalives_sent = 0;
+};
+
+// One packet the driver must put on the wire. For DATA, `handle`/`len` name the payload the driver
+// gave to Send(); for control packets they are unused. The header's ack/wnd/sacks/timestamps are
+// filled in.
+struct TxPacket {
+  wire::ChanHeader hdr;
+  uint64_t handle = 0;
+  uint32_t len = 0;
+};
+
+class Transport {
+ public:
+  // Invoked when a buffer is no longer needed by the transport: a sent payload once acknowledged,
+  // a received payload that duplicates data already held.
+  class BufferOwner {
+   public:
+    virtual ~BufferOwner() = default;
+    virtual void ReleaseTx(uint64_t handle) = 0;
+    virtual void ReleaseRx(uint64_t handle) = 0;
+  };
+
+  Transport(const TransportConfig& cfg, std::unique_ptr<CongestionControl> cc, BufferOwner* owner,
+            uint64_t now_us);
+
+  // ---- sending --------------------------------------------------------------------------------
+  // Queues one DATA payload. False when the send ring is full (the caller keeps the buffer).
+  bool Send(uint64_t handle, uint32_t len);
+  // Packets queued but not yet acknowledged (a scheduler's "queued bytes" view is below).
+  uint32_t send_queue_packets() const { return snd_end_ - snd_una_; }
+  uint64_t send_queue_bytes() const { return snd_queued_bytes_; }
+
+  // ---- receiving ------------------------------------------------------------------------------
+  // A validated channel packet from the peer. For DATA, the transport takes `handle` (payload of
+  // `len` bytes): it is later returned by PopDelivered() or released through ReleaseRx().
+  void OnPacket(const wire::ChanHeader& h, uint64_t handle, uint32_t len, uint64_t now_us);
+  // Next in-order payload for the consumer. The window stays charged until Consumed(len).
+  bool PopDelivered(uint64_t* handle, uint32_t* len);
+  // The consumer is done with `len` bytes it popped: reopens the receive window.
+  void Consumed(uint32_t len);
+
+  // ---- driving --------------------------------------------------------------------------------
+  // Fills `out` with what must be transmitted now (ACKs, retransmissions, new data, probes).
+  // Returns how many entries were written.
+  size_t Poll(uint64_t now_us, std::span<TxPacket> out);
+  // When Poll() next has timed work (RTO, delayed ACK, keepalive); UINT64_MAX if none.
+  uint64_t next_timer_us() const;
+
+  TransportState state() const { return state_; }
+  const TransportStats& stats() const { return stats_; }
+  uint32_t cwnd() const { return cc_->cwnd(); }
+  uint32_t peer_window() const { return peer_wnd_; }
+  uint32_t advertised_window() const;
+  uint64_t srtt_us() const { return srtt_us_; }
+  uint64_t rto_us() const { return rto_us_; }
+  uint32_t in_flight_packets() const { return snd_nxt_ - snd_una_; }
+
+ private:
+  struct TxSlot {
+    uint64_t handle = 0;
+    uint32_t len = 0;
+    uint64_t sent_us = 0;
+    bool sacked = false;
+    bool lost = false;  // needs retransmission
+    bool retransmitted = false;
+  };
+  struct RxSlot {
+    uint64_t handle = 0;
+    uint32_t len = 0;
+    bool present = false;
+  };
+
+  static bool Before(uint32_t a, uint32_t b) { return static_cast<int32_t>(a - b) < 0; }
+  TxSlot& tx(uint32_t seq) { return tx_[seq & mask_]; }
+  RxSlot& rx(uint32_t seq) { return rx_[seq & mask_]; }
+
+  void OnAck(const wire::ChanHeader& h, uint64_t now_us);
+  void OnData(const wire::ChanHeader& h, uint64_t handle, uint32_t len, uint64_t now_us);
+  void MarkLost(TxSlot& s);
+  void MarkSacked(TxSlot& s);
+  void UpdateRtt(uint64_t sample_us);
+  wire::ChanHeader MakeHeader(uint8_t type, uint64_t now_us);
+  bool SendWindowAllows(uint32_t len) const;
+  void ArmRto(uint64_t now_us) { rto_deadline_us_ = now_us + rto_us_; }
+
+  TransportConfig cfg_;
+  std::unique_ptr<CongestionControl> cc_;
+  BufferOwner* owner_;
+  uint32_t mask_;
+  TransportState state_ = TransportState::kUp;
+  TransportStats stats_;
+
+  // Send side: [snd_una, snd_nxt) in flight, [snd_nxt, snd_end) queued, not yet sent.
+  std::vector<TxSlot> tx_;
+  uint32_t snd_una_, snd_nxt_, snd_end_;
+  uint64_t snd_queued_bytes_ = 0;
+  uint64_t in_flight_bytes_ = 0;
+  uint32_t peer_wnd_;
+  uint32_t dupacks_ = 0;
+  bool in_recovery_ = false;
+  uint32_t recover_ = 0;  // snd_nxt when recovery started
+  uint32_t highest_sacked_ = 0;
+  bool any_sacked_ = false;
+  uint64_t rto_deadline_us_ = UINT64_MAX;
+  uint64_t srtt_us_ = 0, rttvar_us_ = 0, rto_us_;
+  uint32_t sacked_cnt_ = 0;  // packets in [snd_una, snd_nxt) known received out of order
+  uint32_t lost_cnt_ = 0;    // ... and known lost, awaiting retransmission
+  uint32_t ecn_react_seq_ = 0;
+  uint64_t probe_deadline_us_ = UINT64_MAX;  // next zero-window probe
+  uint64_t next_keepalive_us_;
+
+  // Receive side.
+  std::vector<RxSlot> rx_;
+  uint32_t rcv_nxt_;             // next in-order seq expected
+  uint32_t rcv_deliver_;         // next seq to hand to the consumer (<= rcv_nxt)
+  uint32_t rcv_highest_;         // one past the highest seq held
+  uint64_t rcv_held_bytes_ = 0;  // buffered out of order + delivered but not consumed
+  uint32_t ack_pending_ = 0;
+  bool ack_now_ = false;
+  uint64_t ack_deadline_us_ = UINT64_MAX;
+  uint32_t last_ts_recv_ = 0;
+  uint32_t last_adv_wnd_ = 0;
+  uint64_t last_rx_us_;
+};
+
+}  // namespace netch::afxdp

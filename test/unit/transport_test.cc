@@ -1,0 +1,326 @@
+// The channel transport against a simulated link with a fixed seed: loss, bursts, reordering,
+// duplication, a stalled consumer, a dead peer and spoofed ACKs. Every run must deliver the
+// byte-exact stream and return every buffer.
+#include "afxdp_channels/transport.h"
+
+#include <algorithm>
+#include <cstring>
+#include <map>
+#include <queue>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace netch::afxdp {
+namespace {
+
+struct LinkProfile {
+  double loss = 0;         // independent loss probability
+  double burst_start = 0;  // probability a loss burst starts (Gilbert model)
+  int burst_len = 0;
+  double reorder = 0;  // probability a packet gets extra delay
+  double duplicate = 0;
+  uint64_t delay_us = 20;
+  uint64_t reorder_extra_us = 200;
+};
+
+// Buffers are ids into a byte store, like UMEM frame addresses into UMEM.
+class Store : public Transport::BufferOwner {
+ public:
+  uint64_t Put(std::string bytes) {
+    uint64_t id = next_++;
+    live_[id] = std::move(bytes);
+    return id;
+  }
+  const std::string& Get(uint64_t id) const { return live_.at(id); }
+  void ReleaseTx(uint64_t h) override { Drop(h); }
+  void ReleaseRx(uint64_t h) override { Drop(h); }
+  void Drop(uint64_t h) {
+    ASSERT_EQ(live_.erase(h), 1u) << "buffer " << h << " released twice or never owned";
+  }
+  size_t live() const { return live_.size(); }
+
+ private:
+  uint64_t next_ = 1;
+  std::map<uint64_t, std::string> live_;
+};
+
+struct InFlight {
+  uint64_t at_us;
+  uint64_t order;
+  int to;  // 0: A, 1: B
+  wire::ChanHeader hdr;
+  std::string payload;
+  bool operator>(const InFlight& o) const {
+    return at_us != o.at_us ? at_us > o.at_us : order > o.order;
+  }
+};
+
+class Sim {
+ public:
+  Sim(const LinkProfile& link, uint64_t seed, TransportConfig cfg = {}) : link_(link), rng_(seed) {
+    TransportConfig a = cfg, b = cfg;
+    a.local_chan = 1, a.peer_chan = 2, a.isn_send = 0xfffffff0u, a.isn_recv = 77;
+    b.local_chan = 2, b.peer_chan = 1, b.isn_send = 77, b.isn_recv = 0xfffffff0u;  // wraps soon
+    ta_ = std::make_unique<Transport>(a, MakeNewReno(a.initial_cwnd, 4096), &sa_, 0);
+    tb_ = std::make_unique<Transport>(b, MakeNewReno(b.initial_cwnd, 4096), &sb_, 0);
+  }
+
+  // Moves `total` bytes A -> B in segments of up to `mss`; returns the bytes B's consumer read.
+  std::string Transfer(size_t total, size_t mss, uint64_t max_us) {
+    std::string want;
+    std::mt19937 data_rng(7);
+    while (want.size() < total) want.push_back(static_cast<char>(data_rng()));
+    size_t queued = 0;
+    std::string got;
+    std::vector<TxPacket> out(64);
+    while (got.size() < total && now_ < max_us) {
+      while (queued < total) {
+        size_t n = std::min(mss, total - queued);
+        uint64_t h = sa_.Put(want.substr(queued, n));
+        if (!ta_->Send(h, static_cast<uint32_t>(n))) {
+          sa_.Drop(h);
+          break;
+        }
+        queued += n;
+      }
+      for (int side = 0; side < 2; ++side) {
+        Transport& t = side ? *tb_ : *ta_;
+        Store& st = side ? sb_ : sa_;
+        size_t n = t.Poll(now_, out);
+        for (size_t i = 0; i < n; ++i)
+          Emit(1 - side, out[i].hdr, out[i].hdr.type == NC_CT_DATA ? st.Get(out[i].handle) : "");
+      }
+      if (!(stall_until_ > now_)) {
+        uint64_t h;
+        uint32_t len;
+        while (tb_->PopDelivered(&h, &len)) {
+          got += sb_.Get(h);
+          sb_.Drop(h);
+          tb_->Consumed(len);
+        }
+      }
+      Advance();
+    }
+    EXPECT_EQ(got.size(), want.size()) << "transfer did not finish in " << max_us << " us";
+    EXPECT_TRUE(got == want) << "stream corrupted";
+    return got;
+  }
+
+  void Emit(int to, const wire::ChanHeader& h, const std::string& payload) {
+    if (drop_all_) return;
+    if (burst_left_ > 0) {
+      burst_left_--;
+      return;
+    }
+    if (Chance(link_.burst_start)) {
+      burst_left_ = link_.burst_len - 1;
+      return;
+    }
+    if (Chance(link_.loss)) return;
+    int copies = Chance(link_.duplicate) ? 2 : 1;
+    for (int c = 0; c < copies; ++c) {
+      uint64_t at = now_ + link_.delay_us + (Chance(link_.reorder) ? link_.reorder_extra_us : 0);
+      wire_.push(InFlight{at, order_++, to, h, payload});
+    }
+  }
+
+  // Jumps to the next event: a delivery or a transport timer (bounded step so polling proceeds).
+  void Advance() {
+    uint64_t next = now_ + 1000;
+    if (!wire_.empty()) next = std::min(next, wire_.top().at_us);
+    next = std::min({next, ta_->next_timer_us(), tb_->next_timer_us()});
+    if (stall_until_ > now_) next = std::min(next, stall_until_);
+    now_ = std::max(now_ + 1, next);
+    while (!wire_.empty() && wire_.top().at_us <= now_) {
+      InFlight p = wire_.top();
+      wire_.pop();
+      Transport& t = p.to ? *tb_ : *ta_;
+      Store& st = p.to ? sb_ : sa_;
+      uint64_t h = 0;
+      if (p.hdr.type == NC_CT_DATA) h = st.Put(p.payload);
+      t.OnPacket(p.hdr, h, static_cast<uint32_t>(p.payload.size()), now_);
+    }
+  }
+
+  bool Chance(double p) { return p > 0 && std::uniform_real_distribution<>(0, 1)(rng_) < p; }
+
+  LinkProfile link_;
+  std::mt19937_64 rng_;
+  Store sa_, sb_;
+  std::unique_ptr<Transport> ta_, tb_;
+  std::priority_queue<InFlight, std::vector<InFlight>, std::greater<>> wire_;
+  uint64_t now_ = 0;
+  uint64_t order_ = 0;
+  int burst_left_ = 0;
+  bool drop_all_ = false;
+  uint64_t stall_until_ = 0;
+};
+
+constexpr size_t kMss = 1400;
+constexpr size_t kBytes = 4 << 20;
+
+struct Case {
+  const char* name;
+  LinkProfile link;
+};
+
+class TransportLinkTest : public ::testing::TestWithParam<Case> {};
+
+TEST_P(TransportLinkTest, DeliversByteExactStream) {
+  for (uint64_t seed : {1, 2, 3}) {
+    SCOPED_TRACE(seed);
+    Sim sim(GetParam().link, seed);
+    sim.Transfer(kBytes, kMss, 120'000'000);
+    // Let trailing ACKs land so the sender releases everything.
+    for (int i = 0; i < 200 && sim.ta_->send_queue_packets(); ++i) {
+      std::vector<TxPacket> out(64);
+      for (int side = 0; side < 2; ++side) {
+        Transport& t = side ? *sim.tb_ : *sim.ta_;
+        size_t n = t.Poll(sim.now_, out);
+        for (size_t k = 0; k < n; ++k)
+          sim.Emit(
+              1 - side, out[k].hdr,
+              out[k].hdr.type == NC_CT_DATA ? (side ? sim.sb_ : sim.sa_).Get(out[k].handle) : "");
+      }
+      sim.Advance();
+    }
+    EXPECT_EQ(sim.ta_->send_queue_packets(), 0u);
+    EXPECT_EQ(sim.sa_.live(), 0u) << "sender buffers leaked";
+    EXPECT_EQ(sim.sb_.live(), 0u) << "receiver buffers leaked";
+    EXPECT_EQ(sim.ta_->state(), TransportState::kUp);
+    EXPECT_EQ(sim.tb_->stats().out_of_window, 0u);
+    if (GetParam().link.loss > 0 || GetParam().link.burst_start > 0) {
+      EXPECT_GT(sim.ta_->stats().retransmits, 0u);
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Links, TransportLinkTest,
+                         ::testing::Values(Case{"clean", {}}, Case{"loss1pct", {.loss = 0.01}},
+                                           Case{"loss10pct", {.loss = 0.10}},
+                                           Case{"reorder", {.reorder = 0.2}},
+                                           Case{"duplicate", {.duplicate = 0.1}},
+                                           Case{"bursts", {.burst_start = 0.005, .burst_len = 20}},
+                                           Case{"everything",
+                                                {.loss = 0.02,
+                                                 .burst_start = 0.002,
+                                                 .burst_len = 10,
+                                                 .reorder = 0.1,
+                                                 .duplicate = 0.05}}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(TransportTest, StalledConsumerStopsTheSenderWithoutLoss) {
+  TransportConfig cfg;
+  cfg.rcv_buf_bytes = 256 << 10;
+  Sim sim({}, 9, cfg);
+  sim.stall_until_ = 50'000;  // the consumer reads nothing for 50 ms
+  sim.Transfer(kBytes, kMss, 60'000'000);
+  EXPECT_EQ(sim.tb_->stats().out_of_window, 0u);
+  EXPECT_EQ(sim.ta_->stats().retransmits, 0u) << "a closed window is not a loss";
+  EXPECT_GT(sim.ta_->stats().zero_window_probes + sim.tb_->stats().acks_sent, 0u);
+}
+
+TEST(TransportTest, StalledConsumerHoldsNoMoreThanTheWindow) {
+  TransportConfig cfg;
+  cfg.rcv_buf_bytes = 64 << 10;
+  Sim sim({}, 10, cfg);
+  sim.stall_until_ = UINT64_MAX;  // never reads
+  std::vector<TxPacket> out(64);
+  for (int i = 0; i < 400; ++i) sim.ta_->Send(sim.sa_.Put(std::string(kMss, 'x')), kMss);
+  for (int step = 0; step < 5000; ++step) {
+    for (int side = 0; side < 2; ++side) {
+      Transport& t = side ? *sim.tb_ : *sim.ta_;
+      size_t n = t.Poll(sim.now_, out);
+      for (size_t k = 0; k < n; ++k)
+        sim.Emit(
+            1 - side, out[k].hdr,
+            out[k].hdr.type == NC_CT_DATA ? (side ? sim.sb_ : sim.sa_).Get(out[k].handle) : "");
+    }
+    sim.Advance();
+  }
+  // Received bytes never exceed the buffer (+ one segment that fit in the last window opening).
+  EXPECT_LE(sim.sb_.live() * kMss, cfg.rcv_buf_bytes + kMss);
+  EXPECT_EQ(sim.tb_->advertised_window() < kMss, true);
+  EXPECT_EQ(sim.tb_->stats().out_of_window, 0u);
+  EXPECT_EQ(sim.ta_->state(), TransportState::kUp) << "probes keep the channel alive";
+}
+
+TEST(TransportTest, DeadPeerFailsWithinTheTimeout) {
+  TransportConfig cfg;
+  cfg.dead_peer_us = 300'000;
+  Sim sim({}, 11, cfg);
+  sim.Transfer(64 << 10, kMss, 1'000'000);
+  const uint64_t died = sim.now_;
+  sim.drop_all_ = true;
+  for (int i = 0; i < 8; ++i) sim.ta_->Send(sim.sa_.Put(std::string(kMss, 'y')), kMss);
+  std::vector<TxPacket> out(64);
+  while (sim.ta_->state() == TransportState::kUp && sim.now_ < died + 10'000'000) {
+    sim.ta_->Poll(sim.now_, out);
+    sim.tb_->Poll(sim.now_, out);
+    sim.Advance();
+  }
+  EXPECT_EQ(sim.ta_->state(), TransportState::kFailed);
+  EXPECT_LE(sim.now_ - died, cfg.dead_peer_us + 2'000) << "failed late";
+  EXPECT_GT(sim.ta_->stats().rto_events, 0u);
+}
+
+TEST(TransportTest, IdleChannelStaysUpThroughKeepalives) {
+  TransportConfig cfg;
+  cfg.keepalive_idle_us = 50'000;
+  cfg.dead_peer_us = 200'000;
+  Sim sim({}, 12, cfg);
+  std::vector<TxPacket> out(64);
+  while (sim.now_ < 2'000'000) {
+    for (int side = 0; side < 2; ++side) {
+      Transport& t = side ? *sim.tb_ : *sim.ta_;
+      size_t n = t.Poll(sim.now_, out);
+      for (size_t k = 0; k < n; ++k) sim.Emit(1 - side, out[k].hdr, "");
+    }
+    sim.Advance();
+  }
+  EXPECT_EQ(sim.ta_->state(), TransportState::kUp);
+  EXPECT_EQ(sim.tb_->state(), TransportState::kUp);
+  EXPECT_GT(sim.ta_->stats().keepalives_sent, 0u);
+}
+
+TEST(TransportTest, SpoofedAndStaleAcksAreIgnored) {
+  Sim sim({}, 13);
+  sim.Transfer(256 << 10, kMss, 10'000'000);
+  for (int i = 0; i < 4; ++i) sim.ta_->Send(sim.sa_.Put(std::string(kMss, 'z')), kMss);
+  std::vector<TxPacket> out(64);
+  sim.ta_->Poll(sim.now_, out);  // 4 packets in flight, not acknowledged yet
+  const uint32_t inflight = sim.ta_->in_flight_packets();
+  ASSERT_EQ(inflight, 4u);
+  wire::ChanHeader spoof;
+  spoof.type = NC_CT_ACK;
+  spoof.ack = out[3].hdr.seq + 1000;  // acknowledges data never sent
+  spoof.wnd = 1 << 20;
+  spoof.nsacks = 1;
+  spoof.sacks[0] = {out[0].hdr.seq, out[0].hdr.seq + 5000};
+  sim.ta_->OnPacket(spoof, 0, 0, sim.now_);
+  EXPECT_EQ(sim.ta_->stats().bad_acks, 1u);
+  EXPECT_EQ(sim.ta_->in_flight_packets(), inflight) << "nothing released by a spoofed ACK";
+  EXPECT_EQ(sim.sa_.live(), 4u);
+  wire::ChanHeader stale = spoof;
+  stale.ack = out[0].hdr.seq - 10;  // far in the past
+  stale.nsacks = 0;
+  sim.ta_->OnPacket(stale, 0, 0, sim.now_);
+  EXPECT_EQ(sim.ta_->in_flight_packets(), inflight);
+  EXPECT_EQ(sim.ta_->state(), TransportState::kUp);
+}
+
+TEST(TransportTest, SendRingFullRefusesAndKeepsBuffer) {
+  TransportConfig cfg;
+  cfg.window_packets = 8;
+  Store st;
+  Transport t(cfg, MakeNewReno(4, 64), &st, 0);
+  for (int i = 0; i < 8; ++i) EXPECT_TRUE(t.Send(st.Put("a"), 1));
+  EXPECT_FALSE(t.Send(99, 1));
+  EXPECT_EQ(t.send_queue_packets(), 8u);
+}
+
+}  // namespace
+}  // namespace netch::afxdp
