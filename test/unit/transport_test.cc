@@ -75,7 +75,6 @@ class Sim {
     while (want.size() < total) want.push_back(static_cast<char>(data_rng()));
     size_t queued = 0;
     std::string got;
-    std::vector<TxPacket> out(64);
     while (got.size() < total && now_ < max_us) {
       while (queued < total) {
         size_t n = std::min(mss, total - queued);
@@ -86,13 +85,7 @@ class Sim {
         }
         queued += n;
       }
-      for (int side = 0; side < 2; ++side) {
-        Transport& t = side ? *tb_ : *ta_;
-        Store& st = side ? sb_ : sa_;
-        size_t n = t.Poll(now_, out);
-        for (size_t i = 0; i < n; ++i)
-          Emit(1 - side, out[i].hdr, out[i].hdr.type == NC_CT_DATA ? st.Get(out[i].handle) : "");
-      }
+      PollBoth();
       if (!(stall_until_ > now_)) {
         uint64_t h;
         uint32_t len;
@@ -107,6 +100,17 @@ class Sim {
     EXPECT_EQ(got.size(), want.size()) << "transfer did not finish in " << max_us << " us";
     EXPECT_TRUE(got == want) << "stream corrupted";
     return got;
+  }
+
+  // Lets both ends transmit whatever they have due now onto the simulated link.
+  void PollBoth() {
+    for (int side = 0; side < 2; ++side) {
+      Transport& t = side ? *tb_ : *ta_;
+      Store& st = side ? sb_ : sa_;
+      size_t n = t.Poll(now_, out_);
+      for (size_t i = 0; i < n; ++i)
+        Emit(1 - side, out_[i].hdr, out_[i].hdr.type == NC_CT_DATA ? st.Get(out_[i].handle) : "");
+    }
   }
 
   void Emit(int to, const wire::ChanHeader& h, const std::string& payload) {
@@ -157,6 +161,7 @@ class Sim {
   int burst_left_ = 0;
   bool drop_all_ = false;
   uint64_t stall_until_ = 0;
+  std::vector<TxPacket> out_ = std::vector<TxPacket>(64);
 };
 
 constexpr size_t kMss = 1400;
@@ -176,15 +181,7 @@ TEST_P(TransportLinkTest, DeliversByteExactStream) {
     sim.Transfer(kBytes, kMss, 120'000'000);
     // Let trailing ACKs land so the sender releases everything.
     for (int i = 0; i < 200 && sim.ta_->send_queue_packets(); ++i) {
-      std::vector<TxPacket> out(64);
-      for (int side = 0; side < 2; ++side) {
-        Transport& t = side ? *sim.tb_ : *sim.ta_;
-        size_t n = t.Poll(sim.now_, out);
-        for (size_t k = 0; k < n; ++k)
-          sim.Emit(
-              1 - side, out[k].hdr,
-              out[k].hdr.type == NC_CT_DATA ? (side ? sim.sb_ : sim.sa_).Get(out[k].handle) : "");
-      }
+      sim.PollBoth();
       sim.Advance();
     }
     EXPECT_EQ(sim.ta_->send_queue_packets(), 0u);
@@ -228,17 +225,9 @@ TEST(TransportTest, StalledConsumerHoldsNoMoreThanTheWindow) {
   cfg.rcv_buf_bytes = 64 << 10;
   Sim sim({}, 10, cfg);
   sim.stall_until_ = UINT64_MAX;  // never reads
-  std::vector<TxPacket> out(64);
   for (int i = 0; i < 400; ++i) sim.ta_->Send(sim.sa_.Put(std::string(kMss, 'x')), kMss);
   for (int step = 0; step < 5000; ++step) {
-    for (int side = 0; side < 2; ++side) {
-      Transport& t = side ? *sim.tb_ : *sim.ta_;
-      size_t n = t.Poll(sim.now_, out);
-      for (size_t k = 0; k < n; ++k)
-        sim.Emit(
-            1 - side, out[k].hdr,
-            out[k].hdr.type == NC_CT_DATA ? (side ? sim.sb_ : sim.sa_).Get(out[k].handle) : "");
-    }
+    sim.PollBoth();
     sim.Advance();
   }
   // Received bytes never exceed the buffer (+ one segment that fit in the last window opening).
@@ -272,13 +261,8 @@ TEST(TransportTest, IdleChannelStaysUpThroughKeepalives) {
   cfg.keepalive_idle_us = 50'000;
   cfg.dead_peer_us = 200'000;
   Sim sim({}, 12, cfg);
-  std::vector<TxPacket> out(64);
   while (sim.now_ < 2'000'000) {
-    for (int side = 0; side < 2; ++side) {
-      Transport& t = side ? *sim.tb_ : *sim.ta_;
-      size_t n = t.Poll(sim.now_, out);
-      for (size_t k = 0; k < n; ++k) sim.Emit(1 - side, out[k].hdr, "");
-    }
+    sim.PollBoth();
     sim.Advance();
   }
   EXPECT_EQ(sim.ta_->state(), TransportState::kUp);
