@@ -75,7 +75,7 @@ Transport::Transport(const TransportConfig& cfg, std::unique_ptr<CongestionContr
 
 bool Transport::Send(uint64_t handle, uint32_t len) {
   if (state_ != TransportState::kUp || snd_end_ - snd_una_ >= cfg_.window_packets) return false;
-  tx(snd_end_) = TxSlot{handle, len, 0, false, false, false};
+  tx(snd_end_) = TxSlot{handle, len, false, false, false};
   snd_end_++;
   snd_queued_bytes_ += len;
   return true;
@@ -327,7 +327,6 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
     slot.lost = false;
     lost_cnt_--;
     slot.retransmitted = true;
-    slot.sent_us = now_us;
     out[n].hdr = MakeHeader(NC_CT_DATA, now_us);
     out[n].hdr.seq = s;
     out[n].handle = slot.handle;
@@ -340,7 +339,6 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
   while (n < out.size() && snd_nxt_ != snd_end_ && pipe < cc_->cwnd() &&
          SendWindowAllows(tx(snd_nxt_).len)) {
     TxSlot& slot = tx(snd_nxt_);
-    slot.sent_us = now_us;
     out[n].hdr = MakeHeader(NC_CT_DATA, now_us);
     out[n].handle = slot.handle;
     out[n].len = slot.len;

@@ -132,7 +132,6 @@ class Transport {
   struct TxSlot {
     uint64_t handle = 0;
     uint32_t len = 0;
-    uint64_t sent_us = 0;
     bool sacked = false;
     bool lost = false;  // needs retransmission
     bool retransmitted = false;

@@ -114,14 +114,7 @@ absl::StatusOr<XskStats> XskSocket::Stats() const {
   socklen_t len = sizeof(st);
   if (getsockopt(fd(), SOL_XDP, XDP_STATISTICS, &st, &len))
     return ErrnoStatus(errno, "XDP_STATISTICS");
-  XskStats out;
-  out.rx_dropped = st.rx_dropped;
-  out.rx_invalid_descs = st.rx_invalid_descs;
-  out.tx_invalid_descs = st.tx_invalid_descs;
-  out.rx_ring_full = st.rx_ring_full;
-  out.rx_fill_ring_empty_descs = st.rx_fill_ring_empty_descs;
-  out.tx_ring_empty_descs = st.tx_ring_empty_descs;
-  return out;
+  return st;
 }
 
 }  // namespace netch::afxdp

@@ -81,15 +81,8 @@ struct XskConfig {
   bool zero_copy = false;  // veth has no zero-copy; real NICs with ZC support set this
 };
 
-// XDP_STATISTICS plus the fill-ring counters that the uapi of Debian 12 may lack.
-struct XskStats {
-  uint64_t rx_dropped = 0;
-  uint64_t rx_invalid_descs = 0;
-  uint64_t tx_invalid_descs = 0;
-  uint64_t rx_ring_full = 0;
-  uint64_t rx_fill_ring_empty_descs = 0;
-  uint64_t tx_ring_empty_descs = 0;
-};
+// XDP_STATISTICS as the kernel reports it (Debian 12's uapi has every field we read).
+using XskStats = xdp_statistics;
 
 class XskSocket {
  public:
