@@ -78,12 +78,16 @@ absl::StatusOr<wire::MacAddr> ResolveNeighbor(const std::string& ifname, uint32_
   bool triggered = false;
   for (;;) {
     arpreq r = req;
-    if (ioctl(s.get(), SIOCGARP, &r) == 0 && (r.arp_flags & ATF_COM)) {
-      wire::MacAddr mac;
-      std::memcpy(mac.data(), r.arp_ha.sa_data, 6);
-      return mac;
+    if (ioctl(s.get(), SIOCGARP, &r) == 0) {
+      if (r.arp_flags & ATF_COM) {
+        wire::MacAddr mac;
+        std::memcpy(mac.data(), r.arp_ha.sa_data, 6);
+        return mac;
+      }
+      // An incomplete entry: resolution is under way, keep waiting.
+    } else if (errno != ENXIO) {
+      return ErrnoStatus(errno, "SIOCGARP");  // ENXIO = no entry yet; anything else is real
     }
-    if (errno != ENXIO && errno != 0) return ErrnoStatus(errno, "SIOCGARP");
     if (!triggered) {
       // An empty datagram to the discard port makes the kernel resolve the address.
       sockaddr_in dst = pa;
