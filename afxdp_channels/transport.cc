@@ -373,6 +373,19 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
   return n;
 }
 
+void Transport::ReleaseAll() {
+  for (uint32_t s = snd_una_; s != snd_end_; ++s) owner_->ReleaseTx(tx(s).handle), tx(s) = TxSlot{};
+  snd_una_ = snd_nxt_ = snd_end_;
+  snd_queued_bytes_ = in_flight_bytes_ = 0;
+  sacked_cnt_ = lost_cnt_ = 0;
+  for (uint32_t s = rcv_deliver_; Before(s, rcv_highest_); ++s) {
+    if (rx(s).present) owner_->ReleaseRx(rx(s).handle);
+    rx(s) = RxSlot{};
+  }
+  rcv_deliver_ = rcv_nxt_ = rcv_highest_;
+  state_ = TransportState::kFailed;
+}
+
 uint64_t Transport::next_timer_us() const {
   if (state_ != TransportState::kUp) return UINT64_MAX;
   uint64_t t = std::min(

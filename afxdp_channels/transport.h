@@ -119,6 +119,10 @@ class Transport {
   // When Poll() next has timed work (RTO, delayed ACK, keepalive); UINT64_MAX if none.
   uint64_t next_timer_us() const;
 
+  // Teardown: hands every buffer the transport still holds (unacknowledged and unsent data,
+  // received data not yet delivered) back to the owner and stops the transport.
+  void ReleaseAll();
+
   TransportState state() const { return state_; }
   const TransportStats& stats() const { return stats_; }
   uint32_t cwnd() const { return cc_->cwnd(); }

@@ -30,6 +30,7 @@ absl::StatusOr<std::unique_ptr<Umem>> Umem::Create(const UmemConfig& cfg) {
   if (int err = xsk_umem__create(&u->umem_, u->area_, u->area_len_, &u->fill_, &u->comp_, &ucfg))
     return ErrnoStatus(err, "xsk_umem__create");
   u->free_.resize(cfg.frame_count);
+  u->refs_.assign(cfg.frame_count, 0);
   for (uint32_t i = 0; i < cfg.frame_count; ++i)
     u->free_[i] = static_cast<uint64_t>(cfg.frame_count - 1 - i) * cfg.frame_size;
   u->free_count_ = cfg.frame_count;
@@ -95,7 +96,10 @@ uint32_t XskSocket::Receive(std::span<xdp_desc> out) {
 uint32_t XskSocket::Transmit(std::span<const xdp_desc> descs) {
   uint32_t idx = 0;
   uint32_t n = xsk_ring_prod__reserve(&tx_, static_cast<uint32_t>(descs.size()), &idx);
-  for (uint32_t i = 0; i < n; ++i) *xsk_ring_prod__tx_desc(&tx_, idx + i) = descs[i];
+  for (uint32_t i = 0; i < n; ++i) {
+    *xsk_ring_prod__tx_desc(&tx_, idx + i) = descs[i];
+    umem_->Ref(descs[i].addr);
+  }
   if (n) {
     xsk_ring_prod__submit(&tx_, n);
     KickTx();

@@ -39,9 +39,22 @@ class Umem {
   Umem(const Umem&) = delete;
   Umem& operator=(const Umem&) = delete;
 
-  // Frame pool. AllocFrame returns kNoFrame when empty.
-  uint64_t AllocFrame() { return free_count_ ? free_[--free_count_] : kNoFrame; }
-  void FreeFrame(uint64_t addr) { free_[free_count_++] = FrameBase(addr); }
+  // Frame pool with reference counts. A frame can be referenced by its owner (the transport
+  // holding unacknowledged data) and by every descriptor of it sitting in the TX ring: a
+  // retransmission may be queued while the first transmission is not yet completed, and an ACK may
+  // arrive before the completion. The frame returns to the pool when the last reference goes.
+  // AllocFrame returns kNoFrame when empty; the new frame has one reference.
+  uint64_t AllocFrame() {
+    if (!free_count_) return kNoFrame;
+    uint64_t a = free_[--free_count_];
+    refs_[a / cfg_.frame_size] = 1;
+    return a;
+  }
+  void Ref(uint64_t addr) { refs_[addr / cfg_.frame_size]++; }
+  // Drops one reference (any address inside the frame).
+  void FreeFrame(uint64_t addr) {
+    if (--refs_[addr / cfg_.frame_size] == 0) free_[free_count_++] = FrameBase(addr);
+  }
   uint32_t free_frames() const { return free_count_; }
   uint32_t frame_count() const { return cfg_.frame_count; }
   uint32_t frame_size() const { return cfg_.frame_size; }
@@ -70,6 +83,7 @@ class Umem {
   xsk_ring_prod fill_{};
   xsk_ring_cons comp_{};
   std::vector<uint64_t> free_;
+  std::vector<uint16_t> refs_;
   uint32_t free_count_ = 0;
 };
 
@@ -100,10 +114,16 @@ class XskSocket {
   // (return them with Umem::FreeFrame).
   uint32_t Receive(std::span<xdp_desc> out);
   // Queues up to descs.size() frames for transmit in one batch and kicks the kernel if needed.
-  // Returns how many were queued; the rest stay with the caller.
+  // Returns how many were queued; the rest stay with the caller. Each queued descriptor takes a
+  // frame reference that its completion drops (Umem::ReapCompletions); the caller keeps its own.
   uint32_t Transmit(std::span<const xdp_desc> descs);
   // Copy-mode TX only moves on sendto(); this issues it when the kernel asks for a wakeup.
   void KickTx();
+  // Free slots in the TX ring: the most Transmit() can take now.
+  uint32_t tx_free() { return xsk_prod_nb_free(&tx_, cfg_.tx_size); }
+  // Descriptors in the TX ring the kernel has not taken yet. Copy mode sends at most a small
+  // batch per sendto(), so the owner must keep kicking while this is non-zero.
+  uint32_t tx_pending() { return cfg_.tx_size - tx_free(); }
   // Whether the kernel wants a poll()/recvfrom() to refill (need_wakeup on the fill ring).
   bool FillNeedsWakeup() { return xsk_ring_prod__needs_wakeup(umem_->fill()); }
 

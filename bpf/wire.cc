@@ -39,6 +39,37 @@ uint16_t InternetSum(std::span<const uint8_t> data) {
   return static_cast<uint16_t>(sum);
 }
 
+size_t WriteSegHeader(uint8_t* out, const SegHeader& seg, size_t payload_len) {
+  nc_hdr s{};
+  s.type = seg.type;
+  s.app_class = seg.app_class;
+  s.hdr_len = kSegHdrLen;
+  s.src_port = htons(seg.src_port);
+  s.dst_port = htons(seg.dst_port);
+  s.conn_id = htonl(seg.conn_id);
+  s.payload_len = htonl(static_cast<uint32_t>(payload_len));
+  s.seq = htobe64(seg.seq);
+  Store(out, s);
+  return kSegHdrLen;
+}
+
+nc_counter ParseSegment(std::span<const uint8_t> b, SegHeader* seg, size_t* payload_off) {
+  if (b.size() < kSegHdrLen) return NC_CNT_DROP_BAD_NC_HDR;
+  const auto s = Load<nc_hdr>(b.data());
+  if (s.type < NC_DATA || s.type > NC_TYPE_MAX) return NC_CNT_DROP_BAD_NC_HDR;
+  const size_t shlen = s.hdr_len;
+  if (shlen < kSegHdrLen || shlen > b.size()) return NC_CNT_DROP_BAD_NC_HDR;
+  if (shlen + static_cast<size_t>(ntohl(s.payload_len)) != b.size()) return NC_CNT_DROP_BAD_NC_HDR;
+  seg->type = s.type;
+  seg->app_class = s.app_class;
+  seg->src_port = ntohs(s.src_port);
+  seg->dst_port = ntohs(s.dst_port);
+  seg->conn_id = ntohl(s.conn_id);
+  seg->seq = be64toh(s.seq);
+  *payload_off = shlen;
+  return NC_CNT_REDIRECT;
+}
+
 size_t WriteHeaders(uint8_t* out, const FrameAddrs& a, const ChanHeader& ch, const SegHeader* seg,
                     size_t payload_len) {
   const size_t chan_hlen = kChanHdrLen + ch.nsacks * sizeof(nc_sack_block);
@@ -94,19 +125,7 @@ size_t WriteHeaders(uint8_t* out, const FrameAddrs& a, const ChanHeader& ch, con
     Store(p, b);
     p += sizeof(b);
   }
-  if (seg) {
-    nc_hdr s{};
-    s.type = seg->type;
-    s.app_class = seg->app_class;
-    s.hdr_len = kSegHdrLen;
-    s.src_port = htons(seg->src_port);
-    s.dst_port = htons(seg->dst_port);
-    s.conn_id = htonl(seg->conn_id);
-    s.payload_len = htonl(static_cast<uint32_t>(payload_len));
-    s.seq = htobe64(seg->seq);
-    Store(p, s);
-    p += kSegHdrLen;
-  }
+  if (seg) p += WriteSegHeader(p, *seg, payload_len);
   return static_cast<size_t>(p - out);
 }
 
@@ -183,20 +202,10 @@ ParsedFrame ParseFrame(std::span<const uint8_t> f, uint16_t udp_port) {
   r.chan_payload_len = plen;
 
   if (h.type == NC_CT_DATA) {
-    if (plen < kSegHdrLen) return verdict(NC_CNT_DROP_BAD_NC_HDR);
-    const auto s = Load<nc_hdr>(&f[r.chan_payload_off]);
-    if (s.type < NC_DATA || s.type > NC_TYPE_MAX) return verdict(NC_CNT_DROP_BAD_NC_HDR);
-    const size_t shlen = s.hdr_len;
-    if (shlen < kSegHdrLen || shlen > plen) return verdict(NC_CNT_DROP_BAD_NC_HDR);
-    if (shlen + static_cast<size_t>(ntohl(s.payload_len)) != plen)
-      return verdict(NC_CNT_DROP_BAD_NC_HDR);
+    size_t shlen = 0;
+    const nc_counter v = ParseSegment(f.subspan(r.chan_payload_off, plen), &r.seg, &shlen);
+    if (v != NC_CNT_REDIRECT) return verdict(v);
     r.has_seg = true;
-    r.seg.type = s.type;
-    r.seg.app_class = s.app_class;
-    r.seg.src_port = ntohs(s.src_port);
-    r.seg.dst_port = ntohs(s.dst_port);
-    r.seg.conn_id = ntohl(s.conn_id);
-    r.seg.seq = be64toh(s.seq);
     r.seg_payload_off = r.chan_payload_off + shlen;
     r.seg_payload_len = plen - shlen;
   } else if (h.type == NC_CT_ACK && plen != 0) {

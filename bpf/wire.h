@@ -79,6 +79,13 @@ constexpr size_t HeadersLen(const ChanHeader& ch, bool with_seg) {
 size_t WriteHeaders(uint8_t* out, const FrameAddrs& addrs, const ChanHeader& ch,
                     const SegHeader* seg, size_t payload_len);
 
+// Writes only the NetChannel header (the channel payload's first bytes). Returns kSegHdrLen.
+size_t WriteSegHeader(uint8_t* out, const SegHeader& seg, size_t payload_len);
+
+// Validates a channel payload as NetChannel header + payload, exactly as ParseFrame does.
+// Returns NC_CNT_REDIRECT when valid (filling *seg and the payload offset), else the drop reason.
+nc_counter ParseSegment(std::span<const uint8_t> chan_payload, SegHeader* seg, size_t* payload_off);
+
 // Convenience for tests and tools: headers + payload into `out`; returns the frame length or 0 if
 // it does not fit (or the payload exceeds what the length fields can express).
 size_t BuildFrame(std::span<uint8_t> out, const FrameAddrs& addrs, const ChanHeader& ch,

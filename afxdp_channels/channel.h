@@ -1,0 +1,197 @@
+// channel.h - the NetDriver's promise: the Channel API, the one interface every transport driver
+// implements and the only one the layers above (VNS, NetScheduler) use.
+//
+// A channel is one instance of a transport between this host and one peer: reliable, in-order,
+// flow-controlled delivery of *segments* (a NetChannel header — the metadata — plus up to
+// max_payload() bytes). What a channel does not know: which virtual socket a segment belongs to
+// (the header says; VNS demultiplexes), or whether other channels carry the same socket.
+//
+//   Driver::Connect(params) -> Channel        (state kConnecting, then kUp or kFailed)
+//   Driver::Accept()        -> Channel        (channels peers opened to us)
+//   Channel::Enqueue(segments)                copies them into stack buffers, queues them
+//   Channel::Dequeue(max bytes) -> segments   in order; payload points into stack buffers
+//   Channel::Release(segments)                gives the buffers back, reopens the receive window
+//   Driver::Destroy(channel)
+//
+// Threads. Each channel is run by one engine thread of its driver at a time; the application side
+// talks to it through lock-free single-producer/single-consumer rings. Enqueue may be called from
+// any thread, Dequeue/Release from any thread, but each side is serialized per channel by a small
+// producer (resp. consumer) lock that the engine never takes. Nothing blocks: a full send buffer
+// makes Enqueue return 0, an empty receive queue makes Dequeue return 0; Wait() or notify_fd()
+// (poll/epoll) tell when to retry.
+//
+// Flow control is end to end: a consumer that stops releasing buffers closes the channel's receive
+// window, the peer's sender stops, and the peer's Enqueue starts returning 0. Nothing is dropped.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "bpf/wire.h"
+
+namespace netch::bpf {
+class SteerProgram;
+}
+
+namespace netch::chan {
+
+enum class ChannelState : uint8_t {
+  kConnecting,  // handshake in progress; segments may already be enqueued
+  kUp,
+  kFailed,  // handshake timed out, peer dead (nothing heard within the timeout) or reset
+  kClosed,  // the peer closed the channel, or Destroy() was called
+};
+std::string_view StateName(ChannelState s);
+
+// What a scheduler reads, cheaply: a snapshot the engine publishes once per batch (relaxed
+// atomics, no lock, no syscall).
+struct ChannelStats {
+  ChannelState state = ChannelState::kConnecting;
+  uint64_t tx_queued_bytes = 0;    // enqueued and not yet acknowledged by the peer
+  uint64_t rx_queued_bytes = 0;    // received in order, not yet released by the consumer
+  uint64_t send_window_bytes = 0;  // what the transport may still put in flight right now
+  uint32_t cwnd_packets = 0;       // congestion window (AF_XDP driver; 0 where the kernel owns it)
+  uint64_t srtt_us = 0;            // smoothed RTT estimate
+  uint64_t retransmits = 0;
+  uint64_t tx_segments = 0, tx_bytes = 0;  // payload handed to the transport
+  uint64_t rx_segments = 0, rx_bytes = 0;  // payload delivered to the consumer
+  int engine = -1;                         // index of the engine thread running the channel
+  int queue = -1;                          // AF_XDP: the interface queue the channel is bound to
+};
+
+struct ChannelParams {
+  uint32_t peer_ipv4 = 0;  // host order, on the driver's interface subnet
+  int engine = -1;         // engine to run on; -1: the driver picks the least loaded
+  int queue = -1;          // AF_XDP queue; -1: the driver picks the least loaded
+  absl::Duration connect_timeout = absl::Seconds(2);
+};
+
+// One segment to send: header fields (payload_len is derived) and the payload bytes.
+struct TxSegment {
+  wire::SegHeader hdr;
+  std::span<const uint8_t> payload;
+};
+
+// One received segment. `payload` points into a stack buffer owned by the caller until Release().
+struct RxSegment {
+  wire::SegHeader hdr;
+  std::span<const uint8_t> payload;
+  uint64_t token = 0;   // the driver's buffer handle
+  uint32_t charge = 0;  // bytes this buffer holds against the receive window
+};
+
+class Channel {
+ public:
+  virtual ~Channel() = default;
+
+  virtual uint32_t id() const = 0;  // local id, unique per driver instance
+  virtual ChannelState state() const = 0;
+  virtual ChannelStats stats() const = 0;
+  // The largest payload one segment may carry (from the MTU for AF_XDP).
+  virtual size_t max_payload() const = 0;
+
+  // Copies whole segments into stack buffers and queues them, in order. Returns how many were
+  // taken: fewer than asked when the send buffer is full (retry after Wait), 0 as well once the
+  // channel is failed or closed. InvalidArgument for a payload larger than max_payload().
+  virtual absl::StatusOr<size_t> Enqueue(std::span<const TxSegment> segs) = 0;
+  // Up to out.size() in-order segments totalling at most max_bytes of payload (at least one
+  // segment if any is ready, even if larger). Returns how many were written.
+  virtual size_t Dequeue(size_t max_bytes, std::span<RxSegment> out) = 0;
+  // Returns buffers obtained from Dequeue, in any order.
+  virtual void Release(std::span<const RxSegment> segs) = 0;
+
+  // Blocks until Dequeue has data, Enqueue has room, the state changes, or `timeout`.
+  // Returns false on timeout.
+  virtual bool Wait(absl::Duration timeout) = 0;
+  // An eventfd for poll/epoll: readable after any of the Wait() conditions once ArmNotify() was
+  // called (re-arm after each wakeup; read the fd to clear it).
+  virtual int notify_fd() const = 0;
+  virtual void ArmNotify() = 0;
+};
+
+struct DriverStats {
+  uint64_t rx_frames = 0;        // frames taken from the wire (AF_XDP) / segments read (TCP)
+  uint64_t rx_malformed = 0;     // failed validation in the driver: dropped
+  uint64_t rx_unknown_chan = 0;  // for no channel of ours (or from the wrong peer): dropped
+  uint64_t handshakes_rx = 0;    // channel SYNs received
+  uint64_t fill_ring_empty = 0;  // times the fill ring was found empty when refilling
+  uint64_t tx_ring_full = 0;     // times transmit was held back by a full TX ring
+  uint64_t xsk_rx_dropped = 0;   // XDP_STATISTICS, summed over the driver's sockets
+  uint64_t xsk_rx_ring_full = 0;
+  uint64_t xsk_fill_ring_empty = 0;
+  uint64_t xsk_tx_ring_empty = 0;
+  uint64_t frames_total = 0;    // UMEM frames owned by the driver
+  uint64_t frames_free = 0;     // ... of which in the free pools right now
+  uint64_t frames_in_fill = 0;  // ... of which lent to the kernel in the fill rings
+};
+
+struct EngineInfo {
+  int index = 0;
+  int core = -1;  // pinned core, -1 if unpinned
+  int tid = 0;    // OS thread id
+  uint64_t busy_ns = 0, wakeups = 0;
+};
+
+class Driver {
+ public:
+  virtual ~Driver() = default;
+  virtual std::string_view name() const = 0;
+
+  // Opens a channel to the peer. Returns at once in kConnecting.
+  virtual absl::StatusOr<std::shared_ptr<Channel>> Connect(const ChannelParams& params) = 0;
+  // The next channel a peer opened to us, or nullptr. accept_fd() is readable when one is waiting
+  // (read it to clear).
+  virtual std::shared_ptr<Channel> Accept() = 0;
+  virtual int accept_fd() const = 0;
+  // Tells the peer (best effort) and releases everything the channel holds. The channel object
+  // stays valid for stats; its state becomes kClosed.
+  virtual absl::Status Destroy(Channel& ch) = 0;
+
+  // Moves a channel to another engine thread: a hand-off between the two threads at a batch
+  // boundary; no frame is lost or duplicated. The AF_XDP driver moves the channel's whole queue
+  // (with any other channel bound to it): see docs/ARCHITECTURE.md.
+  virtual absl::Status MoveChannel(uint32_t id, int engine) = 0;
+  virtual std::vector<EngineInfo> Engines() const = 0;
+  virtual DriverStats Stats() const = 0;
+  virtual std::vector<std::shared_ptr<Channel>> Channels() const = 0;
+};
+
+// What any driver may need; each driver reads the fields that concern it.
+struct DriverOptions {
+  std::string netns;       // network namespace the driver lives in ("" = the caller's)
+  std::string ifname;      // interface carrying the channels
+  int engines = 1;         // engine threads
+  std::vector<int> cores;  // core per engine (empty: not pinned)
+  bool accept = true;      // accept channels opened by peers
+  // AF_XDP driver.
+  bpf::SteerProgram* steer = nullptr;  // loaded and attached on ifname; not owned
+  uint32_t queues = 0;                 // queues to serve, 0 = every rx queue of ifname
+  uint32_t frames_per_queue = 8192;
+  uint32_t window_packets = 512;     // transport window (power of two)
+  uint32_t rcv_buf_bytes = 2 << 20;  // receive buffer advertised per channel
+  absl::Duration dead_peer_timeout = absl::Seconds(2);
+  absl::Duration spin = absl::Microseconds(50);  // busy-poll this long before sleeping
+  uint16_t udp_port = NC_DEFAULT_UDP_PORT;
+  // Kernel-TCP driver.
+  uint16_t tcp_port = 9910;
+};
+
+using DriverFactory =
+    std::function<absl::StatusOr<std::unique_ptr<Driver>>(const DriverOptions& opts)>;
+
+// Drivers by name: "afxdp" and "tcp" are built in. A new transport is one more Register call.
+absl::Status RegisterDriver(const std::string& name, DriverFactory factory);
+absl::StatusOr<std::unique_ptr<Driver>> CreateDriver(const std::string& name,
+                                                     const DriverOptions& opts);
+std::vector<std::string> DriverNames();
+
+}  // namespace netch::chan

@@ -1,0 +1,197 @@
+#include "afxdp_channels/channel_core.h"
+
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <cstring>
+
+#include "absl/strings/str_format.h"
+
+namespace netch::chan {
+
+std::string_view StateName(ChannelState s) {
+  switch (s) {
+    case ChannelState::kConnecting:
+      return "connecting";
+    case ChannelState::kUp:
+      return "up";
+    case ChannelState::kFailed:
+      return "failed";
+    case ChannelState::kClosed:
+      return "closed";
+  }
+  return "?";
+}
+
+ChannelCore::ChannelCore(uint32_t id, uint32_t ring_size, size_t max_payload)
+    : free_(ring_size),
+      txq_(ring_size),
+      rxq_(ring_size),
+      ret_(ring_size),
+      id_(id),
+      max_payload_(max_payload) {
+  notify_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+}
+
+ChannelCore::~ChannelCore() {
+  if (notify_fd_ >= 0) close(notify_fd_);
+}
+
+ChannelStats ChannelCore::stats() const {
+  ChannelStats s;
+  s.state = state();
+  s.tx_queued_bytes = pub_.tx_queued_bytes.load(std::memory_order_relaxed);
+  s.rx_queued_bytes = pub_.rx_queued_bytes.load(std::memory_order_relaxed);
+  s.send_window_bytes = pub_.send_window_bytes.load(std::memory_order_relaxed);
+  s.cwnd_packets = pub_.cwnd_packets.load(std::memory_order_relaxed);
+  s.srtt_us = pub_.srtt_us.load(std::memory_order_relaxed);
+  s.retransmits = pub_.retransmits.load(std::memory_order_relaxed);
+  s.tx_segments = pub_.tx_segments.load(std::memory_order_relaxed);
+  s.tx_bytes = pub_.tx_bytes.load(std::memory_order_relaxed);
+  s.rx_segments = rx_segments_.load(std::memory_order_relaxed);
+  s.rx_bytes = rx_bytes_.load(std::memory_order_relaxed);
+  s.engine = pub_.engine.load(std::memory_order_relaxed);
+  s.queue = pub_.queue.load(std::memory_order_relaxed);
+  return s;
+}
+
+absl::StatusOr<size_t> ChannelCore::Enqueue(std::span<const TxSegment> segs) {
+  for (const TxSegment& s : segs) {
+    if (s.payload.size() > max_payload_)
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "segment payload of %u bytes exceeds the channel's %u", s.payload.size(), max_payload_));
+  }
+  const ChannelState st = state();
+  if (st == ChannelState::kFailed || st == ChannelState::kClosed) return 0;
+  std::lock_guard g(producer_mu_);
+  constexpr size_t kBatch = 64;
+  uint64_t tokens[kBatch];
+  BufRef out[kBatch];
+  size_t done = 0;
+  while (done < segs.size()) {
+    // Both a free buffer and a txq_ slot are needed: the engine refills free_ independently of
+    // draining txq_, so one having room says nothing about the other.
+    const size_t want = std::min<size_t>({kBatch, segs.size() - done, txq_.Room()});
+    const uint32_t n = free_.Pop(std::span<uint64_t>(tokens, want));
+    if (n == 0) break;
+    for (uint32_t i = 0; i < n; ++i) {
+      const TxSegment& s = segs[done + i];
+      uint8_t* p = BufAddr(tokens[i]);
+      const size_t hl = wire::WriteSegHeader(p, s.hdr, s.payload.size());
+      if (!s.payload.empty()) std::memcpy(p + hl, s.payload.data(), s.payload.size());
+      out[i] = {tokens[i], static_cast<uint32_t>(hl + s.payload.size())};
+    }
+    txq_.Push(std::span<const BufRef>(out, n));  // fits: Room() only grows for the producer
+    done += n;
+  }
+  if (done && task_) task_->Wake();
+  return done;
+}
+
+size_t ChannelCore::Dequeue(size_t max_bytes, std::span<RxSegment> out) {
+  std::lock_guard g(consumer_mu_);
+  size_t n = 0, bytes = 0;
+  constexpr size_t kBatch = 64;
+  BufRef bufs[kBatch];
+  while (n < out.size()) {
+    const size_t want = std::min(kBatch, out.size() - n);
+    const uint32_t got = rxq_.Peek(std::span<BufRef>(bufs, want));
+    if (got == 0) break;
+    uint32_t taken = 0;
+    for (; taken < got; ++taken) {
+      const BufRef& b = bufs[taken];
+      RxSegment& r = out[n];
+      size_t off = 0;
+      const uint8_t* p = BufAddr(b.token);
+      // The driver validated the segment before delivering it; parsing again only copies the
+      // header out (unaligned in a UMEM frame).
+      wire::ParseSegment({p, b.len}, &r.hdr, &off);
+      if (n > 0 && bytes + (b.len - off) > max_bytes) break;
+      r.payload = {p + off, b.len - off};
+      r.token = b.token;
+      r.charge = b.len;
+      bytes += b.len - off;
+      n++;
+      if (n == out.size()) {
+        taken++;
+        break;
+      }
+    }
+    rxq_.Consume(taken);
+    if (taken < got || bytes >= max_bytes) break;
+  }
+  if (n) {
+    rx_segments_.fetch_add(n, std::memory_order_relaxed);
+    rx_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  }
+  return n;
+}
+
+void ChannelCore::Release(std::span<const RxSegment> segs) {
+  std::lock_guard g(consumer_mu_);
+  constexpr size_t kBatch = 64;
+  BufRef bufs[kBatch];
+  size_t i = 0;
+  while (i < segs.size()) {
+    const size_t n = std::min(kBatch, segs.size() - i);
+    for (size_t k = 0; k < n; ++k) bufs[k] = {segs[i + k].token, segs[i + k].charge};
+    size_t pushed = 0;
+    // ret_ is as large as rxq_ and only holds buffers that came from it: it cannot stay full.
+    while (pushed < n) {
+      pushed += ret_.Push(std::span<const BufRef>(bufs + pushed, n - pushed));
+      if (pushed < n) std::this_thread::yield();
+    }
+    i += n;
+  }
+  if (!segs.empty() && task_) task_->Wake();
+}
+
+bool ChannelCore::Ready() const {
+  return !rxq_.EmptyApprox() || !free_.EmptyApprox() ||
+         state_changes_.load(std::memory_order_acquire) != seen_state_changes_;
+}
+
+void ChannelCore::ArmNotify() {
+  want_notify_.store(true, std::memory_order_seq_cst);
+  if (Ready()) NotifyApp();
+}
+
+bool ChannelCore::Wait(absl::Duration timeout) {
+  want_notify_.store(true, std::memory_order_seq_cst);
+  bool ready = Ready();
+  if (!ready) {
+    pollfd p{notify_fd_, POLLIN, 0};
+    const int64_t us = absl::ToInt64Microseconds(timeout);
+    timespec ts{static_cast<time_t>(us / 1'000'000), static_cast<long>((us % 1'000'000) * 1000)};
+    ppoll(&p, 1, &ts, nullptr);
+    ready = Ready();
+  }
+  want_notify_.store(false, std::memory_order_relaxed);
+  uint64_t v;
+  (void)!read(notify_fd_, &v, sizeof(v));
+  seen_state_changes_ = state_changes_.load(std::memory_order_acquire);
+  return ready;
+}
+
+void ChannelCore::SetState(ChannelState s) {
+  if (state_.exchange(s, std::memory_order_acq_rel) == s) return;
+  state_changes_.fetch_add(1, std::memory_order_release);
+  NotifyApp();
+}
+
+void ChannelCore::NotifyApp() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (want_notify_.load(std::memory_order_relaxed) && want_notify_.exchange(false)) {
+    uint64_t one = 1;
+    (void)!write(notify_fd_, &one, sizeof(one));
+  }
+}
+
+absl::Status CheckEngineIndex(int engine, size_t engines) {
+  if (engine >= 0 && engine < static_cast<int>(engines)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrFormat("engine %d: the driver runs engines 0..%u", engine, engines - 1));
+}
+
+}  // namespace netch::chan

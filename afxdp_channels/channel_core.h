@@ -1,0 +1,103 @@
+// channel_core.h - the application-facing half of a channel, shared by every driver (internal).
+//
+// Four SPSC rings connect the application side to the engine thread that runs the channel:
+//
+//   free_  engine -> producer   empty stack buffers (UMEM frames, slab slots)
+//   txq_   producer -> engine   filled buffers: NetChannel header + payload, in order
+//   rxq_   engine -> consumer   delivered buffers, in order
+//   ret_   consumer -> engine   buffers the consumer released
+//
+// A buffer is named by a token; BufAddr(token) is where its NetChannel header starts. The
+// producer writes the header and payload there (the one copy on the send side), the driver puts
+// its own framing in the headroom in front. Statistics are relaxed atomics the engine publishes.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "afxdp_channels/channel.h"
+#include "afxdp_channels/engine.h"
+#include "common/spsc_ring.h"
+
+namespace netch::chan {
+
+struct BufRef {
+  uint64_t token = 0;
+  uint32_t len = 0;  // NetChannel header + payload
+};
+
+class ChannelCore : public Channel {
+ public:
+  ChannelCore(uint32_t id, uint32_t ring_size, size_t max_payload);
+  ~ChannelCore() override;
+
+  // ---- Channel --------------------------------------------------------------------------------
+  uint32_t id() const override { return id_; }
+  ChannelState state() const override { return state_.load(std::memory_order_acquire); }
+  ChannelStats stats() const override;
+  size_t max_payload() const override { return max_payload_; }
+  absl::StatusOr<size_t> Enqueue(std::span<const TxSegment> segs) override;
+  size_t Dequeue(size_t max_bytes, std::span<RxSegment> out) override;
+  void Release(std::span<const RxSegment> segs) override;
+  bool Wait(absl::Duration timeout) override;
+  int notify_fd() const override { return notify_fd_; }
+  void ArmNotify() override;
+
+  // ---- engine side ----------------------------------------------------------------------------
+  virtual uint8_t* BufAddr(uint64_t token) = 0;
+  // The task whose engine runs this channel; producers wake it after queuing.
+  void set_task(EngineTask* t) { task_ = t; }
+  void set_id(uint32_t id) { id_ = id; }  // before the channel is published
+  // State changes wake a waiting application.
+  void SetState(ChannelState s);
+  // Wakes the application if it armed a notification.
+  void NotifyApp();
+
+  SpscRing<uint64_t> free_;
+  SpscRing<BufRef> txq_;
+  SpscRing<BufRef> rxq_;
+  SpscRing<BufRef> ret_;
+
+  // Published by the engine (relaxed stores), read by stats().
+  struct Published {
+    std::atomic<uint64_t> tx_queued_bytes{0}, rx_queued_bytes{0}, send_window_bytes{0}, srtt_us{0},
+        retransmits{0};
+    std::atomic<uint32_t> cwnd_packets{0};
+    std::atomic<uint64_t> tx_segments{0}, tx_bytes{0};
+    std::atomic<int> engine{-1}, queue{-1};
+  } pub_;
+
+ private:
+  bool Ready() const;
+
+  uint32_t id_;
+  const size_t max_payload_;
+  EngineTask* task_ = nullptr;
+  std::atomic<ChannelState> state_{ChannelState::kConnecting};
+  int notify_fd_ = -1;
+  std::atomic<bool> want_notify_{false};
+  uint32_t seen_state_changes_ = 0;
+  std::atomic<uint32_t> state_changes_{0};
+
+  std::mutex producer_mu_;  // serializes producers; never taken by the engine
+  std::mutex consumer_mu_;  // serializes consumers; never taken by the engine
+  // Consumer-side accounting (under consumer_mu_).
+  std::atomic<uint64_t> rx_segments_{0}, rx_bytes_{0};
+};
+
+// Driver helpers: a channel by object or id from a driver's list (under its mutex), and the
+// argument check of MoveChannel.
+template <typename C, typename Pred>
+std::shared_ptr<C> FindChannel(std::mutex& mu, const std::vector<std::shared_ptr<C>>& v, Pred p) {
+  std::lock_guard g(mu);
+  for (const auto& c : v)
+    if (p(*c)) return c;
+  return nullptr;
+}
+absl::Status CheckEngineIndex(int engine, size_t engines);
+
+}  // namespace netch::chan

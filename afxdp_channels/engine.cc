@@ -1,0 +1,216 @@
+#include "afxdp_channels/engine.h"
+
+#include <poll.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/eventfd.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <algorithm>
+
+#include "absl/strings/str_format.h"
+#include "common/errno_status.h"
+#include "common/netns.h"
+
+namespace netch::chan {
+
+uint64_t NowUs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000 + static_cast<uint64_t>(ts.tv_nsec) / 1000;
+}
+
+static uint64_t NowNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000 + static_cast<uint64_t>(ts.tv_nsec);
+}
+
+void EngineTask::Wake() {
+  if (Engine* e = engine.load(std::memory_order_acquire)) e->Wake();
+}
+
+Engine::Engine(int index, int core, std::string netns, absl::Duration spin)
+    : index_(index),
+      core_(core),
+      netns_(std::move(netns)),
+      spin_us_(static_cast<uint64_t>(absl::ToInt64Microseconds(spin))) {}
+
+Engine::~Engine() { Stop(); }
+
+absl::Status Engine::Start() {
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd_ < 0) return ErrnoStatus(errno, "eventfd");
+  std::unique_lock lk(mu_);
+  bool started = false;
+  thread_ = std::thread([this, &started] {
+    absl::Status st;
+    // The thread stays in the namespace for its whole life: the scope is never left.
+    std::unique_ptr<NetnsScope> ns;
+    if (!netns_.empty()) {
+      ns = std::make_unique<NetnsScope>(netns_);
+      st = ns->status();
+    }
+    if (st.ok() && core_ >= 0) {
+      cpu_set_t set;
+      CPU_ZERO(&set);
+      CPU_SET(core_, &set);
+      if (int err = pthread_setaffinity_np(pthread_self(), sizeof(set), &set))
+        st = ErrnoStatus(err, absl::StrFormat("pin engine %d to core %d", index_, core_));
+    }
+    pthread_setname_np(pthread_self(), absl::StrFormat("netch-eng%d", index_).c_str());
+    tid_ = static_cast<pid_t>(syscall(SYS_gettid));
+    {
+      std::lock_guard g(mu_);
+      start_status_ = st;
+      started = true;
+    }
+    cv_.notify_all();
+    if (st.ok()) Loop();
+  });
+  cv_.wait(lk, [&] { return started; });
+  if (!start_status_.ok()) {
+    lk.unlock();
+    thread_.join();
+    return start_status_;
+  }
+  return absl::OkStatus();
+}
+
+void Engine::Stop() {
+  if (!thread_.joinable()) {
+    if (wake_fd_ >= 0) close(wake_fd_), wake_fd_ = -1;
+    return;
+  }
+  stop_ = true;
+  uint64_t one = 1;
+  (void)!write(wake_fd_, &one, sizeof(one));
+  thread_.join();
+  close(wake_fd_);
+  wake_fd_ = -1;
+  for (EngineTask* t : tasks_) t->engine.store(nullptr);
+  tasks_.clear();
+}
+
+void Engine::Add(EngineTask* t) { Post({t, true}); }
+void Engine::Remove(EngineTask* t) { Post({t, false}); }
+
+void Engine::Post(const Op& op) {
+  std::unique_lock lk(mu_);
+  ops_.push_back(op);
+  const uint64_t ticket = ++ops_posted_;
+  ops_pending_.store(true, std::memory_order_release);
+  // From the engine's own thread (a task adding another): applied at the top of the next round.
+  if (std::this_thread::get_id() == thread_.get_id()) return;
+  if (!thread_.joinable() || stop_) {  // not running: apply inline
+    lk.unlock();
+    ApplyOps();
+    return;
+  }
+  uint64_t one = 1;
+  (void)!write(wake_fd_, &one, sizeof(one));
+  cv_.wait(lk, [&] { return ops_applied_ >= ticket; });
+}
+
+void Engine::Wake() {
+  // Only a sleeping engine needs the syscall. The seq_cst pair (our load here after the
+  // producer's ring store, the engine's store of sleeping_ before its last check) makes sure one
+  // of the two sides sees the other.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (sleeping_.load(std::memory_order_relaxed)) {
+    uint64_t one = 1;
+    (void)!write(wake_fd_, &one, sizeof(one));
+  }
+}
+
+void Engine::ApplyOps() {
+  std::lock_guard g(mu_);
+  for (const Op& op : ops_) {
+    if (op.add) {
+      tasks_.push_back(op.task);
+      op.task->engine.store(this, std::memory_order_release);
+    } else {
+      tasks_.erase(std::remove(tasks_.begin(), tasks_.end(), op.task), tasks_.end());
+      op.task->engine.store(nullptr, std::memory_order_release);
+    }
+    ops_applied_++;
+  }
+  ops_.clear();
+  ops_pending_.store(false, std::memory_order_relaxed);
+  cv_.notify_all();
+}
+
+void Engine::Loop() {
+  uint64_t idle_since_us = NowUs();
+  while (!stop_.load(std::memory_order_relaxed)) {
+    if (ops_pending_.load(std::memory_order_acquire)) ApplyOps();
+    const uint64_t t0 = NowNs();
+    const uint64_t now = t0 / 1000;
+    uint64_t deadline = UINT64_MAX;
+    bool worked = false;
+    for (EngineTask* t : tasks_) worked |= t->Run(now, &deadline);
+    if (worked) {
+      busy_ns_.fetch_add(NowNs() - t0, std::memory_order_relaxed);
+      idle_since_us = now;
+      continue;
+    }
+    if (now - idle_since_us < spin_us_ && deadline > now) {
+      sched_yield();  // the other test host may need this core
+      continue;
+    }
+    // About to sleep: announce it, then look once more so a producer that queued work just
+    // before seeing sleeping_ == true is not missed.
+    sleeping_.store(true, std::memory_order_seq_cst);
+    deadline = UINT64_MAX;
+    for (EngineTask* t : tasks_) worked |= t->Run(NowUs(), &deadline);
+    if (!worked && !ops_pending_.load(std::memory_order_acquire)) Sleep(deadline);
+    sleeping_.store(false, std::memory_order_relaxed);
+    idle_since_us = NowUs();
+  }
+  if (ops_pending_.load()) ApplyOps();
+}
+
+void Engine::Sleep(uint64_t deadline_us) {
+  pollfd fds[65];
+  nfds_t n = 0;
+  fds[n++] = {wake_fd_, POLLIN, 0};
+  for (EngineTask* t : tasks_) {
+    if (n == 65) break;
+    if (int fd = t->wait_fd(); fd >= 0) fds[n++] = {fd, t->wait_events(), 0};
+  }
+  // Never sleep unbounded: a lost wakeup costs at most this much.
+  const uint64_t now = NowUs();
+  uint64_t wait_us = deadline_us > now ? deadline_us - now : 0;
+  wait_us = std::min<uint64_t>(wait_us, 100'000);
+  timespec ts{static_cast<time_t>(wait_us / 1'000'000),
+              static_cast<long>((wait_us % 1'000'000) * 1000)};
+  wakeups_.fetch_add(1, std::memory_order_relaxed);
+  ppoll(fds, n, &ts, nullptr);
+  if (fds[0].revents & POLLIN) {
+    uint64_t v;
+    (void)!read(wake_fd_, &v, sizeof(v));
+  }
+}
+
+absl::StatusOr<std::vector<std::unique_ptr<Engine>>> StartEngines(const DriverOptions& opts) {
+  if (opts.engines < 1 || opts.engines > 64)
+    return absl::InvalidArgumentError("engines must be 1..64");
+  std::vector<std::unique_ptr<Engine>> out;
+  for (int e = 0; e < opts.engines; ++e) {
+    const int core = e < static_cast<int>(opts.cores.size()) ? opts.cores[e] : -1;
+    out.push_back(std::make_unique<Engine>(e, core, opts.netns, opts.spin));
+    if (auto st = out.back()->Start(); !st.ok()) return st;
+  }
+  return out;
+}
+
+std::vector<EngineInfo> DescribeEngines(const std::vector<std::unique_ptr<Engine>>& engines) {
+  std::vector<EngineInfo> out;
+  for (const auto& e : engines)
+    out.push_back({e->index(), e->core(), e->tid(), e->busy_ns(), e->wakeups()});
+  return out;
+}
+
+}  // namespace netch::chan

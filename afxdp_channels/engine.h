@@ -1,0 +1,117 @@
+// engine.h - the per-core engine threads that run channels (internal to the drivers).
+//
+// An engine runs a set of tasks (an AF_XDP queue with its channels, a kernel-TCP channel) in a
+// loop: Run() every task, and when a whole round did nothing for `spin`, sleep in ppoll() on the
+// tasks' fds and the engine's eventfd until the earliest task timer. The machines this runs on
+// have two cores shared by both test hosts, so an idle engine must sleep, and a producer that
+// queues work for a sleeping engine wakes it (one eventfd write, only when it sleeps).
+//
+// Tasks move between engines with Remove() + Add(): Remove returns only once the old engine has
+// finished its current round and will never touch the task again; the mutex of the mailbox orders
+// everything the old thread wrote before everything the new one reads.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "afxdp_channels/channel.h"
+
+namespace netch::chan {
+
+class Engine;
+
+class EngineTask {
+ public:
+  virtual ~EngineTask() = default;
+  // One round of work. Returns true if it did anything; lowers *deadline_us (monotonic µs) to
+  // when it next needs to run even without input.
+  virtual bool Run(uint64_t now_us, uint64_t* deadline_us) = 0;
+  // An fd that becomes readable when the task has input (e.g. an XSK), or -1.
+  virtual int wait_fd() const = 0;
+  // poll() events to wait for on wait_fd() (a blocked writer adds POLLOUT).
+  virtual short wait_events() const { return 0x001; /* POLLIN */ }
+  // The engine running the task now (for wakeups by producers); set by Engine.
+  std::atomic<Engine*> engine{nullptr};
+  // Wakes the task's engine if it sleeps. Producers call this after queuing work.
+  void Wake();
+};
+
+uint64_t NowUs();  // CLOCK_MONOTONIC in µs
+
+class Engine {
+ public:
+  Engine(int index, int core, std::string netns, absl::Duration spin);
+  ~Engine();  // stops the thread
+  Engine(const Engine&) = delete;
+  Engine& operator=(const Engine&) = delete;
+
+  absl::Status Start();
+  void Stop();
+
+  // Both return after the engine has applied the change (synchronous hand-off), except when
+  // called from the engine's own thread, where they take effect at the start of its next round.
+  void Add(EngineTask* t);
+  void Remove(EngineTask* t);
+  void Wake();
+
+  int index() const { return index_; }
+  int core() const { return core_; }
+  pid_t tid() const { return tid_.load(); }
+  uint64_t busy_ns() const { return busy_ns_.load(std::memory_order_relaxed); }
+  uint64_t wakeups() const { return wakeups_.load(std::memory_order_relaxed); }
+
+ private:
+  struct Op {
+    EngineTask* task;
+    bool add;
+  };
+  void Post(const Op& op);
+  void Loop();
+  void ApplyOps();
+  void Sleep(uint64_t deadline_us);
+
+  const int index_, core_;
+  const std::string netns_;
+  const uint64_t spin_us_;
+  int wake_fd_ = -1;
+  std::thread thread_;
+  std::atomic<bool> stop_{false};
+  std::atomic<bool> sleeping_{false};
+  std::atomic<pid_t> tid_{0};
+  std::atomic<uint64_t> busy_ns_{0}, wakeups_{0};
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Op> ops_;       // guarded by mu_
+  uint64_t ops_applied_ = 0;  // guarded by mu_
+  uint64_t ops_posted_ = 0;   // guarded by mu_
+  std::atomic<bool> ops_pending_{false};
+  absl::Status start_status_;
+
+  std::vector<EngineTask*> tasks_;  // engine thread only
+};
+
+// A driver's engines: opts.engines threads, engine i pinned to opts.cores[i] when given.
+absl::StatusOr<std::vector<std::unique_ptr<Engine>>> StartEngines(const DriverOptions& opts);
+std::vector<EngineInfo> DescribeEngines(const std::vector<std::unique_ptr<Engine>>& engines);
+
+// The factory every driver class with an Init() shares.
+template <typename D>
+absl::StatusOr<std::unique_ptr<Driver>> MakeDriver(const DriverOptions& opts) {
+  auto d = std::make_unique<D>(opts);
+  if (auto st = d->Init(); !st.ok()) return st;
+  return std::unique_ptr<Driver>(std::move(d));
+}
+
+}  // namespace netch::chan

@@ -1,0 +1,88 @@
+// spsc_ring.h - bounded single-producer single-consumer ring, the hand-off between an engine
+// thread and the one application (or copy-worker) thread on the other side of a channel.
+//
+// Fixed capacity (a power of two) allocated at construction; batch push/pop publish once per batch
+// (one release store), so a batch of 64 costs two cache-line transfers, not 128. Each index lives
+// on its own cache line and each side caches the other's index to avoid reading it every call.
+#pragma once
+
+#include <algorithm>
+#include <atomic>
+#include <cassert>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+namespace netch {
+
+template <typename T>
+class SpscRing {
+ public:
+  explicit SpscRing(uint32_t capacity) : slots_(capacity), mask_(capacity - 1) {
+    assert(capacity && (capacity & mask_) == 0 && "capacity must be a power of two");
+  }
+  SpscRing(const SpscRing&) = delete;
+  SpscRing& operator=(const SpscRing&) = delete;
+
+  uint32_t capacity() const { return mask_ + 1; }
+
+  // Producer side. Pushes a prefix of `items`; returns how many fit.
+  uint32_t Push(std::span<const T> items) {
+    const uint32_t head = head_.load(std::memory_order_relaxed);
+    uint32_t room = capacity() - (head - tail_cache_);
+    if (room < items.size()) {
+      tail_cache_ = tail_.load(std::memory_order_acquire);
+      room = capacity() - (head - tail_cache_);
+    }
+    const uint32_t n = std::min<uint32_t>(room, static_cast<uint32_t>(items.size()));
+    for (uint32_t i = 0; i < n; ++i) slots_[(head + i) & mask_] = items[i];
+    if (n) head_.store(head + n, std::memory_order_release);
+    return n;
+  }
+  bool Push(const T& item) { return Push(std::span<const T>(&item, 1)) == 1; }
+  // Free slots as the producer sees them (exact for the producer).
+  uint32_t Room() {
+    tail_cache_ = tail_.load(std::memory_order_acquire);
+    return capacity() - (head_.load(std::memory_order_relaxed) - tail_cache_);
+  }
+
+  // Consumer side. Copies up to out.size() items without removing them.
+  uint32_t Peek(std::span<T> out) {
+    const uint32_t tail = tail_.load(std::memory_order_relaxed);
+    uint32_t avail = head_cache_ - tail;
+    if (avail < out.size()) {
+      head_cache_ = head_.load(std::memory_order_acquire);
+      avail = head_cache_ - tail;
+    }
+    const uint32_t n = std::min<uint32_t>(avail, static_cast<uint32_t>(out.size()));
+    for (uint32_t i = 0; i < n; ++i) out[i] = slots_[(tail + i) & mask_];
+    return n;
+  }
+  // Removes `n` items previously returned by Peek.
+  void Consume(uint32_t n) {
+    if (n) tail_.store(tail_.load(std::memory_order_relaxed) + n, std::memory_order_release);
+  }
+  uint32_t Pop(std::span<T> out) {
+    const uint32_t n = Peek(out);
+    Consume(n);
+    return n;
+  }
+  bool Pop(T* item) { return Pop(std::span<T>(item, 1)) == 1; }
+
+  // Either side: an instantaneous, possibly stale, count.
+  uint32_t SizeApprox() const {
+    return head_.load(std::memory_order_acquire) - tail_.load(std::memory_order_acquire);
+  }
+  bool EmptyApprox() const { return SizeApprox() == 0; }
+
+ private:
+  std::vector<T> slots_;
+  const uint32_t mask_;
+  alignas(64) std::atomic<uint32_t> head_{0};  // written by the producer
+  uint32_t tail_cache_ = 0;                    // producer's view of tail_
+  alignas(64) std::atomic<uint32_t> tail_{0};  // written by the consumer
+  uint32_t head_cache_ = 0;                    // consumer's view of head_
+};
+
+}  // namespace netch

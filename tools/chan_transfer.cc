@@ -1,0 +1,266 @@
+#include "tools/chan_transfer.h"
+
+#include <poll.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstring>
+#include <random>
+#include <thread>
+
+#include "absl/strings/str_format.h"
+#include "afxdp_channels/engine.h"
+#include "afxdp_channels/netdev.h"
+#include "common/netns.h"
+
+namespace netch::tools {
+namespace {
+
+constexpr uint32_t kConnId = 0xC0FFEE;
+constexpr size_t kPatternLen = (1u << 20) + 7;  // odd length: a slice's content depends on offset
+constexpr size_t kMaxSeg = 64 * 1024;
+
+const std::vector<uint8_t>& Pattern() {
+  static const std::vector<uint8_t>* p = [] {
+    auto* v = new std::vector<uint8_t>(kPatternLen + kMaxSeg);
+    std::mt19937_64 rng(42);
+    for (size_t i = 0; i < kPatternLen; i += 8) {
+      const uint64_t w = rng();
+      std::memcpy(v->data() + i, &w, std::min<size_t>(8, kPatternLen - i));
+    }
+    std::memcpy(v->data() + kPatternLen, v->data(), kMaxSeg);  // slices never wrap
+    return v;
+  }();
+  return *p;
+}
+
+uint64_t HashSegment(uint64_t h, const uint8_t* p, size_t n) {
+  uint64_t s = 0x243F6A8885A308D3ull ^ n;
+  size_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    uint64_t w;
+    std::memcpy(&w, p + i, 8);
+    s = (s ^ w) * 0x9E3779B97F4A7C15ull;
+    s ^= s >> 29;
+  }
+  for (; i < n; ++i) s = (s ^ p[i]) * 0x100000001B3ull;
+  return (h ^ s) * 0xBF58476D1CE4E5B9ull + 1;
+}
+
+}  // namespace
+
+ChanHost::~ChanHost() {
+  driver.reset();
+  if (steer) {
+    // The interface index is only meaningful inside the namespace.
+    std::unique_ptr<NetnsScope> ns;
+    if (!netns.empty()) ns = std::make_unique<NetnsScope>(netns);
+    (void)steer->Detach();
+  }
+}
+
+absl::StatusOr<std::unique_ptr<ChanHost>> OpenChanHost(const std::string& driver,
+                                                       chan::DriverOptions opts) {
+  auto h = std::make_unique<ChanHost>();
+  h->netns = opts.netns;
+  if (driver == "afxdp") {
+    std::unique_ptr<NetnsScope> ns;
+    if (!opts.netns.empty()) {
+      ns = std::make_unique<NetnsScope>(opts.netns);
+      if (!ns->ok()) return ns->status();
+    }
+    auto steer = bpf::SteerProgram::Load(opts.udp_port);
+    if (!steer.ok()) return steer.status();
+    auto ifi = afxdp::GetInterfaceInfo(opts.ifname);
+    if (!ifi.ok()) return ifi.status();
+    if (auto st = (*steer)->Attach(ifi->ifindex, bpf::AttachMode::kNative); !st.ok()) return st;
+    h->steer = std::move(*steer);
+    opts.steer = h->steer.get();
+  }
+  auto d = chan::CreateDriver(driver, opts);
+  if (!d.ok()) return d.status();
+  h->driver = std::move(*d);
+  return h;
+}
+
+absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
+                                           const TransferOptions& o) {
+  if (o.channels < 1 || o.channels > 64) return absl::InvalidArgumentError("channels: 1..64");
+  const uint64_t start_us = chan::NowUs();
+  const uint64_t deadline_us =
+      start_us + static_cast<uint64_t>(absl::ToInt64Microseconds(o.deadline));
+  std::vector<std::shared_ptr<chan::Channel>> txc, rxc;
+  for (int c = 0; c < o.channels; ++c) {
+    chan::ChannelParams p;
+    p.peer_ipv4 = o.peer_ipv4;
+    auto ch = tx.Connect(p);
+    if (!ch.ok()) return ch.status();
+    txc.push_back(*ch);
+  }
+  while (static_cast<int>(rxc.size()) < o.channels && chan::NowUs() < deadline_us) {
+    if (auto ch = rx.Accept()) {
+      rxc.push_back(ch);
+      continue;
+    }
+    pollfd p{rx.accept_fd(), POLLIN, 0};
+    poll(&p, 1, 10);
+  }
+  for (auto& c : txc) {
+    while (c->state() == chan::ChannelState::kConnecting && chan::NowUs() < deadline_us)
+      c->Wait(absl::Milliseconds(10));
+  }
+  TransferResult r;
+  r.channels.resize(o.channels);
+  for (int c = 0; c < o.channels; ++c) {
+    if (txc[c]->state() != chan::ChannelState::kUp) {
+      return absl::DeadlineExceededError(
+          absl::StrFormat("channel %d did not come up: %s", c, chan::StateName(txc[c]->state())));
+    }
+  }
+  if (static_cast<int>(rxc.size()) != o.channels)
+    return absl::DeadlineExceededError(
+        absl::StrFormat("accepted %u of %d channels", rxc.size(), o.channels));
+
+  const size_t seg = std::min<size_t>(o.segment_bytes ? o.segment_bytes : txc[0]->max_payload(),
+                                      std::min(txc[0]->max_payload(), kMaxSeg));
+  const uint64_t per_chan = o.bytes / o.channels;
+  const auto& pat = Pattern();
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> received_total{0};
+
+  auto sender = [&](int c) {
+    chan::Channel& ch = *txc[c];
+    ChannelResult& res = r.channels[c];
+    uint64_t off = 0, h = 0;
+    constexpr int kBatch = 32;
+    chan::TxSegment segs[kBatch];
+    while (off < per_chan && !stop.load(std::memory_order_relaxed)) {
+      int n = 0;
+      uint64_t o2 = off;
+      for (; n < kBatch && o2 < per_chan; ++n) {
+        const size_t len = std::min<uint64_t>(seg, per_chan - o2);
+        segs[n].hdr = {NC_DATA,
+                       NC_CLASS_THROUGHPUT,
+                       static_cast<uint16_t>(c),
+                       static_cast<uint16_t>(c),
+                       kConnId,
+                       o2};
+        segs[n].payload = {pat.data() + (o2 + 977 * c) % kPatternLen, len};
+        o2 += len;
+      }
+      auto taken = ch.Enqueue({segs, static_cast<size_t>(n)});
+      if (!taken.ok()) {
+        stop = true;
+        break;
+      }
+      for (size_t i = 0; i < *taken; ++i) {
+        h = HashSegment(h, segs[i].payload.data(), segs[i].payload.size());
+        off += segs[i].payload.size();
+      }
+      if (*taken < static_cast<size_t>(n)) {
+        const auto st = ch.state();
+        if (st == chan::ChannelState::kFailed || st == chan::ChannelState::kClosed) break;
+        ch.Wait(absl::Milliseconds(5));
+      }
+    }
+    res.bytes_sent = off;
+    res.tx_hash = h;
+  };
+
+  auto receiver = [&](int i) {
+    chan::Channel& ch = *rxc[i];
+    constexpr int kBatch = 64;
+    chan::RxSegment segs[kBatch];
+    uint64_t off = 0, h = 0, nseg = 0;
+    int c = -1;
+    bool in_order = true;
+    while (off < per_chan && !stop.load(std::memory_order_relaxed)) {
+      const size_t n = ch.Dequeue(SIZE_MAX, segs);
+      if (n == 0) {
+        const auto st = ch.state();
+        if (st == chan::ChannelState::kFailed || st == chan::ChannelState::kClosed) break;
+        ch.Wait(absl::Milliseconds(5));
+        continue;
+      }
+      uint64_t bytes = 0;
+      for (size_t k = 0; k < n; ++k) {
+        bytes += segs[k].payload.size();
+        if (c < 0) c = segs[k].hdr.src_port;
+        if (segs[k].hdr.seq != off || segs[k].hdr.src_port != c || segs[k].hdr.conn_id != kConnId)
+          in_order = false;
+        h = HashSegment(h, segs[k].payload.data(), segs[k].payload.size());
+        off += segs[k].payload.size();
+      }
+      nseg += n;
+      ch.Release({segs, n});
+      received_total.fetch_add(bytes, std::memory_order_relaxed);
+    }
+    if (c >= 0 && c < o.channels) {
+      ChannelResult& res = r.channels[c];
+      res.bytes_received = off;
+      res.rx_hash = h;
+      res.segments = nseg;
+      res.in_order = in_order;
+    }
+  };
+
+  std::vector<std::thread> threads;
+  for (int c = 0; c < o.channels; ++c) threads.emplace_back(sender, c);
+  for (int c = 0; c < o.channels; ++c) threads.emplace_back(receiver, c);
+  const uint64_t total = per_chan * o.channels;
+  while (received_total.load() < total) {
+    if (chan::NowUs() >= deadline_us) {
+      stop = true;
+      r.error = "deadline passed";
+      break;
+    }
+    bool all_dead = true;
+    for (auto& c : rxc) {
+      const auto st = c->state();
+      all_dead &= st == chan::ChannelState::kFailed || st == chan::ChannelState::kClosed;
+    }
+    if (all_dead) {
+      r.error = "every channel failed or closed";
+      stop = true;
+      break;
+    }
+    if (o.on_progress) o.on_progress(static_cast<double>(received_total.load()) / total, txc);
+    usleep(10'000);
+  }
+  for (auto& t : threads) t.join();
+  r.seconds = (chan::NowUs() - start_us) / 1e6;
+  r.complete = received_total.load() == total;
+  r.intact = r.complete;
+  for (int c = 0; c < o.channels; ++c) {
+    ChannelResult& res = r.channels[c];
+    res.tx_stats = txc[c]->stats();
+    r.bytes += res.bytes_received;
+    r.segments += res.segments;
+    r.intact &= res.in_order && res.bytes_received == per_chan && res.tx_hash == res.rx_hash;
+  }
+  for (auto& c : rxc) {
+    // Receivers are matched to channel indexes by the first segment's port.
+    for (auto& res : r.channels)
+      if (res.rx_stats.rx_bytes == 0 && c->stats().rx_bytes == res.bytes_received) {
+        res.rx_stats = c->stats();
+        break;
+      }
+  }
+  if (o.destroy_after) {
+    for (auto& c : txc) (void)tx.Destroy(*c);
+    for (auto& c : rxc) (void)rx.Destroy(*c);
+  }
+  return r;
+}
+
+bool WaitFramesReturned(chan::Driver& d, absl::Duration timeout) {
+  const uint64_t end = chan::NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
+  for (;;) {
+    const chan::DriverStats s = d.Stats();
+    if (s.frames_free + s.frames_in_fill == s.frames_total) return true;
+    if (chan::NowUs() >= end) return false;
+    usleep(10'000);
+  }
+}
+
+}  // namespace netch::tools
