@@ -496,6 +496,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     uint32_t taken = 0;
     for (; taken < m && t.Send(b[taken].token, b[taken].len); ++taken) bytes += b[taken].len;
     ch.txq_.Consume(taken);
+    notify |= taken > 0;  // room for the producer again
     ch.pub_.tx_segments.fetch_add(taken, std::memory_order_relaxed);
     ch.pub_.tx_bytes.fetch_add(bytes - taken * wire::kSegHdrLen, std::memory_order_relaxed);
     worked |= taken > 0;

@@ -148,7 +148,9 @@ void ChannelCore::Release(std::span<const RxSegment> segs) {
 }
 
 bool ChannelCore::Ready() const {
-  return !rxq_.EmptyApprox() || !free_.EmptyApprox() ||
+  // "Enqueue can make progress" needs both an empty buffer and a txq_ slot.
+  const bool can_send = !free_.EmptyApprox() && txq_.SizeApprox() < txq_.capacity();
+  return can_send || !rxq_.EmptyApprox() ||
          state_changes_.load(std::memory_order_acquire) != seen_state_changes_;
 }
 
@@ -164,12 +166,13 @@ bool ChannelCore::Wait(absl::Duration timeout) {
     pollfd p{notify_fd_, POLLIN, 0};
     const int64_t us = absl::ToInt64Microseconds(timeout);
     timespec ts{static_cast<time_t>(us / 1'000'000), static_cast<long>((us % 1'000'000) * 1000)};
-    ppoll(&p, 1, &ts, nullptr);
+    if (ppoll(&p, 1, &ts, nullptr) > 0) {
+      uint64_t v;
+      (void)!read(notify_fd_, &v, sizeof(v));
+    }
     ready = Ready();
   }
   want_notify_.store(false, std::memory_order_relaxed);
-  uint64_t v;
-  (void)!read(notify_fd_, &v, sizeof(v));
   seen_state_changes_ = state_changes_.load(std::memory_order_acquire);
   return ready;
 }

@@ -16,9 +16,10 @@ namespace {
 constexpr char kUsage[] =
     "usage: chanperf [--driver afxdp|tcp] [--channels N] [--bytes N] [--segment BYTES]\n"
     "                [--engines N] [--drop-ppm PPM] [--timeout S] [--ns-a NS] [--ns-b NS]\n"
-    "                [--json]\n"
+    "                [--no-verify] [--json]\n"
     "Moves --bytes (default 1 GiB) from test host A (198.18.0.1) to B (198.18.0.2) over\n"
-    "--channels channels and reports Gbit/s, Mpps and integrity. Needs `scripts/testhosts up`.\n";
+    "--channels channels and reports Gbit/s, Mpps and integrity (every byte hashed on both\n"
+    "sides unless --no-verify; stream offsets are always checked). Needs `scripts/testhosts up`.\n";
 
 int Usage(const char* err) {
   if (err) std::fprintf(stderr, "chanperf: %s\n", err);
@@ -32,11 +33,15 @@ int main(int argc, char** argv) {
   std::string driver = "afxdp", ns_a = "netch-a", ns_b = "netch-b";
   uint64_t bytes = 1ull << 30;
   uint32_t channels = 1, segment = 0, engines = 2, drop_ppm = 0, timeout_s = 120;
-  bool json = false;
+  bool json = false, verify = true;
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
     if (a == "--json") {
       json = true;
+      continue;
+    }
+    if (a == "--no-verify") {
+      verify = false;
       continue;
     }
     if (a == "-h" || a == "--help") {
@@ -91,6 +96,7 @@ int main(int argc, char** argv) {
   t.channels = static_cast<int>(channels);
   t.bytes = bytes;
   t.segment_bytes = segment;
+  t.verify = verify;
   t.deadline = absl::Seconds(timeout_s);
   auto r = netch::tools::RunTransfer(*(*a)->driver, *(*b)->driver, t);
   if (!r.ok()) return std::fprintf(stderr, "chanperf: %s\n", r.status().ToString().c_str()), 1;

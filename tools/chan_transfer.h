@@ -39,6 +39,9 @@ struct TransferOptions {
   std::function<void(double progress, const std::vector<std::shared_ptr<chan::Channel>>& tx)>
       on_progress;
   bool destroy_after = true;  // destroy both ends' channels when done
+  // Hash every payload byte on both sides (on by default). Off only for benchmarks that compare
+  // against loops that never touch the data; stream offsets are checked either way.
+  bool verify = true;
 };
 
 struct ChannelResult {
