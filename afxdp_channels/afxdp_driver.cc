@@ -569,6 +569,9 @@ void XskQueue::Publish(AfxdpChannel& ch) {
   p.cwnd_packets.store(t.cwnd(), std::memory_order_relaxed);
   p.srtt_us.store(t.srtt_us(), std::memory_order_relaxed);
   p.retransmits.store(t.stats().retransmits, std::memory_order_relaxed);
+  p.rx_dropped_stale.store(t.stats().dup_received + t.stats().out_of_window,
+                           std::memory_order_relaxed);
+  p.rx_ignored_acks.store(t.stats().bad_acks, std::memory_order_relaxed);
   const uint64_t cwnd_bytes = static_cast<uint64_t>(t.cwnd()) * driver_->max_payload();
   const uint64_t limit = std::min<uint64_t>(cwnd_bytes, t.peer_window());
   const uint64_t in_flight = static_cast<uint64_t>(t.in_flight_packets()) * driver_->max_payload();

@@ -114,10 +114,11 @@ struct nc_hdr {
 
 /* nc_config: ARRAY, 1 entry, key __u32 0. Read by the XDP program on every packet. */
 struct nc_config {
-  __be16 udp_port; /* NetChannel UDP destination port, network order */
-  __u16 pad;
-  __u32 drop_ppm;   /* fault injection for all channels (tests only), parts per million */
-  __u64 generation; /* bumped by the controller on every change: cheap change detection */
+  __be16 udp_port;       /* NetChannel UDP destination port, network order */
+  __be16 tcp_fault_port; /* tests only: drop_ppm also drops TCP segments to or from this port,
+                          * so the kernel-TCP driver sees the same loss as the AF_XDP one; 0 off */
+  __u32 drop_ppm;        /* fault injection for all channels (tests only), parts per million */
+  __u64 generation;      /* bumped by the controller on every change: cheap change detection */
 };
 
 /* nc_channels: ARRAY (mmapable), key __u32 channel id, NC_MAX_CHANNELS entries. */

@@ -89,6 +89,20 @@ static __always_inline int ipv4_csum_ok(struct xdp_md* ctx, struct iphdr* iph, _
   return sum == 0xffff;
 }
 
+/* Fault injection for the kernel-TCP driver's connections (tests only); every other TCP segment
+ * passes untouched. */
+static __always_inline int tcp_fault(struct xdp_md* ctx, __u32 ihl) {
+  __u32 zero = 0;
+  struct nc_config* cfg = bpf_map_lookup_elem(&nc_config, &zero);
+  if (!cfg || !cfg->tcp_fault_port || !cfg->drop_ppm) return PASS(NOT_UDP);
+  __be16 ports[2];
+  if (bpf_xdp_load_bytes(ctx, sizeof(struct ethhdr) + ihl * 4, ports, sizeof(ports)))
+    return PASS(NOT_UDP);
+  if (ports[0] != cfg->tcp_fault_port && ports[1] != cfg->tcp_fault_port) return PASS(NOT_UDP);
+  if (bpf_get_prandom_u32() % NC_PPM < cfg->drop_ppm) return DROP(FAULT);
+  return PASS(NOT_UDP);
+}
+
 SEC("xdp.frags")
 int nc_steer(struct xdp_md* ctx) {
   void* data = (void*)(long)ctx->data;
@@ -103,6 +117,7 @@ int nc_steer(struct xdp_md* ctx) {
   if ((void*)(iph + 1) > data_end) return PASS(UNPARSED);
   __u32 ihl = iph->ihl;
   if (iph->version != 4 || ihl < 5) return PASS(UNPARSED);
+  if (iph->protocol == IPPROTO_TCP) return tcp_fault(ctx, ihl);
   if (iph->protocol != IPPROTO_UDP) return PASS(NOT_UDP);
   if (iph->frag_off & bpf_htons(0x3fff)) return PASS(FRAGMENT); /* MF or offset != 0 */
 

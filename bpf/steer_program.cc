@@ -103,6 +103,14 @@ absl::Status SteerProgram::SetUdpPort(uint16_t port) {
   return UpdateConfig(*c);
 }
 
+absl::Status SteerProgram::SetTcpFaultPort(uint16_t port) {
+  auto c = ReadConfig();
+  if (!c.ok()) return c.status();
+  c->tcp_fault_port = htons(port);
+  c->generation++;
+  return UpdateConfig(*c);
+}
+
 absl::Status SteerProgram::SetGlobalDropPpm(uint32_t ppm) {
   if (ppm > NC_PPM) return absl::InvalidArgumentError("drop ppm must be <= 1000000");
   auto c = ReadConfig();

@@ -50,6 +50,8 @@ class SteerProgram {
 
   absl::Status SetUdpPort(uint16_t port);
   absl::Status SetGlobalDropPpm(uint32_t ppm);
+  // Tests: the global drop rate also applies to TCP segments to/from `port` (0 = off).
+  absl::Status SetTcpFaultPort(uint16_t port);
   absl::StatusOr<nc_config> ReadConfig() const;
   // Steers channel `id` (1..NC_MAX_CHANNELS-1) to XSKMAP slot `xsk_slot`, expecting its frames on
   // rx queue `queue`.

@@ -93,6 +93,7 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
   for (int c = 0; c < o.channels; ++c) {
     chan::ChannelParams p;
     p.peer_ipv4 = o.peer_ipv4;
+    p.queue = o.queue;
     auto ch = tx.Connect(p);
     if (!ch.ok()) return ch.status();
     txc.push_back(*ch);

@@ -32,6 +32,7 @@ absl::StatusOr<std::unique_ptr<ChanHost>> OpenChanHost(const std::string& driver
 struct TransferOptions {
   uint32_t peer_ipv4 = 0;  // the receiver's address, host order
   int channels = 1;
+  int queue = -1;  // AF_XDP queue for every channel (-1: the driver spreads them)
   uint64_t bytes = 64ull << 20;  // total over all channels
   uint32_t segment_bytes = 0;    // payload per segment; 0 = the channel's max_payload()
   absl::Duration deadline = absl::Seconds(60);

@@ -19,8 +19,8 @@
 #include "afxdp_channels/xsk.h"
 #include "bpf/steer_program.h"
 #include "bpf/wire.h"
-#include "gtest/gtest.h"
 #include "common/netns.h"
+#include "gtest/gtest.h"
 #include "test/support/privilege.h"
 #include "test/support/testhosts.h"
 
@@ -469,6 +469,28 @@ TEST_F(SteerTest, RuntimeMapChangesTakeEffectOnTheNextPacket) {
   EXPECT_FALSE(prog_->SetChannel(0, 0, 0).ok());
   EXPECT_FALSE(prog_->SetChannel(NC_MAX_CHANNELS, 0, 0).ok());
   EXPECT_FALSE(prog_->SetGlobalDropPpm(NC_PPM + 1).ok());
+}
+
+TEST_F(SteerTest, TcpFaultInjectionHitsOnlyTheConfiguredPort) {
+  // A TCP segment (the UDP header's place now holds the TCP ports) from port 40000 to 9910.
+  Frame f = Data(5);
+  f[kIp + 9] = 6;
+  FixIpCsum(f);
+  const size_t l4 = kIp + 20;
+  Put16(f, l4, 40000);
+  Put16(f, l4 + 2, 9910);
+  Expect(f, 0, {XDP_PASS, NC_CNT_PASS_NOT_UDP}, "no fault port: untouched");
+  ASSERT_TRUE(prog_->SetTcpFaultPort(9910).ok());
+  Expect(f, 0, {XDP_PASS, NC_CNT_PASS_NOT_UDP}, "fault port but no drop rate");
+  ASSERT_TRUE(prog_->SetGlobalDropPpm(NC_PPM).ok());
+  Expect(f, 0, {XDP_DROP, NC_CNT_DROP_FAULT}, "destination port matches");
+  Put16(f, l4, 9910);
+  Put16(f, l4 + 2, 40000);
+  Expect(f, 0, {XDP_DROP, NC_CNT_DROP_FAULT}, "source port matches (the reverse direction)");
+  Put16(f, l4, 40001);
+  Expect(f, 0, {XDP_PASS, NC_CNT_PASS_NOT_UDP}, "other TCP connections pass");
+  ASSERT_TRUE(prog_->SetGlobalDropPpm(0).ok());
+  ASSERT_TRUE(prog_->SetTcpFaultPort(0).ok());
 }
 
 }  // namespace

@@ -1,14 +1,23 @@
 // Channels end to end between two veth test hosts, over both drivers: bulk transfers with byte
 // checks, fault injection, UMEM accounting, migration between engines, a killed peer.
+#include <linux/if_packet.h>
+#include <net/if.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cstring>
+#include <functional>
 #include <set>
 #include <string>
+#include <tuple>
 
 #include "absl/strings/str_format.h"
 #include "afxdp_channels/engine.h"
+#include "bpf/steer_program.h"
+#include "common/netns.h"
+#include "common/unique_fd.h"
 #include "gtest/gtest.h"
 #include "test/support/privilege.h"
 #include "test/support/testhosts.h"
@@ -21,8 +30,12 @@ using testing::TestHosts;
 
 constexpr uint64_t kBulk = 512ull << 20;
 
-class ChannelTest : public ::testing::TestWithParam<std::string> {
+// Two test hosts (4 queues each) and one driver per host.
+class ChannelHostsTest : public ::testing::Test {
  protected:
+  explicit ChannelHostsTest(std::string driver = "") : driver_(std::move(driver)) {}
+  const std::string& GetParam() const { return driver_; }
+
   void SetUp() override {
     NETCH_REQUIRE_ROOT();
     testing::TestHostsOptions ho;
@@ -49,11 +62,22 @@ class ChannelTest : public ::testing::TestWithParam<std::string> {
     b_ = std::move(*b);
   }
 
+  // Loss injected by the XDP fault map on both hosts. The AF_XDP driver's hosts already run the
+  // steering program; for the kernel-TCP driver it is attached here and drops TCP segments of
+  // the driver's port instead (nc_config.tcp_fault_port).
   void SetDrop(uint32_t ppm) {
-    for (auto* h : {a_.get(), b_.get()}) {
-      if (h->steer) {
-        ASSERT_TRUE(h->steer->SetGlobalDropPpm(ppm).ok());
+    for (auto [h, ns, dev] : {std::tuple{a_.get(), hosts_.ns_a(), TestHosts::kDevA},
+                              std::tuple{b_.get(), hosts_.ns_b(), TestHosts::kDevB}}) {
+      if (!h->steer) {
+        NetnsScope scope(ns);
+        auto p = bpf::SteerProgram::Load();
+        ASSERT_TRUE(p.ok()) << p.status();
+        ASSERT_TRUE((*p)->Attach(if_nametoindex(dev), bpf::AttachMode::kNative).ok());
+        ASSERT_TRUE((*p)->SetTcpFaultPort(chan::DriverOptions{}.tcp_port).ok());
+        h->steer = std::move(*p);
+        h->netns = ns;
       }
+      ASSERT_TRUE(h->steer->SetGlobalDropPpm(ppm).ok());
     }
   }
 
@@ -93,8 +117,15 @@ class ChannelTest : public ::testing::TestWithParam<std::string> {
     return *r;
   }
 
+  std::string driver_;
   TestHosts hosts_;
   std::unique_ptr<tools::ChanHost> a_, b_;
+};
+
+class ChannelTest : public ChannelHostsTest, public ::testing::WithParamInterface<std::string> {
+ protected:
+  ChannelTest() : ChannelHostsTest(::testing::WithParamInterface<std::string>::GetParam()) {}
+  using ChannelHostsTest::GetParam;
 };
 
 TEST_P(ChannelTest, OneChannelMoves512MiBIntact) {
@@ -123,11 +154,12 @@ TEST_P(ChannelTest, TwoPercentDropStillDeliversEveryByte) {
     if (GetParam() == "afxdp") {
       EXPECT_GT(retransmits, 0u) << "2% drop must cause retransmits";
     }
+    // (The kernel's TCP retransmits are its own; the fault counter below shows the loss.)
   }
-  if (a_->steer) {
-    auto ca = b_->steer->ReadCounters();
-    ASSERT_TRUE(ca.ok());
-    EXPECT_GT((*ca)[NC_CNT_DROP_FAULT], 0u);
+  for (auto* h : {a_.get(), b_.get()}) {
+    auto c = h->steer->ReadCounters();
+    ASSERT_TRUE(c.ok());
+    EXPECT_GT((*c)[NC_CNT_DROP_FAULT], 0u) << "loss was injected on both hosts";
   }
   SetDrop(0);
 }
@@ -218,6 +250,158 @@ TEST_P(ChannelTest, KilledPeerFailsTheChannelWithinTheTimeout) {
   EXPECT_EQ((*ch)->state(), chan::ChannelState::kFailed) << chan::StateName((*ch)->state());
   // Configured timeout 1 s; allow scheduling slack on a 2-core machine.
   EXPECT_LT(took, 1.5) << "failed after " << took << " s";
+}
+
+// Frames an attacker or a broken peer could put on the wire, sent with AF_PACKET while a channel
+// moves data: none may reach the stream, each is dropped and counted where it is caught.
+class AfxdpWireTest : public ChannelHostsTest {
+ protected:
+  AfxdpWireTest() : ChannelHostsTest("afxdp") {}
+
+  // Locally generated frames (our AF_PACKET injections) leave on tx queue 0, the queue the
+  // channel under attack is bound to, so the XDP queue check lets them through to the driver.
+  void PinLocalTxToQueue0() {
+    for (const auto& ns : {hosts_.ns_a(), hosts_.ns_b()}) {
+      const char* dev = ns == hosts_.ns_a() ? TestHosts::kDevA : TestHosts::kDevB;
+      ASSERT_EQ(
+          hosts_.RunIn(ns, absl::StrFormat("echo 3 > /sys/class/net/%s/queues/tx-0/xps_cpus", dev)),
+          0);
+    }
+  }
+};
+
+struct Injector {
+  UniqueFd fd;
+  int ifindex = 0;
+  wire::FrameAddrs addrs;
+  uint64_t sent = 0;
+
+  static Injector Open(const std::string& ns, const char* dev, const wire::FrameAddrs& a) {
+    NetnsScope scope(ns);
+    Injector inj;
+    inj.fd = UniqueFd(socket(AF_PACKET, SOCK_RAW | SOCK_CLOEXEC, 0));
+    inj.ifindex = static_cast<int>(if_nametoindex(dev));
+    inj.addrs = a;
+    return inj;
+  }
+  void Send(const wire::ChanHeader& ch, const wire::SegHeader* seg,
+            std::function<void(std::vector<uint8_t>&)> mangle = nullptr, uint32_t src_ip = 0) {
+    std::vector<uint8_t> buf(2048);
+    std::vector<uint8_t> payload(seg ? 300 : 0, 0xEE);  // garbage a stream must never contain
+    wire::FrameAddrs a = addrs;
+    if (src_ip) a.src_ip = src_ip;
+    const size_t n = wire::BuildFrame(buf, a, ch, seg, payload);
+    buf.resize(n);
+    if (mangle) mangle(buf);
+    sockaddr_ll ll{};
+    ll.sll_family = AF_PACKET;
+    ll.sll_ifindex = ifindex;
+    ll.sll_halen = 6;
+    std::memcpy(ll.sll_addr, a.dst_mac.data(), 6);
+    if (sendto(fd.get(), buf.data(), buf.size(), 0, reinterpret_cast<sockaddr*>(&ll), sizeof(ll)) ==
+        static_cast<ssize_t>(buf.size()))
+      sent++;
+  }
+};
+
+TEST_F(AfxdpWireTest, MalformedStaleAndSpoofedFramesNeverReachTheStream) {
+  PinLocalTxToQueue0();
+  Open();
+  wire::FrameAddrs ab;  // A -> B, as the driver addresses its frames
+  ab.src_mac = hosts_.mac_a();
+  ab.dst_mac = hosts_.mac_b();
+  ab.src_ip = TestHosts::kIpA;
+  ab.dst_ip = TestHosts::kIpB;
+  ab.src_port = 50000;
+  wire::FrameAddrs ba = ab;
+  std::swap(ba.src_mac, ba.dst_mac);
+  std::swap(ba.src_ip, ba.dst_ip);
+  Injector from_a = Injector::Open(hosts_.ns_a(), TestHosts::kDevA, ab);
+  Injector from_b = Injector::Open(hosts_.ns_b(), TestHosts::kDevB, ba);
+  ASSERT_GE(from_a.fd.get(), 0);
+  ASSERT_GE(from_b.fd.get(), 0);
+  constexpr int kEach = 200;
+  bool injected = false;
+  tools::TransferOptions o;
+  o.peer_ipv4 = TestHosts::kIpB;
+  o.channels = 1;
+  o.queue = 0;
+  o.bytes = 128ull << 20;
+  o.on_progress = [&](double progress, const std::vector<std::shared_ptr<chan::Channel>>& tx) {
+    if (injected || progress < 0.05) return;
+    injected = true;
+    const auto rx = b_->driver->Channels();
+    ASSERT_EQ(rx.size(), 1u);
+    const uint16_t chan_a = static_cast<uint16_t>(tx[0]->id());
+    const uint16_t chan_b = static_cast<uint16_t>(rx[0]->id());
+    wire::SegHeader seg;
+    seg.seq = 12345;
+    for (int i = 0; i < kEach; ++i) {
+      const uint32_t spread = static_cast<uint32_t>(i) << 24;  // all over the sequence space
+      wire::ChanHeader h;
+      h.dst_chan = chan_b;
+      h.src_chan = chan_a;
+      // Unknown channel: the XDP program drops it.
+      h.dst_chan = static_cast<uint16_t>(900 + i % 50);
+      from_a.Send(h, &seg);
+      h.dst_chan = chan_b;
+      // Bad UDP length and bad NetChannel payload length: dropped by XDP.
+      from_a.Send(h, &seg, [](std::vector<uint8_t>& f) { f[39] ^= 0x10; });
+      from_a.Send(h, &seg, [](std::vector<uint8_t>& f) {
+        f[wire::kOuterLen + wire::kChanHdrLen + 12] ^= 0x01;  // nc_hdr.payload_len
+      });
+      // Valid frames for the real channel with stale or far-future sequence numbers: the
+      // transport drops them.
+      h.seq = spread;
+      from_a.Send(h, &seg);
+      // Right channel, wrong peer address or wrong source channel: the driver drops them.
+      from_a.Send(h, &seg, nullptr, TestHosts::kIpA + 76);
+      h.src_chan = static_cast<uint16_t>(chan_a + 1);
+      from_a.Send(h, &seg);
+      // ACKs "from B" for data A never sent: A's transport ignores them.
+      wire::ChanHeader ack;
+      ack.type = NC_CT_ACK;
+      ack.dst_chan = chan_a;
+      ack.src_chan = chan_b;
+      ack.ack = spread + 0x7000'0000u;
+      ack.wnd = 1u << 30;
+      from_b.Send(ack, nullptr);
+    }
+  };
+  auto r = tools::RunTransfer(*a_->driver, *b_->driver, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(injected);
+  EXPECT_TRUE(r->intact) << Describe(*r);
+  EXPECT_EQ(from_a.sent, 6u * kEach);
+  EXPECT_EQ(from_b.sent, 1u * kEach);
+  auto cb = b_->steer->ReadCounters();
+  ASSERT_TRUE(cb.ok());
+  EXPECT_GE((*cb)[NC_CNT_DROP_UNKNOWN_CHANNEL], static_cast<uint64_t>(kEach));
+  EXPECT_GE((*cb)[NC_CNT_DROP_BAD_UDP_LEN], static_cast<uint64_t>(kEach));
+  EXPECT_GE((*cb)[NC_CNT_DROP_BAD_NC_HDR], static_cast<uint64_t>(kEach));
+  EXPECT_EQ((*cb)[NC_CNT_DROP_WRONG_QUEUE], 0u) << "injections must use the channel's queue";
+  const chan::DriverStats sb = b_->driver->Stats();
+  EXPECT_GE(sb.rx_unknown_chan, 2u * kEach) << "wrong peer address / wrong source channel";
+  const auto& ch = r->channels[0];
+  // Sequence numbers spread over 2^32 land before the window or beyond it, never inside.
+  EXPECT_GE(ch.rx_stats.rx_dropped_stale, static_cast<uint64_t>(kEach) - 2);
+  EXPECT_GE(ch.tx_stats.rx_ignored_acks, static_cast<uint64_t>(kEach) / 4);
+  ExpectFramesReturned();
+}
+
+TEST_F(AfxdpWireTest, ConnectResolvesThePeerMacThroughArp) {
+  // The test hosts install static neighbours; remove A's entry for B so Connect must trigger
+  // resolution itself.
+  ASSERT_EQ(hosts_.RunIn(hosts_.ns_a(), "ip neigh del 198.18.0.2 dev nc-a"), 0);
+  ASSERT_NE(hosts_.RunIn(hosts_.ns_a(), "ip neigh show dev nc-a | grep -q lladdr"), 0);
+  Open();
+  tools::TransferOptions o;
+  o.peer_ipv4 = TestHosts::kIpB;
+  o.bytes = 8ull << 20;
+  auto r = tools::RunTransfer(*a_->driver, *b_->driver, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->intact) << Describe(*r);
+  EXPECT_EQ(hosts_.RunIn(hosts_.ns_a(), "ip neigh show dev nc-a | grep -q lladdr"), 0);
 }
 
 INSTANTIATE_TEST_SUITE_P(Drivers, ChannelTest, ::testing::Values("afxdp", "tcp"),
