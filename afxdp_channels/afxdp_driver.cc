@@ -258,10 +258,10 @@ void XskQueue::ApplyOps(uint64_t now) {
       Drain(*ch);
       // Buffers the producer has not filled yet.
       uint64_t t;
-      while (ch->free_.Pop(&t)) umem_->FreeFrame(t);
+      while (ch->free_.PopOne(&t)) umem_->FreeFrame(t);
       // Delivered, never dequeued: the consumer can no longer ask for them.
       BufRef b;
-      while (ch->rxq_.Pop(&b)) umem_->FreeFrame(b.token);
+      while (ch->rxq_.PopOne(&b)) umem_->FreeFrame(b.token);
       chans_.erase(std::remove(chans_.begin(), chans_.end(), ch), chans_.end());
       by_id_[ch->id()] = nullptr;
       ch->set_task(nullptr);

@@ -41,7 +41,7 @@ class TcpChannel final : public ChannelCore, public EngineTask {
         active_(active),
         slab_(static_cast<size_t>(2 * kRing) * kSlot),
         stage_(kStage) {
-    for (uint32_t i = 0; i < kRing; ++i) free_.Push(Token(i));
+    for (uint32_t i = 0; i < kRing; ++i) free_.PushOne(Token(i));
     for (uint32_t i = kRing; i < 2 * kRing; ++i) rx_free_.push_back(Token(i));
     set_task(this);
   }
@@ -287,7 +287,7 @@ bool TcpChannel::DoRead() {
       const uint64_t tok = rx_free_.back();
       rx_free_.pop_back();
       std::memcpy(BufAddr(tok), &stage_[pos + 4], len);
-      rxq_.Push(BufRef{tok, len});
+      rxq_.PushOne(BufRef{tok, len});
       held_ += len;
       pos += 4 + len;
       delivered++;

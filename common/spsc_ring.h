@@ -40,7 +40,7 @@ class SpscRing {
     if (n) head_.store(head + n, std::memory_order_release);
     return n;
   }
-  bool Push(const T& item) { return Push(std::span<const T>(&item, 1)) == 1; }
+  bool PushOne(const T& item) { return Push(std::span<const T>(&item, 1)) == 1; }
   // Free slots as the producer sees them (exact for the producer).
   uint32_t Room() {
     tail_cache_ = tail_.load(std::memory_order_acquire);
@@ -68,7 +68,8 @@ class SpscRing {
     Consume(n);
     return n;
   }
-  bool Pop(T* item) { return Pop(std::span<T>(item, 1)) == 1; }
+  // Named apart from Pop(span): an array argument would otherwise decay to T* and pop one item.
+  bool PopOne(T* item) { return Pop(std::span<T>(item, 1)) == 1; }
 
   // Either side: an instantaneous, possibly stale, count.
   uint32_t SizeApprox() const {
