@@ -129,85 +129,123 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> received_total{0};
 
-  auto sender = [&](int c) {
-    chan::Channel& ch = *txc[c];
-    ChannelResult& res = r.channels[c];
-    uint64_t off = 0, h = 0;
-    constexpr int kBatch = 32;
-    chan::TxSegment segs[kBatch];
-    while (off < per_chan && !stop.load(std::memory_order_relaxed)) {
-      int n = 0;
-      uint64_t o2 = off;
-      for (; n < kBatch && o2 < per_chan; ++n) {
-        const size_t len = std::min<uint64_t>(seg, per_chan - o2);
-        segs[n].hdr = {NC_DATA,
-                       NC_CLASS_THROUGHPUT,
-                       static_cast<uint16_t>(c),
-                       static_cast<uint16_t>(c),
-                       kConnId,
-                       o2};
-        segs[n].payload = {pat.data() + (o2 + 977 * c) % kPatternLen, len};
-        o2 += len;
-      }
-      auto taken = ch.Enqueue({segs, static_cast<size_t>(n)});
-      if (!taken.ok()) {
-        stop = true;
-        break;
-      }
-      for (size_t i = 0; i < *taken; ++i) {
-        if (o.verify) h = HashSegment(h, segs[i].payload.data(), segs[i].payload.size());
-        off += segs[i].payload.size();
-      }
-      if (*taken < static_cast<size_t>(n)) {
-        const auto st = ch.state();
-        if (st == chan::ChannelState::kFailed || st == chan::ChannelState::kClosed) break;
-        ch.Wait(absl::Milliseconds(5));
+  // Sleeps until one of the channels can make progress (or 5 ms pass).
+  auto wait_any = [](const std::vector<std::shared_ptr<chan::Channel>>& chans) {
+    std::vector<pollfd> fds;
+    for (const auto& c : chans) {
+      c->ArmNotify();
+      fds.push_back({c->notify_fd(), POLLIN, 0});
+    }
+    if (poll(fds.data(), fds.size(), 5) > 0) {
+      for (const auto& f : fds) {
+        uint64_t v;
+        if (f.revents & POLLIN) (void)!read(f.fd, &v, sizeof(v));
       }
     }
-    res.bytes_sent = off;
-    res.tx_hash = h;
+  };
+  auto dead = [](const chan::Channel& ch) {
+    const auto st = ch.state();
+    return st == chan::ChannelState::kFailed || st == chan::ChannelState::kClosed;
   };
 
-  auto receiver = [&](int i) {
-    chan::Channel& ch = *rxc[i];
+  // One thread sends on every channel, round robin, as one application thread over many
+  // channels does (a thread per channel would only measure the scheduler on a 2-core machine).
+  auto sender = [&] {
+    struct Stream {
+      uint64_t off = 0, h = 0;
+    };
+    std::vector<Stream> st(o.channels);
+    constexpr int kBatch = 32;
+    chan::TxSegment segs[kBatch];
+    int active = o.channels;
+    while (active > 0 && !stop.load(std::memory_order_relaxed)) {
+      bool progress = false;
+      active = 0;
+      for (int c = 0; c < o.channels; ++c) {
+        Stream& s = st[c];
+        if (s.off >= per_chan || dead(*txc[c])) continue;
+        active++;
+        int n = 0;
+        for (uint64_t o2 = s.off; n < kBatch && o2 < per_chan; ++n) {
+          const size_t len = std::min<uint64_t>(seg, per_chan - o2);
+          segs[n].hdr = {NC_DATA,
+                         NC_CLASS_THROUGHPUT,
+                         static_cast<uint16_t>(c),
+                         static_cast<uint16_t>(c),
+                         kConnId,
+                         o2};
+          segs[n].payload = {pat.data() + (o2 + 977 * c) % kPatternLen, len};
+          o2 += len;
+        }
+        auto taken = txc[c]->Enqueue({segs, static_cast<size_t>(n)});
+        if (!taken.ok()) {
+          stop = true;
+          break;
+        }
+        for (size_t i = 0; i < *taken; ++i) {
+          if (o.verify) s.h = HashSegment(s.h, segs[i].payload.data(), segs[i].payload.size());
+          s.off += segs[i].payload.size();
+        }
+        progress |= *taken > 0;
+      }
+      if (!progress && active > 0) wait_any(txc);
+    }
+    for (int c = 0; c < o.channels; ++c) {
+      r.channels[c].bytes_sent = st[c].off;
+      r.channels[c].tx_hash = st[c].h;
+    }
+  };
+
+  // One thread receives from every channel; a channel's index is learnt from its first segment.
+  auto receiver = [&] {
+    struct Stream {
+      uint64_t off = 0, h = 0, nseg = 0;
+      int c = -1;
+      bool in_order = true;
+    };
+    std::vector<Stream> st(rxc.size());
     constexpr int kBatch = 64;
     chan::RxSegment segs[kBatch];
-    uint64_t off = 0, h = 0, nseg = 0;
-    int c = -1;
-    bool in_order = true;
-    while (off < per_chan && !stop.load(std::memory_order_relaxed)) {
-      const size_t n = ch.Dequeue(SIZE_MAX, segs);
-      if (n == 0) {
-        const auto st = ch.state();
-        if (st == chan::ChannelState::kFailed || st == chan::ChannelState::kClosed) break;
-        ch.Wait(absl::Milliseconds(5));
-        continue;
+    uint64_t done = 0;
+    while (done < per_chan * o.channels && !stop.load(std::memory_order_relaxed)) {
+      bool progress = false, all_dead = true;
+      for (size_t i = 0; i < rxc.size(); ++i) {
+        Stream& s = st[i];
+        const size_t n = rxc[i]->Dequeue(SIZE_MAX, segs);
+        all_dead &= n == 0 && dead(*rxc[i]);
+        if (n == 0) continue;
+        uint64_t bytes = 0;
+        for (size_t k = 0; k < n; ++k) {
+          bytes += segs[k].payload.size();
+          if (s.c < 0) s.c = segs[k].hdr.src_port;
+          if (segs[k].hdr.seq != s.off || segs[k].hdr.src_port != s.c ||
+              segs[k].hdr.conn_id != kConnId)
+            s.in_order = false;
+          if (o.verify) s.h = HashSegment(s.h, segs[k].payload.data(), segs[k].payload.size());
+          s.off += segs[k].payload.size();
+        }
+        s.nseg += n;
+        rxc[i]->Release({segs, n});
+        done += bytes;
+        received_total.fetch_add(bytes, std::memory_order_relaxed);
+        progress = true;
       }
-      uint64_t bytes = 0;
-      for (size_t k = 0; k < n; ++k) {
-        bytes += segs[k].payload.size();
-        if (c < 0) c = segs[k].hdr.src_port;
-        if (segs[k].hdr.seq != off || segs[k].hdr.src_port != c || segs[k].hdr.conn_id != kConnId)
-          in_order = false;
-        if (o.verify) h = HashSegment(h, segs[k].payload.data(), segs[k].payload.size());
-        off += segs[k].payload.size();
-      }
-      nseg += n;
-      ch.Release({segs, n});
-      received_total.fetch_add(bytes, std::memory_order_relaxed);
+      if (all_dead) break;
+      if (!progress) wait_any(rxc);
     }
-    if (c >= 0 && c < o.channels) {
-      ChannelResult& res = r.channels[c];
-      res.bytes_received = off;
-      res.rx_hash = h;
-      res.segments = nseg;
-      res.in_order = in_order;
+    for (const Stream& s : st) {
+      if (s.c < 0 || s.c >= o.channels) continue;
+      ChannelResult& res = r.channels[s.c];
+      res.bytes_received = s.off;
+      res.rx_hash = s.h;
+      res.segments = s.nseg;
+      res.in_order = s.in_order;
     }
   };
 
   std::vector<std::thread> threads;
-  for (int c = 0; c < o.channels; ++c) threads.emplace_back(sender, c);
-  for (int c = 0; c < o.channels; ++c) threads.emplace_back(receiver, c);
+  threads.emplace_back(sender);
+  threads.emplace_back(receiver);
   const uint64_t total = per_chan * o.channels;
   while (received_total.load() < total) {
     if (chan::NowUs() >= deadline_us) {
