@@ -100,23 +100,25 @@ int main(int argc, char** argv) {
   t.deadline = absl::Seconds(timeout_s);
   auto r = netch::tools::RunTransfer(*(*a)->driver, *(*b)->driver, t);
   if (!r.ok()) return std::fprintf(stderr, "chanperf: %s\n", r.status().ToString().c_str()), 1;
-  uint64_t retx = 0;
-  for (const auto& c : r->channels) retx += c.tx_stats.retransmits;
+  uint64_t retx = 0, timeouts = 0;
+  for (const auto& c : r->channels) retx += c.tx_stats.retransmits, timeouts += c.tx_stats.timeouts;
   const auto sa = (*a)->driver->Stats(), sb = (*b)->driver->Stats();
   if (json) {
     std::printf(
         "{\"driver\":\"%s\",\"channels\":%u,\"bytes\":%llu,\"seconds\":%.4f,\"gbps\":%.3f,"
-        "\"mpps\":%.4f,\"segments\":%llu,\"retransmits\":%llu,\"intact\":%s,"
+        "\"mpps\":%.4f,\"segments\":%llu,\"retransmits\":%llu,\"timeouts\":%llu,\"intact\":%s,"
         "\"rx_xsk_dropped\":%llu,\"rx_fill_empty\":%llu}\n",
         driver.c_str(), channels, (unsigned long long)r->bytes, r->seconds, r->gbps(), r->mpps(),
-        (unsigned long long)r->segments, (unsigned long long)retx, r->intact ? "true" : "false",
-        (unsigned long long)sb.xsk_rx_dropped, (unsigned long long)sb.fill_ring_empty);
+        (unsigned long long)r->segments, (unsigned long long)retx, (unsigned long long)timeouts,
+        r->intact ? "true" : "false", (unsigned long long)sb.xsk_rx_dropped,
+        (unsigned long long)sb.fill_ring_empty);
   } else {
     std::printf(
         "%s, %u channel(s): %llu bytes in %.3f s = %.2f Gbit/s, %.3f Mpps; %s; "
-        "retransmits %llu\n",
+        "retransmits %llu (timeouts %llu)\n",
         driver.c_str(), channels, (unsigned long long)r->bytes, r->seconds, r->gbps(), r->mpps(),
-        r->intact ? "every byte intact" : "INTEGRITY FAILURE", (unsigned long long)retx);
+        r->intact ? "every byte intact" : "INTEGRITY FAILURE", (unsigned long long)retx,
+        (unsigned long long)timeouts);
     std::printf(
         "  A: rx frames %llu malformed %llu unknown %llu tx-ring-full %llu | B: rx frames "
         "%llu xsk rx_dropped %llu rx_ring_full %llu fill-empty %llu engine wakeups",
