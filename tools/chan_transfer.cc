@@ -208,6 +208,10 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
     chan::RxSegment segs[kBatch];
     uint64_t done = 0;
     while (done < per_chan * o.channels && !stop.load(std::memory_order_relaxed)) {
+      if (o.rx_hold && o.rx_hold()) {
+        usleep(1000);
+        continue;
+      }
       bool progress = false, all_dead = true;
       for (size_t i = 0; i < rxc.size(); ++i) {
         Stream& s = st[i];

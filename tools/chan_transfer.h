@@ -32,13 +32,15 @@ absl::StatusOr<std::unique_ptr<ChanHost>> OpenChanHost(const std::string& driver
 struct TransferOptions {
   uint32_t peer_ipv4 = 0;  // the receiver's address, host order
   int channels = 1;
-  int queue = -1;  // AF_XDP queue for every channel (-1: the driver spreads them)
+  int queue = -1;                // AF_XDP queue for every channel (-1: the driver spreads them)
   uint64_t bytes = 64ull << 20;  // total over all channels
   uint32_t segment_bytes = 0;    // payload per segment; 0 = the channel's max_payload()
   absl::Duration deadline = absl::Seconds(60);
   // Called from the controlling thread every ~10 ms while data moves, with the fraction done.
   std::function<void(double progress, const std::vector<std::shared_ptr<chan::Channel>>& tx)>
       on_progress;
+  // While this returns true the receiver stops dequeuing (backpressure tests).
+  std::function<bool()> rx_hold;
   bool destroy_after = true;  // destroy both ends' channels when done
   // Hash every payload byte on both sides (on by default). Off only for benchmarks that compare
   // against loops that never touch the data; stream offsets are checked either way.

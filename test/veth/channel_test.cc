@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <cstring>
 #include <functional>
 #include <set>
@@ -162,6 +163,40 @@ TEST_P(ChannelTest, TwoPercentDropStillDeliversEveryByte) {
     EXPECT_GT((*c)[NC_CNT_DROP_FAULT], 0u) << "loss was injected on both hosts";
   }
   SetDrop(0);
+}
+
+TEST_P(ChannelTest, StalledConsumerStopsTheSenderAndLosesNothing) {
+  Open();
+  std::atomic<bool> hold{false};
+  bool held = false;
+  uint64_t stalled_at = 0, later = 0, queued = 0;
+  tools::TransferOptions o;
+  o.peer_ipv4 = TestHosts::kIpB;
+  o.bytes = 128ull << 20;
+  o.rx_hold = [&] { return hold.load(); };
+  o.on_progress = [&](double progress, const std::vector<std::shared_ptr<chan::Channel>>& tx) {
+    if (held || progress < 0.2) return;
+    held = true;
+    hold = true;
+    // Let the windows and buffers fill, then check that the sender has stopped.
+    usleep(500'000);
+    stalled_at = tx[0]->stats().tx_bytes;
+    usleep(500'000);
+    later = tx[0]->stats().tx_bytes;
+    queued = tx[0]->stats().tx_queued_bytes;
+    hold = false;
+  };
+  auto r = tools::RunTransfer(*a_->driver, *b_->driver, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  ASSERT_TRUE(held);
+  EXPECT_EQ(stalled_at, later) << "the sender kept going while the consumer did not read";
+  EXPECT_LT(later, o.bytes) << "the sender could not have finished";
+  if (GetParam() == "afxdp") {
+    EXPECT_GT(queued, 0u) << "unsent data waits in the channel";
+    EXPECT_EQ(r->channels[0].tx_stats.retransmits, 0u) << "flow control, not loss";
+  }
+  EXPECT_TRUE(r->intact) << Describe(*r);
+  ExpectFramesReturned();
 }
 
 TEST_P(ChannelTest, MigrationBetweenEnginesMidTransferLosesNothing) {
