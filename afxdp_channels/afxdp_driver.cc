@@ -50,6 +50,7 @@ class AfxdpChannel final : public ChannelCore {
   AfxdpChannel(uint32_t id, size_t max_payload, afxdp::Umem* umem)
       : ChannelCore(id, kChanRing, max_payload), umem_(umem) {}
   uint8_t* BufAddr(uint64_t token) override { return umem_->Data(token); }
+  uint32_t peer_ipv4() const override { return peer_ip; }
 
   // Engine-side state: touched only by the engine running the channel's queue (and by the
   // creating thread before the channel is handed to that engine).

@@ -97,12 +97,14 @@ class Channel {
   virtual ~Channel() = default;
 
   virtual uint32_t id() const = 0;  // local id, unique per driver instance
+  virtual uint32_t peer_ipv4() const = 0;  // host order
   virtual ChannelState state() const = 0;
   virtual ChannelStats stats() const = 0;
   // The largest payload one segment may carry (from the MTU for AF_XDP).
   virtual size_t max_payload() const = 0;
 
-  // Copies whole segments into stack buffers and queues them, in order. Returns how many were
+  // Copies whole segments into stack buffers and queues them, in order (one caller's order;
+  // concurrent callers' segments interleave, the copies run in parallel). Returns how many were
   // taken: fewer than asked when the send buffer is full (retry after Wait), 0 as well once the
   // channel is failed or closed. InvalidArgument for a payload larger than max_payload().
   virtual absl::StatusOr<size_t> Enqueue(std::span<const TxSegment> segs) = 0;

@@ -67,16 +67,25 @@ absl::StatusOr<size_t> ChannelCore::Enqueue(std::span<const TxSegment> segs) {
   }
   const ChannelState st = state();
   if (st == ChannelState::kFailed || st == ChannelState::kClosed) return 0;
-  std::lock_guard g(producer_mu_);
+  // The copy runs outside the producer lock so that several copy workers can fill one channel
+  // at once: under the lock a producer only reserves buffers and txq_ slots, and publishes them
+  // afterwards. Segments of concurrent producers may interleave in any order (each producer's
+  // own order is kept); VNS orders by its stream offsets, not by channel order.
   constexpr size_t kBatch = 64;
   uint64_t tokens[kBatch];
   BufRef out[kBatch];
   size_t done = 0;
   while (done < segs.size()) {
-    // Both a free buffer and a txq_ slot are needed: the engine refills free_ independently of
-    // draining txq_, so one having room says nothing about the other.
-    const size_t want = std::min<size_t>({kBatch, segs.size() - done, txq_.Room()});
-    const uint32_t n = free_.Pop(std::span<uint64_t>(tokens, want));
+    uint32_t n;
+    {
+      std::lock_guard g(producer_mu_);
+      // Both a free buffer and a txq_ slot are needed: the engine refills free_ independently of
+      // draining txq_, so one having room says nothing about the other.
+      const uint32_t room = txq_.Room() - txq_reserved_;
+      const size_t want = std::min<size_t>({kBatch, segs.size() - done, room});
+      n = free_.Pop(std::span<uint64_t>(tokens, want));
+      txq_reserved_ += n;
+    }
     if (n == 0) break;
     for (uint32_t i = 0; i < n; ++i) {
       const TxSegment& s = segs[done + i];
@@ -85,7 +94,11 @@ absl::StatusOr<size_t> ChannelCore::Enqueue(std::span<const TxSegment> segs) {
       if (!s.payload.empty()) std::memcpy(p + hl, s.payload.data(), s.payload.size());
       out[i] = {tokens[i], static_cast<uint32_t>(hl + s.payload.size())};
     }
-    txq_.Push(std::span<const BufRef>(out, n));  // fits: Room() only grows for the producer
+    {
+      std::lock_guard g(producer_mu_);
+      txq_.Push(std::span<const BufRef>(out, n));  // fits: the slots were reserved
+      txq_reserved_ -= n;
+    }
     done += n;
   }
   if (done && task_) task_->Wake();

@@ -83,7 +83,8 @@ class ChannelCore : public Channel {
   uint32_t seen_state_changes_ = 0;
   std::atomic<uint32_t> state_changes_{0};
 
-  std::mutex producer_mu_;  // serializes producers; never taken by the engine
+  std::mutex producer_mu_;  // serializes producers' ring operations; never taken by the engine
+  uint32_t txq_reserved_ = 0;  // txq_ slots reserved by producers copying outside the lock
   std::mutex consumer_mu_;  // serializes consumers; never taken by the engine
   // Consumer-side accounting (under consumer_mu_).
   std::atomic<uint64_t> rx_segments_{0}, rx_bytes_{0};

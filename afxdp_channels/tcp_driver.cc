@@ -50,6 +50,8 @@ class TcpChannel final : public ChannelCore, public EngineTask {
   }
 
   uint8_t* BufAddr(uint64_t token) override { return slab_.data() + token; }
+  uint32_t peer_ipv4() const override { return peer_ip_; }
+  void set_peer_ipv4(uint32_t ip) { peer_ip_ = ip; }
   bool Run(uint64_t now, uint64_t* deadline) override;
   int wait_fd() const override { return dead_ ? -1 : fd_; }
   short wait_events() const override {
@@ -81,6 +83,7 @@ class TcpChannel final : public ChannelCore, public EngineTask {
 
   TcpDriver* driver_;
   int fd_;
+  uint32_t peer_ip_ = 0;
   const bool active_;
   bool connected_ = false;  // TCP connection established
   bool hello_sent_ = false, hello_seen_ = false;
@@ -448,6 +451,7 @@ absl::StatusOr<std::shared_ptr<Channel>> TcpDriver::Connect(const ChannelParams&
     return ErrnoStatus(err, "connect");
   }
   auto ch = Adopt(fd, true, p.engine);
+  ch->set_peer_ipv4(p.peer_ipv4);
   ch->connect_deadline_us =
       NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(p.connect_timeout));
   std::lock_guard mv(move_mu_);
@@ -458,11 +462,15 @@ absl::StatusOr<std::shared_ptr<Channel>> TcpDriver::Connect(const ChannelParams&
 bool TcpDriver::AcceptPending() {
   bool any = false;
   for (;;) {
-    const int fd = accept4(listen_fd_, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    sockaddr_in peer{};
+    socklen_t plen = sizeof(peer);
+    const int fd = accept4(listen_fd_, reinterpret_cast<sockaddr*>(&peer), &plen,
+                           SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0) break;
     any = true;
     TuneSocket(fd, opts_);
     auto ch = std::make_shared<TcpChannel>(this, 0, fd, false);
+    ch->set_peer_ipv4(ntohl(peer.sin_addr.s_addr));
     ch->connect_deadline_us = NowUs() + 2'000'000;  // the peer's hello must come by then
     int target;
     {

@@ -19,6 +19,7 @@ class FakeChannel final : public ChannelCore {
  public:
   explicit FakeChannel(uint32_t ring) : ChannelCore(7, ring, 1000), slab_(2 * ring * kSlot) {}
   uint8_t* BufAddr(uint64_t token) override { return slab_.data() + token; }
+  uint32_t peer_ipv4() const override { return 0x01020304; }
   void GiveBuffers(uint32_t n) {
     for (uint32_t i = 0; i < n; ++i) free_.PushOne(next_++ * kSlot);
   }

@@ -20,6 +20,7 @@
 #include "common/netns.h"
 #include "common/unique_fd.h"
 #include "gtest/gtest.h"
+#include "test/support/peer_process.h"
 #include "test/support/privilege.h"
 #include "test/support/testhosts.h"
 #include "tools/chan_transfer.h"
@@ -229,16 +230,10 @@ TEST_P(ChannelTest, MigrationBetweenEnginesMidTransferLosesNothing) {
 }
 
 TEST_P(ChannelTest, KilledPeerFailsTheChannelWithinTheTimeout) {
-  // The peer runs in a child process, forked before this process has any thread.
-  int ready[2];
-  ASSERT_EQ(pipe(ready), 0);
-  const pid_t child = fork();
-  ASSERT_GE(child, 0);
-  if (child == 0) {
-    close(ready[0]);
+  const pid_t child = testing::ForkPeer([&](const std::function<void()>& ready) {
     auto b = tools::OpenChanHost(GetParam(), Opts(hosts_.ns_b(), TestHosts::kDevB));
-    if (!b.ok()) _exit(3);
-    (void)!write(ready[1], "r", 1);
+    if (!b.ok()) return;
+    ready();
     // Accept and drain until killed.
     std::vector<std::shared_ptr<chan::Channel>> chans;
     chan::RxSegment segs[64];
@@ -250,12 +245,8 @@ TEST_P(ChannelTest, KilledPeerFailsTheChannelWithinTheTimeout) {
       }
       usleep(1000);
     }
-    _exit(0);
-  }
-  close(ready[1]);
-  char c;
-  ASSERT_EQ(read(ready[0], &c, 1), 1) << "peer failed to start";
-  close(ready[0]);
+  });
+  ASSERT_GT(child, 0) << "peer failed to start";
   auto a = tools::OpenChanHost(GetParam(), Opts(hosts_.ns_a(), TestHosts::kDevA));
   ASSERT_TRUE(a.ok()) << a.status();
   a_ = std::move(*a);
@@ -273,8 +264,7 @@ TEST_P(ChannelTest, KilledPeerFailsTheChannelWithinTheTimeout) {
   ASSERT_TRUE((*ch)->Enqueue({&seg, 1}).ok());
   usleep(100'000);
 
-  kill(child, SIGKILL);
-  waitpid(child, nullptr, 0);
+  testing::KillPeer(child);
   const uint64_t killed = chan::NowUs();
   // Keep sending so there is data the dead peer never acknowledges.
   while ((*ch)->state() == chan::ChannelState::kUp && chan::NowUs() - killed < 5'000'000) {

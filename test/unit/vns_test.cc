@@ -1,0 +1,155 @@
+// VNS pieces without a network: reassembly across channels in every arrival order, copy-worker
+// splitting and parallel runs.
+#include "vns_lib/vns.h"
+
+#include <algorithm>
+#include <atomic>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "vns_lib/copy_workers.h"
+#include "vns_lib/reassembly.h"
+
+namespace netch::vns {
+namespace {
+
+// A stream of `total` bytes cut into segments of varying sizes.
+std::vector<HeldSeg> Cut(const std::vector<uint8_t>& stream, std::mt19937& rng) {
+  std::vector<HeldSeg> segs;
+  for (size_t off = 0; off < stream.size();) {
+    const size_t len = std::min<size_t>(1 + rng() % 3000, stream.size() - off);
+    HeldSeg h;
+    h.seq = off;
+    h.data = stream.data() + off;
+    h.len = static_cast<uint32_t>(len);
+    segs.push_back(h);
+    off += len;
+  }
+  return segs;
+}
+
+// Reads everything available with reads of random sizes, like an application would.
+std::vector<uint8_t> ReadAll(Reassembler& r, std::mt19937& rng, size_t* released) {
+  std::vector<uint8_t> out;
+  std::vector<CopyPiece> pieces;
+  std::vector<HeldSeg> done;
+  while (size_t avail = r.Readable()) {
+    const size_t want = std::min<size_t>(avail, 1 + rng() % 10000);
+    std::vector<uint8_t> buf(want);
+    pieces.clear();
+    EXPECT_EQ(r.Take(want, &pieces, &done), want);
+    for (const auto& p : pieces) std::memcpy(buf.data() + p.dst_off, p.src, p.len);
+    out.insert(out.end(), buf.begin(), buf.end());
+  }
+  *released += done.size();
+  return out;
+}
+
+TEST(ReassemblerTest, DeliversInOrderWhateverTheArrivalOrder) {
+  std::mt19937 rng(7);
+  std::vector<uint8_t> stream(200'000);
+  for (auto& b : stream) b = static_cast<uint8_t>(rng());
+  for (int round = 0; round < 50; ++round) {
+    auto segs = Cut(stream, rng);
+    const size_t nsegs = segs.size();
+    // Round 0: in order; 1: reversed; then "k channels round robin" interleavings and shuffles.
+    if (round == 1) std::reverse(segs.begin(), segs.end());
+    if (round >= 2 && round < 10) {
+      const size_t k = 2 + round % 4;  // channels; each delivers its own segments in order
+      std::vector<std::vector<HeldSeg>> per(k);
+      for (size_t i = 0; i < segs.size(); ++i) per[i % k].push_back(segs[i]);
+      segs.clear();
+      std::vector<size_t> pos(k, 0);
+      while (segs.size() < nsegs) {
+        const size_t c = rng() % k;
+        if (pos[c] < per[c].size()) segs.push_back(per[c][pos[c]++]);
+      }
+    }
+    if (round >= 10) std::shuffle(segs.begin(), segs.end(), rng);
+    Reassembler r;
+    std::vector<uint8_t> got;
+    size_t released = 0;
+    for (const auto& s : segs) {
+      ASSERT_TRUE(r.Insert(s));
+      if (rng() % 4 == 0) {
+        auto part = ReadAll(r, rng, &released);
+        got.insert(got.end(), part.begin(), part.end());
+      }
+    }
+    auto rest = ReadAll(r, rng, &released);
+    got.insert(got.end(), rest.begin(), rest.end());
+    ASSERT_EQ(got.size(), stream.size()) << "round " << round;
+    EXPECT_TRUE(got == stream) << "round " << round;
+    EXPECT_EQ(released, nsegs) << "every segment handed back exactly once";
+    EXPECT_TRUE(r.empty());
+  }
+}
+
+TEST(ReassemblerTest, RefusesDuplicatesAndOverlaps) {
+  std::vector<uint8_t> data(100, 1);
+  Reassembler r;
+  auto seg = [&](uint64_t seq, uint32_t len) {
+    HeldSeg h;
+    h.seq = seq;
+    h.data = data.data();
+    h.len = len;
+    return h;
+  };
+  EXPECT_TRUE(r.Insert(seg(10, 10)));
+  EXPECT_FALSE(r.Insert(seg(10, 10))) << "duplicate";
+  EXPECT_FALSE(r.Insert(seg(15, 10))) << "overlaps the end of a held segment";
+  EXPECT_FALSE(r.Insert(seg(5, 10))) << "overlaps the start of a held segment";
+  EXPECT_FALSE(r.Insert(seg(0, 0))) << "empty";
+  EXPECT_TRUE(r.Insert(seg(0, 10)));
+  EXPECT_EQ(r.Readable(), 20u);
+  std::vector<CopyPiece> p;
+  std::vector<HeldSeg> d;
+  EXPECT_EQ(r.Take(20, &p, &d), 20u);
+  EXPECT_FALSE(r.Insert(seg(5, 5))) << "already delivered";
+  EXPECT_EQ(r.Readable(), 0u);
+}
+
+TEST(CopyWorkersTest, SplitsIntoChunksThatCoverEveryByteOnce) {
+  for (size_t total : {0ul, 1ul, 1000ul, 262144ul, 262145ul, 10'000'000ul}) {
+    const auto chunks = SplitChunks(total, 262144);
+    size_t covered = 0;
+    for (const auto& [off, len] : chunks) {
+      EXPECT_EQ(off, covered);
+      EXPECT_GT(len, 0u);
+      EXPECT_LE(len, 262144u);
+      covered += len;
+    }
+    EXPECT_EQ(covered, total);
+  }
+}
+
+TEST(CopyWorkersTest, ParallelForRunsEveryIndexOnceAndResizesAtRunTime) {
+  CopyWorkers w(0);
+  for (int workers : {0, 1, 3, 2, 0, 4}) {
+    w.Resize(workers);
+    EXPECT_EQ(w.size(), workers);
+    std::vector<std::atomic<int>> hits(1000);
+    w.ParallelFor(hits.size(), [&](size_t i) { hits[i]++; });
+    for (auto& h : hits) ASSERT_EQ(h.load(), 1);
+  }
+  // Big copies split over workers produce the same bytes as one memcpy.
+  w.Resize(2);
+  std::vector<uint8_t> src(8 << 20), dst(8 << 20, 0);
+  std::iota(src.begin(), src.end(), 0);
+  const auto chunks = SplitChunks(src.size(), 256 << 10);
+  w.ParallelFor(chunks.size(), [&](size_t i) {
+    std::memcpy(dst.data() + chunks[i].first, src.data() + chunks[i].first, chunks[i].second);
+  });
+  EXPECT_TRUE(src == dst);
+  EXPECT_GT(w.chunks_run(), 0u) << "the workers took part";
+}
+
+TEST(VnsErrnoTest, OkIsZeroAndForeignStatusesAreEio) {
+  EXPECT_EQ(Errno(absl::OkStatus()), 0);
+  EXPECT_EQ(Errno(absl::InternalError("x")), EIO);
+}
+
+}  // namespace
+}  // namespace netch::vns

@@ -1,0 +1,409 @@
+// Virtual sockets end to end between two veth test hosts (AF_XDP driver unless stated).
+#include "vns_lib/vns.h"
+
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "afxdp_channels/engine.h"
+#include "gtest/gtest.h"
+#include "test/support/peer_process.h"
+#include "test/support/privilege.h"
+#include "test/support/testhosts.h"
+
+namespace netch::vns {
+namespace {
+
+using testing::TestHosts;
+
+// Byte i of stream `id`: cheap to generate and to check, different for every stream and offset.
+uint8_t PatternByte(uint32_t id, uint64_t i) {
+  return static_cast<uint8_t>((i * 2654435761u) >> 13 ^ id * 97 ^ i);
+}
+
+class VnsTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    NETCH_REQUIRE_ROOT();
+    testing::TestHostsOptions ho;
+    ho.queues = 4;
+    ho.mtu = 3506;
+    ASSERT_TRUE(hosts_.Up(ho).ok());
+  }
+
+  static StackOptions Opts(const std::string& ns, const char* dev, const std::string& driver,
+                           int channels) {
+    StackOptions o;
+    o.driver = driver;
+    o.driver_opts.netns = ns;
+    o.driver_opts.ifname = dev;
+    o.driver_opts.engines = 2;
+    o.driver_opts.dead_peer_timeout = absl::Seconds(1);
+    o.channels_per_peer = channels;
+    return o;
+  }
+
+  void Open(const std::string& driver = "afxdp", int channels = 2, int copy_workers = 0) {
+    auto a = Stack::Create(Opts(hosts_.ns_a(), TestHosts::kDevA, driver, channels));
+    ASSERT_TRUE(a.ok()) << a.status();
+    a_ = std::move(*a);
+    auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, driver, channels));
+    ASSERT_TRUE(b.ok()) << b.status();
+    b_ = std::move(*b);
+    ASSERT_TRUE(a_->SetCopyWorkers(copy_workers).ok());
+    ASSERT_TRUE(b_->SetCopyWorkers(copy_workers).ok());
+  }
+
+  void TearDown() override {
+    a_.reset();
+    b_.reset();
+  }
+
+  // Sends `bytes` of stream `id` in writes of `chunk`, then shuts down.
+  static void SendStream(VirtualSocket& s, uint32_t id, uint64_t bytes, size_t chunk,
+                         absl::Status* result) {
+    std::vector<uint8_t> buf(chunk);
+    for (uint64_t off = 0; off < bytes;) {
+      const size_t n = std::min<uint64_t>(chunk, bytes - off);
+      for (size_t i = 0; i < n; ++i) buf[i] = PatternByte(id, off + i);
+      auto r = s.Send({buf.data(), n});
+      if (!r.ok()) {
+        *result = r.status();
+        return;
+      }
+      off += *r;
+    }
+    *result = s.Shutdown();
+  }
+
+  // Reads stream `id` to its end; returns bytes read, counts mismatches.
+  static uint64_t RecvStream(VirtualSocket& s, uint32_t id, size_t chunk, uint64_t* bad,
+                             absl::Status* err) {
+    std::vector<uint8_t> buf(chunk);
+    uint64_t off = 0;
+    for (;;) {
+      auto r = s.Recv(buf);
+      if (!r.ok()) {
+        *err = r.status();
+        return off;
+      }
+      if (*r == 0) return off;
+      for (size_t i = 0; i < *r; ++i) *bad += buf[i] != PatternByte(id, off + i);
+      off += *r;
+    }
+  }
+
+  TestHosts hosts_;
+  std::unique_ptr<Stack> a_, b_;
+};
+
+TEST_F(VnsTest, StreamOverFourChannelsArrivesInOrderAndUsesEveryChannel) {
+  Open("afxdp", 4, 2);
+  auto l = b_->Listen(5001);
+  ASSERT_TRUE(l.ok()) << l.status();
+  auto c = a_->Connect(TestHosts::kIpB, 5001);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok()) << s.status();
+  constexpr uint64_t kBytes = 256ull << 20;
+  absl::Status sent;
+  std::thread tx([&] { SendStream(**c, 1, kBytes, 1 << 20, &sent); });
+  uint64_t bad = 0;
+  absl::Status err;
+  const uint64_t got = RecvStream(**s, 1, 1 << 20, &bad, &err);
+  tx.join();
+  EXPECT_TRUE(sent.ok()) << sent;
+  EXPECT_TRUE(err.ok()) << err;
+  EXPECT_EQ(got, kBytes);
+  EXPECT_EQ(bad, 0u);
+  const auto chans = a_->driver().Channels();
+  ASSERT_EQ(chans.size(), 4u);
+  for (const auto& ch : chans)
+    EXPECT_GT(ch->stats().tx_bytes, kBytes / 8) << "channel " << ch->id() << " carried little";
+  EXPECT_GT(a_->Stats().copy_chunks + b_->Stats().copy_chunks, 0u) << "copy workers took part";
+}
+
+TEST_F(VnsTest, HundredConcurrentSocketsWithMixedMessageSizes) {
+  Open("afxdp", 2);
+  auto l = b_->Listen(5002, 128);
+  ASSERT_TRUE(l.ok());
+  constexpr int kSockets = 100, kThreads = 10;
+  constexpr uint64_t kPerSocket = 1 << 20;
+  std::vector<std::unique_ptr<VirtualSocket>> clients(kSockets), servers;
+  for (int i = 0; i < kSockets; ++i) {
+    auto c = a_->Connect(TestHosts::kIpB, 5002);
+    ASSERT_TRUE(c.ok()) << i << ": " << c.status();
+    clients[i] = std::move(*c);
+  }
+  for (int i = 0; i < kSockets; ++i) {
+    auto s = (*l)->Accept();
+    ASSERT_TRUE(s.ok());
+    servers.push_back(std::move(*s));
+  }
+  // Clients: each thread writes to its 10 sockets in turn, messages of 1 B .. 64 KB. The stream
+  // id is the client's local port, which the server learns as the remote port.
+  std::atomic<int> send_errors{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(t);
+      std::vector<uint64_t> off(kSockets, 0);
+      std::vector<uint8_t> buf(64 << 10);
+      for (bool more = true; more;) {
+        more = false;
+        for (int i = t; i < kSockets; i += kThreads) {
+          if (off[i] >= kPerSocket) continue;
+          more = true;
+          const size_t n = std::min<uint64_t>(1 + rng() % buf.size(), kPerSocket - off[i]);
+          const uint32_t id = clients[i]->local_port();
+          for (size_t k = 0; k < n; ++k) buf[k] = PatternByte(id, off[i] + k);
+          auto r = clients[i]->Send({buf.data(), n});
+          if (!r.ok()) {
+            send_errors++;
+            return;
+          }
+          off[i] += *r;
+          if (off[i] == kPerSocket && !clients[i]->Shutdown().ok()) send_errors++;
+        }
+      }
+    });
+  }
+  // Servers: each thread polls its 10 sockets with non-blocking reads of random sizes.
+  std::atomic<uint64_t> total{0}, bad{0};
+  std::atomic<int> recv_errors{0};
+  for (int t = 0; t < kThreads; ++t) {
+    threads.emplace_back([&, t] {
+      std::mt19937 rng(100 + t);
+      std::vector<uint64_t> off(kSockets, 0);
+      std::vector<bool> eof(kSockets, false);
+      std::vector<uint8_t> buf(64 << 10);
+      const uint64_t end = chan::NowUs() + 60'000'000;
+      for (int open = kSockets / kThreads; open > 0 && chan::NowUs() < end;) {
+        bool progress = false;
+        for (int i = t; i < kSockets; i += kThreads) {
+          if (eof[i]) continue;
+          servers[i]->SetNonBlocking(true);
+          auto r = servers[i]->Recv({buf.data(), 1 + rng() % buf.size()});
+          if (!r.ok()) {
+            if (Errno(r.status()) == EAGAIN) continue;
+            recv_errors++;
+            eof[i] = true;
+            open--;
+            continue;
+          }
+          progress = true;
+          if (*r == 0) {
+            eof[i] = true;
+            open--;
+            continue;
+          }
+          const uint32_t id = servers[i]->remote_port();
+          for (size_t k = 0; k < *r; ++k) bad += buf[k] != PatternByte(id, off[i] + k);
+          off[i] += *r;
+          total += *r;
+        }
+        if (!progress) usleep(200);
+      }
+    });
+  }
+  for (auto& th : threads) th.join();
+  EXPECT_EQ(send_errors.load(), 0);
+  EXPECT_EQ(recv_errors.load(), 0);
+  EXPECT_EQ(total.load(), kSockets * kPerSocket);
+  EXPECT_EQ(bad.load(), 0u);
+  for (auto& c : clients) EXPECT_TRUE(c->Close().ok());
+  for (auto& s : servers) EXPECT_TRUE(s->Close().ok());
+}
+
+TEST_F(VnsTest, StoppedReaderBlocksTheWriterAndNothingIsLost) {
+  Open("afxdp", 1);
+  SocketOptions so;
+  so.rcvbuf = 1 << 20;
+  auto l = b_->Listen(5003, 8, so);
+  ASSERT_TRUE(l.ok());
+  auto c = a_->Connect(TestHosts::kIpB, 5003);
+  ASSERT_TRUE(c.ok());
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  // Nobody reads: non-blocking sends stop with EAGAIN once receive buffer, channel window and
+  // send buffers are full.
+  (*c)->SetNonBlocking(true);
+  std::vector<uint8_t> buf(64 << 10);
+  uint64_t off = 0;
+  int eagain = 0;
+  const uint64_t end = chan::NowUs() + 10'000'000;
+  while (eagain < 50 && chan::NowUs() < end) {
+    for (size_t i = 0; i < buf.size(); ++i) buf[i] = PatternByte(3, off + i);
+    auto r = (*c)->Send(buf);
+    if (!r.ok()) {
+      ASSERT_EQ(Errno(r.status()), EAGAIN) << r.status();
+      eagain++;
+      usleep(10'000);
+      continue;
+    }
+    eagain = 0;
+    off += *r;  // a partial write: the next buffer starts at the new offset
+  }
+  ASSERT_GE(eagain, 50) << "the writer was never stopped";
+  EXPECT_LT(off, 64ull << 20) << "far more accepted than the buffers hold";
+  // Resume: the reader drains, the writer finishes with a blocking tail.
+  const uint64_t kTotal = off + (8 << 20);
+  absl::Status sent;
+  std::thread tx([&] {
+    (*c)->SetNonBlocking(false);
+    std::vector<uint8_t> b2(1 << 20);
+    for (uint64_t o = off; o < kTotal;) {
+      const size_t n = std::min<uint64_t>(b2.size(), kTotal - o);
+      for (size_t i = 0; i < n; ++i) b2[i] = PatternByte(3, o + i);
+      auto r = (*c)->Send({b2.data(), n});
+      if (!r.ok()) {
+        sent = r.status();
+        return;
+      }
+      o += *r;
+    }
+    sent = (*c)->Shutdown();
+  });
+  uint64_t bad = 0;
+  absl::Status err;
+  const uint64_t got = RecvStream(**s, 3, 1 << 16, &bad, &err);
+  tx.join();
+  EXPECT_TRUE(sent.ok()) << sent;
+  EXPECT_TRUE(err.ok()) << err;
+  EXPECT_EQ(got, kTotal);
+  EXPECT_EQ(bad, 0u);
+  EXPECT_GT(b_->Stats().dispatcher_blocked, 0u) << "the full socket held its channel back";
+}
+
+TEST_F(VnsTest, ConnectToAPortNobodyListensOnIsRefusedFast) {
+  Open("afxdp", 1);
+  const uint64_t t0 = chan::NowUs();
+  auto c = a_->Connect(TestHosts::kIpB, 5999);
+  const double ms = (chan::NowUs() - t0) / 1e3;
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(Errno(c.status()), ECONNREFUSED) << c.status();
+  EXPECT_LT(ms, 500) << "the first connect also opens the channel; refusal itself is one RTT";
+  const uint64_t t1 = chan::NowUs();
+  auto c2 = a_->Connect(TestHosts::kIpB, 5998);
+  EXPECT_EQ(Errno(c2.status()), ECONNREFUSED);
+  EXPECT_LT((chan::NowUs() - t1) / 1e3, 50);
+}
+
+TEST_F(VnsTest, CloseInTheMiddleOfATransferResetsTheWriter) {
+  Open("afxdp", 1);
+  auto l = b_->Listen(5004);
+  ASSERT_TRUE(l.ok());
+  auto c = a_->Connect(TestHosts::kIpB, 5004);
+  ASSERT_TRUE(c.ok());
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  absl::Status sent;
+  std::thread tx([&] { SendStream(**c, 4, 1ull << 30, 1 << 20, &sent); });
+  std::vector<uint8_t> buf(1 << 20);
+  uint64_t got = 0;
+  while (got < (4 << 20)) {
+    auto r = (*s)->Recv(buf);
+    ASSERT_TRUE(r.ok());
+    got += *r;
+  }
+  EXPECT_TRUE((*s)->Close().ok());
+  const uint64_t t0 = chan::NowUs();
+  tx.join();
+  EXPECT_EQ(Errno(sent), ECONNRESET) << sent;
+  EXPECT_LT((chan::NowUs() - t0) / 1e6, 2.0) << "the writer learnt of the close quickly";
+}
+
+TEST_F(VnsTest, ApiMisuseReturnsErrorsNeverCrashes) {
+  Open("afxdp", 1);
+  auto l = b_->Listen(5005);
+  ASSERT_TRUE(l.ok());
+  EXPECT_EQ(Errno(b_->Listen(5005).status()), EADDRINUSE);
+  EXPECT_EQ(Errno(b_->Listen(0).status()), EINVAL);
+  EXPECT_EQ(Errno(a_->Connect(TestHosts::kIpB, 0).status()), EINVAL);
+  std::vector<uint8_t> buf(16);
+  EXPECT_EQ(Errno((*l)->Send(buf).status()), EINVAL) << "send on a listening socket";
+  EXPECT_EQ(Errno((*l)->Recv(buf).status()), EINVAL) << "recv on a listening socket";
+  auto c = a_->Connect(TestHosts::kIpB, 5005);
+  ASSERT_TRUE(c.ok());
+  EXPECT_EQ(Errno((*c)->Accept().status()), EINVAL) << "accept on a connected socket";
+  EXPECT_EQ(Errno((*c)->Recv({static_cast<uint8_t*>(nullptr), 10}).status()), EINVAL);
+  (*c)->SetNonBlocking(true);
+  EXPECT_EQ(Errno((*c)->Recv(buf).status()), EAGAIN);
+  EXPECT_TRUE((*c)->Shutdown().ok());
+  EXPECT_EQ(Errno((*c)->Send(buf).status()), EPIPE) << "send after shutdown";
+  EXPECT_TRUE((*c)->Close().ok());
+  EXPECT_EQ(Errno((*c)->Close()), EBADF) << "double close";
+  EXPECT_EQ(Errno((*c)->Send(buf).status()), EBADF) << "send on a closed socket";
+  EXPECT_EQ(Errno((*c)->Recv(buf).status()), EBADF);
+  EXPECT_EQ((*c)->fd(), -1);
+  EXPECT_FALSE(a_->SetCopyWorkers(-1).ok());
+  EXPECT_FALSE(a_->SetCopyWorkers(1000).ok());
+}
+
+TEST_F(VnsTest, KilledPeerProcessGivesAnErrorWithinTheTimeout) {
+  const pid_t child = testing::ForkPeer([&](const std::function<void()>& ready) {
+    auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 1));
+    if (!b.ok()) return;
+    auto l = (*b)->Listen(5006);
+    if (!l.ok()) return;
+    ready();
+    auto s = (*l)->Accept();
+    std::vector<uint8_t> buf(1 << 16);
+    for (int i = 0; i < 600'000 && s.ok(); ++i) {  // bounded: reads until killed
+      if (!(*s)->Recv(buf).ok()) break;
+    }
+  });
+  ASSERT_GT(child, 0) << "peer failed to start";
+  auto a = Stack::Create(Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1));
+  ASSERT_TRUE(a.ok()) << a.status();
+  a_ = std::move(*a);
+  auto c = a_->Connect(TestHosts::kIpB, 5006);
+  ASSERT_TRUE(c.ok()) << c.status();
+  std::vector<uint8_t> buf(1 << 20, 1);
+  ASSERT_TRUE((*c)->Send(buf).ok());
+  testing::KillPeer(child);
+  const uint64_t t0 = chan::NowUs();
+  absl::Status st;
+  while (chan::NowUs() - t0 < 10'000'000) {  // blocking sends until the error
+    auto r = (*c)->Send(buf);
+    if (!r.ok()) {
+      st = r.status();
+      break;
+    }
+  }
+  const double s = (chan::NowUs() - t0) / 1e6;
+  EXPECT_EQ(Errno(st), ECONNRESET) << st;
+  EXPECT_LT(s, 2.0) << "dead-peer timeout is 1 s";
+  std::vector<uint8_t> rbuf(16);
+  EXPECT_EQ(Errno((*c)->Recv(rbuf).status()), ECONNRESET) << "recv reports it too, no hang";
+}
+
+TEST_F(VnsTest, KernelTcpDriverCarriesTheSameSockets) {
+  Open("tcp", 2, 1);
+  auto l = b_->Listen(5007);
+  ASSERT_TRUE(l.ok());
+  auto c = a_->Connect(TestHosts::kIpB, 5007);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  absl::Status sent;
+  std::thread tx([&] { SendStream(**c, 7, 64ull << 20, 1 << 20, &sent); });
+  uint64_t bad = 0;
+  absl::Status err;
+  const uint64_t got = RecvStream(**s, 7, 1 << 20, &bad, &err);
+  tx.join();
+  EXPECT_TRUE(sent.ok()) << sent;
+  EXPECT_EQ(got, 64ull << 20);
+  EXPECT_EQ(bad, 0u);
+}
+
+}  // namespace
+}  // namespace netch::vns

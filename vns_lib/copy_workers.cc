@@ -1,0 +1,79 @@
+#include "vns_lib/copy_workers.h"
+
+#include <algorithm>
+
+namespace netch::vns {
+
+std::vector<std::pair<size_t, size_t>> SplitChunks(size_t total, size_t chunk) {
+  std::vector<std::pair<size_t, size_t>> out;
+  if (chunk == 0) chunk = total ? total : 1;
+  for (size_t off = 0; off < total; off += chunk)
+    out.emplace_back(off, std::min(chunk, total - off));
+  return out;
+}
+
+void CopyWorkers::Resize(int n) {
+  n = std::max(0, n);
+  {
+    std::lock_guard g(mu_);
+    target_ = n;
+  }
+  cv_.notify_all();
+  while (static_cast<int>(threads_.size()) > n) {
+    threads_.back().join();
+    threads_.pop_back();
+  }
+  while (static_cast<int>(threads_.size()) < n) {
+    const int index = static_cast<int>(threads_.size());
+    threads_.emplace_back([this, index] { Loop(index); });
+  }
+}
+
+void CopyWorkers::Work(Job* j, std::atomic<uint64_t>* counter) {
+  for (size_t i; (i = j->next.fetch_add(1)) < j->n;) {
+    (*j->fn)(i);
+    counter->fetch_add(1, std::memory_order_relaxed);
+    j->done.fetch_add(1, std::memory_order_acq_rel);
+  }
+}
+
+void CopyWorkers::Loop(int index) {
+  std::unique_lock lk(mu_);
+  for (;;) {
+    cv_.wait(lk, [&] { return index >= target_ || !jobs_.empty(); });
+    if (index >= target_) return;
+    Job* j = jobs_.front();
+    if (j->next.load() >= j->n) {  // exhausted: nothing left to take, let its owner finish it
+      jobs_.pop_front();
+      continue;
+    }
+    j->active++;
+    lk.unlock();
+    Work(j, &chunks_run_);
+    lk.lock();
+    j->active--;  // after this the owner may free the job: never touch it again
+    done_cv_.notify_all();
+  }
+}
+
+void CopyWorkers::ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
+  if (n == 0) return;
+  Job j;
+  j.fn = &fn;
+  j.n = n;
+  bool parallel;
+  {
+    std::lock_guard g(mu_);
+    parallel = n > 1 && target_ > 0;
+    if (parallel) jobs_.push_back(&j);
+  }
+  if (parallel) cv_.notify_all();
+  std::atomic<uint64_t> mine{0};
+  Work(&j, &mine);  // the caller takes chunks too
+  if (!parallel) return;
+  std::unique_lock lk(mu_);
+  jobs_.erase(std::remove(jobs_.begin(), jobs_.end(), &j), jobs_.end());  // no new takers
+  done_cv_.wait(lk, [&] { return j.active == 0 && j.done.load(std::memory_order_acquire) == n; });
+}
+
+}  // namespace netch::vns

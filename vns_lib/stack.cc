@@ -1,0 +1,959 @@
+// stack.cc - the embedded NetChannel stack: peers and their channels, the dispatcher that
+// demultiplexes segments to virtual sockets, and the sockets themselves.
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <random>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/str_format.h"
+#include "afxdp_channels/engine.h"
+#include "afxdp_channels/netdev.h"
+#include "bpf/steer_program.h"
+#include "common/netns.h"
+#include "common/spsc_ring.h"
+#include "vns_lib/copy_workers.h"
+#include "vns_lib/reassembly.h"
+#include "vns_lib/vns.h"
+
+namespace netch::vns {
+namespace {
+
+constexpr char kErrnoUrl[] = "netch.errno";
+
+absl::Status SockError(int err, std::string_view what) {
+  absl::Status s = absl::ErrnoToStatus(err, absl::StrFormat("%s: %s", what, std::strerror(err)));
+  s.SetPayload(kErrnoUrl, absl::Cord(std::to_string(err)));
+  return s;
+}
+
+uint64_t NowUs() { return chan::NowUs(); }
+
+uint32_t RandomU32() {
+  thread_local std::mt19937 rng{std::random_device{}()};
+  return rng();
+}
+
+// ---- connection state shared by the dispatcher (producer) and the socket (consumer) ----------
+
+enum class ConnState : int { kConnecting, kEstablished, kRefused, kReset, kTimedOut };
+
+struct ConnKey {
+  uint32_t peer;
+  uint16_t local_port, remote_port;
+  bool operator==(const ConnKey& o) const {
+    return peer == o.peer && local_port == o.local_port && remote_port == o.remote_port;
+  }
+  template <typename H>
+  friend H AbslHashValue(H h, const ConnKey& k) {
+    return H::combine(std::move(h), k.peer, k.local_port, k.remote_port);
+  }
+};
+
+class Peer;
+class StackImpl;
+
+struct Conn {
+  Conn(const ConnKey& k, uint32_t id, AppClass c, size_t rcvbuf)
+      : key(k), conn_id(id), app_class(c), rcvbuf(rcvbuf), inq(4096) {
+    efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  }
+  ~Conn();
+
+  // Readiness: the eventfd is written when something arrives and cleared when the socket has
+  // consumed everything; one syscall per transition, not per segment.
+  void Signal() {
+    if (!signaled.exchange(true, std::memory_order_acq_rel)) {
+      uint64_t one = 1;
+      (void)!write(efd, &one, sizeof(one));
+    }
+  }
+  void Unsignal() {
+    if (signaled.exchange(false, std::memory_order_acq_rel)) {
+      uint64_t v;
+      (void)!read(efd, &v, sizeof(v));
+    }
+  }
+
+  const ConnKey key;
+  const uint32_t conn_id;
+  const AppClass app_class;
+  const size_t rcvbuf;
+  Peer* peer = nullptr;
+  int efd = -1;
+  std::atomic<bool> signaled{false};
+  std::atomic<ConnState> state{ConnState::kConnecting};
+  std::atomic<uint64_t> fin_seq{UINT64_MAX};  // stream length announced by the peer's FIN
+  std::atomic<bool> closed{false};
+
+  // Dispatcher -> socket.
+  SpscRing<HeldSeg> inq;
+  // The receive window in stream offsets: the dispatcher admits a segment only if it starts
+  // below rcv_next + rcvbuf. Counting held bytes instead would deadlock: out-of-order segments
+  // could fill the buffer while the one that fills the hole waits behind them on its channel.
+  std::atomic<uint64_t> rcv_next{0};  // published by the application after each read
+
+  // Listening sockets: connections accepted by the dispatcher, waiting for Accept().
+  bool listening = false;
+  int backlog = 0;
+  std::mutex accept_mu;
+  std::deque<std::shared_ptr<Conn>> accept_q;
+};
+
+void ReleaseHeld(std::vector<HeldSeg>& segs) {
+  // Group per channel: one Release call (one lock) per channel.
+  std::vector<chan::RxSegment> batch;
+  while (!segs.empty()) {
+    chan::Channel* ch = segs.front().ch;
+    batch.clear();
+    auto keep = std::remove_if(segs.begin(), segs.end(), [&](const HeldSeg& h) {
+      if (h.ch != ch) return false;
+      batch.push_back(h.rx);
+      return true;
+    });
+    segs.erase(keep, segs.end());
+    ch->Release(batch);
+  }
+}
+
+Conn::~Conn() {
+  std::vector<HeldSeg> left;
+  for (HeldSeg h; inq.PopOne(&h);) left.push_back(h);
+  ReleaseHeld(left);
+  if (efd >= 0) close(efd);
+}
+
+// The channels to one peer host.
+class Peer {
+ public:
+  explicit Peer(uint32_t ip) : ip_(ip) {}
+  uint32_t ip() const { return ip_; }
+  std::vector<std::shared_ptr<chan::Channel>> channels() {
+    std::lock_guard g(mu_);
+    return chans_;
+  }
+  void Add(std::shared_ptr<chan::Channel> c) {
+    std::lock_guard g(mu_);
+    chans_.push_back(std::move(c));
+  }
+  std::mutex connect_mu;  // one Connect at a time opens the channels
+
+ private:
+  const uint32_t ip_;
+  std::mutex mu_;
+  std::vector<std::shared_ptr<chan::Channel>> chans_;
+};
+
+// ---- the stack ---------------------------------------------------------------------------------
+
+class SocketImpl;
+
+class StackImpl final : public Stack {
+ public:
+  explicit StackImpl(const StackOptions& o) : opts_(o), workers_(0) {}
+  ~StackImpl() override;
+  absl::Status Init();
+
+  absl::StatusOr<std::unique_ptr<VirtualSocket>> Listen(uint16_t port, int backlog,
+                                                        const SocketOptions& o) override;
+  absl::StatusOr<std::unique_ptr<VirtualSocket>> Connect(uint32_t peer_ipv4, uint16_t port,
+                                                         const SocketOptions& o) override;
+  absl::Status SetCopyWorkers(int n) override;
+  int copy_workers() const override { return nworkers_.load(); }
+  StackStats Stats() const override;
+  chan::Driver& driver() override { return *driver_; }
+
+  // For sockets.
+  const StackOptions& opts() const { return opts_; }
+  CopyWorkers& workers() { return workers_; }
+  void Unregister(const std::shared_ptr<Conn>& c);
+  void UnregisterListener(uint16_t port);
+  // Sends a header-only segment (SYN, SYN_ACK, FIN, RST) on one of the peer's channels.
+  absl::Status SendControl(chan::Channel& ch, const Conn& c, uint8_t type, uint64_t seq) {
+    return SendControl(ch, c.key, c.conn_id, c.app_class, type, seq);
+  }
+  absl::Status SendControl(chan::Channel& ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
+                           uint8_t type, uint64_t seq);
+  void WakeDispatcher() {
+    uint64_t one = 1;
+    (void)!write(wake_fd_, &one, sizeof(one));
+  }
+  // A socket consumed data: only a dispatcher holding a channel for a full socket cares.
+  void NotifyConsumed() {
+    if (holding_.load(std::memory_order_acquire)) WakeDispatcher();
+  }
+
+ private:
+  absl::StatusOr<Peer*> EnsurePeer(uint32_t ip, int want_channels, absl::Duration timeout);
+  Peer* PeerFor(uint32_t ip);
+  void Dispatch();
+  // Hands one segment to its socket. False: the socket is full, keep the segment and stop
+  // draining this channel.
+  bool Deliver(chan::Channel* ch, const chan::RxSegment& seg);
+  void Rst(chan::Channel* ch, const wire::SegHeader& h);
+  std::shared_ptr<Conn> Lookup(const ConnKey& k);
+
+  StackOptions opts_;
+  std::unique_ptr<bpf::SteerProgram> steer_;
+  std::string steer_netns_;
+  std::unique_ptr<chan::Driver> driver_;
+  CopyWorkers workers_;
+  std::atomic<int> nworkers_{0};
+
+  std::mutex mu_;  // conns_, listeners_, peers_: connection setup and teardown only
+  absl::flat_hash_map<ConnKey, std::shared_ptr<Conn>> conns_;
+  absl::flat_hash_map<uint16_t, std::shared_ptr<Conn>> listeners_;
+  std::unordered_map<uint32_t, std::unique_ptr<Peer>> peers_;
+  uint16_t next_port_ = 0;
+
+  std::thread dispatcher_;
+  std::atomic<bool> stop_{false};
+  int wake_fd_ = -1;
+  std::atomic<uint64_t> segments_in_{0}, ctl_out_{0}, rst_sent_{0}, blocked_{0};
+  std::atomic<bool> holding_{false};  // some channel is held back for a full socket
+};
+
+// ---- sockets
+// -------------------------------------------------------------------------------------
+
+class SocketImpl final : public VirtualSocket {
+ public:
+  SocketImpl(StackImpl* st, std::shared_ptr<Conn> c, const SocketOptions& o)
+      : st_(st), c_(std::move(c)), nonblocking_(o.nonblocking), channels_hint_(o.channels) {}
+  ~SocketImpl() override { (void)Close(); }
+
+  absl::StatusOr<size_t> Send(std::span<const uint8_t> data) override;
+  absl::StatusOr<size_t> Recv(std::span<uint8_t> buf) override;
+  absl::StatusOr<std::unique_ptr<VirtualSocket>> Accept() override;
+  absl::Status Shutdown() override;
+  absl::Status Close() override;
+  int fd() const override { return c_ ? c_->efd : -1; }
+  void SetNonBlocking(bool nb) override { nonblocking_ = nb; }
+  uint16_t local_port() const override { return c_ ? c_->key.local_port : 0; }
+  uint16_t remote_port() const override { return c_ ? c_->key.remote_port : 0; }
+  uint32_t remote_ipv4() const override { return c_ ? c_->key.peer : 0; }
+  AppClass app_class() const override { return c_ ? c_->app_class : AppClass::kUnspecified; }
+
+ private:
+  // Every channel to the peer failed or closed: the connection cannot make progress.
+  bool PeerGone() const {
+    if (!c_->peer) return false;
+    auto chans = c_->peer->channels();
+    if (chans.empty()) return false;
+    for (const auto& ch : chans) {
+      const auto s = ch->state();
+      if (s != chan::ChannelState::kFailed && s != chan::ChannelState::kClosed) return false;
+    }
+    return true;
+  }
+  absl::Status Usable() const {
+    if (!c_) return SockError(EBADF, "socket closed");
+    if (PeerGone()) return SockError(ECONNRESET, "every channel to the peer is down");
+    switch (c_->state.load()) {
+      case ConnState::kReset:
+        return SockError(ECONNRESET, "connection reset by peer");
+      case ConnState::kRefused:
+        return SockError(ECONNREFUSED, "connection refused");
+      case ConnState::kTimedOut:
+        return SockError(ETIMEDOUT, "connection timed out");
+      default:
+        return absl::OkStatus();
+    }
+  }
+  // Sends [off, off+len) of the stream (stream offset base + off) from data; blocks while the
+  // channels are full unless non-blocking. Returns bytes taken.
+  absl::StatusOr<size_t> SendRange(const uint8_t* data, size_t len, uint64_t seq, size_t rr);
+  // Waits until one of the channels can take more, or the connection breaks.
+  void WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans);
+  void DrainInq();
+
+  StackImpl* st_;
+  std::shared_ptr<Conn> c_;
+  bool nonblocking_;
+  int channels_hint_;
+  uint64_t snd_next_ = 0;
+  bool fin_sent_ = false;
+  size_t rr_ = 0;
+  Reassembler reasm_;
+  std::vector<CopyPiece> pieces_;
+  std::vector<HeldSeg> done_;
+  std::mutex send_mu_, recv_mu_;  // one Send and one Recv at a time per socket
+
+  friend class StackImpl;
+};
+
+absl::StatusOr<std::unique_ptr<VirtualSocket>> MakeSocket(StackImpl* st, std::shared_ptr<Conn> c,
+                                                          const SocketOptions& o) {
+  return std::unique_ptr<VirtualSocket>(new SocketImpl(st, std::move(c), o));
+}
+
+void SocketImpl::WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
+  std::vector<pollfd> fds;
+  for (const auto& ch : chans) {
+    ch->ArmNotify();
+    fds.push_back({ch->notify_fd(), POLLIN, 0});
+  }
+  fds.push_back({c_->efd, POLLIN, 0});  // a reset arrives here
+  if (poll(fds.data(), fds.size(), 10) > 0) {
+    for (size_t i = 0; i + 1 < fds.size(); ++i) {
+      uint64_t v;
+      if (fds[i].revents & POLLIN) (void)!read(fds[i].fd, &v, sizeof(v));
+    }
+  }
+}
+
+absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, uint64_t seq,
+                                             size_t rr) {
+  auto chans = c_->peer->channels();
+  if (channels_hint_ > 0 && static_cast<size_t>(channels_hint_) < chans.size())
+    chans.resize(channels_hint_);
+  if (chans.empty()) return SockError(ECONNRESET, "no channel to the peer");
+  size_t seg = SIZE_MAX;
+  for (const auto& ch : chans) seg = std::min(seg, ch->max_payload());
+  constexpr size_t kBatch = 32;
+  chan::TxSegment segs[kBatch];
+  size_t off = 0;
+  while (off < len) {
+    bool progress = false;
+    for (size_t k = 0; k < chans.size() && off < len; ++k) {
+      chan::Channel& ch = *chans[(rr + k) % chans.size()];
+      size_t n = 0;
+      for (size_t o2 = off; n < kBatch && o2 < len; ++n) {
+        const size_t l = std::min(seg, len - o2);
+        segs[n].hdr = {NC_DATA,
+                       static_cast<uint8_t>(c_->app_class),
+                       c_->key.local_port,
+                       c_->key.remote_port,
+                       c_->conn_id,
+                       seq + o2};
+        segs[n].payload = {data + o2, l};
+        o2 += l;
+      }
+      auto taken = ch.Enqueue({segs, n});
+      if (!taken.ok()) return taken.status();
+      for (size_t i = 0; i < *taken; ++i) off += segs[i].payload.size();
+      progress |= *taken > 0;
+    }
+    rr++;
+    if (off == len) break;
+    if (auto st = Usable(); !st.ok()) return st;
+    bool all_dead = true;
+    for (const auto& ch : chans) {
+      const auto s = ch->state();
+      all_dead &= s == chan::ChannelState::kFailed || s == chan::ChannelState::kClosed;
+    }
+    if (all_dead) return SockError(ECONNRESET, "every channel to the peer failed");
+    if (!progress) {
+      if (nonblocking_) break;
+      WaitChannels(chans);
+    }
+  }
+  return off;
+}
+
+absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
+  std::lock_guard g(send_mu_);
+  if (auto st = Usable(); !st.ok()) return st;
+  if (c_->listening) return SockError(EINVAL, "send on a listening socket");
+  if (fin_sent_) return SockError(EPIPE, "send after shutdown");
+  if (data.data() == nullptr && !data.empty()) return SockError(EINVAL, "null buffer");
+  if (data.empty()) return 0;
+  // Wait out the handshake (data before our SYN_ACK would reach a socket that does not exist).
+  while (c_->state.load() == ConnState::kConnecting) {
+    if (nonblocking_) return SockError(EAGAIN, "still connecting");
+    pollfd p{c_->efd, POLLIN, 0};
+    poll(&p, 1, 10);
+  }
+  if (auto st = Usable(); !st.ok()) return st;
+  const StackOptions& so = st_->opts();
+  size_t sent = 0;
+  if (!nonblocking_ && st_->copy_workers() > 0 && data.size() >= so.inline_copy_bytes) {
+    // Chunks copied in parallel, each on the next channel; the receiver orders by offset.
+    const auto chunks = SplitChunks(data.size(), so.chunk_bytes);
+    std::vector<absl::Status> errs(chunks.size());
+    const size_t rr = rr_;
+    st_->workers().ParallelFor(chunks.size(), [&](size_t i) {
+      auto r = SendRange(data.data() + chunks[i].first, chunks[i].second,
+                         snd_next_ + chunks[i].first, rr + i);
+      if (!r.ok()) errs[i] = r.status();
+    });
+    rr_ += chunks.size();
+    for (const auto& e : errs)
+      if (!e.ok()) return e;
+    sent = data.size();
+  } else {
+    auto r = SendRange(data.data(), data.size(), snd_next_, rr_++);
+    if (!r.ok()) return r.status();
+    sent = *r;
+    if (sent == 0) return SockError(EAGAIN, "send buffer full");
+  }
+  snd_next_ += sent;
+  return sent;
+}
+
+void SocketImpl::DrainInq() {
+  HeldSeg h[64];
+  for (uint32_t n; (n = c_->inq.Pop(h)) > 0;) {
+    for (uint32_t i = 0; i < n; ++i) {
+      if (!reasm_.Insert(h[i])) done_.push_back(h[i]);  // overlapping: drop it
+    }
+  }
+  if (!done_.empty()) ReleaseHeld(done_);
+}
+
+absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
+  std::lock_guard g(recv_mu_);
+  if (!c_) return SockError(EBADF, "socket closed");
+  if (c_->listening) return SockError(EINVAL, "recv on a listening socket");
+  if (buf.data() == nullptr) return SockError(EINVAL, "null buffer");
+  if (buf.empty()) return 0;
+  for (;;) {
+    DrainInq();
+    size_t readable = reasm_.Readable();
+    if (readable > 0) {
+      pieces_.clear();
+      const size_t n = reasm_.Take(std::min(buf.size(), readable), &pieces_, &done_);
+      const StackOptions& so = st_->opts();
+      if (st_->copy_workers() > 0 && n >= so.inline_copy_bytes) {
+        // Split the pieces into chunks of about chunk_bytes and copy them in parallel.
+        std::vector<std::pair<size_t, size_t>> ranges;  // [first piece, last piece)
+        size_t start = 0, acc = 0;
+        for (size_t i = 0; i < pieces_.size(); ++i) {
+          acc += pieces_[i].len;
+          if (acc >= so.chunk_bytes || i + 1 == pieces_.size()) {
+            ranges.emplace_back(start, i + 1);
+            start = i + 1;
+            acc = 0;
+          }
+        }
+        st_->workers().ParallelFor(ranges.size(), [&](size_t r) {
+          for (size_t i = ranges[r].first; i < ranges[r].second; ++i)
+            std::memcpy(buf.data() + pieces_[i].dst_off, pieces_[i].src, pieces_[i].len);
+        });
+      } else {
+        for (const CopyPiece& p : pieces_) std::memcpy(buf.data() + p.dst_off, p.src, p.len);
+      }
+      if (!done_.empty()) ReleaseHeld(done_);
+      c_->rcv_next.store(reasm_.next(), std::memory_order_release);
+      st_->NotifyConsumed();  // the dispatcher may be holding a channel for us
+      if (reasm_.Readable() == 0 && c_->inq.EmptyApprox()) {
+        c_->Unsignal();
+        if (!c_->inq.EmptyApprox()) c_->Signal();  // raced with a delivery
+      }
+      return n;
+    }
+    if (reasm_.next() == c_->fin_seq.load(std::memory_order_acquire)) return 0;  // end of stream
+    if (auto st = Usable(); !st.ok()) return st;
+    if (nonblocking_) {
+      c_->Unsignal();
+      if (!c_->inq.EmptyApprox() || c_->fin_seq.load() != UINT64_MAX) c_->Signal();
+      return SockError(EAGAIN, "no data");
+    }
+    pollfd p{c_->efd, POLLIN, 0};
+    c_->Unsignal();
+    if (c_->inq.EmptyApprox() && c_->fin_seq.load() != reasm_.next() &&
+        c_->state.load() == ConnState::kEstablished)
+      poll(&p, 1, 10);
+  }
+}
+
+absl::StatusOr<std::unique_ptr<VirtualSocket>> SocketImpl::Accept() {
+  if (!c_) return SockError(EBADF, "socket closed");
+  if (!c_->listening) return SockError(EINVAL, "accept on a socket that does not listen");
+  for (;;) {
+    std::shared_ptr<Conn> nc;
+    {
+      std::lock_guard g(c_->accept_mu);
+      if (!c_->accept_q.empty()) {
+        nc = c_->accept_q.front();
+        c_->accept_q.pop_front();
+      }
+      if (c_->accept_q.empty()) c_->Unsignal();
+    }
+    if (nc) {
+      SocketOptions o;
+      o.nonblocking = false;
+      return MakeSocket(st_, std::move(nc), o);
+    }
+    if (nonblocking_) return SockError(EAGAIN, "no pending connection");
+    pollfd p{c_->efd, POLLIN, 0};
+    poll(&p, 1, 10);
+  }
+}
+
+absl::Status SocketImpl::Shutdown() {
+  std::lock_guard g(send_mu_);
+  if (!c_) return SockError(EBADF, "socket closed");
+  if (c_->listening) return SockError(EINVAL, "shutdown on a listening socket");
+  if (fin_sent_) return absl::OkStatus();
+  if (c_->state.load() != ConnState::kEstablished) return Usable();
+  auto chans = c_->peer->channels();
+  if (chans.empty()) return SockError(ECONNRESET, "no channel to the peer");
+  // FIN carries the stream length: the peer reports end of stream once every byte before it
+  // arrived, whichever channels they took.
+  for (;;) {
+    auto st = st_->SendControl(*chans[0], *c_, NC_FIN, snd_next_);
+    if (st.ok()) break;
+    if (Errno(st) != EAGAIN) return st;
+    WaitChannels(chans);
+  }
+  fin_sent_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status SocketImpl::Close() {
+  if (!c_) return SockError(EBADF, "socket already closed");
+  if (c_->listening) {
+    st_->UnregisterListener(c_->key.local_port);
+  } else {
+    if (c_->state.load() == ConnState::kEstablished) (void)Shutdown();
+    st_->Unregister(c_);
+    std::lock_guard g(recv_mu_);
+    DrainInq();
+    reasm_.ForEachHeld([&](const HeldSeg& h) { done_.push_back(h); });
+    if (!done_.empty()) ReleaseHeld(done_);
+  }
+  c_->closed = true;
+  c_.reset();
+  return absl::OkStatus();
+}
+
+// ---- stack
+// ---------------------------------------------------------------------------------------
+
+absl::Status StackImpl::Init() {
+  chan::DriverOptions dopts = opts_.driver_opts;
+  if (opts_.driver == "afxdp" && dopts.steer == nullptr) {
+    // The stack owns its steering program until the controller (ctl/) takes it over.
+    std::unique_ptr<NetnsScope> ns;
+    if (!dopts.netns.empty()) {
+      ns = std::make_unique<NetnsScope>(dopts.netns);
+      if (!ns->ok()) return ns->status();
+    }
+    auto ifi = afxdp::GetInterfaceInfo(dopts.ifname);
+    if (!ifi.ok()) return ifi.status();
+    auto steer = bpf::SteerProgram::Load(dopts.udp_port);
+    if (!steer.ok()) return steer.status();
+    if (auto st = (*steer)->Attach(ifi->ifindex, bpf::AttachMode::kNative, opts_.replace_xdp);
+        !st.ok())
+      return st;
+    steer_ = std::move(*steer);
+    steer_netns_ = dopts.netns;
+    dopts.steer = steer_.get();
+  }
+  auto d = chan::CreateDriver(opts_.driver, dopts);
+  if (!d.ok()) return d.status();
+  driver_ = std::move(*d);
+  if (opts_.channels_per_peer < 1 || opts_.channels_per_peer > 64)
+    return absl::InvalidArgumentError("channels_per_peer must be 1..64");
+  if (auto st = SetCopyWorkers(opts_.copy_workers); !st.ok()) return st;
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  next_port_ = static_cast<uint16_t>(40000 + RandomU32() % 20000);
+  dispatcher_ = std::thread([this] { Dispatch(); });
+  return absl::OkStatus();
+}
+
+StackImpl::~StackImpl() {
+  stop_ = true;
+  if (dispatcher_.joinable()) {
+    WakeDispatcher();
+    dispatcher_.join();
+  }
+  {
+    std::lock_guard g(mu_);
+    conns_.clear();  // releases what they still hold while the channels exist
+    listeners_.clear();
+  }
+  workers_.Resize(0);
+  if (driver_) {
+    for (auto& [ip, p] : peers_)
+      for (auto& ch : p->channels()) (void)driver_->Destroy(*ch);
+  }
+  peers_.clear();
+  driver_.reset();
+  if (steer_) {
+    std::unique_ptr<NetnsScope> ns;
+    if (!steer_netns_.empty()) ns = std::make_unique<NetnsScope>(steer_netns_);
+    (void)steer_->Detach();
+  }
+  if (wake_fd_ >= 0) close(wake_fd_);
+}
+
+absl::Status StackImpl::SetCopyWorkers(int n) {
+  if (n < 0 || n > 64) return absl::InvalidArgumentError("copy workers must be 0..64");
+  workers_.Resize(n);
+  nworkers_ = n;
+  return absl::OkStatus();
+}
+
+StackStats StackImpl::Stats() const {
+  StackStats s;
+  s.segments_in = segments_in_.load();
+  s.segments_out_ctl = ctl_out_.load();
+  s.rst_sent = rst_sent_.load();
+  s.dispatcher_blocked = blocked_.load();
+  s.copy_chunks = const_cast<CopyWorkers&>(workers_).chunks_run();
+  return s;
+}
+
+Peer* StackImpl::PeerFor(uint32_t ip) {
+  std::lock_guard g(mu_);
+  auto& p = peers_[ip];
+  if (!p) p = std::make_unique<Peer>(ip);
+  return p.get();
+}
+
+absl::StatusOr<Peer*> StackImpl::EnsurePeer(uint32_t ip, int want, absl::Duration timeout) {
+  Peer* p = PeerFor(ip);
+  std::lock_guard g(p->connect_mu);
+  auto have = p->channels();
+  const uint64_t end = NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
+  std::vector<std::shared_ptr<chan::Channel>> opened;
+  for (int i = static_cast<int>(have.size()); i < want; ++i) {
+    chan::ChannelParams cp;
+    cp.peer_ipv4 = ip;
+    cp.connect_timeout = timeout;
+    auto ch = driver_->Connect(cp);
+    if (!ch.ok()) return ch.status();
+    opened.push_back(*ch);
+  }
+  for (auto& ch : opened) {
+    while (ch->state() == chan::ChannelState::kConnecting && NowUs() < end)
+      ch->Wait(absl::Milliseconds(5));
+    if (ch->state() != chan::ChannelState::kUp) {
+      for (auto& c : opened) (void)driver_->Destroy(*c);
+      return SockError(ch->state() == chan::ChannelState::kConnecting ? ETIMEDOUT : ECONNREFUSED,
+                       "open a channel to the peer");
+    }
+  }
+  for (auto& ch : opened) p->Add(ch);
+  if (!opened.empty()) WakeDispatcher();
+  return p;
+}
+
+absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Listen(uint16_t port, int backlog,
+                                                                 const SocketOptions& o) {
+  if (port == 0) return SockError(EINVAL, "listen on port 0");
+  if (backlog < 1) return SockError(EINVAL, "backlog must be at least 1");
+  auto c = std::make_shared<Conn>(ConnKey{0, port, 0}, 0, o.app_class, o.rcvbuf);
+  c->listening = true;
+  c->backlog = backlog;
+  c->state = ConnState::kEstablished;
+  {
+    std::lock_guard g(mu_);
+    if (listeners_.contains(port)) return SockError(EADDRINUSE, "port already listening");
+    listeners_[port] = c;
+  }
+  return MakeSocket(this, c, o);
+}
+
+absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, uint16_t port,
+                                                                  const SocketOptions& o) {
+  if (port == 0 || ip == 0) return SockError(EINVAL, "connect to address 0 or port 0");
+  if (o.rcvbuf < 4096) return SockError(EINVAL, "rcvbuf below 4096 bytes");
+  auto peer = EnsurePeer(ip, opts_.channels_per_peer, o.connect_timeout);
+  if (!peer.ok()) return peer.status();
+  std::shared_ptr<Conn> c;
+  {
+    std::lock_guard g(mu_);
+    for (int tries = 0; tries < 20000 && !c; ++tries) {
+      const uint16_t lp = next_port_;
+      next_port_ = next_port_ >= 60999 ? 40000 : next_port_ + 1;
+      ConnKey k{ip, lp, port};
+      if (conns_.contains(k)) continue;
+      c = std::make_shared<Conn>(k, RandomU32() | 1, o.app_class, o.rcvbuf);
+      c->peer = *peer;
+      conns_[k] = c;
+    }
+  }
+  if (!c) return SockError(EADDRNOTAVAIL, "no free local port");
+  auto chans = (*peer)->channels();
+  auto st = SendControl(*chans[0], *c, NC_SYN, 0);
+  if (!st.ok()) {
+    Unregister(c);
+    return st;
+  }
+  const uint64_t end =
+      NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(o.connect_timeout));
+  while (c->state.load() == ConnState::kConnecting && NowUs() < end) {
+    pollfd p{c->efd, POLLIN, 0};
+    poll(&p, 1, 5);
+  }
+  switch (c->state.load()) {
+    case ConnState::kEstablished:
+      c->Unsignal();
+      return MakeSocket(this, c, o);
+    case ConnState::kConnecting:
+      c->state = ConnState::kTimedOut;
+      Unregister(c);
+      return SockError(ETIMEDOUT, "connect");
+    case ConnState::kRefused:
+      Unregister(c);
+      return SockError(ECONNREFUSED, "connect");
+    default:
+      Unregister(c);
+      return SockError(ECONNRESET, "connect");
+  }
+}
+
+void StackImpl::Unregister(const std::shared_ptr<Conn>& c) {
+  std::lock_guard g(mu_);
+  auto it = conns_.find(c->key);
+  if (it != conns_.end() && it->second == c) conns_.erase(it);
+}
+
+void StackImpl::UnregisterListener(uint16_t port) {
+  std::shared_ptr<Conn> l;
+  {
+    std::lock_guard g(mu_);
+    auto it = listeners_.find(port);
+    if (it == listeners_.end()) return;
+    l = it->second;
+    listeners_.erase(it);
+  }
+  // Connections nobody accepted: reset them.
+  std::lock_guard g(l->accept_mu);
+  for (auto& c : l->accept_q) {
+    auto chans = c->peer->channels();
+    if (!chans.empty()) (void)SendControl(*chans[0], *c, NC_RST, 0);
+    Unregister(c);
+  }
+  l->accept_q.clear();
+}
+
+absl::Status StackImpl::SendControl(chan::Channel& ch, const ConnKey& k, uint32_t conn_id,
+                                    AppClass cls, uint8_t type, uint64_t seq) {
+  chan::TxSegment s;
+  s.hdr = {type, static_cast<uint8_t>(cls), k.local_port, k.remote_port, conn_id, seq};
+  auto n = ch.Enqueue({&s, 1});
+  if (!n.ok()) return n.status();
+  if (*n == 0) {
+    const auto st = ch.state();
+    if (st == chan::ChannelState::kFailed || st == chan::ChannelState::kClosed)
+      return SockError(ECONNRESET, "channel to the peer is down");
+    return SockError(EAGAIN, "channel full");
+  }
+  ctl_out_.fetch_add(1, std::memory_order_relaxed);
+  return absl::OkStatus();
+}
+
+std::shared_ptr<Conn> StackImpl::Lookup(const ConnKey& k) {
+  std::lock_guard g(mu_);
+  auto it = conns_.find(k);
+  return it == conns_.end() ? nullptr : it->second;
+}
+
+void StackImpl::Rst(chan::Channel* ch, const wire::SegHeader& h) {
+  const ConnKey k{ch->peer_ipv4(), h.dst_port, h.src_port};
+  if (SendControl(*ch, k, h.conn_id, AppClass::kUnspecified, NC_RST, 0).ok())
+    rst_sent_.fetch_add(1, std::memory_order_relaxed);
+}
+
+bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
+  const wire::SegHeader& h = seg.hdr;
+  const ConnKey key{ch->peer_ipv4(), h.dst_port, h.src_port};
+  auto release = [&] { ch->Release({&seg, 1}); };
+  switch (h.type) {
+    case NC_SYN: {
+      std::shared_ptr<Conn> l;
+      {
+        std::lock_guard g(mu_);
+        if (auto it = listeners_.find(h.dst_port); it != listeners_.end()) l = it->second;
+        if (l && conns_.contains(key)) {  // a duplicate: the channel is reliable, ignore it
+          release();
+          return true;
+        }
+      }
+      if (!l) {
+        Rst(ch, h);  // nobody listens: refused, at once
+        release();
+        return true;
+      }
+      auto c =
+          std::make_shared<Conn>(key, h.conn_id, static_cast<AppClass>(h.app_class), l->rcvbuf);
+      c->peer = PeerFor(key.peer);
+      c->state = ConnState::kEstablished;
+      {
+        std::lock_guard g(l->accept_mu);
+        if (static_cast<int>(l->accept_q.size()) >= l->backlog) {
+          Rst(ch, h);
+          release();
+          return true;
+        }
+        std::lock_guard g2(mu_);
+        conns_[key] = c;
+        l->accept_q.push_back(c);
+      }
+      (void)SendControl(*ch, *c, NC_SYN_ACK, 0);
+      l->Signal();
+      release();
+      return true;
+    }
+    case NC_SYN_ACK:
+    case NC_FIN:
+    case NC_RST:
+    case NC_DATA:
+      break;
+    default:
+      release();
+      return true;
+  }
+  auto c = Lookup(key);
+  if (!c || c->conn_id != h.conn_id) {
+    if (h.type != NC_RST) Rst(ch, h);
+    release();
+    return true;
+  }
+  switch (h.type) {
+    case NC_SYN_ACK: {
+      ConnState want = ConnState::kConnecting;
+      c->state.compare_exchange_strong(want, ConnState::kEstablished);
+      c->Signal();
+      release();
+      return true;
+    }
+    case NC_FIN:
+      c->fin_seq.store(h.seq, std::memory_order_release);
+      c->Signal();
+      release();
+      return true;
+    case NC_RST:
+      c->state =
+          c->state.load() == ConnState::kConnecting ? ConnState::kRefused : ConnState::kReset;
+      c->Signal();
+      release();
+      return true;
+    default:
+      break;
+  }
+  if (c->closed.load() || seg.payload.empty()) {
+    release();
+    return true;
+  }
+  // Beyond the receive window: keep the segment and stop draining this channel until the socket
+  // reads (the channel's own window then closes and its sender stops).
+  if (h.seq >= c->rcv_next.load(std::memory_order_acquire) + c->rcvbuf) return false;
+  HeldSeg hs;
+  hs.seq = h.seq;
+  hs.data = seg.payload.data();
+  hs.len = static_cast<uint32_t>(seg.payload.size());
+  hs.ch = ch;
+  hs.rx = seg;
+  if (!c->inq.PushOne(hs)) return false;
+  c->Signal();
+  return true;
+}
+
+void StackImpl::Dispatch() {
+  struct ChanState {
+    std::shared_ptr<chan::Channel> ch;
+    std::deque<chan::RxSegment> pending;  // dequeued, not yet taken by a full socket
+  };
+  std::vector<ChanState> chans;
+  chan::RxSegment segs[64];
+  uint64_t idle_since = NowUs();
+  size_t known = 0;
+  while (!stop_.load(std::memory_order_relaxed)) {
+    bool worked = false;
+    // Channels peers opened to us.
+    while (auto ch = driver_->Accept()) {
+      PeerFor(ch->peer_ipv4())->Add(ch);
+      worked = true;
+    }
+    // Pick up channels added by Connect/Accept.
+    {
+      std::vector<std::shared_ptr<chan::Channel>> all;
+      {
+        std::lock_guard g(mu_);
+        size_t total = 0;
+        for (auto& [ip, p] : peers_) total += p->channels().size();
+        if (total != known) {
+          for (auto& [ip, p] : peers_)
+            for (auto& ch : p->channels()) all.push_back(ch);
+          known = total;
+        }
+      }
+      for (auto& ch : all) {
+        bool have = false;
+        for (auto& cs : chans) have |= cs.ch == ch;
+        if (!have) chans.push_back({ch, {}});
+      }
+    }
+    for (ChanState& cs : chans) {
+      // First what a full socket held back, in order.
+      while (!cs.pending.empty() && Deliver(cs.ch.get(), cs.pending.front())) {
+        cs.pending.pop_front();
+        worked = true;
+      }
+      if (!cs.pending.empty()) continue;  // still blocked: leave the channel's window to close
+      const size_t n = cs.ch->Dequeue(SIZE_MAX, segs);
+      if (n == 0) continue;
+      worked = true;
+      segments_in_.fetch_add(n, std::memory_order_relaxed);
+      for (size_t i = 0; i < n; ++i) {
+        if (!cs.pending.empty() || !Deliver(cs.ch.get(), segs[i])) {
+          if (cs.pending.empty()) blocked_.fetch_add(1, std::memory_order_relaxed);
+          cs.pending.push_back(segs[i]);
+        }
+      }
+    }
+    bool any_pending = false;
+    for (const ChanState& cs : chans) any_pending |= !cs.pending.empty();
+    holding_.store(any_pending, std::memory_order_release);
+    const uint64_t now = NowUs();
+    if (worked) {
+      idle_since = now;
+      continue;
+    }
+    if (now - idle_since < 50) {
+      std::this_thread::yield();
+      continue;
+    }
+    // Sleep until a channel has data, a socket read (unblocking a channel), or a new channel.
+    std::vector<pollfd> fds;
+    fds.push_back({wake_fd_, POLLIN, 0});
+    fds.push_back({driver_->accept_fd(), POLLIN, 0});
+    for (ChanState& cs : chans) {
+      cs.ch->ArmNotify();
+      fds.push_back({cs.ch->notify_fd(), POLLIN, 0});
+    }
+    if (poll(fds.data(), fds.size(), 10) > 0) {
+      for (size_t i = 0; i < fds.size(); ++i) {
+        if (i == 1) continue;  // the driver's accept fd is cleared by Accept()
+        uint64_t v;
+        if (fds[i].revents & POLLIN) (void)!read(fds[i].fd, &v, sizeof(v));
+      }
+    }
+  }
+  // Whatever is still held goes back to its channel.
+  for (ChanState& cs : chans)
+    for (auto& s : cs.pending) cs.ch->Release({&s, 1});
+}
+
+}  // namespace
+
+int Errno(const absl::Status& s) {
+  if (s.ok()) return 0;
+  if (auto p = s.GetPayload(kErrnoUrl)) {
+    int e = 0;
+    if (absl::SimpleAtoi(std::string(*p), &e)) return e;
+  }
+  return EIO;
+}
+
+absl::StatusOr<std::unique_ptr<Stack>> Stack::Create(const StackOptions& opts) {
+  auto s = std::make_unique<StackImpl>(opts);
+  if (auto st = s->Init(); !st.ok()) return st;
+  return std::unique_ptr<Stack>(std::move(s));
+}
+
+}  // namespace netch::vns

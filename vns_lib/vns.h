@@ -1,0 +1,120 @@
+// vns.h - VNS, what applications touch: virtual sockets over NetChannel channels.
+//
+// A Stack is the whole NetChannel stack embedded in the process: a NetDriver (AF_XDP or kernel
+// TCP, with its XDP steering program for AF_XDP), the channels to each peer, a dispatcher that
+// demultiplexes received segments to sockets, and the copy workers. A VirtualSocket has stream
+// semantics: reliable, in order, with the socket calls a socket user knows.
+//
+//   auto stack = Stack::Create(opts);                    // one per process and interface
+//   auto l = stack->Listen(port);   auto s = l->Accept();
+//   auto c = stack->Connect(peer_ip, port);  c->Send(bytes);  c->Recv(buf);  c->Close();
+//
+// What a socket promises:
+// * One socket's bytes may travel on several channels (segments round-robin over the peer's
+//   channels); the receiver delivers them in order by the segment's 64-bit stream offset.
+//   Several sockets share a channel; the NetChannel header's ports and conn id demultiplex.
+// * Copies: Send copies the application's bytes straight into channel buffers (UMEM frames for
+//   AF_XDP); Recv copies out of them. A large Send/Recv is cut into chunks copied in parallel by
+//   the copy workers (count settable at run time); small ones are copied on the caller's thread.
+// * Backpressure: a socket whose receive buffer is full stops the dispatcher draining the channel,
+//   the channel's window closes, the sender's Send blocks (or returns would-block). Nothing is
+//   dropped.
+// * Errors are absl::Status values that carry the errno a socket user expects — Errno(status):
+//   ECONNREFUSED (nobody listens), ECONNRESET (peer reset or died), ETIMEDOUT (connect timeout),
+//   EAGAIN (non-blocking and nothing to do), EPIPE (send after shutdown), EBADF (closed socket),
+//   EINVAL (bad argument).
+// * fd() is an eventfd usable with poll/epoll: readable while Recv (or Accept) would not block —
+//   data, end of stream, an error, or a pending connection.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/time/time.h"
+#include "afxdp_channels/channel.h"
+
+namespace netch::vns {
+
+enum class AppClass : uint8_t {
+  kUnspecified = NC_CLASS_UNSPEC,
+  kLatency = NC_CLASS_LATENCY,        // L-app: small messages, tail latency matters
+  kThroughput = NC_CLASS_THROUGHPUT,  // T-app: bulk
+};
+
+struct SocketOptions {
+  AppClass app_class = AppClass::kUnspecified;
+  size_t rcvbuf = 4 << 20;  // bytes held for the application before channels stop draining
+  int channels = 0;         // hint: spread over at most this many of the peer's channels (0: all)
+  bool nonblocking = false;
+  absl::Duration connect_timeout = absl::Seconds(2);
+};
+
+struct StackOptions {
+  std::string driver = "afxdp";          // "afxdp" | "tcp" (chan::CreateDriver names)
+  chan::DriverOptions driver_opts;       // netns, ifname, engines, cores, ...
+  int channels_per_peer = 1;             // channels opened to each peer on first connect
+  int copy_workers = 0;                  // 0: every copy on the caller's thread
+  size_t inline_copy_bytes = 256 << 10;  // below this a Send/Recv copies on the caller's thread
+  size_t chunk_bytes = 256 << 10;        // unit of work for a copy worker
+  bool replace_xdp = false;  // AF_XDP: take over an interface where another XDP program is attached
+};
+
+struct StackStats {
+  uint64_t segments_in = 0, segments_out_ctl = 0;
+  uint64_t rst_sent = 0;            // segments for no socket, SYNs for no listener
+  uint64_t dispatcher_blocked = 0;  // times a full socket stopped a channel from draining
+  uint64_t copy_chunks = 0;         // chunks run by copy workers
+};
+
+class VirtualSocket {
+ public:
+  virtual ~VirtualSocket() = default;
+
+  // Bytes taken (blocking: all of them unless an error comes first; non-blocking: what fit, or
+  // EAGAIN if nothing did).
+  virtual absl::StatusOr<size_t> Send(std::span<const uint8_t> data) = 0;
+  // Bytes received (at most buf.size(); at least 1 unless at end of stream, which returns 0).
+  virtual absl::StatusOr<size_t> Recv(std::span<uint8_t> buf) = 0;
+  // Listening sockets: the next connection.
+  virtual absl::StatusOr<std::unique_ptr<VirtualSocket>> Accept() = 0;
+  // No more sends; the peer reads end of stream after the last byte.
+  virtual absl::Status Shutdown() = 0;
+  // Shutdown + release everything; later calls return EBADF. Idempotent-safe: a second Close
+  // returns EBADF, never crashes.
+  virtual absl::Status Close() = 0;
+
+  virtual int fd() const = 0;
+  virtual void SetNonBlocking(bool nonblocking) = 0;
+  virtual uint16_t local_port() const = 0;
+  virtual uint16_t remote_port() const = 0;
+  virtual uint32_t remote_ipv4() const = 0;
+  virtual AppClass app_class() const = 0;
+};
+
+class Stack {
+ public:
+  // Creates the driver (and for AF_XDP loads and attaches the steering program on the
+  // interface) and starts the dispatcher and copy workers.
+  static absl::StatusOr<std::unique_ptr<Stack>> Create(const StackOptions& opts);
+  virtual ~Stack() = default;  // close every socket first
+
+  virtual absl::StatusOr<std::unique_ptr<VirtualSocket>> Listen(uint16_t port, int backlog = 128,
+                                                                const SocketOptions& o = {}) = 0;
+  virtual absl::StatusOr<std::unique_ptr<VirtualSocket>> Connect(uint32_t peer_ipv4, uint16_t port,
+                                                                 const SocketOptions& o = {}) = 0;
+  // Runtime setting: 0 means every copy on the caller's thread.
+  virtual absl::Status SetCopyWorkers(int n) = 0;
+  virtual int copy_workers() const = 0;
+  virtual StackStats Stats() const = 0;
+  virtual chan::Driver& driver() = 0;
+};
+
+// The errno a socket user would see for `s` (0 for OK; EIO when the status carries none).
+int Errno(const absl::Status& s);
+
+}  // namespace netch::vns
