@@ -455,7 +455,7 @@ bool XskQueue::Drain(AfxdpChannel& ch) {
 
 bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   if (ch.hs == Hs::kDead) {
-    if (Drain(ch)) ch.NotifyApp();
+    if (Drain(ch)) ch.NotifyApp(Channel::kReadable);
     return false;
   }
   bool worked = false;
@@ -480,7 +480,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     worked = true;
   }
   BufRef b[kBatch];
-  bool notify = false;
+  int notify = 0;  // Interest bits to signal
   // Buffers the consumer is done with: reopen the receive window.
   for (uint32_t m; (m = ch.ret_.Pop(b)) > 0;) {
     for (uint32_t i = 0; i < m; ++i) {
@@ -497,7 +497,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     uint32_t taken = 0;
     for (; taken < m && t.Send(b[taken].token, b[taken].len); ++taken) bytes += b[taken].len;
     ch.txq_.Consume(taken);
-    notify |= taken > 0;  // room for the producer again
+    if (taken > 0) notify |= Channel::kWritable;  // room for the producer again
     ch.pub_.tx_segments.fetch_add(taken, std::memory_order_relaxed);
     ch.pub_.tx_bytes.fetch_add(bytes - taken * wire::kSegHdrLen, std::memory_order_relaxed);
     worked |= taken > 0;
@@ -535,7 +535,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     while (m < space && t.PopDelivered(&b[m].token, &b[m].len)) ch.rx_held += b[m++].len;
     if (m) {
       ch.rxq_.Push({b, m});
-      notify = true;
+      notify |= Channel::kReadable;
       worked = true;
     }
   }
@@ -548,7 +548,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
       tok[m++] = umem_->AllocFrame() + kAfxdpHeadroom;
     if (m) {
       ch.free_.Push({tok, m});
-      notify = true;
+      notify |= Channel::kWritable;
     }
   }
   if (t.state() == afxdp::TransportState::kFailed) {
@@ -556,7 +556,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     return true;
   }
   Publish(ch);
-  if (notify) ch.NotifyApp();
+  if (notify) ch.NotifyApp(static_cast<Channel::Interest>(notify));
   *deadline = std::min(*deadline, t.next_timer_us());
   return worked;
 }
@@ -801,6 +801,7 @@ absl::Status AfxdpDriver::Destroy(Channel& base) {
   std::lock_guard mv(move_mu_);
   auto ch = FindChannel(mu_, channels_, [&](const Channel& c) { return &c == &base; });
   if (!ch) return absl::NotFoundError(absl::StrFormat("channel %u is not ours", base.id()));
+  ch->Linger(opts_.close_linger);
   ch->queue->RemoveChannel(ch.get(), /*send_fin=*/true);
   Unregister(ch->id());
   if (ch->state() != ChannelState::kFailed) ch->SetState(ChannelState::kClosed);

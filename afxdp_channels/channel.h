@@ -96,7 +96,7 @@ class Channel {
  public:
   virtual ~Channel() = default;
 
-  virtual uint32_t id() const = 0;  // local id, unique per driver instance
+  virtual uint32_t id() const = 0;         // local id, unique per driver instance
   virtual uint32_t peer_ipv4() const = 0;  // host order
   virtual ChannelState state() const = 0;
   virtual ChannelStats stats() const = 0;
@@ -114,13 +114,18 @@ class Channel {
   // Returns buffers obtained from Dequeue, in any order.
   virtual void Release(std::span<const RxSegment> segs) = 0;
 
-  // Blocks until Dequeue has data, Enqueue has room, the state changes, or `timeout`.
-  // Returns false on timeout.
-  virtual bool Wait(absl::Duration timeout) = 0;
-  // An eventfd for poll/epoll: readable after any of the Wait() conditions once ArmNotify() was
-  // called (re-arm after each wakeup; read the fd to clear it).
-  virtual int notify_fd() const = 0;
-  virtual void ArmNotify() = 0;
+  // What a waiter cares about. The receive side (Dequeue) and the send side (Enqueue) have
+  // separate notifications: a dispatcher draining a channel and an application filling it wait
+  // on different fds and never consume each other's wakeups.
+  enum Interest : int { kReadable = 1, kWritable = 2, kBoth = 3 };
+  // Blocks until Dequeue has data (kReadable), Enqueue has room (kWritable), the state changes,
+  // or `timeout`. Returns false on timeout.
+  virtual bool Wait(absl::Duration timeout, Interest interest = kBoth) = 0;
+  // An eventfd for poll/epoll per side (kReadable or kWritable): readable after that side's
+  // condition or a state change, once ArmNotify() armed it (re-arm after each wakeup; read the
+  // fd to clear it). A state change is reported once per side.
+  virtual int notify_fd(Interest side) const = 0;
+  virtual void ArmNotify(Interest interest = kBoth) = 0;
 };
 
 struct DriverStats {
@@ -157,8 +162,9 @@ class Driver {
   // (read it to clear).
   virtual std::shared_ptr<Channel> Accept() = 0;
   virtual int accept_fd() const = 0;
-  // Tells the peer (best effort) and releases everything the channel holds. The channel object
-  // stays valid for stats; its state becomes kClosed.
+  // Lingers (up to DriverOptions::close_linger) until what was enqueued is acknowledged, tells
+  // the peer, and releases everything the channel holds. The channel object stays valid for
+  // stats; its state becomes kClosed.
   virtual absl::Status Destroy(Channel& ch) = 0;
 
   // Moves a channel to another engine thread: a hand-off between the two threads at a batch
@@ -184,7 +190,8 @@ struct DriverOptions {
   uint32_t window_packets = 512;     // transport window (power of two)
   uint32_t rcv_buf_bytes = 2 << 20;  // receive buffer advertised per channel
   absl::Duration dead_peer_timeout = absl::Seconds(2);
-  absl::Duration spin = absl::Microseconds(50);  // busy-poll this long before sleeping
+  absl::Duration close_linger = absl::Seconds(1);  // Destroy waits this long for unacked data
+  absl::Duration spin = absl::Microseconds(50);    // busy-poll this long before sleeping
   uint16_t udp_port = NC_DEFAULT_UDP_PORT;
   // Kernel-TCP driver.
   uint16_t tcp_port = 9910;

@@ -31,11 +31,12 @@ ChannelCore::ChannelCore(uint32_t id, uint32_t ring_size, size_t max_payload)
       ret_(ring_size),
       id_(id),
       max_payload_(max_payload) {
-  notify_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  for (Notifier& n : notify_) n.fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
 }
 
 ChannelCore::~ChannelCore() {
-  if (notify_fd_ >= 0) close(notify_fd_);
+  for (Notifier& n : notify_)
+    if (n.fd >= 0) close(n.fd);
 }
 
 ChannelStats ChannelCore::stats() const {
@@ -163,47 +164,80 @@ void ChannelCore::Release(std::span<const RxSegment> segs) {
   if (!segs.empty() && task_) task_->Wake();
 }
 
-bool ChannelCore::Ready() const {
+bool ChannelCore::SideReady(int side) const {
+  const bool changed =
+      state_changes_.load(std::memory_order_acquire) != notify_[side].seen_state_changes;
+  if (side == 0) return changed || !rxq_.EmptyApprox();
   // "Enqueue can make progress" needs both an empty buffer and a txq_ slot.
-  const bool can_send = !free_.EmptyApprox() && txq_.SizeApprox() < txq_.capacity();
-  return can_send || !rxq_.EmptyApprox() ||
-         state_changes_.load(std::memory_order_acquire) != seen_state_changes_;
+  return changed || (!free_.EmptyApprox() && txq_.SizeApprox() < txq_.capacity());
 }
 
-void ChannelCore::ArmNotify() {
-  want_notify_.store(true, std::memory_order_seq_cst);
-  if (Ready()) NotifyApp();
+bool ChannelCore::Ready(Interest interest) const {
+  return ((interest & kReadable) && SideReady(0)) || ((interest & kWritable) && SideReady(1));
 }
 
-bool ChannelCore::Wait(absl::Duration timeout) {
-  want_notify_.store(true, std::memory_order_seq_cst);
-  bool ready = Ready();
+void ChannelCore::ArmNotify(Interest interest) {
+  for (int side = 0; side < 2; ++side) {
+    if (!(interest & (1 << side))) continue;
+    Notifier& n = notify_[side];
+    n.armed.store(true, std::memory_order_seq_cst);
+    const bool ready = SideReady(side);
+    n.seen_state_changes = state_changes_.load(std::memory_order_acquire);
+    if (ready) NotifyApp(static_cast<Interest>(1 << side));
+  }
+}
+
+bool ChannelCore::Wait(absl::Duration timeout, Interest interest) {
+  pollfd p[2];
+  nfds_t np = 0;
+  for (int side = 0; side < 2; ++side) {
+    if (!(interest & (1 << side))) continue;
+    notify_[side].armed.store(true, std::memory_order_seq_cst);
+    p[np++] = {notify_[side].fd, POLLIN, 0};
+  }
+  bool ready = Ready(interest);
   if (!ready) {
-    pollfd p{notify_fd_, POLLIN, 0};
     const int64_t us = absl::ToInt64Microseconds(timeout);
     timespec ts{static_cast<time_t>(us / 1'000'000), static_cast<long>((us % 1'000'000) * 1000)};
-    if (ppoll(&p, 1, &ts, nullptr) > 0) {
-      uint64_t v;
-      (void)!read(notify_fd_, &v, sizeof(v));
+    if (ppoll(p, np, &ts, nullptr) > 0) {
+      for (nfds_t i = 0; i < np; ++i) {
+        uint64_t v;
+        if (p[i].revents & POLLIN) (void)!read(p[i].fd, &v, sizeof(v));
+      }
     }
-    ready = Ready();
+    ready = Ready(interest);
   }
-  want_notify_.store(false, std::memory_order_relaxed);
-  seen_state_changes_ = state_changes_.load(std::memory_order_acquire);
+  for (int side = 0; side < 2; ++side) {
+    if (!(interest & (1 << side))) continue;
+    notify_[side].armed.store(false, std::memory_order_relaxed);
+    notify_[side].seen_state_changes = state_changes_.load(std::memory_order_acquire);
+  }
   return ready;
 }
 
 void ChannelCore::SetState(ChannelState s) {
   if (state_.exchange(s, std::memory_order_acq_rel) == s) return;
   state_changes_.fetch_add(1, std::memory_order_release);
-  NotifyApp();
+  NotifyApp(kBoth);
 }
 
-void ChannelCore::NotifyApp() {
+void ChannelCore::NotifyApp(Interest what) {
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (want_notify_.load(std::memory_order_relaxed) && want_notify_.exchange(false)) {
-    uint64_t one = 1;
-    (void)!write(notify_fd_, &one, sizeof(one));
+  for (int side = 0; side < 2; ++side) {
+    if (!(what & (1 << side))) continue;
+    Notifier& n = notify_[side];
+    if (n.armed.load(std::memory_order_relaxed) && n.armed.exchange(false)) {
+      uint64_t one = 1;
+      (void)!write(n.fd, &one, sizeof(one));
+    }
+  }
+}
+
+void ChannelCore::Linger(absl::Duration linger) {
+  const uint64_t end = NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(linger));
+  while (state() == ChannelState::kUp && NowUs() < end &&
+         (!txq_.EmptyApprox() || pub_.tx_queued_bytes.load(std::memory_order_relaxed) > 0)) {
+    usleep(500);
   }
 }
 

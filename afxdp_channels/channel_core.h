@@ -43,19 +43,25 @@ class ChannelCore : public Channel {
   absl::StatusOr<size_t> Enqueue(std::span<const TxSegment> segs) override;
   size_t Dequeue(size_t max_bytes, std::span<RxSegment> out) override;
   void Release(std::span<const RxSegment> segs) override;
-  bool Wait(absl::Duration timeout) override;
-  int notify_fd() const override { return notify_fd_; }
-  void ArmNotify() override;
+  bool Wait(absl::Duration timeout, Interest interest = kBoth) override;
+  int notify_fd(Interest side) const override {
+    return side == kWritable ? notify_[1].fd : notify_[0].fd;
+  }
+  void ArmNotify(Interest interest = kBoth) override;
 
   // ---- engine side ----------------------------------------------------------------------------
   virtual uint8_t* BufAddr(uint64_t token) = 0;
+  // Destroy's linger: waits until nothing enqueued is left unacknowledged, the channel is no
+  // longer up, or `linger` passed.
+  void Linger(absl::Duration linger);
+
   // The task whose engine runs this channel; producers wake it after queuing.
   void set_task(EngineTask* t) { task_ = t; }
   void set_id(uint32_t id) { id_ = id; }  // before the channel is published
   // State changes wake a waiting application.
   void SetState(ChannelState s);
-  // Wakes the application if it armed a notification.
-  void NotifyApp();
+  // Wakes the application if it armed a notification for `what`.
+  void NotifyApp(Interest what = kBoth);
 
   SpscRing<uint64_t> free_;
   SpscRing<BufRef> txq_;
@@ -72,20 +78,26 @@ class ChannelCore : public Channel {
   } pub_;
 
  private:
-  bool Ready() const;
+  bool Ready(Interest interest) const;
+  // One side's wakeup: [0] receive, [1] send.
+  struct Notifier {
+    int fd = -1;
+    std::atomic<bool> armed{false};
+    uint32_t seen_state_changes = 0;  // by this side's waiter
+  };
+  static int SideIndex(Interest side) { return side == kWritable ? 1 : 0; }
+  bool SideReady(int side) const;
 
   uint32_t id_;
   const size_t max_payload_;
   EngineTask* task_ = nullptr;
   std::atomic<ChannelState> state_{ChannelState::kConnecting};
-  int notify_fd_ = -1;
-  std::atomic<bool> want_notify_{false};
-  uint32_t seen_state_changes_ = 0;
+  Notifier notify_[2];
   std::atomic<uint32_t> state_changes_{0};
 
-  std::mutex producer_mu_;  // serializes producers' ring operations; never taken by the engine
+  std::mutex producer_mu_;     // serializes producers' ring operations; never taken by the engine
   uint32_t txq_reserved_ = 0;  // txq_ slots reserved by producers copying outside the lock
-  std::mutex consumer_mu_;  // serializes consumers; never taken by the engine
+  std::mutex consumer_mu_;     // serializes consumers; never taken by the engine
   // Consumer-side accounting (under consumer_mu_).
   std::atomic<uint64_t> rx_segments_{0}, rx_bytes_{0};
 };

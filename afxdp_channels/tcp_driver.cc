@@ -233,7 +233,7 @@ bool TcpChannel::DoWrite() {
     }
     // A written record's slot goes straight back to the producer: TCP owns the bytes now.
     free_.Push({freed, nf});
-    NotifyApp();
+    NotifyApp(kWritable);
   }
   uint64_t queued = 0;
   for (const BufRef& r : writing_) queued += r.len;
@@ -302,7 +302,7 @@ bool TcpChannel::DoRead() {
     }
     if (delivered) {
       rx_records.fetch_add(delivered, std::memory_order_relaxed);
-      NotifyApp();
+      NotifyApp(kReadable);
     }
     // No receive slot free: stop reading; the kernel's TCP window closes and the peer stops.
     if (hello_seen_ && (rx_free_.empty() || rxq_.Room() == 0)) break;
@@ -510,6 +510,7 @@ absl::Status TcpDriver::Destroy(Channel& base) {
   std::lock_guard mv(move_mu_);
   auto ch = FindChannel(mu_, channels_, [&](const Channel& c) { return &c == &base; });
   if (!ch) return absl::NotFoundError(absl::StrFormat("channel %u is not ours", base.id()));
+  ch->Linger(opts_.close_linger);  // until every record is in the kernel's socket buffer
   engines_[ch->pub_.engine.load()]->Remove(ch.get());
   ch->Shutdown();
   {

@@ -108,7 +108,7 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
   }
   for (auto& c : txc) {
     while (c->state() == chan::ChannelState::kConnecting && chan::NowUs() < deadline_us)
-      c->Wait(absl::Milliseconds(10));
+      c->Wait(absl::Milliseconds(10), chan::Channel::kReadable);
   }
   TransferResult r;
   r.channels.resize(o.channels);
@@ -130,11 +130,12 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
   std::atomic<uint64_t> received_total{0};
 
   // Sleeps until one of the channels can make progress (or 5 ms pass).
-  auto wait_any = [](const std::vector<std::shared_ptr<chan::Channel>>& chans) {
+  auto wait_any = [](const std::vector<std::shared_ptr<chan::Channel>>& chans,
+                     chan::Channel::Interest interest) {
     std::vector<pollfd> fds;
     for (const auto& c : chans) {
-      c->ArmNotify();
-      fds.push_back({c->notify_fd(), POLLIN, 0});
+      c->ArmNotify(interest);
+      fds.push_back({c->notify_fd(interest), POLLIN, 0});
     }
     if (poll(fds.data(), fds.size(), 5) > 0) {
       for (const auto& f : fds) {
@@ -188,7 +189,7 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
         }
         progress |= *taken > 0;
       }
-      if (!progress && active > 0) wait_any(txc);
+      if (!progress && active > 0) wait_any(txc, chan::Channel::kWritable);
     }
     for (int c = 0; c < o.channels; ++c) {
       r.channels[c].bytes_sent = st[c].off;
@@ -235,7 +236,7 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
         progress = true;
       }
       if (all_dead) break;
-      if (!progress) wait_any(rxc);
+      if (!progress) wait_any(rxc, chan::Channel::kReadable);
     }
     for (const Stream& s : st) {
       if (s.c < 0 || s.c >= o.channels) continue;

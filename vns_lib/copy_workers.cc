@@ -1,6 +1,9 @@
 #include "vns_lib/copy_workers.h"
 
+#include <pthread.h>
+
 #include <algorithm>
+#include <string>
 
 namespace netch::vns {
 
@@ -25,7 +28,11 @@ void CopyWorkers::Resize(int n) {
   }
   while (static_cast<int>(threads_.size()) < n) {
     const int index = static_cast<int>(threads_.size());
-    threads_.emplace_back([this, index] { Loop(index); });
+    threads_.emplace_back([this, index] {
+      const std::string name = "netch-copy" + std::to_string(index);
+      pthread_setname_np(pthread_self(), name.c_str());
+      Loop(index);
+    });
   }
 }
 

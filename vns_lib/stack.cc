@@ -1,6 +1,7 @@
 // stack.cc - the embedded NetChannel stack: peers and their channels, the dispatcher that
 // demultiplexes segments to virtual sockets, and the sockets themselves.
 #include <poll.h>
+#include <pthread.h>
 #include <sys/eventfd.h>
 #include <unistd.h>
 
@@ -183,13 +184,17 @@ class StackImpl final : public Stack {
   }
   absl::Status SendControl(chan::Channel& ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
                            uint8_t type, uint64_t seq);
+  // Application threads: waits (up to `timeout`) while the channel has no free buffer — right
+  // after a channel comes up its buffers are still on their way from the engine.
+  absl::Status SendControlWait(chan::Channel& ch, const Conn& c, uint8_t type, uint64_t seq,
+                               absl::Duration timeout = absl::Seconds(1));
   void WakeDispatcher() {
     uint64_t one = 1;
     (void)!write(wake_fd_, &one, sizeof(one));
   }
   // A socket consumed data: only a dispatcher holding a channel for a full socket cares.
   void NotifyConsumed() {
-    if (holding_.load(std::memory_order_acquire)) WakeDispatcher();
+    if (holding_.load(std::memory_order_seq_cst)) WakeDispatcher();
   }
 
  private:
@@ -201,6 +206,17 @@ class StackImpl final : public Stack {
   bool Deliver(chan::Channel* ch, const chan::RxSegment& seg);
   void Rst(chan::Channel* ch, const wire::SegHeader& h);
   std::shared_ptr<Conn> Lookup(const ConnKey& k);
+  // The dispatcher never blocks: a control segment a full channel refused waits here.
+  struct CtlMsg {
+    chan::Channel* ch;
+    ConnKey key;
+    uint32_t conn_id;
+    AppClass cls;
+    uint8_t type;
+  };
+  void QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
+                    uint8_t type);
+  std::deque<CtlMsg> ctl_backlog_;  // dispatcher thread only
 
   StackOptions opts_;
   std::unique_ptr<bpf::SteerProgram> steer_;
@@ -299,12 +315,13 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> MakeSocket(StackImpl* st, std::sh
 void SocketImpl::WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
   std::vector<pollfd> fds;
   for (const auto& ch : chans) {
-    ch->ArmNotify();
-    fds.push_back({ch->notify_fd(), POLLIN, 0});
+    ch->ArmNotify(chan::Channel::kWritable);
+    fds.push_back({ch->notify_fd(chan::Channel::kWritable), POLLIN, 0});
   }
-  fds.push_back({c_->efd, POLLIN, 0});  // a reset arrives here
+  // (Not the socket's own fd: it stays readable while unread data waits, which would turn this
+  // into a busy loop. A reset is noticed by the caller after at most one timeout.)
   if (poll(fds.data(), fds.size(), 10) > 0) {
-    for (size_t i = 0; i + 1 < fds.size(); ++i) {
+    for (size_t i = 0; i < fds.size(); ++i) {
       uint64_t v;
       if (fds[i].revents & POLLIN) (void)!read(fds[i].fd, &v, sizeof(v));
     }
@@ -443,7 +460,7 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
         for (const CopyPiece& p : pieces_) std::memcpy(buf.data() + p.dst_off, p.src, p.len);
       }
       if (!done_.empty()) ReleaseHeld(done_);
-      c_->rcv_next.store(reasm_.next(), std::memory_order_release);
+      c_->rcv_next.store(reasm_.next(), std::memory_order_seq_cst);
       st_->NotifyConsumed();  // the dispatcher may be holding a channel for us
       if (reasm_.Readable() == 0 && c_->inq.EmptyApprox()) {
         c_->Unsignal();
@@ -500,12 +517,7 @@ absl::Status SocketImpl::Shutdown() {
   if (chans.empty()) return SockError(ECONNRESET, "no channel to the peer");
   // FIN carries the stream length: the peer reports end of stream once every byte before it
   // arrived, whichever channels they took.
-  for (;;) {
-    auto st = st_->SendControl(*chans[0], *c_, NC_FIN, snd_next_);
-    if (st.ok()) break;
-    if (Errno(st) != EAGAIN) return st;
-    WaitChannels(chans);
-  }
+  if (auto st = st_->SendControlWait(*chans[0], *c_, NC_FIN, snd_next_); !st.ok()) return st;
   fin_sent_ = true;
   return absl::OkStatus();
 }
@@ -558,7 +570,10 @@ absl::Status StackImpl::Init() {
   if (auto st = SetCopyWorkers(opts_.copy_workers); !st.ok()) return st;
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   next_port_ = static_cast<uint16_t>(40000 + RandomU32() % 20000);
-  dispatcher_ = std::thread([this] { Dispatch(); });
+  dispatcher_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "netch-disp");
+    Dispatch();
+  });
   return absl::OkStatus();
 }
 
@@ -628,7 +643,7 @@ absl::StatusOr<Peer*> StackImpl::EnsurePeer(uint32_t ip, int want, absl::Duratio
   }
   for (auto& ch : opened) {
     while (ch->state() == chan::ChannelState::kConnecting && NowUs() < end)
-      ch->Wait(absl::Milliseconds(5));
+      ch->Wait(absl::Milliseconds(5), chan::Channel::kReadable);
     if (ch->state() != chan::ChannelState::kUp) {
       for (auto& c : opened) (void)driver_->Destroy(*c);
       return SockError(ch->state() == chan::ChannelState::kConnecting ? ETIMEDOUT : ECONNREFUSED,
@@ -677,7 +692,7 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
   }
   if (!c) return SockError(EADDRNOTAVAIL, "no free local port");
   auto chans = (*peer)->channels();
-  auto st = SendControl(*chans[0], *c, NC_SYN, 0);
+  auto st = SendControlWait(*chans[0], *c, NC_SYN, 0, o.connect_timeout);
   if (!st.ok()) {
     Unregister(c);
     return st;
@@ -724,7 +739,7 @@ void StackImpl::UnregisterListener(uint16_t port) {
   std::lock_guard g(l->accept_mu);
   for (auto& c : l->accept_q) {
     auto chans = c->peer->channels();
-    if (!chans.empty()) (void)SendControl(*chans[0], *c, NC_RST, 0);
+    if (!chans.empty()) (void)SendControlWait(*chans[0], *c, NC_RST, 0);
     Unregister(c);
   }
   l->accept_q.clear();
@@ -746,6 +761,26 @@ absl::Status StackImpl::SendControl(chan::Channel& ch, const ConnKey& k, uint32_
   return absl::OkStatus();
 }
 
+absl::Status StackImpl::SendControlWait(chan::Channel& ch, const Conn& c, uint8_t type,
+                                        uint64_t seq, absl::Duration timeout) {
+  const uint64_t end = NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
+  for (;;) {
+    auto st = SendControl(ch, c, type, seq);
+    if (Errno(st) != EAGAIN || NowUs() >= end) return st;
+    ch.Wait(absl::Milliseconds(1), chan::Channel::kWritable);
+  }
+}
+
+void StackImpl::QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
+                             uint8_t type) {
+  auto st = SendControl(*ch, k, conn_id, cls, type, 0);
+  if (Errno(st) == EAGAIN && ctl_backlog_.size() < 4096) {
+    ctl_backlog_.push_back({ch, k, conn_id, cls, type});
+  } else if (st.ok() && type == NC_RST) {
+    rst_sent_.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
 std::shared_ptr<Conn> StackImpl::Lookup(const ConnKey& k) {
   std::lock_guard g(mu_);
   auto it = conns_.find(k);
@@ -753,9 +788,8 @@ std::shared_ptr<Conn> StackImpl::Lookup(const ConnKey& k) {
 }
 
 void StackImpl::Rst(chan::Channel* ch, const wire::SegHeader& h) {
-  const ConnKey k{ch->peer_ipv4(), h.dst_port, h.src_port};
-  if (SendControl(*ch, k, h.conn_id, AppClass::kUnspecified, NC_RST, 0).ok())
-    rst_sent_.fetch_add(1, std::memory_order_relaxed);
+  QueueControl(ch, ConnKey{ch->peer_ipv4(), h.dst_port, h.src_port}, h.conn_id,
+               AppClass::kUnspecified, NC_RST);
 }
 
 bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
@@ -793,7 +827,7 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
         conns_[key] = c;
         l->accept_q.push_back(c);
       }
-      (void)SendControl(*ch, *c, NC_SYN_ACK, 0);
+      QueueControl(ch, c->key, c->conn_id, c->app_class, NC_SYN_ACK);
       l->Signal();
       release();
       return true;
@@ -864,6 +898,14 @@ void StackImpl::Dispatch() {
   size_t known = 0;
   while (!stop_.load(std::memory_order_relaxed)) {
     bool worked = false;
+    // Control segments refused by a full channel, in order.
+    while (!ctl_backlog_.empty()) {
+      const CtlMsg& m = ctl_backlog_.front();
+      auto st = SendControl(*m.ch, m.key, m.conn_id, m.cls, m.type, 0);
+      if (Errno(st) == EAGAIN) break;
+      ctl_backlog_.pop_front();
+      worked = true;
+    }
     // Channels peers opened to us.
     while (auto ch = driver_->Accept()) {
       PeerFor(ch->peer_ipv4())->Add(ch);
@@ -908,7 +950,18 @@ void StackImpl::Dispatch() {
     }
     bool any_pending = false;
     for (const ChanState& cs : chans) any_pending |= !cs.pending.empty();
-    holding_.store(any_pending, std::memory_order_release);
+    // Announce the hold, then look again: a socket that read just before seeing holding_ set
+    // did not wake us, so its new window must be noticed here (the same pairing as the engines'
+    // sleeping flag; the reader stores rcv_next, then loads holding_).
+    holding_.store(any_pending, std::memory_order_seq_cst);
+    if (any_pending && !worked) {
+      for (ChanState& cs : chans) {
+        while (!cs.pending.empty() && Deliver(cs.ch.get(), cs.pending.front())) {
+          cs.pending.pop_front();
+          worked = true;
+        }
+      }
+    }
     const uint64_t now = NowUs();
     if (worked) {
       idle_since = now;
@@ -923,8 +976,11 @@ void StackImpl::Dispatch() {
     fds.push_back({wake_fd_, POLLIN, 0});
     fds.push_back({driver_->accept_fd(), POLLIN, 0});
     for (ChanState& cs : chans) {
-      cs.ch->ArmNotify();
-      fds.push_back({cs.ch->notify_fd(), POLLIN, 0});
+      // A channel held back for a full socket has data waiting by definition; what unblocks it
+      // is the socket reading, which writes wake_fd_.
+      if (!cs.pending.empty()) continue;
+      cs.ch->ArmNotify(chan::Channel::kReadable);
+      fds.push_back({cs.ch->notify_fd(chan::Channel::kReadable), POLLIN, 0});
     }
     if (poll(fds.data(), fds.size(), 10) > 0) {
       for (size_t i = 0; i < fds.size(); ++i) {

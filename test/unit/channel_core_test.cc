@@ -2,6 +2,9 @@
 // engine side is driven by hand from the test.
 #include "afxdp_channels/channel_core.h"
 
+#include <poll.h>
+#include <unistd.h>
+
 #include <thread>
 #include <vector>
 
@@ -152,6 +155,44 @@ TEST(ChannelCoreTest, WaitTimesOutWhenNothingCanHappenAndWakesOnDelivery) {
   engine.join();
   RxSegment out[1];
   EXPECT_EQ(ch.Dequeue(SIZE_MAX, out), 1u);
+}
+
+TEST(ChannelCoreTest, AReceiveOnlyWaiterSleepsThroughFreeSendBuffers) {
+  FakeChannel ch(8);
+  ch.GiveBuffers(8);  // Enqueue could make progress: a kBoth waiter returns at once
+  EXPECT_TRUE(ch.Wait(absl::Seconds(5), Channel::kBoth));
+  const uint64_t t0 = NowUs();
+  EXPECT_FALSE(ch.Wait(absl::Milliseconds(30), Channel::kReadable));
+  EXPECT_GE(NowUs() - t0, 25'000u) << "woken by send-side readiness it did not ask for";
+  ch.ArmNotify(Channel::kReadable);
+  pollfd p{ch.notify_fd(Channel::kReadable), POLLIN, 0};
+  EXPECT_EQ(poll(&p, 1, 0), 0) << "notify fd signalled for an interest nobody armed";
+}
+
+TEST(ChannelCoreTest, SendAndReceiveWaitersNeverConsumeEachOthersWakeups) {
+  FakeChannel ch(8);
+  // A dispatcher waits for data, an application for room; the engine frees room only.
+  ch.ArmNotify(Channel::kReadable);
+  ch.ArmNotify(Channel::kWritable);
+  ch.GiveBuffers(2);
+  ch.NotifyApp(Channel::kWritable);
+  pollfd rx{ch.notify_fd(Channel::kReadable), POLLIN, 0};
+  pollfd tx{ch.notify_fd(Channel::kWritable), POLLIN, 0};
+  EXPECT_EQ(poll(&rx, 1, 0), 0) << "the receive waiter was woken for send-side room";
+  EXPECT_EQ(poll(&tx, 1, 0), 1) << "the send waiter was not woken";
+  EXPECT_NE(ch.notify_fd(Channel::kReadable), ch.notify_fd(Channel::kWritable));
+}
+
+TEST(ChannelCoreTest, AStateChangeFiresOneNotificationNotEveryLaterOne) {
+  FakeChannel ch(8);
+  ch.SetState(ChannelState::kUp);
+  ch.ArmNotify(Channel::kReadable);
+  pollfd p{ch.notify_fd(Channel::kReadable), POLLIN, 0};
+  ASSERT_EQ(poll(&p, 1, 0), 1) << "the change to kUp is news to this waiter";
+  uint64_t v;
+  ASSERT_EQ(read(ch.notify_fd(Channel::kReadable), &v, sizeof(v)), 8);
+  ch.ArmNotify(Channel::kReadable);
+  EXPECT_EQ(poll(&p, 1, 0), 0) << "the same change reported again: a busy loop for pollers";
 }
 
 TEST(ChannelCoreTest, StateChangesWakeWaitersAndStopEnqueue) {

@@ -257,7 +257,7 @@ TEST_P(ChannelTest, KilledPeerFailsTheChannelWithinTheTimeout) {
   // Wait() also returns while the send buffer has room, so bound the loop by time.
   const uint64_t connect_end = chan::NowUs() + 2'000'000;
   while ((*ch)->state() == chan::ChannelState::kConnecting && chan::NowUs() < connect_end)
-    (*ch)->Wait(absl::Milliseconds(10));
+    (*ch)->Wait(absl::Milliseconds(10), chan::Channel::kReadable);
   ASSERT_EQ((*ch)->state(), chan::ChannelState::kUp);
   std::vector<uint8_t> payload(1000, 0xab);
   chan::TxSegment seg{{}, payload};

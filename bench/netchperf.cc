@@ -1,0 +1,570 @@
+// netchperf - an iperf-like tool that runs the same workload over the NetChannel stack (VNS
+// sockets) or over plain kernel TCP sockets, so the two can be compared on the same hosts.
+//
+//   netchperf server --dev IF [--stack netch|kernel] [--port P] [--once] [netch options] [--json]
+//   netchperf client --dev IF --peer ADDR [--stack netch|kernel] [--mode stream|rpc]
+//                    [--bytes N | --seconds S] [--size BYTES] [--concurrency N] [--no-verify]
+//                    [netch options] [--json]
+//   netch options: [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]
+//
+// stream: one application thread sends --bytes (or for --seconds) in writes of --size; the server
+//   checks every byte against the pattern (unless --no-verify) and reports what it received.
+// rpc: --concurrency connections, each a thread doing request/response ping-pong of --size bytes
+//   for --seconds; latency percentiles over every request.
+// CPU cost is each process's own accounting (getrusage: user + system of all its threads); the
+// kernel stack's softirq work is charged to whichever process it interrupts, so it is a lower
+// bound for kernel TCP.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "afxdp_channels/engine.h"
+#include "afxdp_channels/netdev.h"
+#include "vns_lib/vns.h"
+
+namespace {
+
+using netch::chan::NowUs;
+
+constexpr char kUsage[] =
+    "usage:\n"
+    "  netchperf server --dev IF [--stack netch|kernel] [--port P] [--once] [--json]\n"
+    "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
+    "  netchperf client --dev IF --peer ADDR [--stack netch|kernel] [--port P]\n"
+    "                   [--mode stream|rpc] [--bytes N | --seconds S] [--size BYTES]\n"
+    "                   [--concurrency N] [--no-verify] [--json]\n"
+    "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
+    "Runs the same workload over the NetChannel stack (--stack netch, default) or kernel TCP.\n"
+    "stream: one thread sends --bytes (default 1 GiB) in --size writes (default 131072); every\n"
+    "byte is checked by the server. rpc: --concurrency (default 1) connections ping-pong --size\n"
+    "(default 4096) bytes for --seconds (default 3). --json prints one object.\n";
+
+constexpr uint32_t kMagic = 0x4e435046;  // "NCPF"
+constexpr size_t kPatternLen = (4u << 20) + 13;
+constexpr size_t kMaxSize = 16u << 20;
+
+struct Options {
+  std::string role, dev, stack = "netch", mode = "stream", driver = "afxdp";
+  uint32_t peer = 0;
+  uint16_t port = 5201;
+  uint64_t bytes = 0;
+  double seconds = 0;
+  uint64_t size = 0;
+  uint32_t concurrency = 1, channels = 1, copy_workers = 0, engines = 2;
+  bool once = false, json = false, verify = true;
+};
+
+// The request a client sends first on every connection.
+struct Hello {
+  uint32_t magic;
+  uint32_t mode;  // 0 stream, 1 rpc
+  uint64_t size;
+  uint64_t bytes;  // stream: bytes to expect (0: until end of stream)
+  uint32_t verify;
+  uint32_t concurrency;
+};
+// What the server answers at the end of a stream.
+struct StreamResult {
+  uint64_t bytes;
+  uint64_t bad;
+  double cpu_seconds;
+};
+
+const std::vector<uint8_t>& Pattern() {
+  static const std::vector<uint8_t>* p = [] {
+    auto* v = new std::vector<uint8_t>(kPatternLen + kMaxSize);
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    for (size_t i = 0; i < kPatternLen; ++i) {
+      x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+      (*v)[i] = static_cast<uint8_t>(x);
+    }
+    for (size_t i = 0; i < kMaxSize; ++i) (*v)[kPatternLen + i] = (*v)[i % kPatternLen];
+    return v;
+  }();
+  return *p;
+}
+const uint8_t* PatternAt(uint64_t off) { return Pattern().data() + off % kPatternLen; }
+
+double CpuSeconds() {
+  rusage ru{};
+  getrusage(RUSAGE_SELF, &ru);
+  return ru.ru_utime.tv_sec + ru.ru_utime.tv_usec / 1e6 + ru.ru_stime.tv_sec +
+         ru.ru_stime.tv_usec / 1e6;
+}
+
+// ---- one interface for both stacks ---------------------------------------------------------
+
+class Sock {
+ public:
+  virtual ~Sock() = default;
+  // Blocking; false on error (message in err).
+  virtual bool SendAll(const uint8_t* p, size_t n) = 0;
+  // Up to n bytes; 0 at end of stream; -1 on error.
+  virtual long RecvSome(uint8_t* p, size_t n) = 0;
+  virtual void Shutdown() = 0;
+  bool RecvAll(uint8_t* p, size_t n) {
+    for (size_t got = 0; got < n;) {
+      const long r = RecvSome(p + got, n - got);
+      if (r <= 0) return false;
+      got += static_cast<size_t>(r);
+    }
+    return true;
+  }
+  std::string err;
+};
+
+class KernelSock final : public Sock {
+ public:
+  explicit KernelSock(int fd) : fd_(fd) {
+    int one = 1;
+    setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  }
+  ~KernelSock() override { close(fd_); }
+  bool SendAll(const uint8_t* p, size_t n) override {
+    while (n > 0) {
+      const ssize_t w = send(fd_, p, n, MSG_NOSIGNAL);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        err = std::strerror(errno);
+        return false;
+      }
+      p += w, n -= static_cast<size_t>(w);
+    }
+    return true;
+  }
+  long RecvSome(uint8_t* p, size_t n) override {
+    for (;;) {
+      const ssize_t r = recv(fd_, p, n, 0);
+      if (r < 0 && errno == EINTR) continue;
+      if (r < 0) err = std::strerror(errno);
+      return r;
+    }
+  }
+  void Shutdown() override { shutdown(fd_, SHUT_WR); }
+
+ private:
+  int fd_;
+};
+
+class VnsSock final : public Sock {
+ public:
+  explicit VnsSock(std::unique_ptr<netch::vns::VirtualSocket> s) : s_(std::move(s)) {}
+  bool SendAll(const uint8_t* p, size_t n) override {
+    while (n > 0) {
+      auto r = s_->Send({p, n});
+      if (!r.ok()) {
+        err = std::string(r.status().message());
+        return false;
+      }
+      p += *r, n -= *r;
+    }
+    return true;
+  }
+  long RecvSome(uint8_t* p, size_t n) override {
+    auto r = s_->Recv({p, n});
+    if (!r.ok()) {
+      err = std::string(r.status().message());
+      return -1;
+    }
+    return static_cast<long>(*r);
+  }
+  void Shutdown() override { (void)s_->Shutdown(); }
+
+ private:
+  std::unique_ptr<netch::vns::VirtualSocket> s_;
+};
+
+class Endpoint {
+ public:
+  virtual ~Endpoint() = default;
+  virtual std::unique_ptr<Sock> Accept(std::string* err) = 0;
+  virtual std::unique_ptr<Sock> Connect(uint32_t ip, uint16_t port, std::string* err) = 0;
+};
+
+class KernelEndpoint final : public Endpoint {
+ public:
+  bool Listen(uint16_t port, std::string* err) {
+    lfd_ = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    int one = 1;
+    setsockopt(lfd_, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    if (bind(lfd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) || listen(lfd_, 128)) {
+      *err = absl::StrFormat("listen on TCP port %u: %s", port, std::strerror(errno));
+      return false;
+    }
+    return true;
+  }
+  ~KernelEndpoint() override {
+    if (lfd_ >= 0) close(lfd_);
+  }
+  std::unique_ptr<Sock> Accept(std::string* err) override {
+    const int fd = accept4(lfd_, nullptr, nullptr, SOCK_CLOEXEC);
+    if (fd < 0) {
+      *err = std::strerror(errno);
+      return nullptr;
+    }
+    return std::make_unique<KernelSock>(fd);
+  }
+  std::unique_ptr<Sock> Connect(uint32_t ip, uint16_t port, std::string* err) override {
+    const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_in a{};
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    a.sin_addr.s_addr = htonl(ip);
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a))) {
+      *err = absl::StrFormat("connect: %s", std::strerror(errno));
+      close(fd);
+      return nullptr;
+    }
+    return std::make_unique<KernelSock>(fd);
+  }
+
+ private:
+  int lfd_ = -1;
+};
+
+class NetchEndpoint final : public Endpoint {
+ public:
+  bool Open(const Options& o, std::string* err) {
+    netch::vns::StackOptions so;
+    so.driver = o.driver;
+    so.driver_opts.ifname = o.dev;
+    so.driver_opts.engines = static_cast<int>(o.engines);
+    so.channels_per_peer = static_cast<int>(o.channels);
+    so.copy_workers = static_cast<int>(o.copy_workers);
+    auto s = netch::vns::Stack::Create(so);
+    if (!s.ok()) {
+      *err = s.status().ToString();
+      return false;
+    }
+    stack_ = std::move(*s);
+    return true;
+  }
+  bool Listen(uint16_t port, std::string* err) {
+    auto l = stack_->Listen(port);
+    if (!l.ok()) {
+      *err = l.status().ToString();
+      return false;
+    }
+    listener_ = std::move(*l);
+    return true;
+  }
+  ~NetchEndpoint() override { listener_.reset(); }
+  std::unique_ptr<Sock> Accept(std::string* err) override {
+    auto s = listener_->Accept();
+    if (!s.ok()) {
+      *err = s.status().ToString();
+      return nullptr;
+    }
+    return std::make_unique<VnsSock>(std::move(*s));
+  }
+  std::unique_ptr<Sock> Connect(uint32_t ip, uint16_t port, std::string* err) override {
+    netch::vns::SocketOptions so;
+    so.connect_timeout = absl::Seconds(5);
+    auto s = stack_->Connect(ip, port, so);
+    if (!s.ok()) {
+      *err = s.status().ToString();
+      return nullptr;
+    }
+    return std::make_unique<VnsSock>(std::move(*s));
+  }
+  // Sockets must go before the stack.
+  void Reset() {
+    listener_.reset();
+    stack_.reset();
+  }
+
+ private:
+  std::unique_ptr<netch::vns::Stack> stack_;
+  std::unique_ptr<netch::vns::VirtualSocket> listener_;
+};
+
+// ---- server ------------------------------------------------------------------------------------
+
+void ServeStream(Sock& s, const Hello& h) {
+  const double cpu0 = CpuSeconds();
+  std::vector<uint8_t> buf(std::max<uint64_t>(h.size, 1 << 20));
+  StreamResult r{};
+  for (;;) {
+    const long n = s.RecvSome(buf.data(), buf.size());
+    if (n <= 0) break;
+    if (h.verify && std::memcmp(buf.data(), PatternAt(r.bytes), static_cast<size_t>(n)) != 0) {
+      for (long i = 0; i < n; ++i) r.bad += buf[i] != PatternAt(r.bytes)[i];
+    }
+    r.bytes += static_cast<uint64_t>(n);
+  }
+  r.cpu_seconds = CpuSeconds() - cpu0;
+  s.SendAll(reinterpret_cast<const uint8_t*>(&r), sizeof(r));
+  s.Shutdown();
+  uint8_t b;
+  while (s.RecvSome(&b, 1) > 0) {
+  }
+}
+
+void ServeRpc(Sock& s, const Hello& h) {
+  std::vector<uint8_t> buf(h.size);
+  while (s.RecvAll(buf.data(), buf.size())) {
+    if (!s.SendAll(buf.data(), buf.size())) break;
+  }
+}
+
+int RunServer(const Options& o, Endpoint& ep) {
+  do {
+    std::string err;
+    auto first = ep.Accept(&err);
+    if (!first) return std::fprintf(stderr, "netchperf: accept: %s\n", err.c_str()), 1;
+    Hello h{};
+    if (!first->RecvAll(reinterpret_cast<uint8_t*>(&h), sizeof(h)) || h.magic != kMagic ||
+        h.size == 0 || h.size > kMaxSize || h.concurrency == 0 || h.concurrency > 1024) {
+      std::fprintf(stderr, "netchperf: bad hello from a client, ignored\n");
+      continue;
+    }
+    if (h.mode == 0) {
+      ServeStream(*first, h);
+    } else {
+      std::vector<std::unique_ptr<Sock>> socks;
+      socks.push_back(std::move(first));
+      for (uint32_t i = 1; i < h.concurrency; ++i) {
+        auto s = ep.Accept(&err);
+        if (!s) break;
+        Hello h2{};
+        if (!s->RecvAll(reinterpret_cast<uint8_t*>(&h2), sizeof(h2))) break;
+        socks.push_back(std::move(s));
+      }
+      std::vector<std::thread> t;
+      for (auto& s : socks) t.emplace_back([&s, &h] { ServeRpc(*s, h); });
+      for (auto& th : t) th.join();
+    }
+    if (!o.json) std::fprintf(stderr, "netchperf: served one %s run\n", h.mode ? "rpc" : "stream");
+  } while (!o.once);
+  return 0;
+}
+
+// ---- client ------------------------------------------------------------------------------------
+
+double Percentile(std::vector<double>& v, double p) {
+  if (v.empty()) return 0;
+  const size_t k = std::min(v.size() - 1, static_cast<size_t>(p / 100.0 * v.size()));
+  std::nth_element(v.begin(), v.begin() + k, v.end());
+  return v[k];
+}
+
+int RunClient(const Options& o, Endpoint& ep) {
+  std::string err;
+  const bool stream = o.mode == "stream";
+  const uint64_t size = o.size ? o.size : (stream ? 131072 : 4096);
+  Hello h{kMagic, stream ? 0u : 1u, size, 0, o.verify ? 1u : 0u, stream ? 1 : o.concurrency};
+  if (stream) {
+    const uint64_t bytes = o.bytes ? o.bytes : (o.seconds > 0 ? UINT64_MAX : 1ull << 30);
+    const double cpu0 = CpuSeconds();
+    auto s = ep.Connect(o.peer, o.port, &err);
+    if (!s) return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
+    if (!s->SendAll(reinterpret_cast<const uint8_t*>(&h), sizeof(h)))
+      return std::fprintf(stderr, "netchperf: %s\n", s->err.c_str()), 1;
+    const uint64_t t0 = NowUs();
+    const uint64_t end = o.seconds > 0 ? t0 + static_cast<uint64_t>(o.seconds * 1e6) : UINT64_MAX;
+    uint64_t sent = 0;
+    while (sent < bytes && NowUs() < end) {
+      const size_t n = std::min<uint64_t>(size, bytes - sent);
+      if (!s->SendAll(PatternAt(sent), n))
+        return std::fprintf(stderr, "netchperf: send: %s\n", s->err.c_str()), 1;
+      sent += n;
+    }
+    s->Shutdown();
+    StreamResult r{};
+    if (!s->RecvAll(reinterpret_cast<uint8_t*>(&r), sizeof(r)))
+      return std::fprintf(stderr, "netchperf: no result from the server: %s\n", s->err.c_str()), 1;
+    const double secs = (NowUs() - t0) / 1e6;
+    const double cpu = CpuSeconds() - cpu0;
+    const double gb = sent / 1e9;
+    const bool ok = r.bytes == sent && r.bad == 0;
+    const double gbps = sent * 8 / secs / 1e9;
+    if (o.json) {
+      std::printf(
+          "{\"stack\":\"%s\",\"mode\":\"stream\",\"size\":%llu,\"bytes\":%llu,\"seconds\":%.4f,"
+          "\"throughput_gbps\":%.3f,\"cpu_seconds_per_gb\":%.4f,\"client_cpu_seconds_per_gb\":%.4f,"
+          "\"server_cpu_seconds_per_gb\":%.4f,\"integrity_ok\":%s,\"verified\":%s,"
+          "\"channels\":%u,\"copy_workers\":%u,\"driver\":\"%s\"}\n",
+          o.stack.c_str(), (unsigned long long)size, (unsigned long long)sent, secs, gbps,
+          (cpu + r.cpu_seconds) / gb, cpu / gb, r.cpu_seconds / gb, ok ? "true" : "false",
+          o.verify ? "true" : "false", o.channels, o.copy_workers, o.driver.c_str());
+    } else {
+      std::printf(
+          "%s stream, %llu B writes: %llu bytes in %.3f s = %.2f Gbit/s; CPU %.3f s/GB "
+          "(client %.3f + server %.3f); %s\n",
+          o.stack.c_str(), (unsigned long long)size, (unsigned long long)sent, secs, gbps,
+          (cpu + r.cpu_seconds) / gb, cpu / gb, r.cpu_seconds / gb,
+          !o.verify ? (r.bytes == sent ? "byte count ok (not verified)" : "BYTES MISSING")
+          : ok      ? "every byte verified"
+                    : "INTEGRITY FAILURE");
+    }
+    return ok ? 0 : 1;
+  }
+  // rpc
+  const double seconds = o.seconds > 0 ? o.seconds : 3;
+  std::vector<std::unique_ptr<Sock>> socks;
+  for (uint32_t i = 0; i < o.concurrency; ++i) {
+    auto s = ep.Connect(o.peer, o.port, &err);
+    if (!s) return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
+    if (!s->SendAll(reinterpret_cast<const uint8_t*>(&h), sizeof(h)))
+      return std::fprintf(stderr, "netchperf: %s\n", s->err.c_str()), 1;
+    socks.push_back(std::move(s));
+  }
+  std::vector<std::vector<double>> lat(o.concurrency);
+  std::atomic<bool> failed{false};
+  const double cpu0 = CpuSeconds();
+  const uint64_t t0 = NowUs(), end = t0 + static_cast<uint64_t>(seconds * 1e6);
+  std::vector<std::thread> th;
+  for (uint32_t i = 0; i < o.concurrency; ++i) {
+    th.emplace_back([&, i] {
+      std::vector<uint8_t> req(PatternAt(i), PatternAt(i) + size), resp(size);
+      lat[i].reserve(1 << 20);
+      while (NowUs() < end) {
+        const uint64_t a = NowUs();
+        if (!socks[i]->SendAll(req.data(), size) || !socks[i]->RecvAll(resp.data(), size)) {
+          failed = true;
+          return;
+        }
+        lat[i].push_back(static_cast<double>(NowUs() - a));
+        if (o.verify && resp != req) failed = true;
+      }
+    });
+  }
+  for (auto& t : th) t.join();
+  const double secs = (NowUs() - t0) / 1e6;
+  const double cpu = CpuSeconds() - cpu0;
+  for (auto& s : socks) s->Shutdown();
+  std::vector<double> all;
+  for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
+  const double rate = all.size() / secs;
+  const double bytes = 2.0 * all.size() * size;
+  const double p50 = Percentile(all, 50), p99 = Percentile(all, 99), p999 = Percentile(all, 99.9);
+  if (o.json) {
+    std::printf(
+        "{\"stack\":\"%s\",\"mode\":\"rpc\",\"size\":%llu,\"concurrency\":%u,\"requests\":%zu,"
+        "\"seconds\":%.4f,\"rate_per_s\":%.1f,\"p50_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,"
+        "\"bytes\":%.0f,\"throughput_gbps\":%.4f,\"cpu_seconds_per_gb\":%.4f,\"integrity_ok\":%s,"
+        "\"channels\":%u,\"driver\":\"%s\"}\n",
+        o.stack.c_str(), (unsigned long long)size, o.concurrency, all.size(), secs, rate, p50, p99,
+        p999, bytes, bytes * 8 / secs / 1e9, cpu / (bytes / 1e9), failed ? "false" : "true",
+        o.channels, o.driver.c_str());
+  } else {
+    std::printf(
+        "%s rpc, %llu B x %u: %.0f req/s, latency p50 %.1f us, p99 %.1f us, p99.9 %.1f us; "
+        "%s\n",
+        o.stack.c_str(), (unsigned long long)size, o.concurrency, rate, p50, p99, p999,
+        failed ? "ERRORS" : "every response checked");
+  }
+  return failed ? 1 : 0;
+}
+
+int Usage(const std::string& err) {
+  std::fprintf(stderr, "netchperf: %s\n%s", err.c_str(), kUsage);
+  return 2;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) return Usage("missing server|client");
+  Options o;
+  o.role = argv[1];
+  if (o.role == "-h" || o.role == "--help") return std::fputs(kUsage, stdout), 0;
+  if (o.role != "server" && o.role != "client")
+    return Usage("first argument must be server or client, not '" + o.role + "'");
+  for (int i = 2; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "-h" || a == "--help") return std::fputs(kUsage, stdout), 0;
+    if (a == "--once") {
+      o.once = true;
+      continue;
+    }
+    if (a == "--json") {
+      o.json = true;
+      continue;
+    }
+    if (a == "--no-verify") {
+      o.verify = false;
+      continue;
+    }
+    if (i + 1 >= argc) return Usage(a + " needs a value");
+    const std::string v = argv[++i];
+    bool ok = true;
+    if (a == "--dev") {
+      o.dev = v;
+    } else if (a == "--stack") {
+      o.stack = v;
+      ok = v == "netch" || v == "kernel";
+    } else if (a == "--mode") {
+      o.mode = v;
+      ok = v == "stream" || v == "rpc";
+    } else if (a == "--driver") {
+      o.driver = v;
+      ok = v == "afxdp" || v == "tcp";
+    } else if (a == "--peer") {
+      in_addr ia{};
+      ok = inet_pton(AF_INET, v.c_str(), &ia) == 1;
+      o.peer = ntohl(ia.s_addr);
+    } else if (a == "--port") {
+      uint32_t p;
+      ok = absl::SimpleAtoi(v, &p) && p >= 1 && p <= 65535;
+      o.port = static_cast<uint16_t>(p);
+    } else if (a == "--bytes") {
+      ok = absl::SimpleAtoi(v, &o.bytes) && o.bytes > 0;
+    } else if (a == "--seconds") {
+      ok = absl::SimpleAtod(v, &o.seconds) && o.seconds > 0 && o.seconds <= 3600;
+    } else if (a == "--size") {
+      ok = absl::SimpleAtoi(v, &o.size) && o.size >= 1 && o.size <= kMaxSize;
+    } else if (a == "--concurrency") {
+      ok = absl::SimpleAtoi(v, &o.concurrency) && o.concurrency >= 1 && o.concurrency <= 1024;
+    } else if (a == "--channels") {
+      ok = absl::SimpleAtoi(v, &o.channels) && o.channels >= 1 && o.channels <= 64;
+    } else if (a == "--copy-workers") {
+      ok = absl::SimpleAtoi(v, &o.copy_workers) && o.copy_workers <= 64;
+    } else if (a == "--engines") {
+      ok = absl::SimpleAtoi(v, &o.engines) && o.engines >= 1 && o.engines <= 64;
+    } else {
+      return Usage("unknown argument '" + a + "'");
+    }
+    if (!ok) return Usage(absl::StrFormat("bad value '%s' for %s", v, a));
+  }
+  if (o.dev.empty()) return Usage("--dev is required");
+  if (o.role == "client" && o.peer == 0) return Usage("--peer is required for the client");
+  if (o.bytes && o.seconds > 0) return Usage("give --bytes or --seconds, not both");
+  if (o.role == "client" && o.mode == "rpc" && o.bytes) return Usage("rpc runs for --seconds");
+  if (auto ifi = netch::afxdp::GetInterfaceInfo(o.dev); !ifi.ok())
+    return std::fprintf(stderr, "netchperf: %s\n", ifi.status().ToString().c_str()), 1;
+  Pattern();  // built before any timing starts
+  std::string err;
+  if (o.stack == "kernel") {
+    KernelEndpoint ep;
+    if (o.role == "server" && !ep.Listen(o.port, &err))
+      return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
+    return o.role == "server" ? RunServer(o, ep) : RunClient(o, ep);
+  }
+  NetchEndpoint ep;
+  if (!ep.Open(o, &err)) return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
+  if (o.role == "server" && !ep.Listen(o.port, &err))
+    return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
+  const int rc = o.role == "server" ? RunServer(o, ep) : RunClient(o, ep);
+  ep.Reset();
+  return rc;
+}
