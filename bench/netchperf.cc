@@ -367,6 +367,16 @@ double Percentile(std::vector<double>& v, double p) {
   return v[k];
 }
 
+// The server may still be starting: retry a refused connect for up to 5 s.
+std::unique_ptr<Sock> ConnectRetry(Endpoint& ep, const Options& o, std::string* err) {
+  const uint64_t end = NowUs() + 5'000'000;
+  for (;;) {
+    auto s = ep.Connect(o.peer, o.port, err);
+    if (s || NowUs() >= end || err->find("efused") == std::string::npos) return s;
+    usleep(50'000);
+  }
+}
+
 int RunClient(const Options& o, Endpoint& ep) {
   std::string err;
   const bool stream = o.mode == "stream";
@@ -375,7 +385,7 @@ int RunClient(const Options& o, Endpoint& ep) {
   if (stream) {
     const uint64_t bytes = o.bytes ? o.bytes : (o.seconds > 0 ? UINT64_MAX : 1ull << 30);
     const double cpu0 = CpuSeconds();
-    auto s = ep.Connect(o.peer, o.port, &err);
+    auto s = ConnectRetry(ep, o, &err);
     if (!s) return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
     if (!s->SendAll(reinterpret_cast<const uint8_t*>(&h), sizeof(h)))
       return std::fprintf(stderr, "netchperf: %s\n", s->err.c_str()), 1;
@@ -422,7 +432,7 @@ int RunClient(const Options& o, Endpoint& ep) {
   const double seconds = o.seconds > 0 ? o.seconds : 3;
   std::vector<std::unique_ptr<Sock>> socks;
   for (uint32_t i = 0; i < o.concurrency; ++i) {
-    auto s = ep.Connect(o.peer, o.port, &err);
+    auto s = ConnectRetry(ep, o, &err);
     if (!s) return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
     if (!s->SendAll(reinterpret_cast<const uint8_t*>(&h), sizeof(h)))
       return std::fprintf(stderr, "netchperf: %s\n", s->err.c_str()), 1;
