@@ -195,12 +195,15 @@ struct DriverOptions {
   uint16_t udp_port = NC_DEFAULT_UDP_PORT;
   // Kernel-TCP driver.
   uint16_t tcp_port = 9910;
+  // Loopback driver (in-process channels for tests): this driver's address, host order.
+  uint32_t loopback_ipv4 = 0;
 };
 
 using DriverFactory =
     std::function<absl::StatusOr<std::unique_ptr<Driver>>(const DriverOptions& opts)>;
 
-// Drivers by name: "afxdp" and "tcp" are built in. A new transport is one more Register call.
+// Drivers by name: "afxdp", "tcp" and "loopback" (in-process, for tests) are built in. A new
+// transport is one more Register call.
 absl::Status RegisterDriver(const std::string& name, DriverFactory factory);
 absl::StatusOr<std::unique_ptr<Driver>> CreateDriver(const std::string& name,
                                                      const DriverOptions& opts);

@@ -5,6 +5,7 @@
 #include "absl/strings/str_join.h"
 #include "afxdp_channels/afxdp_driver.h"
 #include "afxdp_channels/channel.h"
+#include "afxdp_channels/loopback_driver.h"
 #include "afxdp_channels/tcp_driver.h"
 
 namespace netch::chan {
@@ -22,6 +23,7 @@ Registry& Get() {
     auto* reg = new Registry;
     reg->factories["afxdp"] = CreateAfxdpDriver;
     reg->factories["tcp"] = CreateTcpDriver;
+    reg->factories["loopback"] = CreateLoopbackDriver;
     return reg;
   }();
   return *r;

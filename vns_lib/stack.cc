@@ -274,6 +274,10 @@ class SocketImpl final : public VirtualSocket {
   absl::Status Usable() const {
     if (!c_) return SockError(EBADF, "socket closed");
     if (PeerGone()) return SockError(ECONNRESET, "every channel to the peer is down");
+    return StateError();
+  }
+  // What the peer told us: reset, refused, or our own connect timeout.
+  absl::Status StateError() const {
     switch (c_->state.load()) {
       case ConnState::kReset:
         return SockError(ECONNRESET, "connection reset by peer");
@@ -291,6 +295,7 @@ class SocketImpl final : public VirtualSocket {
   // Waits until one of the channels can take more, or the connection breaks.
   void WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans);
   void DrainInq();
+  void UpdateReadiness();
 
   StackImpl* st_;
   std::shared_ptr<Conn> c_;
@@ -417,6 +422,22 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
   return sent;
 }
 
+// The fd is readable exactly while Recv would not block: data in order, end of stream, or an
+// error. Cleared first and set again if a delivery raced with the check.
+void SocketImpl::UpdateReadiness() {
+  auto readable = [&] {
+    return reasm_.Readable() > 0 || !c_->inq.EmptyApprox() ||
+           reasm_.next() == c_->fin_seq.load(std::memory_order_acquire) ||
+           c_->state.load() != ConnState::kEstablished;
+  };
+  if (readable()) {
+    c_->Signal();
+    return;
+  }
+  c_->Unsignal();
+  if (readable()) c_->Signal();
+}
+
 void SocketImpl::DrainInq() {
   HeldSeg h[64];
   for (uint32_t n; (n = c_->inq.Pop(h)) > 0;) {
@@ -462,17 +483,16 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
       if (!done_.empty()) ReleaseHeld(done_);
       c_->rcv_next.store(reasm_.next(), std::memory_order_seq_cst);
       st_->NotifyConsumed();  // the dispatcher may be holding a channel for us
-      if (reasm_.Readable() == 0 && c_->inq.EmptyApprox()) {
-        c_->Unsignal();
-        if (!c_->inq.EmptyApprox()) c_->Signal();  // raced with a delivery
-      }
+      UpdateReadiness();
       return n;
     }
+    // A reset wins over an end of stream seen before it, as in TCP; an orderly end of stream
+    // wins over the peer's channels going away afterwards.
+    if (auto st = StateError(); !st.ok()) return st;
     if (reasm_.next() == c_->fin_seq.load(std::memory_order_acquire)) return 0;  // end of stream
     if (auto st = Usable(); !st.ok()) return st;
     if (nonblocking_) {
-      c_->Unsignal();
-      if (!c_->inq.EmptyApprox() || c_->fin_seq.load() != UINT64_MAX) c_->Signal();
+      UpdateReadiness();
       return SockError(EAGAIN, "no data");
     }
     pollfd p{c_->efd, POLLIN, 0};

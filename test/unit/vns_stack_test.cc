@@ -1,0 +1,196 @@
+// VNS connection and close state machines over the in-process "loopback" driver: no network, no
+// privileges, deterministic. (The same sockets run over AF_XDP and kernel TCP in
+// test/veth/vns_test.cc.)
+#include <poll.h>
+
+#include <cerrno>
+#include <thread>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "vns_lib/vns.h"
+
+namespace netch::vns {
+namespace {
+
+constexpr uint32_t kA = 0x0A000001, kB = 0x0A000002;
+
+std::unique_ptr<Stack> MakeStack(uint32_t ip, int channels = 2) {
+  StackOptions o;
+  o.driver = "loopback";
+  o.driver_opts.loopback_ipv4 = ip;
+  o.driver_opts.engines = 1;
+  o.channels_per_peer = channels;
+  auto s = Stack::Create(o);
+  EXPECT_TRUE(s.ok()) << s.status();
+  return s.ok() ? std::move(*s) : nullptr;
+}
+
+bool Readable(int fd, int ms) {
+  pollfd p{fd, POLLIN, 0};
+  return poll(&p, 1, ms) == 1;
+}
+
+class VnsStackTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    a_ = MakeStack(kA);
+    b_ = MakeStack(kB);
+    ASSERT_TRUE(a_ && b_);
+  }
+  std::unique_ptr<Stack> a_, b_;
+};
+
+TEST_F(VnsStackTest, HandshakeConnectsBothEndsWithPortsAddressesAndClass) {
+  auto l = b_->Listen(80);
+  ASSERT_TRUE(l.ok());
+  (*l)->SetNonBlocking(true);
+  EXPECT_EQ(Errno((*l)->Accept().status()), EAGAIN) << "nothing pending yet";
+  EXPECT_FALSE(Readable((*l)->fd(), 0));
+  SocketOptions so;
+  so.app_class = AppClass::kLatency;
+  auto c = a_->Connect(kB, 80, so);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(Readable((*l)->fd(), 1000)) << "the listener's fd signals the pending connection";
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok()) << s.status();
+  EXPECT_EQ((*c)->remote_port(), 80);
+  EXPECT_EQ((*c)->remote_ipv4(), kB);
+  EXPECT_EQ((*s)->remote_ipv4(), kA);
+  EXPECT_EQ((*s)->remote_port(), (*c)->local_port());
+  EXPECT_GE((*c)->local_port(), 40000);
+  EXPECT_EQ((*s)->app_class(), AppClass::kLatency) << "the class travels in NCSYN";
+  EXPECT_FALSE(Readable((*l)->fd(), 0)) << "accepted: no longer pending";
+}
+
+TEST_F(VnsStackTest, NoListenerIsRefusedAndNoHostIsAnError) {
+  auto c = a_->Connect(kB, 81);
+  EXPECT_EQ(Errno(c.status()), ECONNREFUSED) << c.status();
+  SocketOptions so;
+  so.connect_timeout = absl::Milliseconds(200);
+  auto d = a_->Connect(0x0A0000FE, 80, so);  // no stack has this address
+  EXPECT_FALSE(d.ok());
+  EXPECT_TRUE(Errno(d.status()) == ECONNREFUSED || Errno(d.status()) == ETIMEDOUT) << d.status();
+}
+
+TEST_F(VnsStackTest, AFullBacklogRefusesTheNextConnection) {
+  auto l = b_->Listen(82, /*backlog=*/1);
+  ASSERT_TRUE(l.ok());
+  auto c1 = a_->Connect(kB, 82);
+  ASSERT_TRUE(c1.ok());
+  auto c2 = a_->Connect(kB, 82);
+  EXPECT_EQ(Errno(c2.status()), ECONNREFUSED) << "backlog of one, nobody accepted";
+  ASSERT_TRUE((*l)->Accept().ok());
+  EXPECT_TRUE(a_->Connect(kB, 82).ok()) << "room again after accept";
+}
+
+TEST_F(VnsStackTest, HalfCloseDeliversEverythingThenEndOfStreamBothWays) {
+  auto l = b_->Listen(83);
+  auto c = a_->Connect(kB, 83);
+  ASSERT_TRUE(c.ok());
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  std::vector<uint8_t> msg(100'000);
+  for (size_t i = 0; i < msg.size(); ++i) msg[i] = static_cast<uint8_t>(i * 7);
+  ASSERT_EQ(*(*c)->Send(msg), msg.size());
+  ASSERT_TRUE((*c)->Shutdown().ok());
+  EXPECT_EQ(Errno((*c)->Send(msg).status()), EPIPE);
+  std::vector<uint8_t> got, buf(7000);
+  for (;;) {
+    auto r = (*s)->Recv(buf);
+    ASSERT_TRUE(r.ok()) << r.status();
+    if (*r == 0) break;
+    got.insert(got.end(), buf.begin(), buf.begin() + *r);
+  }
+  EXPECT_EQ(got, msg) << "every byte before the FIN, in order";
+  EXPECT_EQ(*(*s)->Recv(buf), 0u) << "end of stream stays end of stream";
+  EXPECT_TRUE(Readable((*s)->fd(), 0)) << "an ended stream is readable (recv returns 0)";
+  // The other direction is still open after the client's shutdown.
+  ASSERT_EQ(*(*s)->Send({msg.data(), 10}), 10u);
+  ASSERT_TRUE((*s)->Shutdown().ok());
+  EXPECT_EQ(*(*c)->Recv(buf), 10u);
+  EXPECT_EQ(*(*c)->Recv(buf), 0u);
+  EXPECT_TRUE((*c)->Close().ok());
+  EXPECT_TRUE((*s)->Close().ok());
+}
+
+TEST_F(VnsStackTest, DataForAClosedSocketResetsTheWriter) {
+  auto l = b_->Listen(84);
+  auto c = a_->Connect(kB, 84);
+  ASSERT_TRUE(c.ok());
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE((*s)->Close().ok());
+  std::vector<uint8_t> buf(4096, 1);
+  absl::Status st;
+  for (int i = 0; i < 2000 && st.ok(); ++i) {
+    auto r = (*c)->Send(buf);
+    if (!r.ok()) st = r.status();
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  EXPECT_EQ(Errno(st), ECONNRESET) << st;
+  std::vector<uint8_t> rb(16);
+  EXPECT_EQ(Errno((*c)->Recv(rb).status()), ECONNRESET);
+}
+
+TEST_F(VnsStackTest, NonBlockingRecvAndReadinessFollowTheData) {
+  auto l = b_->Listen(85);
+  auto c = a_->Connect(kB, 85);
+  ASSERT_TRUE(c.ok());
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  (*s)->SetNonBlocking(true);
+  std::vector<uint8_t> buf(64);
+  EXPECT_EQ(Errno((*s)->Recv(buf).status()), EAGAIN);
+  EXPECT_FALSE(Readable((*s)->fd(), 0));
+  ASSERT_TRUE((*c)->Send({buf.data(), 10}).ok());
+  EXPECT_TRUE(Readable((*s)->fd(), 1000));
+  EXPECT_EQ(*(*s)->Recv(buf), 10u);
+  EXPECT_FALSE(Readable((*s)->fd(), 0)) << "drained: not readable any more";
+}
+
+TEST_F(VnsStackTest, APeerThatClosesGivesEndOfStreamNotAnError) {
+  auto l = b_->Listen(86);
+  auto c = a_->Connect(kB, 86);
+  ASSERT_TRUE(c.ok());
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE((*s)->Send({reinterpret_cast<const uint8_t*>("bye"), 3}).ok());
+  s->reset();  // Close: FIN after the last byte
+  std::vector<uint8_t> buf(16);
+  EXPECT_EQ(*(*c)->Recv(buf), 3u);
+  EXPECT_EQ(*(*c)->Recv(buf), 0u);
+}
+
+TEST_F(VnsStackTest, ManySocketsShareTheChannelsAndStayApart) {
+  auto l = b_->Listen(87, 64);
+  std::vector<std::unique_ptr<VirtualSocket>> cs, ss;
+  for (int i = 0; i < 20; ++i) {
+    auto c = a_->Connect(kB, 87);
+    ASSERT_TRUE(c.ok());
+    cs.push_back(std::move(*c));
+    auto s = (*l)->Accept();
+    ASSERT_TRUE(s.ok());
+    ss.push_back(std::move(*s));
+  }
+  EXPECT_EQ(a_->driver().Channels().size(), 2u) << "20 sockets, 2 channels";
+  for (int i = 0; i < 20; ++i) {
+    std::vector<uint8_t> m(1000 + i, static_cast<uint8_t>(i));
+    ASSERT_TRUE(cs[i]->Send(m).ok());
+  }
+  for (int i = 0; i < 20; ++i) {
+    // Accept order matches connect order here; each socket gets only its own bytes.
+    std::vector<uint8_t> buf(4096);
+    size_t got = 0;
+    while (got < 1000u + i) {
+      auto r = ss[i]->Recv({buf.data() + got, buf.size() - got});
+      ASSERT_TRUE(r.ok());
+      got += *r;
+    }
+    EXPECT_EQ(got, 1000u + i);
+    for (size_t k = 0; k < got; ++k) ASSERT_EQ(buf[k], i) << "socket " << i << " byte " << k;
+  }
+}
+
+}  // namespace
+}  // namespace netch::vns
