@@ -133,6 +133,39 @@ absl::Status SteerProgram::SetChannel(uint32_t id, uint32_t queue, uint32_t xsk_
   return absl::OkStatus();
 }
 
+absl::Status SteerProgram::SetChannelDropPpm(uint32_t id, uint32_t ppm) {
+  if (id == NC_CHAN_UNASSIGNED || id >= NC_MAX_CHANNELS)
+    return absl::InvalidArgumentError(absl::StrFormat("no channel %u", id));
+  if (ppm > NC_PPM) return absl::InvalidArgumentError("drop ppm must be <= 1000000");
+  nc_chan_steer v{};
+  if (bpf_map_lookup_elem(channels_fd(), &id, &v)) return ErrnoStatus(errno, "read nc_channels");
+  if (!(v.flags & NC_STEER_ACTIVE))
+    return absl::NotFoundError(absl::StrFormat("channel %u is not active on this host", id));
+  v.drop_ppm = ppm;
+  if (bpf_map_update_elem(channels_fd(), &id, &v, BPF_EXIST))
+    return ErrnoStatus(errno, "update nc_channels");
+  return absl::OkStatus();
+}
+
+absl::Status SteerProgram::Pin(const std::string& dir) {
+  struct {
+    bpf_map* map;
+    const char* name;
+  } maps[] = {{skel_->maps.nc_config, "nc_config"},
+              {skel_->maps.nc_channels, "nc_channels"},
+              {skel_->maps.nc_xsks, "nc_xsks"},
+              {skel_->maps.nc_counters, "nc_counters"},
+              {skel_->maps.nc_chan_stats, "nc_chan_stats"}};
+  for (const auto& m : maps) {
+    const std::string path = dir + "/" + m.name;
+    if (int err = bpf_map__pin(m.map, path.c_str())) return ErrnoStatus(err, "pin " + path);
+  }
+  const std::string prog = dir + "/nc_steer";
+  if (int err = bpf_program__pin(skel_->progs.nc_steer, prog.c_str()))
+    return ErrnoStatus(err, "pin " + prog);
+  return absl::OkStatus();
+}
+
 absl::Status SteerProgram::ClearChannel(uint32_t id) {
   if (id >= NC_MAX_CHANNELS) return absl::InvalidArgumentError("channel id out of range");
   nc_chan_steer v{};

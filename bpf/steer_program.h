@@ -57,6 +57,11 @@ class SteerProgram {
   // rx queue `queue`.
   absl::Status SetChannel(uint32_t id, uint32_t queue, uint32_t xsk_slot, uint32_t drop_ppm = 0);
   absl::Status ClearChannel(uint32_t id);
+  // Fault injection for one active channel (netchctl fault drop PPM --channel ID).
+  absl::Status SetChannelDropPpm(uint32_t id, uint32_t ppm);
+  // Pins every map and the program under `dir` (an existing bpffs directory), named as in the
+  // object: nc_config, nc_channels, nc_xsks, nc_counters, nc_chan_stats, nc_steer.
+  absl::Status Pin(const std::string& dir);
   absl::Status SetXsk(uint32_t slot, int xsk_fd);
   absl::Status ClearXsk(uint32_t slot);
 

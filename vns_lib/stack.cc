@@ -5,6 +5,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -16,6 +17,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "afxdp_channels/engine.h"
 #include "afxdp_channels/netdev.h"
@@ -86,6 +88,10 @@ struct Conn {
   }
 
   const ConnKey key;
+  uint64_t id = 0;  // control-plane id, unique per stack
+  std::atomic<uint64_t> tx_bytes{0}, rx_bytes{0};
+  std::mutex map_mu;                  // guards channel_ids: taken once per Send, not per segment
+  std::vector<uint32_t> channel_ids;  // empty: all the peer's channels
   const uint32_t conn_id;
   const AppClass app_class;
   const size_t rcvbuf;
@@ -172,6 +178,13 @@ class StackImpl final : public Stack {
   int copy_workers() const override { return nworkers_.load(); }
   StackStats Stats() const override;
   chan::Driver& driver() override { return *driver_; }
+  std::vector<SocketInfo> Sockets() const override;
+  absl::Status MapSocket(uint64_t id, const std::vector<uint32_t>& channel_ids) override;
+  PolicyInfo Policy() const override;
+  absl::Status SetPolicy(const std::string& name,
+                         const std::vector<std::pair<std::string, std::string>>& knobs) override;
+  uint64_t skip_queued_bytes() const { return skip_queued_.load(std::memory_order_relaxed); }
+  uint64_t NextId() { return next_conn_id_.fetch_add(1, std::memory_order_relaxed); }
 
   // For sockets.
   const StackOptions& opts() const { return opts_; }
@@ -225,7 +238,7 @@ class StackImpl final : public Stack {
   CopyWorkers workers_;
   std::atomic<int> nworkers_{0};
 
-  std::mutex mu_;  // conns_, listeners_, peers_: connection setup and teardown only
+  mutable std::mutex mu_;  // conns_, listeners_, peers_: connection setup and teardown only
   absl::flat_hash_map<ConnKey, std::shared_ptr<Conn>> conns_;
   absl::flat_hash_map<uint16_t, std::shared_ptr<Conn>> listeners_;
   std::unordered_map<uint32_t, std::unique_ptr<Peer>> peers_;
@@ -236,6 +249,13 @@ class StackImpl final : public Stack {
   int wake_fd_ = -1;
   std::atomic<uint64_t> segments_in_{0}, ctl_out_{0}, rst_sent_{0}, blocked_{0};
   std::atomic<bool> holding_{false};  // some channel is held back for a full socket
+  std::atomic<uint64_t> skip_queued_{2 << 20};
+  std::atomic<uint64_t> next_conn_id_{1};
+
+ public:
+  std::atomic<uint64_t> sched_batches_{0}, sched_skips_{0};
+
+ private:
 };
 
 // ---- sockets
@@ -336,18 +356,36 @@ void SocketImpl::WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>&
 absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, uint64_t seq,
                                              size_t rr) {
   auto chans = c_->peer->channels();
+  {
+    std::lock_guard g(c_->map_mu);
+    if (!c_->channel_ids.empty()) {
+      std::erase_if(chans, [&](const auto& ch) {
+        return std::find(c_->channel_ids.begin(), c_->channel_ids.end(), ch->id()) ==
+               c_->channel_ids.end();
+      });
+    }
+  }
   if (channels_hint_ > 0 && static_cast<size_t>(channels_hint_) < chans.size())
     chans.resize(channels_hint_);
   if (chans.empty()) return SockError(ECONNRESET, "no channel to the peer");
+  const uint64_t skip_queued = st_->skip_queued_bytes();
   size_t seg = SIZE_MAX;
   for (const auto& ch : chans) seg = std::min(seg, ch->max_payload());
   constexpr size_t kBatch = 32;
   chan::TxSegment segs[kBatch];
   size_t off = 0;
+  bool ignore_skip = false;
   while (off < len) {
     bool progress = false;
+    size_t skipped = 0;
     for (size_t k = 0; k < chans.size() && off < len; ++k) {
       chan::Channel& ch = *chans[(rr + k) % chans.size()];
+      // Round-robin skipping channels with too much unacknowledged data, while another has less.
+      if (!ignore_skip && chans.size() > 1 && ch.stats().tx_queued_bytes > skip_queued) {
+        skipped++;
+        st_->sched_skips_.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
       size_t n = 0;
       for (size_t o2 = off; n < kBatch && o2 < len; ++n) {
         const size_t l = std::min(seg, len - o2);
@@ -362,10 +400,13 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
       }
       auto taken = ch.Enqueue({segs, n});
       if (!taken.ok()) return taken.status();
+      if (*taken > 0) st_->sched_batches_.fetch_add(1, std::memory_order_relaxed);
       for (size_t i = 0; i < *taken; ++i) off += segs[i].payload.size();
       progress |= *taken > 0;
     }
     rr++;
+    ignore_skip = skipped == chans.size();  // every channel is over the mark: use them anyway
+    if (ignore_skip) continue;
     if (off == len) break;
     if (auto st = Usable(); !st.ok()) return st;
     bool all_dead = true;
@@ -419,6 +460,7 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
     if (sent == 0) return SockError(EAGAIN, "send buffer full");
   }
   snd_next_ += sent;
+  c_->tx_bytes.fetch_add(sent, std::memory_order_relaxed);
   return sent;
 }
 
@@ -482,6 +524,7 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
       }
       if (!done_.empty()) ReleaseHeld(done_);
       c_->rcv_next.store(reasm_.next(), std::memory_order_seq_cst);
+      c_->rx_bytes.fetch_add(n, std::memory_order_relaxed);
       st_->NotifyConsumed();  // the dispatcher may be holding a channel for us
       UpdateReadiness();
       return n;
@@ -637,7 +680,75 @@ StackStats StackImpl::Stats() const {
   s.rst_sent = rst_sent_.load();
   s.dispatcher_blocked = blocked_.load();
   s.copy_chunks = const_cast<CopyWorkers&>(workers_).chunks_run();
+  s.sched_batches = sched_batches_.load();
+  s.sched_skips = sched_skips_.load();
   return s;
+}
+
+std::vector<SocketInfo> StackImpl::Sockets() const {
+  std::vector<SocketInfo> out;
+  auto info = [](const Conn& c) {
+    SocketInfo si;
+    si.id = c.id;
+    si.listening = c.listening;
+    si.local_port = c.key.local_port;
+    si.remote_port = c.key.remote_port;
+    si.remote_ipv4 = c.key.peer;
+    si.app_class = c.app_class;
+    si.tx_bytes = c.tx_bytes.load(std::memory_order_relaxed);
+    si.rx_bytes = c.rx_bytes.load(std::memory_order_relaxed);
+    std::lock_guard g(const_cast<Conn&>(c).map_mu);
+    si.channels = c.channel_ids;
+    return si;
+  };
+  std::lock_guard g(mu_);
+  for (const auto& [k, c] : listeners_) out.push_back(info(*c));
+  for (const auto& [k, c] : conns_) out.push_back(info(*c));
+  std::sort(out.begin(), out.end(), [](const auto& a, const auto& b) { return a.id < b.id; });
+  return out;
+}
+
+absl::Status StackImpl::MapSocket(uint64_t id, const std::vector<uint32_t>& ids) {
+  std::shared_ptr<Conn> c;
+  {
+    std::lock_guard g(mu_);
+    for (const auto& [k, v] : conns_)
+      if (v->id == id) c = v;
+  }
+  if (!c) return absl::NotFoundError(absl::StrFormat("no connected socket %u", id));
+  const auto chans = c->peer->channels();
+  for (uint32_t want : ids) {
+    bool found = false;
+    for (const auto& ch : chans) found |= ch->id() == want;
+    if (!found)
+      return absl::InvalidArgumentError(
+          absl::StrFormat("channel %u does not lead to the socket's peer", want));
+  }
+  std::lock_guard g(c->map_mu);
+  c->channel_ids = ids;
+  return absl::OkStatus();
+}
+
+PolicyInfo StackImpl::Policy() const {
+  return {"round-robin", {{"skip_queued_bytes", std::to_string(skip_queued_.load())}}};
+}
+
+absl::Status StackImpl::SetPolicy(const std::string& name,
+                                  const std::vector<std::pair<std::string, std::string>>& knobs) {
+  if (name != "round-robin")
+    return absl::InvalidArgumentError(
+        absl::StrFormat("unknown policy '%s' (available: round-robin)", name));
+  uint64_t skip = skip_queued_.load();
+  for (const auto& [k, v] : knobs) {
+    if (k != "skip_queued_bytes")
+      return absl::InvalidArgumentError(
+          absl::StrFormat("round-robin has no knob '%s' (knobs: skip_queued_bytes)", k));
+    if (!absl::SimpleAtoi(v, &skip) || skip == 0)
+      return absl::InvalidArgumentError(
+          absl::StrFormat("skip_queued_bytes must be a positive integer, not '%s'", v));
+  }
+  skip_queued_ = skip;
+  return absl::OkStatus();
 }
 
 Peer* StackImpl::PeerFor(uint32_t ip) {
@@ -681,6 +792,7 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Listen(uint16_t port, 
   if (backlog < 1) return SockError(EINVAL, "backlog must be at least 1");
   auto c = std::make_shared<Conn>(ConnKey{0, port, 0}, 0, o.app_class, o.rcvbuf);
   c->listening = true;
+  c->id = NextId();
   c->backlog = backlog;
   c->state = ConnState::kEstablished;
   {
@@ -706,6 +818,7 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
       ConnKey k{ip, lp, port};
       if (conns_.contains(k)) continue;
       c = std::make_shared<Conn>(k, RandomU32() | 1, o.app_class, o.rcvbuf);
+      c->id = NextId();
       c->peer = *peer;
       conns_[k] = c;
     }
@@ -835,6 +948,7 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
       auto c =
           std::make_shared<Conn>(key, h.conn_id, static_cast<AppClass>(h.app_class), l->rcvbuf);
       c->peer = PeerFor(key.peer);
+      c->id = NextId();
       c->state = ConnState::kEstablished;
       {
         std::lock_guard g(l->accept_mu);

@@ -32,6 +32,8 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -69,6 +71,26 @@ struct StackStats {
   uint64_t rst_sent = 0;            // segments for no socket, SYNs for no listener
   uint64_t dispatcher_blocked = 0;  // times a full socket stopped a channel from draining
   uint64_t copy_chunks = 0;         // chunks run by copy workers
+  uint64_t sched_batches = 0;       // scheduler decisions: a batch of segments sent on a channel
+  uint64_t sched_skips = 0;         // ... a channel skipped for holding too much unacked data
+};
+
+// What the control plane sees of a socket.
+struct SocketInfo {
+  uint64_t id = 0;
+  bool listening = false;
+  uint16_t local_port = 0, remote_port = 0;
+  uint32_t remote_ipv4 = 0;
+  AppClass app_class = AppClass::kUnspecified;
+  uint64_t tx_bytes = 0, rx_bytes = 0;  // handed to channels / delivered to the application
+  std::vector<uint32_t> channels;       // the channels its data may use (empty: all the peer's)
+};
+
+// The scheduling policy VNS applies when it picks a channel for the next batch of a socket's
+// segments (the NetScheduler issue makes this pluggable; today one policy with one knob).
+struct PolicyInfo {
+  std::string name;  // "round-robin"
+  std::vector<std::pair<std::string, std::string>> knobs;
 };
 
 class VirtualSocket {
@@ -112,6 +134,17 @@ class Stack {
   virtual int copy_workers() const = 0;
   virtual StackStats Stats() const = 0;
   virtual chan::Driver& driver() = 0;
+
+  // ---- runtime control (ctl/ drives these; every change applies to the next batch) ----------
+  virtual std::vector<SocketInfo> Sockets() const = 0;
+  // Restricts socket `id` to the given channels of its peer (empty: all). NotFound for an unknown
+  // socket, InvalidArgument for a channel that is not the peer's.
+  virtual absl::Status MapSocket(uint64_t id, const std::vector<uint32_t>& channel_ids) = 0;
+  virtual PolicyInfo Policy() const = 0;
+  // "round-robin" with knob skip_queued_bytes=N: a channel holding more than N bytes not yet
+  // acknowledged is skipped while another has room (the paper's default: 2 MB).
+  virtual absl::Status SetPolicy(const std::string& name,
+                                 const std::vector<std::pair<std::string, std::string>>& knobs) = 0;
 };
 
 // The errno a socket user would see for `s` (0 for OK; EIO when the status carries none).

@@ -1,0 +1,180 @@
+#include "ctl/controller.h"
+
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+#include <linux/magic.h>
+#include <net/if.h>
+#include <signal.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <fstream>
+#include <regex>
+
+#include "absl/strings/str_format.h"
+#include "common/errno_status.h"
+#include "ctl/control.h"
+#include "ctl/metrics.h"
+
+namespace netch::ctl {
+namespace {
+
+constexpr const char* kPins[] = {"nc_config",   "nc_channels",   "nc_xsks",
+                                 "nc_counters", "nc_chan_stats", "nc_steer"};
+
+absl::Status MkdirP(const std::string& path, mode_t mode) {
+  std::string cur;
+  for (size_t i = 1; i <= path.size(); ++i) {
+    if (i == path.size() || path[i] == '/') {
+      cur = path.substr(0, i);
+      if (mkdir(cur.c_str(), mode) != 0 && errno != EEXIST)
+        return ErrnoStatus(errno, "mkdir " + cur);
+    }
+  }
+  return absl::OkStatus();
+}
+
+bool ProcessAlive(int pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM); }
+
+}  // namespace
+
+Controller::Controller(const ControllerOptions& o) : opts_(o) {}
+
+std::string Controller::SocketName(const std::string& instance) { return "netch/" + instance; }
+
+absl::StatusOr<std::unique_ptr<Controller>> Controller::Start(const ControllerOptions& o) {
+  if (!std::regex_match(o.instance, std::regex("[A-Za-z0-9_.-]{1,40}")))
+    return absl::InvalidArgumentError(
+        absl::StrFormat("instance name '%s': use 1-40 of [A-Za-z0-9_.-]", o.instance));
+  if (o.ifname.empty()) return absl::InvalidArgumentError("no interface given");
+  std::unique_ptr<Controller> c(new Controller(o));
+  if (auto st = c->Init(); !st.ok()) return st;
+  return c;
+}
+
+absl::Status Controller::RecoverStale() {
+  // A pid file whose process is gone, or pins without a pid file: a crashed predecessor.
+  int old_pid = 0;
+  if (FILE* f = fopen(pid_file_.c_str(), "r")) {
+    if (fscanf(f, "%d", &old_pid) != 1) old_pid = 0;
+    fclose(f);
+  }
+  if (old_pid && old_pid != getpid() && ProcessAlive(old_pid))
+    return absl::AlreadyExistsError(
+        absl::StrFormat("instance '%s' is already running (pid %d); pick another --instance",
+                        opts_.instance, old_pid));
+  struct stat st {};
+  const bool pins = stat(pin_dir_.c_str(), &st) == 0;
+  if (!old_pid && !pins) return absl::OkStatus();
+  std::string what = old_pid ? absl::StrFormat("instance pid %d died", old_pid)
+                             : std::string("stale pins without a pid file");
+  // Its program may still be attached to our interface: detach it only if it is that program.
+  const std::string prog_pin = pin_dir_ + "/nc_steer";
+  const int prog_fd = bpf_obj_get(prog_pin.c_str());
+  const int ifindex = static_cast<int>(if_nametoindex(opts_.ifname.c_str()));
+  if (prog_fd >= 0 && ifindex > 0) {
+    bpf_prog_info info{};
+    uint32_t len = sizeof(info);
+    uint32_t attached = 0;
+    if (bpf_obj_get_info_by_fd(prog_fd, &info, &len) == 0 &&
+        bpf_xdp_query_id(ifindex, 0, &attached) == 0 && attached == info.id) {
+      bpf_xdp_detach(ifindex, 0, nullptr);
+      what += absl::StrFormat("; detached its XDP program (id %u) from %s", info.id, opts_.ifname);
+    }
+  }
+  if (prog_fd >= 0) close(prog_fd);
+  int removed = 0;
+  for (const char* p : kPins) removed += unlink((pin_dir_ + "/" + p).c_str()) == 0;
+  rmdir(pin_dir_.c_str());
+  unlink(pid_file_.c_str());
+  status_.recovered = what + absl::StrFormat("; removed %d pins", removed);
+  std::fprintf(stderr, "netch: recovered from a crashed instance '%s': %s\n",
+               opts_.instance.c_str(), status_.recovered.c_str());
+  return absl::OkStatus();
+}
+
+absl::Status Controller::Init() {
+  status_.instance = opts_.instance;
+  status_.ifname = opts_.ifname;
+  status_.pid = getpid();
+  status_.metrics_address = opts_.metrics_address;
+  // bpffs: mounted here if absent (a fresh `ip netns exec` mount namespace has none).
+  struct statfs sfs {};
+  if (statfs(opts_.bpffs.c_str(), &sfs) != 0 || sfs.f_type != BPF_FS_MAGIC) {
+    if (auto st = MkdirP(opts_.bpffs, 0700); !st.ok()) return st;
+    if (mount("bpf", opts_.bpffs.c_str(), "bpf", 0, "mode=0700") != 0)
+      return ErrnoStatus(errno, "mount bpffs at " + opts_.bpffs);
+  }
+  pin_dir_ = opts_.bpffs + "/netch/" + opts_.instance;
+  pid_file_ = opts_.run_dir + "/" + opts_.instance + ".pid";
+  if (auto st = MkdirP(opts_.run_dir, 0700); !st.ok()) return st;
+  if (auto st = RecoverStale(); !st.ok()) return st;
+
+  const int ifindex = static_cast<int>(if_nametoindex(opts_.ifname.c_str()));
+  if (ifindex == 0) return ErrnoStatus(errno, "interface " + opts_.ifname);
+  auto steer = bpf::SteerProgram::Load(opts_.udp_port);
+  if (!steer.ok()) return steer.status();
+  steer_ = std::move(*steer);
+  absl::Status st = steer_->Attach(ifindex, bpf::AttachMode::kNative, opts_.replace);
+  status_.attach_mode = "native";
+  if (!st.ok() && !absl::IsFailedPrecondition(st) && opts_.allow_generic) {
+    const std::string native_err(st.message());
+    st = steer_->Attach(ifindex, bpf::AttachMode::kGeneric, opts_.replace);
+    if (st.ok()) {
+      status_.attach_mode = "generic";
+      status_.warnings.push_back("native XDP attach failed (" + native_err +
+                                 "); running in generic (skb) mode, which is slow");
+      std::fprintf(stderr, "netch: warning: %s\n", status_.warnings.back().c_str());
+    }
+  }
+  if (!st.ok()) return st;
+  if (auto s = MkdirP(pin_dir_, 0700); !s.ok()) return s;
+  if (auto s = steer_->Pin(pin_dir_); !s.ok()) return s;
+  status_.pin_dir = pin_dir_;
+  if (FILE* f = fopen(pid_file_.c_str(), "w")) {
+    std::fprintf(f, "%d\n", getpid());
+    fclose(f);
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Controller::Serve(vns::Stack* stack) {
+  if (!opts_.metrics_address.empty()) {
+    auto m = MetricsExposer::Start(opts_.metrics_address, stack, this);
+    if (m.ok()) {
+      metrics_ = std::move(*m);
+    } else {
+      // A busy port must not take the stack down: report it and run without the exposer.
+      status_.warnings.push_back(absl::StrFormat("metrics exposer on %s not started: %s",
+                                                 opts_.metrics_address, m.status().message()));
+      status_.metrics_address.clear();
+      std::fprintf(stderr, "netch: warning: %s\n", status_.warnings.back().c_str());
+    }
+  }
+  auto s = ControlServer::Start(SocketName(opts_.instance), stack, this);
+  if (!s.ok()) return s.status();
+  server_ = std::move(*s);
+  return absl::OkStatus();
+}
+
+void Controller::Stop() {
+  server_.reset();
+  metrics_.reset();
+}
+
+ControllerStatus Controller::status() const { return status_; }
+
+Controller::~Controller() {
+  Stop();
+  if (steer_) (void)steer_->Detach();
+  steer_.reset();
+  for (const char* p : kPins) unlink((pin_dir_ + "/" + p).c_str());
+  if (!pin_dir_.empty()) rmdir(pin_dir_.c_str());
+  if (!pid_file_.empty()) unlink(pid_file_.c_str());
+}
+
+}  // namespace netch::ctl

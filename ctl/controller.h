@@ -1,0 +1,88 @@
+// controller.h - the control plane: owns the XDP steering program of one stack instance, pins
+// its maps, serves netchctl over a local control socket and Prometheus metrics over HTTP.
+//
+//   auto ctl = Controller::Start({.instance = "default", .ifname = "nc-b"});   // before the stack
+//   StackOptions so; so.driver_opts.steer = ctl->steer(); auto stack = Stack::Create(so);
+//   ctl->Serve(stack.get());          // control socket + metrics; stop before the stack goes
+//
+// What it promises:
+// * Attach in native mode; generic mode only as a fallback with a warning (and only when allowed);
+//   refuse with FailedPrecondition when another program owns the interface, unless `replace`.
+// * Maps and program pinned under <bpffs>/netch/<instance>/ (bpffs mounted when absent), unpinned
+//   and detached on exit. A crashed instance leaves its pid file, pins and program behind: the
+//   next Start with the same instance detects them, detaches the stale program if it is still
+//   attached, removes the pins, and says so in status() (`recovered`). A live instance with the
+//   same name is an error.
+// * The control socket is an abstract unix socket "@netch/<instance>": per network namespace
+//   (netchctl finds the stack of its own namespace), only root or the stack's own user may talk
+//   to it (SO_PEERCRED).
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "bpf/steer_program.h"
+
+namespace netch::vns {
+class Stack;
+}
+
+namespace netch::ctl {
+
+struct ControllerOptions {
+  std::string instance = "default";  // [A-Za-z0-9_.-]{1,40}
+  std::string ifname;
+  bool replace = false;       // take over an interface where another XDP program is attached
+  bool allow_generic = true;  // fall back to generic (skb) mode when native attach fails
+  uint16_t udp_port = NC_DEFAULT_UDP_PORT;
+  std::string bpffs = "/sys/fs/bpf";
+  std::string run_dir = "/run/netch";              // pid files of running instances
+  std::string metrics_address = "127.0.0.1:9464";  // "" = no exposer
+};
+
+struct ControllerStatus {
+  std::string instance, ifname, attach_mode, pin_dir, metrics_address;
+  std::string recovered;              // what a crashed predecessor left and what was done about it
+  std::vector<std::string> warnings;  // generic-mode fallback, busy metrics port, ...
+  int pid = 0;
+};
+
+class ControlServer;
+class MetricsExposer;
+
+class Controller {
+ public:
+  static absl::StatusOr<std::unique_ptr<Controller>> Start(const ControllerOptions& o);
+  ~Controller();  // stops serving, detaches, unpins
+  Controller(const Controller&) = delete;
+  Controller& operator=(const Controller&) = delete;
+
+  bpf::SteerProgram* steer() { return steer_.get(); }
+  // Starts the control socket and the metrics exposer for `stack` (which must outlive Stop()).
+  absl::Status Serve(vns::Stack* stack);
+  void Stop();  // stops both; idempotent
+  ControllerStatus status() const;
+
+  // The abstract socket name of an instance (without the leading NUL).
+  static std::string SocketName(const std::string& instance);
+
+ private:
+  explicit Controller(const ControllerOptions& o);
+  absl::Status Init();
+  absl::Status RecoverStale();
+
+  ControllerOptions opts_;
+  std::unique_ptr<bpf::SteerProgram> steer_;
+  ControllerStatus status_;
+  std::string pin_dir_, pid_file_;
+  std::unique_ptr<ControlServer> server_;
+  std::unique_ptr<MetricsExposer> metrics_;
+};
+
+}  // namespace netch::ctl

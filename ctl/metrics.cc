@@ -1,0 +1,208 @@
+#include "ctl/metrics.h"
+
+#include <arpa/inet.h>
+#include <prometheus/collectable.h>
+#include <prometheus/exposer.h>
+#include <prometheus/metric_family.h>
+#include <prometheus/text_serializer.h>
+
+#include <exception>
+
+#include "absl/strings/str_format.h"
+#include "afxdp_channels/channel.h"
+#include "bpf/wire.h"
+#include "ctl/controller.h"
+#include "vns_lib/vns.h"
+
+namespace netch::ctl {
+namespace {
+
+using prometheus::ClientMetric;
+using prometheus::MetricFamily;
+using prometheus::MetricType;
+
+using Labels = std::vector<ClientMetric::Label>;
+
+struct Builder {
+  std::vector<MetricFamily> fams;
+  MetricFamily& Family(const std::string& name, const std::string& help, MetricType t) {
+    for (auto& f : fams)
+      if (f.name == name) return f;
+    fams.push_back({name, help, t, {}});
+    return fams.back();
+  }
+  void Counter(const std::string& name, const std::string& help, double v, Labels l = {}) {
+    ClientMetric m;
+    m.label = std::move(l);
+    m.counter.value = v;
+    Family(name, help, MetricType::Counter).metric.push_back(m);
+  }
+  void Gauge(const std::string& name, const std::string& help, double v, Labels l = {}) {
+    ClientMetric m;
+    m.label = std::move(l);
+    m.gauge.value = v;
+    Family(name, help, MetricType::Gauge).metric.push_back(m);
+  }
+};
+
+std::string Ip(uint32_t host_order) {
+  in_addr a{htonl(host_order)};
+  char buf[INET_ADDRSTRLEN];
+  inet_ntop(AF_INET, &a, buf, sizeof(buf));
+  return buf;
+}
+
+const char* ClassName(vns::AppClass c) {
+  switch (c) {
+    case vns::AppClass::kLatency:
+      return "latency";
+    case vns::AppClass::kThroughput:
+      return "throughput";
+    default:
+      return "unspecified";
+  }
+}
+
+class Collector final : public prometheus::Collectable {
+ public:
+  Collector(vns::Stack* s, Controller* c) : stack_(s), ctl_(c) {}
+  std::vector<MetricFamily> Collect() const override { return CollectMetrics(*stack_, *ctl_); }
+
+ private:
+  vns::Stack* stack_;
+  Controller* ctl_;
+};
+
+}  // namespace
+
+std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
+  Builder b;
+  // XDP program: every packet it saw, by verdict (summed over CPUs).
+  if (auto c = ctl.steer()->ReadCounters(); c.ok()) {
+    for (int i = 0; i < NC_CNT_MAX; ++i) {
+      b.Counter("netch_xdp_packets_total",
+                "Packets seen by the XDP steering program, by verdict (pass_*, redirect, drop_*).",
+                static_cast<double>((*c)[i]),
+                {{"verdict", std::string(wire::CounterName(static_cast<nc_counter>(i)))}});
+    }
+  }
+  chan::Driver& d = stack.driver();
+  const chan::DriverStats ds = d.Stats();
+  b.Counter("netch_driver_rx_frames_total", "Frames (AF_XDP) or records (TCP) the driver received.",
+            static_cast<double>(ds.rx_frames));
+  b.Counter("netch_driver_rx_malformed_total", "Received frames that failed the driver's checks.",
+            static_cast<double>(ds.rx_malformed));
+  b.Counter("netch_driver_rx_unknown_channel_total",
+            "Received frames for no channel of ours or from the wrong peer.",
+            static_cast<double>(ds.rx_unknown_chan));
+  b.Counter("netch_xsk_rx_dropped_total", "XDP_STATISTICS rx_dropped, summed over the sockets.",
+            static_cast<double>(ds.xsk_rx_dropped));
+  b.Counter("netch_xsk_rx_ring_full_total", "XDP_STATISTICS rx_ring_full.",
+            static_cast<double>(ds.xsk_rx_ring_full));
+  b.Counter("netch_xsk_fill_ring_empty_total", "XDP_STATISTICS rx_fill_ring_empty_descs.",
+            static_cast<double>(ds.xsk_fill_ring_empty));
+  b.Counter("netch_xsk_tx_ring_empty_total", "XDP_STATISTICS tx_ring_empty_descs.",
+            static_cast<double>(ds.xsk_tx_ring_empty));
+  b.Gauge("netch_umem_frames", "UMEM frames by where they are.",
+          static_cast<double>(ds.frames_free), {{"state", "free"}});
+  b.Gauge("netch_umem_frames", "UMEM frames by where they are.",
+          static_cast<double>(ds.frames_in_fill), {{"state", "fill_ring"}});
+  b.Gauge("netch_umem_frames", "UMEM frames by where they are.",
+          static_cast<double>(ds.frames_total - ds.frames_free - ds.frames_in_fill),
+          {{"state", "in_use"}});
+
+  const auto engines = d.Engines();
+  for (const auto& e : engines) {
+    Labels l{{"engine", std::to_string(e.index)}, {"core", std::to_string(e.core)}};
+    b.Counter("netch_engine_busy_seconds_total", "Time engine threads spent doing work.",
+              static_cast<double>(e.busy_ns) / 1e9, l);
+    b.Counter("netch_engine_sleeps_total", "Times an engine went to sleep (adaptive polling).",
+              static_cast<double>(e.wakeups), l);
+  }
+  for (const auto& ch : d.Channels()) {
+    const chan::ChannelStats s = ch->stats();
+    int core = -1;
+    for (const auto& e : engines)
+      if (e.index == s.engine) core = e.core;
+    Labels l{{"channel", std::to_string(ch->id())}, {"peer", Ip(ch->peer_ipv4())}};
+    b.Counter("netch_channel_tx_bytes_total", "Payload bytes handed to the channel's transport.",
+              static_cast<double>(s.tx_bytes), l);
+    b.Counter("netch_channel_rx_bytes_total", "Payload bytes the channel delivered.",
+              static_cast<double>(s.rx_bytes), l);
+    b.Counter("netch_channel_tx_segments_total", "Segments handed to the transport.",
+              static_cast<double>(s.tx_segments), l);
+    b.Counter("netch_channel_rx_segments_total", "Segments delivered.",
+              static_cast<double>(s.rx_segments), l);
+    b.Counter("netch_channel_retransmits_total", "Packets transmitted again.",
+              static_cast<double>(s.retransmits), l);
+    b.Counter("netch_channel_timeouts_total", "Retransmission timeouts.",
+              static_cast<double>(s.timeouts), l);
+    b.Gauge("netch_channel_rtt_seconds", "Smoothed round-trip time estimate.",
+            static_cast<double>(s.srtt_us) / 1e6, l);
+    Labels tx = l, rx = l;
+    tx.push_back({"direction", "tx"});
+    rx.push_back({"direction", "rx"});
+    b.Gauge("netch_channel_queued_bytes",
+            "Bytes queued: tx = not yet acknowledged, rx = delivered, not yet released.",
+            static_cast<double>(s.tx_queued_bytes), tx);
+    b.Gauge("netch_channel_queued_bytes",
+            "Bytes queued: tx = not yet acknowledged, rx = delivered, not yet released.",
+            static_cast<double>(s.rx_queued_bytes), rx);
+    b.Gauge("netch_channel_send_window_bytes", "What the transport may still put in flight.",
+            static_cast<double>(s.send_window_bytes), l);
+    b.Gauge("netch_channel_core", "CPU core of the engine thread running the channel (-1: none).",
+            core, l);
+    b.Gauge("netch_channel_up", "1 while the channel is up.",
+            s.state == chan::ChannelState::kUp ? 1 : 0, l);
+    if (auto xs = ctl.steer()->ReadChanStats(ch->id()); xs.ok()) {
+      b.Counter("netch_channel_xdp_rx_packets_total", "Packets the XDP program steered to it.",
+                static_cast<double>(xs->rx_packets), l);
+      b.Counter("netch_channel_fault_drops_total", "Packets dropped by fault injection.",
+                static_cast<double>(xs->fault_drops), l);
+    }
+  }
+  for (const auto& so : stack.Sockets()) {
+    if (so.listening) continue;
+    Labels l{{"socket", std::to_string(so.id)}, {"class", ClassName(so.app_class)}};
+    b.Counter("netch_socket_tx_bytes_total", "Bytes the application sent on the socket.",
+              static_cast<double>(so.tx_bytes), l);
+    b.Counter("netch_socket_rx_bytes_total", "Bytes the application received on the socket.",
+              static_cast<double>(so.rx_bytes), l);
+  }
+  const vns::StackStats ss = stack.Stats();
+  b.Counter("netch_copy_chunks_total", "Chunks copied by copy workers.",
+            static_cast<double>(ss.copy_chunks));
+  b.Gauge("netch_copy_workers", "Copy worker threads.", stack.copy_workers());
+  b.Counter("netch_scheduler_decisions_total", "Channel choices for a batch of segments.",
+            static_cast<double>(ss.sched_batches), {{"decision", "send"}});
+  b.Counter("netch_scheduler_decisions_total", "Channel choices for a batch of segments.",
+            static_cast<double>(ss.sched_skips), {{"decision", "skip_queued"}});
+  b.Counter("netch_dispatcher_holds_total", "Times a full socket held a channel back.",
+            static_cast<double>(ss.dispatcher_blocked));
+  b.Counter("netch_rst_sent_total", "RST segments sent (no listener, no such connection).",
+            static_cast<double>(ss.rst_sent));
+  return b.fams;
+}
+
+std::string MetricsText(vns::Stack& stack, Controller& ctl) {
+  return prometheus::TextSerializer().Serialize(CollectMetrics(stack, ctl));
+}
+
+absl::StatusOr<std::unique_ptr<MetricsExposer>> MetricsExposer::Start(const std::string& address,
+                                                                      vns::Stack* stack,
+                                                                      Controller* c) {
+  std::unique_ptr<MetricsExposer> m(new MetricsExposer());
+  try {
+    m->exposer_ = std::make_unique<prometheus::Exposer>(address, 1);
+  } catch (const std::exception& e) {
+    return absl::UnavailableError(absl::StrFormat("cannot listen on %s: %s", address, e.what()));
+  }
+  auto collector = std::make_shared<Collector>(stack, c);
+  m->exposer_->RegisterCollectable(collector);
+  m->collector_ = collector;
+  return m;
+}
+
+MetricsExposer::~MetricsExposer() { exposer_.reset(); }
+
+}  // namespace netch::ctl
