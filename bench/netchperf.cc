@@ -36,6 +36,7 @@
 #include "absl/strings/str_format.h"
 #include "afxdp_channels/engine.h"
 #include "afxdp_channels/netdev.h"
+#include "ctl/controller.h"
 #include "vns_lib/vns.h"
 
 namespace {
@@ -46,14 +47,18 @@ constexpr char kUsage[] =
     "usage:\n"
     "  netchperf server --dev IF [--stack netch|kernel] [--port P] [--once] [--json]\n"
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
+    "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp]\n"
     "  netchperf client --dev IF --peer ADDR [--stack netch|kernel] [--port P]\n"
     "                   [--mode stream|rpc] [--bytes N | --seconds S] [--size BYTES]\n"
     "                   [--concurrency N] [--no-verify] [--json]\n"
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
+    "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp]\n"
     "Runs the same workload over the NetChannel stack (--stack netch, default) or kernel TCP.\n"
     "stream: one thread sends --bytes (default 1 GiB) in --size writes (default 131072); every\n"
     "byte is checked by the server. rpc: --concurrency (default 1) connections ping-pong --size\n"
-    "(default 4096) bytes for --seconds (default 3). --json prints one object.\n";
+    "(default 4096) bytes for --seconds (default 3). --json prints one object.\n"
+    "The netch stack serves netchctl (instance --instance, default 'default') and Prometheus\n"
+    "metrics on --metrics (default 127.0.0.1:9464, 'off' to disable; a busy port is a warning).\n";
 
 constexpr uint32_t kMagic = 0x4e435046;  // "NCPF"
 constexpr size_t kPatternLen = (4u << 20) + 13;
@@ -67,6 +72,8 @@ struct Options {
   double seconds = 0;
   uint64_t size = 0;
   uint32_t concurrency = 1, channels = 1, copy_workers = 0, engines = 2;
+  std::string instance = "default", metrics = "127.0.0.1:9464";
+  bool replace_xdp = false;
   bool once = false, json = false, verify = true;
 };
 
@@ -244,10 +251,27 @@ class KernelEndpoint final : public Endpoint {
 class NetchEndpoint final : public Endpoint {
  public:
   bool Open(const Options& o, std::string* err) {
+    // The control plane first: it owns the XDP program the stack's driver steers with, and
+    // serves netchctl and /metrics for the stack's whole life.
+    netch::ctl::ControllerOptions co;
+    co.instance = o.instance;
+    co.ifname = o.dev;
+    co.replace = o.replace_xdp;
+    co.metrics_address = o.metrics == "off" ? "" : o.metrics;
+    auto ctl = netch::ctl::Controller::Start(co);
+    if (!ctl.ok()) {
+      *err = ctl.status().ToString();
+      return false;
+    }
+    ctl_ = std::move(*ctl);
     netch::vns::StackOptions so;
     so.driver = o.driver;
     so.driver_opts.ifname = o.dev;
+    so.driver_opts.steer = ctl_->steer();
     so.driver_opts.engines = static_cast<int>(o.engines);
+    // Engines pinned to cores 0..n-1 (wrapping): `netchctl pin channel` moves work between them.
+    const int ncpu = static_cast<int>(std::thread::hardware_concurrency());
+    for (uint32_t e = 0; e < o.engines; ++e) so.driver_opts.cores.push_back(ncpu ? e % ncpu : -1);
     so.channels_per_peer = static_cast<int>(o.channels);
     so.copy_workers = static_cast<int>(o.copy_workers);
     auto s = netch::vns::Stack::Create(so);
@@ -256,6 +280,10 @@ class NetchEndpoint final : public Endpoint {
       return false;
     }
     stack_ = std::move(*s);
+    if (auto st = ctl_->Serve(stack_.get()); !st.ok()) {
+      *err = st.ToString();
+      return false;
+    }
     return true;
   }
   bool Listen(uint16_t port, std::string* err) {
@@ -279,6 +307,7 @@ class NetchEndpoint final : public Endpoint {
   std::unique_ptr<Sock> Connect(uint32_t ip, uint16_t port, std::string* err) override {
     netch::vns::SocketOptions so;
     so.connect_timeout = absl::Seconds(5);
+    so.app_class = app_class_;
     auto s = stack_->Connect(ip, port, so);
     if (!s.ok()) {
       *err = s.status().ToString();
@@ -289,11 +318,19 @@ class NetchEndpoint final : public Endpoint {
   // Sockets must go before the stack.
   void Reset() {
     listener_.reset();
+    if (ctl_) ctl_->Stop();  // no control request may reach a stack being torn down
     stack_.reset();
+    ctl_.reset();  // last: detaches and unpins after the driver released its sockets
   }
 
  private:
+  std::unique_ptr<netch::ctl::Controller> ctl_;
   std::unique_ptr<netch::vns::Stack> stack_;
+
+ public:
+  netch::vns::AppClass app_class_ = netch::vns::AppClass::kUnspecified;
+
+ private:
   std::unique_ptr<netch::vns::VirtualSocket> listener_;
 };
 
@@ -515,6 +552,10 @@ int main(int argc, char** argv) {
       o.verify = false;
       continue;
     }
+    if (a == "--replace-xdp") {
+      o.replace_xdp = true;
+      continue;
+    }
     if (i + 1 >= argc) return Usage(a + " needs a value");
     const std::string v = argv[++i];
     bool ok = true;
@@ -549,6 +590,10 @@ int main(int argc, char** argv) {
       ok = absl::SimpleAtoi(v, &o.channels) && o.channels >= 1 && o.channels <= 64;
     } else if (a == "--copy-workers") {
       ok = absl::SimpleAtoi(v, &o.copy_workers) && o.copy_workers <= 64;
+    } else if (a == "--instance") {
+      o.instance = v;
+    } else if (a == "--metrics") {
+      o.metrics = v;
     } else if (a == "--engines") {
       ok = absl::SimpleAtoi(v, &o.engines) && o.engines >= 1 && o.engines <= 64;
     } else {
@@ -571,6 +616,9 @@ int main(int argc, char** argv) {
     return o.role == "server" ? RunServer(o, ep) : RunClient(o, ep);
   }
   NetchEndpoint ep;
+  // Stream is the T-app of the paper, rpc the L-app: the class travels in NCSYN.
+  ep.app_class_ = o.mode == "rpc" ? netch::vns::AppClass::kLatency
+                                  : netch::vns::AppClass::kThroughput;
   if (!ep.Open(o, &err)) return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
   if (o.role == "server" && !ep.Listen(o.port, &err))
     return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;

@@ -109,9 +109,15 @@ absl::Status Controller::Init() {
     if (mount("bpf", opts_.bpffs.c_str(), "bpf", 0, "mode=0700") != 0)
       return ErrnoStatus(errno, "mount bpffs at " + opts_.bpffs);
   }
-  pin_dir_ = opts_.bpffs + "/netch/" + opts_.instance;
-  pid_file_ = opts_.run_dir + "/" + opts_.instance + ".pid";
-  if (auto st = MkdirP(opts_.run_dir, 0700); !st.ok()) return st;
+  // Instances are per network namespace (like their abstract control sockets): two test hosts
+  // on one machine may both run "default". The namespace's inode number keeps them apart.
+  struct stat ns {};
+  if (stat("/proc/thread-self/ns/net", &ns) != 0) return ErrnoStatus(errno, "stat own netns");
+  const std::string scope = absl::StrFormat("net%u", static_cast<uint64_t>(ns.st_ino));
+  pin_dir_ = opts_.bpffs + "/netch/" + scope + "/" + opts_.instance;
+  const std::string run_dir = opts_.run_dir + "/" + scope;
+  pid_file_ = run_dir + "/" + opts_.instance + ".pid";
+  if (auto st = MkdirP(run_dir, 0700); !st.ok()) return st;
   if (auto st = RecoverStale(); !st.ok()) return st;
 
   const int ifindex = static_cast<int>(if_nametoindex(opts_.ifname.c_str()));

@@ -8,7 +8,10 @@
 // What it promises:
 // * Attach in native mode; generic mode only as a fallback with a warning (and only when allowed);
 //   refuse with FailedPrecondition when another program owns the interface, unless `replace`.
-// * Maps and program pinned under <bpffs>/netch/<instance>/ (bpffs mounted when absent), unpinned
+// * Instances are per network namespace (the namespace's inode number scopes the pin directory
+//   and the pid file, the control socket is abstract).
+// * Maps and program pinned under <bpffs>/netch/net<ino>/<instance>/ (bpffs mounted when absent),
+// unpinned
 //   and detached on exit. A crashed instance leaves its pid file, pins and program behind: the
 //   next Start with the same instance detects them, detaches the stale program if it is still
 //   attached, removes the pins, and says so in status() (`recovered`). A live instance with the
