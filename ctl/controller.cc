@@ -63,7 +63,7 @@ absl::Status Controller::RecoverStale() {
     if (fscanf(f, "%d", &old_pid) != 1) old_pid = 0;
     fclose(f);
   }
-  if (old_pid && old_pid != getpid() && ProcessAlive(old_pid))
+  if (old_pid && ProcessAlive(old_pid))
     return absl::AlreadyExistsError(
         absl::StrFormat("instance '%s' is already running (pid %d); pick another --instance",
                         opts_.instance, old_pid));
