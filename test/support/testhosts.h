@@ -18,6 +18,10 @@ struct TestHostsOptions {
   int mtu = 1500;
 };
 
+// What the channel, VNS and control-plane tests run on: 4 queues (one per channel) and the
+// largest MTU a veth peer takes with an XDP program attached and no multi-buffer.
+inline TestHostsOptions StackHostsOptions() { return {.queues = 4, .mtu = 3506}; }
+
 class TestHosts {
  public:
   static constexpr uint32_t kIpA = 0xC6120001;  // 198.18.0.1

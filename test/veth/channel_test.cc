@@ -40,10 +40,7 @@ class ChannelHostsTest : public ::testing::Test {
 
   void SetUp() override {
     NETCH_REQUIRE_ROOT();
-    testing::TestHostsOptions ho;
-    ho.queues = 4;
-    ho.mtu = 3506;  // the largest a veth peer takes with XDP attached and no multi-buffer
-    ASSERT_TRUE(hosts_.Up(ho).ok());
+    ASSERT_TRUE(hosts_.Up(testing::StackHostsOptions()).ok());
   }
 
   chan::DriverOptions Opts(const std::string& ns, const char* dev) {

@@ -52,10 +52,7 @@ class CtlTest : public ::testing::Test {
  protected:
   void SetUp() override {
     NETCH_REQUIRE_ROOT();
-    testing::TestHostsOptions ho;
-    ho.queues = 4;
-    ho.mtu = 3506;
-    ASSERT_TRUE(hosts_.Up(ho).ok());
+    ASSERT_TRUE(hosts_.Up(testing::StackHostsOptions()).ok());
     netchctl_ = std::string(NETCH_BINARY_DIR) + "/ctl/netchctl";
   }
   void TearDown() override {

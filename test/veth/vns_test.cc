@@ -33,10 +33,7 @@ class VnsTest : public ::testing::Test {
  protected:
   void SetUp() override {
     NETCH_REQUIRE_ROOT();
-    testing::TestHostsOptions ho;
-    ho.queues = 4;
-    ho.mtu = 3506;
-    ASSERT_TRUE(hosts_.Up(ho).ok());
+    ASSERT_TRUE(hosts_.Up(testing::StackHostsOptions()).ok());
   }
 
   static StackOptions Opts(const std::string& ns, const char* dev, const std::string& driver,
