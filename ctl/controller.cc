@@ -181,6 +181,10 @@ Controller::~Controller() {
   for (const char* p : kPins) unlink((pin_dir_ + "/" + p).c_str());
   if (!pin_dir_.empty()) rmdir(pin_dir_.c_str());
   if (!pid_file_.empty()) unlink(pid_file_.c_str());
+  // The per-namespace directories go when their last instance does (rmdir fails otherwise).
+  auto parent = [](const std::string& p) { return p.substr(0, p.rfind('/')); };
+  if (!pin_dir_.empty()) rmdir(parent(pin_dir_).c_str());
+  if (!pid_file_.empty()) rmdir(parent(pid_file_).c_str());
 }
 
 }  // namespace netch::ctl

@@ -173,6 +173,8 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   b.Counter("netch_copy_chunks_total", "Chunks copied by copy workers.",
             static_cast<double>(ss.copy_chunks));
   b.Gauge("netch_copy_workers", "Copy worker threads.", stack.copy_workers());
+  b.Counter("netch_copy_worker_busy_seconds_total", "Time copy worker threads spent copying.",
+            static_cast<double>(ss.copy_busy_ns) / 1e9);
   b.Counter("netch_scheduler_decisions_total", "Channel choices for a batch of segments.",
             static_cast<double>(ss.sched_batches), {{"decision", "send"}});
   b.Counter("netch_scheduler_decisions_total", "Channel choices for a batch of segments.",

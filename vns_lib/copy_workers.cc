@@ -1,6 +1,7 @@
 #include "vns_lib/copy_workers.h"
 
 #include <pthread.h>
+#include <time.h>
 
 #include <algorithm>
 #include <string>
@@ -36,9 +37,17 @@ void CopyWorkers::Resize(int n) {
   }
 }
 
-void CopyWorkers::Work(Job* j, std::atomic<uint64_t>* counter) {
+void CopyWorkers::Work(Job* j, std::atomic<uint64_t>* counter, std::atomic<uint64_t>* busy_ns) {
   for (size_t i; (i = j->next.fetch_add(1)) < j->n;) {
+    timespec a, b;
+    if (busy_ns) clock_gettime(CLOCK_MONOTONIC, &a);
     (*j->fn)(i);
+    if (busy_ns) {
+      clock_gettime(CLOCK_MONOTONIC, &b);
+      busy_ns->fetch_add(
+          static_cast<uint64_t>((b.tv_sec - a.tv_sec) * 1'000'000'000ll + (b.tv_nsec - a.tv_nsec)),
+          std::memory_order_relaxed);
+    }
     counter->fetch_add(1, std::memory_order_relaxed);
     j->done.fetch_add(1, std::memory_order_acq_rel);
   }
@@ -56,7 +65,7 @@ void CopyWorkers::Loop(int index) {
     }
     j->active++;
     lk.unlock();
-    Work(j, &chunks_run_);
+    Work(j, &chunks_run_, &busy_ns_);
     lk.lock();
     j->active--;  // after this the owner may free the job: never touch it again
     done_cv_.notify_all();
@@ -76,7 +85,7 @@ void CopyWorkers::ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
   }
   if (parallel) cv_.notify_all();
   std::atomic<uint64_t> mine{0};
-  Work(&j, &mine);  // the caller takes chunks too
+  Work(&j, &mine, nullptr);  // the caller takes chunks too
   if (!parallel) return;
   std::unique_lock lk(mu_);
   jobs_.erase(std::remove(jobs_.begin(), jobs_.end(), &j), jobs_.end());  // no new takers

@@ -35,6 +35,8 @@ class CopyWorkers {
   // when all have finished. fn must be safe to call concurrently for different i.
   void ParallelFor(size_t n, const std::function<void(size_t)>& fn);
   uint64_t chunks_run() const { return chunks_run_.load(std::memory_order_relaxed); }
+  // Time worker threads (not callers) spent copying.
+  uint64_t busy_ns() const { return busy_ns_.load(std::memory_order_relaxed); }
 
  private:
   struct Job {
@@ -45,7 +47,7 @@ class CopyWorkers {
     int active = 0;  // guarded by mu_: workers inside Work(); the owner waits for 0
   };
   void Loop(int index);
-  static void Work(Job* j, std::atomic<uint64_t>* counter);
+  static void Work(Job* j, std::atomic<uint64_t>* counter, std::atomic<uint64_t>* busy_ns);
 
   std::mutex mu_;
   std::condition_variable cv_, done_cv_;
@@ -53,6 +55,7 @@ class CopyWorkers {
   int target_ = 0;         // guarded by mu_: workers with index >= target_ exit
   std::vector<std::thread> threads_;
   std::atomic<uint64_t> chunks_run_{0};
+  std::atomic<uint64_t> busy_ns_{0};
 };
 
 }  // namespace netch::vns

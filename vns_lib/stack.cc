@@ -680,6 +680,7 @@ StackStats StackImpl::Stats() const {
   s.rst_sent = rst_sent_.load();
   s.dispatcher_blocked = blocked_.load();
   s.copy_chunks = const_cast<CopyWorkers&>(workers_).chunks_run();
+  s.copy_busy_ns = const_cast<CopyWorkers&>(workers_).busy_ns();
   s.sched_batches = sched_batches_.load();
   s.sched_skips = sched_skips_.load();
   return s;
