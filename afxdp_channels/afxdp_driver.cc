@@ -573,6 +573,7 @@ void XskQueue::Publish(AfxdpChannel& ch) {
   p.rx_dropped_stale.store(t.stats().dup_received + t.stats().out_of_window,
                            std::memory_order_relaxed);
   p.timeouts.store(t.stats().rto_events, std::memory_order_relaxed);
+  p.tail_probes.store(t.stats().tail_probes, std::memory_order_relaxed);
   p.rx_ignored_acks.store(t.stats().bad_acks, std::memory_order_relaxed);
   const uint64_t cwnd_bytes = static_cast<uint64_t>(t.cwnd()) * driver_->max_payload();
   const uint64_t limit = std::min<uint64_t>(cwnd_bytes, t.peer_window());

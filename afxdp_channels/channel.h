@@ -63,6 +63,7 @@ struct ChannelStats {
   uint64_t srtt_us = 0;            // smoothed RTT estimate
   uint64_t retransmits = 0;
   uint64_t timeouts = 0;          // retransmission timeouts (the costly way to recover a loss)
+  uint64_t tail_probes = 0;       // tail-loss probes: the last packet resent when ACKs stop
   uint64_t rx_dropped_stale = 0;  // DATA already received or outside the window: dropped
   uint64_t rx_ignored_acks = 0;   // ACKs for data never sent (spoofed or corrupt): ignored
   uint64_t tx_segments = 0, tx_bytes = 0;  // payload handed to the transport

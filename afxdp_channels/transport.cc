@@ -75,7 +75,7 @@ Transport::Transport(const TransportConfig& cfg, std::unique_ptr<CongestionContr
 
 bool Transport::Send(uint64_t handle, uint32_t len) {
   if (state_ != TransportState::kUp || snd_end_ - snd_una_ >= cfg_.window_packets) return false;
-  tx(snd_end_) = TxSlot{handle, len, false, false, false};
+  tx(snd_end_) = TxSlot{handle, len, false, false, false, 0};
   snd_end_++;
   snd_queued_bytes_ += len;
   return true;
@@ -143,7 +143,11 @@ void Transport::OnAck(const wire::ChanHeader& h, uint64_t now_us) {
     uint32_t start = h.sacks[i].start, end = h.sacks[i].end;
     if (Before(start, ack)) start = ack;
     if (Before(snd_nxt_, end)) end = snd_nxt_;  // never trust SACKs for unsent data
-    for (uint32_t s = start; Before(s, end); ++s) MarkSacked(tx(s));
+    for (uint32_t s = start; Before(s, end); ++s) {
+      TxSlot& slot = tx(s);
+      if (!slot.sacked) rack_xmit_us_ = std::max(rack_xmit_us_, slot.xmit_us);
+      MarkSacked(slot);
+    }
     if (Before(start, end) && (!any_sacked_ || Before(highest_sacked_, end))) {
       highest_sacked_ = end;
       any_sacked_ = true;
@@ -152,6 +156,7 @@ void Transport::OnAck(const wire::ChanHeader& h, uint64_t now_us) {
   if (newly) {
     for (uint32_t s = snd_una_; s != ack; ++s) {
       TxSlot& slot = tx(s);
+      if (!slot.sacked) rack_xmit_us_ = std::max(rack_xmit_us_, slot.xmit_us);
       if (slot.sacked) sacked_cnt_--;
       if (slot.lost) lost_cnt_--;
       in_flight_bytes_ -= slot.len;
@@ -161,6 +166,8 @@ void Transport::OnAck(const wire::ChanHeader& h, uint64_t now_us) {
     }
     snd_una_ = ack;
     dupacks_ = 0;
+    tlp_outstanding_ = false;
+    tlp_deadline_us_ = snd_una_ == snd_nxt_ ? UINT64_MAX : now_us + TlpTimeout();
     if (any_sacked_ && !Before(snd_una_, highest_sacked_)) any_sacked_ = false;
     cc_->OnAck(newly, rtt, h.flags & NC_CF_ECE);
     if (in_recovery_ && !Before(ack, recover_)) in_recovery_ = false;
@@ -192,12 +199,33 @@ void Transport::OnAck(const wire::ChanHeader& h, uint64_t now_us) {
       }
     }
   }
+  loss |= DetectRackLosses(now_us);
   if (loss && !in_recovery_) {
     in_recovery_ = true;
     recover_ = snd_nxt_;
     cc_->OnLoss();
     stats_.fast_retransmits++;
   }
+}
+
+bool Transport::DetectRackLosses(uint64_t now_us) {
+  rack_timer_us_ = UINT64_MAX;
+  if (rack_xmit_us_ == 0) return false;
+  const uint64_t rtt = srtt_us_ ? srtt_us_ : cfg_.initial_rto_us;
+  const uint64_t reo = std::max<uint64_t>(rtt / 4, 200);  // reordering tolerance
+  bool any = false;
+  for (uint32_t s = snd_una_; s != snd_nxt_; ++s) {
+    TxSlot& slot = tx(s);
+    if (slot.sacked || slot.lost || slot.xmit_us >= rack_xmit_us_) continue;
+    if (now_us >= slot.xmit_us + rtt + reo) {
+      MarkLost(slot);
+      stats_.rack_losses++;
+      any = true;
+    } else {
+      rack_timer_us_ = std::min(rack_timer_us_, slot.xmit_us + rtt + reo);
+    }
+  }
+  return any;
 }
 
 void Transport::OnData(const wire::ChanHeader& h, uint64_t handle, uint32_t len, uint64_t now_us) {
@@ -253,6 +281,10 @@ void Transport::Consumed(uint32_t len) {
   // Reopening a (nearly) closed window must not wait for the sender's next probe.
   if (last_adv_wnd_ < cfg_.rcv_buf_bytes / 4 && advertised_window() >= cfg_.rcv_buf_bytes / 2)
     ack_now_ = true;
+}
+
+uint64_t Transport::TlpTimeout() const {
+  return std::max<uint64_t>(2 * (srtt_us_ ? srtt_us_ : cfg_.initial_rto_us / 2), 1000);
 }
 
 void Transport::UpdateRtt(uint64_t r) {
@@ -318,6 +350,28 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
     rto_us_ = std::min(rto_us_ * 2, cfg_.max_rto_us);
     ArmRto(now_us);
   }
+  if (now_us >= rack_timer_us_ && DetectRackLosses(now_us) && !in_recovery_) {
+    in_recovery_ = true;
+    recover_ = snd_nxt_;
+    cc_->OnLoss();
+  }
+  // Tail-loss probe: data in flight, nothing known lost, no ACK progress for ~2 RTT: resend the
+  // last packet so that its ACK (with SACK blocks) reveals what the tail lost, instead of waiting
+  // for the RTO.
+  if (snd_una_ != snd_nxt_ && lost_cnt_ == 0 && !tlp_outstanding_ && now_us >= tlp_deadline_us_ &&
+      n < out.size()) {
+    TxSlot& slot = tx(snd_nxt_ - 1);
+    if (!slot.sacked) {
+      slot.xmit_us = now_us;
+      out[n].hdr = MakeHeader(NC_CT_DATA, now_us);
+      out[n].hdr.seq = snd_nxt_ - 1;
+      out[n].handle = slot.handle;
+      out[n].len = slot.len;
+      n++;
+      stats_.tail_probes++;  // a probe, not a loss repair: counted apart from retransmits
+    }
+    tlp_outstanding_ = true;
+  }
   // Retransmissions, within the congestion window (pipe = in flight and not known lost/sacked).
   uint32_t pipe = (snd_nxt_ - snd_una_) - sacked_cnt_ - lost_cnt_;
   for (uint32_t s = snd_una_; lost_cnt_ > 0 && s != snd_nxt_ && n < out.size(); ++s) {
@@ -327,6 +381,7 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
     slot.lost = false;
     lost_cnt_--;
     slot.retransmitted = true;
+    slot.xmit_us = now_us;
     out[n].hdr = MakeHeader(NC_CT_DATA, now_us);
     out[n].hdr.seq = s;
     out[n].handle = slot.handle;
@@ -339,11 +394,13 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
   while (n < out.size() && snd_nxt_ != snd_end_ && pipe < cc_->cwnd() &&
          SendWindowAllows(tx(snd_nxt_).len)) {
     TxSlot& slot = tx(snd_nxt_);
+    slot.xmit_us = now_us;
     out[n].hdr = MakeHeader(NC_CT_DATA, now_us);
     out[n].handle = slot.handle;
     out[n].len = slot.len;
     n++;
     in_flight_bytes_ += slot.len;
+    if (tlp_deadline_us_ == UINT64_MAX) tlp_deadline_us_ = now_us + TlpTimeout();
     snd_nxt_++;
     pipe++;
     stats_.data_sent++;
@@ -391,7 +448,10 @@ uint64_t Transport::next_timer_us() const {
   uint64_t t = std::min(
       {ack_deadline_us_, probe_deadline_us_, next_keepalive_us_, last_rx_us_ + cfg_.dead_peer_us});
   if (ack_now_) t = 0;
-  if (snd_una_ != snd_nxt_) t = std::min(t, rto_deadline_us_);
+  if (snd_una_ != snd_nxt_) {
+    t = std::min({t, rto_deadline_us_, rack_timer_us_});
+    if (!tlp_outstanding_) t = std::min(t, tlp_deadline_us_);
+  }
   return t;
 }
 

@@ -64,6 +64,8 @@ struct TransportStats {
   uint64_t retransmits = 0;  // DATA packets transmitted again
   uint64_t rto_events = 0;
   uint64_t fast_retransmits = 0;
+  uint64_t rack_losses = 0;  // packets found lost by RACK's time rule
+  uint64_t tail_probes = 0;  // tail-loss probes sent
   uint64_t acks_sent = 0;
   uint64_t data_received = 0;  // DATA packets accepted (in order or buffered)
   uint64_t dup_received = 0;   // DATA already received: dropped, re-ACKed
@@ -139,6 +141,7 @@ class Transport {
     bool sacked = false;
     bool lost = false;  // needs retransmission
     bool retransmitted = false;
+    uint64_t xmit_us = 0;  // last (re)transmission: RACK's clock
   };
   struct RxSlot {
     uint64_t handle = 0;
@@ -153,8 +156,14 @@ class Transport {
   void OnAck(const wire::ChanHeader& h, uint64_t now_us);
   void OnData(const wire::ChanHeader& h, uint64_t handle, uint32_t len, uint64_t now_us);
   void MarkLost(TxSlot& s);
+  // RACK-style, time-based loss detection (RFC 8985, simplified): a packet sent before one that
+  // was since delivered, and outstanding longer than an RTT plus a reordering window, is lost —
+  // retransmissions included, which the duplicate-ACK rule cannot see. Returns true if it
+  // marked any; arms rack_timer_us_ for packets not yet old enough.
+  bool DetectRackLosses(uint64_t now_us);
   void MarkSacked(TxSlot& s);
   void UpdateRtt(uint64_t sample_us);
+  uint64_t TlpTimeout() const;
   wire::ChanHeader MakeHeader(uint8_t type, uint64_t now_us);
   bool SendWindowAllows(uint32_t len) const;
   void ArmRto(uint64_t now_us) { rto_deadline_us_ = now_us + rto_us_; }
@@ -183,6 +192,10 @@ class Transport {
   uint32_t lost_cnt_ = 0;    // ... and known lost, awaiting retransmission
   uint32_t ecn_react_seq_ = 0;
   uint64_t probe_deadline_us_ = UINT64_MAX;  // next zero-window probe
+  uint64_t rack_xmit_us_ = 0;                // newest send time among delivered packets
+  uint64_t rack_timer_us_ = UINT64_MAX;      // re-run RACK then
+  uint64_t tlp_deadline_us_ = UINT64_MAX;    // tail-loss probe
+  bool tlp_outstanding_ = false;
   uint64_t next_keepalive_us_;
 
   // Receive side.

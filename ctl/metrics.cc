@@ -137,6 +137,8 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
               static_cast<double>(s.retransmits), l);
     b.Counter("netch_channel_timeouts_total", "Retransmission timeouts.",
               static_cast<double>(s.timeouts), l);
+    b.Counter("netch_channel_tail_probes_total", "Tail-loss probes (last packet resent).",
+              static_cast<double>(s.tail_probes), l);
     b.Gauge("netch_channel_rtt_seconds", "Smoothed round-trip time estimate.",
             static_cast<double>(s.srtt_us) / 1e6, l);
     Labels tx = l, rx = l;

@@ -209,6 +209,21 @@ INSTANTIATE_TEST_SUITE_P(Links, TransportLinkTest,
                                                  .duplicate = 0.05}}),
                          [](const auto& info) { return std::string(info.param.name); });
 
+TEST(TransportTest, LostRetransmissionsAndTailsAreRepairedWithoutTimeouts) {
+  // At 5% loss many retransmissions are lost too; the duplicate-ACK rule cannot see that, RACK's
+  // time rule can, and tail-loss probes reveal losses at the end of a flight. Timeouts must be
+  // the exception, not the way losses get repaired.
+  for (uint64_t seed : {1, 2, 3}) {
+    SCOPED_TRACE(seed);
+    Sim sim({.loss = 0.05}, seed);
+    sim.Transfer(kBytes, kMss, 120'000'000);
+    const auto& st = sim.ta_->stats();
+    EXPECT_GT(st.rack_losses, 0u);
+    EXPECT_LT(st.rto_events * 50, st.retransmits)
+        << st.rto_events << " timeouts for " << st.retransmits << " retransmits";
+  }
+}
+
 TEST(TransportTest, StalledConsumerStopsTheSenderWithoutLoss) {
   TransportConfig cfg;
   cfg.rcv_buf_bytes = 256 << 10;
