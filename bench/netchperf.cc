@@ -52,7 +52,7 @@ constexpr char kUsage[] =
     "                   [--mode stream|rpc] [--bytes N | --seconds S] [--size BYTES]\n"
     "                   [--concurrency N] [--no-verify] [--json]\n"
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
-    "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp]\n"
+    "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp] [--spin-us N]\n"
     "Runs the same workload over the NetChannel stack (--stack netch, default) or kernel TCP.\n"
     "stream: one thread sends --bytes (default 1 GiB) in --size writes (default 131072); every\n"
     "byte is checked by the server. rpc: --concurrency (default 1) connections ping-pong --size\n"
@@ -74,6 +74,7 @@ struct Options {
   uint32_t concurrency = 1, channels = 1, copy_workers = 0, engines = 2;
   std::string instance = "default", metrics = "127.0.0.1:9464";
   bool replace_xdp = false;
+  uint64_t spin_us = 0;  // netch: adaptive-polling spin of Recv, dispatcher and engines
   bool once = false, json = false, verify = true;
 };
 
@@ -274,6 +275,9 @@ class NetchEndpoint final : public Endpoint {
     for (uint32_t e = 0; e < o.engines; ++e) so.driver_opts.cores.push_back(ncpu ? e % ncpu : -1);
     so.channels_per_peer = static_cast<int>(o.channels);
     so.copy_workers = static_cast<int>(o.copy_workers);
+    so.recv_spin_us = o.spin_us;
+    so.dispatcher_spin_us = std::max<uint64_t>(50, o.spin_us);
+    so.driver_opts.spin = absl::Microseconds(std::max<uint64_t>(50, o.spin_us));
     auto s = netch::vns::Stack::Create(so);
     if (!s.ok()) {
       *err = s.status().ToString();
@@ -590,6 +594,8 @@ int main(int argc, char** argv) {
       ok = absl::SimpleAtoi(v, &o.channels) && o.channels >= 1 && o.channels <= 64;
     } else if (a == "--copy-workers") {
       ok = absl::SimpleAtoi(v, &o.copy_workers) && o.copy_workers <= 64;
+    } else if (a == "--spin-us") {
+      ok = absl::SimpleAtoi(v, &o.spin_us) && o.spin_us <= 100000;
     } else if (a == "--instance") {
       o.instance = v;
     } else if (a == "--metrics") {
@@ -617,8 +623,8 @@ int main(int argc, char** argv) {
   }
   NetchEndpoint ep;
   // Stream is the T-app of the paper, rpc the L-app: the class travels in NCSYN.
-  ep.app_class_ = o.mode == "rpc" ? netch::vns::AppClass::kLatency
-                                  : netch::vns::AppClass::kThroughput;
+  ep.app_class_ =
+      o.mode == "rpc" ? netch::vns::AppClass::kLatency : netch::vns::AppClass::kThroughput;
   if (!ep.Open(o, &err)) return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
   if (o.role == "server" && !ep.Listen(o.port, &err))
     return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;

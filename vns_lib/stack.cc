@@ -538,6 +538,11 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
       UpdateReadiness();
       return SockError(EAGAIN, "no data");
     }
+    // Adaptive: spin briefly for the next delivery (a reply usually follows within tens of
+    // microseconds), then sleep on the socket's fd.
+    const uint64_t spin_end = NowUs() + st_->opts().recv_spin_us;
+    while (c_->inq.EmptyApprox() && NowUs() < spin_end) std::this_thread::yield();
+    if (!c_->inq.EmptyApprox()) continue;
     pollfd p{c_->efd, POLLIN, 0};
     c_->Unsignal();
     if (c_->inq.EmptyApprox() && c_->fin_seq.load() != reasm_.next() &&
@@ -1102,7 +1107,7 @@ void StackImpl::Dispatch() {
       idle_since = now;
       continue;
     }
-    if (now - idle_since < 50) {
+    if (now - idle_since < opts_.dispatcher_spin_us) {
       std::this_thread::yield();
       continue;
     }

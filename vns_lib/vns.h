@@ -64,6 +64,10 @@ struct StackOptions {
   size_t inline_copy_bytes = 256 << 10;  // below this a Send/Recv copies on the caller's thread
   size_t chunk_bytes = 256 << 10;        // unit of work for a copy worker
   bool replace_xdp = false;  // AF_XDP: take over an interface where another XDP program is attached
+  // Adaptive polling: how long a blocked Recv and the idle dispatcher spin (yielding) before
+  // they sleep. Longer spins cut latency and cost CPU; the test machines have 2 cores.
+  uint64_t recv_spin_us = 0;
+  uint64_t dispatcher_spin_us = 50;
 };
 
 struct StackStats {
