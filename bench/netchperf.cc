@@ -34,6 +34,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "afxdp_channels/engine.h"
 #include "afxdp_channels/netdev.h"
 #include "ctl/controller.h"
@@ -53,6 +54,7 @@ constexpr char kUsage[] =
     "                   [--concurrency N] [--no-verify] [--json]\n"
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp] [--spin-us N]\n"
+    "                   [--engine-cores C0,C1,...]\n"
     "Runs the same workload over the NetChannel stack (--stack netch, default) or kernel TCP.\n"
     "stream: one thread sends --bytes (default 1 GiB) in --size writes (default 131072); every\n"
     "byte is checked by the server. rpc: --concurrency (default 1) connections ping-pong --size\n"
@@ -75,6 +77,7 @@ struct Options {
   std::string instance = "default", metrics = "127.0.0.1:9464";
   bool replace_xdp = false;
   uint64_t spin_us = 0;  // netch: adaptive-polling spin of Recv, dispatcher and engines
+  std::vector<int> engine_cores;  // netch: pin engine i to engine_cores[i]
   bool once = false, json = false, verify = true;
 };
 
@@ -270,9 +273,10 @@ class NetchEndpoint final : public Endpoint {
     so.driver_opts.ifname = o.dev;
     so.driver_opts.steer = ctl_->steer();
     so.driver_opts.engines = static_cast<int>(o.engines);
-    // Engines pinned to cores 0..n-1 (wrapping): `netchctl pin channel` moves work between them.
-    const int ncpu = static_cast<int>(std::thread::hardware_concurrency());
-    for (uint32_t e = 0; e < o.engines; ++e) so.driver_opts.cores.push_back(ncpu ? e % ncpu : -1);
+    // Engines float unless --engine-cores pins them (then `netchctl pin channel ID --core N`
+    // can move a channel between them). Pinning both test hosts' busy engines to the same core
+    // halves what they get, so the default leaves placement to the kernel.
+    so.driver_opts.cores = o.engine_cores;
     so.channels_per_peer = static_cast<int>(o.channels);
     so.copy_workers = static_cast<int>(o.copy_workers);
     so.recv_spin_us = o.spin_us;
@@ -594,6 +598,12 @@ int main(int argc, char** argv) {
       ok = absl::SimpleAtoi(v, &o.channels) && o.channels >= 1 && o.channels <= 64;
     } else if (a == "--copy-workers") {
       ok = absl::SimpleAtoi(v, &o.copy_workers) && o.copy_workers <= 64;
+    } else if (a == "--engine-cores") {
+      for (absl::string_view c : absl::StrSplit(v, ',')) {
+        int core;
+        if (!absl::SimpleAtoi(c, &core) || core < 0 || core > 1023) ok = false;
+        o.engine_cores.push_back(core);
+      }
     } else if (a == "--spin-us") {
       ok = absl::SimpleAtoi(v, &o.spin_us) && o.spin_us <= 100000;
     } else if (a == "--instance") {
