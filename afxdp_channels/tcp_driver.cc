@@ -34,11 +34,9 @@ class TcpDriver;
 
 class TcpChannel final : public ChannelCore, public EngineTask {
  public:
-  TcpChannel(TcpDriver* d, uint32_t id, int fd, bool active)
+  TcpChannel(uint32_t id, int fd)
       : ChannelCore(id, kRing, kMaxPayload),
-        driver_(d),
         fd_(fd),
-        active_(active),
         slab_(static_cast<size_t>(2 * kRing) * kSlot),
         stage_(kStage) {
     for (uint32_t i = 0; i < kRing; ++i) free_.PushOne(Token(i));
@@ -81,10 +79,8 @@ class TcpChannel final : public ChannelCore, public EngineTask {
     SetState(st);
   }
 
-  TcpDriver* driver_;
   int fd_;
   uint32_t peer_ip_ = 0;
-  const bool active_;
   bool connected_ = false;  // TCP connection established
   bool hello_sent_ = false, hello_seen_ = false;
   bool dead_ = false;
@@ -133,7 +129,7 @@ class TcpDriver final : public Driver {
     TcpDriver* d_;
   };
   bool AcceptPending();
-  std::shared_ptr<TcpChannel> Adopt(int fd, bool active, int engine);
+  std::shared_ptr<TcpChannel> Adopt(int fd, int engine);
   int PickEngine() const;
 
   DriverOptions opts_;
@@ -211,7 +207,7 @@ bool TcpChannel::DoWrite() {
         want_write_ = true;
         break;
       }
-      Fail(errno == EPIPE || errno == ECONNRESET ? ChannelState::kFailed : ChannelState::kFailed);
+      Fail(ChannelState::kFailed);  // EPIPE, ECONNRESET, ...: the connection is gone
       return true;
     }
     worked = true;
@@ -417,11 +413,11 @@ static void TuneSocket(int fd, const DriverOptions& o) {
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
 }
 
-std::shared_ptr<TcpChannel> TcpDriver::Adopt(int fd, bool active, int engine) {
+std::shared_ptr<TcpChannel> TcpDriver::Adopt(int fd, int engine) {
   std::shared_ptr<TcpChannel> ch;
   {
     std::lock_guard g(mu_);
-    ch = std::make_shared<TcpChannel>(this, next_id_++, fd, active);
+    ch = std::make_shared<TcpChannel>(next_id_++, fd);
     if (engine < 0) engine = PickEngine();
     channels_.push_back(ch);
   }
@@ -450,7 +446,7 @@ absl::StatusOr<std::shared_ptr<Channel>> TcpDriver::Connect(const ChannelParams&
     close(fd);
     return ErrnoStatus(err, "connect");
   }
-  auto ch = Adopt(fd, true, p.engine);
+  auto ch = Adopt(fd, p.engine);
   ch->set_peer_ipv4(p.peer_ipv4);
   ch->connect_deadline_us =
       NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(p.connect_timeout));
@@ -469,7 +465,7 @@ bool TcpDriver::AcceptPending() {
     if (fd < 0) break;
     any = true;
     TuneSocket(fd, opts_);
-    auto ch = std::make_shared<TcpChannel>(this, 0, fd, false);
+    auto ch = std::make_shared<TcpChannel>(0, fd);
     ch->set_peer_ipv4(ntohl(peer.sin_addr.s_addr));
     ch->connect_deadline_us = NowUs() + 2'000'000;  // the peer's hello must come by then
     int target;
