@@ -166,8 +166,8 @@ void ChannelCore::Release(std::span<const RxSegment> segs) {
 }
 
 bool ChannelCore::SideReady(int side) const {
-  const bool changed =
-      state_changes_.load(std::memory_order_acquire) != notify_[side].seen_state_changes;
+  const bool changed = state_changes_.load(std::memory_order_acquire) !=
+                       notify_[side].seen_state_changes.load(std::memory_order_relaxed);
   if (side == 0) return changed || !rxq_.EmptyApprox();
   // "Enqueue can make progress" needs both an empty buffer and a txq_ slot.
   return changed || (!free_.EmptyApprox() && txq_.SizeApprox() < txq_.capacity());
@@ -183,7 +183,8 @@ void ChannelCore::ArmNotify(Interest interest) {
     Notifier& n = notify_[side];
     n.armed.store(true, std::memory_order_seq_cst);
     const bool ready = SideReady(side);
-    n.seen_state_changes = state_changes_.load(std::memory_order_acquire);
+    n.seen_state_changes.store(state_changes_.load(std::memory_order_acquire),
+                               std::memory_order_relaxed);
     if (ready) NotifyApp(static_cast<Interest>(1 << side));
   }
 }
@@ -211,7 +212,8 @@ bool ChannelCore::Wait(absl::Duration timeout, Interest interest) {
   for (int side = 0; side < 2; ++side) {
     if (!(interest & (1 << side))) continue;
     notify_[side].armed.store(false, std::memory_order_relaxed);
-    notify_[side].seen_state_changes = state_changes_.load(std::memory_order_acquire);
+    notify_[side].seen_state_changes.store(state_changes_.load(std::memory_order_acquire),
+                                           std::memory_order_relaxed);
   }
   return ready;
 }

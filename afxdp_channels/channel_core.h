@@ -83,7 +83,7 @@ class ChannelCore : public Channel {
   struct Notifier {
     int fd = -1;
     std::atomic<bool> armed{false};
-    uint32_t seen_state_changes = 0;  // by this side's waiter
+    std::atomic<uint32_t> seen_state_changes{0};  // by this side's waiters (several may wait)
   };
   static int SideIndex(Interest side) { return side == kWritable ? 1 : 0; }
   bool SideReady(int side) const;

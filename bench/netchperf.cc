@@ -76,7 +76,7 @@ struct Options {
   uint32_t concurrency = 1, channels = 1, copy_workers = 0, engines = 2;
   std::string instance = "default", metrics = "127.0.0.1:9464";
   bool replace_xdp = false;
-  uint64_t spin_us = 0;  // netch: adaptive-polling spin of Recv, dispatcher and engines
+  uint64_t spin_us = 0;           // netch: adaptive-polling spin of Recv, dispatcher and engines
   std::vector<int> engine_cores;  // netch: pin engine i to engine_cores[i]
   bool once = false, json = false, verify = true;
 };
@@ -152,7 +152,7 @@ class KernelSock final : public Sock {
       const ssize_t w = send(fd_, p, n, MSG_NOSIGNAL);
       if (w < 0) {
         if (errno == EINTR) continue;
-        err = std::strerror(errno);
+        err = strerrordesc_np(errno);
         return false;
       }
       p += w, n -= static_cast<size_t>(w);
@@ -163,7 +163,7 @@ class KernelSock final : public Sock {
     for (;;) {
       const ssize_t r = recv(fd_, p, n, 0);
       if (r < 0 && errno == EINTR) continue;
-      if (r < 0) err = std::strerror(errno);
+      if (r < 0) err = strerrordesc_np(errno);
       return r;
     }
   }
@@ -218,7 +218,7 @@ class KernelEndpoint final : public Endpoint {
     a.sin_family = AF_INET;
     a.sin_port = htons(port);
     if (bind(lfd_, reinterpret_cast<sockaddr*>(&a), sizeof(a)) || listen(lfd_, 128)) {
-      *err = absl::StrFormat("listen on TCP port %u: %s", port, std::strerror(errno));
+      *err = absl::StrFormat("listen on TCP port %u: %s", port, strerrordesc_np(errno));
       return false;
     }
     return true;
@@ -229,7 +229,7 @@ class KernelEndpoint final : public Endpoint {
   std::unique_ptr<Sock> Accept(std::string* err) override {
     const int fd = accept4(lfd_, nullptr, nullptr, SOCK_CLOEXEC);
     if (fd < 0) {
-      *err = std::strerror(errno);
+      *err = strerrordesc_np(errno);
       return nullptr;
     }
     return std::make_unique<KernelSock>(fd);
@@ -241,7 +241,7 @@ class KernelEndpoint final : public Endpoint {
     a.sin_port = htons(port);
     a.sin_addr.s_addr = htonl(ip);
     if (connect(fd, reinterpret_cast<sockaddr*>(&a), sizeof(a))) {
-      *err = absl::StrFormat("connect: %s", std::strerror(errno));
+      *err = absl::StrFormat("connect: %s", strerrordesc_np(errno));
       close(fd);
       return nullptr;
     }

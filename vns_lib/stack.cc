@@ -22,6 +22,7 @@
 #include "afxdp_channels/engine.h"
 #include "afxdp_channels/netdev.h"
 #include "bpf/steer_program.h"
+#include "common/errno_status.h"
 #include "common/netns.h"
 #include "common/spsc_ring.h"
 #include "vns_lib/copy_workers.h"
@@ -34,7 +35,7 @@ namespace {
 constexpr char kErrnoUrl[] = "netch.errno";
 
 absl::Status SockError(int err, std::string_view what) {
-  absl::Status s = absl::ErrnoToStatus(err, absl::StrFormat("%s: %s", what, std::strerror(err)));
+  absl::Status s = ErrnoStatus(err, std::string(what));
   s.SetPayload(kErrnoUrl, absl::Cord(std::to_string(err)));
   return s;
 }
