@@ -91,8 +91,9 @@ struct Conn {
   const ConnKey key;
   uint64_t id = 0;  // control-plane id, unique per stack
   std::atomic<uint64_t> tx_bytes{0}, rx_bytes{0};
-  std::mutex map_mu;                  // guards channel_ids: taken once per Send, not per segment
-  std::vector<uint32_t> channel_ids;  // empty: all the peer's channels
+  std::mutex map_mu;                     // guards channel_ids: taken once per Send, not per segment
+  std::vector<uint32_t> channel_ids;     // empty: all the peer's channels
+  std::atomic<uint64_t> map_version{0};  // bumped by MapSocket
   const uint32_t conn_id;
   const AppClass app_class;
   const size_t rcvbuf;
@@ -143,20 +144,30 @@ Conn::~Conn() {
 // The channels to one peer host.
 class Peer {
  public:
-  explicit Peer(uint32_t ip) : ip_(ip) {}
+  // `stack_version` is bumped on every channel added to any peer: the dispatcher rescans only
+  // then, and sockets rebuild their channel list only when their peer's `version()` moved.
+  Peer(uint32_t ip, std::atomic<uint64_t>* stack_version)
+      : ip_(ip), stack_version_(stack_version) {}
   uint32_t ip() const { return ip_; }
   std::vector<std::shared_ptr<chan::Channel>> channels() {
     std::lock_guard g(mu_);
     return chans_;
   }
   void Add(std::shared_ptr<chan::Channel> c) {
-    std::lock_guard g(mu_);
-    chans_.push_back(std::move(c));
+    {
+      std::lock_guard g(mu_);
+      chans_.push_back(std::move(c));
+    }
+    version_.fetch_add(1, std::memory_order_release);
+    stack_version_->fetch_add(1, std::memory_order_release);
   }
+  uint64_t version() const { return version_.load(std::memory_order_acquire); }
   std::mutex connect_mu;  // one Connect at a time opens the channels
 
  private:
   const uint32_t ip_;
+  std::atomic<uint64_t>* stack_version_;
+  std::atomic<uint64_t> version_{0};
   std::mutex mu_;
   std::vector<std::shared_ptr<chan::Channel>> chans_;
 };
@@ -249,7 +260,8 @@ class StackImpl final : public Stack {
   std::atomic<bool> stop_{false};
   int wake_fd_ = -1;
   std::atomic<uint64_t> segments_in_{0}, ctl_out_{0}, rst_sent_{0}, blocked_{0};
-  std::atomic<bool> holding_{false};  // some channel is held back for a full socket
+  std::atomic<bool> holding_{false};       // some channel is held back for a full socket
+  std::atomic<uint64_t> chan_version_{0};  // bumped when any peer gains a channel
   std::atomic<uint64_t> skip_queued_{2 << 20};
   std::atomic<uint64_t> next_conn_id_{1};
 
@@ -282,9 +294,8 @@ class SocketImpl final : public VirtualSocket {
 
  private:
   // Every channel to the peer failed or closed: the connection cannot make progress.
-  bool PeerGone() const {
-    if (!c_->peer) return false;
-    auto chans = c_->peer->channels();
+  bool PeerGone() const { return c_->peer && AllDown(c_->peer->channels()); }
+  static bool AllDown(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
     if (chans.empty()) return false;
     for (const auto& ch : chans) {
       const auto s = ch->state();
@@ -317,6 +328,7 @@ class SocketImpl final : public VirtualSocket {
   void WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans);
   void DrainInq();
   void UpdateReadiness();
+  void RefreshChannels();  // send_mu_ held
 
   StackImpl* st_;
   std::shared_ptr<Conn> c_;
@@ -324,6 +336,10 @@ class SocketImpl final : public VirtualSocket {
   int channels_hint_;
   uint64_t snd_next_ = 0;
   bool fin_sent_ = false;
+  // The channels this socket sends on, rebuilt only when its peer gains a channel or the
+  // operator remaps the socket (version counters), not on every Send.
+  std::vector<std::shared_ptr<chan::Channel>> chans_;
+  uint64_t peer_version_ = ~0ull, map_version_ = ~0ull;
   size_t rr_ = 0;
   Reassembler reasm_;
   std::vector<CopyPiece> pieces_;
@@ -354,20 +370,30 @@ void SocketImpl::WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>&
   }
 }
 
-absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, uint64_t seq,
-                                             size_t rr) {
-  auto chans = c_->peer->channels();
+void SocketImpl::RefreshChannels() {
+  const uint64_t pv = c_->peer->version(), mv = c_->map_version.load(std::memory_order_acquire);
+  if (pv == peer_version_ && mv == map_version_ && !chans_.empty()) return;
+  peer_version_ = pv;
+  map_version_ = mv;
+  chans_ = c_->peer->channels();
   {
     std::lock_guard g(c_->map_mu);
     if (!c_->channel_ids.empty()) {
-      std::erase_if(chans, [&](const auto& ch) {
+      std::erase_if(chans_, [&](const auto& ch) {
         return std::find(c_->channel_ids.begin(), c_->channel_ids.end(), ch->id()) ==
                c_->channel_ids.end();
       });
     }
   }
-  if (channels_hint_ > 0 && static_cast<size_t>(channels_hint_) < chans.size())
-    chans.resize(channels_hint_);
+  if (channels_hint_ > 0 && static_cast<size_t>(channels_hint_) < chans_.size())
+    chans_.resize(channels_hint_);
+}
+
+absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, uint64_t seq,
+                                             size_t rr) {
+  // chans_ is refreshed by Send (under send_mu_) before any SendRange runs: copy workers only
+  // read it.
+  const auto& chans = chans_;
   if (chans.empty()) return SockError(ECONNRESET, "no channel to the peer");
   const uint64_t skip_queued = st_->skip_queued_bytes();
   size_t seg = SIZE_MAX;
@@ -409,13 +435,8 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
     ignore_skip = skipped == chans.size();  // every channel is over the mark: use them anyway
     if (ignore_skip) continue;
     if (off == len) break;
-    if (auto st = Usable(); !st.ok()) return st;
-    bool all_dead = true;
-    for (const auto& ch : chans) {
-      const auto s = ch->state();
-      all_dead &= s == chan::ChannelState::kFailed || s == chan::ChannelState::kClosed;
-    }
-    if (all_dead) return SockError(ECONNRESET, "every channel to the peer failed");
+    if (auto st = StateError(); !st.ok()) return st;
+    if (AllDown(chans)) return SockError(ECONNRESET, "every channel to the peer failed");
     if (!progress) {
       if (nonblocking_) break;
       WaitChannels(chans);
@@ -426,7 +447,8 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
 
 absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
   std::lock_guard g(send_mu_);
-  if (auto st = Usable(); !st.ok()) return st;
+  if (!c_) return SockError(EBADF, "socket closed");
+  if (auto st = StateError(); !st.ok()) return st;
   if (c_->listening) return SockError(EINVAL, "send on a listening socket");
   if (fin_sent_) return SockError(EPIPE, "send after shutdown");
   if (data.data() == nullptr && !data.empty()) return SockError(EINVAL, "null buffer");
@@ -437,7 +459,9 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
     pollfd p{c_->efd, POLLIN, 0};
     poll(&p, 1, 10);
   }
-  if (auto st = Usable(); !st.ok()) return st;
+  if (auto st = StateError(); !st.ok()) return st;
+  if (c_->peer) RefreshChannels();
+  if (AllDown(chans_)) return SockError(ECONNRESET, "every channel to the peer is down");
   const StackOptions& so = st_->opts();
   size_t sent = 0;
   if (!nonblocking_ && st_->copy_workers() > 0 && data.size() >= so.inline_copy_bytes) {
@@ -731,8 +755,11 @@ absl::Status StackImpl::MapSocket(uint64_t id, const std::vector<uint32_t>& ids)
       return absl::InvalidArgumentError(
           absl::StrFormat("channel %u does not lead to the socket's peer", want));
   }
-  std::lock_guard g(c->map_mu);
-  c->channel_ids = ids;
+  {
+    std::lock_guard g(c->map_mu);
+    c->channel_ids = ids;
+  }
+  c->map_version.fetch_add(1, std::memory_order_release);
   return absl::OkStatus();
 }
 
@@ -761,7 +788,7 @@ absl::Status StackImpl::SetPolicy(const std::string& name,
 Peer* StackImpl::PeerFor(uint32_t ip) {
   std::lock_guard g(mu_);
   auto& p = peers_[ip];
-  if (!p) p = std::make_unique<Peer>(ip);
+  if (!p) p = std::make_unique<Peer>(ip, &chan_version_);
   return p.get();
 }
 
@@ -1036,7 +1063,7 @@ void StackImpl::Dispatch() {
   std::vector<ChanState> chans;
   chan::RxSegment segs[64];
   uint64_t idle_since = NowUs();
-  size_t known = 0;
+  uint64_t known = ~0ull;  // chan_version_ last scanned
   while (!stop_.load(std::memory_order_relaxed)) {
     bool worked = false;
     // Control segments refused by a full channel, in order.
@@ -1053,17 +1080,13 @@ void StackImpl::Dispatch() {
       worked = true;
     }
     // Pick up channels added by Connect/Accept.
-    {
+    if (const uint64_t v = chan_version_.load(std::memory_order_acquire); v != known) {
+      known = v;
       std::vector<std::shared_ptr<chan::Channel>> all;
       {
         std::lock_guard g(mu_);
-        size_t total = 0;
-        for (auto& [ip, p] : peers_) total += p->channels().size();
-        if (total != known) {
-          for (auto& [ip, p] : peers_)
-            for (auto& ch : p->channels()) all.push_back(ch);
-          known = total;
-        }
+        for (auto& [ip, p] : peers_)
+          for (auto& ch : p->channels()) all.push_back(ch);
       }
       for (auto& ch : all) {
         bool have = false;
