@@ -119,6 +119,9 @@ struct nc_config {
                           * so the kernel-TCP driver sees the same loss as the AF_XDP one; 0 off */
   __u32 drop_ppm;        /* fault injection for all channels (tests only), parts per million */
   __u64 generation;      /* bumped by the controller on every change: cheap change detection */
+  __u32 ce_ppm; /* tests only: mark CE on this share of ECN-capable NetChannel packets, as a
+                 * congested switch would (drives DCTCP); parts per million */
+  __u32 pad;
 };
 
 /* nc_channels: ARRAY (mmapable), key __u32 channel id, NC_MAX_CHANNELS entries. */
@@ -135,6 +138,7 @@ struct nc_chan_stats {
   __u64 rx_packets;
   __u64 rx_bytes;
   __u64 fault_drops;
+  __u64 ce_marked; /* packets the program marked CE (ce_ppm) */
 };
 
 /* nc_counters: PERCPU_ARRAY of __u64, key = enum nc_counter. One slot per verdict reason, so
@@ -177,8 +181,8 @@ enum nc_counter {
 NC_STATIC_ASSERT(sizeof(struct nc_chan_hdr) == 32, "nc_chan_hdr is 32 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_sack_block) == 8, "nc_sack_block is 8 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_hdr) == 24, "nc_hdr is 24 bytes");
-NC_STATIC_ASSERT(sizeof(struct nc_config) == 16, "nc_config is 16 bytes");
+NC_STATIC_ASSERT(sizeof(struct nc_config) == 24, "nc_config is 24 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_chan_steer) == 16, "nc_chan_steer is 16 bytes");
-NC_STATIC_ASSERT(sizeof(struct nc_chan_stats) == 24, "nc_chan_stats is 24 bytes");
+NC_STATIC_ASSERT(sizeof(struct nc_chan_stats) == 32, "nc_chan_stats is 32 bytes");
 
 #endif /* NETCH_BPF_NETCH_WIRE_H_ */

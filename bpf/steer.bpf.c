@@ -189,6 +189,20 @@ int nc_steer(struct xdp_md* ctx) {
     return DROP(FAULT);
   }
 
+  /* ECN fault injection: CE on an ECN-capable packet (ECT(0)/ECT(1)), header checksum updated
+   * incrementally (RFC 1624) on the 16-bit word holding version/IHL and TOS. */
+  __u8 tos = iph->tos;
+  if (cfg->ce_ppm && (tos & 3) && (tos & 3) != 3 && bpf_get_prandom_u32() % NC_PPM < cfg->ce_ppm) {
+    __u16 old_w = *(__u16*)iph;
+    iph->tos = tos | 3;
+    __u16 new_w = *(__u16*)iph;
+    __u32 sum = (__u16)~iph->check + (__u16)~old_w + new_w;
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    iph->check = (__u16)~sum;
+    if (cs) cs->ce_marked += 1;
+  }
+
   long act = bpf_redirect_map(&nc_xsks, slot, 0);
   if (act != XDP_REDIRECT) return DROP(NO_XSK);
   if (cs) {

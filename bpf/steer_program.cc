@@ -103,6 +103,15 @@ absl::Status SteerProgram::SetUdpPort(uint16_t port) {
   return UpdateConfig(*c);
 }
 
+absl::Status SteerProgram::SetCeMarkPpm(uint32_t ppm) {
+  if (ppm > NC_PPM) return absl::InvalidArgumentError("ce ppm must be <= 1000000");
+  auto c = ReadConfig();
+  if (!c.ok()) return c.status();
+  c->ce_ppm = ppm;
+  c->generation++;
+  return UpdateConfig(*c);
+}
+
 absl::Status SteerProgram::SetTcpFaultPort(uint16_t port) {
   auto c = ReadConfig();
   if (!c.ok()) return c.status();
@@ -210,6 +219,7 @@ absl::StatusOr<nc_chan_stats> SteerProgram::ReadChanStats(uint32_t id) const {
     out.rx_packets += s.rx_packets;
     out.rx_bytes += s.rx_bytes;
     out.fault_drops += s.fault_drops;
+    out.ce_marked += s.ce_marked;
   }
   return out;
 }

@@ -50,6 +50,8 @@ class SteerProgram {
 
   absl::Status SetUdpPort(uint16_t port);
   absl::Status SetGlobalDropPpm(uint32_t ppm);
+  // Tests: mark CE on `ppm` per million ECN-capable NetChannel packets (drives DCTCP).
+  absl::Status SetCeMarkPpm(uint32_t ppm);
   // Tests: the global drop rate also applies to TCP segments to/from `port` (0 = off).
   absl::Status SetTcpFaultPort(uint16_t port);
   absl::StatusOr<nc_config> ReadConfig() const;

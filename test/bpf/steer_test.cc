@@ -158,8 +158,9 @@ class SteerTest : public ::testing::Test {
     for (int i = 0; i < 4; ++i) f[off + i] = static_cast<uint8_t>(v >> (24 - 8 * i));
   }
 
-  // Runs one frame through the program on nc-b's rx queue `queue`; returns the XDP action.
-  static int Run(const Frame& f, uint32_t queue) {
+  // Runs one frame through the program on nc-b's rx queue `queue`; returns the XDP action (and
+  // the frame as the program left it in *out_frame).
+  static int Run(const Frame& f, uint32_t queue, Frame* out_frame = nullptr) {
     xdp_md ctx{};
     ctx.ingress_ifindex = static_cast<uint32_t>(hosts_->ifindex_b());
     ctx.rx_queue_index = queue;
@@ -176,6 +177,7 @@ class SteerTest : public ::testing::Test {
     opts.repeat = 1;
     int err = bpf_prog_test_run_opts(prog_->prog_fd(), &opts);
     EXPECT_EQ(err, 0) << "BPF_PROG_TEST_RUN failed: " << std::strerror(errno);
+    if (out_frame) out_frame->assign(out.begin(), out.begin() + opts.data_size_out);
     return err ? -1 : static_cast<int>(opts.retval);
   }
 
@@ -469,6 +471,31 @@ TEST_F(SteerTest, RuntimeMapChangesTakeEffectOnTheNextPacket) {
   EXPECT_FALSE(prog_->SetChannel(0, 0, 0).ok());
   EXPECT_FALSE(prog_->SetChannel(NC_MAX_CHANNELS, 0, 0).ok());
   EXPECT_FALSE(prog_->SetGlobalDropPpm(NC_PPM + 1).ok());
+}
+
+TEST_F(SteerTest, CeMarkingSetsCeOnEcnCapablePacketsAndKeepsTheChecksumValid) {
+  ASSERT_TRUE(prog_->SetChannel(78, 0, 0).ok());
+  ASSERT_TRUE(prog_->SetCeMarkPpm(NC_PPM).ok());
+  auto before = prog_->ReadChanStats(78);
+  ASSERT_TRUE(before.ok());
+  for (uint8_t ecn : {0, 1, 2, 3}) {
+    SCOPED_TRACE(static_cast<int>(ecn));
+    Frame f = Data(78);
+    f[kIp + 1] = static_cast<uint8_t>(0xb8 | ecn);  // DSCP EF plus the ECN field
+    FixIpCsum(f);
+    Frame out;
+    EXPECT_EQ(Run(f, 0, &out), XDP_REDIRECT);
+    const auto p = wire::ParseFrame(out, kPort);
+    EXPECT_TRUE(p.valid()) << "checksum must still verify: " << wire::CounterName(p.verdict);
+    const uint8_t want = ecn == 1 || ecn == 2 ? 3 : ecn;  // only ECT(0)/ECT(1) become CE
+    EXPECT_EQ(p.tos & 3, want);
+    EXPECT_EQ(p.tos & 0xfc, 0xb8) << "DSCP untouched";
+  }
+  auto after = prog_->ReadChanStats(78);
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->ce_marked - before->ce_marked, 2u);
+  ASSERT_TRUE(prog_->SetCeMarkPpm(0).ok());
+  ASSERT_TRUE(prog_->ClearChannel(78).ok());
 }
 
 TEST_F(SteerTest, TcpFaultInjectionHitsOnlyTheConfiguredPort) {
