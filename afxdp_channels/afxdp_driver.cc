@@ -380,7 +380,8 @@ void XskQueue::HandleFrame(const xdp_desc& d, uint64_t now) {
   }
   if (pf.ch.type == NC_CT_DATA) {
     ch->transport->OnPacket(pf.ch, d.addr + pf.chan_payload_off,
-                            static_cast<uint32_t>(pf.chan_payload_len), now);
+                            static_cast<uint32_t>(pf.chan_payload_len), now,
+                            (pf.tos & 3) == 3 /* CE */);
   } else {
     ch->transport->OnPacket(pf.ch, 0, 0, now);
     umem_->FreeFrame(d.addr);
@@ -411,7 +412,8 @@ void XskQueue::HandleSyn(const wire::ParsedFrame& pf, const uint8_t* frame, uint
   ch->isn = RandomIsn();
   ch->transport = std::make_unique<Transport>(
       driver_->TransportFor(static_cast<uint16_t>(ch->id()), pf.ch.src_chan, ch->isn, pf.ch.seq),
-      afxdp::MakeNewReno(16, driver_->opts().window_packets), this, now);
+      afxdp::MakeCongestionControl(driver_->opts().congestion, 16, driver_->opts().window_packets), this, now);
+  if (ch->transport->wants_ecn()) ch->addrs.tos = 0x02;  // ECT(0)
   ch->hs = Hs::kEstablished;
   ch->send_synack = true;
   ch->pub_.engine = engine.load()->index();
@@ -427,7 +429,8 @@ void XskQueue::Establish(AfxdpChannel& ch, const wire::ChanHeader& h, uint64_t n
   ch.peer_chan = h.src_chan;
   ch.transport = std::make_unique<Transport>(
       driver_->TransportFor(static_cast<uint16_t>(ch.id()), h.src_chan, ch.isn, h.seq),
-      afxdp::MakeNewReno(16, driver_->opts().window_packets), this, now);
+      afxdp::MakeCongestionControl(driver_->opts().congestion, 16, driver_->opts().window_packets), this, now);
+  if (ch.transport->wants_ecn()) ch.addrs.tos = 0x02;  // ECT(0)
   ch.hs = Hs::kEstablished;
   ch.SetState(ChannelState::kUp);
 }
@@ -574,6 +577,7 @@ void XskQueue::Publish(AfxdpChannel& ch) {
                            std::memory_order_relaxed);
   p.timeouts.store(t.stats().rto_events, std::memory_order_relaxed);
   p.tail_probes.store(t.stats().tail_probes, std::memory_order_relaxed);
+  p.ecn_echoes.store(t.stats().ece_received, std::memory_order_relaxed);
   p.rx_ignored_acks.store(t.stats().bad_acks, std::memory_order_relaxed);
   const uint64_t cwnd_bytes = static_cast<uint64_t>(t.cwnd()) * driver_->max_payload();
   const uint64_t limit = std::min<uint64_t>(cwnd_bytes, t.peer_window());
@@ -593,6 +597,9 @@ absl::Status AfxdpDriver::Init() {
   if (!opts_.steer)
     return absl::FailedPreconditionError(
         "the AF_XDP driver needs the steering program (DriverOptions::steer) loaded and attached");
+  if (!afxdp::MakeCongestionControl(opts_.congestion, 16, 64))
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "unknown congestion control '%s' (newreno, dctcp)", opts_.congestion));
   if (opts_.window_packets == 0 || (opts_.window_packets & (opts_.window_packets - 1)))
     return absl::InvalidArgumentError("window_packets must be a power of two");
   auto ifi = afxdp::GetInterfaceInfo(opts_.ifname);

@@ -64,6 +64,7 @@ struct ChannelStats {
   uint64_t retransmits = 0;
   uint64_t timeouts = 0;          // retransmission timeouts (the costly way to recover a loss)
   uint64_t tail_probes = 0;       // tail-loss probes: the last packet resent when ACKs stop
+  uint64_t ecn_echoes = 0;        // ACKs from the peer echoing congestion (CE) marks
   uint64_t rx_dropped_stale = 0;  // DATA already received or outside the window: dropped
   uint64_t rx_ignored_acks = 0;   // ACKs for data never sent (spoofed or corrupt): ignored
   uint64_t tx_segments = 0, tx_bytes = 0;  // payload handed to the transport
@@ -189,6 +190,7 @@ struct DriverOptions {
   uint32_t queues = 0;                 // queues to serve, 0 = every rx queue of ifname
   uint32_t frames_per_queue = 8192;
   uint32_t window_packets = 512;     // transport window (power of two)
+  std::string congestion = "newreno";  // "newreno" | "dctcp" (sends ECT(0), reacts to ECN marks)
   uint32_t rcv_buf_bytes = 2 << 20;  // receive buffer advertised per channel
   absl::Duration dead_peer_timeout = absl::Seconds(2);
   absl::Duration close_linger = absl::Seconds(1);  // Destroy waits this long for unacked data

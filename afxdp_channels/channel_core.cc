@@ -50,6 +50,7 @@ ChannelStats ChannelCore::stats() const {
   s.retransmits = pub_.retransmits.load(std::memory_order_relaxed);
   s.timeouts = pub_.timeouts.load(std::memory_order_relaxed);
   s.tail_probes = pub_.tail_probes.load(std::memory_order_relaxed);
+  s.ecn_echoes = pub_.ecn_echoes.load(std::memory_order_relaxed);
   s.rx_dropped_stale = pub_.rx_dropped_stale.load(std::memory_order_relaxed);
   s.rx_ignored_acks = pub_.rx_ignored_acks.load(std::memory_order_relaxed);
   s.tx_segments = pub_.tx_segments.load(std::memory_order_relaxed);

@@ -33,12 +33,48 @@ class NewReno final : public CongestionControl {
     acc_ = 0;
   }
   uint32_t cwnd() const override { return cwnd_; }
+  // DCTCP's proportional reduction; also ends slow start like a loss would.
+  void Scale(double factor) {
+    cwnd_ = std::max<uint32_t>(static_cast<uint32_t>(cwnd_ * factor), 2);
+    ssthresh_ = cwnd_;
+    acc_ = 0;
+  }
 
  private:
   uint32_t cwnd_;
   uint32_t max_;
   uint32_t ssthresh_ = UINT32_MAX;
   uint32_t acc_ = 0;
+};
+
+class Dctcp final : public CongestionControl {
+ public:
+  Dctcp(uint32_t initial, uint32_t max) : reno_(initial, max) {}
+  const char* name() const override { return "dctcp"; }
+  void OnAck(uint32_t acked, uint64_t rtt_us, bool ece) override {
+    acked_ += acked;
+    if (ece) marked_ += acked;
+    if (acked_ >= window_end_) {  // one observation window (about one cwnd of packets)
+      const double f = acked_ ? static_cast<double>(marked_) / acked_ : 0;
+      alpha_ = (1 - kG) * alpha_ + kG * f;
+      if (marked_ > 0) reno_.Scale(1 - alpha_ / 2);
+      acked_ = marked_ = 0;
+      window_end_ = reno_.cwnd();
+    }
+    reno_.OnAck(acked, rtt_us, false);
+  }
+  void OnLoss() override { reno_.OnLoss(); }
+  void OnRto() override { reno_.OnRto(); }
+  void OnEce() override {}  // handled per window in OnAck
+  bool wants_ecn() const override { return true; }
+  uint32_t cwnd() const override { return reno_.cwnd(); }
+  double alpha() const { return alpha_; }
+
+ private:
+  static constexpr double kG = 1.0 / 16;
+  NewReno reno_;
+  double alpha_ = 1.0;  // RFC 8257: start pessimistic
+  uint64_t acked_ = 0, marked_ = 0, window_end_ = 0;
 };
 
 uint32_t Ts(uint64_t now_us) {
@@ -50,6 +86,17 @@ uint32_t Ts(uint64_t now_us) {
 
 std::unique_ptr<CongestionControl> MakeNewReno(uint32_t initial_cwnd, uint32_t max_cwnd) {
   return std::make_unique<NewReno>(initial_cwnd, max_cwnd);
+}
+
+std::unique_ptr<CongestionControl> MakeDctcp(uint32_t initial_cwnd, uint32_t max_cwnd) {
+  return std::make_unique<Dctcp>(initial_cwnd, max_cwnd);
+}
+
+std::unique_ptr<CongestionControl> MakeCongestionControl(const std::string& name,
+                                                         uint32_t initial_cwnd, uint32_t max_cwnd) {
+  if (name == "newreno") return MakeNewReno(initial_cwnd, max_cwnd);
+  if (name == "dctcp") return MakeDctcp(initial_cwnd, max_cwnd);
+  return nullptr;
 }
 
 Transport::Transport(const TransportConfig& cfg, std::unique_ptr<CongestionControl> cc,
@@ -87,8 +134,8 @@ uint32_t Transport::advertised_window() const {
              : static_cast<uint32_t>(cfg_.rcv_buf_bytes - rcv_held_bytes_);
 }
 
-void Transport::OnPacket(const wire::ChanHeader& h, uint64_t handle, uint32_t len,
-                         uint64_t now_us) {
+void Transport::OnPacket(const wire::ChanHeader& h, uint64_t handle, uint32_t len, uint64_t now_us,
+                         bool ce) {
   if (state_ != TransportState::kUp) {
     if (h.type == NC_CT_DATA) owner_->ReleaseRx(handle);
     return;
@@ -102,6 +149,11 @@ void Transport::OnPacket(const wire::ChanHeader& h, uint64_t handle, uint32_t le
   if (h.ts_val) last_ts_recv_ = h.ts_val;
   OnAck(h, now_us);
   if (h.type == NC_CT_DATA) {
+    if (ce) {
+      stats_.ce_received++;
+      ce_pending_ = true;
+      ack_now_ = true;  // DCTCP wants marks echoed promptly
+    }
     OnData(h, handle, len, now_us);
   } else if (h.type == NC_CT_KEEPALIVE) {
     ack_now_ = true;  // the answer carries our window: this is also the zero-window probe reply
@@ -179,8 +231,9 @@ void Transport::OnAck(const wire::ChanHeader& h, uint64_t now_us) {
   } else if (h.type != NC_CT_DATA && snd_una_ != snd_nxt_ && peer_wnd_ == old_wnd) {
     dupacks_++;
   }
+  if (h.flags & NC_CF_ECE) stats_.ece_received++;
   if ((h.flags & NC_CF_ECE) && !in_recovery_ && !Before(snd_una_, ecn_react_seq_)) {
-    cc_->OnLoss();  // one reduction per window of data, as for a loss
+    cc_->OnEce();  // at most once per window of data
     ecn_react_seq_ = snd_nxt_;
   }
   bool loss = false;
@@ -321,6 +374,10 @@ wire::ChanHeader Transport::MakeHeader(uint8_t type, uint64_t now_us) {
       while (Before(s, rcv_highest_) && rx(s).present) ++s;
       h.sacks[h.nsacks++] = {start, s};
     }
+  }
+  if (ce_pending_) {
+    h.flags |= NC_CF_ECE;
+    ce_pending_ = false;
   }
   last_adv_wnd_ = h.wnd;
   ack_pending_ = 0;

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <memory>
 #include <span>
+#include <string>
 #include <vector>
 
 #include "bpf/wire.h"
@@ -32,12 +33,25 @@ class CongestionControl {
   virtual void OnLoss() = 0;
   // Retransmission timeout.
   virtual void OnRto() = 0;
+  // The peer echoed congestion marks; called at most once per window of data. Loss-based
+  // algorithms treat it like a loss; DCTCP reacts in OnAck in proportion to the marks instead.
+  virtual void OnEce() { OnLoss(); }
+  // Whether the sender marks its packets ECN-capable (ECT(0)).
+  virtual bool wants_ecn() const { return false; }
   virtual uint32_t cwnd() const = 0;
 };
 
 // NewReno-style AIMD: slow start to ssthresh, +1 packet per window after, halve on loss,
 // collapse to the initial window on timeout. ECN echoes are treated like loss (once per RTT).
 std::unique_ptr<CongestionControl> MakeNewReno(uint32_t initial_cwnd, uint32_t max_cwnd);
+
+// DCTCP (RFC 8257): AIMD growth as NewReno, but on congestion marks the window shrinks by
+// alpha/2, where alpha is a moving average (gain 1/16) of the fraction of packets marked per
+// window — a little marking costs a little window. Losses and timeouts as NewReno.
+std::unique_ptr<CongestionControl> MakeDctcp(uint32_t initial_cwnd, uint32_t max_cwnd);
+// By name: "newreno" or "dctcp"; nullptr for an unknown name.
+std::unique_ptr<CongestionControl> MakeCongestionControl(const std::string& name,
+                                                         uint32_t initial_cwnd, uint32_t max_cwnd);
 
 struct TransportConfig {
   uint32_t window_packets = 1024;    // max packets in flight / held out of order (power of 2)
@@ -64,8 +78,10 @@ struct TransportStats {
   uint64_t retransmits = 0;  // DATA packets transmitted again
   uint64_t rto_events = 0;
   uint64_t fast_retransmits = 0;
-  uint64_t rack_losses = 0;  // packets found lost by RACK's time rule
-  uint64_t tail_probes = 0;  // tail-loss probes sent
+  uint64_t rack_losses = 0;   // packets found lost by RACK's time rule
+  uint64_t tail_probes = 0;   // tail-loss probes sent
+  uint64_t ce_received = 0;   // DATA packets that arrived marked CE
+  uint64_t ece_received = 0;  // ACKs from the peer echoing congestion marks
   uint64_t acks_sent = 0;
   uint64_t data_received = 0;  // DATA packets accepted (in order or buffered)
   uint64_t dup_received = 0;   // DATA already received: dropped, re-ACKed
@@ -108,7 +124,9 @@ class Transport {
   // ---- receiving ------------------------------------------------------------------------------
   // A validated channel packet from the peer. For DATA, the transport takes `handle` (payload of
   // `len` bytes): it is later returned by PopDelivered() or released through ReleaseRx().
-  void OnPacket(const wire::ChanHeader& h, uint64_t handle, uint32_t len, uint64_t now_us);
+  // `ce`: the packet arrived with the IP ECN field set to CE; echoed to the sender as ECE.
+  void OnPacket(const wire::ChanHeader& h, uint64_t handle, uint32_t len, uint64_t now_us,
+                bool ce = false);
   // Next in-order payload for the consumer. The window stays charged until Consumed(len).
   bool PopDelivered(uint64_t* handle, uint32_t* len);
   // The consumer is done with `len` bytes it popped: reopens the receive window.
@@ -128,6 +146,7 @@ class Transport {
   TransportState state() const { return state_; }
   const TransportStats& stats() const { return stats_; }
   uint32_t cwnd() const { return cc_->cwnd(); }
+  bool wants_ecn() const { return cc_->wants_ecn(); }
   uint32_t peer_window() const { return peer_wnd_; }
   uint32_t advertised_window() const;
   uint64_t srtt_us() const { return srtt_us_; }
@@ -208,6 +227,7 @@ class Transport {
   bool ack_now_ = false;
   uint64_t ack_deadline_us_ = UINT64_MAX;
   uint32_t last_ts_recv_ = 0;
+  bool ce_pending_ = false;  // a CE-marked packet arrived since our last ACK
   uint32_t last_adv_wnd_ = 0;
   uint64_t last_rx_us_;
 };

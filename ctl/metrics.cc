@@ -139,6 +139,8 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
               static_cast<double>(s.timeouts), l);
     b.Counter("netch_channel_tail_probes_total", "Tail-loss probes (last packet resent).",
               static_cast<double>(s.tail_probes), l);
+    b.Counter("netch_channel_ecn_echoes_total", "ACKs from the peer echoing CE marks (ECE).",
+              static_cast<double>(s.ecn_echoes), l);
     b.Gauge("netch_channel_rtt_seconds", "Smoothed round-trip time estimate.",
             static_cast<double>(s.srtt_us) / 1e6, l);
     Labels tx = l, rx = l;
@@ -161,6 +163,8 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
                 static_cast<double>(xs->rx_packets), l);
       b.Counter("netch_channel_fault_drops_total", "Packets dropped by fault injection.",
                 static_cast<double>(xs->fault_drops), l);
+      b.Counter("netch_channel_ce_marked_total", "Packets the XDP program marked CE (tests).",
+                static_cast<double>(xs->ce_marked), l);
     }
   }
   for (const auto& so : stack.Sockets()) {

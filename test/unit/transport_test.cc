@@ -24,6 +24,7 @@ struct LinkProfile {
   double duplicate = 0;
   uint64_t delay_us = 20;
   uint64_t reorder_extra_us = 200;
+  double ce_mark = 0;  // probability a DATA packet arrives marked CE (a congested queue)
 };
 
 // Buffers are ids into a byte store, like UMEM frame addresses into UMEM.
@@ -53,6 +54,7 @@ struct InFlight {
   int to;  // 0: A, 1: B
   wire::ChanHeader hdr;
   std::string payload;
+  bool ce = false;
   bool operator>(const InFlight& o) const {
     return at_us != o.at_us ? at_us > o.at_us : order > o.order;
   }
@@ -60,12 +62,14 @@ struct InFlight {
 
 class Sim {
  public:
-  Sim(const LinkProfile& link, uint64_t seed, TransportConfig cfg = {}) : link_(link), rng_(seed) {
+  Sim(const LinkProfile& link, uint64_t seed, TransportConfig cfg = {},
+      const std::string& cc = "newreno")
+      : link_(link), rng_(seed) {
     TransportConfig a = cfg, b = cfg;
     a.local_chan = 1, a.peer_chan = 2, a.isn_send = 0xfffffff0u, a.isn_recv = 77;
     b.local_chan = 2, b.peer_chan = 1, b.isn_send = 77, b.isn_recv = 0xfffffff0u;  // wraps soon
-    ta_ = std::make_unique<Transport>(a, MakeNewReno(a.initial_cwnd, 4096), &sa_, 0);
-    tb_ = std::make_unique<Transport>(b, MakeNewReno(b.initial_cwnd, 4096), &sb_, 0);
+    ta_ = std::make_unique<Transport>(a, MakeCongestionControl(cc, a.initial_cwnd, 4096), &sa_, 0);
+    tb_ = std::make_unique<Transport>(b, MakeCongestionControl(cc, b.initial_cwnd, 4096), &sb_, 0);
   }
 
   // Moves `total` bytes A -> B in segments of up to `mss`; returns the bytes B's consumer read.
@@ -127,7 +131,8 @@ class Sim {
     int copies = Chance(link_.duplicate) ? 2 : 1;
     for (int c = 0; c < copies; ++c) {
       uint64_t at = now_ + link_.delay_us + (Chance(link_.reorder) ? link_.reorder_extra_us : 0);
-      wire_.push(InFlight{at, order_++, to, h, payload});
+      const bool ce = h.type == NC_CT_DATA && Chance(link_.ce_mark);
+      wire_.push(InFlight{at, order_++, to, h, payload, ce});
     }
   }
 
@@ -145,7 +150,7 @@ class Sim {
       Store& st = p.to ? sb_ : sa_;
       uint64_t h = 0;
       if (p.hdr.type == NC_CT_DATA) h = st.Put(p.payload);
-      t.OnPacket(p.hdr, h, static_cast<uint32_t>(p.payload.size()), now_);
+      t.OnPacket(p.hdr, h, static_cast<uint32_t>(p.payload.size()), now_, p.ce);
     }
   }
 
@@ -222,6 +227,60 @@ TEST(TransportTest, LostRetransmissionsAndTailsAreRepairedWithoutTimeouts) {
     EXPECT_LT(st.rto_events * 50, st.retransmits)
         << st.rto_events << " timeouts for " << st.retransmits << " retransmits";
   }
+}
+
+// Average congestion window of A while it moves `bytes` over a link that marks CE.
+double AverageCwnd(const std::string& cc, double ce_mark, uint64_t seed, TransportStats* st,
+                   TransportStats* rx_st = nullptr) {
+  Sim sim({.ce_mark = ce_mark}, seed, {}, cc);
+  const size_t total = 8 << 20;
+  // Transfer() inlined with cwnd sampling: the same moves, one sample per step.
+  std::string want(total, 'x');
+  size_t queued = 0, got = 0;
+  double sum = 0;
+  uint64_t samples = 0;
+  while (got < total && sim.now_ < 60'000'000) {
+    while (queued < total) {
+      const size_t n = std::min(kMss, total - queued);
+      const uint64_t h = sim.sa_.Put(want.substr(queued, n));
+      if (!sim.ta_->Send(h, static_cast<uint32_t>(n))) {
+        sim.sa_.Drop(h);
+        break;
+      }
+      queued += n;
+    }
+    sim.PollBoth();
+    uint64_t h;
+    uint32_t len;
+    while (sim.tb_->PopDelivered(&h, &len)) {
+      got += sim.sb_.Get(h).size();
+      sim.sb_.Drop(h);
+      sim.tb_->Consumed(len);
+    }
+    sim.Advance();
+    sum += sim.ta_->cwnd();
+    samples++;
+  }
+  EXPECT_EQ(got, total);
+  *st = sim.ta_->stats();
+  if (rx_st) *rx_st = sim.tb_->stats();
+  return samples ? sum / samples : 0;
+}
+
+TEST(TransportTest, DctcpShrinksTheWindowInProportionToTheMarks) {
+  TransportStats reno, dctcp, dctcp_rx, light;
+  const double w_reno = AverageCwnd("newreno", 0.05, 1, &reno);
+  const double w_dctcp = AverageCwnd("dctcp", 0.05, 1, &dctcp, &dctcp_rx);
+  const double w_light = AverageCwnd("dctcp", 0.005, 1, &light);
+  EXPECT_GT(dctcp_rx.ce_received, 0u);
+  EXPECT_GT(dctcp.ece_received, 0u) << "the receiver echoes the marks";
+  EXPECT_EQ(dctcp.retransmits, 0u) << "marks are not losses";
+  // NewReno halves on every marked window; DCTCP cuts by alpha/2 (alpha ~ the mark rate).
+  EXPECT_GT(w_dctcp, 1.5 * w_reno) << "newreno " << w_reno << " dctcp " << w_dctcp;
+  EXPECT_GT(w_light, w_dctcp) << "fewer marks, larger window: " << w_light << " vs " << w_dctcp;
+  EXPECT_EQ(MakeCongestionControl("cubic", 16, 64), nullptr);
+  EXPECT_TRUE(MakeCongestionControl("dctcp", 16, 64)->wants_ecn());
+  EXPECT_FALSE(MakeCongestionControl("newreno", 16, 64)->wants_ecn());
 }
 
 TEST(TransportTest, StalledConsumerStopsTheSenderWithoutLoss) {

@@ -49,6 +49,7 @@ class ChannelHostsTest : public ::testing::Test {
     o.ifname = dev;
     o.engines = 2;
     o.dead_peer_timeout = absl::Seconds(1);
+    o.congestion = congestion_;
     return o;
   }
 
@@ -117,6 +118,7 @@ class ChannelHostsTest : public ::testing::Test {
   }
 
   std::string driver_;
+  std::string congestion_ = "newreno";
   TestHosts hosts_;
   std::unique_ptr<tools::ChanHost> a_, b_;
 };
@@ -420,6 +422,33 @@ TEST_F(AfxdpWireTest, MalformedStaleAndSpoofedFramesNeverReachTheStream) {
   EXPECT_GE(ch.rx_stats.rx_dropped_stale, static_cast<uint64_t>(kEach) - 2);
   EXPECT_GE(ch.tx_stats.rx_ignored_acks, static_cast<uint64_t>(kEach) / 4);
   ExpectFramesReturned();
+}
+
+TEST_F(AfxdpWireTest, DctcpReactsToEcnMarksWithoutLosingAnything) {
+  congestion_ = "dctcp";
+  Open();
+  ASSERT_TRUE(b_->steer->SetCeMarkPpm(50'000).ok());  // 5% of data packets marked CE at B
+  tools::TransferOptions o;
+  o.peer_ipv4 = TestHosts::kIpB;
+  o.bytes = 128ull << 20;
+  auto r = tools::RunTransfer(*a_->driver, *b_->driver, o);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(r->intact) << Describe(*r);
+  const auto& tx = r->channels[0].tx_stats;
+  EXPECT_GT(tx.ecn_echoes, 0u) << "B echoed the marks, A's DCTCP saw them";
+  EXPECT_LT(tx.retransmits, tx.tx_segments / 100) << "marks are not losses";
+  uint64_t marked = 0;
+  for (uint32_t id = 1; id < 8; ++id)
+    if (auto cs = b_->steer->ReadChanStats(id); cs.ok()) marked += cs->ce_marked;
+  EXPECT_GT(marked, 0u) << "A sent ECN-capable packets (ECT(0)) for B's program to mark";
+  ExpectFramesReturned();
+}
+
+TEST_F(AfxdpWireTest, AnUnknownCongestionControlIsRefused) {
+  chan::DriverOptions o = Opts(hosts_.ns_a(), TestHosts::kDevA);
+  o.congestion = "cubic";
+  auto h = tools::OpenChanHost("afxdp", o);
+  EXPECT_EQ(h.status().code(), absl::StatusCode::kInvalidArgument) << h.status();
 }
 
 TEST_F(AfxdpWireTest, ConnectResolvesThePeerMacThroughArp) {
