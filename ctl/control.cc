@@ -18,6 +18,7 @@
 #include "absl/strings/str_split.h"
 #include "afxdp_channels/channel.h"
 #include "common/errno_status.h"
+#include "common/ipv4.h"
 #include "ctl/controller.h"
 #include "ctl/metrics.h"
 #include "vns_lib/vns.h"
@@ -36,26 +37,8 @@ sockaddr_un Address(const std::string& name, socklen_t* len) {
   return a;
 }
 
-std::string Ip(uint32_t host_order) {
-  in_addr a{htonl(host_order)};
-  char buf[INET_ADDRSTRLEN];
-  inet_ntop(AF_INET, &a, buf, sizeof(buf));
-  return buf;
-}
-
 std::string Err(const std::string& msg) { return json{{"ok", false}, {"error", msg}}.dump(); }
 std::string Ok(const json& data) { return json{{"ok", true}, {"data", data}}.dump(); }
-
-const char* ClassName(vns::AppClass c) {
-  switch (c) {
-    case vns::AppClass::kLatency:
-      return "latency";
-    case vns::AppClass::kThroughput:
-      return "throughput";
-    default:
-      return "unspecified";
-  }
-}
 
 bool ParseU64(const std::string& s, uint64_t* v) { return absl::SimpleAtoi(s, v); }
 
@@ -156,7 +139,7 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
       for (const auto& e : d.Engines())
         if (e.index == st.engine) core = e.core;
       out.push_back({{"id", ch->id()},
-                     {"peer", Ip(ch->peer_ipv4())},
+                     {"peer", Ipv4String(ch->peer_ipv4())},
                      {"state", std::string(chan::StateName(st.state))},
                      {"engine", st.engine},
                      {"core", core},
@@ -179,9 +162,9 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
       out.push_back({{"id", s.id},
                      {"listening", s.listening},
                      {"local_port", s.local_port},
-                     {"remote", s.listening ? "" : Ip(s.remote_ipv4)},
+                     {"remote", s.listening ? "" : Ipv4String(s.remote_ipv4)},
                      {"remote_port", s.remote_port},
-                     {"class", ClassName(s.app_class)},
+                     {"class", vns::AppClassName(s.app_class)},
                      {"tx_bytes", s.tx_bytes},
                      {"rx_bytes", s.rx_bytes},
                      {"channels", s.channels}});

@@ -11,6 +11,7 @@
 #include "absl/strings/str_format.h"
 #include "afxdp_channels/channel.h"
 #include "bpf/wire.h"
+#include "common/ipv4.h"
 #include "ctl/controller.h"
 #include "vns_lib/vns.h"
 
@@ -44,24 +45,6 @@ struct Builder {
     Family(name, help, MetricType::Gauge).metric.push_back(m);
   }
 };
-
-std::string Ip(uint32_t host_order) {
-  in_addr a{htonl(host_order)};
-  char buf[INET_ADDRSTRLEN];
-  inet_ntop(AF_INET, &a, buf, sizeof(buf));
-  return buf;
-}
-
-const char* ClassName(vns::AppClass c) {
-  switch (c) {
-    case vns::AppClass::kLatency:
-      return "latency";
-    case vns::AppClass::kThroughput:
-      return "throughput";
-    default:
-      return "unspecified";
-  }
-}
 
 class Collector final : public prometheus::Collectable {
  public:
@@ -124,7 +107,7 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
     int core = -1;
     for (const auto& e : engines)
       if (e.index == s.engine) core = e.core;
-    Labels l{{"channel", std::to_string(ch->id())}, {"peer", Ip(ch->peer_ipv4())}};
+    Labels l{{"channel", std::to_string(ch->id())}, {"peer", Ipv4String(ch->peer_ipv4())}};
     b.Counter("netch_channel_tx_bytes_total", "Payload bytes handed to the channel's transport.",
               static_cast<double>(s.tx_bytes), l);
     b.Counter("netch_channel_rx_bytes_total", "Payload bytes the channel delivered.",
@@ -169,7 +152,7 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   }
   for (const auto& so : stack.Sockets()) {
     if (so.listening) continue;
-    Labels l{{"socket", std::to_string(so.id)}, {"class", ClassName(so.app_class)}};
+    Labels l{{"socket", std::to_string(so.id)}, {"class", vns::AppClassName(so.app_class)}};
     b.Counter("netch_socket_tx_bytes_total", "Bytes the application sent on the socket.",
               static_cast<double>(so.tx_bytes), l);
     b.Counter("netch_socket_rx_bytes_total", "Bytes the application received on the socket.",

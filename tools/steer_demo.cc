@@ -19,6 +19,7 @@
 #include "afxdp_channels/netdev.h"
 #include "bpf/wire.h"
 #include "common/errno_status.h"
+#include "common/ipv4.h"
 #include "common/netns.h"
 #include "common/unique_fd.h"
 
@@ -30,10 +31,6 @@ constexpr uint16_t kTcpPort = 7000;
 constexpr size_t kTcpBytes = 8 << 20;
 
 uint8_t PatternByte(uint64_t frame, size_t j) { return static_cast<uint8_t>(frame * 131 + j); }
-
-std::string IpString(uint32_t ip) {
-  return absl::StrCat(ip >> 24, ".", (ip >> 16) & 255, ".", (ip >> 8) & 255, ".", ip & 255);
-}
 
 // One frame: channel DATA carrying segment `i` of the demo stream.
 size_t BuildDemoFrame(std::vector<uint8_t>& buf, const wire::FrameAddrs& a, uint64_t i,
@@ -193,7 +190,7 @@ void KernelTcp(const SteerDemoOptions& o, uint32_t dst_ip, Kernel* out) {
   out->tcp_bytes = got;
   out->tcp_intact = intact && got == kTcpBytes;
   std::string ping = absl::StrCat("ip netns exec ", o.ns_tx, " ping -q -c 3 -i 0.2 -W 1 ",
-                                  IpString(dst_ip), " >/dev/null 2>&1");
+                                  Ipv4String(dst_ip), " >/dev/null 2>&1");
   out->ping_ok = std::system(ping.c_str()) == 0;
 }
 

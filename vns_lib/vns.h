@@ -48,6 +48,18 @@ enum class AppClass : uint8_t {
   kThroughput = NC_CLASS_THROUGHPUT,  // T-app: bulk
 };
 
+// "latency", "throughput" or "unspecified": for tables and metric labels.
+inline const char* AppClassName(AppClass c) {
+  switch (c) {
+    case AppClass::kLatency:
+      return "latency";
+    case AppClass::kThroughput:
+      return "throughput";
+    default:
+      return "unspecified";
+  }
+}
+
 struct SocketOptions {
   AppClass app_class = AppClass::kUnspecified;
   size_t rcvbuf = 4 << 20;  // bytes held for the application before channels stop draining
