@@ -1,14 +1,12 @@
 #include "afxdp_channels/afxdp_driver.h"
 
 #include <arpa/inet.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <bitset>
 #include <condition_variable>
-#include <deque>
 #include <mutex>
 #include <random>
 
@@ -141,7 +139,7 @@ class AfxdpDriver final : public Driver {
   std::string_view name() const override { return "afxdp"; }
   absl::StatusOr<std::shared_ptr<Channel>> Connect(const ChannelParams& params) override;
   std::shared_ptr<Channel> Accept() override;
-  int accept_fd() const override { return accept_fd_; }
+  int accept_fd() const override { return accept_q_.fd(); }
   absl::Status Destroy(Channel& ch) override;
   absl::Status MoveChannel(uint32_t id, int engine) override;
   std::vector<EngineInfo> Engines() const override;
@@ -178,9 +176,8 @@ class AfxdpDriver final : public Driver {
   std::bitset<NC_MAX_CHANNELS> used_ids_;
   uint32_t next_id_ = 1;
   std::vector<std::shared_ptr<AfxdpChannel>> channels_;
-  std::deque<std::shared_ptr<Channel>> accept_q_;
+  AcceptQueue accept_q_;
   std::vector<int> queue_engine_;  // queue -> engine index
-  int accept_fd_ = -1;
   std::mutex move_mu_;  // serializes moves and destroys (both hand tasks between threads)
 };
 
@@ -412,7 +409,8 @@ void XskQueue::HandleSyn(const wire::ParsedFrame& pf, const uint8_t* frame, uint
   ch->isn = RandomIsn();
   ch->transport = std::make_unique<Transport>(
       driver_->TransportFor(static_cast<uint16_t>(ch->id()), pf.ch.src_chan, ch->isn, pf.ch.seq),
-      afxdp::MakeCongestionControl(driver_->opts().congestion, 16, driver_->opts().window_packets), this, now);
+      afxdp::MakeCongestionControl(driver_->opts().congestion, 16, driver_->opts().window_packets),
+      this, now);
   if (ch->transport->wants_ecn()) ch->addrs.tos = 0x02;  // ECT(0)
   ch->hs = Hs::kEstablished;
   ch->send_synack = true;
@@ -429,7 +427,8 @@ void XskQueue::Establish(AfxdpChannel& ch, const wire::ChanHeader& h, uint64_t n
   ch.peer_chan = h.src_chan;
   ch.transport = std::make_unique<Transport>(
       driver_->TransportFor(static_cast<uint16_t>(ch.id()), h.src_chan, ch.isn, h.seq),
-      afxdp::MakeCongestionControl(driver_->opts().congestion, 16, driver_->opts().window_packets), this, now);
+      afxdp::MakeCongestionControl(driver_->opts().congestion, 16, driver_->opts().window_packets),
+      this, now);
   if (ch.transport->wants_ecn()) ch.addrs.tos = 0x02;  // ECT(0)
   ch.hs = Hs::kEstablished;
   ch.SetState(ChannelState::kUp);
@@ -598,8 +597,8 @@ absl::Status AfxdpDriver::Init() {
     return absl::FailedPreconditionError(
         "the AF_XDP driver needs the steering program (DriverOptions::steer) loaded and attached");
   if (!afxdp::MakeCongestionControl(opts_.congestion, 16, 64))
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "unknown congestion control '%s' (newreno, dctcp)", opts_.congestion));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("unknown congestion control '%s' (newreno, dctcp)", opts_.congestion));
   if (opts_.window_packets == 0 || (opts_.window_packets & (opts_.window_packets - 1)))
     return absl::InvalidArgumentError("window_packets must be a power of two");
   auto ifi = afxdp::GetInterfaceInfo(opts_.ifname);
@@ -622,7 +621,6 @@ absl::Status AfxdpDriver::Init() {
 
   uint32_t nq = opts_.queues ? std::min(opts_.queues, ifi_.rx_queues) : ifi_.rx_queues;
   nq = std::clamp<uint32_t>(nq, 1, NC_MAX_QUEUES);
-  accept_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   for (uint32_t q = 0; q < nq; ++q) {
     auto xq = std::make_unique<XskQueue>(this, q);
     if (auto st = xq->Open(opts_.ifname, opts_.frames_per_queue); !st.ok()) return st;
@@ -650,7 +648,6 @@ AfxdpDriver::~AfxdpDriver() {
   for (auto& e : engines_) e->Stop();
   for (auto& q : queues_) (void)opts_.steer->ClearXsk(q->queue());
   queues_.clear();
-  if (accept_fd_ >= 0) close(accept_fd_);
 }
 
 TransportConfig AfxdpDriver::TransportFor(uint16_t local, uint16_t peer, uint32_t isn_send,
@@ -775,35 +772,10 @@ AfxdpChannel* AfxdpDriver::NewPassive(XskQueue* q, uint32_t peer_ip, uint16_t pe
   return ch->get();
 }
 
-void AfxdpDriver::PushAccepted(const std::shared_ptr<Channel>& ch) {
-  {
-    std::lock_guard g(mu_);
-    accept_q_.push_back(ch);
-  }
-  uint64_t one = 1;
-  (void)!write(accept_fd_, &one, sizeof(one));
-}
+void AfxdpDriver::PushAccepted(const std::shared_ptr<Channel>& ch) { accept_q_.Push(ch); }
 
-std::shared_ptr<Channel> AfxdpDriver::Accept() {
-  std::lock_guard g(mu_);
-  // A channel is handed out once its handshake state is visible (kUp is set by the engine).
-  if (accept_q_.empty() || accept_q_.front()->state() == ChannelState::kConnecting) {
-    uint64_t v;
-    (void)!read(accept_fd_, &v, sizeof(v));
-    if (!accept_q_.empty()) {
-      uint64_t one = 1;
-      (void)!write(accept_fd_, &one, sizeof(one));
-    }
-    return nullptr;
-  }
-  auto ch = accept_q_.front();
-  accept_q_.pop_front();
-  if (accept_q_.empty()) {
-    uint64_t v;
-    (void)!read(accept_fd_, &v, sizeof(v));
-  }
-  return ch;
-}
+// A channel is handed out once its handshake state is visible (kUp is set by the engine).
+std::shared_ptr<Channel> AfxdpDriver::Accept() { return accept_q_.Pop(/*only_up=*/true); }
 
 absl::Status AfxdpDriver::Destroy(Channel& base) {
   std::lock_guard mv(move_mu_);

@@ -189,9 +189,9 @@ struct DriverOptions {
   bpf::SteerProgram* steer = nullptr;  // loaded and attached on ifname; not owned
   uint32_t queues = 0;                 // queues to serve, 0 = every rx queue of ifname
   uint32_t frames_per_queue = 8192;
-  uint32_t window_packets = 512;     // transport window (power of two)
+  uint32_t window_packets = 512;       // transport window (power of two)
   std::string congestion = "newreno";  // "newreno" | "dctcp" (sends ECT(0), reacts to ECN marks)
-  uint32_t rcv_buf_bytes = 2 << 20;  // receive buffer advertised per channel
+  uint32_t rcv_buf_bytes = 2 << 20;    // receive buffer advertised per channel
   absl::Duration dead_peer_timeout = absl::Seconds(2);
   absl::Duration close_linger = absl::Seconds(1);  // Destroy waits this long for unacked data
   absl::Duration spin = absl::Microseconds(50);    // busy-poll this long before sleeping

@@ -245,6 +245,40 @@ void ChannelCore::Linger(absl::Duration linger) {
   }
 }
 
+AcceptQueue::AcceptQueue() { fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC); }
+
+AcceptQueue::~AcceptQueue() {
+  if (fd_ >= 0) close(fd_);
+}
+
+void AcceptQueue::Signal() {
+  uint64_t one = 1;
+  (void)!write(fd_, &one, sizeof(one));
+}
+
+void AcceptQueue::Push(std::shared_ptr<Channel> c) {
+  {
+    std::lock_guard g(mu_);
+    q_.push_back(std::move(c));
+  }
+  Signal();
+}
+
+std::shared_ptr<Channel> AcceptQueue::Pop(bool only_up) {
+  std::lock_guard g(mu_);
+  uint64_t v;
+  (void)!read(fd_, &v, sizeof(v));  // cleared; set again below while channels wait
+  if (q_.empty()) return nullptr;
+  if (only_up && q_.front()->state() == ChannelState::kConnecting) {
+    Signal();
+    return nullptr;
+  }
+  auto c = q_.front();
+  q_.pop_front();
+  if (!q_.empty()) Signal();
+  return c;
+}
+
 absl::Status CheckEngineIndex(int engine, size_t engines) {
   if (engine >= 0 && engine < static_cast<int>(engines)) return absl::OkStatus();
   return absl::InvalidArgumentError(

@@ -14,6 +14,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <deque>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -71,7 +72,8 @@ class ChannelCore : public Channel {
   // Published by the engine (relaxed stores), read by stats().
   struct Published {
     std::atomic<uint64_t> tx_queued_bytes{0}, rx_queued_bytes{0}, rx_dropped_stale{0}, timeouts{0},
-        tail_probes{0}, ecn_echoes{0}, rx_ignored_acks{0}, send_window_bytes{0}, srtt_us{0}, retransmits{0};
+        tail_probes{0}, ecn_echoes{0}, rx_ignored_acks{0}, send_window_bytes{0}, srtt_us{0},
+        retransmits{0};
     std::atomic<uint32_t> cwnd_packets{0};
     std::atomic<uint64_t> tx_segments{0}, tx_bytes{0};
     std::atomic<int> engine{-1}, queue{-1};
@@ -100,6 +102,27 @@ class ChannelCore : public Channel {
   std::mutex consumer_mu_;     // serializes consumers; never taken by the engine
   // Consumer-side accounting (under consumer_mu_).
   std::atomic<uint64_t> rx_segments_{0}, rx_bytes_{0};
+};
+
+// Channels peers opened, waiting for Driver::Accept(); fd() is readable while one waits. Shared
+// by every driver.
+class AcceptQueue {
+ public:
+  AcceptQueue();
+  ~AcceptQueue();
+  AcceptQueue(const AcceptQueue&) = delete;
+  AcceptQueue& operator=(const AcceptQueue&) = delete;
+  int fd() const { return fd_; }
+  void Push(std::shared_ptr<Channel> c);
+  // The oldest waiting channel, or nullptr. With `only_up`, a channel still in its handshake is
+  // not handed out yet (and keeps the fd readable).
+  std::shared_ptr<Channel> Pop(bool only_up = false);
+
+ private:
+  void Signal();
+  int fd_ = -1;
+  std::mutex mu_;
+  std::deque<std::shared_ptr<Channel>> q_;
 };
 
 // Driver helpers: a channel by object or id from a driver's list (under its mutex), and the

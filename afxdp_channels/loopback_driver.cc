@@ -9,11 +9,9 @@
 // fails its peers' channels, as a dead host would.
 #include "afxdp_channels/loopback_driver.h"
 
-#include <sys/eventfd.h>
 #include <unistd.h>
 
 #include <cstring>
-#include <deque>
 #include <map>
 #include <mutex>
 
@@ -135,7 +133,6 @@ class LoopDriver final : public Driver {
     }
     for (auto& c : chans) Teardown(*c, ChannelState::kFailed);
     for (auto& e : engines_) e->Stop();
-    if (accept_fd_ >= 0) close(accept_fd_);
   }
   absl::Status Init() {
     if (opts_.loopback_ipv4 == 0)
@@ -143,7 +140,6 @@ class LoopDriver final : public Driver {
     auto e = StartEngines(opts_);
     if (!e.ok()) return e.status();
     engines_ = std::move(*e);
-    accept_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     std::lock_guard g(g_mu);
     if (!g_drivers.emplace(opts_.loopback_ipv4, this).second)
       return absl::AlreadyExistsError("another loopback driver has this address");
@@ -169,20 +165,8 @@ class LoopDriver final : public Driver {
     return std::shared_ptr<Channel>(mine);
   }
 
-  std::shared_ptr<Channel> Accept() override {
-    std::lock_guard g(mu_);
-    uint64_t v;
-    (void)!read(accept_fd_, &v, sizeof(v));
-    if (accept_q_.empty()) return nullptr;
-    auto c = accept_q_.front();
-    accept_q_.pop_front();
-    if (!accept_q_.empty()) {
-      uint64_t one = 1;
-      (void)!write(accept_fd_, &one, sizeof(one));
-    }
-    return c;
-  }
-  int accept_fd() const override { return accept_fd_; }
+  std::shared_ptr<Channel> Accept() override { return accept_q_.Pop(); }
+  int accept_fd() const override { return accept_q_.fd(); }
 
   absl::Status Destroy(Channel& base) override {
     auto ch = FindChannel(mu_, channels_, [&](const Channel& c) { return &c == &base; });
@@ -224,14 +208,7 @@ class LoopDriver final : public Driver {
     engines_[engine]->Add(c.get());
     return c;
   }
-  void PushAccepted(const std::shared_ptr<LoopChannel>& c) {
-    {
-      std::lock_guard g(mu_);
-      accept_q_.push_back(c);
-    }
-    uint64_t one = 1;
-    (void)!write(accept_fd_, &one, sizeof(one));
-  }
+  void PushAccepted(const std::shared_ptr<LoopChannel>& c) { accept_q_.Push(c); }
   // Stops our end and tells the peer's end.
   void Teardown(LoopChannel& ch, ChannelState peer_state) {
     engines_[ch.pub_.engine.load()]->Remove(&ch);
@@ -246,8 +223,7 @@ class LoopDriver final : public Driver {
   mutable std::mutex mu_;
   uint32_t next_id_ = 1;
   std::vector<std::shared_ptr<LoopChannel>> channels_;
-  std::deque<std::shared_ptr<Channel>> accept_q_;
-  int accept_fd_ = -1;
+  AcceptQueue accept_q_;
 };
 
 }  // namespace

@@ -4,7 +4,6 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
-#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -109,7 +108,7 @@ class TcpDriver final : public Driver {
   std::string_view name() const override { return "tcp"; }
   absl::StatusOr<std::shared_ptr<Channel>> Connect(const ChannelParams& p) override;
   std::shared_ptr<Channel> Accept() override;
-  int accept_fd() const override { return accept_fd_; }
+  int accept_fd() const override { return accept_q_.fd(); }
   absl::Status Destroy(Channel& ch) override;
   absl::Status MoveChannel(uint32_t id, int engine) override;
   std::vector<EngineInfo> Engines() const override;
@@ -136,11 +135,10 @@ class TcpDriver final : public Driver {
   std::vector<std::unique_ptr<Engine>> engines_;
   std::unique_ptr<Listener> listener_;
   int listen_fd_ = -1;
-  int accept_fd_ = -1;
   mutable std::mutex mu_;
   uint32_t next_id_ = 1;
   std::vector<std::shared_ptr<TcpChannel>> channels_;
-  std::deque<std::shared_ptr<Channel>> accept_q_;
+  AcceptQueue accept_q_;
   std::mutex move_mu_;
 };
 
@@ -357,7 +355,6 @@ absl::Status TcpDriver::Init() {
     ns = std::make_unique<NetnsScope>(opts_.netns);
     if (!ns->ok()) return ns->status();
   }
-  accept_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   auto engines = StartEngines(opts_);
   if (!engines.ok()) return engines.status();
   engines_ = std::move(*engines);
@@ -389,7 +386,6 @@ TcpDriver::~TcpDriver() {
   for (auto& c : chans) (void)Destroy(*c);
   for (auto& e : engines_) e->Stop();
   if (listen_fd_ >= 0) close(listen_fd_);
-  if (accept_fd_ >= 0) close(accept_fd_);
 }
 
 int TcpDriver::PickEngine() const {
@@ -480,27 +476,13 @@ bool TcpDriver::AcceptPending() {
       std::lock_guard g(mu_);
       ch->set_id(next_id_++);
       channels_.push_back(ch);
-      accept_q_.push_back(ch);
     }
-    uint64_t one = 1;
-    (void)!write(accept_fd_, &one, sizeof(one));
+    accept_q_.Push(ch);
   }
   return any;
 }
 
-std::shared_ptr<Channel> TcpDriver::Accept() {
-  std::lock_guard g(mu_);
-  uint64_t v;
-  (void)!read(accept_fd_, &v, sizeof(v));
-  if (accept_q_.empty()) return nullptr;
-  auto ch = accept_q_.front();
-  accept_q_.pop_front();
-  if (!accept_q_.empty()) {
-    uint64_t one = 1;
-    (void)!write(accept_fd_, &one, sizeof(one));
-  }
-  return ch;
-}
+std::shared_ptr<Channel> TcpDriver::Accept() { return accept_q_.Pop(); }
 
 absl::Status TcpDriver::Destroy(Channel& base) {
   std::lock_guard mv(move_mu_);
