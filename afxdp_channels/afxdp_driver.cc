@@ -8,7 +8,6 @@
 #include <bitset>
 #include <condition_variable>
 #include <mutex>
-#include <random>
 
 #include "absl/strings/str_format.h"
 #include "afxdp_channels/channel_core.h"
@@ -18,6 +17,7 @@
 #include "afxdp_channels/xsk.h"
 #include "bpf/steer_program.h"
 #include "common/netns.h"
+#include "common/random.h"
 
 namespace netch::chan {
 namespace {
@@ -28,20 +28,18 @@ using afxdp::TransportConfig;
 using afxdp::TxPacket;
 
 constexpr uint32_t kBatch = 64;
-constexpr uint32_t kChanRing = 256;       // per-channel SPSC rings
-constexpr uint32_t kCtlReserve = 64;      // frames kept for ACKs and handshakes
-constexpr uint16_t kSrcPortBase = 49152;  // channel id -> UDP source port (RSS/ECMP entropy)
-
-uint32_t RandomIsn() {
-  thread_local std::mt19937 rng{std::random_device{}()};
-  return rng();
-}
+constexpr uint32_t kChanRing = 256;             // per-channel SPSC rings
+constexpr uint32_t kFreeMin = 16;               // empty send buffers an idle channel holds
+constexpr uint32_t kCtlReserve = 64;            // frames kept for ACKs and handshakes
+constexpr uint16_t kSrcPortBase = 49152;        // channel id -> UDP source port (RSS/ECMP entropy)
+constexpr uint64_t kCookieTickUs = 16'000'000;  // a cookie is valid for one to two ticks
 
 class AfxdpDriver;
 class XskQueue;
 
-// Handshake progress, engine-side.
-enum class Hs : uint8_t { kSynSent, kEstablished, kDead };
+// Handshake progress, engine-side. An initiator goes kSynSent -> kCookieEchoed -> kEstablished;
+// a responder's channel is born kEstablished (the cookie proved the initiator).
+enum class Hs : uint8_t { kSynSent, kCookieEchoed, kEstablished, kDead };
 
 class AfxdpChannel final : public ChannelCore {
  public:
@@ -55,20 +53,27 @@ class AfxdpChannel final : public ChannelCore {
   afxdp::Umem* umem_;
   XskQueue* queue = nullptr;
   wire::FrameAddrs addrs;
-  uint32_t peer_ip = 0;
+  uint32_t peer_ip = 0;  // set before the channel is published
   uint16_t peer_chan = 0;
-  uint32_t isn = 0;
-  bool active = false;
-  bool send_synack = false;
+  uint64_t local_token = 0;  // what the peer's packets must carry (also in the steering map)
+  uint64_t peer_token = 0;   // what ours carry
+  wire::Handshake hs_rec;    // the handshake as agreed so far (the initiator echoes it)
+  bool active = false;       // we initiated
+  bool send_cookie_ack = false;
   Hs hs = Hs::kSynSent;
   uint64_t syn_next_us = 0, syn_rto_us = 0, connect_deadline_us = 0;
   uint64_t rx_held = 0;  // delivered to rxq_, not yet returned
+  uint32_t free_target = kFreeMin;
   std::unique_ptr<Transport> transport;
+  // The peer stack's incarnation once known (0 before): read by other engines when a peer
+  // restarts, hence atomic.
+  std::atomic<uint64_t> peer_incarnation{0};
 };
 
 struct QueueCounters {
   std::atomic<uint64_t> rx_frames{0}, rx_malformed{0}, rx_unknown_chan{0}, handshakes_rx{0},
-      fill_ring_empty{0}, tx_ring_full{0}, frames_free{0}, frames_in_fill{0};
+      handshakes_bad{0}, rx_bad_token{0}, reaped{0}, fill_ring_empty{0}, tx_ring_full{0},
+      frames_free{0}, frames_in_fill{0};
 };
 
 class XskQueue final : public EngineTask, public Transport::BufferOwner {
@@ -84,9 +89,11 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   void ReleaseTx(uint64_t handle) override { umem_->FreeFrame(handle); }
   void ReleaseRx(uint64_t handle) override { umem_->FreeFrame(handle); }
 
-  // Control operations, applied by the engine running the queue; return once applied.
-  void AddChannel(AfxdpChannel* ch);
-  void RemoveChannel(AfxdpChannel* ch, bool send_fin);
+  // Control operations, applied by the engine running the queue. Add and Remove return once
+  // applied; Retire (another engine found the channel's peer restarted) does not wait.
+  void AddChannel(std::shared_ptr<AfxdpChannel> ch);
+  void RemoveChannel(std::shared_ptr<AfxdpChannel> ch);
+  void RetireChannel(std::shared_ptr<AfxdpChannel> ch);
 
   uint32_t queue() const { return queue_; }
   afxdp::Umem* umem() { return umem_.get(); }
@@ -95,22 +102,33 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   QueueCounters counters;
 
  private:
+  enum class OpKind : uint8_t { kAdd, kRemove, kRetire };
   struct Op {
-    AfxdpChannel* ch;
-    bool add;
-    bool fin;
+    std::shared_ptr<AfxdpChannel> ch;
+    OpKind kind;
   };
-  void PostOp(const Op& op);
+  void PostOp(Op op, bool wait);
   void ApplyOps(uint64_t now);
   void HandleFrame(const xdp_desc& d, uint64_t now);
-  void HandleSyn(const wire::ParsedFrame& pf, const uint8_t* frame, uint64_t now);
+  // Handshake packets addressed to no channel yet: SYN (answered with a cookie, no state kept)
+  // and COOKIE_ECHO (the cookie checked, the channel created).
+  void HandleSyn(const wire::ParsedFrame& pf, const wire::MacAddr& peer_mac, uint64_t now);
+  void HandleCookieEcho(const wire::ParsedFrame& pf, const wire::MacAddr& peer_mac, uint64_t now);
+  // An initiator's channel hears back from the responder.
+  void HandleSynAck(AfxdpChannel& ch, const wire::ParsedFrame& pf, uint64_t now);
+  void HandleCookieAck(AfxdpChannel& ch, const wire::ParsedFrame& pf, uint64_t now);
   bool RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline);
-  void Establish(AfxdpChannel& ch, const wire::ChanHeader& h, uint64_t now);
-  void Kill(AfxdpChannel& ch, ChannelState st);
-  bool Drain(AfxdpChannel& ch);
-  // Sends one header-only packet (handshake, FIN, RST); false when no frame or TX slot is free.
-  bool SendControl(const wire::FrameAddrs& a, const wire::ChanHeader& h);
-  wire::ChanHeader HandshakeHeader(const AfxdpChannel& ch, uint8_t type, uint64_t now) const;
+  void Establish(AfxdpChannel& ch, uint16_t peer_chan, uint64_t now);
+  // Marks the channel dead (FIN first if asked and established); its resources are reclaimed by
+  // Reap() at the end of the round.
+  void Kill(AfxdpChannel& ch, ChannelState st, bool send_fin = false);
+  void Reap();
+  void RunZombies();
+  // Sends one packet with no data (handshake, FIN, RST, ...) and the given channel payload;
+  // false when no frame or TX slot is free.
+  bool SendControl(const wire::FrameAddrs& a, const wire::ChanHeader& h,
+                   const wire::Handshake* hs = nullptr);
+  wire::ChanHeader ControlHeader(const AfxdpChannel& ch, uint8_t type, uint64_t now) const;
   void Publish(AfxdpChannel& ch);
 
   AfxdpDriver* driver_;
@@ -121,6 +139,10 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
 
   std::vector<AfxdpChannel*> chans_;  // engine-side
   std::vector<AfxdpChannel*> by_id_;  // engine-side, indexed by local channel id
+  std::vector<AfxdpChannel*> dying_;  // engine-side: killed this round, reaped at its end
+  // Engine-side: reaped channels whose application side may still return buffers (dequeued,
+  // not yet released) or finish a copy. Dropped once nothing can come back.
+  std::vector<std::shared_ptr<AfxdpChannel>> zombies_;
   std::atomic<size_t> nchans_{0};
 
   std::mutex ops_mu_;
@@ -132,7 +154,8 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
 
 class AfxdpDriver final : public Driver {
  public:
-  explicit AfxdpDriver(const DriverOptions& o) : opts_(o) {}
+  explicit AfxdpDriver(const DriverOptions& o)
+      : opts_(o), cookie_key_(RandomSipKey()), incarnation_(RandomNonZeroU64()) {}
   ~AfxdpDriver() override;
   absl::Status Init();
 
@@ -150,23 +173,42 @@ class AfxdpDriver final : public Driver {
   const afxdp::InterfaceInfo& ifinfo() const { return ifi_; }
   const DriverOptions& opts() const { return opts_; }
   size_t max_payload() const { return max_payload_; }
+  uint64_t incarnation() const { return incarnation_; }
   TransportConfig TransportFor(uint16_t local, uint16_t peer, uint32_t isn_send,
                                uint32_t isn_recv) const;
-  // A channel a peer opened: registers it (id, steering) or returns nullptr when refused.
-  AfxdpChannel* NewPassive(XskQueue* q, uint32_t peer_ip, uint16_t peer_chan,
-                           const wire::MacAddr& peer_mac);
-  void PushAccepted(const std::shared_ptr<Channel>& ch);
-  bool accepting() const { return opts_.accept; }
+  // The cookie a responder mints for a SYN: the responder's token and ISN, a keyed hash of what
+  // the SYN said and of the coarse time. Only this driver can compute it.
+  struct Cookie {
+    uint64_t token;
+    uint32_t isn;
+  };
+  Cookie MintCookie(uint32_t peer_ip, uint16_t peer_chan, uint32_t queue, const wire::Handshake& hs,
+                    uint32_t cookie_time) const;
+  static uint32_t CookieTime(uint64_t now_us) {
+    return static_cast<uint32_t>(now_us / kCookieTickUs);
+  }
+  // A channel the initiator proved (valid cookie): registers it (id, steering with its token) and
+  // queues it for Accept(); nullptr when refused (not accepting, out of ids, peer over its cap).
+  std::shared_ptr<AfxdpChannel> NewPassive(XskQueue* q, uint32_t peer_ip,
+                                           const wire::MacAddr& peer_mac, uint64_t local_token);
+  // A channel to `peer_ip` was established with the peer's stack incarnation `inc`: channels to
+  // the same address from an earlier incarnation belong to a stack that is gone (the peer
+  // restarted); they are failed, so their sockets reset and their resources return.
+  void RetireOldIncarnations(uint32_t peer_ip, uint64_t inc);
   wire::FrameAddrs AddrsFor(uint32_t id, uint32_t peer_ip, const wire::MacAddr& peer_mac) const;
   int EngineOf(XskQueue* q) const;
+  // Releases a dead channel's id and steering entry; returns the driver's reference to it.
+  std::shared_ptr<AfxdpChannel> Unregister(uint32_t id, const AfxdpChannel* ch);
 
  private:
   absl::StatusOr<std::shared_ptr<AfxdpChannel>> Register(XskQueue* q, uint32_t peer_ip,
-                                                         const wire::MacAddr& peer_mac);
-  void Unregister(uint32_t id);
+                                                         const wire::MacAddr& peer_mac,
+                                                         uint64_t local_token);
   absl::Status MoveQueueLocked(XskQueue* q, int engine);  // move_mu_ held
 
   DriverOptions opts_;
+  const SipKey cookie_key_;
+  const uint64_t incarnation_;
   afxdp::InterfaceInfo ifi_;
   size_t max_payload_ = 0;
   std::vector<std::unique_ptr<XskQueue>> queues_;
@@ -215,13 +257,14 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames) {
 }
 
 XskQueue::~XskQueue() {
+  zombies_.clear();
   xsk_.reset();
   umem_.reset();
 }
 
-void XskQueue::PostOp(const Op& op) {
+void XskQueue::PostOp(Op op, bool wait) {
   std::unique_lock lk(ops_mu_);
-  ops_.push_back(op);
+  ops_.push_back(std::move(op));
   const uint64_t ticket = ++ops_posted_;
   ops_pending_.store(true, std::memory_order_release);
   if (engine.load(std::memory_order_acquire) == nullptr) {
@@ -231,70 +274,81 @@ void XskQueue::PostOp(const Op& op) {
     return;
   }
   Wake();
-  ops_cv_.wait(lk, [&] { return ops_done_ >= ticket; });
+  if (wait) ops_cv_.wait(lk, [&] { return ops_done_ >= ticket; });
 }
 
-void XskQueue::AddChannel(AfxdpChannel* ch) { PostOp({ch, true, false}); }
-void XskQueue::RemoveChannel(AfxdpChannel* ch, bool fin) { PostOp({ch, false, fin}); }
+void XskQueue::AddChannel(std::shared_ptr<AfxdpChannel> ch) {
+  PostOp({std::move(ch), OpKind::kAdd}, true);
+}
+void XskQueue::RemoveChannel(std::shared_ptr<AfxdpChannel> ch) {
+  PostOp({std::move(ch), OpKind::kRemove}, true);
+}
+void XskQueue::RetireChannel(std::shared_ptr<AfxdpChannel> ch) {
+  PostOp({std::move(ch), OpKind::kRetire}, false);
+}
 
 void XskQueue::ApplyOps(uint64_t now) {
-  std::lock_guard g(ops_mu_);
-  for (const Op& op : ops_) {
-    AfxdpChannel* ch = op.ch;
-    if (op.add) {
-      chans_.push_back(ch);
-      by_id_[ch->id()] = ch;
-      ch->set_task(this);
-      ch->pub_.queue = static_cast<int>(queue_);
-      if (ch->active) ch->syn_next_us = now;  // first SYN on the next round
-    } else {
-      if (op.fin && ch->hs == Hs::kEstablished) {
-        SendControl(ch->addrs, HandshakeHeader(*ch, NC_CT_FIN, now));
-      }
-      if (ch->transport) ch->transport->ReleaseAll();
-      ch->hs = Hs::kDead;
-      Drain(*ch);
-      // Buffers the producer has not filled yet.
-      uint64_t t;
-      while (ch->free_.PopOne(&t)) umem_->FreeFrame(t);
-      // Delivered, never dequeued: the consumer can no longer ask for them.
-      BufRef b;
-      while (ch->rxq_.PopOne(&b)) umem_->FreeFrame(b.token);
-      chans_.erase(std::remove(chans_.begin(), chans_.end(), ch), chans_.end());
-      by_id_[ch->id()] = nullptr;
-      ch->set_task(nullptr);
-    }
-    ops_done_++;
+  std::vector<Op> ops;
+  {
+    std::lock_guard g(ops_mu_);
+    ops.swap(ops_);
+    ops_pending_.store(false, std::memory_order_relaxed);
   }
-  ops_.clear();
+  for (const Op& op : ops) {
+    AfxdpChannel* ch = op.ch.get();
+    switch (op.kind) {
+      case OpKind::kAdd:
+        chans_.push_back(ch);
+        by_id_[ch->id()] = ch;
+        ch->set_task(this);
+        ch->pub_.queue = static_cast<int>(queue_);
+        ch->syn_next_us = now;  // first SYN on the next round
+        break;
+      case OpKind::kRemove:
+        Kill(*ch, ChannelState::kClosed, /*send_fin=*/true);
+        break;
+      case OpKind::kRetire:
+        Kill(*ch, ChannelState::kFailed);
+        break;
+    }
+  }
+  Reap();
   nchans_.store(chans_.size(), std::memory_order_relaxed);
-  ops_pending_.store(false, std::memory_order_relaxed);
+  std::lock_guard g(ops_mu_);
+  ops_done_ += ops.size();
   ops_cv_.notify_all();
 }
 
-bool XskQueue::SendControl(const wire::FrameAddrs& a, const wire::ChanHeader& h) {
+bool XskQueue::SendControl(const wire::FrameAddrs& a, const wire::ChanHeader& h,
+                           const wire::Handshake* hs) {
   if (xsk_->tx_free() == 0) {
     counters.tx_ring_full.fetch_add(1, std::memory_order_relaxed);
     return false;
   }
   const uint64_t f = umem_->AllocFrame();
   if (f == kNoFrame) return false;
-  const size_t len = wire::WriteHeaders(umem_->Data(f), a, h, nullptr, 0);
+  uint8_t* p = umem_->Data(f);
+  size_t len = wire::WriteHeaders(p, a, h, nullptr, hs ? wire::kHandshakeLen : 0);
+  if (hs) {
+    wire::WriteHandshake(p + len, *hs);
+    len += wire::kHandshakeLen;
+  }
   xdp_desc d{f, static_cast<uint32_t>(len), 0};
   const bool ok = xsk_->Transmit({&d, 1}) == 1;
   umem_->FreeFrame(f);  // the TX ring holds its own reference until completion
   return ok;
 }
 
-wire::ChanHeader XskQueue::HandshakeHeader(const AfxdpChannel& ch, uint8_t type,
-                                           uint64_t now) const {
+wire::ChanHeader XskQueue::ControlHeader(const AfxdpChannel& ch, uint8_t type, uint64_t now) const {
   wire::ChanHeader h;
   h.type = type;
-  h.dst_chan = type == NC_CT_SYN ? NC_CHAN_UNASSIGNED : ch.peer_chan;
+  h.dst_chan = (type == NC_CT_SYN || type == NC_CT_COOKIE_ECHO) ? NC_CHAN_UNASSIGNED : ch.peer_chan;
   h.src_chan = static_cast<uint16_t>(ch.id());
-  h.seq = ch.isn;
+  h.seq = ch.transport ? ch.transport->next_seq()
+                       : (ch.active ? ch.hs_rec.init_isn : ch.hs_rec.resp_isn);
   h.wnd = driver_->opts().rcv_buf_bytes;
   h.ts_val = static_cast<uint32_t>(now) | 1;
+  h.token = type == NC_CT_SYN ? 0 : ch.peer_token;
   return h;
 }
 
@@ -312,6 +366,11 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
   worked |= n > 0;
 
   for (AfxdpChannel* ch : chans_) worked |= RunChannel(*ch, now, deadline);
+  if (!dying_.empty()) {
+    Reap();
+    worked = true;
+  }
+  if (!zombies_.empty()) RunZombies();
 
   if (xsk_->tx_pending()) {
     xsk_->KickTx();
@@ -344,24 +403,42 @@ void XskQueue::HandleFrame(const xdp_desc& d, uint64_t now) {
     return;
   }
   if (pf.ch.dst_chan == NC_CHAN_UNASSIGNED) {
-    if (pf.ch.type == NC_CT_SYN) HandleSyn(pf, p, now);
+    wire::MacAddr peer_mac;
+    std::memcpy(peer_mac.data(), p + 6, 6);  // Ethernet source
+    if (pf.ch.type == NC_CT_SYN) HandleSyn(pf, peer_mac, now);
+    if (pf.ch.type == NC_CT_COOKIE_ECHO) HandleCookieEcho(pf, peer_mac, now);
     umem_->FreeFrame(d.addr);
     return;
   }
   AfxdpChannel* ch = by_id_[pf.ch.dst_chan % NC_MAX_CHANNELS];
-  if (!ch || pf.src_ip != ch->peer_ip ||
-      (ch->hs != Hs::kSynSent && pf.ch.src_chan != ch->peer_chan)) {
+  const bool handshaking = ch && (ch->hs == Hs::kSynSent || ch->hs == Hs::kCookieEchoed);
+  if (!ch || ch->hs == Hs::kDead || pf.src_ip != ch->peer_ip ||
+      (!handshaking && pf.ch.src_chan != ch->peer_chan)) {
     counters.rx_unknown_chan.fetch_add(1, std::memory_order_relaxed);
+    umem_->FreeFrame(d.addr);
+    return;
+  }
+  // The token proves the sender saw our handshake; RST and FIN must also be in the window, so
+  // that a sender who learned the token still needs the live sequence number to tear us down.
+  const bool bad = pf.ch.token != ch->local_token ||
+                   ((pf.ch.type == NC_CT_RST || pf.ch.type == NC_CT_FIN) && ch->transport &&
+                    !ch->transport->InReceiveWindow(pf.ch.seq));
+  if (bad) {
+    counters.rx_bad_token.fetch_add(1, std::memory_order_relaxed);
     umem_->FreeFrame(d.addr);
     return;
   }
   switch (pf.ch.type) {
     case NC_CT_SYN_ACK:
-      if (ch->hs == Hs::kSynSent) Establish(*ch, pf.ch, now);
+      if (ch->hs == Hs::kSynSent) HandleSynAck(*ch, pf, now);
+      umem_->FreeFrame(d.addr);
+      return;
+    case NC_CT_COOKIE_ACK:
+      if (ch->hs == Hs::kCookieEchoed) HandleCookieAck(*ch, pf, now);
       umem_->FreeFrame(d.addr);
       return;
     case NC_CT_RST:
-      if (ch->hs != Hs::kDead) Kill(*ch, ChannelState::kFailed);
+      Kill(*ch, ChannelState::kFailed);
       umem_->FreeFrame(d.addr);
       return;
     case NC_CT_FIN:
@@ -385,48 +462,128 @@ void XskQueue::HandleFrame(const xdp_desc& d, uint64_t now) {
   }
 }
 
-void XskQueue::HandleSyn(const wire::ParsedFrame& pf, const uint8_t* frame, uint64_t now) {
+void XskQueue::HandleSyn(const wire::ParsedFrame& pf, const wire::MacAddr& peer_mac, uint64_t now) {
   counters.handshakes_rx.fetch_add(1, std::memory_order_relaxed);
-  for (AfxdpChannel* ch : chans_) {
-    if (!ch->active && ch->peer_ip == pf.src_ip && ch->peer_chan == pf.ch.src_chan) {
-      ch->send_synack = true;  // our SYN_ACK was lost: the peer asks again
-      return;
-    }
+  const wire::Handshake& in = pf.hs;
+  if (in.init_token == 0 || pf.ch.src_chan == NC_CHAN_UNASSIGNED) {
+    counters.handshakes_bad.fetch_add(1, std::memory_order_relaxed);
+    return;
   }
-  wire::MacAddr peer_mac;
-  std::memcpy(peer_mac.data(), frame + 6, 6);  // Ethernet source
-  AfxdpChannel* ch = driver_->NewPassive(this, pf.src_ip, pf.ch.src_chan, peer_mac);
-  if (!ch) {
-    // Not accepting (or out of ids): tell the initiator now rather than let it time out.
-    wire::FrameAddrs a = driver_->AddrsFor(0, pf.src_ip, peer_mac);
-    wire::ChanHeader h;
+  wire::FrameAddrs a = driver_->AddrsFor(0, pf.src_ip, peer_mac);
+  wire::ChanHeader h;
+  h.dst_chan = pf.ch.src_chan;
+  h.token = in.init_token;
+  h.ts_val = static_cast<uint32_t>(now) | 1;
+  h.ts_ecr = pf.ch.ts_val;
+  if (!driver_->opts().accept) {
+    // Not accepting: tell the initiator now rather than let it time out. Costs no state.
     h.type = NC_CT_RST;
-    h.dst_chan = pf.ch.src_chan;
-    h.ts_val = static_cast<uint32_t>(now) | 1;
     SendControl(a, h);
     return;
   }
-  ch->isn = RandomIsn();
-  ch->transport = std::make_unique<Transport>(
-      driver_->TransportFor(static_cast<uint16_t>(ch->id()), pf.ch.src_chan, ch->isn, pf.ch.seq),
-      afxdp::MakeCongestionControl(driver_->opts().congestion, 16, driver_->opts().window_packets),
-      this, now);
-  if (ch->transport->wants_ecn()) ch->addrs.tos = 0x02;  // ECT(0)
-  ch->hs = Hs::kEstablished;
-  ch->send_synack = true;
-  ch->pub_.engine = engine.load()->index();
+  // Stateless: everything the responder needs later comes back in the COOKIE_ECHO, and the
+  // cookie proves it came back from someone who received this SYN_ACK at the source address.
+  wire::Handshake out = in;
+  out.cookie_time = AfxdpDriver::CookieTime(now);
+  const auto c = driver_->MintCookie(pf.src_ip, pf.ch.src_chan, queue_, in, out.cookie_time);
+  out.resp_token = c.token;
+  out.resp_isn = c.isn;
+  out.incarnation = driver_->incarnation();
+  h.type = NC_CT_SYN_ACK;
+  h.seq = c.isn;
+  h.ack = in.init_isn;
+  h.wnd = driver_->opts().rcv_buf_bytes;
+  SendControl(a, h, &out);
+}
+
+void XskQueue::HandleCookieEcho(const wire::ParsedFrame& pf, const wire::MacAddr& peer_mac,
+                                uint64_t now) {
+  const wire::Handshake& in = pf.hs;
+  // The cookie must be ours, fresh, and match every field the initiator echoes.
+  const uint32_t t = AfxdpDriver::CookieTime(now);
+  bool valid = false;
+  if (in.cookie_time == t || in.cookie_time + 1 == t) {
+    const auto c = driver_->MintCookie(pf.src_ip, pf.ch.src_chan, queue_, in, in.cookie_time);
+    valid = c.token == in.resp_token && c.isn == in.resp_isn && pf.ch.token == c.token;
+  }
+  if (!valid) {
+    counters.handshakes_bad.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  // A retransmitted COOKIE_ECHO (our COOKIE_ACK was lost): answer again, create nothing.
+  for (AfxdpChannel* ch : chans_) {
+    if (!ch->active && ch->peer_ip == pf.src_ip && ch->peer_chan == pf.ch.src_chan &&
+        ch->peer_token == in.init_token) {
+      ch->send_cookie_ack = true;
+      return;
+    }
+  }
+  // Same peer channel id with another token: the peer's stack restarted and reuses its ids.
+  for (AfxdpChannel* ch : chans_) {
+    if (ch->peer_ip == pf.src_ip && ch->peer_chan == pf.ch.src_chan)
+      Kill(*ch, ChannelState::kFailed);
+  }
+  driver_->RetireOldIncarnations(pf.src_ip, in.incarnation);
+  auto sp = driver_->NewPassive(this, pf.src_ip, peer_mac, in.resp_token);
+  if (!sp) {
+    wire::ChanHeader h;
+    h.type = NC_CT_RST;
+    h.dst_chan = pf.ch.src_chan;
+    h.token = in.init_token;
+    h.seq = in.resp_isn;
+    h.ts_val = static_cast<uint32_t>(now) | 1;
+    SendControl(driver_->AddrsFor(0, pf.src_ip, peer_mac), h);
+    return;
+  }
+  AfxdpChannel* ch = sp.get();
+  ch->peer_token = in.init_token;
+  ch->hs_rec = in;
+  ch->hs_rec.incarnation = driver_->incarnation();  // what our COOKIE_ACK tells the initiator
+  ch->peer_incarnation.store(in.incarnation, std::memory_order_release);
   chans_.push_back(ch);
   by_id_[ch->id()] = ch;
   nchans_.store(chans_.size(), std::memory_order_relaxed);
   ch->set_task(this);
   ch->pub_.queue = static_cast<int>(queue_);
-  ch->SetState(ChannelState::kUp);
+  ch->pub_.engine = engine.load()->index();
+  Establish(*ch, pf.ch.src_chan, now);
+  ch->send_cookie_ack = true;
 }
 
-void XskQueue::Establish(AfxdpChannel& ch, const wire::ChanHeader& h, uint64_t now) {
-  ch.peer_chan = h.src_chan;
+void XskQueue::HandleSynAck(AfxdpChannel& ch, const wire::ParsedFrame& pf, uint64_t now) {
+  const wire::Handshake& in = pf.hs;
+  // It must answer the SYN we sent: our token and ISN echoed (the token was already checked
+  // against the header, this checks the payload agrees).
+  if (in.init_token != ch.local_token || in.init_isn != ch.hs_rec.init_isn || in.resp_token == 0) {
+    counters.handshakes_bad.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  ch.hs_rec = in;
+  ch.peer_token = in.resp_token;
+  ch.hs = Hs::kCookieEchoed;
+  ch.syn_rto_us = 20'000;
+  ch.syn_next_us = now;  // the COOKIE_ECHO goes out this round
+}
+
+void XskQueue::HandleCookieAck(AfxdpChannel& ch, const wire::ParsedFrame& pf, uint64_t now) {
+  const wire::Handshake& in = pf.hs;
+  if (in.init_token != ch.local_token || in.resp_token != ch.peer_token ||
+      in.init_isn != ch.hs_rec.init_isn || in.resp_isn != ch.hs_rec.resp_isn ||
+      pf.ch.src_chan == NC_CHAN_UNASSIGNED) {
+    counters.handshakes_bad.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  ch.peer_incarnation.store(in.incarnation, std::memory_order_release);
+  Establish(ch, pf.ch.src_chan, now);
+  driver_->RetireOldIncarnations(ch.peer_ip, in.incarnation);
+}
+
+void XskQueue::Establish(AfxdpChannel& ch, uint16_t peer_chan, uint64_t now) {
+  ch.peer_chan = peer_chan;
+  const uint32_t isn_send = ch.active ? ch.hs_rec.init_isn : ch.hs_rec.resp_isn;
+  const uint32_t isn_recv = ch.active ? ch.hs_rec.resp_isn : ch.hs_rec.init_isn;
   ch.transport = std::make_unique<Transport>(
-      driver_->TransportFor(static_cast<uint16_t>(ch.id()), h.src_chan, ch.isn, h.seq),
+      driver_->TransportFor(static_cast<uint16_t>(ch.id()), peer_chan, isn_send, isn_recv),
       afxdp::MakeCongestionControl(driver_->opts().congestion, 16, driver_->opts().window_packets),
       this, now);
   if (ch.transport->wants_ecn()) ch.addrs.tos = 0x02;  // ECT(0)
@@ -434,40 +591,68 @@ void XskQueue::Establish(AfxdpChannel& ch, const wire::ChanHeader& h, uint64_t n
   ch.SetState(ChannelState::kUp);
 }
 
-void XskQueue::Kill(AfxdpChannel& ch, ChannelState st) {
+void XskQueue::Kill(AfxdpChannel& ch, ChannelState st, bool send_fin) {
+  if (ch.hs == Hs::kDead) return;
+  if (send_fin && ch.hs == Hs::kEstablished)
+    SendControl(ch.addrs, ControlHeader(ch, NC_CT_FIN, NowUs()));
   if (ch.transport) ch.transport->ReleaseAll();
   ch.hs = Hs::kDead;
   Publish(ch);
-  ch.SetState(st);
+  ch.SetState(st);  // before the rings are emptied: a producer that sees it stops
+  dying_.push_back(&ch);
 }
 
-bool XskQueue::Drain(AfxdpChannel& ch) {
-  BufRef b[kBatch];
-  bool any = false;
-  for (uint32_t m; (m = ch.ret_.Pop(b)) > 0;) {
-    for (uint32_t i = 0; i < m; ++i) umem_->FreeFrame(b[i].token), ch.rx_held -= b[i].len;
-    any = true;
+void XskQueue::Reap() {
+  for (AfxdpChannel* ch : dying_) {
+    chans_.erase(std::remove(chans_.begin(), chans_.end(), ch), chans_.end());
+    if (by_id_[ch->id()] == ch) by_id_[ch->id()] = nullptr;
+    ch->Reclaim([&](uint64_t t) { umem_->FreeFrame(t); },
+                [&](uint64_t t, uint32_t len) {
+                  umem_->FreeFrame(t);
+                  ch->rx_held -= len;
+                });
+    ch->pub_.rx_queued_bytes.store(ch->rx_held, std::memory_order_relaxed);
+    ch->NotifyApp(Channel::kBoth);
+    // The id and steering entry go back now; the object lingers as a zombie while the
+    // application may still hand buffers back.
+    if (auto sp = driver_->Unregister(ch->id(), ch)) zombies_.push_back(std::move(sp));
+    counters.reaped.fetch_add(1, std::memory_order_relaxed);
   }
-  for (uint32_t m; (m = ch.txq_.Pop(b)) > 0;) {
-    for (uint32_t i = 0; i < m; ++i) umem_->FreeFrame(b[i].token);
-    any = true;
-  }
-  return any;
+  dying_.clear();
+  nchans_.store(chans_.size(), std::memory_order_relaxed);
+}
+
+void XskQueue::RunZombies() {
+  std::erase_if(zombies_, [&](const std::shared_ptr<AfxdpChannel>& z) {
+    BufRef b[kBatch];
+    for (uint32_t m; (m = z->ret_.Pop(b)) > 0;) {
+      for (uint32_t i = 0; i < m; ++i) {
+        umem_->FreeFrame(b[i].token);
+        z->rx_held -= b[i].len;
+      }
+    }
+    for (uint32_t m; (m = z->txq_.Pop(b)) > 0;)
+      for (uint32_t i = 0; i < m; ++i) umem_->FreeFrame(b[i].token);
+    z->pub_.rx_queued_bytes.store(z->rx_held, std::memory_order_relaxed);
+    // Done when nothing can come back: no delivered buffer outstanding, no copy in flight (the
+    // application dropping its last reference also ends every outstanding buffer's life).
+    return (z->rx_held == 0 && z->ProducersIdle()) || z.use_count() == 1;
+  });
 }
 
 bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
-  if (ch.hs == Hs::kDead) {
-    if (Drain(ch)) ch.NotifyApp(Channel::kReadable);
-    return false;
-  }
+  if (ch.hs == Hs::kDead) return false;
   bool worked = false;
-  if (ch.hs == Hs::kSynSent) {
+  if (ch.hs == Hs::kSynSent || ch.hs == Hs::kCookieEchoed) {
     if (now >= ch.connect_deadline_us) {
       Kill(ch, ChannelState::kFailed);
       return true;
     }
     if (now >= ch.syn_next_us) {
-      SendControl(ch.addrs, HandshakeHeader(ch, NC_CT_SYN, now));
+      const uint8_t type = ch.hs == Hs::kSynSent ? NC_CT_SYN : NC_CT_COOKIE_ECHO;
+      wire::Handshake hs = ch.hs_rec;
+      hs.incarnation = driver_->incarnation();
+      SendControl(ch.addrs, ControlHeader(ch, type, now), &hs);
       ch.syn_next_us = now + ch.syn_rto_us;
       ch.syn_rto_us = std::min<uint64_t>(ch.syn_rto_us * 2, 500'000);
       worked = true;
@@ -476,9 +661,9 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     return worked;
   }
   Transport& t = *ch.transport;
-  if (ch.send_synack) {
-    wire::ChanHeader h = HandshakeHeader(ch, NC_CT_SYN_ACK, now);
-    ch.send_synack = !SendControl(ch.addrs, h);
+  if (ch.send_cookie_ack) {
+    ch.send_cookie_ack =
+        !SendControl(ch.addrs, ControlHeader(ch, NC_CT_COOKIE_ACK, now), &ch.hs_rec);
     worked = true;
   }
   BufRef b[kBatch];
@@ -514,6 +699,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     uint64_t ctl[kBatch];
     uint32_t nd = 0, nctl = 0;
     for (size_t i = 0; i < k; ++i) {
+      pk[i].hdr.token = ch.peer_token;
       const size_t hl = wire::HeadersLen(pk[i].hdr, false);
       if (pk[i].hdr.type == NC_CT_DATA) {
         const uint64_t addr = pk[i].handle - hl;  // headers go in the headroom
@@ -542,7 +728,12 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     }
   }
   // Empty buffers for the producer, while the pool keeps enough for the fill ring and ACKs.
-  if (uint32_t space = ch.free_.Room(); space > 0) {
+  // Taken lazily: an idle channel holds kFreeMin; a producer that keeps draining them doubles
+  // its share up to the ring, so a thousand idle channels pin no more than a few frames each.
+  const uint32_t have = ch.free_.SizeApprox();
+  if (have < ch.free_target / 4 && ch.free_target < kChanRing) ch.free_target *= 2;
+  if (uint32_t space = std::min(ch.free_.Room(), ch.free_target > have ? ch.free_target - have : 0);
+      space > 0) {
     const uint32_t keep = fill_target_ + kCtlReserve;
     uint32_t m = 0;
     uint64_t tok[kBatch];
@@ -662,7 +853,47 @@ TransportConfig AfxdpDriver::TransportFor(uint16_t local, uint16_t peer, uint32_
   c.peer_chan = peer;
   c.isn_send = isn_send;
   c.isn_recv = isn_recv;
+  c.charge_unit_bytes = 4096;  // one UMEM frame per packet: the window counts frames pinned
   return c;
+}
+
+AfxdpDriver::Cookie AfxdpDriver::MintCookie(uint32_t peer_ip, uint16_t peer_chan, uint32_t queue,
+                                            const wire::Handshake& hs, uint32_t cookie_time) const {
+  // Everything the SYN said that the channel will be built from, and where it came from.
+  struct {
+    uint32_t peer_ip, local_ip, queue, init_isn, cookie_time, which;
+    uint64_t init_token, incarnation;
+    uint16_t peer_chan, pad[3];
+  } in{};
+  in.peer_ip = peer_ip;
+  in.local_ip = ifi_.ipv4;
+  in.queue = queue;
+  in.init_isn = hs.init_isn;
+  in.cookie_time = cookie_time;
+  in.init_token = hs.init_token;
+  in.incarnation = hs.incarnation;
+  in.peer_chan = peer_chan;
+  auto bytes = [&] {
+    return std::span<const uint8_t>(reinterpret_cast<const uint8_t*>(&in), sizeof(in));
+  };
+  in.which = 0;
+  const uint64_t token = SipHash24(cookie_key_, bytes());
+  in.which = 1;
+  const uint32_t isn = static_cast<uint32_t>(SipHash24(cookie_key_, bytes()));
+  return {token ? token : 1, isn};
+}
+
+void AfxdpDriver::RetireOldIncarnations(uint32_t peer_ip, uint64_t inc) {
+  std::vector<std::shared_ptr<AfxdpChannel>> old;
+  {
+    std::lock_guard g(mu_);
+    for (const auto& c : channels_) {
+      const uint64_t ci = c->peer_incarnation.load(std::memory_order_acquire);
+      if (c->peer_ip == peer_ip && ci != 0 && ci != inc) old.push_back(c);
+    }
+  }
+  // Posted without waiting: this runs on an engine, which must never wait for another.
+  for (auto& c : old) c->queue->RetireChannel(c);
 }
 
 wire::FrameAddrs AfxdpDriver::AddrsFor(uint32_t id, uint32_t peer_ip,
@@ -678,10 +909,16 @@ wire::FrameAddrs AfxdpDriver::AddrsFor(uint32_t id, uint32_t peer_ip,
 }
 
 absl::StatusOr<std::shared_ptr<AfxdpChannel>> AfxdpDriver::Register(XskQueue* q, uint32_t peer_ip,
-                                                                    const wire::MacAddr& peer_mac) {
+                                                                    const wire::MacAddr& peer_mac,
+                                                                    uint64_t local_token) {
   uint32_t id = 0;
   {
     std::lock_guard g(mu_);
+    uint32_t to_peer = 0;
+    for (const auto& c : channels_) to_peer += c->peer_ip == peer_ip;
+    if (to_peer >= opts_.max_channels_per_peer)
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("peer already holds %u channels (max_channels_per_peer)", to_peer));
     for (uint32_t i = 0; i < NC_MAX_CHANNELS - 1; ++i) {
       const uint32_t c = (next_id_ - 1 + i) % (NC_MAX_CHANNELS - 1) + 1;
       if (!used_ids_[c]) {
@@ -696,8 +933,9 @@ absl::StatusOr<std::shared_ptr<AfxdpChannel>> AfxdpDriver::Register(XskQueue* q,
   auto ch = std::make_shared<AfxdpChannel>(id, max_payload_, q->umem());
   ch->queue = q;
   ch->peer_ip = peer_ip;
+  ch->local_token = local_token;
   ch->addrs = AddrsFor(id, peer_ip, peer_mac);
-  if (auto st = opts_.steer->SetChannel(id, q->queue(), q->queue()); !st.ok()) {
+  if (auto st = opts_.steer->SetChannel(id, q->queue(), q->queue(), local_token); !st.ok()) {
     std::lock_guard g(mu_);
     used_ids_[id] = false;
     return st;
@@ -708,13 +946,17 @@ absl::StatusOr<std::shared_ptr<AfxdpChannel>> AfxdpDriver::Register(XskQueue* q,
   return ch;
 }
 
-void AfxdpDriver::Unregister(uint32_t id) {
-  (void)opts_.steer->ClearChannel(id);
+std::shared_ptr<AfxdpChannel> AfxdpDriver::Unregister(uint32_t id, const AfxdpChannel* ch) {
+  std::shared_ptr<AfxdpChannel> out;
   std::lock_guard g(mu_);
+  auto it = std::find_if(channels_.begin(), channels_.end(),
+                         [&](const auto& c) { return c.get() == ch; });
+  if (it == channels_.end()) return nullptr;
+  out = std::move(*it);
+  channels_.erase(it);
+  (void)opts_.steer->ClearChannel(id);
   used_ids_[id] = false;
-  channels_.erase(std::remove_if(channels_.begin(), channels_.end(),
-                                 [&](const auto& c) { return c->id() == id; }),
-                  channels_.end());
+  return out;
 }
 
 int AfxdpDriver::EngineOf(XskQueue* q) const {
@@ -741,11 +983,12 @@ absl::StatusOr<std::shared_ptr<Channel>> AfxdpDriver::Connect(const ChannelParam
     mac = afxdp::ResolveNeighbor(opts_.ifname, p.peer_ipv4);
   }
   if (!mac.ok()) return mac.status();
-  auto ch = Register(q, p.peer_ipv4, *mac);
+  auto ch = Register(q, p.peer_ipv4, *mac, RandomNonZeroU64());
   if (!ch.ok()) return ch.status();
   AfxdpChannel& c = **ch;
   c.active = true;
-  c.isn = RandomIsn();
+  c.hs_rec.init_token = c.local_token;
+  c.hs_rec.init_isn = RandomU32();
   const uint64_t now = NowUs();
   c.syn_rto_us = 20'000;
   c.connect_deadline_us = now + static_cast<uint64_t>(absl::ToInt64Microseconds(p.connect_timeout));
@@ -753,26 +996,24 @@ absl::StatusOr<std::shared_ptr<Channel>> AfxdpDriver::Connect(const ChannelParam
     std::lock_guard mv(move_mu_);  // the queue must not change engines while the op is posted
     if (p.engine >= 0) {
       if (auto st = MoveQueueLocked(q, p.engine); !st.ok()) {
-        Unregister(c.id());
+        Unregister(c.id(), &c);
         return st;
       }
     }
-    q->AddChannel(&c);
+    q->AddChannel(*ch);
   }
   return std::shared_ptr<Channel>(*ch);
 }
 
-AfxdpChannel* AfxdpDriver::NewPassive(XskQueue* q, uint32_t peer_ip, uint16_t peer_chan,
-                                      const wire::MacAddr& peer_mac) {
+std::shared_ptr<AfxdpChannel> AfxdpDriver::NewPassive(XskQueue* q, uint32_t peer_ip,
+                                                      const wire::MacAddr& peer_mac,
+                                                      uint64_t local_token) {
   if (!opts_.accept) return nullptr;
-  auto ch = Register(q, peer_ip, peer_mac);
+  auto ch = Register(q, peer_ip, peer_mac, local_token);
   if (!ch.ok()) return nullptr;
-  (*ch)->peer_chan = peer_chan;
-  PushAccepted(*ch);
-  return ch->get();
+  accept_q_.Push(*ch);
+  return *ch;
 }
-
-void AfxdpDriver::PushAccepted(const std::shared_ptr<Channel>& ch) { accept_q_.Push(ch); }
 
 // A channel is handed out once its handshake state is visible (kUp is set by the engine).
 std::shared_ptr<Channel> AfxdpDriver::Accept() { return accept_q_.Pop(/*only_up=*/true); }
@@ -780,11 +1021,14 @@ std::shared_ptr<Channel> AfxdpDriver::Accept() { return accept_q_.Pop(/*only_up=
 absl::Status AfxdpDriver::Destroy(Channel& base) {
   std::lock_guard mv(move_mu_);
   auto ch = FindChannel(mu_, channels_, [&](const Channel& c) { return &c == &base; });
-  if (!ch) return absl::NotFoundError(absl::StrFormat("channel %u is not ours", base.id()));
+  if (!ch) {
+    // Already reaped (it failed or the peer closed it): nothing is left to release.
+    if (base.state() != ChannelState::kFailed && base.state() != ChannelState::kClosed)
+      return absl::NotFoundError(absl::StrFormat("channel %u is not ours", base.id()));
+    return absl::OkStatus();
+  }
   ch->Linger(opts_.close_linger);
-  ch->queue->RemoveChannel(ch.get(), /*send_fin=*/true);
-  Unregister(ch->id());
-  if (ch->state() != ChannelState::kFailed) ch->SetState(ChannelState::kClosed);
+  ch->queue->RemoveChannel(ch);  // FIN, then the engine reclaims ids and buffers
   return absl::OkStatus();
 }
 
@@ -820,6 +1064,9 @@ DriverStats AfxdpDriver::Stats() const {
     s.rx_malformed += c.rx_malformed.load(std::memory_order_relaxed);
     s.rx_unknown_chan += c.rx_unknown_chan.load(std::memory_order_relaxed);
     s.handshakes_rx += c.handshakes_rx.load(std::memory_order_relaxed);
+    s.handshakes_bad += c.handshakes_bad.load(std::memory_order_relaxed);
+    s.rx_bad_token += c.rx_bad_token.load(std::memory_order_relaxed);
+    s.channels_reaped += c.reaped.load(std::memory_order_relaxed);
     s.fill_ring_empty += c.fill_ring_empty.load(std::memory_order_relaxed);
     s.tx_ring_full += c.tx_ring_full.load(std::memory_order_relaxed);
     s.frames_total += opts_.frames_per_queue;

@@ -134,7 +134,11 @@ struct DriverStats {
   uint64_t rx_frames = 0;        // frames taken from the wire (AF_XDP) / segments read (TCP)
   uint64_t rx_malformed = 0;     // failed validation in the driver: dropped
   uint64_t rx_unknown_chan = 0;  // for no channel of ours (or from the wrong peer): dropped
-  uint64_t handshakes_rx = 0;    // channel SYNs received
+  uint64_t handshakes_rx = 0;    // channel SYNs received (each answered statelessly)
+  uint64_t handshakes_bad = 0;   // handshake packets with a bad cookie or not matching ours
+  uint64_t rx_bad_token = 0;     // for a channel of ours without its token, or a FIN/RST out of
+                                 // window: forged or stale, dropped (XDP drops most before this)
+  uint64_t channels_reaped = 0;  // failed/closed channels whose ids and buffers were reclaimed
   uint64_t fill_ring_empty = 0;  // times the fill ring was found empty when refilling
   uint64_t tx_ring_full = 0;     // times transmit was held back by a full TX ring
   uint64_t xsk_rx_dropped = 0;   // XDP_STATISTICS, summed over the driver's sockets
@@ -189,9 +193,10 @@ struct DriverOptions {
   bpf::SteerProgram* steer = nullptr;  // loaded and attached on ifname; not owned
   uint32_t queues = 0;                 // queues to serve, 0 = every rx queue of ifname
   uint32_t frames_per_queue = 8192;
-  uint32_t window_packets = 512;       // transport window (power of two)
-  std::string congestion = "newreno";  // "newreno" | "dctcp" (sends ECT(0), reacts to ECN marks)
-  uint32_t rcv_buf_bytes = 2 << 20;    // receive buffer advertised per channel
+  uint32_t window_packets = 512;         // transport window (power of two)
+  std::string congestion = "newreno";    // "newreno" | "dctcp" (sends ECT(0), reacts to ECN marks)
+  uint32_t rcv_buf_bytes = 2 << 20;      // receive buffer advertised per channel
+  uint32_t max_channels_per_peer = 256;  // channels one peer address may hold open here
   absl::Duration dead_peer_timeout = absl::Seconds(2);
   absl::Duration close_linger = absl::Seconds(1);  // Destroy waits this long for unacked data
   absl::Duration spin = absl::Microseconds(50);    // busy-poll this long before sleeping

@@ -166,6 +166,34 @@ void ChannelCore::Release(std::span<const RxSegment> segs) {
   if (!segs.empty() && task_) task_->Wake();
 }
 
+void ChannelCore::Reclaim(const std::function<void(uint64_t)>& give_tx,
+                          const std::function<void(uint64_t, uint32_t)>& give_rx) {
+  BufRef b[64];
+  auto drain_ret = [&] {
+    for (uint32_t m; (m = ret_.Pop(b)) > 0;)
+      for (uint32_t i = 0; i < m; ++i) give_rx(b[i].token, b[i].len);
+  };
+  {
+    std::lock_guard g(producer_mu_);
+    uint64_t t;
+    while (free_.PopOne(&t)) give_tx(t);
+  }
+  for (uint32_t m; (m = txq_.Pop(b)) > 0;)
+    for (uint32_t i = 0; i < m; ++i) give_tx(b[i].token);
+  while (!consumer_mu_.try_lock()) {
+    drain_ret();
+    std::this_thread::yield();
+  }
+  for (BufRef r; rxq_.PopOne(&r);) give_rx(r.token, r.len);
+  consumer_mu_.unlock();
+  drain_ret();
+}
+
+bool ChannelCore::ProducersIdle() {
+  std::lock_guard g(producer_mu_);
+  return txq_reserved_ == 0;
+}
+
 bool ChannelCore::SideReady(int side) const {
   const bool changed = state_changes_.load(std::memory_order_acquire) !=
                        notify_[side].seen_state_changes.load(std::memory_order_relaxed);

@@ -15,6 +15,7 @@
 #include <atomic>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -55,6 +56,17 @@ class ChannelCore : public Channel {
   // Destroy's linger: waits until nothing enqueued is left unacknowledged, the channel is no
   // longer up, or `linger` passed.
   void Linger(absl::Duration linger);
+
+  // Teardown, on the engine thread once the channel is failed or closed: takes back every buffer
+  // the application side still has in the rings — empty ones in free_ and queued ones in txq_
+  // (`give_tx`), delivered ones in rxq_ and returned ones in ret_ (`give_rx`, with their length).
+  // free_ and rxq_ are consumed by the application, so they are emptied under its locks; ret_ is
+  // drained while waiting for the consumer lock (a Release may be waiting for room in it).
+  void Reclaim(const std::function<void(uint64_t)>& give_tx,
+               const std::function<void(uint64_t, uint32_t)>& give_rx);
+  // True when no producer is copying outside the producer lock (its buffers would reach txq_
+  // later).
+  bool ProducersIdle();
 
   // The task whose engine runs this channel; producers wake it after queuing.
   void set_task(EngineTask* t) { task_ = t; }

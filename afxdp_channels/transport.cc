@@ -211,7 +211,7 @@ void Transport::OnAck(const wire::ChanHeader& h, uint64_t now_us) {
       if (!slot.sacked) rack_xmit_us_ = std::max(rack_xmit_us_, slot.xmit_us);
       if (slot.sacked) sacked_cnt_--;
       if (slot.lost) lost_cnt_--;
-      in_flight_bytes_ -= slot.len;
+      in_flight_bytes_ -= Charge(slot.len);
       snd_queued_bytes_ -= slot.len;
       owner_->ReleaseTx(slot.handle);
       slot = TxSlot{};
@@ -302,8 +302,18 @@ void Transport::OnData(const wire::ChanHeader& h, uint64_t handle, uint32_t len,
     ack_now_ = true;
     return;
   }
+  // The sender honours our advertised window; a packet beyond it (plus a little slack for a
+  // window update racing the data) comes from a peer that does not, and would pin frames the
+  // window does not cover.
+  if (rcv_held_bytes_ + Charge(len) >
+      uint64_t{cfg_.rcv_buf_bytes} + 4 * uint64_t{cfg_.charge_unit_bytes}) {
+    owner_->ReleaseRx(handle);
+    stats_.out_of_window++;
+    ack_now_ = true;
+    return;
+  }
   slot = RxSlot{handle, len, true};
-  rcv_held_bytes_ += len;
+  rcv_held_bytes_ += Charge(len);
   stats_.data_received++;
   if (!Before(seq, rcv_highest_)) rcv_highest_ = seq + 1;
   if (seq == rcv_nxt_) {
@@ -330,7 +340,7 @@ bool Transport::PopDelivered(uint64_t* handle, uint32_t* len) {
 }
 
 void Transport::Consumed(uint32_t len) {
-  rcv_held_bytes_ -= std::min<uint64_t>(len, rcv_held_bytes_);
+  rcv_held_bytes_ -= std::min<uint64_t>(Charge(len), rcv_held_bytes_);
   // Reopening a (nearly) closed window must not wait for the sender's next probe.
   if (last_adv_wnd_ < cfg_.rcv_buf_bytes / 4 && advertised_window() >= cfg_.rcv_buf_bytes / 2)
     ack_now_ = true;
@@ -386,7 +396,9 @@ wire::ChanHeader Transport::MakeHeader(uint8_t type, uint64_t now_us) {
   return h;
 }
 
-bool Transport::SendWindowAllows(uint32_t len) const { return in_flight_bytes_ + len <= peer_wnd_; }
+bool Transport::SendWindowAllows(uint32_t len) const {
+  return in_flight_bytes_ + Charge(len) <= peer_wnd_;
+}
 
 size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
   if (state_ != TransportState::kUp) return 0;
@@ -456,7 +468,7 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
     out[n].handle = slot.handle;
     out[n].len = slot.len;
     n++;
-    in_flight_bytes_ += slot.len;
+    in_flight_bytes_ += Charge(slot.len);
     if (tlp_deadline_us_ == UINT64_MAX) tlp_deadline_us_ = now_us + TlpTimeout();
     snd_nxt_++;
     pipe++;

@@ -65,6 +65,10 @@ struct TransportConfig {
   uint64_t delayed_ack_us = 500;         // ...or after this long
   uint64_t keepalive_idle_us = 200'000;  // probe an idle peer after this long
   uint64_t dead_peer_us = 2'000'000;     // nothing heard for this long: kFailed
+  // Receive-buffer accounting unit: a packet is charged at least this many bytes against both
+  // windows (the UMEM frame it pins), so tiny segments cannot pin more frames than the window
+  // allows. 0: charge the payload length (simulations).
+  uint32_t charge_unit_bytes = 0;
   uint32_t isn_send = 0;  // first sequence number we send (agreed in the channel handshake)
   uint32_t isn_recv = 0;  // first sequence number we expect
   uint16_t local_chan = 0;
@@ -129,8 +133,20 @@ class Transport {
                 bool ce = false);
   // Next in-order payload for the consumer. The window stays charged until Consumed(len).
   bool PopDelivered(uint64_t* handle, uint32_t* len);
-  // The consumer is done with `len` bytes it popped: reopens the receive window.
+  // The consumer is done with a popped payload of `len` bytes: reopens the receive window.
   void Consumed(uint32_t len);
+  // What a payload of `len` bytes costs in either window.
+  uint32_t Charge(uint32_t len) const {
+    return len > cfg_.charge_unit_bytes ? len : cfg_.charge_unit_bytes;
+  }
+  // Whether `seq` from the peer lies where its next sequence number can be: from what we expect
+  // next to a window beyond it. FIN and RST must carry such a number (RFC 5961's rule for RST):
+  // an off-path forger who knows the token still has to hit the window.
+  bool InReceiveWindow(uint32_t seq) const {
+    return !Before(seq, rcv_nxt_) && !Before(rcv_nxt_ + cfg_.window_packets, seq);
+  }
+  // The sequence number our next new packet will use (FIN and RST carry it).
+  uint32_t next_seq() const { return snd_nxt_; }
 
   // ---- driving --------------------------------------------------------------------------------
   // Fills `out` with what must be transmitted now (ACKs, retransmissions, new data, probes).

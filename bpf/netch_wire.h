@@ -20,7 +20,7 @@
 
 /* ---- constants ------------------------------------------------------------------------------ */
 
-#define NC_WIRE_VERSION 1
+#define NC_WIRE_VERSION 2
 #define NC_DEFAULT_UDP_PORT 9909
 
 /* Channel ids are 16 bit on the wire; the maps are indexed by them. Id 0 means "not assigned yet"
@@ -41,15 +41,24 @@
 
 /* ---- channel transport header (the AF_XDP driver's reliable transport) ---------------------- */
 
+/* The channel handshake is SCTP's four-way exchange with a stateless cookie, so that a responder
+ * keeps no state until the initiator has proved it receives at its source address:
+ *   SYN          initiator -> responder   dst_chan 0; nc_chan_hs with the initiator's token/ISN
+ *   SYN_ACK      responder -> initiator   the cookie (the responder's token), no state kept
+ *   COOKIE_ECHO  initiator -> responder   dst_chan 0; the cookie back: the channel is created now
+ *   COOKIE_ACK   responder -> initiator   src_chan = the responder's new channel id
+ * The four carry exactly one struct nc_chan_hs as channel payload. */
 enum nc_chan_type {
-  NC_CT_DATA = 1,      /* carries one NetChannel segment; consumes one sequence number */
-  NC_CT_ACK = 2,       /* pure acknowledgement / window update, no payload */
-  NC_CT_SYN = 3,       /* channel handshake request; dst_chan may be 0 */
-  NC_CT_SYN_ACK = 4,   /* channel handshake reply: tells the initiator our channel id */
-  NC_CT_FIN = 5,       /* orderly channel teardown */
-  NC_CT_RST = 6,       /* abort: peer has no such channel; dst_chan may be 0 */
-  NC_CT_KEEPALIVE = 7, /* liveness probe; answered by an ACK */
-  NC_CT_MAX = 7,
+  NC_CT_DATA = 1,        /* carries one NetChannel segment; consumes one sequence number */
+  NC_CT_ACK = 2,         /* pure acknowledgement / window update, no payload */
+  NC_CT_SYN = 3,         /* channel handshake request; dst_chan 0 */
+  NC_CT_SYN_ACK = 4,     /* stateless reply carrying the cookie */
+  NC_CT_FIN = 5,         /* orderly channel teardown; seq must be in the receiver's window */
+  NC_CT_RST = 6,         /* abort; seq must be in the receiver's window once established */
+  NC_CT_KEEPALIVE = 7,   /* liveness probe; answered by an ACK */
+  NC_CT_COOKIE_ECHO = 8, /* the initiator returns the cookie; dst_chan 0 */
+  NC_CT_COOKIE_ACK = 9,  /* the responder created the channel; src_chan is its id */
+  NC_CT_MAX = 9,
 };
 
 /* nc_chan_hdr.flags */
@@ -70,6 +79,22 @@ struct nc_chan_hdr {
   __be32 ts_ecr;   /* echo of the most recent ts_val received */
   __be16 payload_len; /* bytes after hdr_len; hdr_len + payload_len == UDP length - 8 */
   __be16 rsvd;        /* zero on send, ignored on receive */
+  __be64 token;       /* the receiver's channel token (getrandom / keyed cookie): a packet for an
+                       * established channel without it is forged and dropped (XDP and driver).
+                       * SYN and COOKIE_ECHO carry 0 / the cookie: see nc_chan_hs */
+};
+
+/* Channel payload of SYN, SYN_ACK, COOKIE_ECHO and COOKIE_ACK. Tokens are what each end expects
+ * to find in nc_chan_hdr.token of the packets it receives. */
+struct nc_chan_hs {
+  __be64 init_token;  /* chosen by the initiator (CSPRNG) */
+  __be64 resp_token;  /* the cookie: keyed hash of the SYN's fields and cookie_time; 0 in SYN */
+  __be64 incarnation; /* the sender's stack instance (random at start): a new value from a known
+                       * peer address means the peer restarted, and its old channels are gone */
+  __be32 init_isn;    /* the initiator's first sequence number */
+  __be32 resp_isn;    /* the responder's, derived from the cookie; 0 in SYN */
+  __be32 cookie_time; /* the responder's clock (coarse) when it minted the cookie */
+  __be32 rsvd;
 };
 
 /* Selective acknowledgement block: packets [start, end) were received. Follows nc_chan_hdr. */
@@ -131,6 +156,7 @@ struct nc_chan_steer {
   __u32 queue;    /* rx queue the channel's packets must arrive on */
   __u32 xsk_slot; /* index into nc_xsks */
   __u32 drop_ppm; /* per-channel fault injection, parts per million */
+  __u64 token;    /* nc_chan_hdr.token every packet for this channel must carry (network order) */
 };
 
 /* nc_chan_stats: PERCPU_ARRAY, key __u32 channel id (0 = unassigned/handshake traffic). */
@@ -162,7 +188,8 @@ struct nc_chan_stats {
   X(DROP_UNKNOWN_CHANNEL, "drop_unknown_channel") /* dst_chan not active here */                  \
   X(DROP_WRONG_QUEUE, "drop_wrong_queue") /* arrived on a queue the channel is not bound to */    \
   X(DROP_NO_XSK, "drop_no_xsk")           /* channel's XSK slot is empty */                       \
-  X(DROP_FAULT, "drop_fault")             /* fault injection */
+  X(DROP_FAULT, "drop_fault")             /* fault injection */                                   \
+  X(DROP_BAD_TOKEN, "drop_bad_token")     /* wrong channel token: forged or stale */
 
 enum nc_counter {
 #define NC_X_ENUM(name, label) NC_CNT_##name,
@@ -178,11 +205,12 @@ enum nc_counter {
 #else
 #define NC_STATIC_ASSERT _Static_assert
 #endif
-NC_STATIC_ASSERT(sizeof(struct nc_chan_hdr) == 32, "nc_chan_hdr is 32 bytes");
+NC_STATIC_ASSERT(sizeof(struct nc_chan_hdr) == 40, "nc_chan_hdr is 40 bytes");
+NC_STATIC_ASSERT(sizeof(struct nc_chan_hs) == 40, "nc_chan_hs is 40 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_sack_block) == 8, "nc_sack_block is 8 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_hdr) == 24, "nc_hdr is 24 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_config) == 24, "nc_config is 24 bytes");
-NC_STATIC_ASSERT(sizeof(struct nc_chan_steer) == 16, "nc_chan_steer is 16 bytes");
+NC_STATIC_ASSERT(sizeof(struct nc_chan_steer) == 24, "nc_chan_steer is 24 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_chan_stats) == 32, "nc_chan_stats is 32 bytes");
 
 #endif /* NETCH_BPF_NETCH_WIRE_H_ */

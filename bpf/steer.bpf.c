@@ -162,16 +162,19 @@ int nc_steer(struct xdp_md* ctx) {
     __u32 nhlen = nh->hdr_len;
     if (nhlen < sizeof(*nh) || nhlen > plen) return DROP(BAD_NC_HDR);
     if (nhlen + bpf_ntohl(nh->payload_len) != plen) return DROP(BAD_NC_HDR);
-  } else if (type == NC_CT_ACK && plen != 0) {
-    return DROP(BAD_PAYLOAD_LEN);
+  } else if (type == NC_CT_SYN || type == NC_CT_SYN_ACK || type == NC_CT_COOKIE_ECHO ||
+             type == NC_CT_COOKIE_ACK) {
+    if (plen != sizeof(struct nc_chan_hs)) return DROP(BAD_PAYLOAD_LEN);
+  } else if (plen != 0) {
+    return DROP(BAD_PAYLOAD_LEN); /* ACK, FIN, RST, KEEPALIVE are header-only */
   }
 
   __u32 chan = bpf_ntohs(ch->dst_chan);
   __u32 slot;
   __u32 drop_ppm = cfg->drop_ppm;
   if (chan == NC_CHAN_UNASSIGNED) {
-    /* Only a handshake or an abort can be addressed before the peer knows our channel id. */
-    if (type != NC_CT_SYN && type != NC_CT_RST) return DROP(UNKNOWN_CHANNEL);
+    /* Only the initiator's handshake packets are addressed before it knows our channel id. */
+    if (type != NC_CT_SYN && type != NC_CT_COOKIE_ECHO) return DROP(UNKNOWN_CHANNEL);
     slot = ctx->rx_queue_index;
     if (slot >= NC_MAX_QUEUES) return DROP(WRONG_QUEUE);
   } else {
@@ -179,6 +182,9 @@ int nc_steer(struct xdp_md* ctx) {
     struct nc_chan_steer* st = bpf_map_lookup_elem(&nc_channels, &chan);
     if (!st || !(st->flags & NC_STEER_ACTIVE)) return DROP(UNKNOWN_CHANNEL);
     if (st->queue != ctx->rx_queue_index) return DROP(WRONG_QUEUE);
+    /* The token is what makes forging cheap to reject: a flood of packets with guessed channel
+     * ids never reaches user space. */
+    if (ch->token != st->token) return DROP(BAD_TOKEN);
     slot = st->xsk_slot;
     if (st->drop_ppm > drop_ppm) drop_ppm = st->drop_ppm;
   }

@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
+#include <endian.h>
 #include <linux/if_link.h>
 
 #include <cerrno>
@@ -130,13 +131,13 @@ absl::Status SteerProgram::SetGlobalDropPpm(uint32_t ppm) {
 }
 
 absl::Status SteerProgram::SetChannel(uint32_t id, uint32_t queue, uint32_t xsk_slot,
-                                      uint32_t drop_ppm) {
+                                      uint64_t token, uint32_t drop_ppm) {
   if (id == NC_CHAN_UNASSIGNED || id >= NC_MAX_CHANNELS)
     return absl::InvalidArgumentError(
         absl::StrFormat("channel id %u out of range 1..%u", id, NC_MAX_CHANNELS - 1));
   if (xsk_slot >= NC_MAX_XSKS) return absl::InvalidArgumentError("xsk slot out of range");
   if (drop_ppm > NC_PPM) return absl::InvalidArgumentError("drop ppm must be <= 1000000");
-  nc_chan_steer v{NC_STEER_ACTIVE, queue, xsk_slot, drop_ppm};
+  nc_chan_steer v{NC_STEER_ACTIVE, queue, xsk_slot, drop_ppm, htobe64(token)};
   if (bpf_map_update_elem(channels_fd(), &id, &v, BPF_ANY))
     return ErrnoStatus(errno, "update nc_channels");
   return absl::OkStatus();
@@ -181,6 +182,13 @@ absl::Status SteerProgram::ClearChannel(uint32_t id) {
   if (bpf_map_update_elem(channels_fd(), &id, &v, BPF_ANY))
     return ErrnoStatus(errno, "clear nc_channels");
   return absl::OkStatus();
+}
+
+absl::StatusOr<nc_chan_steer> SteerProgram::ReadChannel(uint32_t id) const {
+  if (id >= NC_MAX_CHANNELS) return absl::InvalidArgumentError("channel id out of range");
+  nc_chan_steer v{};
+  if (bpf_map_lookup_elem(channels_fd(), &id, &v)) return ErrnoStatus(errno, "read nc_channels");
+  return v;
 }
 
 absl::Status SteerProgram::SetXsk(uint32_t slot, int xsk_fd) {

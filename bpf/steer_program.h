@@ -56,9 +56,12 @@ class SteerProgram {
   absl::Status SetTcpFaultPort(uint16_t port);
   absl::StatusOr<nc_config> ReadConfig() const;
   // Steers channel `id` (1..NC_MAX_CHANNELS-1) to XSKMAP slot `xsk_slot`, expecting its frames on
-  // rx queue `queue`.
-  absl::Status SetChannel(uint32_t id, uint32_t queue, uint32_t xsk_slot, uint32_t drop_ppm = 0);
+  // rx queue `queue` and carrying `token` (host order) in their channel header.
+  absl::Status SetChannel(uint32_t id, uint32_t queue, uint32_t xsk_slot, uint64_t token = 0,
+                          uint32_t drop_ppm = 0);
   absl::Status ClearChannel(uint32_t id);
+  // The steering entry of channel `id` (flags 0 when inactive); token in network order.
+  absl::StatusOr<nc_chan_steer> ReadChannel(uint32_t id) const;
   // Fault injection for one active channel (netchctl fault drop PPM --channel ID).
   absl::Status SetChannelDropPpm(uint32_t id, uint32_t ppm);
   // Pins every map and the program under `dir` (an existing bpffs directory), named as in the

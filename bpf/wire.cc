@@ -117,6 +117,7 @@ size_t WriteHeaders(uint8_t* out, const FrameAddrs& a, const ChanHeader& ch, con
   h.ts_val = htonl(ch.ts_val);
   h.ts_ecr = htonl(ch.ts_ecr);
   h.payload_len = htons(static_cast<uint16_t>(chan_payload));
+  h.token = htobe64(ch.token);
   uint8_t* p = udp + kUdpLen;
   Store(p, h);
   p += kChanHdrLen;
@@ -191,6 +192,7 @@ ParsedFrame ParseFrame(std::span<const uint8_t> f, uint16_t udp_port) {
   r.ch.wnd = ntohl(h.wnd);
   r.ch.ts_val = ntohl(h.ts_val);
   r.ch.ts_ecr = ntohl(h.ts_ecr);
+  r.ch.token = be64toh(h.token);
   // Blocks beyond what we send are legal on the wire and ignored.
   const size_t nsacks = (hlen - kChanHdrLen) / sizeof(nc_sack_block);
   r.ch.nsacks = static_cast<uint8_t>(nsacks < kMaxSacks ? nsacks : kMaxSacks);
@@ -208,13 +210,34 @@ ParsedFrame ParseFrame(std::span<const uint8_t> f, uint16_t udp_port) {
     r.has_seg = true;
     r.seg_payload_off = r.chan_payload_off + shlen;
     r.seg_payload_len = plen - shlen;
-  } else if (h.type == NC_CT_ACK && plen != 0) {
-    return verdict(NC_CNT_DROP_BAD_PAYLOAD_LEN);
+  } else if (IsHandshakeType(h.type)) {
+    if (plen != kHandshakeLen) return verdict(NC_CNT_DROP_BAD_PAYLOAD_LEN);
+    r.has_hs = true;
+    r.hs = ReadHandshake(&f[r.chan_payload_off]);
+  } else if (plen != 0) {
+    return verdict(NC_CNT_DROP_BAD_PAYLOAD_LEN);  // ACK, FIN, RST, KEEPALIVE: header only
   }
-  if (r.ch.dst_chan == NC_CHAN_UNASSIGNED && h.type != NC_CT_SYN && h.type != NC_CT_RST)
+  if (r.ch.dst_chan == NC_CHAN_UNASSIGNED && h.type != NC_CT_SYN && h.type != NC_CT_COOKIE_ECHO)
     return verdict(NC_CNT_DROP_UNKNOWN_CHANNEL);
   if (r.ch.dst_chan >= NC_MAX_CHANNELS) return verdict(NC_CNT_DROP_UNKNOWN_CHANNEL);
   return verdict(NC_CNT_REDIRECT);
+}
+
+void WriteHandshake(uint8_t* out, const Handshake& hs) {
+  nc_chan_hs w{};
+  w.init_token = htobe64(hs.init_token);
+  w.resp_token = htobe64(hs.resp_token);
+  w.incarnation = htobe64(hs.incarnation);
+  w.init_isn = htonl(hs.init_isn);
+  w.resp_isn = htonl(hs.resp_isn);
+  w.cookie_time = htonl(hs.cookie_time);
+  Store(out, w);
+}
+
+Handshake ReadHandshake(const uint8_t* in) {
+  const auto w = Load<nc_chan_hs>(in);
+  return {be64toh(w.init_token), be64toh(w.resp_token), be64toh(w.incarnation),
+          ntohl(w.init_isn),     ntohl(w.resp_isn),     ntohl(w.cookie_time)};
 }
 
 std::string_view CounterName(nc_counter c) {

@@ -54,9 +54,26 @@ struct ChanHeader {
   uint32_t wnd = 0;
   uint32_t ts_val = 0;
   uint32_t ts_ecr = 0;
+  uint64_t token = 0;  // the receiver's channel token
   uint8_t nsacks = 0;
   std::array<SackBlock, kMaxSacks> sacks{};
 };
+
+// Host-order view of nc_chan_hs, the payload of the four handshake packets.
+struct Handshake {
+  uint64_t init_token = 0;
+  uint64_t resp_token = 0;
+  uint64_t incarnation = 0;
+  uint32_t init_isn = 0;
+  uint32_t resp_isn = 0;
+  uint32_t cookie_time = 0;
+};
+inline constexpr size_t kHandshakeLen = sizeof(nc_chan_hs);
+constexpr bool IsHandshakeType(uint8_t t) {
+  return t == NC_CT_SYN || t == NC_CT_SYN_ACK || t == NC_CT_COOKIE_ECHO || t == NC_CT_COOKIE_ACK;
+}
+void WriteHandshake(uint8_t* out, const Handshake& hs);
+Handshake ReadHandshake(const uint8_t* in);
 
 // Host-order view of nc_hdr. hdr_len and payload_len are derived when writing.
 struct SegHeader {
@@ -103,6 +120,8 @@ struct ParsedFrame {
   ChanHeader ch;
   size_t chan_payload_off = 0;  // offset in the frame of the channel payload
   size_t chan_payload_len = 0;
+  bool has_hs = false;  // SYN, SYN_ACK, COOKIE_ECHO, COOKIE_ACK: the handshake payload
+  Handshake hs;
   bool has_seg = false;  // DATA: a NetChannel segment header was parsed
   SegHeader seg;
   size_t seg_payload_off = 0;

@@ -41,16 +41,19 @@ constexpr size_t kSeg = kCh + wire::kChanHdrLen;  // when no SACK blocks
 constexpr size_t kChOff(size_t field) { return kCh + field; }
 constexpr size_t kSegOff(size_t field) { return kSeg + field; }
 
-// The steering table the fixture installs: channel -> (queue, slot, drop_ppm).
+// The steering table the fixture installs: channel -> (queue, slot, drop_ppm, token).
 struct ChanRow {
   uint32_t id, queue, slot, drop_ppm;
+  uint64_t token = 0;
 };
+constexpr uint64_t kToken = 0x8877665544332211ull;
 constexpr ChanRow kChannels[] = {
-    {5, 0, 0, 0},        // on queue 0, the per-queue socket of queue 0
-    {6, 1, 7, 0},        // on queue 1, its own socket in slot 7
-    {9, 0, 9, 0},        // slot 9 has no socket
-    {10, 0, 0, NC_PPM},  // every packet dropped by fault injection
-    {1023, 1, 1, 0},     // the highest valid id
+    {5, 0, 0, 0},           // on queue 0, the per-queue socket of queue 0
+    {6, 1, 7, 0},           // on queue 1, its own socket in slot 7
+    {9, 0, 9, 0},           // slot 9 has no socket
+    {10, 0, 0, NC_PPM},     // every packet dropped by fault injection
+    {1023, 1, 1, 0},        // the highest valid id
+    {12, 0, 0, 0, kToken},  // packets must carry its token
 };
 constexpr uint32_t kSlotsWithXsk[] = {0, 1, 7};
 
@@ -84,7 +87,7 @@ class SteerTest : public ::testing::Test {
     ASSERT_TRUE(prog_->SetXsk(1, xsks_[1]->fd()).ok());
     ASSERT_TRUE(prog_->SetXsk(7, xsks_[1]->fd()).ok());
     for (const auto& c : kChannels)
-      ASSERT_TRUE(prog_->SetChannel(c.id, c.queue, c.slot, c.drop_ppm).ok());
+      ASSERT_TRUE(prog_->SetChannel(c.id, c.queue, c.slot, c.token, c.drop_ppm).ok());
   }
 
   static void TearDownTestSuite() {
@@ -112,10 +115,11 @@ class SteerTest : public ::testing::Test {
     return a;
   }
 
-  static Frame Data(uint16_t chan, size_t payload = 100, uint8_t nsacks = 0) {
+  static Frame Data(uint16_t chan, size_t payload = 100, uint8_t nsacks = 0, uint64_t token = 0) {
     wire::ChanHeader ch;
     ch.type = NC_CT_DATA;
     ch.dst_chan = chan;
+    ch.token = token;
     ch.src_chan = 3;
     ch.seq = 17;
     ch.nsacks = nsacks;
@@ -194,6 +198,7 @@ class SteerTest : public ::testing::Test {
         if (c.id == chan) row = &c;
       if (!row) return {XDP_DROP, NC_CNT_DROP_UNKNOWN_CHANNEL};
       if (row->queue != queue) return {XDP_DROP, NC_CNT_DROP_WRONG_QUEUE};
+      if (row->token != p.ch.token) return {XDP_DROP, NC_CNT_DROP_BAD_TOKEN};
       slot = row->slot;
       ppm = row->drop_ppm;
     }
@@ -250,8 +255,13 @@ TEST_F(SteerTest, GoldenTable) {
   Expect(Control(NC_CT_ACK, 5), 0, kRedirect5, "pure ack");
   Expect(Control(NC_CT_KEEPALIVE, 5), 0, kRedirect5, "keepalive");
   Expect(Control(NC_CT_FIN, 5), 0, kRedirect5, "channel fin");
-  Expect(Control(NC_CT_SYN, 0, 16), 1, {XDP_REDIRECT, NC_CNT_REDIRECT, 0}, "syn to queue 1");
-  Expect(Control(NC_CT_RST, 0), 0, {XDP_REDIRECT, NC_CNT_REDIRECT, 0}, "rst, unassigned");
+  Expect(Control(NC_CT_SYN, 0, wire::kHandshakeLen), 1, {XDP_REDIRECT, NC_CNT_REDIRECT, 0},
+         "syn to queue 1");
+  Expect(Control(NC_CT_COOKIE_ECHO, 0, wire::kHandshakeLen), 0, {XDP_REDIRECT, NC_CNT_REDIRECT, 0},
+         "cookie echo, unassigned");
+  Expect(Control(NC_CT_SYN_ACK, 5, wire::kHandshakeLen), 0, kRedirect5, "syn_ack to channel 5");
+  Expect(Control(NC_CT_COOKIE_ACK, 5, wire::kHandshakeLen), 0, kRedirect5, "cookie ack");
+  Expect(Data(12, 100, 0, kToken), 0, {XDP_REDIRECT, NC_CNT_REDIRECT, 12}, "data with its token");
   Expect(Data(6), 1, {XDP_REDIRECT, NC_CNT_REDIRECT, 6}, "channel 6 on its queue");
   Expect(Data(1023), 1, {XDP_REDIRECT, NC_CNT_REDIRECT, 1023}, "highest channel id");
   {
@@ -279,6 +289,14 @@ TEST_F(SteerTest, GoldenTable) {
   Expect(Data(4000), 0, drop(NC_CNT_DROP_UNKNOWN_CHANNEL), "channel id beyond the table");
   Expect(Data(0), 0, drop(NC_CNT_DROP_UNKNOWN_CHANNEL), "data to unassigned channel");
   Expect(Control(NC_CT_ACK, 0), 0, drop(NC_CNT_DROP_UNKNOWN_CHANNEL), "ack to unassigned");
+  Expect(Control(NC_CT_RST, 0), 0, drop(NC_CNT_DROP_UNKNOWN_CHANNEL), "rst to unassigned");
+  Expect(Control(NC_CT_SYN_ACK, 0, wire::kHandshakeLen), 0, drop(NC_CNT_DROP_UNKNOWN_CHANNEL),
+         "syn_ack to unassigned");
+  Expect(Data(12), 0, drop(NC_CNT_DROP_BAD_TOKEN), "data without the channel's token");
+  Expect(Data(12, 100, 0, kToken ^ 1), 0, drop(NC_CNT_DROP_BAD_TOKEN), "token off by one bit");
+  Expect(Data(5, 100, 0, kToken), 0, drop(NC_CNT_DROP_BAD_TOKEN), "token where none is set");
+  Expect(Control(NC_CT_SYN, 0, 16), 0, drop(NC_CNT_DROP_BAD_PAYLOAD_LEN), "syn, short handshake");
+  Expect(Control(NC_CT_FIN, 5, 4), 0, drop(NC_CNT_DROP_BAD_PAYLOAD_LEN), "fin with a payload");
 
   // --- not ours: the kernel gets it untouched ---
   Expect(Raw({0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 2, 0, 0, 0, 0,
@@ -341,7 +359,7 @@ TEST_F(SteerTest, GoldenTable) {
   }
   {
     Frame f = Data(5);
-    f[kChOff(offsetof(nc_chan_hdr, version))] = 2;
+    f[kChOff(offsetof(nc_chan_hdr, version))] = NC_WIRE_VERSION + 1;
     Expect(f, 0, drop(NC_CNT_DROP_BAD_VERSION), "unknown version");
   }
   for (uint8_t hl : {0, 31, 36, 33, 255}) {
@@ -356,7 +374,7 @@ TEST_F(SteerTest, GoldenTable) {
     Frame a = Control(NC_CT_ACK, 5, 4);
     Expect(a, 0, drop(NC_CNT_DROP_BAD_PAYLOAD_LEN), "ack carrying payload");
   }
-  for (uint8_t t : {0, 8, 255}) {
+  for (uint8_t t : {0, NC_CT_MAX + 1, 255}) {
     Frame f = Data(5);
     f[kChOff(offsetof(nc_chan_hdr, type))] = t;
     Expect(f, 0, drop(NC_CNT_DROP_BAD_TYPE), "unknown channel type");
@@ -387,7 +405,7 @@ TEST_F(SteerTest, MultiBufferFrameIsSteeredWithItsFullLength) {
 }
 
 TEST_F(SteerTest, TruncationAtEveryOffsetIsNeverRedirected) {
-  for (const Frame& full : {Data(5, 40, 1), Control(NC_CT_SYN, 0, 8)}) {
+  for (const Frame& full : {Data(5, 40, 1), Control(NC_CT_SYN, 0, wire::kHandshakeLen)}) {
     // The kernel refuses test frames shorter than an Ethernet header; start there.
     for (size_t len = ETH_HLEN; len < full.size(); ++len) {
       Frame f(full.begin(), full.begin() + static_cast<long>(len));
@@ -407,7 +425,7 @@ TEST_F(SteerTest, GarbageIsCountedAndNeverRedirectedUnlessValid) {
   auto byte = [&] { return static_cast<uint8_t>(rng()); };
   std::map<int, uint64_t> want_counts;
   auto before = *prog_->ReadCounters();
-  const Frame seeds[] = {Data(5, 64), Data(6, 300, 2), Control(NC_CT_SYN, 0, 4),
+  const Frame seeds[] = {Data(5, 64), Data(6, 300, 2), Control(NC_CT_SYN, 0, wire::kHandshakeLen),
                          Control(NC_CT_ACK, 5)};
   int runs = 0;
   int redirects = 0;

@@ -1,5 +1,6 @@
 // Channels end to end between two veth test hosts, over both drivers: bulk transfers with byte
 // checks, fault injection, UMEM accounting, migration between engines, a killed peer.
+#include <endian.h>
 #include <linux/if_packet.h>
 #include <net/if.h>
 #include <signal.h>
@@ -369,6 +370,13 @@ TEST_F(AfxdpWireTest, MalformedStaleAndSpoofedFramesNeverReachTheStream) {
     ASSERT_EQ(rx.size(), 1u);
     const uint16_t chan_a = static_cast<uint16_t>(tx[0]->id());
     const uint16_t chan_b = static_cast<uint16_t>(rx[0]->id());
+    // The tokens each end expects, read from the steering maps: the injections below play an
+    // attacker who knows them (an insider), to reach the checks behind the token; the token
+    // checks themselves get frames with wrong tokens.
+    const uint64_t token_b = be64toh(b_->steer->ReadChannel(chan_b)->token);
+    const uint64_t token_a = be64toh(a_->steer->ReadChannel(chan_a)->token);
+    ASSERT_NE(token_a, 0u);
+    ASSERT_NE(token_b, 0u);
     wire::SegHeader seg;
     seg.seq = 12345;
     for (int i = 0; i < kEach; ++i) {
@@ -376,6 +384,17 @@ TEST_F(AfxdpWireTest, MalformedStaleAndSpoofedFramesNeverReachTheStream) {
       wire::ChanHeader h;
       h.dst_chan = chan_b;
       h.src_chan = chan_a;
+      // Wrong token (a guess) for data, RST and FIN: the XDP program drops them.
+      h.token = token_b ^ (uint64_t{1} << (i % 64));
+      from_a.Send(h, &seg);
+      wire::ChanHeader kill = h;
+      kill.type = i % 2 ? NC_CT_RST : NC_CT_FIN;
+      from_a.Send(kill, nullptr);
+      // The right token but a sequence number far outside the window: the driver drops them.
+      kill.token = token_b;
+      kill.seq = spread + 0x4000'0000u;
+      from_a.Send(kill, nullptr);
+      h.token = token_b;
       // Unknown channel: the XDP program drops it.
       h.dst_chan = static_cast<uint16_t>(900 + i % 50);
       from_a.Send(h, &seg);
@@ -398,6 +417,7 @@ TEST_F(AfxdpWireTest, MalformedStaleAndSpoofedFramesNeverReachTheStream) {
       ack.type = NC_CT_ACK;
       ack.dst_chan = chan_a;
       ack.src_chan = chan_b;
+      ack.token = token_a;
       ack.ack = spread + 0x7000'0000u;
       ack.wnd = 1u << 30;
       from_b.Send(ack, nullptr);
@@ -407,7 +427,7 @@ TEST_F(AfxdpWireTest, MalformedStaleAndSpoofedFramesNeverReachTheStream) {
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_TRUE(injected);
   EXPECT_TRUE(r->intact) << Describe(*r);
-  EXPECT_EQ(from_a.sent, 6u * kEach);
+  EXPECT_EQ(from_a.sent, 9u * kEach);
   EXPECT_EQ(from_b.sent, 1u * kEach);
   auto cb = b_->steer->ReadCounters();
   ASSERT_TRUE(cb.ok());
@@ -415,7 +435,9 @@ TEST_F(AfxdpWireTest, MalformedStaleAndSpoofedFramesNeverReachTheStream) {
   EXPECT_GE((*cb)[NC_CNT_DROP_BAD_UDP_LEN], static_cast<uint64_t>(kEach));
   EXPECT_GE((*cb)[NC_CNT_DROP_BAD_NC_HDR], static_cast<uint64_t>(kEach));
   EXPECT_EQ((*cb)[NC_CNT_DROP_WRONG_QUEUE], 0u) << "injections must use the channel's queue";
+  EXPECT_GE((*cb)[NC_CNT_DROP_BAD_TOKEN], 2u * kEach) << "forged data, RST and FIN";
   const chan::DriverStats sb = b_->driver->Stats();
+  EXPECT_GE(sb.rx_bad_token, static_cast<uint64_t>(kEach)) << "RST/FIN outside the window";
   EXPECT_GE(sb.rx_unknown_chan, 2u * kEach) << "wrong peer address / wrong source channel";
   const auto& ch = r->channels[0];
   // Sequence numbers spread over 2^32 land before the window or beyond it, never inside.
