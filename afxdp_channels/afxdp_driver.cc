@@ -60,6 +60,7 @@ class AfxdpChannel final : public ChannelCore {
   wire::Handshake hs_rec;    // the handshake as agreed so far (the initiator echoes it)
   bool active = false;       // we initiated
   bool send_cookie_ack = false;
+  bool keep_delivered = false;  // dead, but what was delivered stays readable
   Hs hs = Hs::kSynSent;
   uint64_t syn_next_us = 0, syn_rto_us = 0, connect_deadline_us = 0;
   uint64_t rx_held = 0;  // delivered to rxq_, not yet returned
@@ -595,6 +596,16 @@ void XskQueue::Kill(AfxdpChannel& ch, ChannelState st, bool send_fin) {
   if (ch.hs == Hs::kDead) return;
   if (send_fin && ch.hs == Hs::kEstablished)
     SendControl(ch.addrs, ControlHeader(ch, NC_CT_FIN, NowUs()));
+  // Our own Destroy discards everything; otherwise in-order data the transport still holds goes
+  // to the consumer as far as the ring takes it, and stays readable.
+  ch.keep_delivered = !send_fin;
+  if (ch.transport && ch.keep_delivered) {
+    BufRef b;
+    while (ch.rxq_.Room() > 0 && ch.transport->PopDelivered(&b.token, &b.len)) {
+      ch.rx_held += b.len;
+      ch.rxq_.PushOne(b);
+    }
+  }
   if (ch.transport) ch.transport->ReleaseAll();
   ch.hs = Hs::kDead;
   Publish(ch);
@@ -610,7 +621,8 @@ void XskQueue::Reap() {
                 [&](uint64_t t, uint32_t len) {
                   umem_->FreeFrame(t);
                   ch->rx_held -= len;
-                });
+                },
+                ch->keep_delivered);
     ch->pub_.rx_queued_bytes.store(ch->rx_held, std::memory_order_relaxed);
     ch->NotifyApp(Channel::kBoth);
     // The id and steering entry go back now; the object lingers as a zombie while the
@@ -634,9 +646,13 @@ void XskQueue::RunZombies() {
     for (uint32_t m; (m = z->txq_.Pop(b)) > 0;)
       for (uint32_t i = 0; i < m; ++i) umem_->FreeFrame(b[i].token);
     z->pub_.rx_queued_bytes.store(z->rx_held, std::memory_order_relaxed);
-    // Done when nothing can come back: no delivered buffer outstanding, no copy in flight (the
-    // application dropping its last reference also ends every outstanding buffer's life).
-    return (z->rx_held == 0 && z->ProducersIdle()) || z.use_count() == 1;
+    // Done when nothing can come back: no delivered buffer outstanding, no copy in flight. Once
+    // the application dropped its last reference nobody else can consume rxq_: empty it here.
+    if (z.use_count() == 1) {
+      for (BufRef r; z->rxq_.PopOne(&r);) umem_->FreeFrame(r.token);
+      return true;
+    }
+    return z->rx_held == 0 && z->ProducersIdle();
   });
 }
 

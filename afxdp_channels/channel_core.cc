@@ -167,7 +167,8 @@ void ChannelCore::Release(std::span<const RxSegment> segs) {
 }
 
 void ChannelCore::Reclaim(const std::function<void(uint64_t)>& give_tx,
-                          const std::function<void(uint64_t, uint32_t)>& give_rx) {
+                          const std::function<void(uint64_t, uint32_t)>& give_rx,
+                          bool keep_delivered) {
   BufRef b[64];
   auto drain_ret = [&] {
     for (uint32_t m; (m = ret_.Pop(b)) > 0;)
@@ -180,12 +181,14 @@ void ChannelCore::Reclaim(const std::function<void(uint64_t)>& give_tx,
   }
   for (uint32_t m; (m = txq_.Pop(b)) > 0;)
     for (uint32_t i = 0; i < m; ++i) give_tx(b[i].token);
-  while (!consumer_mu_.try_lock()) {
-    drain_ret();
-    std::this_thread::yield();
+  if (!keep_delivered) {
+    while (!consumer_mu_.try_lock()) {
+      drain_ret();
+      std::this_thread::yield();
+    }
+    for (BufRef r; rxq_.PopOne(&r);) give_rx(r.token, r.len);
+    consumer_mu_.unlock();
   }
-  for (BufRef r; rxq_.PopOne(&r);) give_rx(r.token, r.len);
-  consumer_mu_.unlock();
   drain_ret();
 }
 

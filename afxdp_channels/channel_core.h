@@ -62,8 +62,10 @@ class ChannelCore : public Channel {
   // (`give_tx`), delivered ones in rxq_ and returned ones in ret_ (`give_rx`, with their length).
   // free_ and rxq_ are consumed by the application, so they are emptied under its locks; ret_ is
   // drained while waiting for the consumer lock (a Release may be waiting for room in it).
+  // With `keep_delivered`, rxq_ stays for the consumer: data that arrived in order before the
+  // channel died is still read (a peer's FIN after its last segment must not lose that segment).
   void Reclaim(const std::function<void(uint64_t)>& give_tx,
-               const std::function<void(uint64_t, uint32_t)>& give_rx);
+               const std::function<void(uint64_t, uint32_t)>& give_rx, bool keep_delivered);
   // True when no producer is copying outside the producer lock (its buffers would reach txq_
   // later).
   bool ProducersIdle();

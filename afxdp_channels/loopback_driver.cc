@@ -66,7 +66,10 @@ class LoopChannel final : public ChannelCore, public EngineTask {
     // Our receive slots the application released: hand them back to the copying side.
     BufRef b[kRing];
     for (uint32_t n; (n = ret_.Pop(b)) > 0;) {
-      for (uint32_t i = 0; i < n; ++i) rx_slots_.PushOne(b[i].token);
+      for (uint32_t i = 0; i < n; ++i) {
+        rx_slots_.PushOne(b[i].token);
+        pub_.rx_queued_bytes.fetch_sub(b[i].len, std::memory_order_relaxed);
+      }
       worked = true;
     }
     std::shared_ptr<LoopChannel> peer;
@@ -88,6 +91,8 @@ class LoopChannel final : public ChannelCore, public EngineTask {
       uint64_t slot;
       if (peer->rxq_.Room() == 0 || !peer->rx_slots_.PopOne(&slot)) break;
       std::memcpy(peer->BufAddr(slot), BufAddr(b[moved].token), b[moved].len);
+      // Counted before it is visible: the consumer's release must never find it uncounted.
+      peer->pub_.rx_queued_bytes.fetch_add(b[moved].len, std::memory_order_relaxed);
       peer->rxq_.PushOne({slot, b[moved].len});
       free_.PushOne(b[moved].token);
       pub_.tx_segments.fetch_add(1, std::memory_order_relaxed);

@@ -328,6 +328,7 @@ bool TcpChannel::Run(uint64_t now, uint64_t* deadline) {
       for (uint32_t i = 0; i < m; ++i) rx_free_.push_back(b[i].token), held_ -= b[i].len;
       any = true;
     }
+    pub_.rx_queued_bytes.store(held_, std::memory_order_relaxed);
     return any;
   }
   bool worked = false;

@@ -78,6 +78,18 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   b.Counter("netch_driver_rx_unknown_channel_total",
             "Received frames for no channel of ours or from the wrong peer.",
             static_cast<double>(ds.rx_unknown_chan));
+  b.Counter("netch_driver_rx_bad_token_total",
+            "Frames for a channel of ours without its token, or RST/FIN outside the window.",
+            static_cast<double>(ds.rx_bad_token));
+  b.Counter("netch_driver_handshakes_total", "Channel handshakes by outcome.",
+            static_cast<double>(ds.handshakes_rx), {{"result", "syn_answered"}});
+  b.Counter("netch_driver_handshakes_total", "Channel handshakes by outcome.",
+            static_cast<double>(ds.handshakes_bad), {{"result", "bad_cookie_or_mismatch"}});
+  b.Counter("netch_driver_channels_reaped_total",
+            "Failed or closed channels whose ids and buffers were reclaimed.",
+            static_cast<double>(ds.channels_reaped));
+  b.Gauge("netch_driver_channels", "Channels the driver holds now (any state).",
+          static_cast<double>(d.Channels().size()));
   b.Counter("netch_xsk_rx_dropped_total", "XDP_STATISTICS rx_dropped, summed over the sockets.",
             static_cast<double>(ds.xsk_rx_dropped));
   b.Counter("netch_xsk_rx_ring_full_total", "XDP_STATISTICS rx_ring_full.",
@@ -172,6 +184,12 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
             static_cast<double>(ss.dispatcher_blocked));
   b.Counter("netch_rst_sent_total", "RST segments sent (no listener, no such connection).",
             static_cast<double>(ss.rst_sent));
+  b.Counter("netch_rx_bad_conn_id_total",
+            "Segments for a live port pair with the wrong connection id: dropped.",
+            static_cast<double>(ss.rx_bad_conn));
+  b.Counter("netch_connections_broken_total",
+            "Connections reset because a channel carrying their bytes failed.",
+            static_cast<double>(ss.conns_broken));
   return b.fams;
 }
 

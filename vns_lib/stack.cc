@@ -11,7 +11,6 @@
 #include <cstring>
 #include <deque>
 #include <mutex>
-#include <random>
 #include <thread>
 #include <unordered_map>
 #include <vector>
@@ -24,13 +23,15 @@
 #include "bpf/steer_program.h"
 #include "common/errno_status.h"
 #include "common/netns.h"
+#include "common/random.h"
 #include "common/spsc_ring.h"
 #include "vns_lib/copy_workers.h"
+#include "vns_lib/peer_set.h"
 #include "vns_lib/reassembly.h"
+#include "vns_lib/sock_error.h"
 #include "vns_lib/vns.h"
 
 namespace netch::vns {
-namespace {
 
 constexpr char kErrnoUrl[] = "netch.errno";
 
@@ -40,12 +41,9 @@ absl::Status SockError(int err, std::string_view what) {
   return s;
 }
 
-uint64_t NowUs() { return chan::NowUs(); }
+namespace {
 
-uint32_t RandomU32() {
-  thread_local std::mt19937 rng{std::random_device{}()};
-  return rng();
-}
+uint64_t NowUs() { return chan::NowUs(); }
 
 // ---- connection state shared by the dispatcher (producer) and the socket (consumer) ----------
 
@@ -63,7 +61,6 @@ struct ConnKey {
   }
 };
 
-class Peer;
 class StackImpl;
 
 struct Conn {
@@ -103,6 +100,11 @@ struct Conn {
   std::atomic<ConnState> state{ConnState::kConnecting};
   std::atomic<uint64_t> fin_seq{UINT64_MAX};  // stream length announced by the peer's FIN
   std::atomic<bool> closed{false};
+  // A channel that carried this connection's bytes failed: bytes may be lost, so the socket
+  // reports ECONNRESET once what did arrive was read (set by the dispatcher).
+  std::atomic<bool> broken{false};
+  std::vector<const chan::Channel*> tx_chans;  // guarded by map_mu: every channel sends used
+  std::vector<const chan::Channel*> rx_chans;  // dispatcher only: channels that delivered
 
   // Dispatcher -> socket.
   SpscRing<HeldSeg> inq;
@@ -141,37 +143,6 @@ Conn::~Conn() {
   if (efd >= 0) close(efd);
 }
 
-// The channels to one peer host.
-class Peer {
- public:
-  // `stack_version` is bumped on every channel added to any peer: the dispatcher rescans only
-  // then, and sockets rebuild their channel list only when their peer's `version()` moved.
-  Peer(uint32_t ip, std::atomic<uint64_t>* stack_version)
-      : ip_(ip), stack_version_(stack_version) {}
-  uint32_t ip() const { return ip_; }
-  std::vector<std::shared_ptr<chan::Channel>> channels() {
-    std::lock_guard g(mu_);
-    return chans_;
-  }
-  void Add(std::shared_ptr<chan::Channel> c) {
-    {
-      std::lock_guard g(mu_);
-      chans_.push_back(std::move(c));
-    }
-    version_.fetch_add(1, std::memory_order_release);
-    stack_version_->fetch_add(1, std::memory_order_release);
-  }
-  uint64_t version() const { return version_.load(std::memory_order_acquire); }
-  std::mutex connect_mu;  // one Connect at a time opens the channels
-
- private:
-  const uint32_t ip_;
-  std::atomic<uint64_t>* stack_version_;
-  std::atomic<uint64_t> version_{0};
-  std::mutex mu_;
-  std::vector<std::shared_ptr<chan::Channel>> chans_;
-};
-
 // ---- the stack ---------------------------------------------------------------------------------
 
 class SocketImpl;
@@ -196,6 +167,7 @@ class StackImpl final : public Stack {
   absl::Status SetPolicy(const std::string& name,
                          const std::vector<std::pair<std::string, std::string>>& knobs) override;
   uint64_t skip_queued_bytes() const { return skip_queued_.load(std::memory_order_relaxed); }
+  PeerSet& peers() { return *peers_; }
   uint64_t NextId() { return next_conn_id_.fetch_add(1, std::memory_order_relaxed); }
 
   // For sockets.
@@ -223,9 +195,10 @@ class StackImpl final : public Stack {
   }
 
  private:
-  absl::StatusOr<Peer*> EnsurePeer(uint32_t ip, int want_channels, absl::Duration timeout);
-  Peer* PeerFor(uint32_t ip);
   void Dispatch();
+  // A channel died: connections whose bytes it carried are broken (their peers are told with an
+  // RST on a live channel). Dispatcher thread.
+  void BreakConnsOn(Peer& p, const chan::Channel* ch);
   // Hands one segment to its socket. False: the socket is full, keep the segment and stop
   // draining this channel.
   bool Deliver(chan::Channel* ch, const chan::RxSegment& seg);
@@ -250,10 +223,10 @@ class StackImpl final : public Stack {
   CopyWorkers workers_;
   std::atomic<int> nworkers_{0};
 
-  mutable std::mutex mu_;  // conns_, listeners_, peers_: connection setup and teardown only
+  std::unique_ptr<PeerSet> peers_;
+  mutable std::mutex mu_;  // conns_, listeners_: connection setup and teardown only
   absl::flat_hash_map<ConnKey, std::shared_ptr<Conn>> conns_;
   absl::flat_hash_map<uint16_t, std::shared_ptr<Conn>> listeners_;
-  std::unordered_map<uint32_t, std::unique_ptr<Peer>> peers_;
   uint16_t next_port_ = 0;
 
   std::thread dispatcher_;
@@ -261,7 +234,8 @@ class StackImpl final : public Stack {
   int wake_fd_ = -1;
   std::atomic<uint64_t> segments_in_{0}, ctl_out_{0}, rst_sent_{0}, blocked_{0};
   std::atomic<bool> holding_{false};       // some channel is held back for a full socket
-  std::atomic<uint64_t> chan_version_{0};  // bumped when any peer gains a channel
+  std::atomic<uint64_t> rx_bad_conn_{0};   // segments for a port pair with the wrong conn_id
+  std::atomic<uint64_t> conns_broken_{0};  // connections reset because a channel failed
   std::atomic<uint64_t> skip_queued_{2 << 20};
   std::atomic<uint64_t> next_conn_id_{1};
 
@@ -293,8 +267,8 @@ class SocketImpl final : public VirtualSocket {
   AppClass app_class() const override { return c_ ? c_->app_class : AppClass::kUnspecified; }
 
  private:
-  // Every channel to the peer failed or closed: the connection cannot make progress.
-  bool PeerGone() const { return c_->peer && AllDown(c_->peer->channels()); }
+  // No live channel to the peer is left: the connection cannot make progress.
+  bool PeerGone() const { return c_->peer && c_->peer->live_count() == 0; }
   static bool AllDown(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
     if (chans.empty()) return false;
     for (const auto& ch : chans) {
@@ -305,6 +279,8 @@ class SocketImpl final : public VirtualSocket {
   }
   absl::Status Usable() const {
     if (!c_) return SockError(EBADF, "socket closed");
+    if (c_->broken.load(std::memory_order_acquire))
+      return SockError(ECONNRESET, "a channel carrying the connection failed");
     if (PeerGone()) return SockError(ECONNRESET, "every channel to the peer is down");
     return StateError();
   }
@@ -375,18 +351,20 @@ void SocketImpl::RefreshChannels() {
   if (pv == peer_version_ && mv == map_version_ && !chans_.empty()) return;
   peer_version_ = pv;
   map_version_ = mv;
-  chans_ = c_->peer->channels();
-  {
-    std::lock_guard g(c_->map_mu);
-    if (!c_->channel_ids.empty()) {
-      std::erase_if(chans_, [&](const auto& ch) {
-        return std::find(c_->channel_ids.begin(), c_->channel_ids.end(), ch->id()) ==
-               c_->channel_ids.end();
-      });
-    }
+  chans_ = c_->peer->Live();
+  std::lock_guard g(c_->map_mu);
+  if (!c_->channel_ids.empty()) {
+    std::erase_if(chans_, [&](const auto& ch) {
+      return std::find(c_->channel_ids.begin(), c_->channel_ids.end(), ch->id()) ==
+             c_->channel_ids.end();
+    });
   }
   if (channels_hint_ > 0 && static_cast<size_t>(channels_hint_) < chans_.size())
     chans_.resize(channels_hint_);
+  // Remembered for the dispatcher: if one of these fails, bytes this socket sent may be lost.
+  for (const auto& ch : chans_)
+    if (std::find(c_->tx_chans.begin(), c_->tx_chans.end(), ch.get()) == c_->tx_chans.end())
+      c_->tx_chans.push_back(ch.get());
 }
 
 absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, uint64_t seq,
@@ -436,6 +414,8 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
     if (ignore_skip) continue;
     if (off == len) break;
     if (auto st = StateError(); !st.ok()) return st;
+    if (c_->broken.load(std::memory_order_acquire))
+      return SockError(ECONNRESET, "a channel carrying the connection failed");
     if (AllDown(chans)) return SockError(ECONNRESET, "every channel to the peer failed");
     if (!progress) {
       if (nonblocking_) break;
@@ -459,9 +439,10 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
     pollfd p{c_->efd, POLLIN, 0};
     poll(&p, 1, 10);
   }
-  if (auto st = StateError(); !st.ok()) return st;
+  if (auto st = Usable(); !st.ok()) return st;
   if (c_->peer) RefreshChannels();
-  if (AllDown(chans_)) return SockError(ECONNRESET, "every channel to the peer is down");
+  if (chans_.empty() || AllDown(chans_))
+    return SockError(ECONNRESET, "every channel to the peer is down");
   const StackOptions& so = st_->opts();
   size_t sent = 0;
   if (!nonblocking_ && st_->copy_workers() > 0 && data.size() >= so.inline_copy_bytes) {
@@ -606,11 +587,11 @@ absl::Status SocketImpl::Shutdown() {
   if (c_->listening) return SockError(EINVAL, "shutdown on a listening socket");
   if (fin_sent_) return absl::OkStatus();
   if (c_->state.load() != ConnState::kEstablished) return Usable();
-  auto chans = c_->peer->channels();
-  if (chans.empty()) return SockError(ECONNRESET, "no channel to the peer");
+  auto ctl = c_->peer->ControlChannel();
+  if (!ctl) return SockError(ECONNRESET, "no channel to the peer");
   // FIN carries the stream length: the peer reports end of stream once every byte before it
   // arrived, whichever channels they took.
-  if (auto st = st_->SendControlWait(*chans[0], *c_, NC_FIN, snd_next_); !st.ok()) return st;
+  if (auto st = st_->SendControlWait(*ctl, *c_, NC_FIN, snd_next_); !st.ok()) return st;
   fin_sent_ = true;
   return absl::OkStatus();
 }
@@ -658,11 +639,12 @@ absl::Status StackImpl::Init() {
   auto d = chan::CreateDriver(opts_.driver, dopts);
   if (!d.ok()) return d.status();
   driver_ = std::move(*d);
+  peers_ = std::make_unique<PeerSet>(driver_.get());
   if (opts_.channels_per_peer < 1 || opts_.channels_per_peer > 64)
     return absl::InvalidArgumentError("channels_per_peer must be 1..64");
   if (auto st = SetCopyWorkers(opts_.copy_workers); !st.ok()) return st;
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-  next_port_ = static_cast<uint16_t>(40000 + RandomU32() % 20000);
+  next_port_ = static_cast<uint16_t>(40000 + netch::RandomU32() % 20000);
   dispatcher_ = std::thread([this] {
     pthread_setname_np(pthread_self(), "netch-disp");
     Dispatch();
@@ -682,11 +664,7 @@ StackImpl::~StackImpl() {
     listeners_.clear();
   }
   workers_.Resize(0);
-  if (driver_) {
-    for (auto& [ip, p] : peers_)
-      for (auto& ch : p->channels()) (void)driver_->Destroy(*ch);
-  }
-  peers_.clear();
+  peers_.reset();  // destroys the channels while the driver exists
   driver_.reset();
   if (steer_) {
     std::unique_ptr<NetnsScope> ns;
@@ -713,6 +691,8 @@ StackStats StackImpl::Stats() const {
   s.copy_busy_ns = const_cast<CopyWorkers&>(workers_).busy_ns();
   s.sched_batches = sched_batches_.load();
   s.sched_skips = sched_skips_.load();
+  s.rx_bad_conn = rx_bad_conn_.load();
+  s.conns_broken = conns_broken_.load();
   return s;
 }
 
@@ -747,7 +727,7 @@ absl::Status StackImpl::MapSocket(uint64_t id, const std::vector<uint32_t>& ids)
       if (v->id == id) c = v;
   }
   if (!c) return absl::NotFoundError(absl::StrFormat("no connected socket %u", id));
-  const auto chans = c->peer->channels();
+  const auto chans = c->peer->Live();
   for (uint32_t want : ids) {
     bool found = false;
     for (const auto& ch : chans) found |= ch->id() == want;
@@ -785,41 +765,6 @@ absl::Status StackImpl::SetPolicy(const std::string& name,
   return absl::OkStatus();
 }
 
-Peer* StackImpl::PeerFor(uint32_t ip) {
-  std::lock_guard g(mu_);
-  auto& p = peers_[ip];
-  if (!p) p = std::make_unique<Peer>(ip, &chan_version_);
-  return p.get();
-}
-
-absl::StatusOr<Peer*> StackImpl::EnsurePeer(uint32_t ip, int want, absl::Duration timeout) {
-  Peer* p = PeerFor(ip);
-  std::lock_guard g(p->connect_mu);
-  auto have = p->channels();
-  const uint64_t end = NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
-  std::vector<std::shared_ptr<chan::Channel>> opened;
-  for (int i = static_cast<int>(have.size()); i < want; ++i) {
-    chan::ChannelParams cp;
-    cp.peer_ipv4 = ip;
-    cp.connect_timeout = timeout;
-    auto ch = driver_->Connect(cp);
-    if (!ch.ok()) return ch.status();
-    opened.push_back(*ch);
-  }
-  for (auto& ch : opened) {
-    while (ch->state() == chan::ChannelState::kConnecting && NowUs() < end)
-      ch->Wait(absl::Milliseconds(5), chan::Channel::kReadable);
-    if (ch->state() != chan::ChannelState::kUp) {
-      for (auto& c : opened) (void)driver_->Destroy(*c);
-      return SockError(ch->state() == chan::ChannelState::kConnecting ? ETIMEDOUT : ECONNREFUSED,
-                       "open a channel to the peer");
-    }
-  }
-  for (auto& ch : opened) p->Add(ch);
-  if (!opened.empty()) WakeDispatcher();
-  return p;
-}
-
 absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Listen(uint16_t port, int backlog,
                                                                  const SocketOptions& o) {
   if (port == 0) return SockError(EINVAL, "listen on port 0");
@@ -841,7 +786,7 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
                                                                   const SocketOptions& o) {
   if (port == 0 || ip == 0) return SockError(EINVAL, "connect to address 0 or port 0");
   if (o.rcvbuf < 4096) return SockError(EINVAL, "rcvbuf below 4096 bytes");
-  auto peer = EnsurePeer(ip, opts_.channels_per_peer, o.connect_timeout);
+  auto peer = peers_->Ensure(ip, opts_.channels_per_peer, o.connect_timeout);
   if (!peer.ok()) return peer.status();
   std::shared_ptr<Conn> c;
   {
@@ -851,15 +796,16 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
       next_port_ = next_port_ >= 60999 ? 40000 : next_port_ + 1;
       ConnKey k{ip, lp, port};
       if (conns_.contains(k)) continue;
-      c = std::make_shared<Conn>(k, RandomU32() | 1, o.app_class, o.rcvbuf);
+      c = std::make_shared<Conn>(k, netch::RandomU32() | 1, o.app_class, o.rcvbuf);
       c->id = NextId();
       c->peer = *peer;
       conns_[k] = c;
     }
   }
   if (!c) return SockError(EADDRNOTAVAIL, "no free local port");
-  auto chans = (*peer)->channels();
-  auto st = SendControlWait(*chans[0], *c, NC_SYN, 0, o.connect_timeout);
+  auto ctl = (*peer)->ControlChannel();
+  auto st = ctl ? SendControlWait(*ctl, *c, NC_SYN, 0, o.connect_timeout)
+                : SockError(ECONNRESET, "no channel to the peer");
   if (!st.ok()) {
     Unregister(c);
     return st;
@@ -905,8 +851,7 @@ void StackImpl::UnregisterListener(uint16_t port) {
   // Connections nobody accepted: reset them.
   std::lock_guard g(l->accept_mu);
   for (auto& c : l->accept_q) {
-    auto chans = c->peer->channels();
-    if (!chans.empty()) (void)SendControlWait(*chans[0], *c, NC_RST, 0);
+    if (auto ctl = c->peer->ControlChannel()) (void)SendControlWait(*ctl, *c, NC_RST, 0);
     Unregister(c);
   }
   l->accept_q.clear();
@@ -979,11 +924,9 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
         release();
         return true;
       }
-      auto c =
-          std::make_shared<Conn>(key, h.conn_id, static_cast<AppClass>(h.app_class), l->rcvbuf);
-      c->peer = PeerFor(key.peer);
-      c->id = NextId();
-      c->state = ConnState::kEstablished;
+      // The backlog admits the connection before anything is allocated for it: a flood of
+      // NCSYNs costs the listener nothing beyond its backlog.
+      std::shared_ptr<Conn> c;
       {
         std::lock_guard g(l->accept_mu);
         if (static_cast<int>(l->accept_q.size()) >= l->backlog) {
@@ -991,6 +934,11 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
           release();
           return true;
         }
+        c = std::make_shared<Conn>(key, h.conn_id, static_cast<AppClass>(h.app_class), l->rcvbuf);
+        c->peer = peers_->Get(key.peer);
+        c->id = NextId();
+        c->state = ConnState::kEstablished;
+        c->rx_chans.push_back(ch);
         std::lock_guard g2(mu_);
         conns_[key] = c;
         l->accept_q.push_back(c);
@@ -1010,11 +958,20 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
       return true;
   }
   auto c = Lookup(key);
-  if (!c || c->conn_id != h.conn_id) {
+  if (!c) {
     if (h.type != NC_RST) Rst(ch, h);
     release();
     return true;
   }
+  if (c->conn_id != h.conn_id) {
+    // A live port pair with another connection's id: stale, or forged to inject into this
+    // socket. Dropped and counted; no RST, so a forger cannot make us reset anything either.
+    rx_bad_conn_.fetch_add(1, std::memory_order_relaxed);
+    release();
+    return true;
+  }
+  if (std::find(c->rx_chans.begin(), c->rx_chans.end(), ch) == c->rx_chans.end())
+    c->rx_chans.push_back(ch);
   switch (h.type) {
     case NC_SYN_ACK: {
       ConnState want = ConnState::kConnecting;
@@ -1055,18 +1012,45 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
   return true;
 }
 
+void StackImpl::BreakConnsOn(Peer& p, const chan::Channel* ch) {
+  std::vector<std::shared_ptr<Conn>> hit;
+  {
+    std::lock_guard g(mu_);
+    for (const auto& [k, c] : conns_) {
+      if (c->peer != &p || c->broken.load(std::memory_order_relaxed)) continue;
+      bool used = std::find(c->rx_chans.begin(), c->rx_chans.end(), ch) != c->rx_chans.end();
+      if (!used) {
+        std::lock_guard m(c->map_mu);
+        used = std::find(c->tx_chans.begin(), c->tx_chans.end(), ch) != c->tx_chans.end();
+      }
+      if (used) hit.push_back(c);
+    }
+  }
+  auto ctl = p.ControlChannel();
+  for (const auto& c : hit) {
+    c->broken.store(true, std::memory_order_release);
+    conns_broken_.fetch_add(1, std::memory_order_relaxed);
+    c->Signal();
+    // The other end may not have seen this channel fail (or may wait on a hole it left).
+    if (ctl) QueueControl(ctl.get(), c->key, c->conn_id, c->app_class, NC_RST);
+  }
+}
+
 void StackImpl::Dispatch() {
   struct ChanState {
     std::shared_ptr<chan::Channel> ch;
+    Peer* peer;
+    bool dead = false;                    // seen failed or closed
     std::deque<chan::RxSegment> pending;  // dequeued, not yet taken by a full socket
   };
   std::vector<ChanState> chans;
   chan::RxSegment segs[64];
   uint64_t idle_since = NowUs();
-  uint64_t known = ~0ull;  // chan_version_ last scanned
+  uint64_t known = ~0ull;  // peers_->version() last scanned
   while (!stop_.load(std::memory_order_relaxed)) {
     bool worked = false;
-    // Control segments refused by a full channel, in order.
+    // Control segments refused by a full channel, in order. A dead channel takes none: the
+    // segment is dropped (its connection is broken or gone anyway).
     while (!ctl_backlog_.empty()) {
       const CtlMsg& m = ctl_backlog_.front();
       auto st = SendControl(*m.ch, m.key, m.conn_id, m.cls, m.type, 0);
@@ -1076,23 +1060,19 @@ void StackImpl::Dispatch() {
     }
     // Channels peers opened to us.
     while (auto ch = driver_->Accept()) {
-      PeerFor(ch->peer_ipv4())->Add(ch);
+      peers_->Get(ch->peer_ipv4())->Add(ch);
       worked = true;
     }
     // Pick up channels added by Connect/Accept.
-    if (const uint64_t v = chan_version_.load(std::memory_order_acquire); v != known) {
+    if (const uint64_t v = peers_->version(); v != known) {
       known = v;
-      std::vector<std::shared_ptr<chan::Channel>> all;
-      {
-        std::lock_guard g(mu_);
-        for (auto& [ip, p] : peers_)
-          for (auto& ch : p->channels()) all.push_back(ch);
-      }
-      for (auto& ch : all) {
-        bool have = false;
-        for (auto& cs : chans) have |= cs.ch == ch;
-        if (!have) chans.push_back({ch, {}});
-      }
+      peers_->ForEach([&](Peer& p) {
+        for (auto& ch : p.All()) {
+          bool have = false;
+          for (auto& cs : chans) have |= cs.ch == ch;
+          if (!have) chans.push_back({ch, &p, false, {}});
+        }
+      });
     }
     for (ChanState& cs : chans) {
       // First what a full socket held back, in order.
@@ -1101,6 +1081,14 @@ void StackImpl::Dispatch() {
         worked = true;
       }
       if (!cs.pending.empty()) continue;  // still blocked: leave the channel's window to close
+      if (!cs.dead && !IsLive(cs.ch->state())) {
+        // Drain what it delivered before it died first (next rounds), then break whatever it
+        // left incomplete.
+        cs.dead = true;
+        cs.peer->NoteDead();
+        if (cs.ch->state() == chan::ChannelState::kFailed) BreakConnsOn(*cs.peer, cs.ch.get());
+        worked = true;
+      }
       const size_t n = cs.ch->Dequeue(SIZE_MAX, segs);
       if (n == 0) continue;
       worked = true;
@@ -1112,6 +1100,16 @@ void StackImpl::Dispatch() {
         }
       }
     }
+    // A dead channel leaves once drained and once no socket holds a buffer of it (sockets keep
+    // raw pointers to the channel of each segment they hold).
+    std::erase_if(chans, [&](ChanState& cs) {
+      if (!cs.dead || !cs.pending.empty() || cs.ch->stats().rx_queued_bytes != 0) return false;
+      std::erase_if(ctl_backlog_, [&](const CtlMsg& m) { return m.ch == cs.ch.get(); });
+      cs.peer->Remove(cs.ch.get());
+      known = peers_->version();  // our own removal: no rescan needed
+      (void)driver_->Destroy(*cs.ch);
+      return true;
+    });
     bool any_pending = false;
     for (const ChanState& cs : chans) any_pending |= !cs.pending.empty();
     // Announce the hold, then look again: a socket that read just before seeing holding_ set

@@ -90,6 +90,8 @@ struct StackStats {
   uint64_t copy_busy_ns = 0;        // time copy workers spent copying
   uint64_t sched_batches = 0;       // scheduler decisions: a batch of segments sent on a channel
   uint64_t sched_skips = 0;         // ... a channel skipped for holding too much unacked data
+  uint64_t rx_bad_conn = 0;         // segments for a live port pair with the wrong conn_id: dropped
+  uint64_t conns_broken = 0;        // connections reset because a channel carrying them failed
 };
 
 // What the control plane sees of a socket.

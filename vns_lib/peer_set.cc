@@ -1,0 +1,114 @@
+#include "vns_lib/peer_set.h"
+
+#include <algorithm>
+#include <cerrno>
+
+#include "afxdp_channels/engine.h"
+#include "vns_lib/sock_error.h"
+
+namespace netch::vns {
+
+bool IsLive(chan::ChannelState s) {
+  return s == chan::ChannelState::kConnecting || s == chan::ChannelState::kUp;
+}
+
+std::vector<std::shared_ptr<chan::Channel>> Peer::Live() const {
+  absl::MutexLock l(&mu_);
+  std::vector<std::shared_ptr<chan::Channel>> out;
+  for (const auto& c : chans_)
+    if (IsLive(c->state())) out.push_back(c);
+  return out;
+}
+
+std::vector<std::shared_ptr<chan::Channel>> Peer::All() const {
+  absl::MutexLock l(&mu_);
+  return chans_;
+}
+
+std::shared_ptr<chan::Channel> Peer::ControlChannel() const {
+  absl::MutexLock l(&mu_);
+  for (const auto& c : chans_)
+    if (c->state() == chan::ChannelState::kUp) return c;
+  return nullptr;
+}
+
+size_t Peer::live_count() const {
+  absl::MutexLock l(&mu_);
+  return std::count_if(chans_.begin(), chans_.end(),
+                       [](const auto& c) { return IsLive(c->state()); });
+}
+
+void Peer::Add(std::shared_ptr<chan::Channel> c) {
+  {
+    absl::MutexLock l(&mu_);
+    chans_.push_back(std::move(c));
+  }
+  Bump();
+}
+
+void Peer::Remove(const chan::Channel* c) {
+  {
+    absl::MutexLock l(&mu_);
+    std::erase_if(chans_, [&](const auto& x) { return x.get() == c; });
+  }
+  Bump();
+}
+
+void Peer::Bump() {
+  version_.fetch_add(1, std::memory_order_release);
+  set_version_->fetch_add(1, std::memory_order_release);
+}
+
+PeerSet::~PeerSet() {
+  absl::MutexLock l(&mu_);
+  for (auto& [ip, p] : peers_)
+    for (auto& ch : p->All()) (void)driver_->Destroy(*ch);
+  peers_.clear();
+}
+
+Peer* PeerSet::Get(uint32_t ip) {
+  absl::MutexLock l(&mu_);
+  auto& p = peers_[ip];
+  if (!p) p = std::make_unique<Peer>(ip, &version_);
+  return p.get();
+}
+
+void PeerSet::ForEach(const std::function<void(Peer&)>& fn) {
+  std::vector<Peer*> all;
+  {
+    absl::MutexLock l(&mu_);
+    for (auto& [ip, p] : peers_) all.push_back(p.get());
+  }
+  for (Peer* p : all) fn(*p);
+}
+
+absl::StatusOr<Peer*> PeerSet::Ensure(uint32_t ip, int want, absl::Duration timeout) {
+  Peer* p = Get(ip);
+  absl::MutexLock g(&p->connect_mu);
+  const uint64_t end = chan::NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
+  std::vector<std::shared_ptr<chan::Channel>> opened;
+  for (int i = static_cast<int>(p->live_count()); i < want; ++i) {
+    chan::ChannelParams cp;
+    cp.peer_ipv4 = ip;
+    cp.connect_timeout = timeout;
+    auto ch = driver_->Connect(cp);
+    if (!ch.ok()) {
+      for (auto& c : opened) (void)driver_->Destroy(*c);
+      return ch.status();
+    }
+    opened.push_back(*ch);
+  }
+  for (auto& ch : opened) {
+    while (ch->state() == chan::ChannelState::kConnecting && chan::NowUs() < end)
+      ch->Wait(absl::Milliseconds(5), chan::Channel::kReadable);
+    if (ch->state() != chan::ChannelState::kUp) {
+      const bool timed_out = ch->state() == chan::ChannelState::kConnecting;
+      for (auto& c : opened) (void)driver_->Destroy(*c);
+      return SockError(timed_out ? ETIMEDOUT : ECONNREFUSED, "open a channel to the peer");
+    }
+  }
+  for (auto& ch : opened) p->Add(ch);
+  return p;
+}
+
+}  // namespace netch::vns

@@ -1,0 +1,83 @@
+// peer_set.h - the channels to each peer host (VNS-internal).
+//
+// A Peer holds every channel to one address that VNS still references: live ones (connecting or
+// up) carry new segments; dead ones (failed or closed) stay until the dispatcher has drained
+// what they delivered and every segment a socket took from them was released, because sockets
+// hold raw pointers to the channel of each buffer they hold. Then the channel is removed.
+//
+// Threads: any thread reads (Live, ControlChannel, version); channels are added by connecting
+// threads and the dispatcher, marked dead and removed by the dispatcher only.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "afxdp_channels/channel.h"
+
+namespace netch::vns {
+
+bool IsLive(chan::ChannelState s);
+
+class Peer {
+ public:
+  // `set_version` is bumped with this peer's version: the dispatcher rescans only then.
+  Peer(uint32_t ip, std::atomic<uint64_t>* set_version) : ip_(ip), set_version_(set_version) {}
+  uint32_t ip() const { return ip_; }
+
+  // Channels that take new segments (connecting or up), oldest first.
+  std::vector<std::shared_ptr<chan::Channel>> Live() const;
+  // Every channel still referenced, dead ones included.
+  std::vector<std::shared_ptr<chan::Channel>> All() const;
+  // The channel control segments (NCSYN, FIN, RST) go on: the oldest one that is up.
+  std::shared_ptr<chan::Channel> ControlChannel() const;
+  size_t live_count() const;
+
+  void Add(std::shared_ptr<chan::Channel> c);
+  // The dispatcher saw `c` die: senders rebuild their lists without it.
+  void NoteDead() { Bump(); }
+  void Remove(const chan::Channel* c);
+  // Bumped whenever the set of live channels changes.
+  uint64_t version() const { return version_.load(std::memory_order_acquire); }
+
+  // One connecting thread at a time opens channels to the peer.
+  absl::Mutex connect_mu;
+
+ private:
+  void Bump();
+  const uint32_t ip_;
+  std::atomic<uint64_t>* set_version_;
+  std::atomic<uint64_t> version_{0};
+  mutable absl::Mutex mu_;
+  std::vector<std::shared_ptr<chan::Channel>> chans_ ABSL_GUARDED_BY(mu_);
+};
+
+class PeerSet {
+ public:
+  explicit PeerSet(chan::Driver* driver) : driver_(driver) {}
+  ~PeerSet();  // destroys every channel
+
+  Peer* Get(uint32_t ip);  // created on first use; never freed before the set
+  // Opens channels until `want` are live (the peer may have lost some: failed channels are not
+  // counted), and waits for the new ones to come up. Fails with the errno a connect() would see.
+  absl::StatusOr<Peer*> Ensure(uint32_t ip, int want, absl::Duration timeout);
+  void ForEach(const std::function<void(Peer&)>& fn);
+  // Bumped whenever any peer's channels change.
+  uint64_t version() const { return version_.load(std::memory_order_acquire); }
+
+ private:
+  chan::Driver* driver_;
+  std::atomic<uint64_t> version_{0};
+  absl::Mutex mu_;
+  std::unordered_map<uint32_t, std::unique_ptr<Peer>> peers_ ABSL_GUARDED_BY(mu_);
+};
+
+}  // namespace netch::vns
