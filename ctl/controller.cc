@@ -2,9 +2,11 @@
 
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
+#include <fcntl.h>
 #include <linux/magic.h>
 #include <net/if.h>
 #include <signal.h>
+#include <sys/file.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/vfs.h>
@@ -14,6 +16,7 @@
 #include <cstdio>
 #include <fstream>
 #include <regex>
+#include <thread>
 
 #include "absl/strings/str_format.h"
 #include "common/errno_status.h"
@@ -38,9 +41,35 @@ absl::Status MkdirP(const std::string& path, mode_t mode) {
   return absl::OkStatus();
 }
 
-bool ProcessAlive(int pid) { return pid > 0 && (kill(pid, 0) == 0 || errno == EPERM); }
-
 }  // namespace
+
+absl::Status Controller::Lock(const std::string& path) {
+  // A predecessor killed a moment ago still holds the lock while the kernel closes its files.
+  constexpr int kTries = 100;  // x 20 ms
+  for (int i = 0; i < kTries; ++i) {
+    UniqueFd fd(open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    if (!fd.valid()) return ErrnoStatus(errno, "open " + path);
+    if (flock(fd.get(), LOCK_EX | LOCK_NB) == 0) {
+      // The holder unlinks the file on a clean exit: make sure we locked the file that is there.
+      struct stat a {
+      }, b{};
+      if (fstat(fd.get(), &a) == 0 && stat(path.c_str(), &b) == 0 && a.st_ino == b.st_ino) {
+        lock_fd_ = std::move(fd);
+        return absl::OkStatus();
+      }
+      continue;
+    }
+    if (errno != EWOULDBLOCK) return ErrnoStatus(errno, "lock " + path);
+    usleep(20'000);
+  }
+  int pid = 0;
+  if (FILE* f = fopen(pid_file_.c_str(), "r")) {
+    if (fscanf(f, "%d", &pid) != 1) pid = 0;
+    fclose(f);
+  }
+  return absl::AlreadyExistsError(absl::StrFormat(
+      "instance '%s' is already running (pid %d); pick another --instance", opts_.instance, pid));
+}
 
 Controller::Controller(const ControllerOptions& o) : opts_(o) {}
 
@@ -53,7 +82,23 @@ absl::StatusOr<std::unique_ptr<Controller>> Controller::Start(const ControllerOp
   if (o.ifname.empty()) return absl::InvalidArgumentError("no interface given");
   std::unique_ptr<Controller> c(new Controller(o));
   if (auto st = c->Init(); !st.ok()) return st;
+  if (o.exit_on_signal) c->WatchSignals();
   return c;
+}
+
+void Controller::WatchSignals() {
+  sigset_t set;
+  sigemptyset(&set);
+  for (int sig : {SIGINT, SIGTERM, SIGHUP}) sigaddset(&set, sig);
+  pthread_sigmask(SIG_BLOCK, &set, nullptr);
+  // Detached on purpose: it lives as long as the process and ends it.
+  std::thread([this, set] {
+    int sig = 0;
+    if (sigwait(&set, &sig) != 0) return;
+    std::fprintf(stderr, "netch: signal %d: detaching and exiting\n", sig);
+    Cleanup();
+    _exit(128 + sig);
+  }).detach();
 }
 
 absl::Status Controller::RecoverStale() {
@@ -63,10 +108,13 @@ absl::Status Controller::RecoverStale() {
     if (fscanf(f, "%d", &old_pid) != 1) old_pid = 0;
     fclose(f);
   }
-  if (old_pid && ProcessAlive(old_pid))
-    return absl::AlreadyExistsError(
-        absl::StrFormat("instance '%s' is already running (pid %d); pick another --instance",
-                        opts_.instance, old_pid));
+  // We hold the instance lock: whoever wrote the pid file is gone. Its second line is the id of
+  // the program it attached (the pins may be gone with the mount namespace they lived in).
+  uint32_t old_prog_id = 0;
+  if (FILE* f = fopen(pid_file_.c_str(), "r")) {
+    if (fscanf(f, "%*d %u", &old_prog_id) != 1) old_prog_id = 0;
+    fclose(f);
+  }
   struct stat st {};
   const bool pins = stat(pin_dir_.c_str(), &st) == 0;
   if (!old_pid && !pins) return absl::OkStatus();
@@ -76,15 +124,17 @@ absl::Status Controller::RecoverStale() {
   const std::string prog_pin = pin_dir_ + "/nc_steer";
   const int prog_fd = bpf_obj_get(prog_pin.c_str());
   const int ifindex = static_cast<int>(if_nametoindex(opts_.ifname.c_str()));
-  if (prog_fd >= 0 && ifindex > 0) {
+  if (prog_fd >= 0) {
     bpf_prog_info info{};
     uint32_t len = sizeof(info);
-    uint32_t attached = 0;
-    if (bpf_obj_get_info_by_fd(prog_fd, &info, &len) == 0 &&
-        bpf_xdp_query_id(ifindex, 0, &attached) == 0 && attached == info.id) {
-      bpf_xdp_detach(ifindex, 0, nullptr);
-      what += absl::StrFormat("; detached its XDP program (id %u) from %s", info.id, opts_.ifname);
-    }
+    if (bpf_obj_get_info_by_fd(prog_fd, &info, &len) == 0) old_prog_id = info.id;
+  }
+  uint32_t attached = 0;
+  if (old_prog_id && ifindex > 0 && bpf_xdp_query_id(ifindex, 0, &attached) == 0 &&
+      attached == old_prog_id) {
+    bpf_xdp_detach(ifindex, 0, nullptr);
+    what +=
+        absl::StrFormat("; detached its XDP program (id %u) from %s", old_prog_id, opts_.ifname);
   }
   if (prog_fd >= 0) close(prog_fd);
   int removed = 0;
@@ -117,7 +167,9 @@ absl::Status Controller::Init() {
   pin_dir_ = opts_.bpffs + "/netch/" + scope + "/" + opts_.instance;
   const std::string run_dir = opts_.run_dir + "/" + scope;
   pid_file_ = run_dir + "/" + opts_.instance + ".pid";
+  lock_file_ = run_dir + "/" + opts_.instance + ".lock";
   if (auto st = MkdirP(run_dir, 0700); !st.ok()) return st;
+  if (auto st = Lock(lock_file_); !st.ok()) return st;
   if (auto st = RecoverStale(); !st.ok()) return st;
 
   const int ifindex = static_cast<int>(if_nametoindex(opts_.ifname.c_str()));
@@ -141,8 +193,11 @@ absl::Status Controller::Init() {
   if (auto s = MkdirP(pin_dir_, 0700); !s.ok()) return s;
   if (auto s = steer_->Pin(pin_dir_); !s.ok()) return s;
   status_.pin_dir = pin_dir_;
+  bpf_prog_info info{};
+  uint32_t len = sizeof(info);
+  if (bpf_obj_get_info_by_fd(steer_->prog_fd(), &info, &len) != 0) info.id = 0;
   if (FILE* f = fopen(pid_file_.c_str(), "w")) {
-    std::fprintf(f, "%d\n", getpid());
+    std::fprintf(f, "%d\n%u\n", getpid(), info.id);
     fclose(f);
   }
   return absl::OkStatus();
@@ -176,11 +231,18 @@ ControllerStatus Controller::status() const { return status_; }
 
 Controller::~Controller() {
   Stop();
-  if (steer_) (void)steer_->Detach();
+  Cleanup();
   steer_.reset();
+}
+
+// Leaves steer_ loaded: on a signal the engines may still touch its maps until _exit.
+void Controller::Cleanup() {
+  if (steer_) (void)steer_->Detach();
   for (const char* p : kPins) unlink((pin_dir_ + "/" + p).c_str());
   if (!pin_dir_.empty()) rmdir(pin_dir_.c_str());
   if (!pid_file_.empty()) unlink(pid_file_.c_str());
+  // Unlinked while still locked: a waiter that locks the old file sees its inode is stale.
+  if (lock_fd_.valid()) unlink(lock_file_.c_str());
   // The per-namespace directories go when their last instance does (rmdir fails otherwise).
   auto parent = [](const std::string& p) { return p.substr(0, p.rfind('/')); };
   if (!pin_dir_.empty()) rmdir(parent(pin_dir_).c_str());

@@ -31,6 +31,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "bpf/steer_program.h"
+#include "common/unique_fd.h"
 
 namespace netch::vns {
 class Stack;
@@ -47,6 +48,10 @@ struct ControllerOptions {
   std::string bpffs = "/sys/fs/bpf";
   std::string run_dir = "/run/netch";              // pid files of running instances
   std::string metrics_address = "127.0.0.1:9464";  // "" = no exposer
+  // Long-running programs: SIGINT, SIGTERM and SIGHUP detach the program, remove the pins and
+  // the pid file, then exit (status 128 + signal). Start() must then run before any other
+  // thread starts, so that every thread inherits the blocked signals.
+  bool exit_on_signal = false;
 };
 
 struct ControllerStatus {
@@ -79,11 +84,19 @@ class Controller {
   explicit Controller(const ControllerOptions& o);
   absl::Status Init();
   absl::Status RecoverStale();
+  // Takes the instance lock (flock on <run_dir>/<instance>.lock), held for the instance's life.
+  // The kernel drops it when the holder dies, even by SIGKILL, before the process is fully gone:
+  // a restarted instance waits for that instead of trusting whether the old pid still exists.
+  absl::Status Lock(const std::string& path);
+  // What the destructor and the signal handler share: detach, unpin, unlink.
+  void Cleanup();
+  void WatchSignals();
 
   ControllerOptions opts_;
   std::unique_ptr<bpf::SteerProgram> steer_;
   ControllerStatus status_;
-  std::string pin_dir_, pid_file_;
+  std::string pin_dir_, pid_file_, lock_file_;
+  UniqueFd lock_fd_;
   std::unique_ptr<ControlServer> server_;
   std::unique_ptr<MetricsExposer> metrics_;
 };

@@ -1,0 +1,200 @@
+// Channel and connection lifecycles as a host stack lives them: a long-running server outlives
+// many client processes, clients are killed and restarted, and forgers flood it. Real binaries
+// (netchperf, netch-flood, netchctl) in the test hosts' namespaces.
+#include <signal.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "gtest/gtest.h"
+#include "test/support/privilege.h"
+#include "test/support/testhosts.h"
+
+namespace netch {
+namespace {
+
+using testing::TestHosts;
+
+const std::string kBin = NETCH_BINARY_DIR;
+
+// Runs a command to completion; returns its exit status and stdout.
+int Shell(const std::string& cmd, std::string* out) {
+  out->clear();
+  FILE* p = popen((cmd + " 2>/tmp/netch-lifecycle.err").c_str(), "r");
+  if (!p) return -1;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof(buf), p)) out->append(buf, n);
+  const int st = pclose(p);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+// Starts a command in the background (exec'd through `ip netns exec`, which keeps the pid).
+pid_t Spawn(const std::vector<std::string>& argv) {
+  const pid_t pid = fork();
+  if (pid == 0) {
+    std::vector<char*> a;
+    for (const auto& s : argv) a.push_back(const_cast<char*>(s.c_str()));
+    a.push_back(nullptr);
+    freopen("/dev/null", "w", stdout);
+    execvp(a[0], a.data());
+    _exit(127);
+  }
+  return pid;
+}
+
+// A number field of netchperf's one-line JSON.
+double JsonNumber(const std::string& json, const std::string& key) {
+  const auto at = json.find("\"" + key + "\":");
+  if (at == std::string::npos) return -1;
+  double v = -1;
+  std::string rest = json.substr(at + key.size() + 3);
+  (void)absl::SimpleAtod(rest.substr(0, rest.find_first_of(",}")), &v);
+  return v;
+}
+
+class LifecycleTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    NETCH_REQUIRE_ROOT();
+    ASSERT_TRUE(hosts_.Up(testing::StackHostsOptions()).ok());
+  }
+  void TearDown() override {
+    if (server_ > 0) {
+      kill(server_, SIGKILL);
+      waitpid(server_, nullptr, 0);
+    }
+  }
+
+  std::string In(const std::string& ns) const { return "ip netns exec " + ns + " "; }
+
+  void StartServer() {
+    server_ = Spawn({"ip", "netns", "exec", hosts_.ns_b(), kBin + "/bench/netchperf", "server",
+                     "--dev", TestHosts::kDevB, "--metrics", "off"});
+    ASSERT_GT(server_, 0);
+  }
+
+  // One client process; returns its JSON line (empty on failure).
+  std::string Client(const std::string& args, int* status) {
+    std::string out;
+    *status = Shell(In(hosts_.ns_a()) + kBin + "/bench/netchperf client --dev " + TestHosts::kDevA +
+                        " --peer 198.18.0.2 --metrics off --json " + args,
+                    &out);
+    return out;
+  }
+
+  size_t ServerChannels() {
+    std::string out;
+    if (Shell(In(hosts_.ns_b()) + kBin + "/ctl/netchctl channels --json", &out) != 0) return 9999;
+    size_t n = 0;
+    for (size_t at = 0; (at = out.find("\"id\"", at)) != std::string::npos; ++at) n++;
+    return n;
+  }
+
+  TestHosts hosts_;
+  pid_t server_ = -1;
+};
+
+TEST_F(LifecycleTest, ALongRunningServerServesSuccessiveKilledAndRestartedClients) {
+  StartServer();
+  // Twenty client processes one after another, each opening fresh channels from the same host
+  // (the same channel ids, new tokens and incarnation each time).
+  for (int i = 0; i < 20; ++i) {
+    int st = 0;
+    const std::string j = Client("--bytes 8388608", &st);
+    ASSERT_EQ(st, 0) << "client " << i << ": " << j;
+    EXPECT_NE(j.find("\"integrity_ok\":true"), std::string::npos) << "client " << i << ": " << j;
+  }
+  // A client killed mid-transfer, then restarted at once: it must be connected within 1 s of
+  // its start (recovering its predecessor's XDP program and retiring the server's stale
+  // channels on the way), and every byte of its stream checked.
+  const pid_t victim =
+      Spawn({"ip", "netns", "exec", hosts_.ns_a(), kBin + "/bench/netchperf", "client", "--dev",
+             TestHosts::kDevA, "--peer", "198.18.0.2", "--metrics", "off", "--seconds", "30"});
+  std::this_thread::sleep_for(std::chrono::milliseconds(1500));
+  kill(victim, SIGKILL);
+  waitpid(victim, nullptr, 0);
+  int st = 0;
+  const std::string j = Client("--bytes 67108864", &st);
+  ASSERT_EQ(st, 0) << j;
+  EXPECT_NE(j.find("\"integrity_ok\":true"), std::string::npos) << j;
+  const double connect_ms = JsonNumber(j, "connect_ms");
+  std::printf("restarted client connected %.1f ms after its start\n", connect_ms);
+  EXPECT_GT(connect_ms, 0);
+  EXPECT_LT(connect_ms, 1000) << "reconnect after SIGKILL took " << connect_ms << " ms";
+  // And the server goes on serving.
+  EXPECT_NE(Client("--bytes 8388608", &st).find("\"integrity_ok\":true"), std::string::npos);
+  EXPECT_EQ(kill(server_, 0), 0) << "the server died";
+  // Nothing accumulates: the clients' channels are reaped once they are gone.
+  size_t chans = 9999;
+  for (int i = 0; i < 40 && chans > 0; ++i) {
+    chans = ServerChannels();
+    if (chans > 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_EQ(chans, 0u) << "channels of departed clients are kept";
+  // SIGTERM: the server detaches its program and exits.
+  kill(server_, SIGTERM);
+  int ws = 0;
+  waitpid(server_, &ws, 0);
+  server_ = -1;
+  std::string link;
+  Shell("ip -n " + hosts_.ns_b() + " link show " + TestHosts::kDevB, &link);
+  EXPECT_EQ(link.find("xdp"), std::string::npos) << "XDP program left attached: " << link;
+}
+
+TEST_F(LifecycleTest, FloodsOfSpoofedSynsAndForgedPacketsLeaveStreamsAndConnectsWorking) {
+  StartServer();
+  // A checked stream runs while the floods hit the server.
+  std::string stream_out;
+  int stream_st = -1;
+  std::thread stream([&] { stream_out = Client("--bytes 1073741824", &stream_st); });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  std::string flood;
+  ASSERT_EQ(Shell(In(hosts_.ns_a()) + kBin +
+                      "/tools/netch-flood --dev nc-a --syn 100000 --echo 10000 --forged 100000 "
+                      "--seconds 60",
+                  &flood),
+            0);
+  stream.join();
+  EXPECT_EQ(stream_st, 0) << stream_out;
+  EXPECT_NE(stream_out.find("\"integrity_ok\":true"), std::string::npos) << stream_out;
+  EXPECT_EQ(JsonNumber(flood, "syn"), 100000) << flood;
+  EXPECT_EQ(JsonNumber(flood, "forged"), 100000) << flood;
+  // After the flood: a new connection, and the server's channel table holds only real ones.
+  int st = 0;
+  EXPECT_NE(Client("--bytes 8388608", &st).find("\"integrity_ok\":true"), std::string::npos);
+  EXPECT_LE(ServerChannels(), 1u) << "the flood left channels behind";
+  // The drops are counted where they happened.
+  std::string m;
+  ASSERT_EQ(Shell(In(hosts_.ns_b()) + kBin + "/ctl/netchctl metrics", &m), 0);
+  auto metric = [&](const std::string& name) {
+    for (absl::string_view line : absl::StrSplit(m, '\n')) {
+      if (absl::StartsWith(line, name + " ")) {
+        double v = 0;
+        (void)absl::SimpleAtod(line.substr(name.size() + 1), &v);
+        return v;
+      }
+    }
+    return -1.0;
+  };
+  EXPECT_GE(metric("netch_driver_handshakes_total{result=\"syn_answered\"}"), 100000);
+  EXPECT_GE(metric("netch_driver_handshakes_total{result=\"bad_cookie_or_mismatch\"}"), 10000);
+  EXPECT_GE(metric("netch_xdp_packets_total{verdict=\"drop_unknown_channel\"}") +
+                metric("netch_xdp_packets_total{verdict=\"drop_bad_token\"}"),
+            100000 * 0.99);
+  // Memory stays bounded: the server's resident set after the floods.
+  std::string rss;
+  Shell(absl::StrFormat("grep VmRSS /proc/%d/status", server_), &rss);
+  std::printf("server after floods: %s", rss.c_str());
+}
+
+}  // namespace
+}  // namespace netch
