@@ -294,6 +294,49 @@ TEST_F(VnsTest, ConnectToAPortNobodyListensOnIsRefusedFast) {
   EXPECT_LT((chan::NowUs() - t1) / 1e3, 50);
 }
 
+TEST_F(VnsTest, AForgedConnIdCannotInjectAByteIntoAnotherSocket) {
+  Open("afxdp", 1);
+  auto l = b_->Listen(5010);
+  ASSERT_TRUE(l.ok());
+  auto victim = a_->Connect(TestHosts::kIpB, 5010);
+  ASSERT_TRUE(victim.ok()) << victim.status();
+  auto rx = (*l)->Accept();
+  ASSERT_TRUE(rx.ok());
+  // Another sender on host A shares the channel (as another socket or process would) and
+  // forges segments for the victim's port pair, at the offsets the victim's bytes will use,
+  // with connection ids that are not the victim's.
+  auto chans = a_->driver().Channels();
+  ASSERT_EQ(chans.size(), 1u);
+  std::vector<uint8_t> evil(1000, 0xee);
+  constexpr int kForged = 64;
+  for (int i = 0; i < kForged; ++i) {
+    chan::TxSegment seg;
+    seg.hdr = {NC_DATA, NC_CLASS_UNSPEC, (*victim)->local_port(), 5010,
+               static_cast<uint32_t>(0x1000 + i), static_cast<uint64_t>(i % 4) * 1000};
+    seg.payload = evil;
+    while (true) {
+      auto n = chans[0]->Enqueue({&seg, 1});
+      ASSERT_TRUE(n.ok());
+      if (*n == 1) break;
+      chans[0]->Wait(absl::Milliseconds(5), chan::Channel::kWritable);
+    }
+  }
+  std::vector<uint8_t> good(4000);
+  for (size_t i = 0; i < good.size(); ++i) good[i] = PatternByte(7, i);
+  ASSERT_TRUE((*victim)->Send(good).ok());
+  ASSERT_TRUE((*victim)->Shutdown().ok());
+  std::vector<uint8_t> got;
+  std::vector<uint8_t> buf(65536);
+  for (;;) {
+    auto n = (*rx)->Recv(buf);
+    ASSERT_TRUE(n.ok()) << n.status();
+    if (*n == 0) break;
+    got.insert(got.end(), buf.begin(), buf.begin() + *n);
+  }
+  EXPECT_EQ(got, good) << "bytes of a forged connection id reached the socket";
+  EXPECT_GE(b_->Stats().rx_bad_conn, static_cast<uint64_t>(kForged));
+}
+
 TEST_F(VnsTest, CloseInTheMiddleOfATransferResetsTheWriter) {
   Open("afxdp", 1);
   auto l = b_->Listen(5004);
