@@ -1,5 +1,7 @@
 #include "ctl/control.h"
 
+#include "afxdp_channels/engine.h"
+
 #include <arpa/inet.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -84,15 +86,19 @@ void ControlServer::Loop() {
         (cred.uid != 0 && cred.uid != getuid())) {
       answer = Err("permission denied: only root or the stack's user may control it");
     } else {
-      // One request line, bounded: a client that sends garbage or nothing gets an error.
-      timeval tv{2, 0};
-      setsockopt(c, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+      // One request line, bounded in size and in time: one deadline for the whole request, not
+      // per read (a client trickling a byte a second must not hold this single-threaded loop).
+      const uint64_t deadline = chan::NowUs() + 2'000'000;
       std::string line;
       char buf[4096];
       while (line.find('\n') == std::string::npos && line.size() < 65536) {
-        const ssize_t n = read(c, buf, sizeof(buf));
-        if (n <= 0) break;
-        line.append(buf, static_cast<size_t>(n));
+        const uint64_t now = chan::NowUs();
+        if (now >= deadline) break;
+        pollfd rp{c, POLLIN, 0};
+        if (poll(&rp, 1, static_cast<int>((deadline - now) / 1000) + 1) <= 0) break;
+        const ssize_t n = recv(c, buf, sizeof(buf), MSG_DONTWAIT);
+        if (n <= 0 && !(n < 0 && errno == EAGAIN)) break;
+        if (n > 0) line.append(buf, static_cast<size_t>(n));
       }
       if (line.find('\n') == std::string::npos) {
         answer = Err("malformed request: expected one tab-separated line");
@@ -102,7 +108,10 @@ void ControlServer::Loop() {
       }
     }
     answer += '\n';
-    (void)!write(c, answer.data(), answer.size());
+    // A client that does not read its answer must not stall the loop either.
+    timeval send_tv{2, 0};
+    setsockopt(c, SOL_SOCKET, SO_SNDTIMEO, &send_tv, sizeof(send_tv));
+    (void)!send(c, answer.data(), answer.size(), MSG_NOSIGNAL);
     close(c);
   }
 }
