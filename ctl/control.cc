@@ -1,7 +1,5 @@
 #include "ctl/control.h"
 
-#include "afxdp_channels/engine.h"
-
 #include <arpa/inet.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -19,6 +17,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "afxdp_channels/channel.h"
+#include "afxdp_channels/engine.h"
 #include "common/errno_status.h"
 #include "common/ipv4.h"
 #include "ctl/controller.h"

@@ -5,10 +5,14 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstddef>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
 #include <sstream>
@@ -355,6 +359,37 @@ TEST_F(CtlTest, EveryErrorPathGetsOneLineAndANonZeroExit) {
   dup.metrics_address = "";
   auto d = Controller::Start(dup);
   EXPECT_EQ(d.status().code(), absl::StatusCode::kAlreadyExists) << d.status();
+}
+
+TEST_F(CtlTest, ATricklingClientCannotHoldTheControlSocket) {
+  OpenHost(&a_, hosts_.ns_a(), TestHosts::kDevA, "");
+  // A client that sends one byte every 300 ms and never a newline: the server gives up on it
+  // after one request deadline (2 s), however long it keeps trickling.
+  std::atomic<bool> done{false};
+  std::thread trickle([&] {
+    NetnsScope in(hosts_.ns_a());
+    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    const std::string name = Controller::SocketName("default");
+    std::memcpy(a.sun_path + 1, name.data(), name.size());
+    if (connect(fd, reinterpret_cast<sockaddr*>(&a),
+                static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size())) == 0) {
+      for (int i = 0; i < 30 && !done; ++i) {
+        if (send(fd, "s", 1, MSG_NOSIGNAL) != 1) break;
+        std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      }
+    }
+    close(fd);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  const uint64_t t0 = chan::NowUs();
+  auto [rc, out] = Ctl("status");
+  const double secs = (chan::NowUs() - t0) / 1e6;
+  done = true;
+  trickle.join();
+  EXPECT_EQ(rc, 0) << out;
+  EXPECT_LT(secs, 3.5) << "a trickling client held the control loop for " << secs << " s";
 }
 
 TEST_F(CtlTest, ABusyMetricsPortIsAWarningNotAFailure) {
