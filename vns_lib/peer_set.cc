@@ -13,7 +13,7 @@ bool IsLive(chan::ChannelState s) {
 }
 
 std::vector<std::shared_ptr<chan::Channel>> Peer::Live() const {
-  absl::MutexLock l(&mu_);
+  std::lock_guard l(mu_);
   std::vector<std::shared_ptr<chan::Channel>> out;
   for (const auto& c : chans_)
     if (IsLive(c->state())) out.push_back(c);
@@ -21,26 +21,26 @@ std::vector<std::shared_ptr<chan::Channel>> Peer::Live() const {
 }
 
 std::vector<std::shared_ptr<chan::Channel>> Peer::All() const {
-  absl::MutexLock l(&mu_);
+  std::lock_guard l(mu_);
   return chans_;
 }
 
 std::shared_ptr<chan::Channel> Peer::ControlChannel() const {
-  absl::MutexLock l(&mu_);
+  std::lock_guard l(mu_);
   for (const auto& c : chans_)
     if (c->state() == chan::ChannelState::kUp) return c;
   return nullptr;
 }
 
 size_t Peer::live_count() const {
-  absl::MutexLock l(&mu_);
+  std::lock_guard l(mu_);
   return std::count_if(chans_.begin(), chans_.end(),
                        [](const auto& c) { return IsLive(c->state()); });
 }
 
 void Peer::Add(std::shared_ptr<chan::Channel> c) {
   {
-    absl::MutexLock l(&mu_);
+    std::lock_guard l(mu_);
     chans_.push_back(std::move(c));
   }
   Bump();
@@ -48,7 +48,7 @@ void Peer::Add(std::shared_ptr<chan::Channel> c) {
 
 void Peer::Remove(const chan::Channel* c) {
   {
-    absl::MutexLock l(&mu_);
+    std::lock_guard l(mu_);
     std::erase_if(chans_, [&](const auto& x) { return x.get() == c; });
   }
   Bump();
@@ -60,14 +60,14 @@ void Peer::Bump() {
 }
 
 PeerSet::~PeerSet() {
-  absl::MutexLock l(&mu_);
+  std::lock_guard l(mu_);
   for (auto& [ip, p] : peers_)
     for (auto& ch : p->All()) (void)driver_->Destroy(*ch);
   peers_.clear();
 }
 
 Peer* PeerSet::Get(uint32_t ip) {
-  absl::MutexLock l(&mu_);
+  std::lock_guard l(mu_);
   auto& p = peers_[ip];
   if (!p) p = std::make_unique<Peer>(ip, &version_);
   return p.get();
@@ -76,7 +76,7 @@ Peer* PeerSet::Get(uint32_t ip) {
 void PeerSet::ForEach(const std::function<void(Peer&)>& fn) {
   std::vector<Peer*> all;
   {
-    absl::MutexLock l(&mu_);
+    std::lock_guard l(mu_);
     for (auto& [ip, p] : peers_) all.push_back(p.get());
   }
   for (Peer* p : all) fn(*p);
@@ -84,7 +84,7 @@ void PeerSet::ForEach(const std::function<void(Peer&)>& fn) {
 
 absl::StatusOr<Peer*> PeerSet::Ensure(uint32_t ip, int want, absl::Duration timeout) {
   Peer* p = Get(ip);
-  absl::MutexLock g(&p->connect_mu);
+  std::lock_guard g(p->connect_mu);
   const uint64_t end = chan::NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
   std::vector<std::shared_ptr<chan::Channel>> opened;
   for (int i = static_cast<int>(p->live_count()); i < want; ++i) {

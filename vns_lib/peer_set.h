@@ -17,9 +17,7 @@
 #include <unordered_map>
 #include <vector>
 
-#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
-#include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "afxdp_channels/channel.h"
 
@@ -49,15 +47,17 @@ class Peer {
   uint64_t version() const { return version_.load(std::memory_order_acquire); }
 
   // One connecting thread at a time opens channels to the peer.
-  absl::Mutex connect_mu;
+  // std::mutex, not absl::Mutex: Debian's Abseil is built without TSan, which then cannot see
+  // absl::Mutex's happens-before edges and reports every guarded access as a race.
+  std::mutex connect_mu;
 
  private:
   void Bump();
   const uint32_t ip_;
   std::atomic<uint64_t>* set_version_;
   std::atomic<uint64_t> version_{0};
-  mutable absl::Mutex mu_;
-  std::vector<std::shared_ptr<chan::Channel>> chans_ ABSL_GUARDED_BY(mu_);
+  mutable std::mutex mu_;
+  std::vector<std::shared_ptr<chan::Channel>> chans_;  // guarded by mu_
 };
 
 class PeerSet {
@@ -76,8 +76,8 @@ class PeerSet {
  private:
   chan::Driver* driver_;
   std::atomic<uint64_t> version_{0};
-  absl::Mutex mu_;
-  std::unordered_map<uint32_t, std::unique_ptr<Peer>> peers_ ABSL_GUARDED_BY(mu_);
+  std::mutex mu_;
+  std::unordered_map<uint32_t, std::unique_ptr<Peer>> peers_;  // guarded by mu_
 };
 
 }  // namespace netch::vns
