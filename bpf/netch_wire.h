@@ -97,6 +97,22 @@ struct nc_chan_hs {
   __be32 rsvd;
 };
 
+/* Kernel-TCP driver: the first bytes each end writes on a channel's TCP connection. The
+ * kernel's handshake already proved the initiator's address and TCP's sequence numbers guard the
+ * stream, so the hello only binds the two ends: the responder echoes the initiator's token (an
+ * answer that does not is refused) and both carry their stack incarnation (a known peer address
+ * with a new one restarted: its old channels fail). After it: records, a __be32 length followed
+ * by one NetChannel segment; length 0 is the goodbye of an orderly close. */
+#define NC_TCP_HELLO_MAGIC 0x4e435443u /* "NCTC" */
+struct nc_tcp_hello {
+  __be32 magic;
+  __u8 version; /* NC_WIRE_VERSION */
+  __u8 rsvd[3];
+  __be64 token;       /* the sender's (CSPRNG) */
+  __be64 echo_token;  /* the initiator's token in the responder's hello; 0 in the initiator's */
+  __be64 incarnation; /* the sender's stack instance */
+};
+
 /* Selective acknowledgement block: packets [start, end) were received. Follows nc_chan_hdr. */
 struct nc_sack_block {
   __be32 start;
@@ -207,6 +223,7 @@ enum nc_counter {
 #endif
 NC_STATIC_ASSERT(sizeof(struct nc_chan_hdr) == 40, "nc_chan_hdr is 40 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_chan_hs) == 40, "nc_chan_hs is 40 bytes");
+NC_STATIC_ASSERT(sizeof(struct nc_tcp_hello) == 32, "nc_tcp_hello is 32 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_sack_block) == 8, "nc_sack_block is 8 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_hdr) == 24, "nc_hdr is 24 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_config) == 24, "nc_config is 24 bytes");

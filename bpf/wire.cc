@@ -240,6 +240,23 @@ Handshake ReadHandshake(const uint8_t* in) {
           ntohl(w.init_isn),     ntohl(w.resp_isn),     ntohl(w.cookie_time)};
 }
 
+void WriteTcpHello(uint8_t* out, const TcpHello& h) {
+  nc_tcp_hello w{};
+  w.magic = htonl(NC_TCP_HELLO_MAGIC);
+  w.version = NC_WIRE_VERSION;
+  w.token = htobe64(h.token);
+  w.echo_token = htobe64(h.echo_token);
+  w.incarnation = htobe64(h.incarnation);
+  Store(out, w);
+}
+
+bool ReadTcpHello(const uint8_t* in, TcpHello* h) {
+  const auto w = Load<nc_tcp_hello>(in);
+  if (ntohl(w.magic) != NC_TCP_HELLO_MAGIC || w.version != NC_WIRE_VERSION) return false;
+  *h = {be64toh(w.token), be64toh(w.echo_token), be64toh(w.incarnation)};
+  return true;
+}
+
 std::string_view CounterName(nc_counter c) {
   switch (c) {
 #define NC_X_NAME(name, label) \

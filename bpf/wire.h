@@ -75,6 +75,17 @@ constexpr bool IsHandshakeType(uint8_t t) {
 void WriteHandshake(uint8_t* out, const Handshake& hs);
 Handshake ReadHandshake(const uint8_t* in);
 
+// Host-order view of nc_tcp_hello, the kernel-TCP driver's first bytes on a connection.
+struct TcpHello {
+  uint64_t token = 0;
+  uint64_t echo_token = 0;
+  uint64_t incarnation = 0;
+};
+inline constexpr size_t kTcpHelloLen = sizeof(nc_tcp_hello);
+void WriteTcpHello(uint8_t* out, const TcpHello& h);
+// False when the magic or the version is not ours (not a NetChannel peer: the connection closes).
+bool ReadTcpHello(const uint8_t* in, TcpHello* h);
+
 // Host-order view of nc_hdr. hdr_len and payload_len are derived when writing.
 struct SegHeader {
   uint8_t type = NC_DATA;
