@@ -131,17 +131,20 @@ class Channel {
 };
 
 struct DriverStats {
-  uint64_t rx_frames = 0;        // frames taken from the wire (AF_XDP) / segments read (TCP)
-  uint64_t rx_malformed = 0;     // failed validation in the driver: dropped
-  uint64_t rx_unknown_chan = 0;  // for no channel of ours (or from the wrong peer): dropped
-  uint64_t handshakes_rx = 0;    // channel SYNs received (each answered statelessly)
-  uint64_t handshakes_bad = 0;   // handshake packets with a bad cookie or not matching ours
-  uint64_t rx_bad_token = 0;     // for a channel of ours without its token, or a FIN/RST out of
-                                 // window: forged or stale, dropped (XDP drops most before this)
-  uint64_t channels_reaped = 0;  // failed/closed channels whose ids and buffers were reclaimed
-  uint64_t fill_ring_empty = 0;  // times the fill ring was found empty when refilling
-  uint64_t tx_ring_full = 0;     // times transmit was held back by a full TX ring
-  uint64_t xsk_rx_dropped = 0;   // XDP_STATISTICS, summed over the driver's sockets
+  uint64_t rx_frames = 0;           // frames taken from the wire (AF_XDP) / segments read (TCP)
+  uint64_t rx_malformed = 0;        // failed validation in the driver: dropped
+  uint64_t rx_unknown_chan = 0;     // for no channel of ours (or from the wrong peer): dropped
+  uint64_t handshakes_rx = 0;       // channel SYNs received (each answered statelessly)
+  uint64_t handshakes_bad = 0;      // handshake packets with a bad cookie or not matching ours
+  uint64_t handshakes_dropped = 0;  // kernel-TCP: connections closed before a channel existed
+                                    // (over the pending or per-peer caps, or hello timed out)
+  uint64_t handshakes_pending = 0;  // kernel-TCP: accepted connections awaiting their hello
+  uint64_t rx_bad_token = 0;        // for a channel of ours without its token, or a FIN/RST out of
+                                    // window: forged or stale, dropped (XDP drops most before this)
+  uint64_t channels_reaped = 0;     // failed/closed channels whose ids and buffers were reclaimed
+  uint64_t fill_ring_empty = 0;     // times the fill ring was found empty when refilling
+  uint64_t tx_ring_full = 0;        // times transmit was held back by a full TX ring
+  uint64_t xsk_rx_dropped = 0;      // XDP_STATISTICS, summed over the driver's sockets
   uint64_t xsk_rx_ring_full = 0;
   uint64_t xsk_fill_ring_empty = 0;
   uint64_t xsk_tx_ring_empty = 0;

@@ -4,6 +4,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <poll.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@
 #include "afxdp_channels/engine.h"
 #include "common/errno_status.h"
 #include "common/netns.h"
+#include "common/random.h"
 
 namespace netch::chan {
 namespace {
@@ -27,28 +29,31 @@ constexpr uint32_t kSlot = 16384;  // bytes per slot
 constexpr uint32_t kPrefix = 8;    // headroom: the record's length prefix (4) + padding
 constexpr size_t kMaxPayload = kSlot - kPrefix - wire::kSegHdrLen;
 constexpr size_t kStage = 256 * 1024;  // socket read staging buffer
-constexpr uint8_t kHello[8] = {'N', 'C', 'T', 'C', 'P', 1, 0, 0};
+// Slots are allocated in chunks as a channel needs them (an idle channel holds one chunk per
+// direction, 512 KB, not the 8 MB of a full ring each way).
+constexpr uint32_t kChunkSlots = 16;
+constexpr uint32_t kChunks = 2 * kRing / kChunkSlots;
+// Accepted connections whose hello has not arrived: they hold an fd and 48 bytes, no buffers,
+// and are closed beyond these caps or after DriverOptions::dead_peer_timeout.
+constexpr size_t kMaxPending = 256;
+constexpr size_t kMaxPendingPerPeer = 16;
 
 class TcpDriver;
 
 class TcpChannel final : public ChannelCore, public EngineTask {
  public:
-  TcpChannel(uint32_t id, int fd)
-      : ChannelCore(id, kRing, kMaxPayload),
-        fd_(fd),
-        slab_(static_cast<size_t>(2 * kRing) * kSlot),
-        stage_(kStage) {
-    for (uint32_t i = 0; i < kRing; ++i) free_.PushOne(Token(i));
-    for (uint32_t i = kRing; i < 2 * kRing; ++i) rx_free_.push_back(Token(i));
-    set_task(this);
-  }
+  // `peer_hello` is the initiator's hello when we accepted the connection (our hello answers
+  // it), nullptr when we initiate.
+  TcpChannel(TcpDriver* d, int fd, uint32_t peer_ip, const wire::TcpHello* peer_hello);
   ~TcpChannel() override {
     if (fd_ >= 0) close(fd_);
   }
 
-  uint8_t* BufAddr(uint64_t token) override { return slab_.data() + token; }
+  uint8_t* BufAddr(uint64_t token) override {
+    const uint32_t slot = static_cast<uint32_t>(token / kSlot);
+    return chunks_[slot / kChunkSlots].get() + (slot % kChunkSlots) * kSlot + token % kSlot;
+  }
   uint32_t peer_ipv4() const override { return peer_ip_; }
-  void set_peer_ipv4(uint32_t ip) { peer_ip_ = ip; }
   bool Run(uint64_t now, uint64_t* deadline) override;
   int wait_fd() const override { return dead_ ? -1 : fd_; }
   short wait_events() const override {
@@ -58,50 +63,69 @@ class TcpChannel final : public ChannelCore, public EngineTask {
   void Shutdown() {
     // Goodbye record (length 0) unless a record is half written; then the peer sees a bare
     // end of stream and fails the channel, which is the truth.
-    if (!dead_ && fd_ >= 0 && write_off_ == 0 && hello_sent_) {
+    if (!dead_ && fd_ >= 0 && write_off_ == 0 && hello_off_ == sizeof(hello_out_)) {
       static constexpr uint8_t kBye[4] = {0, 0, 0, 0};
       if (writing_.empty()) (void)!send(fd_, kBye, sizeof(kBye), MSG_NOSIGNAL | MSG_DONTWAIT);
     }
     dead_ = true;
     if (fd_ >= 0) shutdown(fd_, SHUT_RDWR);
   }
+  // The peer's stack restarted (a hello with a new incarnation came from its address): this
+  // channel's far end is gone. Any thread; the engine fails the channel on its next round.
+  void Retire() {
+    retire_.store(true, std::memory_order_release);
+    Wake();
+  }
+
   uint64_t connect_deadline_us = 0;
-  std::atomic<uint64_t> rx_malformed{0}, rx_records{0};
+  std::atomic<uint64_t> peer_incarnation{0};  // 0 until the peer's hello arrived
+  std::atomic<uint64_t> rx_malformed{0}, rx_records{0}, hello_bad{0};
 
  private:
   static uint64_t Token(uint32_t slot) { return uint64_t{slot} * kSlot + kPrefix; }
+  // Allocates the next chunk of slots for tx (the producer's free_ ring) or rx (rx_free_).
+  bool Grow(bool tx);
   bool DoConnectOrHello(uint64_t now);
   bool DoWrite();
   bool DoRead();
+  bool ReadHello();
   void Fail(ChannelState st) {
     dead_ = true;
     SetState(st);
   }
 
+  TcpDriver* const driver_;
   int fd_;
-  uint32_t peer_ip_ = 0;
+  const uint32_t peer_ip_;
+  const uint64_t token_ = RandomNonZeroU64();
   bool connected_ = false;  // TCP connection established
-  bool hello_sent_ = false, hello_seen_ = false;
+  bool hello_seen_ = false;
   bool dead_ = false;
   bool goodbye_ = false;
   bool want_write_ = false;
-  std::vector<uint8_t> slab_;
-  std::vector<uint64_t> rx_free_;  // engine-side pool of receive slots
+  std::atomic<bool> retire_{false};
+  // Slot chunks: written by the engine before their tokens are published through free_ (release),
+  // read by the producer after taking a token (acquire), so the pointer is visible.
+  std::unique_ptr<uint8_t[]> chunks_[kChunks];
+  uint32_t tx_chunks_ = 0, rx_chunks_ = 0;  // allocated so far, each up to kChunks / 2
+  std::vector<uint64_t> rx_free_;           // engine-side pool of receive slots
 
-  // Write side: buffers taken from txq_, the first partially written.
+  // Write side: our hello first, then buffers taken from txq_, the first partially written.
+  uint8_t hello_out_[wire::kTcpHelloLen];
+  size_t hello_off_ = 0;
   std::deque<BufRef> writing_;
   size_t write_off_ = 0;  // bytes of writing_.front() already written, prefix included
-  size_t hello_off_ = 0;
   // Read side.
+  uint8_t hello_in_[wire::kTcpHelloLen];
+  size_t hello_got_ = 0;
   std::vector<uint8_t> stage_;
   size_t stage_len_ = 0;
-  size_t hello_got_ = 0;
   uint64_t held_ = 0;
 };
 
 class TcpDriver final : public Driver {
  public:
-  explicit TcpDriver(const DriverOptions& o) : opts_(o) {}
+  explicit TcpDriver(const DriverOptions& o) : opts_(o), incarnation_(RandomNonZeroU64()) {}
   ~TcpDriver() override;
   absl::Status Init();
 
@@ -116,22 +140,46 @@ class TcpDriver final : public Driver {
   std::vector<std::shared_ptr<Channel>> Channels() const override;
 
   const DriverOptions& opts() const { return opts_; }
+  uint64_t incarnation() const { return incarnation_; }
+  // A hello from `peer_ip` carried stack incarnation `inc`: channels to that address from another
+  // incarnation belong to a stack that is gone (the peer restarted) and fail.
+  void RetireOldIncarnations(uint32_t peer_ip, uint64_t inc);
 
  private:
+  // Accepts TCP connections and holds each, without buffers, until its hello arrives (then it
+  // becomes a channel) or the caps or the deadline close it. Runs on engine 0; its wait fd is an
+  // epoll set of the listening socket and the pending connections.
   class Listener final : public EngineTask {
    public:
     explicit Listener(TcpDriver* d) : d_(d) {}
-    bool Run(uint64_t, uint64_t*) override { return d_->AcceptPending(); }
-    int wait_fd() const override { return d_->listen_fd_; }
+    ~Listener() override;
+    absl::Status Init(int listen_fd);
+    bool Run(uint64_t now, uint64_t* deadline) override;
+    int wait_fd() const override { return ep_fd_; }
+    std::atomic<uint64_t> hellos{0}, hellos_bad{0}, refused{0}, timed_out{0};
+    std::atomic<size_t> pending_count{0};
 
    private:
+    struct Pending {
+      int fd;
+      uint32_t ip;
+      uint64_t deadline_us;
+      size_t got = 0;
+      uint8_t buf[wire::kTcpHelloLen];
+    };
+    void Drop(size_t i);
     TcpDriver* d_;
+    int listen_fd_ = -1, ep_fd_ = -1;
+    std::vector<Pending> pending_;
   };
-  bool AcceptPending();
-  std::shared_ptr<TcpChannel> Adopt(int fd, int engine);
-  int PickEngine() const;
+  void AdoptAccepted(int fd, uint32_t peer_ip, const wire::TcpHello& hello);
+  // Registers a channel: id, engine (the least loaded unless given) and the channel list, all
+  // under mu_ so no reader sees it half set up.
+  void Register(const std::shared_ptr<TcpChannel>& ch, int engine);
+  int PickEngineLocked() const;
 
   DriverOptions opts_;
+  const uint64_t incarnation_;
   std::vector<std::unique_ptr<Engine>> engines_;
   std::unique_ptr<Listener> listener_;
   int listen_fd_ = -1;
@@ -140,7 +188,43 @@ class TcpDriver final : public Driver {
   std::vector<std::shared_ptr<TcpChannel>> channels_;
   AcceptQueue accept_q_;
   std::mutex move_mu_;
+  std::atomic<uint64_t> refused_over_cap_{0};
 };
+
+// ---------------------------------------------------------------------------------------------
+
+TcpChannel::TcpChannel(TcpDriver* d, int fd, uint32_t peer_ip, const wire::TcpHello* peer_hello)
+    : ChannelCore(0, kRing, kMaxPayload), driver_(d), fd_(fd), peer_ip_(peer_ip), stage_(kStage) {
+  wire::TcpHello mine{token_, 0, d->incarnation()};
+  if (peer_hello) {
+    // Accepted: TCP is connected and the initiator's hello checked; ours echoes its token.
+    mine.echo_token = peer_hello->token;
+    connected_ = hello_seen_ = true;
+    hello_got_ = sizeof(hello_in_);
+    peer_incarnation.store(peer_hello->incarnation, std::memory_order_relaxed);
+    SetState(ChannelState::kUp);
+  }
+  wire::WriteTcpHello(hello_out_, mine);
+  Grow(/*tx=*/true);
+  Grow(/*tx=*/false);
+  set_task(this);
+}
+
+bool TcpChannel::Grow(bool tx) {
+  uint32_t& n = tx ? tx_chunks_ : rx_chunks_;
+  if (n == kChunks / 2) return false;
+  const uint32_t chunk = (tx ? 0 : kChunks / 2) + n++;
+  chunks_[chunk] = std::make_unique<uint8_t[]>(size_t{kChunkSlots} * kSlot);
+  uint64_t toks[kChunkSlots];
+  for (uint32_t i = 0; i < kChunkSlots; ++i) toks[i] = Token(chunk * kChunkSlots + i);
+  if (tx) {
+    free_.Push({toks, kChunkSlots});  // release: the chunk pointer is visible with the tokens
+    NotifyApp(kWritable);
+  } else {
+    rx_free_.insert(rx_free_.end(), toks, toks + kChunkSlots);
+  }
+  return true;
+}
 
 // ---------------------------------------------------------------------------------------------
 
@@ -161,19 +245,44 @@ bool TcpChannel::DoConnectOrHello(uint64_t now) {
     }
     connected_ = true;
   }
-  if (!hello_sent_) {
-    ssize_t n = send(fd_, kHello + hello_off_, sizeof(kHello) - hello_off_, MSG_NOSIGNAL);
+  if (hello_off_ < sizeof(hello_out_)) {
+    ssize_t n = send(fd_, hello_out_ + hello_off_, sizeof(hello_out_) - hello_off_, MSG_NOSIGNAL);
     if (n > 0) hello_off_ += static_cast<size_t>(n);
     if (n < 0 && errno != EAGAIN) {
       Fail(ChannelState::kFailed);
       return true;
     }
-    hello_sent_ = hello_off_ == sizeof(kHello);
   }
   return true;
 }
 
+// The responder's hello, on a channel we initiated: it must echo our token.
+bool TcpChannel::ReadHello() {
+  while (hello_got_ < sizeof(hello_in_)) {
+    const ssize_t r = read(fd_, hello_in_ + hello_got_, sizeof(hello_in_) - hello_got_);
+    if (r == 0 || (r < 0 && errno != EAGAIN)) {
+      Fail(ChannelState::kFailed);  // refused after TCP connected: over the peer's caps
+      return true;
+    }
+    if (r < 0) return false;
+    hello_got_ += static_cast<size_t>(r);
+  }
+  wire::TcpHello h;
+  if (!wire::ReadTcpHello(hello_in_, &h) || h.echo_token != token_ || h.token == 0) {
+    hello_bad.fetch_add(1, std::memory_order_relaxed);
+    Fail(ChannelState::kFailed);
+    return true;
+  }
+  hello_seen_ = true;
+  peer_incarnation.store(h.incarnation, std::memory_order_release);
+  SetState(ChannelState::kUp);
+  driver_->RetireOldIncarnations(peer_ip_, h.incarnation);
+  return true;
+}
+
 bool TcpChannel::DoWrite() {
+  // A producer that drained every free slot gets another chunk (up to a full ring).
+  if (free_.SizeApprox() == 0 && txq_.SizeApprox() > 0) Grow(/*tx=*/true);
   // Take what the producer queued.
   BufRef b[64];
   bool worked = false;
@@ -243,23 +352,16 @@ bool TcpChannel::DoRead() {
     for (uint32_t i = 0; i < m; ++i) rx_free_.push_back(b[i].token), held_ -= b[i].len;
     worked = true;
   }
+  if (!hello_seen_) {
+    worked |= ReadHello();
+    if (!hello_seen_) return worked;
+  }
   for (;;) {
     // Parse whole records out of the staging buffer into receive slots.
     size_t pos = 0;
     uint32_t delivered = 0;
-    while (!hello_seen_ && pos < stage_len_) {
-      if (stage_[pos] != kHello[hello_got_]) {
-        rx_malformed.fetch_add(1, std::memory_order_relaxed);
-        Fail(ChannelState::kFailed);
-        return true;
-      }
-      pos++;
-      if (++hello_got_ == sizeof(kHello)) {
-        hello_seen_ = true;
-        if (state() == ChannelState::kConnecting) SetState(ChannelState::kUp);
-      }
-    }
-    while (hello_seen_ && stage_len_ - pos >= 4 && !rx_free_.empty() && rxq_.Room() > 0) {
+    if (rx_free_.empty() && stage_len_ > 0) Grow(/*tx=*/false);
+    while (stage_len_ - pos >= 4 && !rx_free_.empty() && rxq_.Room() > 0) {
       uint32_t be;
       std::memcpy(&be, &stage_[pos], 4);
       const uint32_t len = ntohl(be);
@@ -288,6 +390,7 @@ bool TcpChannel::DoRead() {
       held_ += len;
       pos += 4 + len;
       delivered++;
+      if (rx_free_.empty()) Grow(/*tx=*/false);
     }
     if (pos) {
       std::memmove(stage_.data(), stage_.data() + pos, stage_len_ - pos);
@@ -299,7 +402,7 @@ bool TcpChannel::DoRead() {
       NotifyApp(kReadable);
     }
     // No receive slot free: stop reading; the kernel's TCP window closes and the peer stops.
-    if (hello_seen_ && (rx_free_.empty() || rxq_.Room() == 0)) break;
+    if (rx_free_.empty() || rxq_.Room() == 0) break;
     if (stage_len_ == stage_.size()) break;
     const ssize_t r = read(fd_, stage_.data() + stage_len_, stage_.size() - stage_len_);
     if (r == 0) {
@@ -320,6 +423,10 @@ bool TcpChannel::DoRead() {
 }
 
 bool TcpChannel::Run(uint64_t now, uint64_t* deadline) {
+  if (!dead_ && retire_.load(std::memory_order_acquire)) {
+    Fail(ChannelState::kFailed);
+    shutdown(fd_, SHUT_RDWR);
+  }
   if (dead_) {
     // Keep recycling what the consumer returns so a failed channel's slots are accounted for.
     BufRef b[64];
@@ -332,23 +439,118 @@ bool TcpChannel::Run(uint64_t now, uint64_t* deadline) {
     return any;
   }
   bool worked = false;
-  if (!connected_ || !hello_sent_) {
+  if (!connected_ || hello_off_ < sizeof(hello_out_)) {
     worked |= DoConnectOrHello(now);
     if (!connected_) {
       *deadline = std::min(*deadline, connect_deadline_us);
       return worked;
     }
   }
-  if (!dead_ && hello_sent_) worked |= DoWrite();
+  // Records only after our hello: the peer parses exactly one hello first.
+  if (!dead_ && hello_off_ == sizeof(hello_out_)) worked |= DoWrite();
   if (!dead_) worked |= DoRead();
-  if (state() == ChannelState::kConnecting && !hello_seen_)
+  if (!dead_ && !hello_seen_) {
+    if (now >= connect_deadline_us) Fail(ChannelState::kFailed);
     *deadline = std::min(*deadline, connect_deadline_us);
-  if (state() == ChannelState::kConnecting && !hello_seen_ && now >= connect_deadline_us)
-    Fail(ChannelState::kFailed);
+  }
   return worked;
 }
 
 // ---------------------------------------------------------------------------------------------
+
+TcpDriver::Listener::~Listener() {
+  for (const Pending& p : pending_) close(p.fd);
+  if (ep_fd_ >= 0) close(ep_fd_);
+}
+
+absl::Status TcpDriver::Listener::Init(int listen_fd) {
+  listen_fd_ = listen_fd;
+  ep_fd_ = epoll_create1(EPOLL_CLOEXEC);
+  if (ep_fd_ < 0) return ErrnoStatus(errno, "epoll_create1");
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = listen_fd;
+  if (epoll_ctl(ep_fd_, EPOLL_CTL_ADD, listen_fd, &ev)) return ErrnoStatus(errno, "epoll_ctl");
+  pending_.reserve(kMaxPending);
+  return absl::OkStatus();
+}
+
+void TcpDriver::Listener::Drop(size_t i) {
+  epoll_ctl(ep_fd_, EPOLL_CTL_DEL, pending_[i].fd, nullptr);
+  close(pending_[i].fd);
+  pending_[i] = pending_.back();
+  pending_.pop_back();
+}
+
+bool TcpDriver::Listener::Run(uint64_t now, uint64_t* deadline) {
+  bool worked = false;
+  for (;;) {
+    sockaddr_in peer{};
+    socklen_t plen = sizeof(peer);
+    const int fd = accept4(listen_fd_, reinterpret_cast<sockaddr*>(&peer), &plen,
+                           SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd < 0) break;
+    worked = true;
+    const uint32_t ip = ntohl(peer.sin_addr.s_addr);
+    size_t from_ip = 0;
+    for (const Pending& p : pending_) from_ip += p.ip == ip;
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (pending_.size() >= kMaxPending || from_ip >= kMaxPendingPerPeer ||
+        epoll_ctl(ep_fd_, EPOLL_CTL_ADD, fd, &ev)) {
+      close(fd);
+      refused.fetch_add(1, std::memory_order_relaxed);
+      continue;
+    }
+    const auto wait = absl::ToInt64Microseconds(d_->opts().dead_peer_timeout);
+    pending_.push_back({fd, ip, now + static_cast<uint64_t>(wait), 0, {}});
+  }
+  // Hellos: read exactly their length (records may follow at once; the channel reads those).
+  epoll_event evs[64];
+  const int n = pending_.empty() ? 0 : epoll_wait(ep_fd_, evs, 64, 0);
+  for (int e = 0; e < n; ++e) {
+    if (evs[e].data.fd == listen_fd_) continue;
+    size_t i = 0;
+    while (i < pending_.size() && pending_[i].fd != evs[e].data.fd) ++i;
+    if (i == pending_.size()) continue;
+    Pending& p = pending_[i];
+    worked = true;
+    const ssize_t r = read(p.fd, p.buf + p.got, sizeof(p.buf) - p.got);
+    if (r < 0 && errno == EAGAIN) continue;
+    if (r <= 0) {
+      Drop(i);
+      continue;
+    }
+    p.got += static_cast<size_t>(r);
+    if (p.got < sizeof(p.buf)) continue;
+    wire::TcpHello h;
+    if (!wire::ReadTcpHello(p.buf, &h) || h.token == 0 || h.echo_token != 0) {
+      hellos_bad.fetch_add(1, std::memory_order_relaxed);
+      Drop(i);
+      continue;
+    }
+    hellos.fetch_add(1, std::memory_order_relaxed);
+    const int fd = p.fd;
+    const uint32_t ip = p.ip;
+    epoll_ctl(ep_fd_, EPOLL_CTL_DEL, fd, nullptr);
+    pending_[i] = pending_.back();
+    pending_.pop_back();
+    d_->AdoptAccepted(fd, ip, h);
+  }
+  for (size_t i = 0; i < pending_.size();) {
+    if (now >= pending_[i].deadline_us) {
+      timed_out.fetch_add(1, std::memory_order_relaxed);
+      Drop(i);
+      worked = true;
+      continue;
+    }
+    *deadline = std::min(*deadline, pending_[i].deadline_us);
+    ++i;
+  }
+  pending_count.store(pending_.size(), std::memory_order_relaxed);
+  return worked;
+}
 
 absl::Status TcpDriver::Init() {
   std::unique_ptr<NetnsScope> ns;
@@ -372,6 +574,7 @@ absl::Status TcpDriver::Init() {
       return ErrnoStatus(errno, absl::StrFormat("bind TCP port %u", opts_.tcp_port));
     if (listen(listen_fd_, 128)) return ErrnoStatus(errno, "listen");
     listener_ = std::make_unique<Listener>(this);
+    if (auto st = listener_->Init(listen_fd_); !st.ok()) return st;
     engines_[0]->Add(listener_.get());
   }
   return absl::OkStatus();
@@ -389,10 +592,28 @@ TcpDriver::~TcpDriver() {
   if (listen_fd_ >= 0) close(listen_fd_);
 }
 
-int TcpDriver::PickEngine() const {
+int TcpDriver::PickEngineLocked() const {
   std::vector<int> load(engines_.size(), 0);
-  for (const auto& c : channels_) load[c->pub_.engine.load()]++;
+  for (const auto& c : channels_) {
+    const int e = c->pub_.engine.load();
+    if (e >= 0 && e < static_cast<int>(load.size())) load[e]++;
+  }
   return static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+}
+
+void TcpDriver::Register(const std::shared_ptr<TcpChannel>& ch, int engine) {
+  std::lock_guard g(mu_);
+  ch->set_id(next_id_++);
+  ch->pub_.engine = engine >= 0 ? engine : PickEngineLocked();
+  channels_.push_back(ch);
+}
+
+void TcpDriver::RetireOldIncarnations(uint32_t peer_ip, uint64_t inc) {
+  std::lock_guard g(mu_);
+  for (const auto& c : channels_) {
+    const uint64_t known = c->peer_incarnation.load(std::memory_order_acquire);
+    if (c->peer_ipv4() == peer_ip && known != 0 && known != inc) c->Retire();
+  }
 }
 
 static void TuneSocket(int fd, const DriverOptions& o) {
@@ -408,18 +629,6 @@ static void TuneSocket(int fd, const DriverOptions& o) {
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &idle, sizeof(idle));
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &idle, sizeof(idle));
   setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
-}
-
-std::shared_ptr<TcpChannel> TcpDriver::Adopt(int fd, int engine) {
-  std::shared_ptr<TcpChannel> ch;
-  {
-    std::lock_guard g(mu_);
-    ch = std::make_shared<TcpChannel>(next_id_++, fd);
-    if (engine < 0) engine = PickEngine();
-    channels_.push_back(ch);
-  }
-  ch->pub_.engine = engine;
-  return ch;
 }
 
 absl::StatusOr<std::shared_ptr<Channel>> TcpDriver::Connect(const ChannelParams& p) {
@@ -443,44 +652,33 @@ absl::StatusOr<std::shared_ptr<Channel>> TcpDriver::Connect(const ChannelParams&
     close(fd);
     return ErrnoStatus(err, "connect");
   }
-  auto ch = Adopt(fd, p.engine);
-  ch->set_peer_ipv4(p.peer_ipv4);
+  auto ch = std::make_shared<TcpChannel>(this, fd, p.peer_ipv4, nullptr);
   ch->connect_deadline_us =
       NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(p.connect_timeout));
+  Register(ch, p.engine);
   std::lock_guard mv(move_mu_);
   engines_[ch->pub_.engine]->Add(ch.get());
   return std::shared_ptr<Channel>(ch);
 }
 
-bool TcpDriver::AcceptPending() {
-  bool any = false;
-  for (;;) {
-    sockaddr_in peer{};
-    socklen_t plen = sizeof(peer);
-    const int fd = accept4(listen_fd_, reinterpret_cast<sockaddr*>(&peer), &plen,
-                           SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) break;
-    any = true;
-    TuneSocket(fd, opts_);
-    auto ch = std::make_shared<TcpChannel>(0, fd);
-    ch->set_peer_ipv4(ntohl(peer.sin_addr.s_addr));
-    ch->connect_deadline_us = NowUs() + 2'000'000;  // the peer's hello must come by then
-    int target;
-    {
-      std::lock_guard g(mu_);
-      target = PickEngine();
-    }
-    ch->pub_.engine = target;
-    // On the engine running us this only posts the add (it cannot wait for itself).
-    engines_[target]->Add(ch.get());
-    {
-      std::lock_guard g(mu_);
-      ch->set_id(next_id_++);
-      channels_.push_back(ch);
-    }
-    accept_q_.Push(ch);
+void TcpDriver::AdoptAccepted(int fd, uint32_t peer_ip, const wire::TcpHello& hello) {
+  size_t from_peer = 0;
+  {
+    std::lock_guard g(mu_);
+    for (const auto& c : channels_) from_peer += c->peer_ipv4() == peer_ip;
   }
-  return any;
+  if (from_peer >= opts_.max_channels_per_peer) {
+    close(fd);
+    refused_over_cap_.fetch_add(1, std::memory_order_relaxed);
+    return;
+  }
+  TuneSocket(fd, opts_);
+  RetireOldIncarnations(peer_ip, hello.incarnation);
+  auto ch = std::make_shared<TcpChannel>(this, fd, peer_ip, &hello);
+  Register(ch, -1);
+  // On the engine running us this only posts the add (it cannot wait for itself).
+  engines_[ch->pub_.engine.load()]->Add(ch.get());
+  accept_q_.Push(ch);
 }
 
 std::shared_ptr<Channel> TcpDriver::Accept() { return accept_q_.Pop(); }
@@ -521,7 +719,16 @@ DriverStats TcpDriver::Stats() const {
   for (const auto& c : channels_) {
     s.rx_frames += c->rx_records.load(std::memory_order_relaxed);
     s.rx_malformed += c->rx_malformed.load(std::memory_order_relaxed);
+    s.handshakes_bad += c->hello_bad.load(std::memory_order_relaxed);
   }
+  if (listener_) {
+    s.handshakes_rx = listener_->hellos.load(std::memory_order_relaxed);
+    s.handshakes_bad += listener_->hellos_bad.load(std::memory_order_relaxed);
+    s.handshakes_dropped = listener_->refused.load(std::memory_order_relaxed) +
+                           listener_->timed_out.load(std::memory_order_relaxed);
+    s.handshakes_pending = listener_->pending_count.load(std::memory_order_relaxed);
+  }
+  s.handshakes_dropped += refused_over_cap_.load(std::memory_order_relaxed);
   return s;
 }
 

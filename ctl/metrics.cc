@@ -85,6 +85,12 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
             static_cast<double>(ds.handshakes_rx), {{"result", "syn_answered"}});
   b.Counter("netch_driver_handshakes_total", "Channel handshakes by outcome.",
             static_cast<double>(ds.handshakes_bad), {{"result", "bad_cookie_or_mismatch"}});
+  b.Counter("netch_driver_handshakes_total", "Channel handshakes by outcome.",
+            static_cast<double>(ds.handshakes_dropped),
+            {{"result", "dropped_over_cap_or_timeout"}});
+  b.Gauge("netch_driver_handshakes_pending",
+          "Kernel-TCP connections accepted and waiting for their hello (no buffers yet).",
+          static_cast<double>(ds.handshakes_pending));
   b.Counter("netch_driver_channels_reaped_total",
             "Failed or closed channels whose ids and buffers were reclaimed.",
             static_cast<double>(ds.channels_reaped));
