@@ -123,11 +123,13 @@ struct nc_sack_block {
 
 enum nc_type {
   NC_DATA = 1,    /* stream bytes [seq, seq + payload_len) of a virtual socket */
-  NC_SYN = 2,     /* NCSYN: open a virtual-socket connection (2-way: channels are reliable) */
+  NC_SYN = 2,     /* NCSYN: open a virtual-socket connection (2-way: channels are reliable);
+                   * seq = the sender's initial receive window (NCSYN_ACK likewise) */
   NC_SYN_ACK = 3, /* NCSYN_ACK: accept it */
   NC_FIN = 4,     /* no more data after seq; orderly close of one direction */
   NC_RST = 5,     /* abort / no listener on dst_port */
-  NC_TYPE_MAX = 5,
+  NC_WND = 6,     /* the receiver's window: it takes stream bytes below seq (a right edge) */
+  NC_TYPE_MAX = 6,
 };
 
 /* Application class, carried explicitly in NCSYN/NCSYN_ACK (the reference implementation had to

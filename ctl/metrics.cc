@@ -196,6 +196,11 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   b.Counter("netch_connections_broken_total",
             "Connections reset because a channel carrying their bytes failed.",
             static_cast<double>(ss.conns_broken));
+  b.Counter("netch_rx_beyond_window_total",
+            "Data segments beyond the window their socket advertised (that socket was reset).",
+            static_cast<double>(ss.rx_beyond_window));
+  b.Counter("netch_window_updates_total", "Receive-window updates (NC_WND) sent to peers.",
+            static_cast<double>(ss.window_updates));
   return b.fams;
 }
 

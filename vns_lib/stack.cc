@@ -65,7 +65,7 @@ class StackImpl;
 
 struct Conn {
   Conn(const ConnKey& k, uint32_t id, AppClass c, size_t rcvbuf)
-      : key(k), conn_id(id), app_class(c), rcvbuf(rcvbuf), inq(4096) {
+      : key(k), conn_id(id), app_class(c), rcvbuf(rcvbuf), inq(4096), adv_edge(rcvbuf) {
     efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   }
   ~Conn();
@@ -112,6 +112,21 @@ struct Conn {
   // below rcv_next + rcvbuf. Counting held bytes instead would deadlock: out-of-order segments
   // could fill the buffer while the one that fills the hole waits behind them on its channel.
   std::atomic<uint64_t> rcv_next{0};  // published by the application after each read
+
+  // Per-socket flow control. The receiver advertises a right edge (stream offset it takes bytes
+  // below: rcv_next + rcvbuf, in NCSYN/NCSYN_ACK and then NC_WND), so a slow reader stops its
+  // own sender instead of filling channels that other sockets share. Data beyond the edge is a
+  // protocol violation and resets the one socket.
+  std::atomic<uint64_t> adv_edge{0};   // what we advertised (written by the reader, then sent)
+  std::atomic<uint64_t> snd_limit{0};  // what the peer advertised (dispatcher)
+  std::mutex wnd_mu;                   // with wnd_cv: a sender waits for the window to open
+  std::condition_variable wnd_cv;
+  std::atomic<int> wnd_waiters{0};
+  void WakeSender() {
+    if (wnd_waiters.load(std::memory_order_seq_cst) == 0) return;
+    std::lock_guard g(wnd_mu);
+    wnd_cv.notify_all();
+  }
 
   // Listening sockets: connections accepted by the dispatcher, waiting for Accept().
   bool listening = false;
@@ -199,6 +214,8 @@ class StackImpl final : public Stack {
   // A channel died: connections whose bytes it carried are broken (their peers are told with an
   // RST on a live channel). Dispatcher thread.
   void BreakConnsOn(Peer& p, const chan::Channel* ch);
+  // Resets one connection (protocol violation): its socket reports ECONNRESET, the peer gets RST.
+  void ResetConn(Conn& c, chan::Channel* ch);
   // Hands one segment to its socket. False: the socket is full, keep the segment and stop
   // draining this channel.
   bool Deliver(chan::Channel* ch, const chan::RxSegment& seg);
@@ -211,9 +228,10 @@ class StackImpl final : public Stack {
     uint32_t conn_id;
     AppClass cls;
     uint8_t type;
+    uint64_t seq;
   };
   void QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
-                    uint8_t type);
+                    uint8_t type, uint64_t seq = 0);
   std::deque<CtlMsg> ctl_backlog_;  // dispatcher thread only
 
   StackOptions opts_;
@@ -236,11 +254,13 @@ class StackImpl final : public Stack {
   std::atomic<bool> holding_{false};       // some channel is held back for a full socket
   std::atomic<uint64_t> rx_bad_conn_{0};   // segments for a port pair with the wrong conn_id
   std::atomic<uint64_t> conns_broken_{0};  // connections reset because a channel failed
+  std::atomic<uint64_t> rx_beyond_window_{0};
   std::atomic<uint64_t> skip_queued_{2 << 20};
   std::atomic<uint64_t> next_conn_id_{1};
 
  public:
   std::atomic<uint64_t> sched_batches_{0}, sched_skips_{0};
+  std::atomic<uint64_t> window_updates_{0};
 
  private:
 };
@@ -304,6 +324,12 @@ class SocketImpl final : public VirtualSocket {
   void WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans);
   void DrainInq();
   void UpdateReadiness();
+  // Bytes the peer's receive window still takes; waits (blocking sockets) until it opens or the
+  // connection fails. 0 with OK status: non-blocking and the window is closed.
+  absl::StatusOr<size_t> SendWindow();
+  absl::StatusOr<size_t> SendPart(std::span<const uint8_t> data);  // within the window
+  // Tells the peer our window moved once a quarter of the buffer was read since the last time.
+  void MaybeAdvertiseWindow();
   void RefreshChannels();  // send_mu_ held
 
   StackImpl* st_;
@@ -440,6 +466,39 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
     poll(&p, 1, 10);
   }
   if (auto st = Usable(); !st.ok()) return st;
+  size_t total = 0;
+  while (total < data.size()) {
+    auto window = SendWindow();
+    if (!window.ok()) return total > 0 ? absl::StatusOr<size_t>(total) : window.status();
+    if (*window == 0) {
+      if (total > 0) break;
+      return SockError(EAGAIN, "the peer's receive window is full");
+    }
+    auto part = data.subspan(total, std::min(*window, data.size() - total));
+    auto sent = SendPart(part);
+    if (!sent.ok()) return total > 0 && Errno(sent.status()) == EAGAIN ? total : sent;
+    total += *sent;
+    if (*sent < part.size()) break;  // non-blocking: the channels are full
+  }
+  return total;
+}
+
+absl::StatusOr<size_t> SocketImpl::SendWindow() {
+  for (;;) {
+    const uint64_t limit = c_->snd_limit.load(std::memory_order_acquire);
+    if (limit > snd_next_) return static_cast<size_t>(limit - snd_next_);
+    if (nonblocking_) return size_t{0};
+    if (auto st = Usable(); !st.ok()) return st;
+    std::unique_lock lk(c_->wnd_mu);
+    c_->wnd_waiters.fetch_add(1, std::memory_order_seq_cst);
+    // Checked again after registering: the dispatcher stores the limit, then looks for waiters.
+    if (c_->snd_limit.load(std::memory_order_seq_cst) <= snd_next_)
+      c_->wnd_cv.wait_for(lk, std::chrono::milliseconds(10));
+    c_->wnd_waiters.fetch_sub(1, std::memory_order_relaxed);
+  }
+}
+
+absl::StatusOr<size_t> SocketImpl::SendPart(std::span<const uint8_t> data) {
   if (c_->peer) RefreshChannels();
   if (chans_.empty() || AllDown(chans_))
     return SockError(ECONNRESET, "every channel to the peer is down");
@@ -531,6 +590,7 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
       if (!done_.empty()) ReleaseHeld(done_);
       c_->rcv_next.store(reasm_.next(), std::memory_order_seq_cst);
       c_->rx_bytes.fetch_add(n, std::memory_order_relaxed);
+      MaybeAdvertiseWindow();
       st_->NotifyConsumed();  // the dispatcher may be holding a channel for us
       UpdateReadiness();
       return n;
@@ -540,6 +600,7 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
     if (auto st = StateError(); !st.ok()) return st;
     if (reasm_.next() == c_->fin_seq.load(std::memory_order_acquire)) return 0;  // end of stream
     if (auto st = Usable(); !st.ok()) return st;
+    MaybeAdvertiseWindow();  // an update the channel could not take last time
     if (nonblocking_) {
       UpdateReadiness();
       return SockError(EAGAIN, "no data");
@@ -555,6 +616,20 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
         c_->state.load() == ConnState::kEstablished)
       poll(&p, 1, 10);
   }
+}
+
+void SocketImpl::MaybeAdvertiseWindow() {
+  const uint64_t edge = reasm_.next() + c_->rcvbuf;
+  if (edge - c_->adv_edge.load(std::memory_order_relaxed) < c_->rcvbuf / 4) return;
+  auto ctl = c_->peer ? c_->peer->ControlChannel() : nullptr;
+  if (!ctl) return;
+  // Stored before it is sent: data the peer sends on the strength of it is checked against it.
+  const uint64_t old = c_->adv_edge.exchange(edge, std::memory_order_seq_cst);
+  if (!st_->SendControlWait(*ctl, *c_, NC_WND, edge, absl::Milliseconds(50)).ok()) {
+    c_->adv_edge.store(old, std::memory_order_seq_cst);  // not sent: retried on the next read
+    return;
+  }
+  st_->window_updates_.fetch_add(1, std::memory_order_relaxed);
 }
 
 absl::StatusOr<std::unique_ptr<VirtualSocket>> SocketImpl::Accept() {
@@ -693,6 +768,8 @@ StackStats StackImpl::Stats() const {
   s.sched_skips = sched_skips_.load();
   s.rx_bad_conn = rx_bad_conn_.load();
   s.conns_broken = conns_broken_.load();
+  s.rx_beyond_window = rx_beyond_window_.load();
+  s.window_updates = window_updates_.load();
   return s;
 }
 
@@ -804,7 +881,7 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
   }
   if (!c) return SockError(EADDRNOTAVAIL, "no free local port");
   auto ctl = (*peer)->ControlChannel();
-  auto st = ctl ? SendControlWait(*ctl, *c, NC_SYN, 0, o.connect_timeout)
+  auto st = ctl ? SendControlWait(*ctl, *c, NC_SYN, c->rcvbuf, o.connect_timeout)
                 : SockError(ECONNRESET, "no channel to the peer");
   if (!st.ok()) {
     Unregister(c);
@@ -884,10 +961,10 @@ absl::Status StackImpl::SendControlWait(chan::Channel& ch, const Conn& c, uint8_
 }
 
 void StackImpl::QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
-                             uint8_t type) {
-  auto st = SendControl(*ch, k, conn_id, cls, type, 0);
+                             uint8_t type, uint64_t seq) {
+  auto st = SendControl(*ch, k, conn_id, cls, type, seq);
   if (Errno(st) == EAGAIN && ctl_backlog_.size() < 4096) {
-    ctl_backlog_.push_back({ch, k, conn_id, cls, type});
+    ctl_backlog_.push_back({ch, k, conn_id, cls, type, seq});
   } else if (st.ok() && type == NC_RST) {
     rst_sent_.fetch_add(1, std::memory_order_relaxed);
   }
@@ -938,12 +1015,13 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
         c->peer = peers_->Get(key.peer);
         c->id = NextId();
         c->state = ConnState::kEstablished;
+        c->snd_limit.store(h.seq, std::memory_order_release);
         c->rx_chans.push_back(ch);
         std::lock_guard g2(mu_);
         conns_[key] = c;
         l->accept_q.push_back(c);
       }
-      QueueControl(ch, c->key, c->conn_id, c->app_class, NC_SYN_ACK);
+      QueueControl(ch, c->key, c->conn_id, c->app_class, NC_SYN_ACK, c->rcvbuf);
       l->Signal();
       release();
       return true;
@@ -951,6 +1029,7 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
     case NC_SYN_ACK:
     case NC_FIN:
     case NC_RST:
+    case NC_WND:
     case NC_DATA:
       break;
     default:
@@ -974,6 +1053,7 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
     c->rx_chans.push_back(ch);
   switch (h.type) {
     case NC_SYN_ACK: {
+      c->snd_limit.store(h.seq, std::memory_order_release);
       ConnState want = ConnState::kConnecting;
       c->state.compare_exchange_strong(want, ConnState::kEstablished);
       c->Signal();
@@ -989,18 +1069,33 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
       c->state =
           c->state.load() == ConnState::kConnecting ? ConnState::kRefused : ConnState::kReset;
       c->Signal();
+      c->WakeSender();
       release();
       return true;
+    case NC_WND: {
+      // Edges only grow; a stale (reordered) update changes nothing.
+      uint64_t cur = c->snd_limit.load(std::memory_order_relaxed);
+      while (h.seq > cur && !c->snd_limit.compare_exchange_weak(cur, h.seq)) {
+      }
+      c->WakeSender();
+      release();
+      return true;
+    }
     default:
       break;
   }
-  if (c->closed.load() || seg.payload.empty()) {
+  if (c->closed.load() || seg.payload.empty() || c->state.load() == ConnState::kReset) {
     release();
     return true;
   }
-  // Beyond the receive window: keep the segment and stop draining this channel until the socket
-  // reads (the channel's own window then closes and its sender stops).
-  if (h.seq >= c->rcv_next.load(std::memory_order_acquire) + c->rcvbuf) return false;
+  // Beyond the window this socket advertised: the sender broke the protocol. Only this socket
+  // pays (reset, RST to the peer); the shared channel keeps draining.
+  if (h.seq + seg.payload.size() > c->adv_edge.load(std::memory_order_acquire)) {
+    rx_beyond_window_.fetch_add(1, std::memory_order_relaxed);
+    ResetConn(*c, ch);
+    release();
+    return true;
+  }
   HeldSeg hs;
   hs.seq = h.seq;
   hs.data = seg.payload.data();
@@ -1010,6 +1105,13 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
   if (!c->inq.PushOne(hs)) return false;
   c->Signal();
   return true;
+}
+
+void StackImpl::ResetConn(Conn& c, chan::Channel* ch) {
+  c.state = ConnState::kReset;
+  c.Signal();
+  c.WakeSender();
+  QueueControl(ch, c.key, c.conn_id, c.app_class, NC_RST);
 }
 
 void StackImpl::BreakConnsOn(Peer& p, const chan::Channel* ch) {
@@ -1031,6 +1133,7 @@ void StackImpl::BreakConnsOn(Peer& p, const chan::Channel* ch) {
     c->broken.store(true, std::memory_order_release);
     conns_broken_.fetch_add(1, std::memory_order_relaxed);
     c->Signal();
+    c->WakeSender();
     // The other end may not have seen this channel fail (or may wait on a hole it left).
     if (ctl) QueueControl(ctl.get(), c->key, c->conn_id, c->app_class, NC_RST);
   }
@@ -1053,7 +1156,7 @@ void StackImpl::Dispatch() {
     // segment is dropped (its connection is broken or gone anyway).
     while (!ctl_backlog_.empty()) {
       const CtlMsg& m = ctl_backlog_.front();
-      auto st = SendControl(*m.ch, m.key, m.conn_id, m.cls, m.type, 0);
+      auto st = SendControl(*m.ch, m.key, m.conn_id, m.cls, m.type, m.seq);
       if (Errno(st) == EAGAIN) break;
       ctl_backlog_.pop_front();
       worked = true;

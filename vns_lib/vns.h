@@ -92,6 +92,8 @@ struct StackStats {
   uint64_t sched_skips = 0;         // ... a channel skipped for holding too much unacked data
   uint64_t rx_bad_conn = 0;         // segments for a live port pair with the wrong conn_id: dropped
   uint64_t conns_broken = 0;        // connections reset because a channel carrying them failed
+  uint64_t rx_beyond_window = 0;    // data beyond the window a socket advertised: socket reset
+  uint64_t window_updates = 0;      // NC_WND segments sent (the receive window moved)
 };
 
 // What the control plane sees of a socket.

@@ -1,6 +1,7 @@
 // Virtual sockets end to end between two veth test hosts (AF_XDP driver unless stated).
 #include "vns_lib/vns.h"
 
+#include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -18,6 +19,7 @@
 #include "test/support/peer_process.h"
 #include "test/support/privilege.h"
 #include "test/support/testhosts.h"
+#include "tools/chan_transfer.h"
 
 namespace netch::vns {
 namespace {
@@ -230,8 +232,8 @@ TEST_F(VnsTest, StoppedReaderBlocksTheWriterAndNothingIsLost) {
   ASSERT_TRUE(c.ok());
   auto s = (*l)->Accept();
   ASSERT_TRUE(s.ok());
-  // Nobody reads: non-blocking sends stop with EAGAIN once receive buffer, channel window and
-  // send buffers are full.
+  // Nobody reads: non-blocking sends stop with EAGAIN once the socket's receive window (1 MiB,
+  // advertised by the receiver) is full, before the channel is involved.
   (*c)->SetNonBlocking(true);
   std::vector<uint8_t> buf(64 << 10);
   uint64_t off = 0;
@@ -250,7 +252,7 @@ TEST_F(VnsTest, StoppedReaderBlocksTheWriterAndNothingIsLost) {
     off += *r;  // a partial write: the next buffer starts at the new offset
   }
   ASSERT_GE(eagain, 50) << "the writer was never stopped";
-  EXPECT_LT(off, 64ull << 20) << "far more accepted than the buffers hold";
+  EXPECT_EQ(off, 1u << 20) << "the writer stops exactly at the receiver's window";
   // Resume: the reader drains, the writer finishes with a blocking tail.
   const uint64_t kTotal = off + (8 << 20);
   absl::Status sent;
@@ -277,7 +279,148 @@ TEST_F(VnsTest, StoppedReaderBlocksTheWriterAndNothingIsLost) {
   EXPECT_TRUE(err.ok()) << err;
   EXPECT_EQ(got, kTotal);
   EXPECT_EQ(bad, 0u);
-  EXPECT_GT(b_->Stats().dispatcher_blocked, 0u) << "the full socket held its channel back";
+  EXPECT_EQ(b_->Stats().dispatcher_blocked, 0u) << "a full socket held its channel back";
+  EXPECT_GT(b_->Stats().window_updates, 0u);
+}
+
+TEST_F(VnsTest, AStoppedReaderDoesNotSlowAnotherSocketOnTheSameChannel) {
+  Open("afxdp", 1);
+  SocketOptions so;
+  so.rcvbuf = 1 << 20;
+  auto l = b_->Listen(5004, 8, so);
+  ASSERT_TRUE(l.ok());
+  auto slow_tx = a_->Connect(TestHosts::kIpB, 5004);
+  ASSERT_TRUE(slow_tx.ok());
+  auto slow_rx = (*l)->Accept();
+  ASSERT_TRUE(slow_rx.ok());
+  // The slow socket's writer fills its window; its reader never reads.
+  std::thread stuck([&] {
+    std::vector<uint8_t> buf(256 << 10, 1);
+    (*slow_tx)->SetNonBlocking(true);
+    for (int i = 0; i < 40; ++i) {
+      (void)(*slow_tx)->Send(buf);
+      usleep(5000);
+    }
+  });
+  usleep(50'000);
+  // Another socket on the same (only) channel moves 64 MiB while the slow one sits full.
+  auto fast_tx = a_->Connect(TestHosts::kIpB, 5004);
+  ASSERT_TRUE(fast_tx.ok());
+  auto fast_rx = (*l)->Accept();
+  ASSERT_TRUE(fast_rx.ok());
+  absl::Status sent, err;
+  uint64_t bad = 0;
+  const uint64_t t0 = chan::NowUs();
+  std::thread tx([&] { SendStream(**fast_tx, 9, 64 << 20, 1 << 20, &sent); });
+  const uint64_t got = RecvStream(**fast_rx, 9, 1 << 20, &bad, &err);
+  tx.join();
+  stuck.join();
+  const double secs = (chan::NowUs() - t0) / 1e6;
+  EXPECT_TRUE(sent.ok()) << sent;
+  EXPECT_TRUE(err.ok()) << err;
+  EXPECT_EQ(got, 64u << 20);
+  EXPECT_EQ(bad, 0u);
+  EXPECT_LT(secs, 10) << "the other socket crawled behind the stopped one";
+  EXPECT_EQ(b_->Stats().dispatcher_blocked, 0u);
+  // The slow socket still has exactly its window's worth, intact, to read.
+  std::vector<uint8_t> buf(1 << 20);
+  uint64_t slow_got = 0;
+  (*slow_rx)->SetNonBlocking(true);
+  for (;;) {
+    auto r = (*slow_rx)->Recv(buf);
+    if (!r.ok()) break;
+    slow_got += *r;
+  }
+  EXPECT_GE(slow_got, 1u << 20);
+  std::printf("64 MiB beside a stopped reader on one channel: %.2f s\n", secs);
+}
+
+// A peer that ignores the window this side advertised: only its socket is reset, and the
+// channel it shares keeps carrying another connection. Host A runs a bare driver and speaks the
+// virtual-socket protocol by hand.
+TEST_F(VnsTest, DataBeyondTheAdvertisedWindowResetsOnlyThatSocket) {
+  auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 1));
+  ASSERT_TRUE(b.ok()) << b.status();
+  b_ = std::move(*b);
+  chan::DriverOptions ao = Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1).driver_opts;
+  ao.accept = false;
+  auto a = tools::OpenChanHost("afxdp", ao);
+  ASSERT_TRUE(a.ok()) << a.status();
+  chan::ChannelParams cp;
+  cp.peer_ipv4 = TestHosts::kIpB;
+  auto ch = (*a)->driver->Connect(cp);
+  ASSERT_TRUE(ch.ok()) << ch.status();
+  chan::Channel& c = **ch;
+  SocketOptions so;
+  so.rcvbuf = 64 << 10;
+  auto l = b_->Listen(5020, 8, so);
+  ASSERT_TRUE(l.ok());
+  auto send = [&](uint8_t type, uint16_t port, uint32_t conn, uint64_t seq,
+                  std::span<const uint8_t> payload = {}) {
+    chan::TxSegment seg;
+    seg.hdr = {type, NC_CLASS_UNSPEC, port, 5020, conn, seq};
+    seg.payload = payload;
+    for (int i = 0; i < 1000; ++i) {
+      auto n = c.Enqueue({&seg, 1});
+      ASSERT_TRUE(n.ok()) << n.status();
+      if (*n == 1) return;
+      c.Wait(absl::Milliseconds(5), chan::Channel::kWritable);
+    }
+    FAIL() << "channel never took the segment";
+  };
+  // The next control segment for `conn`, skipping window updates.
+  auto expect = [&](uint8_t type, uint32_t conn) -> uint64_t {
+    chan::RxSegment seg[16];
+    const uint64_t end = chan::NowUs() + 2'000'000;
+    while (chan::NowUs() < end) {
+      c.Wait(absl::Milliseconds(5), chan::Channel::kReadable);
+      const size_t n = c.Dequeue(SIZE_MAX, seg);
+      for (size_t i = 0; i < n; ++i) {
+        const auto h = seg[i].hdr;
+        c.Release({&seg[i], 1});
+        if (h.type == type && h.conn_id == conn) return h.seq;
+      }
+    }
+    ADD_FAILURE() << "no segment of type " << int{type} << " for conn " << conn;
+    return 0;
+  };
+  std::vector<uint8_t> data(1000, 0x42);
+  // Connection 1: window 64 KiB, 1000 bytes in window, then bytes beyond it.
+  send(NC_SYN, 777, 0x1111, 1 << 20);
+  EXPECT_EQ(expect(NC_SYN_ACK, 0x1111), 64u << 10) << "NCSYN_ACK carries the receiver's window";
+  auto s1 = (*l)->Accept();
+  ASSERT_TRUE(s1.ok());
+  send(NC_DATA, 777, 0x1111, 0, data);
+  send(NC_DATA, 777, 0x1111, (64 << 10) - 500, data);  // ends 500 bytes past the edge
+  expect(NC_RST, 0x1111);
+  // Reads without blocking for at most 2 s: a socket left waiting must fail the test, not hang.
+  std::vector<uint8_t> buf(4096);
+  auto recv = [&](VirtualSocket& s) -> absl::StatusOr<size_t> {
+    s.SetNonBlocking(true);
+    const uint64_t end = chan::NowUs() + 2'000'000;
+    for (;;) {
+      auto r = s.Recv(buf);
+      if (r.ok() || Errno(r.status()) != EAGAIN || chan::NowUs() > end) return r;
+      pollfd p{s.fd(), POLLIN, 0};
+      poll(&p, 1, 10);
+    }
+  };
+  auto r = recv(**s1);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, 1000u);
+  r = recv(**s1);
+  EXPECT_EQ(Errno(r.status()), ECONNRESET) << r.status();
+  EXPECT_EQ(b_->Stats().rx_beyond_window, 1u);
+  // Connection 2 on the same channel: its bytes flow.
+  send(NC_SYN, 778, 0x2222, 1 << 20);
+  expect(NC_SYN_ACK, 0x2222);
+  auto s2 = (*l)->Accept();
+  ASSERT_TRUE(s2.ok());
+  send(NC_DATA, 778, 0x2222, 0, data);
+  r = recv(**s2);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, 1000u);
+  (void)(*a)->driver->Destroy(c);
 }
 
 TEST_F(VnsTest, ConnectToAPortNobodyListensOnIsRefusedFast) {
@@ -311,8 +454,12 @@ TEST_F(VnsTest, AForgedConnIdCannotInjectAByteIntoAnotherSocket) {
   constexpr int kForged = 64;
   for (int i = 0; i < kForged; ++i) {
     chan::TxSegment seg;
-    seg.hdr = {NC_DATA, NC_CLASS_UNSPEC, (*victim)->local_port(), 5010,
-               static_cast<uint32_t>(0x1000 + i), static_cast<uint64_t>(i % 4) * 1000};
+    seg.hdr = {NC_DATA,
+               NC_CLASS_UNSPEC,
+               (*victim)->local_port(),
+               5010,
+               static_cast<uint32_t>(0x1000 + i),
+               static_cast<uint64_t>(i % 4) * 1000};
     seg.payload = evil;
     while (true) {
       auto n = chans[0]->Enqueue({&seg, 1});
