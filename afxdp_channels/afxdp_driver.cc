@@ -775,6 +775,7 @@ void XskQueue::Publish(AfxdpChannel& ch) {
   p.rx_queued_bytes.store(ch.rx_held, std::memory_order_relaxed);
   if (!ch.transport) return;
   const Transport& t = *ch.transport;
+  p.rx_pressure.store(t.advertised_window() < t.rcv_buf_bytes() / 2, std::memory_order_relaxed);
   p.tx_queued_bytes.store(t.send_queue_bytes(), std::memory_order_relaxed);
   p.cwnd_packets.store(t.cwnd(), std::memory_order_relaxed);
   p.srtt_us.store(t.srtt_us(), std::memory_order_relaxed);

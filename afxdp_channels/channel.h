@@ -102,6 +102,10 @@ class Channel {
   virtual uint32_t peer_ipv4() const = 0;  // host order
   virtual ChannelState state() const = 0;
   virtual ChannelStats stats() const = 0;
+  // The consumer holds more than half of the channel's receive buffer: a consumer that keeps
+  // buffers for long (a slow socket) should copy what it holds and release the buffers, or the
+  // channel's window closes for everyone who shares it. One relaxed load: fine per segment.
+  virtual bool rx_under_pressure() const { return false; }
   // The largest payload one segment may carry (from the MTU for AF_XDP).
   virtual size_t max_payload() const = 0;
 

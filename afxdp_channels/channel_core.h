@@ -41,6 +41,9 @@ class ChannelCore : public Channel {
   uint32_t id() const override { return id_; }
   ChannelState state() const override { return state_.load(std::memory_order_acquire); }
   ChannelStats stats() const override;
+  bool rx_under_pressure() const override {
+    return pub_.rx_pressure.load(std::memory_order_relaxed);
+  }
   size_t max_payload() const override { return max_payload_; }
   absl::StatusOr<size_t> Enqueue(std::span<const TxSegment> segs) override;
   size_t Dequeue(size_t max_bytes, std::span<RxSegment> out) override;
@@ -91,6 +94,7 @@ class ChannelCore : public Channel {
     std::atomic<uint32_t> cwnd_packets{0};
     std::atomic<uint64_t> tx_segments{0}, tx_bytes{0};
     std::atomic<int> engine{-1}, queue{-1};
+    std::atomic<bool> rx_pressure{false};
   } pub_;
 
  private:

@@ -419,6 +419,8 @@ bool TcpChannel::DoRead() {
     worked = true;
   }
   pub_.rx_queued_bytes.store(held_, std::memory_order_relaxed);
+  pub_.rx_pressure.store(rx_chunks_ * kChunkSlots - rx_free_.size() > kRing / 2,
+                         std::memory_order_relaxed);
   return worked;
 }
 

@@ -165,6 +165,7 @@ class Transport {
   bool wants_ecn() const { return cc_->wants_ecn(); }
   uint32_t peer_window() const { return peer_wnd_; }
   uint32_t advertised_window() const;
+  uint32_t rcv_buf_bytes() const { return cfg_.rcv_buf_bytes; }
   uint64_t srtt_us() const { return srtt_us_; }
   uint64_t rto_us() const { return rto_us_; }
   uint32_t in_flight_packets() const { return snd_nxt_ - snd_una_; }

@@ -201,6 +201,9 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
             static_cast<double>(ss.rx_beyond_window));
   b.Counter("netch_window_updates_total", "Receive-window updates (NC_WND) sent to peers.",
             static_cast<double>(ss.window_updates));
+  b.Counter("netch_rx_pressure_copies_total",
+            "Segments copied out of a channel whose buffers slow sockets held (then released).",
+            static_cast<double>(ss.rx_pressure_copies));
   return b.fams;
 }
 

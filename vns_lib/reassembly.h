@@ -19,7 +19,8 @@ struct HeldSeg {
   const uint8_t* data = nullptr;
   uint32_t len = 0;
   uint32_t consumed = 0;        // bytes already copied out
-  chan::Channel* ch = nullptr;  // Release() goes here
+  chan::Channel* ch = nullptr;  // Release() goes here; nullptr: `data` is a private copy
+                                // (new[]) made under channel pressure, freed by ReleaseHeld
   chan::RxSegment rx;           // the buffer handle
 };
 

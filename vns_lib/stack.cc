@@ -138,6 +138,11 @@ struct Conn {
 void ReleaseHeld(std::vector<HeldSeg>& segs) {
   // Group per channel: one Release call (one lock) per channel.
   std::vector<chan::RxSegment> batch;
+  std::erase_if(segs, [](const HeldSeg& h) {
+    if (h.ch != nullptr) return false;
+    delete[] h.data;
+    return true;
+  });
   while (!segs.empty()) {
     chan::Channel* ch = segs.front().ch;
     batch.clear();
@@ -255,6 +260,7 @@ class StackImpl final : public Stack {
   std::atomic<uint64_t> rx_bad_conn_{0};   // segments for a port pair with the wrong conn_id
   std::atomic<uint64_t> conns_broken_{0};  // connections reset because a channel failed
   std::atomic<uint64_t> rx_beyond_window_{0};
+  std::atomic<uint64_t> rx_pressure_copies_{0};
   std::atomic<uint64_t> skip_queued_{2 << 20};
   std::atomic<uint64_t> next_conn_id_{1};
 
@@ -331,6 +337,13 @@ class SocketImpl final : public VirtualSocket {
   // Tells the peer our window moved once a quarter of the buffer was read since the last time.
   void MaybeAdvertiseWindow();
   void RefreshChannels();  // send_mu_ held
+  // A control segment of ours (FIN, WND) went on `ch`: if it fails, that segment may be lost,
+  // so the connection breaks with it.
+  void NoteControlChannel(const chan::Channel* ch) {
+    std::lock_guard g(c_->map_mu);
+    if (std::find(c_->tx_chans.begin(), c_->tx_chans.end(), ch) == c_->tx_chans.end())
+      c_->tx_chans.push_back(ch);
+  }
 
   StackImpl* st_;
   std::shared_ptr<Conn> c_;
@@ -624,6 +637,7 @@ void SocketImpl::MaybeAdvertiseWindow() {
   auto ctl = c_->peer ? c_->peer->ControlChannel() : nullptr;
   if (!ctl) return;
   // Stored before it is sent: data the peer sends on the strength of it is checked against it.
+  NoteControlChannel(ctl.get());
   const uint64_t old = c_->adv_edge.exchange(edge, std::memory_order_seq_cst);
   if (!st_->SendControlWait(*ctl, *c_, NC_WND, edge, absl::Milliseconds(50)).ok()) {
     c_->adv_edge.store(old, std::memory_order_seq_cst);  // not sent: retried on the next read
@@ -666,6 +680,7 @@ absl::Status SocketImpl::Shutdown() {
   if (!ctl) return SockError(ECONNRESET, "no channel to the peer");
   // FIN carries the stream length: the peer reports end of stream once every byte before it
   // arrived, whichever channels they took.
+  NoteControlChannel(ctl.get());
   if (auto st = st_->SendControlWait(*ctl, *c_, NC_FIN, snd_next_); !st.ok()) return st;
   fin_sent_ = true;
   return absl::OkStatus();
@@ -769,6 +784,7 @@ StackStats StackImpl::Stats() const {
   s.rx_bad_conn = rx_bad_conn_.load();
   s.conns_broken = conns_broken_.load();
   s.rx_beyond_window = rx_beyond_window_.load();
+  s.rx_pressure_copies = rx_pressure_copies_.load();
   s.window_updates = window_updates_.load();
   return s;
 }
@@ -1102,7 +1118,19 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
   hs.len = static_cast<uint32_t>(seg.payload.size());
   hs.ch = ch;
   hs.rx = seg;
-  if (!c->inq.PushOne(hs)) return false;
+  if (c->inq.Room() == 0) return false;
+  if (ch->rx_under_pressure()) {
+    // Sockets hold more than half of this channel's buffers (a slow or departed reader): keep a
+    // private copy and give the buffer back, so the channel keeps flowing for every socket on
+    // it. Off the fast path: a reader that keeps up never gets here.
+    auto* copy = new uint8_t[hs.len];
+    std::memcpy(copy, hs.data, hs.len);
+    hs.data = copy;
+    hs.ch = nullptr;
+    ch->Release({&seg, 1});
+    rx_pressure_copies_.fetch_add(1, std::memory_order_relaxed);
+  }
+  c->inq.PushOne(hs);
   c->Signal();
   return true;
 }
@@ -1208,8 +1236,10 @@ void StackImpl::Dispatch() {
     std::erase_if(chans, [&](ChanState& cs) {
       if (!cs.dead || !cs.pending.empty() || cs.ch->stats().rx_queued_bytes != 0) return false;
       std::erase_if(ctl_backlog_, [&](const CtlMsg& m) { return m.ch == cs.ch.get(); });
+      const uint64_t before = peers_->version();
       cs.peer->Remove(cs.ch.get());
-      known = peers_->version();  // our own removal: no rescan needed
+      // Our own removal needs no rescan; a channel added meanwhile does (it bumped too).
+      if (before == known) known = before + 1;
       (void)driver_->Destroy(*cs.ch);
       return true;
     });

@@ -94,6 +94,7 @@ struct StackStats {
   uint64_t conns_broken = 0;        // connections reset because a channel carrying them failed
   uint64_t rx_beyond_window = 0;    // data beyond the window a socket advertised: socket reset
   uint64_t window_updates = 0;      // NC_WND segments sent (the receive window moved)
+  uint64_t rx_pressure_copies = 0;  // segments copied out of a channel whose buffers sockets held
 };
 
 // What the control plane sees of a socket.

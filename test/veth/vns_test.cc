@@ -1,6 +1,7 @@
 // Virtual sockets end to end between two veth test hosts (AF_XDP driver unless stated).
 #include "vns_lib/vns.h"
 
+#include <net/if.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/wait.h>
@@ -15,6 +16,8 @@
 
 #include "absl/strings/str_format.h"
 #include "afxdp_channels/engine.h"
+#include "bpf/steer_program.h"
+#include "common/netns.h"
 #include "gtest/gtest.h"
 #include "test/support/peer_process.h"
 #include "test/support/privilege.h"
@@ -421,6 +424,110 @@ TEST_F(VnsTest, DataBeyondTheAdvertisedWindowResetsOnlyThatSocket) {
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(*r, 1000u);
   (void)(*a)->driver->Destroy(c);
+}
+
+// One of four channels fails mid-stream (every packet to it dropped in XDP on both hosts): the
+// sockets whose bytes it carried fail within the channel timeout, a socket on other channels
+// finishes intact, and a new connection works.
+TEST_F(VnsTest, OneOfFourChannelsFailingBreaksOnlyTheSocketsItCarried) {
+  std::unique_ptr<bpf::SteerProgram> steer[2];
+  const std::string ns[2] = {hosts_.ns_a(), hosts_.ns_b()};
+  const char* dev[2] = {TestHosts::kDevA, TestHosts::kDevB};
+  std::unique_ptr<Stack> stack[2];
+  for (int h = 0; h < 2; ++h) {
+    {
+      NetnsScope scope(ns[h]);
+      auto p = bpf::SteerProgram::Load();
+      ASSERT_TRUE(p.ok()) << p.status();
+      ASSERT_TRUE((*p)->Attach(if_nametoindex(dev[h]), bpf::AttachMode::kNative).ok());
+      steer[h] = std::move(*p);
+    }
+    StackOptions o = Opts(ns[h], dev[h], "afxdp", 4);
+    o.driver_opts.steer = steer[h].get();
+    auto st = Stack::Create(o);
+    ASSERT_TRUE(st.ok()) << st.status();
+    stack[h] = std::move(*st);
+  }
+  Stack& a = *stack[0];
+  Stack& b = *stack[1];
+  auto l = b.Listen(5030, 16);
+  ASSERT_TRUE(l.ok());
+  // X on the channel that will fail, Y on two others, Z on all four.
+  std::unique_ptr<VirtualSocket> tx[3], rx[3];
+  for (int i = 0; i < 3; ++i) {
+    auto c = a.Connect(TestHosts::kIpB, 5030);
+    ASSERT_TRUE(c.ok()) << c.status();
+    tx[i] = std::move(*c);
+    auto s = (*l)->Accept();
+    ASSERT_TRUE(s.ok());
+    rx[i] = std::move(*s);
+  }
+  auto chans = a.driver().Channels();
+  ASSERT_EQ(chans.size(), 4u);
+  std::sort(chans.begin(), chans.end(), [](auto& x, auto& y) { return x->id() < y->id(); });
+  // The oldest channel carries control segments (NCSYN, FIN, RST) of every socket: fail the
+  // newest, which carries only data.
+  chan::Channel& doomed = *chans[3];
+  auto id_of = [&](const VirtualSocket& s) {
+    for (const SocketInfo& si : a.Sockets())
+      if (si.local_port == s.local_port()) return si.id;
+    return uint64_t{0};
+  };
+  ASSERT_TRUE(a.MapSocket(id_of(*tx[0]), {doomed.id()}).ok());
+  ASSERT_TRUE(a.MapSocket(id_of(*tx[1]), {chans[1]->id(), chans[2]->id()}).ok());
+  // Streams run until stopped (X, Z) or for 256 MiB (Y).
+  constexpr uint64_t kY = 256ull << 20;
+  absl::Status sent[3], err[3];
+  uint64_t got[3] = {}, bad[3] = {};
+  uint64_t failed_at_us[3] = {};
+  std::vector<std::thread> threads;
+  for (int i = 0; i < 3; ++i) {
+    threads.emplace_back([&, i] {
+      SendStream(*tx[i], 20 + i, i == 1 ? kY : (64ull << 30), 1 << 20, &sent[i]);
+      if (!sent[i].ok()) failed_at_us[i] = chan::NowUs();
+    });
+    threads.emplace_back(
+        [&, i] { got[i] = RecvStream(*rx[i], 20 + i, 1 << 20, &bad[i], &err[i]); });
+  }
+  absl::SleepFor(absl::Milliseconds(300));
+  // Cut the channel: its packets are dropped on arrival at both hosts (the peer's end of the
+  // channel is the one bound to the same queue).
+  const int queue = doomed.stats().queue;
+  ASSERT_TRUE(steer[0]->SetChannelDropPpm(doomed.id(), NC_PPM).ok());
+  bool cut_b = false;
+  for (const auto& ch : b.driver().Channels())
+    if (ch->stats().queue == queue && ch->state() == chan::ChannelState::kUp)
+      cut_b = steer[1]->SetChannelDropPpm(ch->id(), NC_PPM).ok();
+  EXPECT_TRUE(cut_b);
+  const uint64_t cut_us = chan::NowUs();
+  for (auto& t : threads) t.join();
+  for (int i : {0, 2}) {
+    EXPECT_EQ(Errno(sent[i]), ECONNRESET) << i << ": " << sent[i];
+    EXPECT_EQ(Errno(err[i]), ECONNRESET) << i << ": " << err[i];
+    EXPECT_EQ(bad[i], 0u) << "bytes that did arrive are intact";
+    EXPECT_LT((failed_at_us[i] - cut_us) / 1e6, 3.0) << "socket " << i << " failed too late";
+  }
+  EXPECT_TRUE(sent[1].ok()) << sent[1];
+  EXPECT_TRUE(err[1].ok()) << err[1];
+  EXPECT_EQ(got[1], kY);
+  EXPECT_EQ(bad[1], 0u);
+  EXPECT_GE(a.Stats().conns_broken, 2u);
+  // A new connection uses the healthy channels (and whatever the peer set reopened).
+  auto c = a.Connect(TestHosts::kIpB, 5030);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  absl::Status st;
+  std::thread t([&] { SendStream(**c, 30, 8 << 20, 1 << 20, &st); });
+  uint64_t b2 = 0;
+  absl::Status e2;
+  EXPECT_EQ(RecvStream(**s, 30, 1 << 20, &b2, &e2), 8u << 20);
+  t.join();
+  EXPECT_TRUE(st.ok()) << st;
+  EXPECT_TRUE(e2.ok()) << e2;
+  EXPECT_EQ(b2, 0u);
+  std::printf("sockets on the cut channel failed %.2f s / %.2f s after the cut\n",
+              (failed_at_us[0] - cut_us) / 1e6, (failed_at_us[2] - cut_us) / 1e6);
 }
 
 TEST_F(VnsTest, ConnectToAPortNobodyListensOnIsRefusedFast) {
