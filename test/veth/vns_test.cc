@@ -530,6 +530,74 @@ TEST_F(VnsTest, OneOfFourChannelsFailingBreaksOnlyTheSocketsItCarried) {
               (failed_at_us[0] - cut_us) / 1e6, (failed_at_us[2] - cut_us) / 1e6);
 }
 
+// A flood of NCSYNs (virtual-connection opens) from a peer that never completes anything: the
+// listener's backlog bounds what is kept, the rest are refused, and once the application accepts
+// a legitimate open is served again.
+TEST_F(VnsTest, AFloodOfNcsynsIsBoundedByTheBacklog) {
+  auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 1));
+  ASSERT_TRUE(b.ok()) << b.status();
+  b_ = std::move(*b);
+  chan::DriverOptions ao = Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1).driver_opts;
+  ao.accept = false;
+  auto a = tools::OpenChanHost("afxdp", ao);
+  ASSERT_TRUE(a.ok()) << a.status();
+  chan::ChannelParams cp;
+  cp.peer_ipv4 = TestHosts::kIpB;
+  auto ch = (*a)->driver->Connect(cp);
+  ASSERT_TRUE(ch.ok()) << ch.status();
+  chan::Channel& c = **ch;
+  constexpr int kBacklog = 8, kFlood = 20000;
+  auto l = b_->Listen(5040, kBacklog);
+  ASSERT_TRUE(l.ok());
+  // Answers are drained as we go (the flood's replies must not back up our own channel).
+  uint64_t synacks = 0, rsts = 0;
+  auto drain = [&] {
+    chan::RxSegment seg[64];
+    for (size_t n; (n = c.Dequeue(SIZE_MAX, seg)) > 0;) {
+      for (size_t i = 0; i < n; ++i) {
+        synacks += seg[i].hdr.type == NC_SYN_ACK;
+        rsts += seg[i].hdr.type == NC_RST;
+      }
+      c.Release({seg, n});
+    }
+  };
+  for (int i = 0; i < kFlood; ++i) {
+    chan::TxSegment seg;
+    seg.hdr = {NC_SYN, NC_CLASS_UNSPEC, static_cast<uint16_t>(1000 + i % 60000), 5040,
+               static_cast<uint32_t>(0x10000 + i), 1 << 20};
+    for (;;) {
+      auto n = c.Enqueue({&seg, 1});
+      ASSERT_TRUE(n.ok()) << n.status();
+      if (*n == 1) break;
+      drain();
+      c.Wait(absl::Milliseconds(1), chan::Channel::kBoth);
+    }
+    if (i % 256 == 0) drain();
+  }
+  const uint64_t end = chan::NowUs() + 5'000'000;
+  while (synacks + rsts < kFlood && chan::NowUs() < end) {
+    c.Wait(absl::Milliseconds(5), chan::Channel::kReadable);
+    drain();
+  }
+  EXPECT_EQ(synacks, static_cast<uint64_t>(kBacklog));
+  EXPECT_EQ(rsts, static_cast<uint64_t>(kFlood - kBacklog));
+  // What the stack keeps: the listener and the backlog, nothing for the refused ones.
+  EXPECT_EQ(b_->Sockets().size(), static_cast<size_t>(kBacklog + 1));
+  // The application accepts; a new open is served.
+  for (int i = 0; i < kBacklog; ++i) ASSERT_TRUE((*l)->Accept().ok());
+  chan::TxSegment seg;
+  seg.hdr = {NC_SYN, NC_CLASS_UNSPEC, 65001, 5040, 0x7777, 1 << 20};
+  ASSERT_EQ(*c.Enqueue({&seg, 1}), 1u);
+  const uint64_t before = synacks;
+  const uint64_t end2 = chan::NowUs() + 2'000'000;
+  while (synacks == before && chan::NowUs() < end2) {
+    c.Wait(absl::Milliseconds(5), chan::Channel::kReadable);
+    drain();
+  }
+  EXPECT_EQ(synacks, before + 1) << "a legitimate open after the flood was not answered";
+  (void)(*a)->driver->Destroy(c);
+}
+
 TEST_F(VnsTest, ConnectToAPortNobodyListensOnIsRefusedFast) {
   Open("afxdp", 1);
   const uint64_t t0 = chan::NowUs();
