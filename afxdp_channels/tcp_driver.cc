@@ -361,24 +361,17 @@ bool TcpChannel::DoRead() {
     size_t pos = 0;
     uint32_t delivered = 0;
     if (rx_free_.empty() && stage_len_ > 0) Grow(/*tx=*/false);
-    while (stage_len_ - pos >= 4 && !rx_free_.empty() && rxq_.Room() > 0) {
-      uint32_t be;
-      std::memcpy(&be, &stage_[pos], 4);
-      const uint32_t len = ntohl(be);
-      wire::SegHeader h;
-      size_t off;
-      if (len == 0) {  // goodbye: the peer destroyed the channel
+    while (!rx_free_.empty() && rxq_.Room() > 0) {
+      size_t len = 0;
+      const auto rec =
+          wire::ParseTcpRecord({&stage_[pos], stage_len_ - pos}, kSlot - kPrefix, &len);
+      if (rec == wire::TcpRecord::kNeedMore) break;
+      if (rec == wire::TcpRecord::kGoodbye) {  // the peer destroyed the channel
         goodbye_ = true;
         pos += 4;
         continue;
       }
-      if (len < wire::kSegHdrLen || len > kSlot - kPrefix) {
-        rx_malformed.fetch_add(1, std::memory_order_relaxed);
-        Fail(ChannelState::kFailed);
-        return true;
-      }
-      if (stage_len_ - pos - 4 < len) break;
-      if (wire::ParseSegment({&stage_[pos + 4], len}, &h, &off) != NC_CNT_REDIRECT) {
+      if (rec == wire::TcpRecord::kMalformed) {
         rx_malformed.fetch_add(1, std::memory_order_relaxed);
         Fail(ChannelState::kFailed);
         return true;
@@ -386,7 +379,7 @@ bool TcpChannel::DoRead() {
       const uint64_t tok = rx_free_.back();
       rx_free_.pop_back();
       std::memcpy(BufAddr(tok), &stage_[pos + 4], len);
-      rxq_.PushOne(BufRef{tok, len});
+      rxq_.PushOne(BufRef{tok, static_cast<uint32_t>(len)});
       held_ += len;
       pos += 4 + len;
       delivered++;

@@ -27,6 +27,7 @@ void Store(uint8_t* p, const T& v) {
 }
 
 uint16_t Be16(const uint8_t* p) { return static_cast<uint16_t>(p[0] << 8 | p[1]); }
+uint32_t Be32(const uint8_t* p) { return uint32_t{Be16(p)} << 16 | Be16(p + 2); }
 
 }  // namespace
 
@@ -238,6 +239,19 @@ Handshake ReadHandshake(const uint8_t* in) {
   const auto w = Load<nc_chan_hs>(in);
   return {be64toh(w.init_token), be64toh(w.resp_token), be64toh(w.incarnation),
           ntohl(w.init_isn),     ntohl(w.resp_isn),     ntohl(w.cookie_time)};
+}
+
+TcpRecord ParseTcpRecord(std::span<const uint8_t> buf, size_t max_seg, size_t* seg_len) {
+  if (buf.size() < 4) return TcpRecord::kNeedMore;
+  const uint32_t len = Be32(buf.data());
+  if (len == 0) return TcpRecord::kGoodbye;
+  if (len < kSegHdrLen || len > max_seg) return TcpRecord::kMalformed;
+  if (buf.size() - 4 < len) return TcpRecord::kNeedMore;
+  SegHeader h;
+  size_t off;
+  if (ParseSegment(buf.subspan(4, len), &h, &off) != NC_CNT_REDIRECT) return TcpRecord::kMalformed;
+  *seg_len = len;
+  return TcpRecord::kSegment;
 }
 
 void WriteTcpHello(uint8_t* out, const TcpHello& h) {

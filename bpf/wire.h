@@ -86,6 +86,14 @@ void WriteTcpHello(uint8_t* out, const TcpHello& h);
 // False when the magic or the version is not ours (not a NetChannel peer: the connection closes).
 bool ReadTcpHello(const uint8_t* in, TcpHello* h);
 
+// Kernel-TCP channel framing after the hello: records of [be32 length][one NetChannel segment of
+// `length` bytes]; length 0 is the goodbye of an orderly close.
+enum class TcpRecord { kNeedMore, kGoodbye, kSegment, kMalformed };
+// Classifies the record at the front of `buf`. kSegment: the segment is buf[4, 4 + *seg_len)
+// and passed ParseSegment. kMalformed: a length outside [kSegHdrLen, max_seg] or a segment that
+// does not parse (the connection is then failed: a byte stream cannot resynchronize).
+TcpRecord ParseTcpRecord(std::span<const uint8_t> buf, size_t max_seg, size_t* seg_len);
+
 // Host-order view of nc_hdr. hdr_len and payload_len are derived when writing.
 struct SegHeader {
   uint8_t type = NC_DATA;

@@ -42,6 +42,13 @@ std::string Err(const std::string& msg) { return json{{"ok", false}, {"error", m
 std::string Ok(const json& data) { return json{{"ok", true}, {"data", data}}.dump(); }
 
 bool ParseU64(const std::string& s, uint64_t* v) { return absl::SimpleAtoi(s, v); }
+// Parsed as 64 bits, then range-checked before anything narrows it.
+bool ParseU32(const std::string& s, uint32_t* v, uint64_t max = UINT32_MAX) {
+  uint64_t x;
+  if (!absl::SimpleAtoi(s, &x) || x > max) return false;
+  *v = static_cast<uint32_t>(x);
+  return true;
+}
 
 }  // namespace
 
@@ -193,9 +200,9 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
     return Ok({{"socket", id}, {"channels", ids}});
   }
   if (cmd == "pin-channel") {  // pin-channel ID CORE
-    uint64_t id, core;
-    if (a.size() != 3 || !ParseU64(a[1], &id) || !ParseU64(a[2], &core))
-      return Err("usage: pin channel ID --core N");
+    uint32_t id, core;
+    if (a.size() != 3 || !ParseU32(a[1], &id) || !ParseU32(a[2], &core, INT32_MAX))
+      return Err("usage: pin channel ID --core N (ID < 2^32, N a core number)");
     int engine = -1;
     std::vector<int> cores;
     for (const auto& e : d.Engines()) {
@@ -207,8 +214,7 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
       for (int c : cores) list += (list.empty() ? "" : ",") + std::to_string(c);
       return Err(absl::StrFormat("no engine runs on core %u (engine cores: %s)", core, list));
     }
-    if (auto st = d.MoveChannel(static_cast<uint32_t>(id), engine); !st.ok())
-      return Err(std::string(st.message()));
+    if (auto st = d.MoveChannel(id, engine); !st.ok()) return Err(std::string(st.message()));
     return Ok({{"channel", id}, {"core", core}, {"engine", engine}});
   }
   if (cmd == "policy-show") {
@@ -236,14 +242,13 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
     return Ok({{"copy_workers", stack_->copy_workers()}});
   }
   if (cmd == "fault-drop") {  // fault-drop PPM [CHANNEL]
-    uint64_t ppm, id = 0;
-    if (a.size() < 2 || a.size() > 3 || !ParseU64(a[1], &ppm) ||
-        (a.size() == 3 && !ParseU64(a[2], &id)))
-      return Err("usage: fault drop PPM [--channel ID]");
+    uint32_t ppm, id = 0;
+    if (a.size() < 2 || a.size() > 3 || !ParseU32(a[1], &ppm, NC_PPM) ||
+        (a.size() == 3 && !ParseU32(a[2], &id)))
+      return Err("usage: fault drop PPM [--channel ID]: ppm is 0..1000000, ID < 2^32");
     bpf::SteerProgram* steer = ctl_->steer();
-    absl::Status st = a.size() == 3 ? steer->SetChannelDropPpm(static_cast<uint32_t>(id),
-                                                               static_cast<uint32_t>(ppm))
-                                    : steer->SetGlobalDropPpm(static_cast<uint32_t>(ppm));
+    absl::Status st =
+        a.size() == 3 ? steer->SetChannelDropPpm(id, ppm) : steer->SetGlobalDropPpm(ppm);
     if (!st.ok()) return Err(std::string(st.message()));
     return Ok({{"drop_ppm", ppm}, {"channel", a.size() == 3 ? json(id) : json("all")}});
   }
@@ -265,10 +270,25 @@ absl::StatusOr<std::string> Request(const std::string& instance,
           absl::StrFormat("no netch instance '%s' in this network namespace", instance));
     return ErrnoStatus(err, "connect to instance " + instance);
   }
+  // Anyone in the namespace can bind an abstract socket name: trust the answer only from root or
+  // our own user (the stack's side checks us the same way).
+  ucred cred{};
+  socklen_t clen = sizeof(cred);
+  if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &clen) != 0 ||
+      (cred.uid != 0 && cred.uid != geteuid())) {
+    close(fd);
+    return absl::PermissionDeniedError(absl::StrFormat(
+        "the control socket of '%s' is served by uid %u, neither root nor us: not trusting it",
+        instance, cred.uid));
+  }
+  timeval tv{5, 0};  // a stack that never answers must not hang netchctl
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
   std::string line;
   for (size_t i = 0; i < args.size(); ++i) line += (i ? "\t" : "") + args[i];
   line += '\n';
-  (void)!write(fd, line.data(), line.size());
+  // MSG_NOSIGNAL: a stack that closes early must give an error, not kill netchctl by SIGPIPE.
+  (void)!send(fd, line.data(), line.size(), MSG_NOSIGNAL);
   std::string out;
   char buf[65536];
   for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) out.append(buf, static_cast<size_t>(n));

@@ -41,6 +41,25 @@ absl::Status MkdirP(const std::string& path, mode_t mode) {
   return absl::OkStatus();
 }
 
+// A pin directory someone else could write to (or a symlink planted in its place) would let them
+// swap our maps for theirs: refuse one that is not a real directory owned by us or root, and not
+// writable by group or others. Checked for every level under the bpffs mount.
+absl::Status CheckPinDir(const std::string& bpffs, const std::string& dir) {
+  for (std::string p = dir; p.size() > bpffs.size(); p = p.substr(0, p.rfind('/'))) {
+    struct stat st {};
+    if (lstat(p.c_str(), &st) != 0) return ErrnoStatus(errno, "stat " + p);
+    if (!S_ISDIR(st.st_mode))
+      return absl::FailedPreconditionError("refusing pin directory " + p + ": not a directory");
+    if (st.st_uid != 0 && st.st_uid != geteuid())
+      return absl::FailedPreconditionError(
+          absl::StrFormat("refusing pin directory %s: owned by uid %u", p, st.st_uid));
+    if (st.st_mode & (S_IWGRP | S_IWOTH))
+      return absl::FailedPreconditionError(absl::StrFormat(
+          "refusing pin directory %s: mode %04o lets others write to it", p, st.st_mode & 07777));
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status Controller::Lock(const std::string& path) {
@@ -191,6 +210,7 @@ absl::Status Controller::Init() {
   }
   if (!st.ok()) return st;
   if (auto s = MkdirP(pin_dir_, 0700); !s.ok()) return s;
+  if (auto s = CheckPinDir(opts_.bpffs, pin_dir_); !s.ok()) return s;
   if (auto s = steer_->Pin(pin_dir_); !s.ok()) return s;
   status_.pin_dir = pin_dir_;
   bpf_prog_info info{};

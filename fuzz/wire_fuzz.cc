@@ -1,11 +1,12 @@
-// libFuzzer harness: the C++ wire parsers (the same rules as the XDP program) on arbitrary bytes.
+// libFuzzer harness: the C++ wire parsers (the same rules as the XDP program, and the kernel-TCP
+// driver's record framing) on arbitrary bytes.
 // Besides "no crash, no out-of-bounds read" (ASan), every frame the parser accepts must describe
 // itself consistently: offsets and lengths inside the frame, a header that round-trips.
 #include <arpa/inet.h>
 
 #include <cstdint>
-#include <cstring>
 #include <cstdlib>
+#include <cstring>
 #include <span>
 #include <vector>
 
@@ -30,7 +31,8 @@ std::vector<uint8_t> Envelope(const uint8_t* d, size_t n) {
   std::copy(tmp.begin(), tmp.begin() + wire::kOuterLen, f.begin());
   std::copy(d, d + n, f.begin() + wire::kOuterLen);
   const size_t ip = wire::kOuterLen - 28;  // IPv4 (no options) then UDP
-  const uint16_t tot = htons(static_cast<uint16_t>(28 + n)), udp = htons(static_cast<uint16_t>(8 + n));
+  const uint16_t tot = htons(static_cast<uint16_t>(28 + n)),
+                 udp = htons(static_cast<uint16_t>(8 + n));
   std::memcpy(&f[ip + 2], &tot, 2);
   std::memcpy(&f[ip + 24], &udp, 2);
   return f;
@@ -40,8 +42,8 @@ std::vector<uint8_t> Envelope(const uint8_t* d, size_t n) {
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* raw, size_t raw_n) {
   if (raw_n == 0 || raw_n > 60000) return 0;
-  std::vector<uint8_t> buf = raw[0] & 1 ? Envelope(raw + 1, raw_n - 1)
-                                        : std::vector<uint8_t>(raw + 1, raw + raw_n);
+  std::vector<uint8_t> buf =
+      raw[0] & 1 ? Envelope(raw + 1, raw_n - 1) : std::vector<uint8_t>(raw + 1, raw + raw_n);
   const uint8_t* d = buf.data();
   const size_t n = buf.size();
   const std::span<const uint8_t> in(d, n);
@@ -78,6 +80,18 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* raw, size_t raw_n) {
         h2.seq != h.seq || h2.type != h.type || h2.conn_id != h.conn_id ||
         h2.src_port != h.src_port || h2.dst_port != h.dst_port || h2.app_class != h.app_class)
       abort();
+  }
+  // Kernel-TCP framing: walk the records of a byte stream as the driver does.
+  for (size_t pos = 0; pos < n;) {
+    size_t len = 0;
+    const wire::TcpRecord rec = wire::ParseTcpRecord(in.subspan(pos), 16376, &len);
+    if (rec == wire::TcpRecord::kNeedMore || rec == wire::TcpRecord::kMalformed) break;
+    if (rec == wire::TcpRecord::kGoodbye) {
+      pos += 4;
+      continue;
+    }
+    if (len < wire::kSegHdrLen || len > 16376 || pos + 4 + len > n) abort();
+    pos += 4 + len;
   }
   if (n >= wire::kTcpHelloLen) {
     wire::TcpHello th;

@@ -4,7 +4,9 @@
 // loss; /metrics scraped and checked by promtool; every netchctl error path.
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -314,6 +316,11 @@ TEST_F(CtlTest, EveryErrorPathGetsOneLineAndANonZeroExit) {
       {"copy-workers many", 2, "takes a number"},
       {"copy-workers 1000", 1, "copy workers must be"},
       {"fault drop 2000000", 1, "ppm"},
+      // 64-bit values are range-checked before anything narrows them (4294967297 = 2^32 + 1
+      // would wrap to 1, a valid id).
+      {"fault drop 4294967297", 1, "ppm"},
+      {"fault drop 10 --channel 4294967297", 1, "ID < 2^32"},
+      {"pin channel 4294967297 --core 0", 1, "ID < 2^32"},
       {"fault drop 10 --channel 999", 1, "not active"},
       {"policy set lottery", 1, "unknown policy"},
       {"policy set round-robin bogus=1", 1, "no knob"},
@@ -439,6 +446,69 @@ TEST_F(CtlTest, ACrashedInstanceIsDetectedAndCleanedUpByTheNextStart) {
   c->reset();
   EXPECT_NE(hosts_.RunIn(hosts_.ns_a(), "ip link show nc-a | grep -q xdp"), 0)
       << "a clean exit detaches";
+}
+
+TEST_F(CtlTest, APinDirectoryOthersCanWriteIsRefused) {
+  const std::string bpffs = absl::StrFormat("/tmp/netch-ctltest-bpffs-%d", getpid());
+  NetnsScope scope(hosts_.ns_a());
+  auto start = [&] {
+    ControllerOptions co;
+    co.ifname = TestHosts::kDevA;
+    co.metrics_address = "";
+    co.bpffs = bpffs;  // mounted by the controller
+    return Controller::Start(co);
+  };
+  {
+    auto c = start();
+    ASSERT_TRUE(c.ok()) << c.status();
+  }
+  // Someone loosened a level of our pin path: whoever can write there could swap our maps.
+  ASSERT_EQ(chmod((bpffs + "/netch").c_str(), 0777), 0);
+  {
+    auto c = start();
+    EXPECT_FALSE(c.ok());
+    EXPECT_NE(c.status().message().find("lets others write"), std::string::npos) << c.status();
+  }
+  ASSERT_EQ(chmod((bpffs + "/netch").c_str(), 0700), 0);
+  {
+    auto c = start();
+    EXPECT_TRUE(c.ok()) << c.status();
+  }
+  umount(bpffs.c_str());
+  rmdir(bpffs.c_str());
+}
+
+// Anyone in a namespace can bind an abstract socket name. A socket squatting on an instance's
+// name, served by another user, must not be believed by netchctl.
+TEST_F(CtlTest, NetchctlDoesNotTrustAControlSocketServedByAnotherUser) {
+  const pid_t child = testing::ForkPeer([&](const std::function<void()>& ready) {
+    NetnsScope scope(hosts_.ns_a());
+    const int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    sockaddr_un a{};
+    a.sun_family = AF_UNIX;
+    const std::string name = Controller::SocketName("squat");
+    std::memcpy(a.sun_path + 1, name.data(), name.size());
+    // SO_PEERCRED reports who called listen(): become nobody first.
+    if (setgid(65534) != 0 || setuid(65534) != 0) return;
+    if (bind(fd, reinterpret_cast<sockaddr*>(&a),
+             static_cast<socklen_t>(offsetof(sockaddr_un, sun_path) + 1 + name.size())) != 0)
+      return;
+    if (listen(fd, 4) != 0) return;
+    ready();
+    for (;;) {
+      const int c = accept(fd, nullptr, nullptr);
+      if (c < 0) return;
+      const char* lie = "{\"ok\":true,\"data\":{\"instance\":\"squat\"}}\n";
+      (void)!write(c, lie, std::strlen(lie));
+      close(c);
+    }
+  });
+  ASSERT_GT(child, 0);
+  auto [rc, out] = Ctl("--instance squat status");
+  testing::KillPeer(child);
+  EXPECT_EQ(rc, 1);
+  EXPECT_NE(LastErr().find("not trusting"), std::string::npos) << LastErr();
+  EXPECT_TRUE(out.empty()) << out;
 }
 
 }  // namespace

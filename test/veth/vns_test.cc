@@ -563,8 +563,12 @@ TEST_F(VnsTest, AFloodOfNcsynsIsBoundedByTheBacklog) {
   };
   for (int i = 0; i < kFlood; ++i) {
     chan::TxSegment seg;
-    seg.hdr = {NC_SYN, NC_CLASS_UNSPEC, static_cast<uint16_t>(1000 + i % 60000), 5040,
-               static_cast<uint32_t>(0x10000 + i), 1 << 20};
+    seg.hdr = {NC_SYN,
+               NC_CLASS_UNSPEC,
+               static_cast<uint16_t>(1000 + i % 60000),
+               5040,
+               static_cast<uint32_t>(0x10000 + i),
+               1 << 20};
     for (;;) {
       auto n = c.Enqueue({&seg, 1});
       ASSERT_TRUE(n.ok()) << n.status();
