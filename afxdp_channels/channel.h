@@ -102,6 +102,8 @@ class Channel {
   virtual uint32_t peer_ipv4() const = 0;  // host order
   virtual ChannelState state() const = 0;
   virtual ChannelStats stats() const = 0;
+  // stats().tx_queued_bytes, in one load: what a scheduler reads per batch.
+  virtual uint64_t tx_queued_bytes() const { return stats().tx_queued_bytes; }
   // The consumer holds more than half of the channel's receive buffer: a consumer that keeps
   // buffers for long (a slow socket) should copy what it holds and release the buffers, or the
   // channel's window closes for everyone who shares it. One relaxed load: fine per segment.

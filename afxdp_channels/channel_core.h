@@ -41,6 +41,9 @@ class ChannelCore : public Channel {
   uint32_t id() const override { return id_; }
   ChannelState state() const override { return state_.load(std::memory_order_acquire); }
   ChannelStats stats() const override;
+  uint64_t tx_queued_bytes() const override {
+    return pub_.tx_queued_bytes.load(std::memory_order_relaxed);
+  }
   bool rx_under_pressure() const override {
     return pub_.rx_pressure.load(std::memory_order_relaxed);
   }

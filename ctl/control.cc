@@ -22,6 +22,7 @@
 #include "common/ipv4.h"
 #include "ctl/controller.h"
 #include "ctl/metrics.h"
+#include "policies/net_scheduler.h"
 #include "vns_lib/vns.h"
 
 namespace netch::ctl {
@@ -222,6 +223,20 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
     json knobs = json::object();
     for (const auto& [k, v] : p.knobs) knobs[k] = v;
     return Ok({{"name", p.name}, {"knobs", knobs}});
+  }
+  if (cmd == "policy-list") {  // every registered policy: knobs (the active one's values)
+    const vns::PolicyInfo active = stack_->Policy();
+    json out = json::array();
+    for (const std::string& name : sched::PolicyNames()) {
+      json knobs = json::object();
+      if (name == active.name) {
+        for (const auto& [k, v] : active.knobs) knobs[k] = v;
+      } else if (auto p = sched::CreatePolicy(name); p.ok()) {
+        for (const auto& [k, v] : (*p)->GetKnobs()) knobs[k] = v;
+      }
+      out.push_back({{"name", name}, {"active", name == active.name}, {"knobs", knobs}});
+    }
+    return Ok(out);
   }
   if (cmd == "policy-set") {  // policy-set NAME k=v...
     if (a.size() < 2) return Err("usage: policy set NAME [key=value...]");

@@ -22,7 +22,7 @@ constexpr char kUsage[] =
     "  sockets                             virtual sockets with their class and channels\n"
     "  map socket ID --channels A,B        restrict a socket's traffic to these channels\n"
     "  pin channel ID --core N             run a channel on the engine pinned to core N\n"
-    "  policy show | policy set NAME [key=value...]\n"
+    "  policy list | policy show | policy set NAME [key=value...]\n"
     "  copy-workers N                      set the number of copy workers\n"
     "  fault drop PPM [--channel ID]       drop PPM per million packets (all or one channel)\n"
     "  metrics                             the Prometheus exposition text\n"
@@ -101,6 +101,13 @@ void Human(const std::string& cmd, const json& d) {
               {"channels", "CHANNELS"}});
   } else if (cmd == "metrics") {
     std::fputs(d.get<std::string>().c_str(), stdout);
+  } else if (cmd == "policy-list") {
+    for (const auto& p : d) {
+      std::printf("%s %s", p["active"].get<bool>() ? "*" : " ", Str(p["name"]).c_str());
+      for (const auto& [k, v] : p["knobs"].items())
+        std::printf(" %s=%s", k.c_str(), Str(v).c_str());
+      std::printf("\n");
+    }
   } else if (cmd == "policy-show" || cmd == "policy-set") {
     std::printf("policy %s", Str(d["name"]).c_str());
     for (const auto& [k, v] : d["knobs"].items()) std::printf(" %s=%s", k.c_str(), Str(v).c_str());
@@ -162,6 +169,8 @@ int main(int argc, char** argv) {
     req = {"pin-channel", rest[2], core};
   } else if (c == "policy" && rest.size() == 2 && rest[1] == "show") {
     req = {"policy-show"};
+  } else if (c == "policy" && rest.size() == 2 && rest[1] == "list") {
+    req = {"policy-list"};
   } else if (c == "policy" && rest.size() >= 3 && rest[1] == "set") {
     req = {"policy-set"};
     req.insert(req.end(), rest.begin() + 2, rest.end());

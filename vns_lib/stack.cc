@@ -25,6 +25,7 @@
 #include "common/netns.h"
 #include "common/random.h"
 #include "common/spsc_ring.h"
+#include "policies/net_scheduler.h"
 #include "vns_lib/copy_workers.h"
 #include "vns_lib/peer_set.h"
 #include "vns_lib/reassembly.h"
@@ -186,7 +187,13 @@ class StackImpl final : public Stack {
   PolicyInfo Policy() const override;
   absl::Status SetPolicy(const std::string& name,
                          const std::vector<std::pair<std::string, std::string>>& knobs) override;
-  uint64_t skip_queued_bytes() const { return skip_queued_.load(std::memory_order_relaxed); }
+  // The active NetScheduler policy. Sockets keep a reference and refresh it only when the
+  // version moves: no lock per Send.
+  std::shared_ptr<const sched::NetScheduler> policy() const {
+    std::lock_guard g(policy_mu_);
+    return policy_;
+  }
+  uint64_t policy_version() const { return policy_version_.load(std::memory_order_acquire); }
   PeerSet& peers() { return *peers_; }
   uint64_t NextId() { return next_conn_id_.fetch_add(1, std::memory_order_relaxed); }
 
@@ -261,11 +268,14 @@ class StackImpl final : public Stack {
   std::atomic<uint64_t> conns_broken_{0};  // connections reset because a channel failed
   std::atomic<uint64_t> rx_beyond_window_{0};
   std::atomic<uint64_t> rx_pressure_copies_{0};
-  std::atomic<uint64_t> skip_queued_{2 << 20};
+  mutable std::mutex policy_mu_;
+  std::shared_ptr<sched::NetScheduler> policy_;  // guarded by policy_mu_
+  std::atomic<uint64_t> policy_version_{0};
+  std::atomic<uint64_t> retired_skips_{0};  // skips counted by policies swapped out
   std::atomic<uint64_t> next_conn_id_{1};
 
  public:
-  std::atomic<uint64_t> sched_batches_{0}, sched_skips_{0};
+  std::atomic<uint64_t> sched_batches_{0};
   std::atomic<uint64_t> window_updates_{0};
 
  private:
@@ -355,6 +365,8 @@ class SocketImpl final : public VirtualSocket {
   // operator remaps the socket (version counters), not on every Send.
   std::vector<std::shared_ptr<chan::Channel>> chans_;
   uint64_t peer_version_ = ~0ull, map_version_ = ~0ull;
+  std::shared_ptr<const sched::NetScheduler> policy_;  // send_mu_; refreshed on a version move
+  uint64_t policy_version_ = ~0ull;
   size_t rr_ = 0;
   Reassembler reasm_;
   std::vector<CopyPiece> pieces_;
@@ -408,28 +420,26 @@ void SocketImpl::RefreshChannels() {
 
 absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, uint64_t seq,
                                              size_t rr) {
-  // chans_ is refreshed by Send (under send_mu_) before any SendRange runs: copy workers only
-  // read it.
+  // chans_ and policy_ are refreshed by Send (under send_mu_) before any SendRange runs: copy
+  // workers only read them.
   const auto& chans = chans_;
   if (chans.empty()) return SockError(ECONNRESET, "no channel to the peer");
-  const uint64_t skip_queued = st_->skip_queued_bytes();
+  const sched::NetScheduler& policy = *policy_;
+  const sched::SocketRef sref{c_->id, static_cast<uint8_t>(c_->app_class)};
   size_t seg = SIZE_MAX;
   for (const auto& ch : chans) seg = std::min(seg, ch->max_payload());
-  constexpr size_t kBatch = 32;
+  constexpr size_t kBatch = 32, kMaxChans = 64;  // a socket spreads over at most 64 channels
+  const size_t nch = std::min(chans.size(), kMaxChans);
   chan::TxSegment segs[kBatch];
+  sched::ChannelLoad loads[kMaxChans];
+  uint64_t cursor = rr;
   size_t off = 0;
-  bool ignore_skip = false;
   while (off < len) {
+    for (size_t i = 0; i < nch; ++i)
+      loads[i] = {chans[i]->id(), chans[i]->tx_queued_bytes(), false};
     bool progress = false;
-    size_t skipped = 0;
-    for (size_t k = 0; k < chans.size() && off < len; ++k) {
-      chan::Channel& ch = *chans[(rr + k) % chans.size()];
-      // Round-robin skipping channels with too much unacknowledged data, while another has less.
-      if (!ignore_skip && chans.size() > 1 && ch.stats().tx_queued_bytes > skip_queued) {
-        skipped++;
-        st_->sched_skips_.fetch_add(1, std::memory_order_relaxed);
-        continue;
-      }
+    // The policy picks; a channel that refuses the batch (full) is excluded and it picks again.
+    for (size_t k; !progress && (k = policy.PickChannel(sref, {loads, nch}, &cursor)) < nch;) {
       size_t n = 0;
       for (size_t o2 = off; n < kBatch && o2 < len; ++n) {
         const size_t l = std::min(seg, len - o2);
@@ -442,24 +452,23 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
         segs[n].payload = {data + o2, l};
         o2 += l;
       }
-      auto taken = ch.Enqueue({segs, n});
+      auto taken = chans[k]->Enqueue({segs, n});
       if (!taken.ok()) return taken.status();
-      if (*taken > 0) st_->sched_batches_.fetch_add(1, std::memory_order_relaxed);
+      if (*taken == 0) {
+        loads[k].full = true;
+        continue;
+      }
+      st_->sched_batches_.fetch_add(1, std::memory_order_relaxed);
       for (size_t i = 0; i < *taken; ++i) off += segs[i].payload.size();
-      progress |= *taken > 0;
+      progress = true;
     }
-    rr++;
-    ignore_skip = skipped == chans.size();  // every channel is over the mark: use them anyway
-    if (ignore_skip) continue;
-    if (off == len) break;
+    if (off == len || progress) continue;
     if (auto st = StateError(); !st.ok()) return st;
     if (c_->broken.load(std::memory_order_acquire))
       return SockError(ECONNRESET, "a channel carrying the connection failed");
     if (AllDown(chans)) return SockError(ECONNRESET, "every channel to the peer failed");
-    if (!progress) {
-      if (nonblocking_) break;
-      WaitChannels(chans);
-    }
+    if (nonblocking_) break;
+    WaitChannels(chans);
   }
   return off;
 }
@@ -513,6 +522,10 @@ absl::StatusOr<size_t> SocketImpl::SendWindow() {
 
 absl::StatusOr<size_t> SocketImpl::SendPart(std::span<const uint8_t> data) {
   if (c_->peer) RefreshChannels();
+  if (const uint64_t v = st_->policy_version(); v != policy_version_ || !policy_) {
+    policy_version_ = v;
+    policy_ = st_->policy();
+  }
   if (chans_.empty() || AllDown(chans_))
     return SockError(ECONNRESET, "every channel to the peer is down");
   const StackOptions& so = st_->opts();
@@ -707,6 +720,9 @@ absl::Status SocketImpl::Close() {
 // ---------------------------------------------------------------------------------------
 
 absl::Status StackImpl::Init() {
+  auto policy = sched::CreatePolicy(opts_.policy, opts_.policy_knobs);
+  if (!policy.ok()) return policy.status();
+  policy_ = std::move(*policy);
   chan::DriverOptions dopts = opts_.driver_opts;
   if (opts_.driver == "afxdp" && dopts.steer == nullptr) {
     // The stack owns its steering program until the controller (ctl/) takes it over.
@@ -780,7 +796,7 @@ StackStats StackImpl::Stats() const {
   s.copy_chunks = const_cast<CopyWorkers&>(workers_).chunks_run();
   s.copy_busy_ns = const_cast<CopyWorkers&>(workers_).busy_ns();
   s.sched_batches = sched_batches_.load();
-  s.sched_skips = sched_skips_.load();
+  s.sched_skips = retired_skips_.load() + policy()->skips();
   s.rx_bad_conn = rx_bad_conn_.load();
   s.conns_broken = conns_broken_.load();
   s.rx_beyond_window = rx_beyond_window_.load();
@@ -837,24 +853,25 @@ absl::Status StackImpl::MapSocket(uint64_t id, const std::vector<uint32_t>& ids)
 }
 
 PolicyInfo StackImpl::Policy() const {
-  return {"round-robin", {{"skip_queued_bytes", std::to_string(skip_queued_.load())}}};
+  auto p = policy();
+  return {std::string(p->name()), p->GetKnobs()};
 }
 
 absl::Status StackImpl::SetPolicy(const std::string& name,
                                   const std::vector<std::pair<std::string, std::string>>& knobs) {
-  if (name != "round-robin")
-    return absl::InvalidArgumentError(
-        absl::StrFormat("unknown policy '%s' (available: round-robin)", name));
-  uint64_t skip = skip_queued_.load();
-  for (const auto& [k, v] : knobs) {
-    if (k != "skip_queued_bytes")
-      return absl::InvalidArgumentError(
-          absl::StrFormat("round-robin has no knob '%s' (knobs: skip_queued_bytes)", k));
-    if (!absl::SimpleAtoi(v, &skip) || skip == 0)
-      return absl::InvalidArgumentError(
-          absl::StrFormat("skip_queued_bytes must be a positive integer, not '%s'", v));
+  // A fresh policy object, built and validated before the swap: a bad knob changes nothing.
+  // Setting the active policy again keeps its other knobs.
+  auto cur = policy();
+  sched::Knobs all = cur->name() == name ? cur->GetKnobs() : sched::Knobs{};
+  all.insert(all.end(), knobs.begin(), knobs.end());
+  auto p = sched::CreatePolicy(name, all);
+  if (!p.ok()) return p.status();
+  {
+    std::lock_guard g(policy_mu_);
+    retired_skips_.fetch_add(policy_->skips(), std::memory_order_relaxed);
+    policy_ = std::move(*p);
   }
-  skip_queued_ = skip;
+  policy_version_.fetch_add(1, std::memory_order_release);
   return absl::OkStatus();
 }
 

@@ -69,10 +69,13 @@ struct SocketOptions {
 };
 
 struct StackOptions {
-  std::string driver = "afxdp";          // "afxdp" | "tcp" (chan::CreateDriver names)
-  chan::DriverOptions driver_opts;       // netns, ifname, engines, cores, ...
-  int channels_per_peer = 1;             // channels opened to each peer on first connect
-  int copy_workers = 0;                  // 0: every copy on the caller's thread
+  std::string driver = "afxdp";     // "afxdp" | "tcp" (chan::CreateDriver names)
+  chan::DriverOptions driver_opts;  // netns, ifname, engines, cores, ...
+  int channels_per_peer = 1;        // channels opened to each peer on first connect
+  int copy_workers = 0;             // 0: every copy on the caller's thread
+  // The NetScheduler policy (policies/net_scheduler.h) and its knobs; changeable at run time.
+  std::string policy = "round-robin";
+  std::vector<std::pair<std::string, std::string>> policy_knobs;
   size_t inline_copy_bytes = 256 << 10;  // below this a Send/Recv copies on the caller's thread
   size_t chunk_bytes = 256 << 10;        // unit of work for a copy worker
   bool replace_xdp = false;  // AF_XDP: take over an interface where another XDP program is attached

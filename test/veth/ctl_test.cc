@@ -265,6 +265,14 @@ TEST_F(CtlTest, OperatorChangesARunningStackWithoutLosingAByte) {
   EXPECT_EQ(a_.stack->copy_workers(), 2);
   json pol = CtlJson("policy set round-robin skip_queued_bytes=1048576");
   EXPECT_EQ(pol["knobs"]["skip_queued_bytes"], "1048576");
+  // Another policy, mid-stream, then back: the stream below must not notice.
+  EXPECT_EQ(CtlJson("policy set shortest-queue")["name"], "shortest-queue");
+  auto [lrc, list] = Ctl("policy list");
+  EXPECT_EQ(lrc, 0) << LastErr();
+  EXPECT_NE(list.find("* shortest-queue"), std::string::npos) << list;
+  EXPECT_NE(list.find("  round-robin skip_queued_bytes=2097152"), std::string::npos) << list;
+  EXPECT_NE(list.find("  one-per-socket"), std::string::npos) << list;
+  EXPECT_EQ(CtlJson("policy set round-robin")["name"], "round-robin");
 
   tx.join();
   rx.join();

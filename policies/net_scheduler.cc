@@ -1,0 +1,124 @@
+#include "policies/net_scheduler.h"
+
+#include <algorithm>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "common/registry.h"
+
+namespace netch::sched {
+namespace {
+
+absl::Status NoSuchKnob(std::string_view policy, std::string_view key, std::string_view known) {
+  return absl::InvalidArgumentError(absl::StrFormat("%s has no knob '%s' (knobs: %s)", policy, key,
+                                                    known.empty() ? "none" : known));
+}
+
+// The paper's default: channels in turn, passing over one that holds more than the mark while
+// another holds less; when every channel is over the mark, plain round-robin (a full pipe is
+// still a pipe).
+class RoundRobin final : public NetScheduler {
+ public:
+  std::string_view name() const override { return "round-robin"; }
+  size_t PickChannel(const SocketRef&, std::span<const ChannelLoad> chans,
+                     uint64_t* cursor) const override {
+    const size_t n = chans.size();
+    const uint64_t mark = mark_.load(std::memory_order_relaxed);
+    size_t fallback = kWait;
+    for (size_t k = 0; k < n; ++k) {
+      const size_t i = (*cursor + k) % n;
+      if (chans[i].full) continue;
+      if (n > 1 && chans[i].tx_queued_bytes > mark) {
+        if (fallback == kWait) fallback = i;
+        skips_.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+      *cursor = i + 1;
+      return i;
+    }
+    if (fallback != kWait) *cursor = fallback + 1;
+    return fallback;
+  }
+  Knobs GetKnobs() const override {
+    return {{"skip_queued_bytes", std::to_string(mark_.load(std::memory_order_relaxed))}};
+  }
+  absl::Status SetKnob(std::string_view key, std::string_view value) override {
+    if (key != "skip_queued_bytes") return NoSuchKnob(name(), key, "skip_queued_bytes");
+    uint64_t v;
+    if (!absl::SimpleAtoi(absl::string_view(value.data(), value.size()), &v) || v == 0)
+      return absl::InvalidArgumentError(
+          absl::StrFormat("skip_queued_bytes must be a positive integer, not '%s'", value));
+    mark_.store(v, std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
+
+ private:
+  std::atomic<uint64_t> mark_{2 << 20};
+};
+
+// The channel with the fewest bytes queued (ties: the first in the socket's order after the
+// cursor, so equal channels still take turns).
+class ShortestQueue final : public NetScheduler {
+ public:
+  std::string_view name() const override { return "shortest-queue"; }
+  size_t PickChannel(const SocketRef&, std::span<const ChannelLoad> chans,
+                     uint64_t* cursor) const override {
+    const size_t n = chans.size();
+    size_t best = kWait;
+    for (size_t k = 0; k < n; ++k) {
+      const size_t i = (*cursor + k) % n;
+      if (chans[i].full) continue;
+      if (best == kWait || chans[i].tx_queued_bytes < chans[best].tx_queued_bytes) best = i;
+    }
+    if (best != kWait) *cursor = best + 1;
+    return best;
+  }
+  Knobs GetKnobs() const override { return {}; }
+  absl::Status SetKnob(std::string_view key, std::string_view) override {
+    return NoSuchKnob(name(), key, "");
+  }
+};
+
+// The kernel-like baseline: each socket is a static pipe on one channel (chosen from its id,
+// so sockets spread over the peer's channels); when that channel is full, the socket waits.
+class OnePerSocket final : public NetScheduler {
+ public:
+  std::string_view name() const override { return "one-per-socket"; }
+  size_t PickChannel(const SocketRef& s, std::span<const ChannelLoad> chans,
+                     uint64_t*) const override {
+    const size_t i = static_cast<size_t>(s.id % chans.size());
+    return chans[i].full ? kWait : i;
+  }
+  Knobs GetKnobs() const override { return {}; }
+  absl::Status SetKnob(std::string_view key, std::string_view) override {
+    return NoSuchKnob(name(), key, "");
+  }
+};
+
+NamedRegistry<PolicyFactory>& Reg() {
+  static auto* r = new NamedRegistry<PolicyFactory>(
+      "policy", {{"round-robin", [] { return std::make_unique<RoundRobin>(); }},
+                 {"shortest-queue", [] { return std::make_unique<ShortestQueue>(); }},
+                 {"one-per-socket", [] { return std::make_unique<OnePerSocket>(); }}});
+  return *r;
+}
+
+}  // namespace
+
+absl::Status RegisterPolicy(const std::string& name, PolicyFactory factory) {
+  return Reg().Register(name, std::move(factory));
+}
+
+absl::StatusOr<std::unique_ptr<NetScheduler>> CreatePolicy(const std::string& name,
+                                                           const Knobs& knobs) {
+  auto f = Reg().Find(name);
+  if (!f.ok()) return absl::InvalidArgumentError(f.status().message());  // a user's typo
+  auto p = (*f)();
+  for (const auto& [k, v] : knobs)
+    if (auto st = p->SetKnob(k, v); !st.ok()) return st;
+  return p;
+}
+
+std::vector<std::string> PolicyNames() { return Reg().Names(); }
+
+}  // namespace netch::sched

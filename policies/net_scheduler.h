@@ -1,0 +1,86 @@
+// net_scheduler.h - the NetScheduler: the policy layer between virtual sockets and channels
+// (thesis §3.3.3). This is the layer's one public header.
+//
+// VNS asks the active policy, for every batch of a socket's segments (up to 32), which of the
+// socket's channels carries it. The policy sees a cheap snapshot of each channel (bytes queued
+// and unacknowledged, whether it just refused a batch) and keeps per-socket state in a cursor the
+// caller owns, so one policy object serves every socket on every thread without locks. Because
+// VNS reorders by its own 64-bit stream offsets, any choice — and a policy swapped at run time
+// (`netchctl policy set NAME k=v`) — keeps every byte and its order.
+//
+// Policies: "round-robin" (the paper's default: skip a channel holding more than
+// skip_queued_bytes = 2 MiB unacknowledged while another holds less), "shortest-queue" (the
+// channel with the fewest queued bytes), "one-per-socket" (the kernel-like baseline: a socket
+// always uses one channel, chosen from its id). A new policy is one more RegisterPolicy call.
+//
+// Still to come behind this interface (the NetScheduler issue): copy plans, channels per peer and
+// class, placement of channels and copy workers, L-app/T-app isolation, scaling, HoL resolution.
+#pragma once
+
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+
+namespace netch::sched {
+
+// One of a socket's usable channels, as the policy sees it for one decision.
+struct ChannelLoad {
+  uint32_t id = 0;
+  uint64_t tx_queued_bytes = 0;  // enqueued and not yet acknowledged by the peer
+  bool full = false;             // refused a batch during this decision: do not pick it
+};
+
+// The socket a decision is for.
+struct SocketRef {
+  uint64_t id = 0;        // stack-wide socket id (as netchctl shows it)
+  uint8_t app_class = 0;  // enum nc_app_class
+};
+
+using Knobs = std::vector<std::pair<std::string, std::string>>;
+
+class NetScheduler {
+ public:
+  static constexpr size_t kWait = static_cast<size_t>(-1);
+
+  virtual ~NetScheduler() = default;
+  virtual std::string_view name() const = 0;
+
+  // The channel for the socket's next batch: an index into `chans` (never empty; a stable order
+  // for a given socket), never one marked full; kWait when the policy would rather wait than use
+  // any of them (the caller then waits for room and asks again). `cursor` is the socket's own
+  // state for this policy, 0 at first, kept by the caller. Called per batch on the application's
+  // and copy workers' threads: it must not block, allocate or take locks.
+  virtual size_t PickChannel(const SocketRef& s, std::span<const ChannelLoad> chans,
+                             uint64_t* cursor) const = 0;
+
+  // Typed knobs, validated when set. Knobs() lists every knob with its current value.
+  virtual Knobs GetKnobs() const = 0;
+  virtual absl::Status SetKnob(std::string_view key, std::string_view value) = 0;
+
+  // Decisions that passed over a channel for its load (a policy's own measure; metrics).
+  uint64_t skips() const { return skips_.load(std::memory_order_relaxed); }
+
+ protected:
+  mutable std::atomic<uint64_t> skips_{0};
+};
+
+using PolicyFactory = std::function<std::unique_ptr<NetScheduler>()>;
+
+// Policies by name. CreatePolicy applies `knobs` in order; an unknown policy or knob, or a bad
+// value, is an InvalidArgument error naming what is accepted.
+absl::Status RegisterPolicy(const std::string& name, PolicyFactory factory);
+absl::StatusOr<std::unique_ptr<NetScheduler>> CreatePolicy(const std::string& name,
+                                                           const Knobs& knobs = {});
+std::vector<std::string> PolicyNames();
+
+}  // namespace netch::sched

@@ -1,0 +1,99 @@
+// NetScheduler policies: each decision, deterministically, from channel loads.
+#include "policies/net_scheduler.h"
+
+#include <vector>
+
+#include "gtest/gtest.h"
+
+namespace netch::sched {
+namespace {
+
+constexpr size_t kWait = NetScheduler::kWait;
+
+std::unique_ptr<NetScheduler> Make(const std::string& name, const Knobs& k = {}) {
+  auto p = CreatePolicy(name, k);
+  EXPECT_TRUE(p.ok()) << p.status();
+  return p.ok() ? std::move(*p) : nullptr;
+}
+
+// The channels a policy picks for `n` consecutive batches (loads unchanged between them).
+std::vector<size_t> Picks(const NetScheduler& p, std::vector<ChannelLoad> loads, int n,
+                          uint64_t socket = 1) {
+  std::vector<size_t> out;
+  uint64_t cursor = 0;
+  for (int i = 0; i < n; ++i) out.push_back(p.PickChannel({socket, 0}, loads, &cursor));
+  return out;
+}
+
+TEST(RoundRobinTest, TakesTurnsAndPassesOverAChannelHoldingMoreThanTheMark) {
+  auto p = Make("round-robin", {{"skip_queued_bytes", "1000"}});
+  EXPECT_EQ(Picks(*p, {{1, 0}, {2, 0}, {3, 0}}, 6), (std::vector<size_t>{0, 1, 2, 0, 1, 2}));
+  // Channel 1 (index 1) holds 5000 > 1000 queued: skipped while the others have room.
+  EXPECT_EQ(Picks(*p, {{1, 0}, {2, 5000}, {3, 999}}, 4), (std::vector<size_t>{0, 2, 0, 2}));
+  EXPECT_GT(p->skips(), 0u);
+  // All over the mark: plain turns, not a stall.
+  EXPECT_EQ(Picks(*p, {{1, 9000}, {2, 5000}}, 3), (std::vector<size_t>{0, 1, 0}));
+  // One channel: the mark does not apply.
+  EXPECT_EQ(Picks(*p, {{1, 1 << 30}}, 2), (std::vector<size_t>{0, 0}));
+}
+
+TEST(RoundRobinTest, NeverPicksAFullChannelAndWaitsWhenAllAreFull) {
+  auto p = Make("round-robin");
+  EXPECT_EQ(Picks(*p, {{1, 0, true}, {2, 0}, {3, 0, true}}, 3), (std::vector<size_t>{1, 1, 1}));
+  EXPECT_EQ(Picks(*p, {{1, 0, true}, {2, 0, true}}, 1), (std::vector<size_t>{kWait}));
+  // Over the mark and the only one not full: used.
+  EXPECT_EQ(Picks(*p, {{1, 0, true}, {2, 100 << 20}}, 1), (std::vector<size_t>{1}));
+}
+
+TEST(ShortestQueueTest, PicksTheLeastQueuedAndRotatesAmongEquals) {
+  auto p = Make("shortest-queue");
+  EXPECT_EQ(Picks(*p, {{1, 300}, {2, 100}, {3, 200}}, 2), (std::vector<size_t>{1, 1}));
+  EXPECT_EQ(Picks(*p, {{1, 0}, {2, 0}, {3, 0}}, 4), (std::vector<size_t>{0, 1, 2, 0}));
+  EXPECT_EQ(Picks(*p, {{1, 300}, {2, 100, true}, {3, 200}}, 1), (std::vector<size_t>{2}));
+  EXPECT_EQ(Picks(*p, {{1, 0, true}}, 1), (std::vector<size_t>{kWait}));
+}
+
+TEST(OnePerSocketTest, ASocketKeepsOneChannelAndWaitsForIt) {
+  auto p = Make("one-per-socket");
+  const std::vector<ChannelLoad> four = {{1, 0}, {2, 0}, {3, 0}, {4, 0}};
+  EXPECT_EQ(Picks(*p, four, 3, /*socket=*/5), (std::vector<size_t>{1, 1, 1}));
+  EXPECT_EQ(Picks(*p, four, 1, /*socket=*/6), (std::vector<size_t>{2}));
+  // Its channel is full: it waits rather than use another (a static pipe, like the kernel).
+  EXPECT_EQ(Picks(*p, {{1, 0}, {2, 0, true}, {3, 0}, {4, 0}}, 1, 5), (std::vector<size_t>{kWait}));
+}
+
+TEST(PolicyRegistryTest, NamesKnobsAndErrors) {
+  const auto names = PolicyNames();
+  for (const char* n : {"round-robin", "shortest-queue", "one-per-socket"})
+    EXPECT_NE(std::find(names.begin(), names.end(), n), names.end()) << n;
+  auto bad = CreatePolicy("lottery");
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(bad.status().message().find("round-robin"), std::string::npos) << bad.status();
+  EXPECT_FALSE(CreatePolicy("round-robin", {{"bogus", "1"}}).ok());
+  EXPECT_FALSE(CreatePolicy("round-robin", {{"skip_queued_bytes", "0"}}).ok());
+  EXPECT_FALSE(CreatePolicy("round-robin", {{"skip_queued_bytes", "-5"}}).ok());
+  EXPECT_FALSE(CreatePolicy("shortest-queue", {{"skip_queued_bytes", "5"}}).ok());
+  auto rr = Make("round-robin", {{"skip_queued_bytes", "4096"}});
+  EXPECT_EQ(rr->GetKnobs(), (Knobs{{"skip_queued_bytes", "4096"}}));
+  EXPECT_EQ(Make("round-robin")->GetKnobs(), (Knobs{{"skip_queued_bytes", "2097152"}}));
+  // A new policy is one registration.
+  ASSERT_TRUE(RegisterPolicy("first-channel", [] {
+                struct First final : NetScheduler {
+                  std::string_view name() const override { return "first-channel"; }
+                  size_t PickChannel(const SocketRef&, std::span<const ChannelLoad> c,
+                                     uint64_t*) const override {
+                    return c[0].full ? kWait : 0;
+                  }
+                  Knobs GetKnobs() const override { return {}; }
+                  absl::Status SetKnob(std::string_view, std::string_view) override {
+                    return absl::InvalidArgumentError("none");
+                  }
+                };
+                return std::make_unique<First>();
+              }).ok());
+  EXPECT_TRUE(CreatePolicy("first-channel").ok());
+  EXPECT_FALSE(RegisterPolicy("round-robin", nullptr).ok());
+}
+
+}  // namespace
+}  // namespace netch::sched
