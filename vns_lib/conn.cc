@@ -1,0 +1,33 @@
+#include "vns_lib/conn.h"
+
+namespace netch::vns {
+
+void ReleaseHeld(std::vector<HeldSeg>& segs) {
+  // Group per channel: one Release call (one lock) per channel.
+  std::vector<chan::RxSegment> batch;
+  std::erase_if(segs, [](const HeldSeg& h) {
+    if (h.ch != nullptr) return false;
+    delete[] h.data;
+    return true;
+  });
+  while (!segs.empty()) {
+    chan::Channel* ch = segs.front().ch;
+    batch.clear();
+    auto keep = std::remove_if(segs.begin(), segs.end(), [&](const HeldSeg& h) {
+      if (h.ch != ch) return false;
+      batch.push_back(h.rx);
+      return true;
+    });
+    segs.erase(keep, segs.end());
+    ch->Release(batch);
+  }
+}
+
+Conn::~Conn() {
+  std::vector<HeldSeg> left;
+  for (HeldSeg h; inq.PopOne(&h);) left.push_back(h);
+  ReleaseHeld(left);
+  if (efd >= 0) close(efd);
+}
+
+}  // namespace netch::vns

@@ -1,0 +1,119 @@
+// conn.h - one virtual connection's state, shared by the dispatcher (producer: it delivers
+// segments and control events) and the socket (consumer: it reassembles and reads). Internal to
+// vns_lib.
+#pragma once
+
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <vector>
+
+#include "afxdp_channels/engine.h"
+#include "common/spsc_ring.h"
+#include "vns_lib/peer_set.h"
+#include "vns_lib/reassembly.h"
+#include "vns_lib/vns.h"
+
+namespace netch::vns {
+
+inline uint64_t NowUs() { return chan::NowUs(); }
+
+enum class ConnState : int { kConnecting, kEstablished, kRefused, kReset, kTimedOut };
+
+struct ConnKey {
+  uint32_t peer;
+  uint16_t local_port, remote_port;
+  bool operator==(const ConnKey& o) const {
+    return peer == o.peer && local_port == o.local_port && remote_port == o.remote_port;
+  }
+  template <typename H>
+  friend H AbslHashValue(H h, const ConnKey& k) {
+    return H::combine(std::move(h), k.peer, k.local_port, k.remote_port);
+  }
+};
+
+class StackImpl;
+
+struct Conn {
+  Conn(const ConnKey& k, uint32_t id, AppClass c, size_t rcvbuf)
+      : key(k), conn_id(id), app_class(c), rcvbuf(rcvbuf), inq(4096), adv_edge(rcvbuf) {
+    efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  }
+  ~Conn();
+
+  // Readiness: the eventfd is written when something arrives and cleared when the socket has
+  // consumed everything; one syscall per transition, not per segment.
+  void Signal() {
+    if (!signaled.exchange(true, std::memory_order_acq_rel)) {
+      uint64_t one = 1;
+      (void)!write(efd, &one, sizeof(one));
+    }
+  }
+  void Unsignal() {
+    if (signaled.exchange(false, std::memory_order_acq_rel)) {
+      uint64_t v;
+      (void)!read(efd, &v, sizeof(v));
+    }
+  }
+
+  const ConnKey key;
+  uint64_t id = 0;  // control-plane id, unique per stack
+  std::atomic<uint64_t> tx_bytes{0}, rx_bytes{0};
+  std::mutex map_mu;                     // guards channel_ids: taken once per Send, not per segment
+  std::vector<uint32_t> channel_ids;     // empty: all the peer's channels
+  std::atomic<uint64_t> map_version{0};  // bumped by MapSocket
+  const uint32_t conn_id;
+  const AppClass app_class;
+  const size_t rcvbuf;
+  Peer* peer = nullptr;
+  int efd = -1;
+  std::atomic<bool> signaled{false};
+  std::atomic<ConnState> state{ConnState::kConnecting};
+  std::atomic<uint64_t> fin_seq{UINT64_MAX};  // stream length announced by the peer's FIN
+  std::atomic<bool> closed{false};
+  // A channel that carried this connection's bytes failed: bytes may be lost, so the socket
+  // reports ECONNRESET once what did arrive was read (set by the dispatcher).
+  std::atomic<bool> broken{false};
+  std::vector<const chan::Channel*> tx_chans;  // guarded by map_mu: every channel sends used
+  std::vector<const chan::Channel*> rx_chans;  // dispatcher only: channels that delivered
+
+  // Dispatcher -> socket.
+  SpscRing<HeldSeg> inq;
+  // The receive window in stream offsets: the dispatcher admits a segment only if it starts
+  // below rcv_next + rcvbuf. Counting held bytes instead would deadlock: out-of-order segments
+  // could fill the buffer while the one that fills the hole waits behind them on its channel.
+  std::atomic<uint64_t> rcv_next{0};  // published by the application after each read
+
+  // Per-socket flow control. The receiver advertises a right edge (stream offset it takes bytes
+  // below: rcv_next + rcvbuf, in NCSYN/NCSYN_ACK and then NC_WND), so a slow reader stops its
+  // own sender instead of filling channels that other sockets share. Data beyond the edge is a
+  // protocol violation and resets the one socket.
+  std::atomic<uint64_t> adv_edge{0};   // what we advertised (written by the reader, then sent)
+  std::atomic<uint64_t> snd_limit{0};  // what the peer advertised (dispatcher)
+  std::mutex wnd_mu;                   // with wnd_cv: a sender waits for the window to open
+  std::condition_variable wnd_cv;
+  std::atomic<int> wnd_waiters{0};
+  void WakeSender() {
+    if (wnd_waiters.load(std::memory_order_seq_cst) == 0) return;
+    std::lock_guard g(wnd_mu);
+    wnd_cv.notify_all();
+  }
+
+  // Listening sockets: connections accepted by the dispatcher, waiting for Accept().
+  bool listening = false;
+  int backlog = 0;
+  std::mutex accept_mu;
+  std::deque<std::shared_ptr<Conn>> accept_q;
+};
+
+// Gives held segments back: private copies are freed, channel buffers released, one Release call
+// per channel.
+void ReleaseHeld(std::vector<HeldSeg>& segs);
+
+}  // namespace netch::vns

@@ -1,0 +1,322 @@
+// dispatcher.cc - the stack's dispatcher thread: drains every channel, demultiplexes segments to
+// connections by port pair and conn_id, answers NCSYNs, tracks dead channels and breaks the
+// connections they carried.
+#include "vns_lib/stack_impl.h"
+
+namespace netch::vns {
+
+void StackImpl::QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
+                             uint8_t type, uint64_t seq) {
+  auto st = SendControl(*ch, k, conn_id, cls, type, seq);
+  if (Errno(st) == EAGAIN && ctl_backlog_.size() < 4096) {
+    ctl_backlog_.push_back({ch, k, conn_id, cls, type, seq});
+  } else if (st.ok() && type == NC_RST) {
+    rst_sent_.fetch_add(1, std::memory_order_relaxed);
+  }
+}
+
+std::shared_ptr<Conn> StackImpl::Lookup(const ConnKey& k) {
+  std::lock_guard g(mu_);
+  auto it = conns_.find(k);
+  return it == conns_.end() ? nullptr : it->second;
+}
+
+void StackImpl::Rst(chan::Channel* ch, const wire::SegHeader& h) {
+  QueueControl(ch, ConnKey{ch->peer_ipv4(), h.dst_port, h.src_port}, h.conn_id,
+               AppClass::kUnspecified, NC_RST);
+}
+
+bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
+  const wire::SegHeader& h = seg.hdr;
+  const ConnKey key{ch->peer_ipv4(), h.dst_port, h.src_port};
+  auto release = [&] { ch->Release({&seg, 1}); };
+  switch (h.type) {
+    case NC_SYN: {
+      std::shared_ptr<Conn> l;
+      {
+        std::lock_guard g(mu_);
+        if (auto it = listeners_.find(h.dst_port); it != listeners_.end()) l = it->second;
+        if (l && conns_.contains(key)) {  // a duplicate: the channel is reliable, ignore it
+          release();
+          return true;
+        }
+      }
+      if (!l) {
+        Rst(ch, h);  // nobody listens: refused, at once
+        release();
+        return true;
+      }
+      // The backlog admits the connection before anything is allocated for it: a flood of
+      // NCSYNs costs the listener nothing beyond its backlog.
+      std::shared_ptr<Conn> c;
+      {
+        std::lock_guard g(l->accept_mu);
+        if (static_cast<int>(l->accept_q.size()) >= l->backlog) {
+          Rst(ch, h);
+          release();
+          return true;
+        }
+        c = std::make_shared<Conn>(key, h.conn_id, static_cast<AppClass>(h.app_class), l->rcvbuf);
+        c->peer = peers_->Get(key.peer);
+        c->id = NextId();
+        c->state = ConnState::kEstablished;
+        c->snd_limit.store(h.seq, std::memory_order_release);
+        c->rx_chans.push_back(ch);
+        std::lock_guard g2(mu_);
+        conns_[key] = c;
+        l->accept_q.push_back(c);
+      }
+      QueueControl(ch, c->key, c->conn_id, c->app_class, NC_SYN_ACK, c->rcvbuf);
+      l->Signal();
+      release();
+      return true;
+    }
+    case NC_SYN_ACK:
+    case NC_FIN:
+    case NC_RST:
+    case NC_WND:
+    case NC_DATA:
+      break;
+    default:
+      release();
+      return true;
+  }
+  auto c = Lookup(key);
+  if (!c) {
+    if (h.type != NC_RST) Rst(ch, h);
+    release();
+    return true;
+  }
+  if (c->conn_id != h.conn_id) {
+    // A live port pair with another connection's id: stale, or forged to inject into this
+    // socket. Dropped and counted; no RST, so a forger cannot make us reset anything either.
+    rx_bad_conn_.fetch_add(1, std::memory_order_relaxed);
+    release();
+    return true;
+  }
+  if (std::find(c->rx_chans.begin(), c->rx_chans.end(), ch) == c->rx_chans.end())
+    c->rx_chans.push_back(ch);
+  switch (h.type) {
+    case NC_SYN_ACK: {
+      c->snd_limit.store(h.seq, std::memory_order_release);
+      ConnState want = ConnState::kConnecting;
+      c->state.compare_exchange_strong(want, ConnState::kEstablished);
+      c->Signal();
+      release();
+      return true;
+    }
+    case NC_FIN:
+      c->fin_seq.store(h.seq, std::memory_order_release);
+      c->Signal();
+      release();
+      return true;
+    case NC_RST:
+      c->state =
+          c->state.load() == ConnState::kConnecting ? ConnState::kRefused : ConnState::kReset;
+      c->Signal();
+      c->WakeSender();
+      release();
+      return true;
+    case NC_WND: {
+      // Edges only grow; a stale (reordered) update changes nothing.
+      uint64_t cur = c->snd_limit.load(std::memory_order_relaxed);
+      while (h.seq > cur && !c->snd_limit.compare_exchange_weak(cur, h.seq)) {
+      }
+      c->WakeSender();
+      release();
+      return true;
+    }
+    default:
+      break;
+  }
+  if (c->closed.load() || seg.payload.empty() || c->state.load() == ConnState::kReset) {
+    release();
+    return true;
+  }
+  // Beyond the window this socket advertised: the sender broke the protocol. Only this socket
+  // pays (reset, RST to the peer); the shared channel keeps draining.
+  if (h.seq + seg.payload.size() > c->adv_edge.load(std::memory_order_acquire)) {
+    rx_beyond_window_.fetch_add(1, std::memory_order_relaxed);
+    ResetConn(*c, ch);
+    release();
+    return true;
+  }
+  HeldSeg hs;
+  hs.seq = h.seq;
+  hs.data = seg.payload.data();
+  hs.len = static_cast<uint32_t>(seg.payload.size());
+  hs.ch = ch;
+  hs.rx = seg;
+  if (c->inq.Room() == 0) return false;
+  if (ch->rx_under_pressure()) {
+    // Sockets hold more than half of this channel's buffers (a slow or departed reader): keep a
+    // private copy and give the buffer back, so the channel keeps flowing for every socket on
+    // it. Off the fast path: a reader that keeps up never gets here.
+    auto* copy = new uint8_t[hs.len];
+    std::memcpy(copy, hs.data, hs.len);
+    hs.data = copy;
+    hs.ch = nullptr;
+    ch->Release({&seg, 1});
+    rx_pressure_copies_.fetch_add(1, std::memory_order_relaxed);
+  }
+  c->inq.PushOne(hs);
+  c->Signal();
+  return true;
+}
+
+void StackImpl::ResetConn(Conn& c, chan::Channel* ch) {
+  c.state = ConnState::kReset;
+  c.Signal();
+  c.WakeSender();
+  QueueControl(ch, c.key, c.conn_id, c.app_class, NC_RST);
+}
+
+void StackImpl::BreakConnsOn(Peer& p, const chan::Channel* ch) {
+  std::vector<std::shared_ptr<Conn>> hit;
+  {
+    std::lock_guard g(mu_);
+    for (const auto& [k, c] : conns_) {
+      if (c->peer != &p || c->broken.load(std::memory_order_relaxed)) continue;
+      bool used = std::find(c->rx_chans.begin(), c->rx_chans.end(), ch) != c->rx_chans.end();
+      if (!used) {
+        std::lock_guard m(c->map_mu);
+        used = std::find(c->tx_chans.begin(), c->tx_chans.end(), ch) != c->tx_chans.end();
+      }
+      if (used) hit.push_back(c);
+    }
+  }
+  auto ctl = p.ControlChannel();
+  for (const auto& c : hit) {
+    c->broken.store(true, std::memory_order_release);
+    conns_broken_.fetch_add(1, std::memory_order_relaxed);
+    c->Signal();
+    c->WakeSender();
+    // The other end may not have seen this channel fail (or may wait on a hole it left).
+    if (ctl) QueueControl(ctl.get(), c->key, c->conn_id, c->app_class, NC_RST);
+  }
+}
+
+void StackImpl::Dispatch() {
+  struct ChanState {
+    std::shared_ptr<chan::Channel> ch;
+    Peer* peer;
+    bool dead = false;                    // seen failed or closed
+    std::deque<chan::RxSegment> pending;  // dequeued, not yet taken by a full socket
+  };
+  std::vector<ChanState> chans;
+  chan::RxSegment segs[64];
+  uint64_t idle_since = NowUs();
+  uint64_t known = ~0ull;  // peers_->version() last scanned
+  while (!stop_.load(std::memory_order_relaxed)) {
+    bool worked = false;
+    // Control segments refused by a full channel, in order. A dead channel takes none: the
+    // segment is dropped (its connection is broken or gone anyway).
+    while (!ctl_backlog_.empty()) {
+      const CtlMsg& m = ctl_backlog_.front();
+      auto st = SendControl(*m.ch, m.key, m.conn_id, m.cls, m.type, m.seq);
+      if (Errno(st) == EAGAIN) break;
+      ctl_backlog_.pop_front();
+      worked = true;
+    }
+    // Channels peers opened to us.
+    while (auto ch = driver_->Accept()) {
+      peers_->Get(ch->peer_ipv4())->Add(ch);
+      worked = true;
+    }
+    // Pick up channels added by Connect/Accept.
+    if (const uint64_t v = peers_->version(); v != known) {
+      known = v;
+      peers_->ForEach([&](Peer& p) {
+        for (auto& ch : p.All()) {
+          bool have = false;
+          for (auto& cs : chans) have |= cs.ch == ch;
+          if (!have) chans.push_back({ch, &p, false, {}});
+        }
+      });
+    }
+    for (ChanState& cs : chans) {
+      // First what a full socket held back, in order.
+      while (!cs.pending.empty() && Deliver(cs.ch.get(), cs.pending.front())) {
+        cs.pending.pop_front();
+        worked = true;
+      }
+      if (!cs.pending.empty()) continue;  // still blocked: leave the channel's window to close
+      if (!cs.dead && !IsLive(cs.ch->state())) {
+        // Drain what it delivered before it died first (next rounds), then break whatever it
+        // left incomplete.
+        cs.dead = true;
+        cs.peer->NoteDead();
+        if (cs.ch->state() == chan::ChannelState::kFailed) BreakConnsOn(*cs.peer, cs.ch.get());
+        worked = true;
+      }
+      const size_t n = cs.ch->Dequeue(SIZE_MAX, segs);
+      if (n == 0) continue;
+      worked = true;
+      segments_in_.fetch_add(n, std::memory_order_relaxed);
+      for (size_t i = 0; i < n; ++i) {
+        if (!cs.pending.empty() || !Deliver(cs.ch.get(), segs[i])) {
+          if (cs.pending.empty()) blocked_.fetch_add(1, std::memory_order_relaxed);
+          cs.pending.push_back(segs[i]);
+        }
+      }
+    }
+    // A dead channel leaves once drained and once no socket holds a buffer of it (sockets keep
+    // raw pointers to the channel of each segment they hold).
+    std::erase_if(chans, [&](ChanState& cs) {
+      if (!cs.dead || !cs.pending.empty() || cs.ch->stats().rx_queued_bytes != 0) return false;
+      std::erase_if(ctl_backlog_, [&](const CtlMsg& m) { return m.ch == cs.ch.get(); });
+      const uint64_t before = peers_->version();
+      cs.peer->Remove(cs.ch.get());
+      // Our own removal needs no rescan; a channel added meanwhile does (it bumped too).
+      if (before == known) known = before + 1;
+      (void)driver_->Destroy(*cs.ch);
+      return true;
+    });
+    bool any_pending = false;
+    for (const ChanState& cs : chans) any_pending |= !cs.pending.empty();
+    // Announce the hold, then look again: a socket that read just before seeing holding_ set
+    // did not wake us, so its new window must be noticed here (the same pairing as the engines'
+    // sleeping flag; the reader stores rcv_next, then loads holding_).
+    holding_.store(any_pending, std::memory_order_seq_cst);
+    if (any_pending && !worked) {
+      for (ChanState& cs : chans) {
+        while (!cs.pending.empty() && Deliver(cs.ch.get(), cs.pending.front())) {
+          cs.pending.pop_front();
+          worked = true;
+        }
+      }
+    }
+    const uint64_t now = NowUs();
+    if (worked) {
+      idle_since = now;
+      continue;
+    }
+    if (now - idle_since < opts_.dispatcher_spin_us) {
+      std::this_thread::yield();
+      continue;
+    }
+    // Sleep until a channel has data, a socket read (unblocking a channel), or a new channel.
+    std::vector<pollfd> fds;
+    fds.push_back({wake_fd_, POLLIN, 0});
+    fds.push_back({driver_->accept_fd(), POLLIN, 0});
+    for (ChanState& cs : chans) {
+      // A channel held back for a full socket has data waiting by definition; what unblocks it
+      // is the socket reading, which writes wake_fd_.
+      if (!cs.pending.empty()) continue;
+      cs.ch->ArmNotify(chan::Channel::kReadable);
+      fds.push_back({cs.ch->notify_fd(chan::Channel::kReadable), POLLIN, 0});
+    }
+    if (poll(fds.data(), fds.size(), 10) > 0) {
+      for (size_t i = 0; i < fds.size(); ++i) {
+        if (i == 1) continue;  // the driver's accept fd is cleared by Accept()
+        uint64_t v;
+        if (fds[i].revents & POLLIN) (void)!read(fds[i].fd, &v, sizeof(v));
+      }
+    }
+  }
+  // Whatever is still held goes back to its channel.
+  for (ChanState& cs : chans)
+    for (auto& s : cs.pending) cs.ch->Release({&s, 1});
+}
+
+}  // namespace netch::vns

@@ -1,0 +1,439 @@
+// socket.cc - virtual sockets: Send (window, policy, copy workers), Recv (reassembly, window
+// updates), Accept, Shutdown, Close.
+#include "vns_lib/stack_impl.h"
+
+namespace netch::vns {
+
+class SocketImpl final : public VirtualSocket {
+ public:
+  SocketImpl(StackImpl* st, std::shared_ptr<Conn> c, const SocketOptions& o)
+      : st_(st), c_(std::move(c)), nonblocking_(o.nonblocking), channels_hint_(o.channels) {}
+  ~SocketImpl() override { (void)Close(); }
+
+  absl::StatusOr<size_t> Send(std::span<const uint8_t> data) override;
+  absl::StatusOr<size_t> Recv(std::span<uint8_t> buf) override;
+  absl::StatusOr<std::unique_ptr<VirtualSocket>> Accept() override;
+  absl::Status Shutdown() override;
+  absl::Status Close() override;
+  int fd() const override { return c_ ? c_->efd : -1; }
+  void SetNonBlocking(bool nb) override { nonblocking_ = nb; }
+  uint16_t local_port() const override { return c_ ? c_->key.local_port : 0; }
+  uint16_t remote_port() const override { return c_ ? c_->key.remote_port : 0; }
+  uint32_t remote_ipv4() const override { return c_ ? c_->key.peer : 0; }
+  AppClass app_class() const override { return c_ ? c_->app_class : AppClass::kUnspecified; }
+
+ private:
+  // No live channel to the peer is left: the connection cannot make progress.
+  bool PeerGone() const { return c_->peer && c_->peer->live_count() == 0; }
+  static bool AllDown(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
+    if (chans.empty()) return false;
+    for (const auto& ch : chans) {
+      const auto s = ch->state();
+      if (s != chan::ChannelState::kFailed && s != chan::ChannelState::kClosed) return false;
+    }
+    return true;
+  }
+  absl::Status Usable() const {
+    if (!c_) return SockError(EBADF, "socket closed");
+    if (c_->broken.load(std::memory_order_acquire))
+      return SockError(ECONNRESET, "a channel carrying the connection failed");
+    if (PeerGone()) return SockError(ECONNRESET, "every channel to the peer is down");
+    return StateError();
+  }
+  // What the peer told us: reset, refused, or our own connect timeout.
+  absl::Status StateError() const {
+    switch (c_->state.load()) {
+      case ConnState::kReset:
+        return SockError(ECONNRESET, "connection reset by peer");
+      case ConnState::kRefused:
+        return SockError(ECONNREFUSED, "connection refused");
+      case ConnState::kTimedOut:
+        return SockError(ETIMEDOUT, "connection timed out");
+      default:
+        return absl::OkStatus();
+    }
+  }
+  // Sends [off, off+len) of the stream (stream offset base + off) from data; blocks while the
+  // channels are full unless non-blocking. Returns bytes taken.
+  absl::StatusOr<size_t> SendRange(const uint8_t* data, size_t len, uint64_t seq, size_t rr);
+  // Waits until one of the channels can take more, or the connection breaks.
+  void WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans);
+  void DrainInq();
+  void UpdateReadiness();
+  // Bytes the peer's receive window still takes; waits (blocking sockets) until it opens or the
+  // connection fails. 0 with OK status: non-blocking and the window is closed.
+  absl::StatusOr<size_t> SendWindow();
+  absl::StatusOr<size_t> SendPart(std::span<const uint8_t> data);  // within the window
+  // Tells the peer our window moved once a quarter of the buffer was read since the last time.
+  void MaybeAdvertiseWindow();
+  void RefreshChannels();  // send_mu_ held
+  // A control segment of ours (FIN, WND) went on `ch`: if it fails, that segment may be lost,
+  // so the connection breaks with it.
+  void NoteControlChannel(const chan::Channel* ch) {
+    std::lock_guard g(c_->map_mu);
+    if (std::find(c_->tx_chans.begin(), c_->tx_chans.end(), ch) == c_->tx_chans.end())
+      c_->tx_chans.push_back(ch);
+  }
+
+  StackImpl* st_;
+  std::shared_ptr<Conn> c_;
+  bool nonblocking_;
+  int channels_hint_;
+  uint64_t snd_next_ = 0;
+  bool fin_sent_ = false;
+  // The channels this socket sends on, rebuilt only when its peer gains a channel or the
+  // operator remaps the socket (version counters), not on every Send.
+  std::vector<std::shared_ptr<chan::Channel>> chans_;
+  uint64_t peer_version_ = ~0ull, map_version_ = ~0ull;
+  std::shared_ptr<const sched::NetScheduler> policy_;  // send_mu_; refreshed on a version move
+  uint64_t policy_version_ = ~0ull;
+  size_t rr_ = 0;
+  Reassembler reasm_;
+  std::vector<CopyPiece> pieces_;
+  std::vector<HeldSeg> done_;
+  std::mutex send_mu_, recv_mu_;  // one Send and one Recv at a time per socket
+
+  friend class StackImpl;
+};
+
+absl::StatusOr<std::unique_ptr<VirtualSocket>> MakeSocket(StackImpl* st, std::shared_ptr<Conn> c,
+                                                          const SocketOptions& o) {
+  return std::unique_ptr<VirtualSocket>(new SocketImpl(st, std::move(c), o));
+}
+
+void SocketImpl::WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
+  std::vector<pollfd> fds;
+  for (const auto& ch : chans) {
+    ch->ArmNotify(chan::Channel::kWritable);
+    fds.push_back({ch->notify_fd(chan::Channel::kWritable), POLLIN, 0});
+  }
+  // (Not the socket's own fd: it stays readable while unread data waits, which would turn this
+  // into a busy loop. A reset is noticed by the caller after at most one timeout.)
+  if (poll(fds.data(), fds.size(), 10) > 0) {
+    for (size_t i = 0; i < fds.size(); ++i) {
+      uint64_t v;
+      if (fds[i].revents & POLLIN) (void)!read(fds[i].fd, &v, sizeof(v));
+    }
+  }
+}
+
+void SocketImpl::RefreshChannels() {
+  const uint64_t pv = c_->peer->version(), mv = c_->map_version.load(std::memory_order_acquire);
+  if (pv == peer_version_ && mv == map_version_ && !chans_.empty()) return;
+  peer_version_ = pv;
+  map_version_ = mv;
+  chans_ = c_->peer->Live();
+  std::lock_guard g(c_->map_mu);
+  if (!c_->channel_ids.empty()) {
+    std::erase_if(chans_, [&](const auto& ch) {
+      return std::find(c_->channel_ids.begin(), c_->channel_ids.end(), ch->id()) ==
+             c_->channel_ids.end();
+    });
+  }
+  if (channels_hint_ > 0 && static_cast<size_t>(channels_hint_) < chans_.size())
+    chans_.resize(channels_hint_);
+  // Remembered for the dispatcher: if one of these fails, bytes this socket sent may be lost.
+  for (const auto& ch : chans_)
+    if (std::find(c_->tx_chans.begin(), c_->tx_chans.end(), ch.get()) == c_->tx_chans.end())
+      c_->tx_chans.push_back(ch.get());
+}
+
+absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, uint64_t seq,
+                                             size_t rr) {
+  // chans_ and policy_ are refreshed by Send (under send_mu_) before any SendRange runs: copy
+  // workers only read them.
+  const auto& chans = chans_;
+  if (chans.empty()) return SockError(ECONNRESET, "no channel to the peer");
+  const sched::NetScheduler& policy = *policy_;
+  const sched::SocketRef sref{c_->id, static_cast<uint8_t>(c_->app_class)};
+  size_t seg = SIZE_MAX;
+  for (const auto& ch : chans) seg = std::min(seg, ch->max_payload());
+  constexpr size_t kBatch = 32, kMaxChans = 64;  // a socket spreads over at most 64 channels
+  const size_t nch = std::min(chans.size(), kMaxChans);
+  chan::TxSegment segs[kBatch];
+  sched::ChannelLoad loads[kMaxChans];
+  uint64_t cursor = rr;
+  size_t off = 0;
+  while (off < len) {
+    for (size_t i = 0; i < nch; ++i)
+      loads[i] = {chans[i]->id(), chans[i]->tx_queued_bytes(), false};
+    bool progress = false;
+    // The policy picks; a channel that refuses the batch (full) is excluded and it picks again.
+    for (size_t k; !progress && (k = policy.PickChannel(sref, {loads, nch}, &cursor)) < nch;) {
+      size_t n = 0;
+      for (size_t o2 = off; n < kBatch && o2 < len; ++n) {
+        const size_t l = std::min(seg, len - o2);
+        segs[n].hdr = {NC_DATA,
+                       static_cast<uint8_t>(c_->app_class),
+                       c_->key.local_port,
+                       c_->key.remote_port,
+                       c_->conn_id,
+                       seq + o2};
+        segs[n].payload = {data + o2, l};
+        o2 += l;
+      }
+      auto taken = chans[k]->Enqueue({segs, n});
+      if (!taken.ok()) return taken.status();
+      if (*taken == 0) {
+        loads[k].full = true;
+        continue;
+      }
+      st_->sched_batches_.fetch_add(1, std::memory_order_relaxed);
+      for (size_t i = 0; i < *taken; ++i) off += segs[i].payload.size();
+      progress = true;
+    }
+    if (off == len || progress) continue;
+    if (auto st = StateError(); !st.ok()) return st;
+    if (c_->broken.load(std::memory_order_acquire))
+      return SockError(ECONNRESET, "a channel carrying the connection failed");
+    if (AllDown(chans)) return SockError(ECONNRESET, "every channel to the peer failed");
+    if (nonblocking_) break;
+    WaitChannels(chans);
+  }
+  return off;
+}
+
+absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
+  std::lock_guard g(send_mu_);
+  if (!c_) return SockError(EBADF, "socket closed");
+  if (auto st = StateError(); !st.ok()) return st;
+  if (c_->listening) return SockError(EINVAL, "send on a listening socket");
+  if (fin_sent_) return SockError(EPIPE, "send after shutdown");
+  if (data.data() == nullptr && !data.empty()) return SockError(EINVAL, "null buffer");
+  if (data.empty()) return 0;
+  // Wait out the handshake (data before our SYN_ACK would reach a socket that does not exist).
+  while (c_->state.load() == ConnState::kConnecting) {
+    if (nonblocking_) return SockError(EAGAIN, "still connecting");
+    pollfd p{c_->efd, POLLIN, 0};
+    poll(&p, 1, 10);
+  }
+  if (auto st = Usable(); !st.ok()) return st;
+  size_t total = 0;
+  while (total < data.size()) {
+    auto window = SendWindow();
+    if (!window.ok()) return total > 0 ? absl::StatusOr<size_t>(total) : window.status();
+    if (*window == 0) {
+      if (total > 0) break;
+      return SockError(EAGAIN, "the peer's receive window is full");
+    }
+    auto part = data.subspan(total, std::min(*window, data.size() - total));
+    auto sent = SendPart(part);
+    if (!sent.ok()) return total > 0 && Errno(sent.status()) == EAGAIN ? total : sent;
+    total += *sent;
+    if (*sent < part.size()) break;  // non-blocking: the channels are full
+  }
+  return total;
+}
+
+absl::StatusOr<size_t> SocketImpl::SendWindow() {
+  for (;;) {
+    const uint64_t limit = c_->snd_limit.load(std::memory_order_acquire);
+    if (limit > snd_next_) return static_cast<size_t>(limit - snd_next_);
+    if (nonblocking_) return size_t{0};
+    if (auto st = Usable(); !st.ok()) return st;
+    std::unique_lock lk(c_->wnd_mu);
+    c_->wnd_waiters.fetch_add(1, std::memory_order_seq_cst);
+    // Checked again after registering: the dispatcher stores the limit, then looks for waiters.
+    if (c_->snd_limit.load(std::memory_order_seq_cst) <= snd_next_)
+      c_->wnd_cv.wait_for(lk, std::chrono::milliseconds(10));
+    c_->wnd_waiters.fetch_sub(1, std::memory_order_relaxed);
+  }
+}
+
+absl::StatusOr<size_t> SocketImpl::SendPart(std::span<const uint8_t> data) {
+  if (c_->peer) RefreshChannels();
+  if (const uint64_t v = st_->policy_version(); v != policy_version_ || !policy_) {
+    policy_version_ = v;
+    policy_ = st_->policy();
+  }
+  if (chans_.empty() || AllDown(chans_))
+    return SockError(ECONNRESET, "every channel to the peer is down");
+  const StackOptions& so = st_->opts();
+  size_t sent = 0;
+  if (!nonblocking_ && st_->copy_workers() > 0 && data.size() >= so.inline_copy_bytes) {
+    // Chunks copied in parallel, each on the next channel; the receiver orders by offset.
+    const auto chunks = SplitChunks(data.size(), so.chunk_bytes);
+    std::vector<absl::Status> errs(chunks.size());
+    const size_t rr = rr_;
+    st_->workers().ParallelFor(chunks.size(), [&](size_t i) {
+      auto r = SendRange(data.data() + chunks[i].first, chunks[i].second,
+                         snd_next_ + chunks[i].first, rr + i);
+      if (!r.ok()) errs[i] = r.status();
+    });
+    rr_ += chunks.size();
+    for (const auto& e : errs)
+      if (!e.ok()) return e;
+    sent = data.size();
+  } else {
+    auto r = SendRange(data.data(), data.size(), snd_next_, rr_++);
+    if (!r.ok()) return r.status();
+    sent = *r;
+    if (sent == 0) return SockError(EAGAIN, "send buffer full");
+  }
+  snd_next_ += sent;
+  c_->tx_bytes.fetch_add(sent, std::memory_order_relaxed);
+  return sent;
+}
+
+// The fd is readable exactly while Recv would not block: data in order, end of stream, or an
+// error. Cleared first and set again if a delivery raced with the check.
+void SocketImpl::UpdateReadiness() {
+  auto readable = [&] {
+    return reasm_.Readable() > 0 || !c_->inq.EmptyApprox() ||
+           reasm_.next() == c_->fin_seq.load(std::memory_order_acquire) ||
+           c_->state.load() != ConnState::kEstablished;
+  };
+  if (readable()) {
+    c_->Signal();
+    return;
+  }
+  c_->Unsignal();
+  if (readable()) c_->Signal();
+}
+
+void SocketImpl::DrainInq() {
+  HeldSeg h[64];
+  for (uint32_t n; (n = c_->inq.Pop(h)) > 0;) {
+    for (uint32_t i = 0; i < n; ++i) {
+      if (!reasm_.Insert(h[i])) done_.push_back(h[i]);  // overlapping: drop it
+    }
+  }
+  if (!done_.empty()) ReleaseHeld(done_);
+}
+
+absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
+  std::lock_guard g(recv_mu_);
+  if (!c_) return SockError(EBADF, "socket closed");
+  if (c_->listening) return SockError(EINVAL, "recv on a listening socket");
+  if (buf.data() == nullptr) return SockError(EINVAL, "null buffer");
+  if (buf.empty()) return 0;
+  for (;;) {
+    DrainInq();
+    size_t readable = reasm_.Readable();
+    if (readable > 0) {
+      pieces_.clear();
+      const size_t n = reasm_.Take(std::min(buf.size(), readable), &pieces_, &done_);
+      const StackOptions& so = st_->opts();
+      if (st_->copy_workers() > 0 && n >= so.inline_copy_bytes) {
+        // Split the pieces into chunks of about chunk_bytes and copy them in parallel.
+        std::vector<std::pair<size_t, size_t>> ranges;  // [first piece, last piece)
+        size_t start = 0, acc = 0;
+        for (size_t i = 0; i < pieces_.size(); ++i) {
+          acc += pieces_[i].len;
+          if (acc >= so.chunk_bytes || i + 1 == pieces_.size()) {
+            ranges.emplace_back(start, i + 1);
+            start = i + 1;
+            acc = 0;
+          }
+        }
+        st_->workers().ParallelFor(ranges.size(), [&](size_t r) {
+          for (size_t i = ranges[r].first; i < ranges[r].second; ++i)
+            std::memcpy(buf.data() + pieces_[i].dst_off, pieces_[i].src, pieces_[i].len);
+        });
+      } else {
+        for (const CopyPiece& p : pieces_) std::memcpy(buf.data() + p.dst_off, p.src, p.len);
+      }
+      if (!done_.empty()) ReleaseHeld(done_);
+      c_->rcv_next.store(reasm_.next(), std::memory_order_seq_cst);
+      c_->rx_bytes.fetch_add(n, std::memory_order_relaxed);
+      MaybeAdvertiseWindow();
+      st_->NotifyConsumed();  // the dispatcher may be holding a channel for us
+      UpdateReadiness();
+      return n;
+    }
+    // A reset wins over an end of stream seen before it, as in TCP; an orderly end of stream
+    // wins over the peer's channels going away afterwards.
+    if (auto st = StateError(); !st.ok()) return st;
+    if (reasm_.next() == c_->fin_seq.load(std::memory_order_acquire)) return 0;  // end of stream
+    if (auto st = Usable(); !st.ok()) return st;
+    MaybeAdvertiseWindow();  // an update the channel could not take last time
+    if (nonblocking_) {
+      UpdateReadiness();
+      return SockError(EAGAIN, "no data");
+    }
+    // Adaptive: spin briefly for the next delivery (a reply usually follows within tens of
+    // microseconds), then sleep on the socket's fd.
+    const uint64_t spin_end = NowUs() + st_->opts().recv_spin_us;
+    while (c_->inq.EmptyApprox() && NowUs() < spin_end) std::this_thread::yield();
+    if (!c_->inq.EmptyApprox()) continue;
+    pollfd p{c_->efd, POLLIN, 0};
+    c_->Unsignal();
+    if (c_->inq.EmptyApprox() && c_->fin_seq.load() != reasm_.next() &&
+        c_->state.load() == ConnState::kEstablished)
+      poll(&p, 1, 10);
+  }
+}
+
+void SocketImpl::MaybeAdvertiseWindow() {
+  const uint64_t edge = reasm_.next() + c_->rcvbuf;
+  if (edge - c_->adv_edge.load(std::memory_order_relaxed) < c_->rcvbuf / 4) return;
+  auto ctl = c_->peer ? c_->peer->ControlChannel() : nullptr;
+  if (!ctl) return;
+  // Stored before it is sent: data the peer sends on the strength of it is checked against it.
+  NoteControlChannel(ctl.get());
+  const uint64_t old = c_->adv_edge.exchange(edge, std::memory_order_seq_cst);
+  if (!st_->SendControlWait(*ctl, *c_, NC_WND, edge, absl::Milliseconds(50)).ok()) {
+    c_->adv_edge.store(old, std::memory_order_seq_cst);  // not sent: retried on the next read
+    return;
+  }
+  st_->window_updates_.fetch_add(1, std::memory_order_relaxed);
+}
+
+absl::StatusOr<std::unique_ptr<VirtualSocket>> SocketImpl::Accept() {
+  if (!c_) return SockError(EBADF, "socket closed");
+  if (!c_->listening) return SockError(EINVAL, "accept on a socket that does not listen");
+  for (;;) {
+    std::shared_ptr<Conn> nc;
+    {
+      std::lock_guard g(c_->accept_mu);
+      if (!c_->accept_q.empty()) {
+        nc = c_->accept_q.front();
+        c_->accept_q.pop_front();
+      }
+      if (c_->accept_q.empty()) c_->Unsignal();
+    }
+    if (nc) {
+      SocketOptions o;
+      o.nonblocking = false;
+      return MakeSocket(st_, std::move(nc), o);
+    }
+    if (nonblocking_) return SockError(EAGAIN, "no pending connection");
+    pollfd p{c_->efd, POLLIN, 0};
+    poll(&p, 1, 10);
+  }
+}
+
+absl::Status SocketImpl::Shutdown() {
+  std::lock_guard g(send_mu_);
+  if (!c_) return SockError(EBADF, "socket closed");
+  if (c_->listening) return SockError(EINVAL, "shutdown on a listening socket");
+  if (fin_sent_) return absl::OkStatus();
+  if (c_->state.load() != ConnState::kEstablished) return Usable();
+  auto ctl = c_->peer->ControlChannel();
+  if (!ctl) return SockError(ECONNRESET, "no channel to the peer");
+  // FIN carries the stream length: the peer reports end of stream once every byte before it
+  // arrived, whichever channels they took.
+  NoteControlChannel(ctl.get());
+  if (auto st = st_->SendControlWait(*ctl, *c_, NC_FIN, snd_next_); !st.ok()) return st;
+  fin_sent_ = true;
+  return absl::OkStatus();
+}
+
+absl::Status SocketImpl::Close() {
+  if (!c_) return SockError(EBADF, "socket already closed");
+  if (c_->listening) {
+    st_->UnregisterListener(c_->key.local_port);
+  } else {
+    if (c_->state.load() == ConnState::kEstablished) (void)Shutdown();
+    st_->Unregister(c_);
+    std::lock_guard g(recv_mu_);
+    DrainInq();
+    reasm_.ForEachHeld([&](const HeldSeg& h) { done_.push_back(h); });
+    if (!done_.empty()) ReleaseHeld(done_);
+  }
+  c_->closed = true;
+  c_.reset();
+  return absl::OkStatus();
+}
+
+}  // namespace netch::vns

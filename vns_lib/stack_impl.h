@@ -1,0 +1,160 @@
+// stack_impl.h - the stack object behind vns.h's Stack (internal to vns_lib): the connection
+// table, the peers, the control-segment plumbing and the dispatcher (dispatcher.cc); sockets
+// live in socket.cc, the rest in stack.cc.
+#pragma once
+
+#include <poll.h>
+#include <pthread.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <cstring>
+#include <deque>
+#include <mutex>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "afxdp_channels/engine.h"
+#include "afxdp_channels/netdev.h"
+#include "bpf/steer_program.h"
+#include "common/errno_status.h"
+#include "common/netns.h"
+#include "common/random.h"
+#include "common/spsc_ring.h"
+#include "policies/net_scheduler.h"
+#include "vns_lib/conn.h"
+#include "vns_lib/copy_workers.h"
+#include "vns_lib/peer_set.h"
+#include "vns_lib/reassembly.h"
+#include "vns_lib/sock_error.h"
+#include "vns_lib/vns.h"
+
+namespace netch::vns {
+
+class SocketImpl;
+
+class StackImpl final : public Stack {
+ public:
+  explicit StackImpl(const StackOptions& o) : opts_(o), workers_(0) {}
+  ~StackImpl() override;
+  absl::Status Init();
+
+  absl::StatusOr<std::unique_ptr<VirtualSocket>> Listen(uint16_t port, int backlog,
+                                                        const SocketOptions& o) override;
+  absl::StatusOr<std::unique_ptr<VirtualSocket>> Connect(uint32_t peer_ipv4, uint16_t port,
+                                                         const SocketOptions& o) override;
+  absl::Status SetCopyWorkers(int n) override;
+  int copy_workers() const override { return nworkers_.load(); }
+  StackStats Stats() const override;
+  chan::Driver& driver() override { return *driver_; }
+  std::vector<SocketInfo> Sockets() const override;
+  absl::Status MapSocket(uint64_t id, const std::vector<uint32_t>& channel_ids) override;
+  PolicyInfo Policy() const override;
+  absl::Status SetPolicy(const std::string& name,
+                         const std::vector<std::pair<std::string, std::string>>& knobs) override;
+  // The active NetScheduler policy. Sockets keep a reference and refresh it only when the
+  // version moves: no lock per Send.
+  std::shared_ptr<const sched::NetScheduler> policy() const {
+    std::lock_guard g(policy_mu_);
+    return policy_;
+  }
+  uint64_t policy_version() const { return policy_version_.load(std::memory_order_acquire); }
+  PeerSet& peers() { return *peers_; }
+  uint64_t NextId() { return next_conn_id_.fetch_add(1, std::memory_order_relaxed); }
+
+  // For sockets.
+  const StackOptions& opts() const { return opts_; }
+  CopyWorkers& workers() { return workers_; }
+  void Unregister(const std::shared_ptr<Conn>& c);
+  void UnregisterListener(uint16_t port);
+  // Sends a header-only segment (SYN, SYN_ACK, FIN, RST) on one of the peer's channels.
+  absl::Status SendControl(chan::Channel& ch, const Conn& c, uint8_t type, uint64_t seq) {
+    return SendControl(ch, c.key, c.conn_id, c.app_class, type, seq);
+  }
+  absl::Status SendControl(chan::Channel& ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
+                           uint8_t type, uint64_t seq);
+  // Application threads: waits (up to `timeout`) while the channel has no free buffer — right
+  // after a channel comes up its buffers are still on their way from the engine.
+  absl::Status SendControlWait(chan::Channel& ch, const Conn& c, uint8_t type, uint64_t seq,
+                               absl::Duration timeout = absl::Seconds(1));
+  void WakeDispatcher() {
+    uint64_t one = 1;
+    (void)!write(wake_fd_, &one, sizeof(one));
+  }
+  // A socket consumed data: only a dispatcher holding a channel for a full socket cares.
+  void NotifyConsumed() {
+    if (holding_.load(std::memory_order_seq_cst)) WakeDispatcher();
+  }
+
+ private:
+  void Dispatch();
+  // A channel died: connections whose bytes it carried are broken (their peers are told with an
+  // RST on a live channel). Dispatcher thread.
+  void BreakConnsOn(Peer& p, const chan::Channel* ch);
+  // Resets one connection (protocol violation): its socket reports ECONNRESET, the peer gets RST.
+  void ResetConn(Conn& c, chan::Channel* ch);
+  // Hands one segment to its socket. False: the socket is full, keep the segment and stop
+  // draining this channel.
+  bool Deliver(chan::Channel* ch, const chan::RxSegment& seg);
+  void Rst(chan::Channel* ch, const wire::SegHeader& h);
+  std::shared_ptr<Conn> Lookup(const ConnKey& k);
+  // The dispatcher never blocks: a control segment a full channel refused waits here.
+  struct CtlMsg {
+    chan::Channel* ch;
+    ConnKey key;
+    uint32_t conn_id;
+    AppClass cls;
+    uint8_t type;
+    uint64_t seq;
+  };
+  void QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
+                    uint8_t type, uint64_t seq = 0);
+  std::deque<CtlMsg> ctl_backlog_;  // dispatcher thread only
+
+  StackOptions opts_;
+  std::unique_ptr<bpf::SteerProgram> steer_;
+  std::string steer_netns_;
+  std::unique_ptr<chan::Driver> driver_;
+  CopyWorkers workers_;
+  std::atomic<int> nworkers_{0};
+
+  std::unique_ptr<PeerSet> peers_;
+  mutable std::mutex mu_;  // conns_, listeners_: connection setup and teardown only
+  absl::flat_hash_map<ConnKey, std::shared_ptr<Conn>> conns_;
+  absl::flat_hash_map<uint16_t, std::shared_ptr<Conn>> listeners_;
+  uint16_t next_port_ = 0;
+
+  std::thread dispatcher_;
+  std::atomic<bool> stop_{false};
+  int wake_fd_ = -1;
+  std::atomic<uint64_t> segments_in_{0}, ctl_out_{0}, rst_sent_{0}, blocked_{0};
+  std::atomic<bool> holding_{false};       // some channel is held back for a full socket
+  std::atomic<uint64_t> rx_bad_conn_{0};   // segments for a port pair with the wrong conn_id
+  std::atomic<uint64_t> conns_broken_{0};  // connections reset because a channel failed
+  std::atomic<uint64_t> rx_beyond_window_{0};
+  std::atomic<uint64_t> rx_pressure_copies_{0};
+  mutable std::mutex policy_mu_;
+  std::shared_ptr<sched::NetScheduler> policy_;  // guarded by policy_mu_
+  std::atomic<uint64_t> policy_version_{0};
+  std::atomic<uint64_t> retired_skips_{0};  // skips counted by policies swapped out
+  std::atomic<uint64_t> next_conn_id_{1};
+
+ public:
+  std::atomic<uint64_t> sched_batches_{0};
+  std::atomic<uint64_t> window_updates_{0};
+
+ private:
+};
+
+// A socket object for a connection (socket.cc).
+absl::StatusOr<std::unique_ptr<VirtualSocket>> MakeSocket(StackImpl* st, std::shared_ptr<Conn> c,
+                                                          const SocketOptions& o);
+
+}  // namespace netch::vns
