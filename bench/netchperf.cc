@@ -11,6 +11,8 @@
 //   checks every byte against the pattern (unless --no-verify) and reports what it received.
 // rpc: --concurrency connections, each a thread doing request/response ping-pong of --size bytes
 //   for --seconds; latency percentiles over every request.
+// mixed: one stream (T-app) and --concurrency rpc connections (L-app) at once: rpc latency beside
+//   bulk traffic, the paper's isolation experiment (bench/run-isolation).
 // CPU cost is each process's own accounting (getrusage: user + system of all its threads); the
 // kernel stack's softirq work is charged to whichever process it interrupts, so it is a lower
 // bound for kernel TCP.
@@ -50,15 +52,17 @@ constexpr char kUsage[] =
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp]\n"
     "  netchperf client --dev IF --peer ADDR [--stack netch|kernel] [--port P]\n"
-    "                   [--mode stream|rpc] [--bytes N | --seconds S] [--size BYTES]\n"
+    "                   [--mode stream|rpc|mixed] [--bytes N | --seconds S] [--size BYTES]\n"
     "                   [--concurrency N] [--no-verify] [--json]\n"
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp] [--spin-us N]\n"
-    "                   [--engine-cores C0,C1,...]\n"
+    "                   [--engine-cores C0,C1,...] [--policy NAME[:key=value,...]]\n"
     "Runs the same workload over the NetChannel stack (--stack netch, default) or kernel TCP.\n"
     "stream: one thread sends --bytes (default 1 GiB) in --size writes (default 131072); every\n"
     "byte is checked by the server. rpc: --concurrency (default 1) connections ping-pong --size\n"
-    "(default 4096) bytes for --seconds (default 3). --json prints one object.\n"
+    "(default 4096) bytes for --seconds (default 3). mixed: a stream of 128 KiB writes (T-app)\n"
+    "and --concurrency rpc connections (L-app) at once, for --seconds: the isolation benchmark.\n"
+    "--policy picks the NetScheduler policy (netchctl policy list). --json prints one object.\n"
     "The netch stack serves netchctl (instance --instance, default 'default') and Prometheus\n"
     "metrics on --metrics (default 127.0.0.1:9464, 'off' to disable; a busy port is a warning).\n";
 
@@ -78,13 +82,15 @@ struct Options {
   bool replace_xdp = false;
   uint64_t spin_us = 0;           // netch: adaptive-polling spin of Recv, dispatcher and engines
   std::vector<int> engine_cores;  // netch: pin engine i to engine_cores[i]
+  std::string policy = "round-robin";  // netch: NetScheduler policy
+  std::vector<std::pair<std::string, std::string>> policy_knobs;
   bool once = false, json = false, verify = true;
 };
 
 // The request a client sends first on every connection.
 struct Hello {
   uint32_t magic;
-  uint32_t mode;  // 0 stream, 1 rpc
+  uint32_t mode;  // 0 stream, 1 rpc, 2 mixed: a stream now, then `concurrency` rpc connections
   uint64_t size;
   uint64_t bytes;  // stream: bytes to expect (0: until end of stream)
   uint32_t verify;
@@ -204,6 +210,8 @@ class VnsSock final : public Sock {
 class Endpoint {
  public:
   virtual ~Endpoint() = default;
+  // The class the next Connect announces (NCSYN): stream is the paper's T-app, rpc the L-app.
+  netch::vns::AppClass next_class = netch::vns::AppClass::kUnspecified;
   virtual std::unique_ptr<Sock> Accept(std::string* err) = 0;
   virtual std::unique_ptr<Sock> Connect(uint32_t ip, uint16_t port, std::string* err) = 0;
 };
@@ -279,6 +287,8 @@ class NetchEndpoint final : public Endpoint {
     // halves what they get, so the default leaves placement to the kernel.
     so.driver_opts.cores = o.engine_cores;
     so.channels_per_peer = static_cast<int>(o.channels);
+    so.policy = o.policy;
+    so.policy_knobs = o.policy_knobs;
     so.copy_workers = static_cast<int>(o.copy_workers);
     so.recv_spin_us = o.spin_us;
     so.dispatcher_spin_us = std::max<uint64_t>(50, o.spin_us);
@@ -316,7 +326,7 @@ class NetchEndpoint final : public Endpoint {
   std::unique_ptr<Sock> Connect(uint32_t ip, uint16_t port, std::string* err) override {
     netch::vns::SocketOptions so;
     so.connect_timeout = absl::Seconds(5);
-    so.app_class = app_class_;
+    so.app_class = next_class;
     auto s = stack_->Connect(ip, port, so);
     if (!s.ok()) {
       *err = s.status().ToString();
@@ -335,11 +345,6 @@ class NetchEndpoint final : public Endpoint {
  private:
   std::unique_ptr<netch::ctl::Controller> ctl_;
   std::unique_ptr<netch::vns::Stack> stack_;
-
- public:
-  netch::vns::AppClass app_class_ = netch::vns::AppClass::kUnspecified;
-
- private:
   std::unique_ptr<netch::vns::VirtualSocket> listener_;
 };
 
@@ -387,6 +392,22 @@ int RunServer(const Options& o, Endpoint& ep) {
     }
     if (h.mode == 0) {
       ServeStream(*first, h);
+    } else if (h.mode == 2) {
+      // Mixed: this stream and `concurrency` rpc connections, all served at once.
+      std::vector<std::pair<std::unique_ptr<Sock>, Hello>> rpcs;
+      for (uint32_t i = 0; i < h.concurrency; ++i) {
+        auto s = ep.Accept(&err);
+        if (!s) break;
+        Hello h2{};
+        if (!s->RecvAll(reinterpret_cast<uint8_t*>(&h2), sizeof(h2)) || h2.magic != kMagic ||
+            h2.size == 0 || h2.size > kMaxSize)
+          break;
+        rpcs.emplace_back(std::move(s), h2);
+      }
+      std::vector<std::thread> t;
+      t.emplace_back([&] { ServeStream(*first, h); });
+      for (auto& [s, h2] : rpcs) t.emplace_back([&s, &h2] { ServeRpc(*s, h2); });
+      for (auto& th : t) th.join();
     } else {
       std::vector<std::unique_ptr<Sock>> socks;
       socks.push_back(std::move(first));
@@ -401,7 +422,11 @@ int RunServer(const Options& o, Endpoint& ep) {
       for (auto& s : socks) t.emplace_back([&s, &h] { ServeRpc(*s, h); });
       for (auto& th : t) th.join();
     }
-    if (!o.json) std::fprintf(stderr, "netchperf: served one %s run\n", h.mode ? "rpc" : "stream");
+    if (!o.json)
+      std::fprintf(stderr, "netchperf: served one %s run\n",
+                   h.mode == 0   ? "stream"
+                   : h.mode == 1 ? "rpc"
+                                 : "mixed");
   } while (!o.once);
   return 0;
 }
@@ -425,7 +450,92 @@ std::unique_ptr<Sock> ConnectRetry(Endpoint& ep, const Options& o, std::string* 
   }
 }
 
+// One rpc connection's ping-pong until `end`: latencies in µs appended to `lat`.
+bool PingPong(Sock& s, size_t size, uint64_t end, bool verify, uint32_t seed,
+              std::vector<double>* lat) {
+  std::vector<uint8_t> req(PatternAt(seed), PatternAt(seed) + size), resp(size);
+  lat->reserve(1 << 20);
+  while (NowUs() < end) {
+    const uint64_t a = NowUs();
+    if (!s.SendAll(req.data(), size) || !s.RecvAll(resp.data(), size)) return false;
+    lat->push_back(static_cast<double>(NowUs() - a));
+    if (verify && resp != req) return false;
+  }
+  return true;
+}
+
+// Mixed (the isolation benchmark): a T-app stream of 128 KiB writes and --concurrency L-app rpc
+// connections of --size bytes on the same stack at the same time, for --seconds.
+int RunMixed(const Options& o, Endpoint& ep) {
+  std::string err;
+  const uint64_t rpc_size = o.size ? o.size : 4096, stream_size = 131072;
+  const double seconds = o.seconds > 0 ? o.seconds : 3;
+  ep.next_class = netch::vns::AppClass::kThroughput;
+  auto stream = ConnectRetry(ep, o, &err);
+  if (!stream) return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
+  Hello hs{kMagic, 2, stream_size, 0, o.verify ? 1u : 0u, o.concurrency};
+  if (!stream->SendAll(reinterpret_cast<const uint8_t*>(&hs), sizeof(hs)))
+    return std::fprintf(stderr, "netchperf: %s\n", stream->err.c_str()), 1;
+  ep.next_class = netch::vns::AppClass::kLatency;
+  std::vector<std::unique_ptr<Sock>> rpcs;
+  Hello hr{kMagic, 1, rpc_size, 0, o.verify ? 1u : 0u, 1};
+  for (uint32_t i = 0; i < o.concurrency; ++i) {
+    auto s = ConnectRetry(ep, o, &err);
+    if (!s || !s->SendAll(reinterpret_cast<const uint8_t*>(&hr), sizeof(hr)))
+      return std::fprintf(stderr, "netchperf: rpc connection: %s\n", err.c_str()), 1;
+    rpcs.push_back(std::move(s));
+  }
+  const uint64_t t0 = NowUs(), end = t0 + static_cast<uint64_t>(seconds * 1e6);
+  std::atomic<bool> failed{false};
+  uint64_t sent = 0;
+  std::thread tx([&] {
+    while (NowUs() < end) {
+      if (!stream->SendAll(PatternAt(sent), stream_size)) {
+        failed = true;
+        return;
+      }
+      sent += stream_size;
+    }
+  });
+  std::vector<std::vector<double>> lat(o.concurrency);
+  std::vector<std::thread> th;
+  for (uint32_t i = 0; i < o.concurrency; ++i)
+    th.emplace_back([&, i] {
+      if (!PingPong(*rpcs[i], rpc_size, end, o.verify, i, &lat[i])) failed = true;
+    });
+  tx.join();
+  const double secs = (NowUs() - t0) / 1e6;
+  for (auto& t : th) t.join();
+  stream->Shutdown();
+  StreamResult r{};
+  if (!stream->RecvAll(reinterpret_cast<uint8_t*>(&r), sizeof(r))) failed = true;
+  for (auto& s : rpcs) s->Shutdown();
+  std::vector<double> all;
+  for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
+  const bool ok = !failed && r.bytes == sent && r.bad == 0;
+  const double gbps = sent * 8 / secs / 1e9, rate = all.size() / secs;
+  const double p50 = Percentile(all, 50), p99 = Percentile(all, 99), p999 = Percentile(all, 99.9);
+  if (o.json) {
+    std::printf(
+        "{\"stack\":\"%s\",\"mode\":\"mixed\",\"policy\":\"%s\",\"size\":%llu,"
+        "\"concurrency\":%u,\"seconds\":%.4f,\"stream_gbps\":%.3f,\"requests\":%zu,"
+        "\"rate_per_s\":%.1f,\"p50_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,"
+        "\"integrity_ok\":%s,\"channels\":%u,\"driver\":\"%s\"}\n",
+        o.stack.c_str(), o.stack == "kernel" ? "kernel" : o.policy.c_str(),
+        (unsigned long long)rpc_size, o.concurrency, secs, gbps, all.size(), rate, p50, p99, p999,
+        ok ? "true" : "false", o.channels, o.driver.c_str());
+  } else {
+    std::printf(
+        "%s mixed: stream %.2f Gbit/s beside rpc %llu B x %u: %.0f req/s, p50 %.1f us, p99 %.1f "
+        "us, p99.9 %.1f us; %s\n",
+        o.stack.c_str(), gbps, (unsigned long long)rpc_size, o.concurrency, rate, p50, p99, p999,
+        ok ? "every byte checked" : "ERRORS");
+  }
+  return ok ? 0 : 1;
+}
+
 int RunClient(const Options& o, Endpoint& ep) {
+  if (o.mode == "mixed") return RunMixed(o, ep);
   std::string err;
   const bool stream = o.mode == "stream";
   const uint64_t size = o.size ? o.size : (stream ? 131072 : 4096);
@@ -495,17 +605,7 @@ int RunClient(const Options& o, Endpoint& ep) {
   std::vector<std::thread> th;
   for (uint32_t i = 0; i < o.concurrency; ++i) {
     th.emplace_back([&, i] {
-      std::vector<uint8_t> req(PatternAt(i), PatternAt(i) + size), resp(size);
-      lat[i].reserve(1 << 20);
-      while (NowUs() < end) {
-        const uint64_t a = NowUs();
-        if (!socks[i]->SendAll(req.data(), size) || !socks[i]->RecvAll(resp.data(), size)) {
-          failed = true;
-          return;
-        }
-        lat[i].push_back(static_cast<double>(NowUs() - a));
-        if (o.verify && resp != req) failed = true;
-      }
+      if (!PingPong(*socks[i], size, end, o.verify, i, &lat[i])) failed = true;
     });
   }
   for (auto& t : th) t.join();
@@ -580,7 +680,7 @@ int main(int argc, char** argv) {
       ok = v == "netch" || v == "kernel";
     } else if (a == "--mode") {
       o.mode = v;
-      ok = v == "stream" || v == "rpc";
+      ok = v == "stream" || v == "rpc" || v == "mixed";
     } else if (a == "--driver") {
       o.driver = v;
       ok = v == "afxdp" || v == "tcp";
@@ -616,6 +716,19 @@ int main(int argc, char** argv) {
       o.instance = v;
     } else if (a == "--metrics") {
       o.metrics = v;
+    } else if (a == "--policy") {
+      // NAME[:key=value,...]
+      const std::vector<std::string> parts = absl::StrSplit(v, absl::MaxSplits(':', 1));
+      o.policy = parts[0];
+      if (parts.size() == 2) {
+        for (absl::string_view kv : absl::StrSplit(parts[1], ',', absl::SkipEmpty())) {
+          const auto eq = kv.find('=');
+          if (eq == absl::string_view::npos || eq == 0)
+            ok = false;
+          else
+            o.policy_knobs.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
+        }
+      }
     } else if (a == "--engines") {
       ok = absl::SimpleAtoi(v, &o.engines) && o.engines >= 1 && o.engines <= 64;
     } else {
@@ -626,7 +739,8 @@ int main(int argc, char** argv) {
   if (o.dev.empty()) return Usage("--dev is required");
   if (o.role == "client" && o.peer == 0) return Usage("--peer is required for the client");
   if (o.bytes && o.seconds > 0) return Usage("give --bytes or --seconds, not both");
-  if (o.role == "client" && o.mode == "rpc" && o.bytes) return Usage("rpc runs for --seconds");
+  if (o.role == "client" && o.mode != "stream" && o.bytes)
+    return Usage(o.mode + " runs for --seconds");
   if (auto ifi = netch::afxdp::GetInterfaceInfo(o.dev); !ifi.ok())
     return std::fprintf(stderr, "netchperf: %s\n", ifi.status().ToString().c_str()), 1;
   Pattern();  // built before any timing starts
@@ -639,7 +753,7 @@ int main(int argc, char** argv) {
   }
   NetchEndpoint ep;
   // Stream is the T-app of the paper, rpc the L-app: the class travels in NCSYN.
-  ep.app_class_ =
+  ep.next_class =
       o.mode == "rpc" ? netch::vns::AppClass::kLatency : netch::vns::AppClass::kThroughput;
   if (!ep.Open(o, &err)) return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
   if (o.role == "server" && !ep.Listen(o.port, &err))

@@ -95,11 +95,58 @@ class OnePerSocket final : public NetScheduler {
   }
 };
 
+// L-app/T-app isolation (thesis §3.3.3): the first `latency_channels` of a socket's channels
+// carry only latency-sensitive sockets (NCSYN class L-app), the rest everything else, so a bulk
+// stream's segments never queue in front of an RPC's on a channel. Within its set a socket takes
+// turns. With no more channels than the reserve, everyone shares.
+class IsolateClasses final : public NetScheduler {
+ public:
+  std::string_view name() const override { return "isolate-classes"; }
+  size_t PickChannel(const SocketRef& s, std::span<const ChannelLoad> chans,
+                     uint64_t* cursor) const override {
+    const size_t n = chans.size();
+    const size_t k = std::min<size_t>(reserve_.load(std::memory_order_relaxed), n);
+    size_t lo = 0, hi = n;
+    if (k < n) {
+      if (s.app_class == kLatencyClass) {
+        hi = k;
+      } else {
+        lo = k;
+      }
+    }
+    const size_t span = hi - lo;
+    for (size_t j = 0; j < span; ++j) {
+      const size_t i = lo + (*cursor + j) % span;
+      if (chans[i].full) continue;
+      *cursor = i - lo + 1;
+      return i;
+    }
+    return kWait;
+  }
+  Knobs GetKnobs() const override {
+    return {{"latency_channels", std::to_string(reserve_.load(std::memory_order_relaxed))}};
+  }
+  absl::Status SetKnob(std::string_view key, std::string_view value) override {
+    if (key != "latency_channels") return NoSuchKnob(name(), key, "latency_channels");
+    uint32_t v;
+    if (!absl::SimpleAtoi(absl::string_view(value.data(), value.size()), &v) || v > 64)
+      return absl::InvalidArgumentError(
+          absl::StrFormat("latency_channels must be 0..64, not '%s'", value));
+    reserve_.store(v, std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
+
+ private:
+  static constexpr uint8_t kLatencyClass = 1;  // NC_CLASS_LATENCY
+  std::atomic<uint32_t> reserve_{1};
+};
+
 NamedRegistry<PolicyFactory>& Reg() {
   static auto* r = new NamedRegistry<PolicyFactory>(
       "policy", {{"round-robin", [] { return std::make_unique<RoundRobin>(); }},
                  {"shortest-queue", [] { return std::make_unique<ShortestQueue>(); }},
-                 {"one-per-socket", [] { return std::make_unique<OnePerSocket>(); }}});
+                 {"one-per-socket", [] { return std::make_unique<OnePerSocket>(); }},
+                 {"isolate-classes", [] { return std::make_unique<IsolateClasses>(); }}});
   return *r;
 }
 

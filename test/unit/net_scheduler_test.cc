@@ -9,6 +9,7 @@ namespace netch::sched {
 namespace {
 
 constexpr size_t kWait = NetScheduler::kWait;
+constexpr uint8_t NC_L = 1, NC_T = 2;  // nc_app_class: latency, throughput
 
 std::unique_ptr<NetScheduler> Make(const std::string& name, const Knobs& k = {}) {
   auto p = CreatePolicy(name, k);
@@ -62,9 +63,36 @@ TEST(OnePerSocketTest, ASocketKeepsOneChannelAndWaitsForIt) {
   EXPECT_EQ(Picks(*p, {{1, 0}, {2, 0, true}, {3, 0}, {4, 0}}, 1, 5), (std::vector<size_t>{kWait}));
 }
 
+TEST(IsolateClassesTest, LatencySocketsGetTheReservedChannelsAndTheRestTheOthers) {
+  auto p = Make("isolate-classes", {{"latency_channels", "1"}});
+  const std::vector<ChannelLoad> four = {{1, 0}, {2, 0}, {3, 0}, {4, 0}};
+  uint64_t cur = 0;
+  std::vector<size_t> l, t;
+  for (int i = 0; i < 3; ++i) l.push_back(p->PickChannel({7, NC_L}, four, &cur));
+  cur = 0;
+  for (int i = 0; i < 4; ++i) t.push_back(p->PickChannel({8, NC_T}, four, &cur));
+  EXPECT_EQ(l, (std::vector<size_t>{0, 0, 0}));
+  EXPECT_EQ(t, (std::vector<size_t>{1, 2, 3, 1})) << "bulk never lands on the L-app channel";
+  // Unspecified class counts as throughput.
+  cur = 0;
+  EXPECT_EQ(p->PickChannel({9, 0}, four, &cur), 1u);
+  // Its reserved channel full: an L-app socket waits rather than queue behind bulk.
+  std::vector<ChannelLoad> full0 = four;
+  full0[0].full = true;
+  cur = 0;
+  EXPECT_EQ(p->PickChannel({7, NC_L}, full0, &cur), kWait);
+  // Two reserved channels; one channel in all: shared.
+  auto p2 = Make("isolate-classes", {{"latency_channels", "2"}});
+  cur = 0;
+  EXPECT_EQ(p2->PickChannel({8, NC_T}, four, &cur), 2u);
+  cur = 0;
+  EXPECT_EQ(p->PickChannel({8, NC_T}, std::vector<ChannelLoad>{{1, 0}}, &cur), 0u);
+  EXPECT_FALSE(CreatePolicy("isolate-classes", {{"latency_channels", "x"}}).ok());
+}
+
 TEST(PolicyRegistryTest, NamesKnobsAndErrors) {
   const auto names = PolicyNames();
-  for (const char* n : {"round-robin", "shortest-queue", "one-per-socket"})
+  for (const char* n : {"round-robin", "shortest-queue", "one-per-socket", "isolate-classes"})
     EXPECT_NE(std::find(names.begin(), names.end(), n), names.end()) << n;
   auto bad = CreatePolicy("lottery");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
