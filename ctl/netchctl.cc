@@ -5,7 +5,7 @@
 #include <string>
 #include <vector>
 
-#include "absl/strings/numbers.h"
+#include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "ctl/control.h"
@@ -15,8 +15,7 @@ namespace {
 using json = nlohmann::json;
 
 constexpr char kUsage[] =
-    "usage: netchctl [--instance NAME] [--json] COMMAND\n"
-    "commands:\n"
+    "Commands:\n"
     "  status                              the stack: interface, XDP mode, pins, metrics address\n"
     "  channels                            channels with state, engine/core, bytes, RTT, window\n"
     "  sockets                             virtual sockets with their class and channels\n"
@@ -28,11 +27,6 @@ constexpr char kUsage[] =
     "  metrics                             the Prometheus exposition text\n"
     "With one stack running in this network namespace, --instance is not needed.\n"
     "Every command takes --help; --json prints the stack's answer as JSON.\n";
-
-int Usage(const std::string& err) {
-  std::fprintf(stderr, "netchctl: %s\n%s", err.c_str(), kUsage);
-  return 2;
-}
 
 std::string Str(const json& v) {
   if (v.is_string()) return v.get<std::string>();
@@ -122,73 +116,89 @@ void Human(const std::string& cmd, const json& d) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::vector<std::string> a(argv + 1, argv + argc);
+  CLI::App app{"netchctl: the operator's CLI for a running NetChannel stack", "netchctl"};
+  app.footer(kUsage);
+  app.require_subcommand(1);
   std::string instance;
   bool json_out = false;
-  std::vector<std::string> rest;
-  for (size_t i = 0; i < a.size(); ++i) {
-    if (a[i] == "--instance") {
-      if (i + 1 >= a.size()) return Usage("--instance needs a name");
-      instance = a[++i];
-    } else if (a[i] == "--json") {
-      json_out = true;
-    } else if (a[i] == "-h" || a[i] == "--help") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    } else {
-      rest.push_back(a[i]);
-    }
-  }
-  if (rest.empty()) return Usage("no command");
-  // Translate the command line into one control request.
+  app.add_option("--instance", instance, "the stack's instance name (default: the only one)");
+  app.add_flag("--json", json_out, "print the stack's answer as JSON");
   std::vector<std::string> req;
-  const std::string& c = rest[0];
-  auto value_of = [&](const std::string& flag, std::string* out) {
-    for (size_t i = 0; i + 1 < rest.size(); ++i)
-      if (rest[i] == flag) {
-        *out = rest[i + 1];
-        return true;
-      }
-    return false;
-  };
-  auto is_uint = [](const std::string& s) {
-    uint64_t v;
-    return absl::SimpleAtoi(s, &v);
-  };
-  if ((c == "status" || c == "channels" || c == "sockets" || c == "metrics") && rest.size() == 1) {
-    req = {c};
-  } else if (c == "map" && rest.size() == 5 && rest[1] == "socket") {
-    std::string chans;
-    if (!is_uint(rest[2]) || !value_of("--channels", &chans))
-      return Usage("usage: map socket ID --channels A,B");
-    req = {"map-socket", rest[2], chans};
-  } else if (c == "pin" && rest.size() == 5 && rest[1] == "channel") {
-    std::string core;
-    if (!is_uint(rest[2]) || !value_of("--core", &core) || !is_uint(core))
-      return Usage("usage: pin channel ID --core N");
-    req = {"pin-channel", rest[2], core};
-  } else if (c == "policy" && rest.size() == 2 && rest[1] == "show") {
-    req = {"policy-show"};
-  } else if (c == "policy" && rest.size() == 2 && rest[1] == "list") {
+  // status, channels, sockets, metrics: no arguments.
+  for (const char* c : {"status", "channels", "sockets", "metrics"})
+    app.add_subcommand(c, "")->callback([&req, c] { req = {c}; });
+  auto* map = app.add_subcommand("map", "restrict a socket's traffic to channels");
+  map->require_subcommand(1);
+  uint64_t sock_id = 0;
+  std::string map_chans;
+  auto* map_socket = map->add_subcommand("socket", "map socket ID --channels A,B");
+  map_socket->add_option("ID", sock_id, "socket id (netchctl sockets)")->required();
+  map_socket->add_option("--channels", map_chans, "channel ids, comma-separated")->required();
+  map_socket->callback([&] { req = {"map-socket", std::to_string(sock_id), map_chans}; });
+  auto* pin = app.add_subcommand("pin", "move a channel to the engine pinned to a core");
+  pin->require_subcommand(1);
+  uint64_t chan_id = 0, core = 0;
+  auto* pin_channel = pin->add_subcommand("channel", "pin channel ID --core N");
+  pin_channel->add_option("ID", chan_id, "channel id (netchctl channels)")->required();
+  pin_channel->add_option("--core", core, "a core an engine is pinned to")->required();
+  pin_channel->callback([&] {
+    req = {"pin-channel", std::to_string(chan_id), std::to_string(core)};
+  });
+  auto* policy = app.add_subcommand("policy", "the NetScheduler policy");
+  policy->require_subcommand(1);
+  policy->add_subcommand("list", "every policy and its knobs")->callback([&] {
     req = {"policy-list"};
-  } else if (c == "policy" && rest.size() >= 3 && rest[1] == "set") {
-    req = {"policy-set"};
-    req.insert(req.end(), rest.begin() + 2, rest.end());
-  } else if (c == "copy-workers" && rest.size() == 2) {
-    if (!is_uint(rest[1])) return Usage("copy-workers takes a number, not '" + rest[1] + "'");
-    req = {"copy-workers", rest[1]};
-  } else if (c == "fault" && rest.size() >= 3 && rest[1] == "drop") {
-    if (!is_uint(rest[2]))
-      return Usage("fault drop takes parts per million, not '" + rest[2] + "'");
-    req = {"fault-drop", rest[2]};
-    std::string ch;
-    if (rest.size() == 5 && value_of("--channel", &ch) && is_uint(ch)) {
-      req.push_back(ch);
-    } else if (rest.size() != 3) {
-      return Usage("usage: fault drop PPM [--channel ID]");
+  });
+  policy->add_subcommand("show", "the active policy")->callback([&] { req = {"policy-show"}; });
+  std::string policy_name;
+  std::vector<std::string> knobs;
+  auto* policy_set = policy->add_subcommand("set", "policy set NAME [key=value...]");
+  policy_set->add_option("NAME", policy_name, "policy name (netchctl policy list)")->required();
+  policy_set->add_option("KNOBS", knobs, "key=value");
+  policy_set->callback([&] {
+    req = {"policy-set", policy_name};
+    req.insert(req.end(), knobs.begin(), knobs.end());
+  });
+  uint64_t workers = 0;
+  auto* cw = app.add_subcommand("copy-workers", "set the number of copy workers");
+  cw->add_option("N", workers, "copy workers")->required();
+  cw->callback([&] { req = {"copy-workers", std::to_string(workers)}; });
+  auto* fault = app.add_subcommand("fault", "fault injection in the XDP program");
+  fault->require_subcommand(1);
+  uint64_t ppm = 0, fault_chan = 0;
+  auto* drop = fault->add_subcommand("drop", "fault drop PPM [--channel ID]");
+  drop->add_option("PPM", ppm, "parts per million dropped")->required();
+  auto* fault_chan_opt = drop->add_option("--channel", fault_chan, "only this channel");
+  drop->callback([&] {
+    req = {"fault-drop", std::to_string(ppm)};
+    if (fault_chan_opt->count()) req.push_back(std::to_string(fault_chan));
+  });
+  // An unknown command word gets its own message (CLI11 would only say a subcommand is missing).
+  for (int i = 1; i < argc; ++i) {
+    const std::string w = argv[i];
+    if (w == "--instance") {
+      ++i;
+      continue;
     }
-  } else {
-    return Usage("unknown or malformed command: " + absl::StrJoin(rest, " "));
+    if (w.rfind("-", 0) == 0) continue;
+    bool known = false;
+    for (const CLI::App* sub : app.get_subcommands([](CLI::App*) { return true; }))
+      known |= sub->get_name() == w;
+    if (!known) {
+      std::fprintf(stderr,
+                   "netchctl: unknown command '%s'\nRun 'netchctl --help' for the commands.\n",
+                   w.c_str());
+      return 2;
+    }
+    break;
+  }
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "netchctl: %s\nRun 'netchctl --help' for the commands.\n", e.what());
+    return 2;
   }
   if (instance.empty()) {
     const auto all = netch::ctl::ListInstances();
