@@ -11,10 +11,12 @@
 #include <cstring>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <optional>
 #include <sstream>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
 #include "afxdp_channels/channel.h"
 #include "afxdp_channels/engine.h"
@@ -187,6 +189,57 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
     }
     return Ok(out);
   }
+  if (cmd == "socket-explain") {  // socket-explain ID: one socket and why its bytes go where
+    uint64_t id;
+    if (a.size() != 2 || !ParseU64(a[1], &id)) return Err("usage: sockets --explain ID");
+    std::optional<vns::SocketInfo> si;
+    for (auto& s : stack_->Sockets())
+      if (s.id == id) si = s;
+    if (!si) return Err(absl::StrFormat("no socket %u (netchctl sockets lists them)", id));
+    if (si->listening) return Err(absl::StrFormat("socket %u listens: it sends nothing", id));
+    const vns::PolicyInfo pol = stack_->Policy();
+    json knobs = json::object();
+    for (const auto& [k, v] : pol.knobs) knobs[k] = v;
+    json chans = json::array();
+    const auto engines = d.Engines();
+    for (const auto& ch : d.Channels()) {
+      if (ch->peer_ipv4() != si->remote_ipv4) continue;
+      const chan::ChannelStats st = ch->stats();
+      int core = -1;
+      for (const auto& e : engines)
+        if (e.index == st.engine) core = e.core;
+      uint64_t batches = 0;
+      for (const auto& [cid, n] : si->batches_by_channel)
+        if (cid == ch->id()) batches = n;
+      const bool mapped =
+          si->channels.empty() ||
+          std::find(si->channels.begin(), si->channels.end(), ch->id()) != si->channels.end();
+      chans.push_back({{"id", ch->id()},
+                       {"state", std::string(chan::StateName(st.state))},
+                       {"usable", mapped && (st.state == chan::ChannelState::kUp)},
+                       {"engine", st.engine},
+                       {"core", core},
+                       {"queue", st.queue},
+                       {"tx_queued_bytes", st.tx_queued_bytes},
+                       {"srtt_us", st.srtt_us},
+                       {"batches", batches}});
+    }
+    std::string why =
+        absl::StrFormat("a %s socket; policy %s sends each batch of up to 32 segments on %s; ",
+                        vns::AppClassName(si->app_class), pol.name, pol.explain);
+    why += si->channels.empty()
+               ? "it may use every live channel to its peer"
+               : "netchctl map restricts it to channels " + absl::StrJoin(si->channels, ",");
+    return Ok({{"socket", id},
+               {"class", vns::AppClassName(si->app_class)},
+               {"remote", Ipv4String(si->remote_ipv4)},
+               {"remote_port", si->remote_port},
+               {"tx_bytes", si->tx_bytes},
+               {"policy", {{"name", pol.name}, {"knobs", knobs}}},
+               {"channels", chans},
+               {"batches_on_other_channels", si->batches_other},
+               {"why", why}});
+  }
   if (cmd == "map-socket") {  // map-socket ID A,B,...
     uint64_t id;
     if (a.size() != 3 || !ParseU64(a[1], &id)) return Err("usage: map socket ID --channels A,B");
@@ -234,7 +287,13 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
       } else if (auto p = sched::CreatePolicy(name); p.ok()) {
         for (const auto& [k, v] : (*p)->GetKnobs()) knobs[k] = v;
       }
-      out.push_back({{"name", name}, {"active", name == active.name}, {"knobs", knobs}});
+      std::string explain = active.explain;
+      if (name != active.name)
+        if (auto p = sched::CreatePolicy(name); p.ok()) explain = (*p)->Explain();
+      out.push_back({{"name", name},
+                     {"active", name == active.name},
+                     {"knobs", knobs},
+                     {"explain", explain}});
     }
     return Ok(out);
   }

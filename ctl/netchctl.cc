@@ -18,7 +18,8 @@ constexpr char kUsage[] =
     "Commands:\n"
     "  status                              the stack: interface, XDP mode, pins, metrics address\n"
     "  channels                            channels with state, engine/core, bytes, RTT, window\n"
-    "  sockets                             virtual sockets with their class and channels\n"
+    "  sockets [--explain ID]              virtual sockets with their class and channels; or one\n"
+    "                                      socket: policy, channels, cores, decisions, why\n"
     "  map socket ID --channels A,B        restrict a socket's traffic to these channels\n"
     "  pin channel ID --core N             run a channel on the engine pinned to core N\n"
     "  policy list | policy show | policy set NAME [key=value...]\n"
@@ -100,8 +101,25 @@ void Human(const std::string& cmd, const json& d) {
       std::printf("%s %s", p["active"].get<bool>() ? "*" : " ", Str(p["name"]).c_str());
       for (const auto& [k, v] : p["knobs"].items())
         std::printf(" %s=%s", k.c_str(), Str(v).c_str());
-      std::printf("\n");
+      std::printf("\n      %s\n", Str(p["explain"]).c_str());
     }
+  } else if (cmd == "socket-explain") {
+    std::printf("socket %s -> %s:%s  class %s  sent %s bytes\npolicy %s", Str(d["socket"]).c_str(),
+                Str(d["remote"]).c_str(), Str(d["remote_port"]).c_str(), Str(d["class"]).c_str(),
+                Str(d["tx_bytes"]).c_str(), Str(d["policy"]["name"]).c_str());
+    for (const auto& [k, v] : d["policy"]["knobs"].items())
+      std::printf(" %s=%s", k.c_str(), Str(v).c_str());
+    std::printf("\n");
+    Table(d["channels"], {{"id", "CHANNEL"},
+                          {"state", "STATE"},
+                          {"usable", "USABLE"},
+                          {"engine", "ENGINE"},
+                          {"core", "CORE"},
+                          {"queue", "QUEUE"},
+                          {"tx_queued_bytes", "QUEUED"},
+                          {"srtt_us", "SRTT_US"},
+                          {"batches", "BATCHES"}});
+    std::printf("why: %s\n", Str(d["why"]).c_str());
   } else if (cmd == "policy-show" || cmd == "policy-set") {
     std::printf("policy %s", Str(d["name"]).c_str());
     for (const auto& [k, v] : d["knobs"].items()) std::printf(" %s=%s", k.c_str(), Str(v).c_str());
@@ -125,8 +143,17 @@ int main(int argc, char** argv) {
   app.add_flag("--json", json_out, "print the stack's answer as JSON");
   std::vector<std::string> req;
   // status, channels, sockets, metrics: no arguments.
-  for (const char* c : {"status", "channels", "sockets", "metrics"})
+  for (const char* c : {"status", "channels", "metrics"})
     app.add_subcommand(c, "")->callback([&req, c] { req = {c}; });
+  uint64_t explain_id = 0;
+  auto* sockets = app.add_subcommand("sockets", "virtual sockets with their class and channels");
+  auto* explain_opt = sockets->add_option(
+      "--explain", explain_id, "one socket: its class, policy, channels with cores and batches");
+  sockets->callback([&] {
+    req = explain_opt->count()
+              ? std::vector<std::string>{"socket-explain", std::to_string(explain_id)}
+              : std::vector<std::string>{"sockets"};
+  });
   auto* map = app.add_subcommand("map", "restrict a socket's traffic to channels");
   map->require_subcommand(1);
   uint64_t sock_id = 0;

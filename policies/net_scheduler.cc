@@ -20,6 +20,12 @@ absl::Status NoSuchKnob(std::string_view policy, std::string_view key, std::stri
 class RoundRobin final : public NetScheduler {
  public:
   std::string_view name() const override { return "round-robin"; }
+  std::string Explain() const override {
+    return absl::StrFormat(
+        "channels in turn, passing over one with more than %u bytes unacknowledged while another "
+        "has less",
+        mark_.load(std::memory_order_relaxed));
+  }
   size_t PickChannel(const SocketRef&, std::span<const ChannelLoad> chans,
                      uint64_t* cursor) const override {
     const size_t n = chans.size();
@@ -61,6 +67,9 @@ class RoundRobin final : public NetScheduler {
 class ShortestQueue final : public NetScheduler {
  public:
   std::string_view name() const override { return "shortest-queue"; }
+  std::string Explain() const override {
+    return "the channel with the fewest unacknowledged bytes, equals in turn";
+  }
   size_t PickChannel(const SocketRef&, std::span<const ChannelLoad> chans,
                      uint64_t* cursor) const override {
     const size_t n = chans.size();
@@ -84,6 +93,9 @@ class ShortestQueue final : public NetScheduler {
 class OnePerSocket final : public NetScheduler {
  public:
   std::string_view name() const override { return "one-per-socket"; }
+  std::string Explain() const override {
+    return "one channel per socket (socket id modulo its channels), waiting for it when full";
+  }
   size_t PickChannel(const SocketRef& s, std::span<const ChannelLoad> chans,
                      uint64_t*) const override {
     const size_t i = static_cast<size_t>(s.id % chans.size());
@@ -102,6 +114,11 @@ class OnePerSocket final : public NetScheduler {
 class IsolateClasses final : public NetScheduler {
  public:
   std::string_view name() const override { return "isolate-classes"; }
+  std::string Explain() const override {
+    return absl::StrFormat(
+        "L-app sockets on the first %u of their channels, all others on the rest, in turn",
+        reserve_.load(std::memory_order_relaxed));
+  }
   size_t PickChannel(const SocketRef& s, std::span<const ChannelLoad> chans,
                      uint64_t* cursor) const override {
     const size_t n = chans.size();

@@ -54,6 +54,8 @@ class NetScheduler {
 
   virtual ~NetScheduler() = default;
   virtual std::string_view name() const = 0;
+  // How it decides, in one sentence for operators (netchctl sockets --explain, policy list).
+  virtual std::string Explain() const = 0;
 
   // The channel for the socket's next batch: an index into `chans` (never empty; a stable order
   // for a given socket), never one marked full; kWait when the policy would rather wait than use

@@ -6,6 +6,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include <array>
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
@@ -80,6 +81,28 @@ struct Conn {
   // A channel that carried this connection's bytes failed: bytes may be lost, so the socket
   // reports ECONNRESET once what did arrive was read (set by the dispatcher).
   std::atomic<bool> broken{false};
+  // Scheduler decisions for this socket: batches per channel id, in a small lock-free table
+  // (senders claim a slot with a CAS; a socket that used more channels counts them in `other`).
+  struct ChannelCount {
+    std::atomic<uint32_t> id{0};  // channel id + 1; 0: free
+    std::atomic<uint64_t> batches{0};
+  };
+  static constexpr size_t kCountSlots = 16;
+  std::array<ChannelCount, kCountSlots> batches_by_channel;
+  std::atomic<uint64_t> batches_other{0};
+  void CountBatch(uint32_t channel_id) {
+    const uint32_t key = channel_id + 1;
+    for (size_t i = 0; i < kCountSlots; ++i) {
+      ChannelCount& s = batches_by_channel[(channel_id + i) % kCountSlots];
+      uint32_t cur = s.id.load(std::memory_order_relaxed);
+      if (cur == 0 && s.id.compare_exchange_strong(cur, key)) cur = key;
+      if (cur == key) {
+        s.batches.fetch_add(1, std::memory_order_relaxed);
+        return;
+      }
+    }
+    batches_other.fetch_add(1, std::memory_order_relaxed);
+  }
   std::vector<const chan::Channel*> tx_chans;  // guarded by map_mu: every channel sends used
   std::vector<const chan::Channel*> rx_chans;  // dispatcher only: channels that delivered
 

@@ -179,6 +179,7 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
         continue;
       }
       st_->sched_batches_.fetch_add(1, std::memory_order_relaxed);
+      c_->CountBatch(chans[k]->id());
       for (size_t i = 0; i < *taken; ++i) off += segs[i].payload.size();
       progress = true;
     }

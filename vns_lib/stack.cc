@@ -110,6 +110,11 @@ std::vector<SocketInfo> StackImpl::Sockets() const {
     si.app_class = c.app_class;
     si.tx_bytes = c.tx_bytes.load(std::memory_order_relaxed);
     si.rx_bytes = c.rx_bytes.load(std::memory_order_relaxed);
+    for (const auto& slot : c.batches_by_channel)
+      if (const uint32_t id = slot.id.load(std::memory_order_relaxed))
+        si.batches_by_channel.emplace_back(id - 1, slot.batches.load(std::memory_order_relaxed));
+    std::sort(si.batches_by_channel.begin(), si.batches_by_channel.end());
+    si.batches_other = c.batches_other.load(std::memory_order_relaxed);
     std::lock_guard g(const_cast<Conn&>(c).map_mu);
     si.channels = c.channel_ids;
     return si;
@@ -147,7 +152,7 @@ absl::Status StackImpl::MapSocket(uint64_t id, const std::vector<uint32_t>& ids)
 
 PolicyInfo StackImpl::Policy() const {
   auto p = policy();
-  return {std::string(p->name()), p->GetKnobs()};
+  return {std::string(p->name()), p->Explain(), p->GetKnobs()};
 }
 
 absl::Status StackImpl::SetPolicy(const std::string& name,

@@ -109,12 +109,17 @@ struct SocketInfo {
   AppClass app_class = AppClass::kUnspecified;
   uint64_t tx_bytes = 0, rx_bytes = 0;  // handed to channels / delivered to the application
   std::vector<uint32_t> channels;       // the channels its data may use (empty: all the peer's)
+  // The scheduler's decisions: batches of segments sent per channel id (and on channels beyond
+  // the first 16 a socket used).
+  std::vector<std::pair<uint32_t, uint64_t>> batches_by_channel;
+  uint64_t batches_other = 0;
 };
 
 // The scheduling policy VNS applies when it picks a channel for the next batch of a socket's
 // segments (the NetScheduler issue makes this pluggable; today one policy with one knob).
 struct PolicyInfo {
-  std::string name;  // "round-robin"
+  std::string name;     // "round-robin"
+  std::string explain;  // how it decides, one sentence
   std::vector<std::pair<std::string, std::string>> knobs;
 };
 

@@ -108,6 +108,7 @@ TEST(PolicyRegistryTest, NamesKnobsAndErrors) {
   ASSERT_TRUE(RegisterPolicy("first-channel", [] {
                 struct First final : NetScheduler {
                   std::string_view name() const override { return "first-channel"; }
+                  std::string Explain() const override { return "always the first"; }
                   size_t PickChannel(const SocketRef&, std::span<const ChannelLoad> c,
                                      uint64_t*) const override {
                     return c[0].full ? kWait : 0;

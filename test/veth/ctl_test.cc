@@ -246,6 +246,25 @@ TEST_F(CtlTest, OperatorChangesARunningStackWithoutLosingAByte) {
   usleep(500'000);
   EXPECT_GT(tx_of(only) - only0, 1u << 20) << "traffic flows on the mapped channel";
   EXPECT_LT(tx_of(ch) - other0, 256u << 10) << "and (almost) none on the other one";
+  // sockets --explain: the same story from the socket's side — its decisions moved.
+  auto batches_on = [&](const json& ex, int id) -> uint64_t {
+    for (const auto& x : ex["channels"])
+      if (x["id"] == id) return x["batches"];
+    return 0;
+  };
+  const json ex0 = CtlJson(absl::StrFormat("sockets --explain %u", sock_id));
+  usleep(300'000);
+  const json ex = CtlJson(absl::StrFormat("sockets --explain %u", sock_id));
+  EXPECT_EQ(ex["class"], "unspecified") << ex.dump();  // the test opened it without a class
+  EXPECT_EQ(ex["policy"]["name"], "round-robin");
+  EXPECT_GT(batches_on(ex, only) - batches_on(ex0, only), 0u) << ex.dump();
+  EXPECT_EQ(batches_on(ex, ch), batches_on(ex0, ch)) << "no new decision for the unmapped one";
+  EXPECT_NE(ex["why"].get<std::string>().find("restricts it to channels"), std::string::npos)
+      << ex["why"];
+  std::tie(rc, out) = Ctl(absl::StrFormat("sockets --explain %u", sock_id));
+  EXPECT_EQ(rc, 0) << LastErr();
+  EXPECT_NE(out.find("why: "), std::string::npos) << out;
+  EXPECT_NE(out.find("BATCHES"), std::string::npos) << out;
 
   // fault drop: retransmits go up, integrity holds.
   uint64_t retx0 = 0;
@@ -320,6 +339,8 @@ TEST_F(CtlTest, EveryErrorPathGetsOneLineAndANonZeroExit) {
       {"pin channel x --core 0", 2, "Could not convert"},
       {"pin channel 1 --core", 2, "--core"},
       {"map socket 12345 --channels 1", 1, "no connected socket"},
+      {"sockets --explain 12345", 1, "no socket 12345"},
+      {"sockets --explain x", 2, "Could not convert"},
       {"map socket 1 --channels a,b", 1, "bad channel id"},
       {"copy-workers many", 2, "Could not convert"},
       {"copy-workers 1000", 1, "copy workers must be"},
