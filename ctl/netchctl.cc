@@ -137,6 +137,7 @@ int main(int argc, char** argv) {
   CLI::App app{"netchctl: the operator's CLI for a running NetChannel stack", "netchctl"};
   app.footer(kUsage);
   app.require_subcommand(1);
+  app.fallthrough();  // --json and --instance also after the command (`netchctl channels --json`)
   std::string instance;
   bool json_out = false;
   app.add_option("--instance", instance, "the stack's instance name (default: the only one)");

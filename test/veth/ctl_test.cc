@@ -364,6 +364,10 @@ TEST_F(CtlTest, EveryErrorPathGetsOneLineAndANonZeroExit) {
     EXPECT_NE(err.find(k.says), std::string::npos) << k.args << ": " << err;
     EXPECT_TRUE(out.empty()) << k.args << " printed to stdout: " << out;
   }
+  // Global options also after the command.
+  std::tie(rc, out) = Ctl("channels --json");
+  EXPECT_EQ(rc, 0) << LastErr();
+  EXPECT_TRUE(json::parse(out, nullptr, false).is_array()) << out;
   std::tie(rc, out) = Ctl("--help");
   EXPECT_EQ(rc, 0);
   EXPECT_NE(out.find("pin channel ID --core N"), std::string::npos);
