@@ -34,7 +34,7 @@
 #include <thread>
 #include <vector>
 
-#include "absl/strings/numbers.h"
+#include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "afxdp_channels/engine.h"
@@ -636,111 +636,77 @@ int RunClient(const Options& o, Endpoint& ep) {
   return failed ? 1 : 0;
 }
 
-int Usage(const std::string& err) {
-  std::fprintf(stderr, "netchperf: %s\n%s", err.c_str(), kUsage);
-  return 2;
-}
-
 }  // namespace
 
 int main(int argc, char** argv) {
   g_start_us = NowUs();
-  if (argc < 2) return Usage("missing server|client");
   Options o;
-  o.role = argv[1];
-  if (o.role == "-h" || o.role == "--help") return std::fputs(kUsage, stdout), 0;
-  if (o.role != "server" && o.role != "client")
-    return Usage("first argument must be server or client, not '" + o.role + "'");
-  for (int i = 2; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "-h" || a == "--help") return std::fputs(kUsage, stdout), 0;
-    if (a == "--once") {
-      o.once = true;
-      continue;
-    }
-    if (a == "--json") {
-      o.json = true;
-      continue;
-    }
-    if (a == "--no-verify") {
-      o.verify = false;
-      continue;
-    }
-    if (a == "--replace-xdp") {
-      o.replace_xdp = true;
-      continue;
-    }
-    if (i + 1 >= argc) return Usage(a + " needs a value");
-    const std::string v = argv[++i];
-    bool ok = true;
-    if (a == "--dev") {
-      o.dev = v;
-    } else if (a == "--stack") {
-      o.stack = v;
-      ok = v == "netch" || v == "kernel";
-    } else if (a == "--mode") {
-      o.mode = v;
-      ok = v == "stream" || v == "rpc" || v == "mixed";
-    } else if (a == "--driver") {
-      o.driver = v;
-      ok = v == "afxdp" || v == "tcp";
-    } else if (a == "--peer") {
-      in_addr ia{};
-      ok = inet_pton(AF_INET, v.c_str(), &ia) == 1;
-      o.peer = ntohl(ia.s_addr);
-    } else if (a == "--port") {
-      uint32_t p;
-      ok = absl::SimpleAtoi(v, &p) && p >= 1 && p <= 65535;
-      o.port = static_cast<uint16_t>(p);
-    } else if (a == "--bytes") {
-      ok = absl::SimpleAtoi(v, &o.bytes) && o.bytes > 0;
-    } else if (a == "--seconds") {
-      ok = absl::SimpleAtod(v, &o.seconds) && o.seconds > 0 && o.seconds <= 3600;
-    } else if (a == "--size") {
-      ok = absl::SimpleAtoi(v, &o.size) && o.size >= 1 && o.size <= kMaxSize;
-    } else if (a == "--concurrency") {
-      ok = absl::SimpleAtoi(v, &o.concurrency) && o.concurrency >= 1 && o.concurrency <= 1024;
-    } else if (a == "--channels") {
-      ok = absl::SimpleAtoi(v, &o.channels) && o.channels >= 1 && o.channels <= 64;
-    } else if (a == "--copy-workers") {
-      ok = absl::SimpleAtoi(v, &o.copy_workers) && o.copy_workers <= 64;
-    } else if (a == "--engine-cores") {
-      for (absl::string_view c : absl::StrSplit(v, ',')) {
-        int core;
-        if (!absl::SimpleAtoi(c, &core) || core < 0 || core > 1023) ok = false;
-        o.engine_cores.push_back(core);
-      }
-    } else if (a == "--spin-us") {
-      ok = absl::SimpleAtoi(v, &o.spin_us) && o.spin_us <= 100000;
-    } else if (a == "--instance") {
-      o.instance = v;
-    } else if (a == "--metrics") {
-      o.metrics = v;
-    } else if (a == "--policy") {
-      // NAME[:key=value,...]
-      const std::vector<std::string> parts = absl::StrSplit(v, absl::MaxSplits(':', 1));
-      o.policy = parts[0];
-      if (parts.size() == 2) {
-        for (absl::string_view kv : absl::StrSplit(parts[1], ',', absl::SkipEmpty())) {
-          const auto eq = kv.find('=');
-          if (eq == absl::string_view::npos || eq == 0)
-            ok = false;
-          else
-            o.policy_knobs.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
-        }
-      }
-    } else if (a == "--engines") {
-      ok = absl::SimpleAtoi(v, &o.engines) && o.engines >= 1 && o.engines <= 64;
-    } else {
-      return Usage("unknown argument '" + a + "'");
-    }
-    if (!ok) return Usage(absl::StrFormat("bad value '%s' for %s", v, a));
+  CLI::App app{"netchperf: the same workload over the NetChannel stack or kernel TCP", "netchperf"};
+  app.footer(kUsage);
+  app.require_subcommand(1);
+  auto* server = app.add_subcommand("server", "serve clients (until killed, or --once)");
+  auto* client = app.add_subcommand("client", "run one workload against a server");
+  std::string peer;
+  for (CLI::App* sub : {server, client}) {
+    sub->add_option("--dev", o.dev, "the interface (in this network namespace)")->required();
+    sub->add_option("--stack", o.stack, "netch or kernel")
+        ->check(CLI::IsMember({"netch", "kernel"}));
+    sub->add_option("--port", o.port, "port")->check(CLI::Range(1, 65535));
+    sub->add_flag("--json", o.json, "one JSON object");
+    sub->add_option("--driver", o.driver, "afxdp or tcp")->check(CLI::IsMember({"afxdp", "tcp"}));
+    sub->add_option("--channels", o.channels, "channels per peer")->check(CLI::Range(1, 64));
+    sub->add_option("--copy-workers", o.copy_workers, "copy workers")->check(CLI::Range(0, 64));
+    sub->add_option("--engines", o.engines, "engine threads")->check(CLI::Range(1, 64));
+    sub->add_option("--engine-cores", o.engine_cores, "pin engine i to core C_i")
+        ->delimiter(',')
+        ->check(CLI::Range(0, 1023));
+    sub->add_option("--spin-us", o.spin_us, "adaptive-polling spin")->check(CLI::Range(0, 100000));
+    sub->add_option("--instance", o.instance, "control-plane instance name");
+    sub->add_option("--metrics", o.metrics, "Prometheus address, or off");
+    sub->add_flag("--replace-xdp", o.replace_xdp, "take over an attached XDP program");
+    sub->add_option("--policy", o.policy, "NetScheduler policy: NAME[:key=value,...]")
+        ->each([&o](const std::string& v) {
+          const std::vector<std::string> parts = absl::StrSplit(v, absl::MaxSplits(':', 1));
+          o.policy = parts[0];
+          if (parts.size() == 2)
+            for (absl::string_view kv : absl::StrSplit(parts[1], ',', absl::SkipEmpty())) {
+              const auto eq = kv.find('=');
+              if (eq == absl::string_view::npos || eq == 0)
+                throw CLI::ValidationError("knob '" + std::string(kv) + "' is not key=value");
+              o.policy_knobs.emplace_back(kv.substr(0, eq), kv.substr(eq + 1));
+            }
+        });
   }
-  if (o.dev.empty()) return Usage("--dev is required");
-  if (o.role == "client" && o.peer == 0) return Usage("--peer is required for the client");
-  if (o.bytes && o.seconds > 0) return Usage("give --bytes or --seconds, not both");
-  if (o.role == "client" && o.mode != "stream" && o.bytes)
-    return Usage(o.mode + " runs for --seconds");
+  server->add_flag("--once", o.once, "exit after one run");
+  client->add_option("--peer", peer, "the server's address")->required();
+  client->add_option("--mode", o.mode, "stream, rpc or mixed")
+      ->check(CLI::IsMember({"stream", "rpc", "mixed"}));
+  auto* bytes_opt =
+      client->add_option("--bytes", o.bytes, "stream: bytes to send")->check(CLI::PositiveNumber);
+  client->add_option("--seconds", o.seconds, "how long")
+      ->check(CLI::Range(0.001, 3600.0))
+      ->excludes(bytes_opt);
+  client->add_option("--size", o.size, "write / message size")
+      ->check(CLI::Range(uint64_t{1}, uint64_t{kMaxSize}));
+  client->add_option("--concurrency", o.concurrency, "rpc connections")->check(CLI::Range(1, 1024));
+  client->add_flag("!--no-verify", o.verify, "do not check bytes");
+  try {
+    app.parse(argc, argv);
+    if (client->parsed()) {
+      in_addr ia{};
+      if (inet_pton(AF_INET, peer.c_str(), &ia) != 1)
+        throw CLI::ValidationError("--peer", "'" + peer + "' is not an IPv4 address");
+      o.peer = ntohl(ia.s_addr);
+      if (o.mode != "stream" && o.bytes)
+        throw CLI::ValidationError("--bytes", o.mode + " runs for --seconds");
+    }
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    std::fprintf(stderr, "netchperf: %s\nRun 'netchperf --help' for usage.\n", e.what());
+    return 2;
+  }
+  o.role = server->parsed() ? "server" : "client";
   if (auto ifi = netch::afxdp::GetInterfaceInfo(o.dev); !ifi.ok())
     return std::fprintf(stderr, "netchperf: %s\n", ifi.status().ToString().c_str()), 1;
   Pattern();  // built before any timing starts
