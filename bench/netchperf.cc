@@ -664,7 +664,8 @@ int main(int argc, char** argv) {
     sub->add_option("--instance", o.instance, "control-plane instance name");
     sub->add_option("--metrics", o.metrics, "Prometheus address, or off");
     sub->add_flag("--replace-xdp", o.replace_xdp, "take over an attached XDP program");
-    sub->add_option("--policy", o.policy, "NetScheduler policy: NAME[:key=value,...]")
+    sub->add_option_function<std::string>(
+           "--policy", [](const std::string&) {}, "NetScheduler policy: NAME[:key=value,...]")
         ->each([&o](const std::string& v) {
           const std::vector<std::string> parts = absl::StrSplit(v, absl::MaxSplits(':', 1));
           o.policy = parts[0];
