@@ -133,7 +133,11 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
     const ControllerStatus s = ctl_->status();
     json engines = json::array();
     for (const auto& e : d.Engines())
-      engines.push_back({{"index", e.index}, {"core", e.core}, {"tid", e.tid}});
+      engines.push_back({{"index", e.index},
+                         {"core", e.core},
+                         {"tid", e.tid},
+                         {"busy_ns", e.busy_ns},
+                         {"wakeups", e.wakeups}});
     return Ok({{"instance", s.instance},
                {"pid", s.pid},
                {"ifname", s.ifname},

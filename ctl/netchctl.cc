@@ -1,11 +1,15 @@
 // netchctl - the operator's CLI for a running NetChannel stack, in the style of ip/bpftool.
 // Talks to the stack's control socket (@netch/<instance>, this network namespace).
+#include <unistd.h>
+
 #include <cstdio>
+#include <ctime>
 #include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
 
 #include "CLI/CLI.hpp"
+#include "absl/status/statusor.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "ctl/control.h"
@@ -26,6 +30,7 @@ constexpr char kUsage[] =
     "  copy-workers N                      set the number of copy workers\n"
     "  fault drop PPM [--channel ID]       drop PPM per million packets (all or one channel)\n"
     "  metrics                             the Prometheus exposition text\n"
+    "  top [--count N] [--interval S]      live channels (throughput, queue, core) and engines\n"
     "With one stack running in this network namespace, --instance is not needed.\n"
     "Every command takes --help; --json prints the stack's answer as JSON.\n";
 
@@ -131,6 +136,94 @@ void Human(const std::string& cmd, const json& d) {
   }
 }
 
+// One request to the stack: its "data", or the error it gave.
+absl::StatusOr<json> Ask(const std::string& instance, const std::vector<std::string>& req) {
+  auto answer = netch::ctl::Request(instance, req);
+  if (!answer.ok()) return answer.status();
+  json j = json::parse(*answer, nullptr, false);
+  if (j.is_discarded() || !j.contains("ok"))
+    return absl::InternalError("malformed answer from the stack");
+  if (!j["ok"].get<bool>()) return absl::FailedPreconditionError(Str(j["error"]));
+  return j["data"];
+}
+
+// A live view: every `interval` seconds, channels (throughput since the last sample, queue,
+// engine, core) and engines (busy %), `count` times. On a terminal the screen is redrawn.
+int Top(const std::string& instance, int count, double interval, bool json_out) {
+  const bool tty = isatty(STDOUT_FILENO) && !json_out;
+  json prev_ch, prev_st;
+  uint64_t prev_us = 0;
+  for (int n = 0; n <= count; ++n) {
+    auto ch = Ask(instance, {"channels"});
+    auto st = ch.ok() ? Ask(instance, {"status"}) : ch.status();
+    if (!st.ok()) {
+      std::fprintf(stderr, "netchctl: %s\n", std::string(st.status().message()).c_str());
+      return 1;
+    }
+    timespec ts{};
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    const uint64_t now_us = uint64_t(ts.tv_sec) * 1000000 + uint64_t(ts.tv_nsec) / 1000;
+    if (n > 0) {  // the first sample is the baseline
+      const double dt = (now_us - prev_us) / 1e6;
+      json rows = json::array(), engines = json::array();
+      for (const auto& c : *ch) {
+        uint64_t tx0 = c["tx_bytes"], rx0 = c["rx_bytes"];
+        for (const auto& p : prev_ch)
+          if (p["id"] == c["id"]) tx0 = p["tx_bytes"], rx0 = p["rx_bytes"];
+        char tx[32], rx[32];
+        std::snprintf(tx, sizeof(tx), "%.3f", (c["tx_bytes"].get<uint64_t>() - tx0) * 8 / dt / 1e9);
+        std::snprintf(rx, sizeof(rx), "%.3f", (c["rx_bytes"].get<uint64_t>() - rx0) * 8 / dt / 1e9);
+        rows.push_back({{"id", c["id"]},
+                        {"peer", c["peer"]},
+                        {"state", c["state"]},
+                        {"engine", c["engine"]},
+                        {"core", c["core"]},
+                        {"queue", c["queue"]},
+                        {"tx_gbps", tx},
+                        {"rx_gbps", rx},
+                        {"tx_queued_bytes", c["tx_queued_bytes"]},
+                        {"srtt_us", c["srtt_us"]},
+                        {"retransmits", c["retransmits"]}});
+      }
+      for (const auto& e : (*st)["engines"]) {
+        uint64_t b0 = e["busy_ns"];
+        for (const auto& p : prev_st["engines"])
+          if (p["index"] == e["index"]) b0 = p["busy_ns"];
+        char busy[16];
+        std::snprintf(busy, sizeof(busy), "%.1f", (e["busy_ns"].get<uint64_t>() - b0) / 1e7 / dt);
+        engines.push_back({{"index", e["index"]}, {"core", e["core"]}, {"busy_pct", busy}});
+      }
+      if (json_out) {
+        std::printf("%s\n",
+                    json{{"seconds", dt}, {"channels", rows}, {"engines", engines}}.dump().c_str());
+      } else {
+        if (tty) std::printf("\033[H\033[2J");
+        std::printf("netchctl top: %s, every %.1f s (sample %d of %d)\n", instance.c_str(),
+                    interval, n, count);
+        Table(rows, {{"id", "CHANNEL"},
+                     {"peer", "PEER"},
+                     {"state", "STATE"},
+                     {"engine", "ENGINE"},
+                     {"core", "CORE"},
+                     {"queue", "QUEUE"},
+                     {"tx_gbps", "TX_GBPS"},
+                     {"rx_gbps", "RX_GBPS"},
+                     {"tx_queued_bytes", "QUEUED"},
+                     {"srtt_us", "SRTT_US"},
+                     {"retransmits", "RETX"}});
+        Table(engines, {{"index", "ENGINE"}, {"core", "CORE"}, {"busy_pct", "BUSY_%"}});
+        std::printf("\n");
+      }
+      std::fflush(stdout);
+    }
+    prev_ch = *ch;
+    prev_st = *st;
+    prev_us = now_us;
+    if (n < count) usleep(static_cast<useconds_t>(interval * 1e6));
+  }
+  return 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -187,6 +280,14 @@ int main(int argc, char** argv) {
     req = {"policy-set", policy_name};
     req.insert(req.end(), knobs.begin(), knobs.end());
   });
+  int top_count = 3600;
+  double top_interval = 1;
+  auto* top = app.add_subcommand("top", "live channels and engines: throughput, queue, core, busy");
+  top->add_option("--count", top_count, "samples to show (default 3600: an hour)")
+      ->check(CLI::Range(1, 86400));
+  top->add_option("--interval", top_interval, "seconds between samples")
+      ->check(CLI::Range(0.1, 60.0));
+  top->callback([&] { req = {"top"}; });
   uint64_t workers = 0;
   auto* cw = app.add_subcommand("copy-workers", "set the number of copy workers");
   cw->add_option("N", workers, "copy workers")->required();
@@ -241,24 +342,16 @@ int main(int argc, char** argv) {
     }
     instance = all[0];
   }
-  auto answer = netch::ctl::Request(instance, req);
-  if (!answer.ok()) {
-    std::fprintf(stderr, "netchctl: %s\n", std::string(answer.status().message()).c_str());
-    return 1;
-  }
-  json j = json::parse(*answer, nullptr, false);
-  if (j.is_discarded() || !j.contains("ok")) {
-    std::fprintf(stderr, "netchctl: malformed answer from the stack\n");
-    return 1;
-  }
-  if (!j["ok"].get<bool>()) {
-    std::fprintf(stderr, "netchctl: %s\n", Str(j["error"]).c_str());
+  if (req[0] == "top") return Top(instance, top_count, top_interval, json_out);
+  auto data = Ask(instance, req);
+  if (!data.ok()) {
+    std::fprintf(stderr, "netchctl: %s\n", std::string(data.status().message()).c_str());
     return 1;
   }
   if (json_out) {
-    std::printf("%s\n", j["data"].dump().c_str());
+    std::printf("%s\n", data->dump().c_str());
   } else {
-    Human(req[0], j["data"]);
+    Human(req[0], *data);
   }
   return 0;
 }

@@ -22,6 +22,7 @@
 #include <thread>
 
 #include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
 #include "afxdp_channels/engine.h"
 #include "common/netns.h"
 #include "ctl/controller.h"
@@ -265,6 +266,24 @@ TEST_F(CtlTest, OperatorChangesARunningStackWithoutLosingAByte) {
   EXPECT_EQ(rc, 0) << LastErr();
   EXPECT_NE(out.find("why: "), std::string::npos) << out;
   EXPECT_NE(out.find("BATCHES"), std::string::npos) << out;
+  // top: samples of live throughput per channel and engine load while the stream runs.
+  std::tie(rc, out) = Ctl("top --count 2 --interval 0.2 --json");
+  EXPECT_EQ(rc, 0) << LastErr();
+  int samples = 0;
+  double moving = 0;
+  for (absl::string_view line : absl::StrSplit(out, '\n', absl::SkipEmpty())) {
+    const json t = json::parse(line, nullptr, false);
+    ASSERT_FALSE(t.is_discarded()) << line;
+    samples++;
+    for (const auto& c : t["channels"]) moving += std::stod(c["tx_gbps"].get<std::string>());
+    EXPECT_FALSE(t["engines"].empty());
+  }
+  EXPECT_EQ(samples, 2);
+  EXPECT_GT(moving, 0) << "the running stream shows as throughput: " << out;
+  std::tie(rc, out) = Ctl("top --count 1 --interval 0.2");
+  EXPECT_EQ(rc, 0) << LastErr();
+  EXPECT_NE(out.find("TX_GBPS"), std::string::npos) << out;
+  EXPECT_NE(out.find("BUSY_%"), std::string::npos) << out;
 
   // fault drop: retransmits go up, integrity holds.
   uint64_t retx0 = 0;
@@ -341,6 +360,7 @@ TEST_F(CtlTest, EveryErrorPathGetsOneLineAndANonZeroExit) {
       {"map socket 12345 --channels 1", 1, "no connected socket"},
       {"sockets --explain 12345", 1, "no socket 12345"},
       {"sockets --explain x", 2, "Could not convert"},
+      {"top --count 0", 2, "--count"},
       {"map socket 1 --channels a,b", 1, "bad channel id"},
       {"copy-workers many", 2, "Could not convert"},
       {"copy-workers 1000", 1, "copy workers must be"},
