@@ -440,6 +440,17 @@ double Percentile(std::vector<double>& v, double p) {
   return v[k];
 }
 
+// Every connection's request latencies (µs), merged: count and percentiles.
+struct Latencies {
+  size_t n = 0;
+  double p50 = 0, p99 = 0, p999 = 0;
+};
+Latencies Summarize(const std::vector<std::vector<double>>& per_conn) {
+  std::vector<double> all;
+  for (const auto& v : per_conn) all.insert(all.end(), v.begin(), v.end());
+  return {all.size(), Percentile(all, 50), Percentile(all, 99), Percentile(all, 99.9)};
+}
+
 // The server may still be starting: retry a refused connect for up to 5 s.
 std::unique_ptr<Sock> ConnectRetry(Endpoint& ep, const Options& o, std::string* err) {
   const uint64_t end = NowUs() + 5'000'000;
@@ -510,11 +521,10 @@ int RunMixed(const Options& o, Endpoint& ep) {
   StreamResult r{};
   if (!stream->RecvAll(reinterpret_cast<uint8_t*>(&r), sizeof(r))) failed = true;
   for (auto& s : rpcs) s->Shutdown();
-  std::vector<double> all;
-  for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
+  const Latencies l = Summarize(lat);
   const bool ok = !failed && r.bytes == sent && r.bad == 0;
-  const double gbps = sent * 8 / secs / 1e9, rate = all.size() / secs;
-  const double p50 = Percentile(all, 50), p99 = Percentile(all, 99), p999 = Percentile(all, 99.9);
+  const double gbps = sent * 8 / secs / 1e9, rate = l.n / secs;
+  const double p50 = l.p50, p99 = l.p99, p999 = l.p999;
   if (o.json) {
     std::printf(
         "{\"stack\":\"%s\",\"mode\":\"mixed\",\"policy\":\"%s\",\"size\":%llu,"
@@ -522,7 +532,7 @@ int RunMixed(const Options& o, Endpoint& ep) {
         "\"rate_per_s\":%.1f,\"p50_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,"
         "\"integrity_ok\":%s,\"channels\":%u,\"driver\":\"%s\"}\n",
         o.stack.c_str(), o.stack == "kernel" ? "kernel" : o.policy.c_str(),
-        (unsigned long long)rpc_size, o.concurrency, secs, gbps, all.size(), rate, p50, p99, p999,
+        (unsigned long long)rpc_size, o.concurrency, secs, gbps, l.n, rate, p50, p99, p999,
         ok ? "true" : "false", o.channels, o.driver.c_str());
   } else {
     std::printf(
@@ -612,20 +622,19 @@ int RunClient(const Options& o, Endpoint& ep) {
   const double secs = (NowUs() - t0) / 1e6;
   const double cpu = CpuSeconds() - cpu0;
   for (auto& s : socks) s->Shutdown();
-  std::vector<double> all;
-  for (auto& v : lat) all.insert(all.end(), v.begin(), v.end());
-  const double rate = all.size() / secs;
-  const double bytes = 2.0 * all.size() * size;
-  const double p50 = Percentile(all, 50), p99 = Percentile(all, 99), p999 = Percentile(all, 99.9);
+  const Latencies l = Summarize(lat);
+  const double rate = l.n / secs;
+  const double bytes = 2.0 * l.n * size;
+  const double p50 = l.p50, p99 = l.p99, p999 = l.p999;
   if (o.json) {
     std::printf(
         "{\"stack\":\"%s\",\"mode\":\"rpc\",\"size\":%llu,\"concurrency\":%u,\"requests\":%zu,"
         "\"seconds\":%.4f,\"rate_per_s\":%.1f,\"p50_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,"
         "\"bytes\":%.0f,\"throughput_gbps\":%.4f,\"cpu_seconds_per_gb\":%.4f,\"integrity_ok\":%s,"
         "\"channels\":%u,\"driver\":\"%s\"}\n",
-        o.stack.c_str(), (unsigned long long)size, o.concurrency, all.size(), secs, rate, p50, p99,
-        p999, bytes, bytes * 8 / secs / 1e9, cpu / (bytes / 1e9), failed ? "false" : "true",
-        o.channels, o.driver.c_str());
+        o.stack.c_str(), (unsigned long long)size, o.concurrency, l.n, secs, rate, p50, p99, p999,
+        bytes, bytes * 8 / secs / 1e9, cpu / (bytes / 1e9), failed ? "false" : "true", o.channels,
+        o.driver.c_str());
   } else {
     std::printf(
         "%s rpc, %llu B x %u: %.0f req/s, latency p50 %.1f us, p99 %.1f us, p99.9 %.1f us; "

@@ -64,7 +64,28 @@ class VnsTest : public ::testing::Test {
     ASSERT_TRUE(b_->SetCopyWorkers(copy_workers).ok());
   }
 
+  // Host B runs a stack; host A only a bare driver with one channel to B, over which a test
+  // speaks the virtual-socket protocol by hand (a peer that may misbehave).
+  void OpenStackBesideBarePeer() {
+    auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 1));
+    ASSERT_TRUE(b.ok()) << b.status();
+    b_ = std::move(*b);
+    chan::DriverOptions ao = Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1).driver_opts;
+    ao.accept = false;
+    auto a = tools::OpenChanHost("afxdp", ao);
+    ASSERT_TRUE(a.ok()) << a.status();
+    bare_ = std::move(*a);
+    chan::ChannelParams cp;
+    cp.peer_ipv4 = TestHosts::kIpB;
+    auto ch = bare_->driver->Connect(cp);
+    ASSERT_TRUE(ch.ok()) << ch.status();
+    bare_chan_ = std::move(*ch);
+  }
+
   void TearDown() override {
+    if (bare_chan_) (void)bare_->driver->Destroy(*bare_chan_);
+    bare_chan_.reset();
+    bare_.reset();
     a_.reset();
     b_.reset();
   }
@@ -105,6 +126,8 @@ class VnsTest : public ::testing::Test {
 
   TestHosts hosts_;
   std::unique_ptr<Stack> a_, b_;
+  std::unique_ptr<tools::ChanHost> bare_;
+  std::shared_ptr<chan::Channel> bare_chan_;
 };
 
 TEST_F(VnsTest, StreamOverFourChannelsArrivesInOrderAndUsesEveryChannel) {
@@ -342,18 +365,8 @@ TEST_F(VnsTest, AStoppedReaderDoesNotSlowAnotherSocketOnTheSameChannel) {
 // channel it shares keeps carrying another connection. Host A runs a bare driver and speaks the
 // virtual-socket protocol by hand.
 TEST_F(VnsTest, DataBeyondTheAdvertisedWindowResetsOnlyThatSocket) {
-  auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 1));
-  ASSERT_TRUE(b.ok()) << b.status();
-  b_ = std::move(*b);
-  chan::DriverOptions ao = Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1).driver_opts;
-  ao.accept = false;
-  auto a = tools::OpenChanHost("afxdp", ao);
-  ASSERT_TRUE(a.ok()) << a.status();
-  chan::ChannelParams cp;
-  cp.peer_ipv4 = TestHosts::kIpB;
-  auto ch = (*a)->driver->Connect(cp);
-  ASSERT_TRUE(ch.ok()) << ch.status();
-  chan::Channel& c = **ch;
+  ASSERT_NO_FATAL_FAILURE(OpenStackBesideBarePeer());
+  chan::Channel& c = *bare_chan_;
   SocketOptions so;
   so.rcvbuf = 64 << 10;
   auto l = b_->Listen(5020, 8, so);
@@ -423,7 +436,6 @@ TEST_F(VnsTest, DataBeyondTheAdvertisedWindowResetsOnlyThatSocket) {
   r = recv(**s2);
   ASSERT_TRUE(r.ok()) << r.status();
   EXPECT_EQ(*r, 1000u);
-  (void)(*a)->driver->Destroy(c);
 }
 
 // One of four channels fails mid-stream (every packet to it dropped in XDP on both hosts): the
@@ -534,18 +546,8 @@ TEST_F(VnsTest, OneOfFourChannelsFailingBreaksOnlyTheSocketsItCarried) {
 // listener's backlog bounds what is kept, the rest are refused, and once the application accepts
 // a legitimate open is served again.
 TEST_F(VnsTest, AFloodOfNcsynsIsBoundedByTheBacklog) {
-  auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 1));
-  ASSERT_TRUE(b.ok()) << b.status();
-  b_ = std::move(*b);
-  chan::DriverOptions ao = Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1).driver_opts;
-  ao.accept = false;
-  auto a = tools::OpenChanHost("afxdp", ao);
-  ASSERT_TRUE(a.ok()) << a.status();
-  chan::ChannelParams cp;
-  cp.peer_ipv4 = TestHosts::kIpB;
-  auto ch = (*a)->driver->Connect(cp);
-  ASSERT_TRUE(ch.ok()) << ch.status();
-  chan::Channel& c = **ch;
+  ASSERT_NO_FATAL_FAILURE(OpenStackBesideBarePeer());
+  chan::Channel& c = *bare_chan_;
   constexpr int kBacklog = 8, kFlood = 20000;
   auto l = b_->Listen(5040, kBacklog);
   ASSERT_TRUE(l.ok());
@@ -605,7 +607,6 @@ TEST_F(VnsTest, AFloodOfNcsynsIsBoundedByTheBacklog) {
     drain();
   }
   EXPECT_EQ(synacks, before + 1) << "a legitimate open after the flood was not answered";
-  (void)(*a)->driver->Destroy(c);
 }
 
 TEST_F(VnsTest, ConnectToAPortNobodyListensOnIsRefusedFast) {
