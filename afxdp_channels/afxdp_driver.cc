@@ -649,7 +649,7 @@ void XskQueue::RunZombies() {
     // Done when nothing can come back: no delivered buffer outstanding, no copy in flight. Once
     // the application dropped its last reference nobody else can consume rxq_: empty it here.
     if (z.use_count() == 1) {
-      for (BufRef r; z->rxq_.PopOne(&r);) umem_->FreeFrame(r.token);
+      z->DropDelivered([&](uint64_t t) { umem_->FreeFrame(t); });
       return true;
     }
     return z->rx_held == 0 && z->ProducersIdle();

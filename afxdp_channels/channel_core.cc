@@ -192,6 +192,14 @@ void ChannelCore::Reclaim(const std::function<void(uint64_t)>& give_tx,
   drain_ret();
 }
 
+void ChannelCore::DropDelivered(const std::function<void(uint64_t)>& give) {
+  // Under the consumer lock although no consumer is left: the lock is what orders the last
+  // consumer's ring operations before ours (a reference count read says nobody is left, but
+  // does not order their memory with ours).
+  std::lock_guard g(consumer_mu_);
+  for (BufRef r; rxq_.PopOne(&r);) give(r.token);
+}
+
 bool ChannelCore::ProducersIdle() {
   std::lock_guard g(producer_mu_);
   return txq_reserved_ == 0;

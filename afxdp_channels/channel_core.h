@@ -74,6 +74,8 @@ class ChannelCore : public Channel {
                const std::function<void(uint64_t, uint32_t)>& give_rx, bool keep_delivered);
   // True when no producer is copying outside the producer lock (its buffers would reach txq_
   // later).
+  // Once the application dropped its last reference: frees what it never dequeued.
+  void DropDelivered(const std::function<void(uint64_t)>& give);
   bool ProducersIdle();
 
   // The task whose engine runs this channel; producers wake it after queuing.
