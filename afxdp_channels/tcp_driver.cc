@@ -281,8 +281,10 @@ bool TcpChannel::ReadHello() {
 }
 
 bool TcpChannel::DoWrite() {
-  // A producer that drained every free slot gets another chunk (up to a full ring).
-  if (free_.SizeApprox() == 0 && txq_.SizeApprox() > 0) Grow(/*tx=*/true);
+  // A producer that drained every free slot gets another chunk (up to a full ring), but only
+  // while the kernel takes what we write: with the socket full, more slots would only let a
+  // sender whose peer stopped reading queue more.
+  if (free_.SizeApprox() == 0 && txq_.SizeApprox() > 0 && writing_.empty()) Grow(/*tx=*/true);
   // Take what the producer queued.
   BufRef b[64];
   bool worked = false;
