@@ -108,10 +108,12 @@ struct Conn {
 
   // Dispatcher -> socket.
   SpscRing<HeldSeg> inq;
-  // The receive window in stream offsets: the dispatcher admits a segment only if it starts
-  // below rcv_next + rcvbuf. Counting held bytes instead would deadlock: out-of-order segments
-  // could fill the buffer while the one that fills the hole waits behind them on its channel.
-  std::atomic<uint64_t> rcv_next{0};  // published by the application after each read
+  // The reader's progress, published after each read. No one needs its value any more (the
+  // window check uses adv_edge below); its seq_cst store is the store half of the store/load
+  // pairing with the dispatcher's holding_ flag (reader: consume from inq, store rcv_next, load
+  // holding_; dispatcher: store holding_, retry inq), so a reader that frees room in inq
+  // either sees holding_ set and wakes the dispatcher, or the dispatcher sees the room.
+  std::atomic<uint64_t> rcv_next{0};
 
   // Per-socket flow control. The receiver advertises a right edge (stream offset it takes bytes
   // below: rcv_next + rcvbuf, in NCSYN/NCSYN_ACK and then NC_WND), so a slow reader stops its

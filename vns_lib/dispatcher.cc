@@ -275,8 +275,8 @@ void StackImpl::Dispatch() {
     bool any_pending = false;
     for (const ChanState& cs : chans) any_pending |= !cs.pending.empty();
     // Announce the hold, then look again: a socket that read just before seeing holding_ set
-    // did not wake us, so its new window must be noticed here (the same pairing as the engines'
-    // sleeping flag; the reader stores rcv_next, then loads holding_).
+    // did not wake us, so the room it freed in its inbound ring must be noticed here (the same
+    // pairing as the engines' sleeping flag; the reader stores rcv_next, then loads holding_).
     holding_.store(any_pending, std::memory_order_seq_cst);
     if (any_pending && !worked) {
       for (ChanState& cs : chans) {
