@@ -339,8 +339,16 @@ bool Transport::PopDelivered(uint64_t* handle, uint32_t* len) {
   return true;
 }
 
-void Transport::Consumed(uint32_t len) {
-  rcv_held_bytes_ -= std::min<uint64_t>(Charge(len), rcv_held_bytes_);
+bool Transport::PeekDelivered(uint64_t* handle, uint32_t* len) const {
+  if (rcv_deliver_ == rcv_nxt_) return false;
+  const RxSlot& slot = rx_[rcv_deliver_ & mask_];
+  *handle = slot.handle;
+  *len = slot.len;
+  return true;
+}
+
+void Transport::ConsumedCharge(uint64_t charge) {
+  rcv_held_bytes_ -= std::min<uint64_t>(charge, rcv_held_bytes_);
   // Reopening a (nearly) closed window must not wait for the sender's next probe.
   if (last_adv_wnd_ < cfg_.rcv_buf_bytes / 4 && advertised_window() >= cfg_.rcv_buf_bytes / 2)
     ack_now_ = true;

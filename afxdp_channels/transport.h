@@ -133,8 +133,14 @@ class Transport {
                 bool ce = false);
   // Next in-order payload for the consumer. The window stays charged until Consumed(len).
   bool PopDelivered(uint64_t* handle, uint32_t* len);
+  // The next in-order payload without taking it (a driver that must know whether the consumer's
+  // ring has room for all of its pieces first).
+  bool PeekDelivered(uint64_t* handle, uint32_t* len) const;
   // The consumer is done with a popped payload of `len` bytes: reopens the receive window.
-  void Consumed(uint32_t len);
+  void Consumed(uint32_t len) { ConsumedCharge(Charge(len)); }
+  // The same in raw window bytes, for a payload returned in pieces: the pieces' charges add up
+  // to Charge(len) of the whole.
+  void ConsumedCharge(uint64_t charge);
   // What a payload of `len` bytes costs in either window.
   uint32_t Charge(uint32_t len) const {
     return len > cfg_.charge_unit_bytes ? len : cfg_.charge_unit_bytes;

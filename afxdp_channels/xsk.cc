@@ -72,9 +72,18 @@ absl::StatusOr<std::unique_ptr<XskSocket>> XskSocket::Create(Umem* umem, const X
   xcfg.tx_size = cfg.tx_size;
   xcfg.libxdp_flags = XSK_LIBXDP_FLAGS__INHIBIT_PROG_LOAD;
   xcfg.xdp_flags = 0;
-  xcfg.bind_flags = XDP_USE_NEED_WAKEUP | (cfg.zero_copy ? XDP_ZEROCOPY : XDP_COPY);
+  const uint16_t base = XDP_USE_NEED_WAKEUP | (cfg.zero_copy ? XDP_ZEROCOPY : XDP_COPY);
+  xcfg.bind_flags = base | (cfg.multi_buffer ? XDP_USE_SG : 0);
   int err = xsk_socket__create(&s->xsk_, cfg.ifname.c_str(), cfg.queue, umem->raw(), &s->rx_,
                                &s->tx_, &xcfg);
+  if (err == -EINVAL && cfg.multi_buffer) {
+    // A kernel before 6.6 rejects the flag: single-buffer frames only (MTU-bound segments).
+    xcfg.bind_flags = base;
+    err = xsk_socket__create(&s->xsk_, cfg.ifname.c_str(), cfg.queue, umem->raw(), &s->rx_, &s->tx_,
+                             &xcfg);
+  } else if (!err) {
+    s->multi_buffer_ = cfg.multi_buffer;
+  }
   if (err)
     return ErrnoStatus(
         err, absl::StrFormat("create AF_XDP socket on %s queue %u", cfg.ifname, cfg.queue));

@@ -21,6 +21,14 @@
 
 #include "absl/status/statusor.h"
 
+// Multi-buffer AF_XDP (kernel >= 6.6); Debian 12's uapi headers predate it.
+#ifndef XDP_USE_SG
+#define XDP_USE_SG (1 << 4)
+#endif
+#ifndef XDP_PKT_CONTD
+#define XDP_PKT_CONTD (1 << 0)
+#endif
+
 namespace netch::afxdp {
 
 inline constexpr uint64_t kNoFrame = ~0ull;
@@ -93,6 +101,9 @@ struct XskConfig {
   uint32_t rx_size = XSK_RING_CONS__DEFAULT_NUM_DESCS;
   uint32_t tx_size = XSK_RING_PROD__DEFAULT_NUM_DESCS;
   bool zero_copy = false;  // veth has no zero-copy; real NICs with ZC support set this
+  // Bind with XDP_USE_SG: a frame larger than one UMEM frame arrives as a chain of descriptors
+  // (XDP_PKT_CONTD on all but the last). Falls back to single-buffer where the kernel lacks it.
+  bool multi_buffer = true;
 };
 
 // XDP_STATISTICS as the kernel reports it (Debian 12's uapi has every field we read).
@@ -109,6 +120,8 @@ class XskSocket {
   int fd() const { return xsk_socket__fd(xsk_); }
   uint32_t queue() const { return cfg_.queue; }
   Umem* umem() { return umem_; }
+  // Whether the socket was bound with XDP_USE_SG (multi-buffer frames arrive as chains).
+  bool multi_buffer() const { return multi_buffer_; }
 
   // Takes up to out.size() received descriptors in one batch. The frames now belong to the caller
   // (return them with Umem::FreeFrame).
@@ -134,6 +147,7 @@ class XskSocket {
 
   Umem* umem_;
   XskConfig cfg_;
+  bool multi_buffer_ = false;
   xsk_socket* xsk_ = nullptr;
   xsk_ring_cons rx_{};
   xsk_ring_prod tx_{};

@@ -12,6 +12,7 @@
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
+#include <linux/pkt_cls.h>
 #include <linux/in.h>
 #include <linux/ip.h>
 #include <linux/udp.h>
@@ -216,6 +217,46 @@ int nc_steer(struct xdp_md* ctx) {
     cs->rx_bytes += frame_len;
   }
   return verdict(NC_CNT_REDIRECT, XDP_REDIRECT);
+}
+
+/*
+ * nc_txq - tc egress: the kernel-UDP transmit path's queue choice.
+ *
+ * A channel is bound to one queue on both hosts, and an AF_XDP socket only receives from its own
+ * (interface, queue). AF_XDP TX on queue q arrives on the peer's rx queue q; a datagram sent
+ * through the kernel's UDP socket would leave on whatever tx queue XPS or the socket hash picks
+ * and be dropped at the peer as WRONG_QUEUE. This program looks the sending channel up in
+ * nc_channels (src_chan is our id) and pins the datagram to the channel's queue. Everything else
+ * leaves untouched.
+ *
+ * skb->queue_mapping written at tc egress is "queue + 1": 0 means "no choice, let the stack
+ * pick" (measured on veth, kernel 6.18: 1 -> queue 0, 4 -> queue 3, 0 -> hashed).
+ */
+SEC("tc")
+int nc_txq(struct __sk_buff* skb) {
+  if (skb->protocol != bpf_htons(ETH_P_IP)) return TC_ACT_OK;
+  __u32 zero = 0;
+  struct nc_config* cfg = bpf_map_lookup_elem(&nc_config, &zero);
+  if (!cfg) return TC_ACT_OK;
+  __u8 vihl;
+  if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr), &vihl, 1)) return TC_ACT_OK;
+  __u32 l4 = sizeof(struct ethhdr) + (vihl & 0xf) * 4;
+  __u8 proto;
+  if (bpf_skb_load_bytes(skb, sizeof(struct ethhdr) + 9, &proto, 1) || proto != IPPROTO_UDP)
+    return TC_ACT_OK;
+  struct udphdr udp;
+  if (bpf_skb_load_bytes(skb, l4, &udp, sizeof(udp)) || udp.dest != cfg->udp_port)
+    return TC_ACT_OK;
+  __be16 src_chan;
+  if (bpf_skb_load_bytes(skb, l4 + sizeof(udp) + __builtin_offsetof(struct nc_chan_hdr, src_chan),
+                         &src_chan, sizeof(src_chan)))
+    return TC_ACT_OK;
+  __u32 chan = bpf_ntohs(src_chan);
+  if (chan >= NC_MAX_CHANNELS) return TC_ACT_OK;
+  struct nc_chan_steer* st = bpf_map_lookup_elem(&nc_channels, &chan);
+  if (!st || !(st->flags & NC_STEER_ACTIVE)) return TC_ACT_OK;
+  skb->queue_mapping = st->queue + 1;
+  return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";

@@ -64,11 +64,54 @@ absl::Status SteerProgram::Attach(int ifindex, AttachMode mode, bool replace) {
   if (err) return ErrnoStatus(err, absl::StrFormat("attach XDP to ifindex %d", ifindex));
   ifindex_ = ifindex;
   attach_flags_ = flags & (XDP_FLAGS_DRV_MODE | XDP_FLAGS_SKB_MODE);
+  AttachTc();
   return absl::OkStatus();
+}
+
+void SteerProgram::AttachTc() {
+  bpf_tc_hook hook{};
+  hook.sz = sizeof(hook);
+  hook.ifindex = ifindex_;
+  hook.attach_point = BPF_TC_EGRESS;
+  int err = bpf_tc_hook_create(&hook);
+  if (err && err != -EEXIST) {
+    std::fprintf(stderr, "netch: tc egress hook on ifindex %d: %s (kernel-UDP transmit off)\n",
+                 ifindex_, std::strerror(-err));
+    return;
+  }
+  bpf_tc_opts o{};
+  o.sz = sizeof(o);
+  o.prog_fd = bpf_program__fd(skel_->progs.nc_txq);
+  o.handle = kTcHandle;
+  o.priority = kTcPriority;
+  o.flags = BPF_TC_F_REPLACE;
+  err = bpf_tc_attach(&hook, &o);
+  if (err) {
+    std::fprintf(stderr, "netch: tc egress attach on ifindex %d: %s (kernel-UDP transmit off)\n",
+                 ifindex_, std::strerror(-err));
+    return;
+  }
+  tc_attached_ = true;
+}
+
+void SteerProgram::DetachTc() {
+  if (!tc_attached_) return;
+  tc_attached_ = false;
+  bpf_tc_hook hook{};
+  hook.sz = sizeof(hook);
+  hook.ifindex = ifindex_;
+  hook.attach_point = BPF_TC_EGRESS;
+  bpf_tc_opts o{};
+  o.sz = sizeof(o);
+  o.handle = kTcHandle;
+  o.priority = kTcPriority;
+  // Only our filter goes; an empty clsact qdisc is harmless and may be someone else's.
+  (void)bpf_tc_detach(&hook, &o);  // the interface may already be gone
 }
 
 absl::Status SteerProgram::Detach() {
   if (ifindex_ == 0) return absl::OkStatus();
+  DetachTc();
   // XDP_FLAGS_REPLACE with old_prog_fd: detach only if the program there is still ours.
   bpf_xdp_attach_opts opts{};
   opts.sz = sizeof(opts);

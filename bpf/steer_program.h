@@ -35,11 +35,16 @@ class SteerProgram {
   SteerProgram& operator=(const SteerProgram&) = delete;
 
   // Attaches to `ifindex` in the calling thread's network namespace. Fails with
-  // FailedPrecondition if another XDP program is attached and replace is false.
+  // FailedPrecondition if another XDP program is attached and replace is false. Also installs
+  // nc_txq at tc egress (a clsact filter of our own), which pins datagrams of the kernel-UDP
+  // transmit path to their channel's queue; where that fails the XDP program still works and
+  // tx_queue_steering() says so.
   absl::Status Attach(int ifindex, AttachMode mode, bool replace = false);
-  // Detaches if attached (idempotent); only removes our own program.
+  // Detaches if attached (idempotent); only removes our own programs.
   absl::Status Detach();
   int attached_ifindex() const { return ifindex_; }
+  // Whether nc_txq is attached: the kernel-UDP transmit path needs it on a multi-queue device.
+  bool tx_queue_steering() const { return tc_attached_; }
 
   int prog_fd() const;
   int config_fd() const;
@@ -77,10 +82,15 @@ class SteerProgram {
  private:
   SteerProgram() = default;
   absl::Status UpdateConfig(const nc_config& c);
+  void AttachTc();
+  void DetachTc();
+  static constexpr uint32_t kTcHandle = 0x4e43;  // "NC"
+  static constexpr uint32_t kTcPriority = 1;
 
   steer_bpf* skel_ = nullptr;
   int ifindex_ = 0;
   uint32_t attach_flags_ = 0;
+  bool tc_attached_ = false;
 };
 
 // Human-readable one-line-per-counter dump of the non-zero counters.

@@ -55,12 +55,18 @@ size_t WriteSegHeader(uint8_t* out, const SegHeader& seg, size_t payload_len) {
 }
 
 nc_counter ParseSegment(std::span<const uint8_t> b, SegHeader* seg, size_t* payload_off) {
-  if (b.size() < kSegHdrLen) return NC_CNT_DROP_BAD_NC_HDR;
-  const auto s = Load<nc_hdr>(b.data());
+  return ParseSegment(b, b.size(), seg, payload_off);
+}
+
+nc_counter ParseSegment(std::span<const uint8_t> head, size_t total, SegHeader* seg,
+                        size_t* payload_off) {
+  if (total < kSegHdrLen) return NC_CNT_DROP_BAD_NC_HDR;
+  if (head.size() < kSegHdrLen) return NC_CNT_DROP_TRUNCATED;
+  const auto s = Load<nc_hdr>(head.data());
   if (s.type < NC_DATA || s.type > NC_TYPE_MAX) return NC_CNT_DROP_BAD_NC_HDR;
   const size_t shlen = s.hdr_len;
-  if (shlen < kSegHdrLen || shlen > b.size()) return NC_CNT_DROP_BAD_NC_HDR;
-  if (shlen + static_cast<size_t>(ntohl(s.payload_len)) != b.size()) return NC_CNT_DROP_BAD_NC_HDR;
+  if (shlen < kSegHdrLen || shlen > total) return NC_CNT_DROP_BAD_NC_HDR;
+  if (shlen + static_cast<size_t>(ntohl(s.payload_len)) != total) return NC_CNT_DROP_BAD_NC_HDR;
   seg->type = s.type;
   seg->app_class = s.app_class;
   seg->src_port = ntohs(s.src_port);
@@ -69,6 +75,32 @@ nc_counter ParseSegment(std::span<const uint8_t> b, SegHeader* seg, size_t* payl
   seg->seq = be64toh(s.seq);
   *payload_off = shlen;
   return NC_CNT_REDIRECT;
+}
+
+size_t WriteChanHeader(uint8_t* out, const ChanHeader& ch, size_t chan_payload_len) {
+  const size_t chan_hlen = kChanHdrLen + ch.nsacks * sizeof(nc_sack_block);
+  nc_chan_hdr h{};
+  h.version = NC_WIRE_VERSION;
+  h.type = ch.type;
+  h.flags = ch.flags;
+  h.hdr_len = static_cast<uint8_t>(chan_hlen);
+  h.dst_chan = htons(ch.dst_chan);
+  h.src_chan = htons(ch.src_chan);
+  h.seq = htonl(ch.seq);
+  h.ack = htonl(ch.ack);
+  h.wnd = htonl(ch.wnd);
+  h.ts_val = htonl(ch.ts_val);
+  h.ts_ecr = htonl(ch.ts_ecr);
+  h.payload_len = htons(static_cast<uint16_t>(chan_payload_len));
+  h.token = htobe64(ch.token);
+  Store(out, h);
+  uint8_t* p = out + kChanHdrLen;
+  for (uint8_t i = 0; i < ch.nsacks; ++i) {
+    nc_sack_block b{htonl(ch.sacks[i].start), htonl(ch.sacks[i].end)};
+    Store(p, b);
+    p += sizeof(b);
+  }
+  return chan_hlen;
 }
 
 size_t WriteHeaders(uint8_t* out, const FrameAddrs& a, const ChanHeader& ch, const SegHeader* seg,
@@ -105,28 +137,8 @@ size_t WriteHeaders(uint8_t* out, const FrameAddrs& a, const ChanHeader& ch, con
   Store<uint16_t>(udp + 4, htons(static_cast<uint16_t>(udp_len)));
   Store<uint16_t>(udp + 6, 0);
 
-  nc_chan_hdr h{};
-  h.version = NC_WIRE_VERSION;
-  h.type = ch.type;
-  h.flags = ch.flags;
-  h.hdr_len = static_cast<uint8_t>(chan_hlen);
-  h.dst_chan = htons(ch.dst_chan);
-  h.src_chan = htons(ch.src_chan);
-  h.seq = htonl(ch.seq);
-  h.ack = htonl(ch.ack);
-  h.wnd = htonl(ch.wnd);
-  h.ts_val = htonl(ch.ts_val);
-  h.ts_ecr = htonl(ch.ts_ecr);
-  h.payload_len = htons(static_cast<uint16_t>(chan_payload));
-  h.token = htobe64(ch.token);
   uint8_t* p = udp + kUdpLen;
-  Store(p, h);
-  p += kChanHdrLen;
-  for (uint8_t i = 0; i < ch.nsacks; ++i) {
-    nc_sack_block b{htonl(ch.sacks[i].start), htonl(ch.sacks[i].end)};
-    Store(p, b);
-    p += sizeof(b);
-  }
+  p += WriteChanHeader(p, ch, chan_payload);
   if (seg) p += WriteSegHeader(p, *seg, payload_len);
   return static_cast<size_t>(p - out);
 }
@@ -143,6 +155,10 @@ size_t BuildFrame(std::span<uint8_t> out, const FrameAddrs& addrs, const ChanHea
 }
 
 ParsedFrame ParseFrame(std::span<const uint8_t> f, uint16_t udp_port) {
+  return ParseFrame(f, f.size(), udp_port);
+}
+
+ParsedFrame ParseFrame(std::span<const uint8_t> f, size_t frame_len, uint16_t udp_port) {
   ParsedFrame r;
   auto verdict = [&r](nc_counter c) {
     r.verdict = c;
@@ -164,7 +180,7 @@ ParsedFrame ParseFrame(std::span<const uint8_t> f, uint16_t udp_port) {
   if (InternetSum({ip, ihl * 4}) != 0xffff) return verdict(NC_CNT_DROP_BAD_IP_CSUM);
   const size_t tot_len = Be16(ip + 2);
   if (tot_len < ihl * 4 + kUdpLen) return verdict(NC_CNT_DROP_BAD_IP_LEN);
-  if (tot_len > f.size() - kEthLen) return verdict(NC_CNT_DROP_TRUNCATED);
+  if (frame_len < f.size() || tot_len > frame_len - kEthLen) return verdict(NC_CNT_DROP_TRUNCATED);
   const size_t udp_len = Be16(udp + 4);
   if (udp_len != tot_len - ihl * 4) return verdict(NC_CNT_DROP_BAD_UDP_LEN);
   r.src_ip = ntohl(Load<uint32_t>(ip + 12));
@@ -175,6 +191,8 @@ ParsedFrame ParseFrame(std::span<const uint8_t> f, uint16_t udp_port) {
   const size_t chan_len = udp_len - kUdpLen;
   const size_t choff = l4 + kUdpLen;
   if (chan_len < kChanHdrLen) return verdict(NC_CNT_DROP_TRUNCATED);
+  // Headers must sit in the first buffer (the program's data_end check); payload may not.
+  if (f.size() < choff + kChanHdrLen) return verdict(NC_CNT_DROP_TRUNCATED);
   const auto h = Load<nc_chan_hdr>(&f[choff]);
   if (h.version != NC_WIRE_VERSION) return verdict(NC_CNT_DROP_BAD_VERSION);
   const size_t hlen = h.hdr_len;
@@ -195,6 +213,7 @@ ParsedFrame ParseFrame(std::span<const uint8_t> f, uint16_t udp_port) {
   r.ch.ts_ecr = ntohl(h.ts_ecr);
   r.ch.token = be64toh(h.token);
   // Blocks beyond what we send are legal on the wire and ignored.
+  if (f.size() < choff + hlen) return verdict(NC_CNT_DROP_TRUNCATED);
   const size_t nsacks = (hlen - kChanHdrLen) / sizeof(nc_sack_block);
   r.ch.nsacks = static_cast<uint8_t>(nsacks < kMaxSacks ? nsacks : kMaxSacks);
   for (size_t i = 0; i < r.ch.nsacks; ++i) {
@@ -206,13 +225,14 @@ ParsedFrame ParseFrame(std::span<const uint8_t> f, uint16_t udp_port) {
 
   if (h.type == NC_CT_DATA) {
     size_t shlen = 0;
-    const nc_counter v = ParseSegment(f.subspan(r.chan_payload_off, plen), &r.seg, &shlen);
+    const nc_counter v = ParseSegment(f.subspan(r.chan_payload_off), plen, &r.seg, &shlen);
     if (v != NC_CNT_REDIRECT) return verdict(v);
     r.has_seg = true;
     r.seg_payload_off = r.chan_payload_off + shlen;
     r.seg_payload_len = plen - shlen;
   } else if (IsHandshakeType(h.type)) {
     if (plen != kHandshakeLen) return verdict(NC_CNT_DROP_BAD_PAYLOAD_LEN);
+    if (f.size() < r.chan_payload_off + plen) return verdict(NC_CNT_DROP_TRUNCATED);
     r.has_hs = true;
     r.hs = ReadHandshake(&f[r.chan_payload_off]);
   } else if (plen != 0) {

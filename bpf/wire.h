@@ -121,6 +121,15 @@ size_t WriteSegHeader(uint8_t* out, const SegHeader& seg, size_t payload_len);
 // Validates a channel payload as NetChannel header + payload, exactly as ParseFrame does.
 // Returns NC_CNT_REDIRECT when valid (filling *seg and the payload offset), else the drop reason.
 nc_counter ParseSegment(std::span<const uint8_t> chan_payload, SegHeader* seg, size_t* payload_off);
+// The same for a channel payload of `total` bytes of which only `head` is contiguous (the first
+// buffer of a multi-buffer frame): the NetChannel header must lie in `head`.
+nc_counter ParseSegment(std::span<const uint8_t> head, size_t total, SegHeader* seg,
+                        size_t* payload_off);
+
+// Writes the channel header (and its SACK blocks) for a channel payload of chan_payload_len
+// bytes. Returns its length, kChanHdrLen + 8 * nsacks. The kernel-UDP transmit path sends it in
+// front of a segment it never copies.
+size_t WriteChanHeader(uint8_t* out, const ChanHeader& ch, size_t chan_payload_len);
 
 // Convenience for tests and tools: headers + payload into `out`; returns the frame length or 0 if
 // it does not fit (or the payload exceeds what the length fields can express).
@@ -151,6 +160,10 @@ struct ParsedFrame {
 // Classifies a whole frame the way steer.bpf.c does (minus the map-dependent steps: channel
 // table, queue, XSK slot and fault injection). udp_port is in host order.
 ParsedFrame ParseFrame(std::span<const uint8_t> frame, uint16_t udp_port);
+// A multi-buffer frame of frame_len bytes whose first buffer is `head`: lengths are checked
+// against frame_len, and every header must lie in `head` (as the program's data_end checks
+// demand), else NC_CNT_DROP_TRUNCATED. Offsets in the result are from the start of `head`.
+ParsedFrame ParseFrame(std::span<const uint8_t> head, size_t frame_len, uint16_t udp_port);
 
 // True for verdicts the program answers with XDP_PASS.
 constexpr bool IsPassVerdict(nc_counter c) { return c <= NC_CNT_PASS_OTHER_PORT; }
