@@ -1,6 +1,7 @@
 #include "afxdp_channels/afxdp_driver.h"
 
 #include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -16,23 +17,34 @@
 #include "afxdp_channels/transport.h"
 #include "afxdp_channels/xsk.h"
 #include "bpf/steer_program.h"
+#include "common/errno_status.h"
 #include "common/netns.h"
 #include "common/random.h"
+#include "common/unique_fd.h"
 
 namespace netch::chan {
 namespace {
 
 using afxdp::kNoFrame;
+using afxdp::SendPool;
 using afxdp::Transport;
 using afxdp::TransportConfig;
 using afxdp::TxPacket;
 
 constexpr uint32_t kBatch = 64;
-constexpr uint32_t kChanRing = 256;             // per-channel SPSC rings
+constexpr uint32_t kChanRing = 512;             // per-channel SPSC rings (a 64 KB segment
+                                                // is delivered as up to kMaxFrags pieces)
 constexpr uint32_t kFreeMin = 16;               // empty send buffers an idle channel holds
 constexpr uint32_t kCtlReserve = 64;            // frames kept for ACKs and handshakes
 constexpr uint16_t kSrcPortBase = 49152;        // channel id -> UDP source port (RSS/ECMP entropy)
 constexpr uint64_t kCookieTickUs = 16'000'000;  // a cookie is valid for one to two ticks
+// A multi-buffer frame longer than this many UMEM frames is malformed: a 64 KB IPv4 packet
+// takes 18 frames of 3,840 bytes in copy mode; the rest is margin for smaller NIC buffers.
+constexpr uint32_t kMaxFrags = 24;
+constexpr uint32_t kPoolSlot = 64 << 10;  // one kernel-UDP segment: the IPv4 maximum
+// Send buffers a channel may hold in the kernel-UDP path beyond its window (free, queued):
+// enough to keep the transport fed, not enough for a stalled channel to empty the pool.
+constexpr uint32_t kPoolFreeMin = 4;
 
 class AfxdpDriver;
 class XskQueue;
@@ -43,14 +55,18 @@ enum class Hs : uint8_t { kSynSent, kCookieEchoed, kEstablished, kDead };
 
 class AfxdpChannel final : public ChannelCore {
  public:
-  AfxdpChannel(uint32_t id, size_t max_payload, afxdp::Umem* umem)
-      : ChannelCore(id, kChanRing, max_payload), umem_(umem) {}
-  uint8_t* BufAddr(uint64_t token) override { return umem_->Data(token); }
+  AfxdpChannel(uint32_t id, size_t max_payload, afxdp::Umem* umem, SendPool* pool)
+      : ChannelCore(id, kChanRing, max_payload), umem_(umem), pool_(pool) {}
+  uint8_t* BufAddr(uint64_t token) override {
+    return SendPool::Owns(token) ? pool_->Data(token) : umem_->Data(token);
+  }
   uint32_t peer_ipv4() const override { return peer_ip; }
 
   // Engine-side state: touched only by the engine running the channel's queue (and by the
   // creating thread before the channel is handed to that engine).
   afxdp::Umem* umem_;
+  SendPool* pool_;        // send buffers of the kernel-UDP path; nullptr with tx "afxdp"
+  sockaddr_in peer_sa{};  // the peer's NetChannel UDP address, for sendmmsg
   XskQueue* queue = nullptr;
   wire::FrameAddrs addrs;
   uint32_t peer_ip = 0;  // set before the channel is published
@@ -74,21 +90,21 @@ class AfxdpChannel final : public ChannelCore {
 struct QueueCounters {
   std::atomic<uint64_t> rx_frames{0}, rx_malformed{0}, rx_unknown_chan{0}, handshakes_rx{0},
       handshakes_bad{0}, rx_bad_token{0}, reaped{0}, fill_ring_empty{0}, tx_ring_full{0},
-      frames_free{0}, frames_in_fill{0};
+      frames_free{0}, frames_in_fill{0}, rx_multi_buffer{0}, udp_tx_packets{0}, udp_tx_errors{0};
 };
 
 class XskQueue final : public EngineTask, public Transport::BufferOwner {
  public:
   XskQueue(AfxdpDriver* d, uint32_t q) : driver_(d), queue_(q), by_id_(NC_MAX_CHANNELS, nullptr) {}
 
-  absl::Status Open(const std::string& ifname, uint32_t frames);
+  absl::Status Open(const std::string& ifname, uint32_t frames, bool udp_tx);
   ~XskQueue() override;
 
   bool Run(uint64_t now_us, uint64_t* deadline_us) override;
   int wait_fd() const override { return xsk_->fd(); }
 
-  void ReleaseTx(uint64_t handle) override { umem_->FreeFrame(handle); }
-  void ReleaseRx(uint64_t handle) override { umem_->FreeFrame(handle); }
+  void ReleaseTx(uint64_t handle) override { FreeTx(handle); }
+  void ReleaseRx(uint64_t handle) override { FreeChain(handle); }
 
   // Control operations, applied by the engine running the queue. Add and Remove return once
   // applied; Retire (another engine found the channel's peer restarted) does not wait.
@@ -98,6 +114,7 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
 
   uint32_t queue() const { return queue_; }
   afxdp::Umem* umem() { return umem_.get(); }
+  SendPool* pool() { return pool_.get(); }
   afxdp::XskSocket* xsk() { return xsk_.get(); }
   size_t channel_count() const { return nchans_.load(std::memory_order_relaxed); }
   QueueCounters counters;
@@ -110,7 +127,30 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   };
   void PostOp(Op op, bool wait);
   void ApplyOps(uint64_t now);
-  void HandleFrame(const xdp_desc& d, uint64_t now);
+  // One received frame: n descriptors, all but the last marked XDP_PKT_CONTD.
+  void HandleFrame(const xdp_desc* d, uint32_t n, uint64_t now);
+  // A multi-buffer DATA frame becomes pieces the consumer reads as ordinary segments: each
+  // fragment after the first gets a NetChannel header (seq advanced) written into its frame's
+  // headroom, the first's payload_len is cut to its own bytes, and links_ chains them so the
+  // transport holds the frame as one handle. False if the fragments cannot be made pieces.
+  bool LinkPieces(const xdp_desc* d, uint32_t n, const wire::ParsedFrame& pf, uint64_t head,
+                  const Transport& t);
+  void DropFrames(const xdp_desc* d, uint32_t n) {
+    for (uint32_t i = 0; i < n; ++i) umem_->FreeFrame(d[i].addr);
+  }
+  // Moves the transport's next in-order frame, all its pieces, to the consumer's ring; false
+  // when there is none or the ring lacks room for all of them.
+  bool DeliverNext(AfxdpChannel& ch);
+  void FreeTx(uint64_t t) {
+    if (SendPool::Owns(t)) {
+      pool_->Free(t);
+    } else {
+      umem_->FreeFrame(t);
+    }
+  }
+  void FreeChain(uint64_t handle);
+  // What the transport wants on the wire, through the kernel's UDP socket (one sendmmsg).
+  void SendUdp(AfxdpChannel& ch, const TxPacket* pk, size_t n);
   // Handshake packets addressed to no channel yet: SYN (answered with a cookie, no state kept)
   // and COOKIE_ECHO (the cookie checked, the channel created).
   void HandleSyn(const wire::ParsedFrame& pf, const wire::MacAddr& peer_mac, uint64_t now);
@@ -137,6 +177,33 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   std::unique_ptr<afxdp::Umem> umem_;
   std::unique_ptr<afxdp::XskSocket> xsk_;
   uint32_t fill_target_ = 0;
+
+  // Per UMEM frame, engine-side: how a received frame's pieces chain and what each holds
+  // against the receive window (the pieces' charges add up to the frame's Transport::Charge).
+  struct Link {
+    uint64_t next = kNoFrame;  // the next piece's token
+    uint32_t len = 0;          // the piece: NetChannel header + payload bytes
+    uint32_t charge = 0;
+    uint32_t pieces = 1;  // on the first piece: how many
+  };
+  std::vector<Link> links_;
+  Link& link(uint64_t token) { return links_[token / umem_->frame_size()]; }
+  // A frame whose descriptors straddle two Receive batches.
+  xdp_desc chain_[kMaxFrags];
+  uint32_t chain_len_ = 0;
+  bool chain_overflow_ = false;  // more than kMaxFrags: dropped up to its last descriptor
+
+  // Kernel-UDP transmit (tx "udp"): one socket per queue, datagrams pinned to the queue by the
+  // steering program's tc egress hook.
+  std::unique_ptr<SendPool> pool_;
+  uint32_t pool_cap_ = 0;  // slots one channel may hold
+  UniqueFd udp_fd_;
+  struct UdpBatch {
+    mmsghdr msgs[kBatch];
+    iovec iov[kBatch][2];
+    uint8_t hdr[kBatch][wire::kChanHdrLen + wire::kMaxSacks * sizeof(nc_sack_block)];
+  };
+  std::unique_ptr<UdpBatch> udp_batch_;
 
   std::vector<AfxdpChannel*> chans_;  // engine-side
   std::vector<AfxdpChannel*> by_id_;  // engine-side, indexed by local channel id
@@ -174,6 +241,7 @@ class AfxdpDriver final : public Driver {
   const afxdp::InterfaceInfo& ifinfo() const { return ifi_; }
   const DriverOptions& opts() const { return opts_; }
   size_t max_payload() const { return max_payload_; }
+  bool udp_tx() const { return udp_tx_; }
   uint64_t incarnation() const { return incarnation_; }
   TransportConfig TransportFor(uint16_t local, uint16_t peer, uint32_t isn_send,
                                uint32_t isn_recv) const;
@@ -212,6 +280,7 @@ class AfxdpDriver final : public Driver {
   const uint64_t incarnation_;
   afxdp::InterfaceInfo ifi_;
   size_t max_payload_ = 0;
+  bool udp_tx_ = false;
   std::vector<std::unique_ptr<XskQueue>> queues_;
   std::vector<std::unique_ptr<Engine>> engines_;
 
@@ -227,7 +296,7 @@ class AfxdpDriver final : public Driver {
 // ---------------------------------------------------------------------------------------------
 // XskQueue
 
-absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames) {
+absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp_tx) {
   afxdp::UmemConfig uc;
   uc.frame_count = frames;
   uc.frame_size = 4096;
@@ -254,7 +323,119 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames) {
   fill_target_ = std::min<uint32_t>(2048, frames / 4);
   umem_->Refill(fill_target_);
   counters.frames_free = umem_->free_frames();
+  links_.resize(frames);
+  if (!udp_tx) return absl::OkStatus();
+
+  auto pool = SendPool::Create(std::max<uint32_t>(driver_->opts().send_pool_bytes / kPoolSlot, 64),
+                               kPoolSlot);
+  if (!pool.ok()) return pool.status();
+  pool_ = std::move(*pool);
+  pool_cap_ = std::min(pool_->slots() / 2, 2 * driver_->opts().rcv_buf_bytes / kPoolSlot + 16);
+  udp_fd_.reset(socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (!udp_fd_.valid()) return ErrnoStatus(errno, "UDP socket for the transmit path");
+  // Never fragment: the MTU bounds every segment, and the peer's XDP program passes fragments
+  // to its kernel instead of a channel.
+  const int pmtu = IP_PMTUDISC_DO;
+  const int one = 1;
+  const int sndbuf = 8 << 20;
+  const int rcvbuf = 0;  // nothing is ever received here: the kernel clamps to its minimum
+  if (setsockopt(udp_fd_.get(), IPPROTO_IP, IP_MTU_DISCOVER, &pmtu, sizeof(pmtu)) ||
+      setsockopt(udp_fd_.get(), SOL_SOCKET, SO_NO_CHECK, &one, sizeof(one)) ||
+      setsockopt(udp_fd_.get(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)) ||
+      setsockopt(udp_fd_.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf)))
+    return ErrnoStatus(errno, "UDP transmit socket options");
+  if (afxdp::MakeCongestionControl(driver_->opts().congestion, 16, 64)->wants_ecn()) {
+    const int tos = 0x02;  // ECT(0), as the AF_XDP path marks its frames
+    if (setsockopt(udp_fd_.get(), IPPROTO_IP, IP_TOS, &tos, sizeof(tos)))
+      return ErrnoStatus(errno, "IP_TOS on the UDP transmit socket");
+  }
+  udp_batch_ = std::make_unique<UdpBatch>();
   return absl::OkStatus();
+}
+
+void XskQueue::FreeChain(uint64_t handle) {
+  for (uint64_t t = handle; t != kNoFrame;) {
+    const uint64_t next = link(t).next;
+    umem_->FreeFrame(t);
+    t = next;
+  }
+}
+
+bool XskQueue::LinkPieces(const xdp_desc* d, uint32_t n, const wire::ParsedFrame& pf, uint64_t head,
+                          const Transport& t) {
+  const uint32_t fsz = umem_->frame_size();
+  if (n > 1 &&
+      (pf.seg.type != NC_DATA || pf.seg_payload_off - pf.chan_payload_off != wire::kSegHdrLen))
+    return false;  // only plain DATA segments can be cut into pieces
+  Link& h = link(head);
+  h.len = static_cast<uint32_t>(n == 1 ? pf.chan_payload_len : d[0].len - pf.chan_payload_off);
+  h.next = n > 1 ? d[1].addr - wire::kSegHdrLen : kNoFrame;
+  h.pieces = n;
+  uint64_t charge = t.Charge(static_cast<uint32_t>(pf.chan_payload_len));
+  if (n == 1) {
+    h.charge = static_cast<uint32_t>(charge);
+    return true;
+  }
+  wire::SegHeader seg = pf.seg;
+  const uint32_t head_payload = h.len - static_cast<uint32_t>(wire::kSegHdrLen);
+  wire::WriteSegHeader(umem_->Data(head), seg, head_payload);
+  seg.seq += head_payload;
+  for (uint32_t i = 1; i < n; ++i) {
+    // The kernel wrote the fragment after XDP_PACKET_HEADROOM: room for our header in front.
+    if (d[i].len == 0 || d[i].addr % fsz < wire::kSegHdrLen || d[i].addr % fsz + d[i].len > fsz)
+      return false;
+    const uint64_t tok = d[i].addr - wire::kSegHdrLen;
+    wire::WriteSegHeader(umem_->Data(tok), seg, d[i].len);
+    seg.seq += d[i].len;
+    Link& l = link(tok);
+    l.len = d[i].len + static_cast<uint32_t>(wire::kSegHdrLen);
+    l.next = i + 1 < n ? d[i + 1].addr - wire::kSegHdrLen : kNoFrame;
+    l.pieces = 1;
+    l.charge = d[i].len;
+    charge -= d[i].len;
+  }
+  h.charge = static_cast<uint32_t>(charge);
+  return true;
+}
+
+bool XskQueue::DeliverNext(AfxdpChannel& ch) {
+  uint64_t handle;
+  uint32_t len;
+  if (!ch.transport->PeekDelivered(&handle, &len)) return false;
+  if (ch.rxq_.Room() < link(handle).pieces) return false;
+  ch.transport->PopDelivered(&handle, &len);
+  for (uint64_t t = handle; t != kNoFrame; t = link(t).next) {
+    const BufRef b{t, link(t).len};
+    ch.rx_held += b.len;
+    ch.rxq_.PushOne(b);
+  }
+  return true;
+}
+
+void XskQueue::SendUdp(AfxdpChannel& ch, const TxPacket* pk, size_t n) {
+  UdpBatch& u = *udp_batch_;
+  for (size_t i = 0; i < n; ++i) {
+    const bool data = pk[i].hdr.type == NC_CT_DATA;
+    const size_t hl = wire::WriteChanHeader(u.hdr[i], pk[i].hdr, data ? pk[i].len : 0);
+    u.iov[i][0] = {u.hdr[i], hl};
+    if (data) u.iov[i][1] = {pool_->Data(pk[i].handle), pk[i].len};
+    msghdr& m = u.msgs[i].msg_hdr;
+    m = msghdr{};
+    m.msg_name = &ch.peer_sa;
+    m.msg_namelen = sizeof(ch.peer_sa);
+    m.msg_iov = u.iov[i];
+    m.msg_iovlen = data ? 2 : 1;
+  }
+  size_t sent = 0;
+  // A full socket buffer (or any refusal) loses the rest of the batch: the transport finds the
+  // packets lost and sends them again, as it would after a drop on the wire.
+  for (int tries = 0; sent < n && tries < 2; ++tries) {
+    const int r = sendmmsg(udp_fd_.get(), u.msgs + sent, static_cast<unsigned>(n - sent), 0);
+    if (r <= 0) break;
+    sent += static_cast<size_t>(r);
+  }
+  counters.udp_tx_packets.fetch_add(sent, std::memory_order_relaxed);
+  if (sent < n) counters.udp_tx_errors.fetch_add(n - sent, std::memory_order_relaxed);
 }
 
 XskQueue::~XskQueue() {
@@ -361,9 +542,32 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
   }
   worked |= umem_->ReapCompletions() > 0;
 
-  xdp_desc descs[kBatch];
+  xdp_desc descs[2 * kBatch];
   const uint32_t n = xsk_->Receive(descs);
-  for (uint32_t i = 0; i < n; ++i) HandleFrame(descs[i], now);
+  for (uint32_t i = 0; i < n; ++i) {
+    const bool more = descs[i].options & XDP_PKT_CONTD;
+    if (chain_len_ == 0 && !more) {
+      HandleFrame(&descs[i], 1, now);  // the common case: one buffer, no copy of the descriptor
+      continue;
+    }
+    if (chain_len_ < kMaxFrags) {
+      chain_[chain_len_++] = descs[i];
+    } else {
+      chain_overflow_ = true;
+      umem_->FreeFrame(descs[i].addr);
+    }
+    if (more) continue;
+    if (chain_overflow_) {
+      counters.rx_frames.fetch_add(1, std::memory_order_relaxed);
+      counters.rx_malformed.fetch_add(1, std::memory_order_relaxed);
+      DropFrames(chain_, chain_len_);
+    } else {
+      counters.rx_multi_buffer.fetch_add(1, std::memory_order_relaxed);
+      HandleFrame(chain_, chain_len_, now);
+    }
+    chain_len_ = 0;
+    chain_overflow_ = false;
+  }
   worked |= n > 0;
 
   for (AfxdpChannel* ch : chans_) worked |= RunChannel(*ch, now, deadline);
@@ -391,16 +595,20 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
   return worked;
 }
 
-void XskQueue::HandleFrame(const xdp_desc& d, uint64_t now) {
+void XskQueue::HandleFrame(const xdp_desc* frags, uint32_t n, uint64_t now) {
   counters.rx_frames.fetch_add(1, std::memory_order_relaxed);
+  const xdp_desc& d = frags[0];
   const uint8_t* p = umem_->Data(d.addr);
+  size_t frame_len = 0;
+  for (uint32_t i = 0; i < n; ++i) frame_len += frags[i].len;
   // The XDP program validated the frame; the driver checks again because a frame in its socket
   // is the input of a reliable transport and must not be trusted blindly (and the oracle is
   // the same parser, so this costs a few dozen nanoseconds).
-  const wire::ParsedFrame pf = wire::ParseFrame({p, d.len}, driver_->opts().udp_port);
-  if (!pf.valid() || pf.dst_ip != driver_->ifinfo().ipv4) {
+  const wire::ParsedFrame pf = wire::ParseFrame({p, d.len}, frame_len, driver_->opts().udp_port);
+  // Only DATA is ever longer than one buffer; anything else that is came from a broken peer.
+  if (!pf.valid() || pf.dst_ip != driver_->ifinfo().ipv4 || (n > 1 && pf.ch.type != NC_CT_DATA)) {
     counters.rx_malformed.fetch_add(1, std::memory_order_relaxed);
-    umem_->FreeFrame(d.addr);
+    DropFrames(frags, n);
     return;
   }
   if (pf.ch.dst_chan == NC_CHAN_UNASSIGNED) {
@@ -416,7 +624,7 @@ void XskQueue::HandleFrame(const xdp_desc& d, uint64_t now) {
   if (!ch || ch->hs == Hs::kDead || pf.src_ip != ch->peer_ip ||
       (!handshaking && pf.ch.src_chan != ch->peer_chan)) {
     counters.rx_unknown_chan.fetch_add(1, std::memory_order_relaxed);
-    umem_->FreeFrame(d.addr);
+    DropFrames(frags, n);
     return;
   }
   // The token proves the sender saw our handshake; RST and FIN must also be in the window, so
@@ -426,7 +634,7 @@ void XskQueue::HandleFrame(const xdp_desc& d, uint64_t now) {
                     !ch->transport->InReceiveWindow(pf.ch.seq));
   if (bad) {
     counters.rx_bad_token.fetch_add(1, std::memory_order_relaxed);
-    umem_->FreeFrame(d.addr);
+    DropFrames(frags, n);
     return;
   }
   switch (pf.ch.type) {
@@ -450,12 +658,17 @@ void XskQueue::HandleFrame(const xdp_desc& d, uint64_t now) {
       break;
   }
   if (ch->hs != Hs::kEstablished) {
-    umem_->FreeFrame(d.addr);
+    DropFrames(frags, n);
     return;
   }
   if (pf.ch.type == NC_CT_DATA) {
-    ch->transport->OnPacket(pf.ch, d.addr + pf.chan_payload_off,
-                            static_cast<uint32_t>(pf.chan_payload_len), now,
+    const uint64_t head = d.addr + pf.chan_payload_off;
+    if (!LinkPieces(frags, n, pf, head, *ch->transport)) {
+      counters.rx_malformed.fetch_add(1, std::memory_order_relaxed);
+      DropFrames(frags, n);
+      return;
+    }
+    ch->transport->OnPacket(pf.ch, head, static_cast<uint32_t>(pf.chan_payload_len), now,
                             (pf.tos & 3) == 3 /* CE */);
   } else {
     ch->transport->OnPacket(pf.ch, 0, 0, now);
@@ -600,10 +813,7 @@ void XskQueue::Kill(AfxdpChannel& ch, ChannelState st, bool send_fin) {
   // to the consumer as far as the ring takes it, and stays readable.
   ch.keep_delivered = !send_fin;
   if (ch.transport && ch.keep_delivered) {
-    BufRef b;
-    while (ch.rxq_.Room() > 0 && ch.transport->PopDelivered(&b.token, &b.len)) {
-      ch.rx_held += b.len;
-      ch.rxq_.PushOne(b);
+    while (DeliverNext(ch)) {
     }
   }
   if (ch.transport) ch.transport->ReleaseAll();
@@ -617,7 +827,7 @@ void XskQueue::Reap() {
   for (AfxdpChannel* ch : dying_) {
     chans_.erase(std::remove(chans_.begin(), chans_.end(), ch), chans_.end());
     if (by_id_[ch->id()] == ch) by_id_[ch->id()] = nullptr;
-    ch->Reclaim([&](uint64_t t) { umem_->FreeFrame(t); },
+    ch->Reclaim([&](uint64_t t) { FreeTx(t); },
                 [&](uint64_t t, uint32_t len) {
                   umem_->FreeFrame(t);
                   ch->rx_held -= len;
@@ -644,7 +854,7 @@ void XskQueue::RunZombies() {
       }
     }
     for (uint32_t m; (m = z->txq_.Pop(b)) > 0;)
-      for (uint32_t i = 0; i < m; ++i) umem_->FreeFrame(b[i].token);
+      for (uint32_t i = 0; i < m; ++i) FreeTx(b[i].token);
     z->pub_.rx_queued_bytes.store(z->rx_held, std::memory_order_relaxed);
     // Done when nothing can come back: no delivered buffer outstanding, no copy in flight. Once
     // the application dropped its last reference nobody else can consume rxq_: empty it here.
@@ -687,7 +897,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   // Buffers the consumer is done with: reopen the receive window.
   for (uint32_t m; (m = ch.ret_.Pop(b)) > 0;) {
     for (uint32_t i = 0; i < m; ++i) {
-      t.Consumed(b[i].len);
+      t.ConsumedCharge(link(b[i].token).charge);
       ch.rx_held -= b[i].len;
       umem_->FreeFrame(b[i].token);
     }
@@ -706,11 +916,15 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     worked |= taken > 0;
   }
   // What the transport wants on the wire, never more than the TX ring takes now.
-  const uint32_t room = std::min(kBatch, xsk_->tx_free());
+  const uint32_t room = pool_ ? kBatch : std::min(kBatch, xsk_->tx_free());
   if (room == 0) counters.tx_ring_full.fetch_add(1, std::memory_order_relaxed);
   TxPacket pk[kBatch];
   const size_t k = t.Poll(now, {pk, room});
-  if (k) {
+  if (k && pool_) {
+    for (size_t i = 0; i < k; ++i) pk[i].hdr.token = ch.peer_token;
+    SendUdp(ch, pk, k);
+    worked = true;
+  } else if (k) {
     xdp_desc d[kBatch];
     uint64_t ctl[kBatch];
     uint32_t nd = 0, nctl = 0;
@@ -734,11 +948,10 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     worked = true;
   }
   // In-order data for the consumer.
-  if (uint32_t space = std::min(kBatch, ch.rxq_.Room()); space > 0) {
+  {
     uint32_t m = 0;
-    while (m < space && t.PopDelivered(&b[m].token, &b[m].len)) ch.rx_held += b[m++].len;
+    while (m < kBatch && DeliverNext(ch)) ++m;
     if (m) {
-      ch.rxq_.Push({b, m});
       notify |= Channel::kReadable;
       worked = true;
     }
@@ -746,15 +959,25 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   // Empty buffers for the producer, while the pool keeps enough for the fill ring and ACKs.
   // Taken lazily: an idle channel holds kFreeMin; a producer that keeps draining them doubles
   // its share up to the ring, so a thousand idle channels pin no more than a few frames each.
+  // The kernel-UDP path's slots are 64 KB: a channel holds at most pool_cap_ of them in all
+  // (free, queued, unacknowledged), so a stalled one cannot empty the queue's pool.
   const uint32_t have = ch.free_.SizeApprox();
-  if (have < ch.free_target / 4 && ch.free_target < kChanRing) ch.free_target *= 2;
+  const uint32_t max_target = pool_ ? pool_cap_ : kChanRing;
+  if (have < ch.free_target / 4 && ch.free_target < max_target)
+    ch.free_target = std::min(ch.free_target * 2, max_target);
   if (uint32_t space = std::min(ch.free_.Room(), ch.free_target > have ? ch.free_target - have : 0);
       space > 0) {
     const uint32_t keep = fill_target_ + kCtlReserve;
     uint32_t m = 0;
     uint64_t tok[kBatch];
-    while (m < std::min(space, kBatch) && umem_->free_frames() > keep)
-      tok[m++] = umem_->AllocFrame() + kAfxdpHeadroom;
+    if (pool_) {
+      const uint32_t held = have + ch.txq_.SizeApprox() + t.send_queue_packets();
+      while (m < std::min(space, kBatch) && held + m < pool_cap_ && pool_->free_slots() > 0)
+        tok[m++] = pool_->Alloc();
+    } else {
+      while (m < std::min(space, kBatch) && umem_->free_frames() > keep)
+        tok[m++] = umem_->AllocFrame() + kAfxdpHeadroom;
+    }
     if (m) {
       ch.free_.Push({tok, m});
       notify |= Channel::kWritable;
@@ -824,14 +1047,33 @@ absl::Status AfxdpDriver::Init() {
   if (ifi_.mtu <= overhead + 64)
     return absl::FailedPreconditionError(
         absl::StrFormat("MTU %u of %s is too small", ifi_.mtu, opts_.ifname));
-  // Without multi-buffer, XDP on veth takes frames up to 3520 bytes.
-  max_payload_ = std::min({ifi_.mtu - overhead, by_frame, size_t{3506} - overhead});
-
   uint32_t nq = opts_.queues ? std::min(opts_.queues, ifi_.rx_queues) : ifi_.rx_queues;
   nq = std::clamp<uint32_t>(nq, 1, NC_MAX_QUEUES);
+  // The transmit path. A datagram the kernel sends leaves on a queue of its own choosing unless
+  // the steering program's tc hook pins it; without the hook only a one-queue device works.
+  if (opts_.tx != "auto" && opts_.tx != "afxdp" && opts_.tx != "udp")
+    return absl::InvalidArgumentError(
+        absl::StrFormat("tx '%s': expected auto, afxdp or udp", opts_.tx));
+  const bool pinned = opts_.steer->tx_queue_steering() || nq == 1;
+  if (opts_.tx == "udp" && !pinned)
+    return absl::FailedPreconditionError(
+        "tx udp on a multi-queue device needs the steering program's tc egress hook (nc_txq), "
+        "which failed to attach");
+  udp_tx_ = opts_.tx == "udp" || (opts_.tx == "auto" && pinned);
+  if (udp_tx_) {
+    // Up to the IPv4 maximum where the MTU allows; the receiver takes it as a multi-buffer
+    // frame. Both ends' MTU bounds it: the link does.
+    const size_t udp_overhead = wire::kIpv4Len + wire::kUdpLen + wire::kChanHdrLen +
+                                wire::kMaxSacks * sizeof(nc_sack_block) + wire::kSegHdrLen;
+    max_payload_ = std::min<size_t>(ifi_.mtu, 0xffff) - udp_overhead;
+  } else {
+    // Without multi-buffer, XDP on veth takes frames up to 3520 bytes.
+    max_payload_ = std::min({ifi_.mtu - overhead, by_frame, size_t{3506} - overhead});
+  }
+
   for (uint32_t q = 0; q < nq; ++q) {
     auto xq = std::make_unique<XskQueue>(this, q);
-    if (auto st = xq->Open(opts_.ifname, opts_.frames_per_queue); !st.ok()) return st;
+    if (auto st = xq->Open(opts_.ifname, opts_.frames_per_queue, udp_tx_); !st.ok()) return st;
     if (auto st = opts_.steer->SetXsk(q, xq->xsk()->fd()); !st.ok()) return st;
     queues_.push_back(std::move(xq));
   }
@@ -947,8 +1189,12 @@ absl::StatusOr<std::shared_ptr<AfxdpChannel>> AfxdpDriver::Register(XskQueue* q,
     used_ids_[id] = true;
     next_id_ = id % (NC_MAX_CHANNELS - 1) + 1;
   }
-  auto ch = std::make_shared<AfxdpChannel>(id, max_payload_, q->umem());
+  auto ch = std::make_shared<AfxdpChannel>(id, max_payload_, q->umem(), q->pool());
   ch->queue = q;
+  if (q->pool()) ch->free_target = kPoolFreeMin;
+  ch->peer_sa.sin_family = AF_INET;
+  ch->peer_sa.sin_addr.s_addr = htonl(peer_ip);
+  ch->peer_sa.sin_port = htons(opts_.udp_port);
   ch->peer_ip = peer_ip;
   ch->local_token = local_token;
   ch->addrs = AddrsFor(id, peer_ip, peer_mac);
@@ -1075,6 +1321,7 @@ std::vector<EngineInfo> AfxdpDriver::Engines() const { return DescribeEngines(en
 
 DriverStats AfxdpDriver::Stats() const {
   DriverStats s;
+  s.tx_udp = udp_tx_;
   for (const auto& q : queues_) {
     const QueueCounters& c = q->counters;
     s.rx_frames += c.rx_frames.load(std::memory_order_relaxed);
@@ -1089,6 +1336,9 @@ DriverStats AfxdpDriver::Stats() const {
     s.frames_total += opts_.frames_per_queue;
     s.frames_free += c.frames_free.load(std::memory_order_relaxed);
     s.frames_in_fill += c.frames_in_fill.load(std::memory_order_relaxed);
+    s.rx_multi_buffer += c.rx_multi_buffer.load(std::memory_order_relaxed);
+    s.udp_tx_packets += c.udp_tx_packets.load(std::memory_order_relaxed);
+    s.udp_tx_errors += c.udp_tx_errors.load(std::memory_order_relaxed);
     if (auto x = q->xsk()->Stats(); x.ok()) {
       s.xsk_rx_dropped += x->rx_dropped;
       s.xsk_rx_ring_full += x->rx_ring_full;

@@ -20,6 +20,11 @@
 // makes Enqueue return 0, an empty receive queue makes Dequeue return 0; Wait() or notify_fd()
 // (poll/epoll) tell when to retry.
 //
+// A DATA segment is a byte range of its socket's stream (seq, payload): Dequeue may hand one
+// segment over as several consecutive pieces, each a DATA segment with the same socket fields,
+// seq advanced and payload shortened (a 64 KB segment received as a chain of UMEM frames). The
+// bytes and their order are what a channel keeps; segment boundaries of DATA are not.
+//
 // Flow control is end to end: a consumer that stops releasing buffers closes the channel's receive
 // window, the peer's sender stops, and the peer's Enqueue starts returning 0. Nothing is dropped.
 #pragma once
@@ -154,9 +159,13 @@ struct DriverStats {
   uint64_t xsk_rx_ring_full = 0;
   uint64_t xsk_fill_ring_empty = 0;
   uint64_t xsk_tx_ring_empty = 0;
-  uint64_t frames_total = 0;    // UMEM frames owned by the driver
-  uint64_t frames_free = 0;     // ... of which in the free pools right now
-  uint64_t frames_in_fill = 0;  // ... of which lent to the kernel in the fill rings
+  uint64_t frames_total = 0;     // UMEM frames owned by the driver
+  uint64_t frames_free = 0;      // ... of which in the free pools right now
+  uint64_t frames_in_fill = 0;   // ... of which lent to the kernel in the fill rings
+  uint64_t rx_multi_buffer = 0;  // frames that arrived as a chain of UMEM frames (XDP_USE_SG)
+  uint64_t udp_tx_packets = 0;   // packets sent through the kernel's UDP socket
+  uint64_t udp_tx_errors = 0;    // ... refused by it (the transport resends them as lost)
+  bool tx_udp = false;           // DATA leaves through the kernel's UDP socket (tx "udp")
 };
 
 struct EngineInfo {
@@ -210,6 +219,12 @@ struct DriverOptions {
   absl::Duration close_linger = absl::Seconds(1);  // Destroy waits this long for unacked data
   absl::Duration spin = absl::Microseconds(50);    // busy-poll this long before sleeping
   uint16_t udp_port = NC_DEFAULT_UDP_PORT;
+  // How DATA leaves: "afxdp" (AF_XDP TX from UMEM frames; a segment fits one frame), "udp" (the
+  // kernel's UDP socket from a send pool; segments up to 64 KB where the MTU allows, received as
+  // multi-buffer frames), "auto" (udp on copy-mode devices — veth, NICs without zero-copy — when
+  // the steering program's tc queue pinning is attached; afxdp otherwise). docs/DATAPATH.md.
+  std::string tx = "auto";
+  uint32_t send_pool_bytes = 32 << 20;  // per queue, for tx "udp"
   // Kernel-TCP driver.
   uint16_t tcp_port = 9910;
   // Loopback driver (in-process channels for tests): this driver's address, host order.

@@ -37,6 +37,24 @@ absl::StatusOr<std::unique_ptr<Umem>> Umem::Create(const UmemConfig& cfg) {
   return u;
 }
 
+absl::StatusOr<std::unique_ptr<SendPool>> SendPool::Create(uint32_t slots, uint32_t slot_size) {
+  if (slots == 0 || slot_size == 0) return absl::InvalidArgumentError("empty send pool");
+  std::unique_ptr<SendPool> p(new SendPool(slots, slot_size));
+  p->area_len_ = static_cast<size_t>(slots) * slot_size;
+  void* a = mmap(nullptr, p->area_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (a == MAP_FAILED) return ErrnoStatus(errno, "mmap send pool");
+  p->area_ = static_cast<uint8_t*>(a);
+  p->free_.resize(slots);
+  for (uint32_t i = 0; i < slots; ++i)
+    p->free_[i] = kTag | static_cast<uint64_t>(slots - 1 - i) * slot_size;
+  p->free_count_ = slots;
+  return p;
+}
+
+SendPool::~SendPool() {
+  if (area_) munmap(area_, area_len_);
+}
+
 Umem::~Umem() {
   if (umem_) xsk_umem__delete(umem_);
   if (area_) munmap(area_, area_len_);

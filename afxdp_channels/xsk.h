@@ -95,6 +95,35 @@ class Umem {
   uint32_t free_count_ = 0;
 };
 
+// The memory the kernel-UDP transmit path sends from: fixed-size slots, one segment each, owned
+// by one engine thread like a Umem (no lock). sendmmsg() copies a slot into an skb before it
+// returns, so a slot has a single owner — the transport, until the peer acknowledges it — and
+// no completion ring. Tokens carry kTag so they are never mistaken for UMEM addresses.
+class SendPool {
+ public:
+  static constexpr uint64_t kTag = 1ull << 62;
+  static absl::StatusOr<std::unique_ptr<SendPool>> Create(uint32_t slots, uint32_t slot_size);
+  ~SendPool();
+  SendPool(const SendPool&) = delete;
+  SendPool& operator=(const SendPool&) = delete;
+
+  static bool Owns(uint64_t token) { return token & kTag; }
+  uint64_t Alloc() { return free_count_ ? free_[--free_count_] : kNoFrame; }
+  void Free(uint64_t token) { free_[free_count_++] = token - (token & ~kTag) % slot_size_; }
+  uint8_t* Data(uint64_t token) { return area_ + (token & ~kTag); }
+  uint32_t free_slots() const { return free_count_; }
+  uint32_t slots() const { return slots_; }
+  uint32_t slot_size() const { return slot_size_; }
+
+ private:
+  SendPool(uint32_t slots, uint32_t slot_size) : slots_(slots), slot_size_(slot_size) {}
+  uint32_t slots_, slot_size_;
+  uint8_t* area_ = nullptr;
+  size_t area_len_ = 0;
+  std::vector<uint64_t> free_;
+  uint32_t free_count_ = 0;
+};
+
 struct XskConfig {
   std::string ifname;
   uint32_t queue = 0;

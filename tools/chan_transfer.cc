@@ -34,18 +34,35 @@ const std::vector<uint8_t>& Pattern() {
   return *p;
 }
 
-uint64_t HashSegment(uint64_t h, const uint8_t* p, size_t n) {
-  uint64_t s = 0x243F6A8885A308D3ull ^ n;
-  size_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    uint64_t w;
-    std::memcpy(&w, p + i, 8);
-    s = (s ^ w) * 0x9E3779B97F4A7C15ull;
-    s ^= s >> 29;
+// A hash of the byte stream, blind to how it was cut into segments: a channel may deliver one
+// segment as several pieces (a multi-buffer frame), and the bytes must still match.
+struct StreamHash {
+  uint64_t h = 0x243F6A8885A308D3ull;
+  uint64_t word = 0;
+  unsigned have = 0;  // bytes in `word`
+  void Mix(uint64_t w) {
+    h = (h ^ w) * 0x9E3779B97F4A7C15ull;
+    h ^= h >> 29;
   }
-  for (; i < n; ++i) s = (s ^ p[i]) * 0x100000001B3ull;
-  return (h ^ s) * 0xBF58476D1CE4E5B9ull + 1;
-}
+  void Update(const uint8_t* p, size_t n) {
+    size_t i = 0;
+    for (; have != 0 && i < n; ++i) {
+      word |= uint64_t{p[i]} << (8 * have);
+      if (++have == 8) {
+        Mix(word);
+        word = 0;
+        have = 0;
+      }
+    }
+    for (; i + 8 <= n; i += 8) {
+      uint64_t w;
+      std::memcpy(&w, p + i, 8);  // little-endian, as the byte-wise path above assembles
+      Mix(w);
+    }
+    for (; i < n; ++i) word |= uint64_t{p[i]} << (8 * have++);
+  }
+  uint64_t Final() const { return (h ^ word ^ have) * 0xBF58476D1CE4E5B9ull + 1; }
+};
 
 }  // namespace
 
@@ -153,7 +170,8 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
   // channels does (a thread per channel would only measure the scheduler on a 2-core machine).
   auto sender = [&] {
     struct Stream {
-      uint64_t off = 0, h = 0;
+      uint64_t off = 0;
+      StreamHash h;
     };
     std::vector<Stream> st(o.channels);
     constexpr int kBatch = 32;
@@ -184,7 +202,7 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
           break;
         }
         for (size_t i = 0; i < *taken; ++i) {
-          if (o.verify) s.h = HashSegment(s.h, segs[i].payload.data(), segs[i].payload.size());
+          if (o.verify) s.h.Update(segs[i].payload.data(), segs[i].payload.size());
           s.off += segs[i].payload.size();
         }
         progress |= *taken > 0;
@@ -193,14 +211,15 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
     }
     for (int c = 0; c < o.channels; ++c) {
       r.channels[c].bytes_sent = st[c].off;
-      r.channels[c].tx_hash = st[c].h;
+      r.channels[c].tx_hash = st[c].h.Final();
     }
   };
 
   // One thread receives from every channel; a channel's index is learnt from its first segment.
   auto receiver = [&] {
     struct Stream {
-      uint64_t off = 0, h = 0, nseg = 0;
+      uint64_t off = 0, nseg = 0;
+      StreamHash h;
       int c = -1;
       bool in_order = true;
     };
@@ -226,7 +245,7 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
           if (segs[k].hdr.seq != s.off || segs[k].hdr.src_port != s.c ||
               segs[k].hdr.conn_id != kConnId)
             s.in_order = false;
-          if (o.verify) s.h = HashSegment(s.h, segs[k].payload.data(), segs[k].payload.size());
+          if (o.verify) s.h.Update(segs[k].payload.data(), segs[k].payload.size());
           s.off += segs[k].payload.size();
         }
         s.nseg += n;
@@ -242,7 +261,7 @@ absl::StatusOr<TransferResult> RunTransfer(chan::Driver& tx, chan::Driver& rx,
       if (s.c < 0 || s.c >= o.channels) continue;
       ChannelResult& res = r.channels[s.c];
       res.bytes_received = s.off;
-      res.rx_hash = s.h;
+      res.rx_hash = s.h.Final();
       res.segments = s.nseg;
       res.in_order = s.in_order;
     }

@@ -33,15 +33,21 @@ using testing::TestHosts;
 
 constexpr uint64_t kBulk = 512ull << 20;
 
-// Two test hosts (4 queues each) and one driver per host.
+// Two test hosts (4 queues each) and one driver per host. The variant names the driver and,
+// for AF_XDP, its transmit path: "afxdp" (AF_XDP TX, 3.5 KB frames), "afxdp_udp" (kernel-UDP
+// TX, jumbo test hosts, 64 KB multi-buffer frames), "tcp".
 class ChannelHostsTest : public ::testing::Test {
  protected:
-  explicit ChannelHostsTest(std::string driver = "") : driver_(std::move(driver)) {}
-  const std::string& GetParam() const { return driver_; }
+  explicit ChannelHostsTest(std::string variant = "") : variant_(std::move(variant)) {}
+  std::string Driver() const { return variant_.substr(0, variant_.find('_')); }
+  bool Afxdp() const { return Driver() == "afxdp"; }
+  bool UdpTx() const { return variant_ == "afxdp_udp"; }
 
   void SetUp() override {
     NETCH_REQUIRE_ROOT();
-    ASSERT_TRUE(hosts_.Up(testing::StackHostsOptions()).ok());
+    testing::TestHostsOptions h = testing::StackHostsOptions();
+    if (UdpTx()) h.mtu = 65535;
+    ASSERT_TRUE(hosts_.Up(h).ok());
   }
 
   chan::DriverOptions Opts(const std::string& ns, const char* dev) {
@@ -51,14 +57,15 @@ class ChannelHostsTest : public ::testing::Test {
     o.engines = 2;
     o.dead_peer_timeout = absl::Seconds(1);
     o.congestion = congestion_;
+    o.tx = UdpTx() ? "udp" : "afxdp";
     return o;
   }
 
   void Open() {
-    auto a = tools::OpenChanHost(GetParam(), Opts(hosts_.ns_a(), TestHosts::kDevA));
+    auto a = tools::OpenChanHost(Driver(), Opts(hosts_.ns_a(), TestHosts::kDevA));
     ASSERT_TRUE(a.ok()) << a.status();
     a_ = std::move(*a);
-    auto b = tools::OpenChanHost(GetParam(), Opts(hosts_.ns_b(), TestHosts::kDevB));
+    auto b = tools::OpenChanHost(Driver(), Opts(hosts_.ns_b(), TestHosts::kDevB));
     ASSERT_TRUE(b.ok()) << b.status();
     b_ = std::move(*b);
   }
@@ -96,7 +103,7 @@ class ChannelHostsTest : public ::testing::Test {
 
   void ExpectFramesReturned() {
     for (auto* h : {a_.get(), b_.get()}) {
-      if (GetParam() != "afxdp") continue;
+      if (!Afxdp()) continue;
       EXPECT_TRUE(tools::WaitFramesReturned(*h->driver, absl::Seconds(3)))
           << "frames total " << h->driver->Stats().frames_total << " free "
           << h->driver->Stats().frames_free << " in fill " << h->driver->Stats().frames_in_fill;
@@ -115,10 +122,16 @@ class ChannelHostsTest : public ::testing::Test {
     if (!r.ok()) return {};
     EXPECT_TRUE(r->intact) << channels << " channels: " << Describe(*r);
     ExpectFramesReturned();
+    if (UdpTx()) {
+      // The path under test was taken: datagrams from the kernel, 64 KB frames in chains.
+      EXPECT_GT(a_->driver->Stats().udp_tx_packets, 0u);
+      EXPECT_GT(b_->driver->Stats().rx_multi_buffer, 0u);
+      EXPECT_EQ(a_->driver->Stats().udp_tx_errors, 0u);
+    }
     return *r;
   }
 
-  std::string driver_;
+  std::string variant_;
   std::string congestion_ = "newreno";
   TestHosts hosts_;
   std::unique_ptr<tools::ChanHost> a_, b_;
@@ -127,7 +140,6 @@ class ChannelHostsTest : public ::testing::Test {
 class ChannelTest : public ChannelHostsTest, public ::testing::WithParamInterface<std::string> {
  protected:
   ChannelTest() : ChannelHostsTest(::testing::WithParamInterface<std::string>::GetParam()) {}
-  using ChannelHostsTest::GetParam;
 };
 
 TEST_P(ChannelTest, OneChannelMoves512MiBIntact) {
@@ -138,7 +150,7 @@ TEST_P(ChannelTest, OneChannelMoves512MiBIntact) {
 TEST_P(ChannelTest, FourChannelsMove512MiBIntact) {
   Open();
   const tools::TransferResult r = Bulk(4);
-  if (GetParam() == "afxdp") {
+  if (Afxdp()) {
     // Four channels on four queues: each channel's frames arrived on its own queue.
     std::set<int> queues;
     for (const auto& c : r.channels) queues.insert(c.tx_stats.queue);
@@ -153,7 +165,7 @@ TEST_P(ChannelTest, TwoPercentDropStillDeliversEveryByte) {
     const tools::TransferResult r = Bulk(channels, absl::Seconds(120));
     uint64_t retransmits = 0;
     for (const auto& c : r.channels) retransmits += c.tx_stats.retransmits;
-    if (GetParam() == "afxdp") {
+    if (Afxdp()) {
       EXPECT_GT(retransmits, 0u) << "2% drop must cause retransmits";
     }
     // (The kernel's TCP retransmits are its own; the fault counter below shows the loss.)
@@ -192,7 +204,7 @@ TEST_P(ChannelTest, StalledConsumerStopsTheSenderAndLosesNothing) {
   ASSERT_TRUE(held);
   EXPECT_EQ(stalled_at, later) << "the sender kept going while the consumer did not read";
   EXPECT_LT(later, o.bytes) << "the sender could not have finished";
-  if (GetParam() == "afxdp") {
+  if (Afxdp()) {
     EXPECT_GT(queued, 0u) << "unsent data waits in the channel";
     // Flow control, not loss: no frame was dropped for lack of room anywhere on the receiver.
     // (Retransmits are not asserted: under sanitizers a descheduled engine can make a timer
@@ -242,7 +254,7 @@ TEST_P(ChannelTest, MigrationBetweenEnginesMidTransferLosesNothing) {
 
 TEST_P(ChannelTest, KilledPeerFailsTheChannelWithinTheTimeout) {
   const pid_t child = testing::ForkPeer([&](const std::function<void()>& ready) {
-    auto b = tools::OpenChanHost(GetParam(), Opts(hosts_.ns_b(), TestHosts::kDevB));
+    auto b = tools::OpenChanHost(Driver(), Opts(hosts_.ns_b(), TestHosts::kDevB));
     if (!b.ok()) return;
     ready();
     // Accept and drain until killed.
@@ -258,7 +270,7 @@ TEST_P(ChannelTest, KilledPeerFailsTheChannelWithinTheTimeout) {
     }
   });
   ASSERT_GT(child, 0) << "peer failed to start";
-  auto a = tools::OpenChanHost(GetParam(), Opts(hosts_.ns_a(), TestHosts::kDevA));
+  auto a = tools::OpenChanHost(Driver(), Opts(hosts_.ns_a(), TestHosts::kDevA));
   ASSERT_TRUE(a.ok()) << a.status();
   a_ = std::move(*a);
   chan::ChannelParams p;
@@ -289,10 +301,11 @@ TEST_P(ChannelTest, KilledPeerFailsTheChannelWithinTheTimeout) {
 }
 
 // Frames an attacker or a broken peer could put on the wire, sent with AF_PACKET while a channel
-// moves data: none may reach the stream, each is dropped and counted where it is caught.
+// moves data: none may reach the stream, each is dropped and counted where it is caught. The
+// hosts run the kernel-UDP path with jumbo frames, so multi-buffer frames are under attack too.
 class AfxdpWireTest : public ChannelHostsTest {
  protected:
-  AfxdpWireTest() : ChannelHostsTest("afxdp") {}
+  AfxdpWireTest() : ChannelHostsTest("afxdp_udp") {}
 
   // Locally generated frames (our AF_PACKET injections) leave on tx queue 0, the queue the
   // channel under attack is bound to, so the XDP queue check lets them through to the driver.
@@ -321,9 +334,10 @@ struct Injector {
     return inj;
   }
   void Send(const wire::ChanHeader& ch, const wire::SegHeader* seg,
-            std::function<void(std::vector<uint8_t>&)> mangle = nullptr, uint32_t src_ip = 0) {
-    std::vector<uint8_t> buf(2048);
-    std::vector<uint8_t> payload(seg ? 300 : 0, 0xEE);  // garbage a stream must never contain
+            std::function<void(std::vector<uint8_t>&)> mangle = nullptr, uint32_t src_ip = 0,
+            size_t payload_len = 300) {
+    std::vector<uint8_t> buf(payload_len + 256);
+    std::vector<uint8_t> payload(seg ? payload_len : 0, 0xEE);  // a stream must never contain it
     wire::FrameAddrs a = addrs;
     if (src_ip) a.src_ip = src_ip;
     const size_t n = wire::BuildFrame(buf, a, ch, seg, payload);
@@ -412,6 +426,16 @@ TEST_F(AfxdpWireTest, MalformedStaleAndSpoofedFramesNeverReachTheStream) {
       from_a.Send(h, &seg, nullptr, TestHosts::kIpA + 76);
       h.src_chan = static_cast<uint16_t>(chan_a + 1);
       from_a.Send(h, &seg);
+      // Multi-buffer frames (16 KB: five UMEM frames at B): one whose NetChannel payload_len
+      // disagrees with the frame (XDP drops it), one from an address that is not the peer's
+      // (the driver drops the whole chain).
+      if (i % 4 == 0) {
+        from_a.Send(
+            h, &seg,
+            [](std::vector<uint8_t>& f) { f[wire::kOuterLen + wire::kChanHdrLen + 13] ^= 0x01; }, 0,
+            16'000);
+        from_a.Send(h, &seg, nullptr, TestHosts::kIpA + 77, 16'000);
+      }
       // ACKs "from B" for data A never sent: A's transport ignores them.
       wire::ChanHeader ack;
       ack.type = NC_CT_ACK;
@@ -427,18 +451,21 @@ TEST_F(AfxdpWireTest, MalformedStaleAndSpoofedFramesNeverReachTheStream) {
   ASSERT_TRUE(r.ok()) << r.status();
   ASSERT_TRUE(injected);
   EXPECT_TRUE(r->intact) << Describe(*r);
-  EXPECT_EQ(from_a.sent, 9u * kEach);
+  EXPECT_EQ(from_a.sent, 9u * kEach + 2 * kEach / 4);
   EXPECT_EQ(from_b.sent, 1u * kEach);
   auto cb = b_->steer->ReadCounters();
   ASSERT_TRUE(cb.ok());
   EXPECT_GE((*cb)[NC_CNT_DROP_UNKNOWN_CHANNEL], static_cast<uint64_t>(kEach));
   EXPECT_GE((*cb)[NC_CNT_DROP_BAD_UDP_LEN], static_cast<uint64_t>(kEach));
-  EXPECT_GE((*cb)[NC_CNT_DROP_BAD_NC_HDR], static_cast<uint64_t>(kEach));
+  EXPECT_GE((*cb)[NC_CNT_DROP_BAD_NC_HDR], static_cast<uint64_t>(kEach + kEach / 4));
   EXPECT_EQ((*cb)[NC_CNT_DROP_WRONG_QUEUE], 0u) << "injections must use the channel's queue";
   EXPECT_GE((*cb)[NC_CNT_DROP_BAD_TOKEN], 2u * kEach) << "forged data, RST and FIN";
   const chan::DriverStats sb = b_->driver->Stats();
   EXPECT_GE(sb.rx_bad_token, static_cast<uint64_t>(kEach)) << "RST/FIN outside the window";
-  EXPECT_GE(sb.rx_unknown_chan, 2u * kEach) << "wrong peer address / wrong source channel";
+  EXPECT_GE(sb.rx_unknown_chan, 2u * kEach + kEach / 4)
+      << "wrong peer address / wrong source channel";
+  EXPECT_GT(sb.rx_multi_buffer, static_cast<uint64_t>(kEach / 4)) << "the 64 KB stream itself";
+  EXPECT_EQ(sb.rx_malformed, 0u) << "XDP caught the malformed ones first";
   const auto& ch = r->channels[0];
   // Sequence numbers spread over 2^32 land before the window or beyond it, never inside.
   EXPECT_GE(ch.rx_stats.rx_dropped_stale, static_cast<uint64_t>(kEach) - 2);
@@ -488,7 +515,7 @@ TEST_F(AfxdpWireTest, ConnectResolvesThePeerMacThroughArp) {
   EXPECT_EQ(hosts_.RunIn(hosts_.ns_a(), "ip neigh show dev nc-a | grep -q lladdr"), 0);
 }
 
-INSTANTIATE_TEST_SUITE_P(Drivers, ChannelTest, ::testing::Values("afxdp", "tcp"),
+INSTANTIATE_TEST_SUITE_P(Drivers, ChannelTest, ::testing::Values("afxdp", "afxdp_udp", "tcp"),
                          [](const auto& info) { return info.param; });
 
 }  // namespace
