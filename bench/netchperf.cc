@@ -81,6 +81,7 @@ struct Options {
   std::string instance = "default", metrics = "127.0.0.1:9464";
   bool replace_xdp = false;
   uint64_t spin_us = 0;           // netch: adaptive-polling spin of Recv, dispatcher and engines
+  std::string tx = "auto";        // netch, AF_XDP driver: transmit path
   std::vector<int> engine_cores;  // netch: pin engine i to engine_cores[i]
   std::string policy = "round-robin";  // netch: NetScheduler policy
   std::vector<std::pair<std::string, std::string>> policy_knobs;
@@ -282,6 +283,7 @@ class NetchEndpoint final : public Endpoint {
     so.driver_opts.ifname = o.dev;
     so.driver_opts.steer = ctl_->steer();
     so.driver_opts.engines = static_cast<int>(o.engines);
+    so.driver_opts.tx = o.tx;
     // Engines float unless --engine-cores pins them (then `netchctl pin channel ID --core N`
     // can move a channel between them). Pinning both test hosts' busy engines to the same core
     // halves what they get, so the default leaves placement to the kernel.
@@ -666,6 +668,8 @@ int main(int argc, char** argv) {
     sub->add_option("--channels", o.channels, "channels per peer")->check(CLI::Range(1, 64));
     sub->add_option("--copy-workers", o.copy_workers, "copy workers")->check(CLI::Range(0, 64));
     sub->add_option("--engines", o.engines, "engine threads")->check(CLI::Range(1, 64));
+    sub->add_option("--tx", o.tx, "AF_XDP transmit path: auto, afxdp or udp")
+        ->check(CLI::IsMember({"auto", "afxdp", "udp"}));
     sub->add_option("--engine-cores", o.engine_cores, "pin engine i to core C_i")
         ->delimiter(',')
         ->check(CLI::Range(0, 1023));

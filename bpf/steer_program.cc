@@ -73,7 +73,10 @@ void SteerProgram::AttachTc() {
   hook.sz = sizeof(hook);
   hook.ifindex = ifindex_;
   hook.attach_point = BPF_TC_EGRESS;
+  // An existing clsact qdisc is fine (EEXIST); libbpf would print the kernel's complaint.
+  libbpf_set_print(nullptr);
   int err = bpf_tc_hook_create(&hook);
+  libbpf_set_print(QuietLibbpf);
   if (err && err != -EEXIST) {
     std::fprintf(stderr, "netch: tc egress hook on ifindex %d: %s (kernel-UDP transmit off)\n",
                  ifindex_, std::strerror(-err));
