@@ -1,10 +1,20 @@
-// xskraw: the raw AF_XDP limit of one queue of the test hosts' veth pair — a minimal txonly loop
-// on host A and an rxdrop loop on host B (frames go straight back to the fill ring), with the
-// same steering program, frame size and copy mode the AF_XDP driver uses. chanperf's figures are
-// reported as a ratio of this.
+// xskraw: the raw limit of one queue of the test hosts' veth pair into an AF_XDP socket — a
+// minimal sender on host A and an rxdrop loop on host B (frames go straight back to the fill
+// ring), with the same steering program the AF_XDP driver uses. No transport, no VNS: what any
+// NetChannel data path on this pair can at most reach.
 //
-//   xskraw [--seconds S] [--frame BYTES] [--queue Q] [--ns-a NS] [--ns-b NS] [--json]
+//   xskraw [--seconds S] [--frame BYTES] [--sender afxdp|udp] [--copy] [--queue Q]
+//          [--ns-a NS] [--ns-b NS] [--json]
+//
+// --sender afxdp: AF_XDP TX in copy mode, frames up to 3520 B (one UMEM frame).
+// --sender udp:   the kernel's UDP socket (sendmmsg, 32 per call), frames up to 65549 B (a 64 KB
+//                 IPv4 datagram); received as multi-buffer chains (XDP_USE_SG).
+// --copy:         one user-space copy per side: the sender copies each payload into its send
+//                 buffer first, the receiver copies it out of the UMEM (udp only).
+#include <netinet/in.h>
 #include <poll.h>
+#include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -13,7 +23,7 @@
 #include <string>
 #include <thread>
 
-#include "absl/strings/numbers.h"
+#include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
 #include "afxdp_channels/engine.h"
 #include "afxdp_channels/netdev.h"
@@ -21,21 +31,11 @@
 #include "bpf/steer_program.h"
 #include "bpf/wire.h"
 #include "common/netns.h"
+#include "common/unique_fd.h"
 
 namespace {
 
 using namespace netch;
-
-constexpr char kUsage[] =
-    "usage: xskraw [--seconds S] [--frame BYTES] [--queue Q] [--ns-a NS] [--ns-b NS] [--json]\n"
-    "Blasts NetChannel frames of --frame bytes (default 3520) from an AF_XDP socket on nc-a\n"
-    "queue Q to an AF_XDP socket on nc-b queue Q (XDP steering attached) and reports the rate\n"
-    "received. Needs `scripts/testhosts up --queues N --mtu 3506`.\n";
-
-int Usage(const std::string& err) {
-  std::fprintf(stderr, "xskraw: %s\n%s", err.c_str(), kUsage);
-  return 2;
-}
 
 struct Side {
   std::unique_ptr<bpf::SteerProgram> steer;
@@ -74,37 +74,39 @@ absl::StatusOr<Side> Open(const std::string& ns, const std::string& dev, uint32_
   return s;
 }
 
+double CpuSeconds() {
+  timespec t{};
+  clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return t.tv_sec + t.tv_nsec / 1e9;
+}
+
+int Fail(const std::string& what) {
+  std::fprintf(stderr, "xskraw: %s\n", what.c_str());
+  return 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
-  std::string ns_a = "netch-a", ns_b = "netch-b";
+  std::string ns_a = "netch-a", ns_b = "netch-b", sender = "afxdp";
   uint32_t seconds = 3, frame = 3520, queue = 0;
-  bool json = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--json") {
-      json = true;
-      continue;
-    }
-    if (a == "-h" || a == "--help") return std::fputs(kUsage, stdout), 0;
-    if (i + 1 >= argc) return Usage(a + " needs a value");
-    const char* v = argv[++i];
-    bool ok = true;
-    if (a == "--seconds") {
-      ok = absl::SimpleAtoi(v, &seconds) && seconds >= 1 && seconds <= 60;
-    } else if (a == "--frame") {
-      ok = absl::SimpleAtoi(v, &frame) && frame <= 3520;
-    } else if (a == "--queue") {
-      ok = absl::SimpleAtoi(v, &queue) && queue < NC_MAX_QUEUES;
-    } else if (a == "--ns-a") {
-      ns_a = v;
-    } else if (a == "--ns-b") {
-      ns_b = v;
-    } else {
-      return Usage("unknown argument '" + a + "'");
-    }
-    if (!ok) return Usage(absl::StrFormat("bad value '%s' for %s", v, a));
-  }
+  bool json = false, copy = false;
+  CLI::App app{"xskraw: raw rate of one veth queue into an AF_XDP socket", "xskraw"};
+  app.add_option("--seconds", seconds, "how long to send")->check(CLI::Range(1, 60));
+  app.add_option("--frame", frame, "Ethernet frame bytes (afxdp <= 3520, udp <= 65549)")
+      ->check(CLI::Range(128, 65549));
+  app.add_option("--sender", sender, "afxdp or udp")->check(CLI::IsMember({"afxdp", "udp"}));
+  app.add_flag("--copy", copy, "one user-space copy per side (udp sender)");
+  app.add_option("--queue", queue, "queue")->check(CLI::Range(0, NC_MAX_QUEUES - 1));
+  app.add_option("--ns-a", ns_a, "sender namespace");
+  app.add_option("--ns-b", ns_b, "receiver namespace");
+  app.add_flag("--json", json, "one JSON object");
+  app.footer("Needs `scripts/testhosts up --queues N --mtu M` with M >= frame - 14.");
+  CLI11_PARSE(app, argc, argv);
+  const bool udp = sender == "udp";
+  if (!udp && frame > 3520) return Fail("--sender afxdp takes frames up to 3520 B");
+  if (!udp && copy) return Fail("--copy needs --sender udp");
+
   auto a = Open(ns_a, "nc-a", queue);
   if (!a.ok())
     return std::fprintf(stderr, "xskraw: host A: %s\n", a.status().ToString().c_str()), 1;
@@ -127,13 +129,12 @@ int main(int argc, char** argv) {
   ch.src_chan = kChan;
   wire::SegHeader seg;
   const size_t hl = wire::HeadersLen(ch, true);
-  if (frame < hl) return Usage(absl::StrFormat("--frame must be at least %u (the headers)", hl));
+  if (frame < hl) return Fail(absl::StrFormat("--frame must be at least %u (the headers)", hl));
   std::vector<uint8_t> payload(frame - hl, 0x5a);
   std::vector<uint8_t> tmpl(frame);
-  if (wire::BuildFrame(tmpl, fa, ch, &seg, payload) != frame)
-    return std::fprintf(stderr, "xskraw: frame does not fit\n"), 1;
+  if (wire::BuildFrame(tmpl, fa, ch, &seg, payload) != frame) return Fail("frame does not fit");
   std::vector<uint64_t> tx_frames;
-  for (uint64_t f; (f = a->umem->AllocFrame()) != afxdp::kNoFrame;) {
+  for (uint64_t f; !udp && (f = a->umem->AllocFrame()) != afxdp::kNoFrame;) {
     std::memcpy(a->umem->Data(f), tmpl.data(), frame);
     tx_frames.push_back(f);
   }
@@ -146,6 +147,8 @@ int main(int argc, char** argv) {
   std::thread rx([&] {
     xdp_desc d[64];
     uint64_t n = 0;
+    std::vector<uint8_t> sink(64 << 10);  // --copy: where the receiver copies payloads to
+    size_t at = 0;
     while (!stop.load(std::memory_order_relaxed)) {
       const uint32_t got = b->xsk->Receive(d);
       if (got == 0) {
@@ -153,13 +156,65 @@ int main(int argc, char** argv) {
         poll(&p, 1, 10);
         continue;
       }
-      for (uint32_t i = 0; i < got; ++i) b->umem->FreeFrame(d[i].addr);
+      for (uint32_t i = 0; i < got; ++i) {
+        if (copy) {
+          if (at + d[i].len > sink.size()) at = 0;
+          std::memcpy(sink.data() + at, b->umem->Data(d[i].addr), d[i].len);
+          at += d[i].len;
+        }
+        b->umem->FreeFrame(d[i].addr);
+        n += !(d[i].options & XDP_PKT_CONTD);  // a multi-buffer frame counts once
+      }
       b->umem->Refill(got);
-      n += got;
       rx_pkts.store(n, std::memory_order_relaxed);
     }
   });
+  UniqueFd udp_fd;
+  if (udp) {
+    NetnsScope scope(ns_a);
+    udp_fd.reset(socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
+    const int pmtu = IP_PMTUDISC_DO, one = 1, sndbuf = 8 << 20;
+    if (!udp_fd.valid() ||
+        setsockopt(udp_fd.get(), IPPROTO_IP, IP_MTU_DISCOVER, &pmtu, sizeof(pmtu)) ||
+        setsockopt(udp_fd.get(), SOL_SOCKET, SO_NO_CHECK, &one, sizeof(one)) ||
+        setsockopt(udp_fd.get(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)))
+      return Fail("UDP socket");
+    // Pin the datagrams to the receiver's queue, as the driver does (nc_txq reads nc_channels of
+    // the sender's program by the source channel id).
+    if (auto st = a->steer->SetChannel(kChan, queue, queue); !st.ok()) return Fail(st.ToString());
+  }
+  const double cpu0 = CpuSeconds();
   std::thread tx([&] {
+    if (udp) {
+      // The datagram is the frame minus Ethernet/IPv4/UDP; every datagram of a batch points at
+      // its own buffer, which --copy refills from the "application" buffer before each send.
+      constexpr int kBatch = 32;
+      const size_t dlen = frame - wire::kOuterLen;
+      std::vector<uint8_t> app(tmpl.begin() + wire::kOuterLen, tmpl.end());
+      std::vector<std::vector<uint8_t>> bufs(kBatch, app);
+      sockaddr_in to{};
+      to.sin_family = AF_INET;
+      to.sin_addr.s_addr = htonl(b->ifi.ipv4);
+      to.sin_port = htons(NC_DEFAULT_UDP_PORT);
+      mmsghdr msgs[kBatch];
+      iovec iov[kBatch];
+      uint64_t n = 0;
+      while (chan::NowUs() < end) {
+        for (int i = 0; i < kBatch; ++i) {
+          if (copy) std::memcpy(bufs[i].data(), app.data(), dlen);
+          iov[i] = {bufs[i].data(), dlen};
+          msgs[i].msg_hdr = msghdr{};
+          msgs[i].msg_hdr.msg_name = &to;
+          msgs[i].msg_hdr.msg_namelen = sizeof(to);
+          msgs[i].msg_hdr.msg_iov = &iov[i];
+          msgs[i].msg_hdr.msg_iovlen = 1;
+        }
+        const int r = sendmmsg(udp_fd.get(), msgs, kBatch, 0);
+        if (r > 0) n += static_cast<uint64_t>(r);
+      }
+      tx_pkts = n;
+      return;
+    }
     xdp_desc d[64];
     uint64_t n = 0;
     while (chan::NowUs() < end) {
@@ -182,22 +237,27 @@ int main(int argc, char** argv) {
   usleep(100'000);
   stop = true;
   rx.join();
+  const double cpu = CpuSeconds() - cpu0;
   const double s = seconds;
   const double mpps = rx_pkts.load() / s / 1e6;
   const double gbps = rx_pkts.load() * frame * 8.0 / s / 1e9;
+  const double cpu_per_gb = rx_pkts.load() ? cpu / (rx_pkts.load() * frame / 1e9) : 0;
   auto xs = b->xsk->Stats();
   if (json) {
     std::printf(
-        "{\"frame\":%u,\"seconds\":%u,\"tx_packets\":%llu,\"rx_packets\":%llu,"
-        "\"rx_mpps\":%.4f,\"rx_gbps\":%.3f,\"rx_dropped\":%llu}\n",
-        frame, seconds, (unsigned long long)tx_pkts.load(), (unsigned long long)rx_pkts.load(),
-        mpps, gbps, xs.ok() ? (unsigned long long)xs->rx_dropped : 0ull);
+        "{\"sender\":\"%s\",\"copy\":%s,\"frame\":%u,\"seconds\":%u,\"tx_packets\":%llu,"
+        "\"rx_packets\":%llu,\"rx_mpps\":%.4f,\"rx_gbps\":%.3f,\"cpu_seconds_per_gb\":%.3f,"
+        "\"rx_dropped\":%llu}\n",
+        sender.c_str(), copy ? "true" : "false", frame, seconds, (unsigned long long)tx_pkts.load(),
+        (unsigned long long)rx_pkts.load(), mpps, gbps, cpu_per_gb,
+        xs.ok() ? (unsigned long long)xs->rx_dropped : 0ull);
   } else {
     std::printf(
-        "raw AF_XDP, queue %u, %u B frames: received %.3f Mpps = %.2f Gbit/s (sent %llu, "
-        "received %llu, rx_dropped %llu)\n",
-        queue, frame, mpps, gbps, (unsigned long long)tx_pkts.load(),
-        (unsigned long long)rx_pkts.load(), xs.ok() ? (unsigned long long)xs->rx_dropped : 0ull);
+        "raw %s sender%s -> AF_XDP rx, queue %u, %u B frames: received %.3f Mpps = %.2f Gbit/s, "
+        "%.2f CPU-s/GB (sent %llu, received %llu, rx_dropped %llu)\n",
+        sender.c_str(), copy ? " (one copy per side)" : "", queue, frame, mpps, gbps, cpu_per_gb,
+        (unsigned long long)tx_pkts.load(), (unsigned long long)rx_pkts.load(),
+        xs.ok() ? (unsigned long long)xs->rx_dropped : 0ull);
   }
   {
     NetnsScope sa(ns_a);
