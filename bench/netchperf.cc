@@ -80,9 +80,10 @@ struct Options {
   uint32_t concurrency = 1, channels = 1, copy_workers = 0, engines = 2;
   std::string instance = "default", metrics = "127.0.0.1:9464";
   bool replace_xdp = false;
-  uint64_t spin_us = 0;           // netch: adaptive-polling spin of Recv, dispatcher and engines
-  std::string tx = "auto";        // netch, AF_XDP driver: transmit path
-  std::vector<int> engine_cores;  // netch: pin engine i to engine_cores[i]
+  uint64_t spin_us = netch::vns::StackOptions{}.recv_spin_us;  // netch: adaptive-polling spin of
+                                                               // Recv, dispatcher and engines
+  std::string tx = "auto";             // netch, AF_XDP driver: transmit path
+  std::vector<int> engine_cores;       // netch: pin engine i to engine_cores[i]
   std::string policy = "round-robin";  // netch: NetScheduler policy
   std::vector<std::pair<std::string, std::string>> policy_knobs;
   bool once = false, json = false, verify = true;

@@ -80,8 +80,11 @@ struct StackOptions {
   size_t chunk_bytes = 256 << 10;        // unit of work for a copy worker
   bool replace_xdp = false;  // AF_XDP: take over an interface where another XDP program is attached
   // Adaptive polling: how long a blocked Recv and the idle dispatcher spin (yielding) before
-  // they sleep. Longer spins cut latency and cost CPU; the test machines have 2 cores.
-  uint64_t recv_spin_us = 0;
+  // they sleep. Longer spins cut latency and cost CPU; the test machines have 2 cores. A reader
+  // that sleeps after every delivery costs a wakeup per 64 KB segment: spinning 50 µs took one
+  // stream from 13.6-14.0 to 17.2-18.4 Gbit/s and the receiver from 0.53-0.56 to 0.39-0.41
+  // CPU-s/GB (docs/BENCHMARKS.md); an idle socket still sleeps after 50 µs.
+  uint64_t recv_spin_us = 50;
   uint64_t dispatcher_spin_us = 50;
 };
 
