@@ -908,6 +908,9 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     }
     worked = true;
   }
+  // A small write held open (autocork): out once the channel has nothing unacknowledged.
+  if (ch.has_open())
+    worked |= ch.FlushOpen(now, t.send_queue_packets() == 0 && ch.txq_.EmptyApprox(), deadline);
   // New segments from the producer, as far as the transport's window has slots.
   const uint32_t slots = driver_->opts().window_packets - t.send_queue_packets();
   if (const uint32_t m = ch.txq_.Peek({b, std::min(kBatch, slots)}); m > 0) {
@@ -1202,6 +1205,7 @@ absl::StatusOr<std::shared_ptr<AfxdpChannel>> AfxdpDriver::Register(XskQueue* q,
   }
   auto ch = std::make_shared<AfxdpChannel>(id, max_payload_, q->umem(), q->pool());
   ch->queue = q;
+  ch->EnableCoalescing();
   if (q->pool()) ch->free_target = kPoolFreeMin;
   ch->peer_sa.sin_family = AF_INET;
   ch->peer_sa.sin_addr.s_addr = htonl(peer_ip);

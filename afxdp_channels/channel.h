@@ -89,7 +89,14 @@ struct ChannelParams {
 struct TxSegment {
   wire::SegHeader hdr;
   std::span<const uint8_t> payload;
+  // May be merged into the channel's open segment of the same socket (its bytes continue that
+  // segment's) and held until the segment is full or the channel has nothing unacknowledged —
+  // TCP's Nagle rule, which with a busy channel is autocork — or for at most kCorkHoldUs. For
+  // small DATA writes of throughput sockets; latency-sensitive ones never set it. Drivers that do
+  // not coalesce send it as is.
+  bool coalesce = false;
 };
+inline constexpr uint64_t kCorkHoldUs = 200;
 
 // One received segment. `payload` points into a stack buffer owned by the caller until Release().
 struct RxSegment {

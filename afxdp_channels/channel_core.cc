@@ -79,13 +79,23 @@ absl::StatusOr<size_t> ChannelCore::Enqueue(std::span<const TxSegment> segs) {
   BufRef out[kBatch];
   size_t done = 0;
   while (done < segs.size()) {
+    if (coalescing_ && segs[done].coalesce) {
+      std::lock_guard g(producer_mu_);
+      if (!CoalesceLocked(segs[done])) break;
+      done++;
+      continue;
+    }
     uint32_t n;
     {
       std::lock_guard g(producer_mu_);
+      // What was held open goes first (a full-size write after small ones).
+      if (open_.valid && !CommitOpenLocked()) break;
       // Both a free buffer and a txq_ slot are needed: the engine refills free_ independently of
       // draining txq_, so one having room says nothing about the other.
       const uint32_t room = txq_.Room() - txq_reserved_;
-      const size_t want = std::min<size_t>({kBatch, segs.size() - done, room});
+      size_t run = 0;  // the segments up to the next coalescable one
+      while (done + run < segs.size() && !(coalescing_ && segs[done + run].coalesce)) run++;
+      const size_t want = std::min<size_t>({kBatch, run, room});
       n = free_.Pop(std::span<uint64_t>(tokens, want));
       txq_reserved_ += n;
     }
@@ -106,6 +116,63 @@ absl::StatusOr<size_t> ChannelCore::Enqueue(std::span<const TxSegment> segs) {
   }
   if (done && task_) task_->Wake();
   return done;
+}
+
+bool ChannelCore::CommitOpenLocked() {
+  if (txq_.Room() <= txq_reserved_) return false;
+  const size_t hl = wire::WriteSegHeader(BufAddr(open_.token), open_.hdr, open_.len);
+  txq_.PushOne({open_.token, static_cast<uint32_t>(hl + open_.len)});
+  open_.valid = false;
+  open_pending_.store(false, std::memory_order_release);
+  return true;
+}
+
+bool ChannelCore::CoalesceLocked(const TxSegment& s) {
+  // Checked under the lock: Reclaim (after the state changed) takes the lock too, so an open
+  // segment is either seen and given back there or never created.
+  const ChannelState st = state();
+  if (st == ChannelState::kFailed || st == ChannelState::kClosed) return false;
+  const size_t len = s.payload.size();
+  if (open_.valid) {
+    const wire::SegHeader& h = open_.hdr;
+    const bool same_socket = h.type == s.hdr.type && h.app_class == s.hdr.app_class &&
+                             h.src_port == s.hdr.src_port && h.dst_port == s.hdr.dst_port &&
+                             h.conn_id == s.hdr.conn_id;
+    if (same_socket && h.seq + open_.len == s.hdr.seq && open_.len + len <= max_payload_) {
+      std::memcpy(BufAddr(open_.token) + wire::kSegHdrLen + open_.len, s.payload.data(), len);
+      open_.len += static_cast<uint32_t>(len);
+      // Full enough that the next write would not add a useful amount: send it now.
+      if (max_payload_ - open_.len < std::min<size_t>(1024, max_payload_ / 8))
+        (void)CommitOpenLocked();
+      return true;
+    }
+    if (!CommitOpenLocked()) return false;
+  }
+  uint64_t tok;
+  if (txq_.Room() <= txq_reserved_ || !free_.PopOne(&tok)) return false;
+  open_ = {tok, s.hdr, static_cast<uint32_t>(len), true};
+  if (len) std::memcpy(BufAddr(tok) + wire::kSegHdrLen, s.payload.data(), len);
+  open_since_us_.store(NowUs(), std::memory_order_relaxed);
+  open_pending_.store(true, std::memory_order_release);
+  return true;
+}
+
+bool ChannelCore::FlushOpen(uint64_t now_us, bool idle, uint64_t* deadline_us) {
+  if (!open_pending_.load(std::memory_order_acquire)) return false;
+  const uint64_t due = open_since_us_.load(std::memory_order_relaxed) + kCorkHoldUs;
+  if (!idle && now_us < due) {
+    *deadline_us = std::min(*deadline_us, due);
+    return false;
+  }
+  if (!producer_mu_.try_lock()) {
+    *deadline_us = std::min(*deadline_us, now_us + 5);
+    return false;
+  }
+  const bool ok = open_.valid && CommitOpenLocked();
+  producer_mu_.unlock();
+  if (!ok && open_pending_.load(std::memory_order_relaxed))
+    *deadline_us = std::min(*deadline_us, now_us + 5);
+  return ok;
 }
 
 size_t ChannelCore::Dequeue(size_t max_bytes, std::span<RxSegment> out) {
@@ -178,6 +245,11 @@ void ChannelCore::Reclaim(const std::function<void(uint64_t)>& give_tx,
     std::lock_guard g(producer_mu_);
     uint64_t t;
     while (free_.PopOne(&t)) give_tx(t);
+    if (open_.valid) {
+      give_tx(open_.token);
+      open_.valid = false;
+      open_pending_.store(false, std::memory_order_release);
+    }
   }
   for (uint32_t m; (m = txq_.Pop(b)) > 0;)
     for (uint32_t i = 0; i < m; ++i) give_tx(b[i].token);
@@ -279,7 +351,8 @@ void ChannelCore::NotifyApp(Interest what) {
 void ChannelCore::Linger(absl::Duration linger) {
   const uint64_t end = NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(linger));
   while (state() == ChannelState::kUp && NowUs() < end &&
-         (!txq_.EmptyApprox() || pub_.tx_queued_bytes.load(std::memory_order_relaxed) > 0)) {
+         (has_open() || !txq_.EmptyApprox() ||
+          pub_.tx_queued_bytes.load(std::memory_order_relaxed) > 0)) {
     usleep(500);
   }
 }

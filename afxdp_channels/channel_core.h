@@ -78,6 +78,15 @@ class ChannelCore : public Channel {
   void DropDelivered(const std::function<void(uint64_t)>& give);
   bool ProducersIdle();
 
+  // Coalescing (TxSegment::coalesce) for a driver whose engine calls FlushOpen every round; in
+  // other drivers the flag is ignored.
+  void EnableCoalescing() { coalescing_ = true; }
+  // Engine side: commits the open segment to txq_ when `idle` (the channel has nothing
+  // unacknowledged: Nagle) or when it has been held kCorkHoldUs; lowers *deadline_us to when it
+  // must look again. Never blocks: a producer holding the lock defers it by a few µs.
+  bool FlushOpen(uint64_t now_us, bool idle, uint64_t* deadline_us);
+  bool has_open() const { return open_pending_.load(std::memory_order_acquire); }
+
   // The task whose engine runs this channel; producers wake it after queuing.
   void set_task(EngineTask* t) { task_ = t; }
   void set_id(uint32_t id) { id_ = id; }  // before the channel is published
@@ -120,9 +129,24 @@ class ChannelCore : public Channel {
   Notifier notify_[2];
   std::atomic<uint32_t> state_changes_{0};
 
-  std::mutex producer_mu_;     // serializes producers' ring operations; never taken by the engine
+  // Takes one coalescable segment (producer_mu_ held): appends it to the open segment or opens
+  // a new one. False when no buffer or txq_ slot is free.
+  bool CoalesceLocked(const TxSegment& s);
+  bool CommitOpenLocked();  // producer_mu_ held; false when txq_ has no free slot
+
+  // Serializes producers' ring operations. The engine only ever try_locks it (FlushOpen).
+  std::mutex producer_mu_;
   uint32_t txq_reserved_ = 0;  // txq_ slots reserved by producers copying outside the lock
-  std::mutex consumer_mu_;     // serializes consumers; never taken by the engine
+  bool coalescing_ = false;
+  struct OpenSeg {
+    uint64_t token = 0;
+    wire::SegHeader hdr;
+    uint32_t len = 0;  // payload bytes so far
+    bool valid = false;
+  } open_;  // under producer_mu_
+  std::atomic<bool> open_pending_{false};
+  std::atomic<uint64_t> open_since_us_{0};
+  std::mutex consumer_mu_;  // serializes consumers; never taken by the engine
   // Consumer-side accounting (under consumer_mu_).
   std::atomic<uint64_t> rx_segments_{0}, rx_bytes_{0};
 };

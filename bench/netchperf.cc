@@ -83,6 +83,7 @@ struct Options {
   uint64_t spin_us = netch::vns::StackOptions{}.recv_spin_us;  // netch: adaptive-polling spin of
                                                                // Recv, dispatcher and engines
   std::string tx = "auto";             // netch, AF_XDP driver: transmit path
+  bool nodelay = false;                // netch: small writes are never coalesced
   std::vector<int> engine_cores;       // netch: pin engine i to engine_cores[i]
   std::string policy = "round-robin";  // netch: NetScheduler policy
   std::vector<std::pair<std::string, std::string>> policy_knobs;
@@ -265,6 +266,7 @@ class KernelEndpoint final : public Endpoint {
 class NetchEndpoint final : public Endpoint {
  public:
   bool Open(const Options& o, std::string* err) {
+    nodelay_ = o.nodelay;
     // The control plane first: it owns the XDP program the stack's driver steers with, and
     // serves netchctl and /metrics for the stack's whole life.
     netch::ctl::ControllerOptions co;
@@ -324,12 +326,14 @@ class NetchEndpoint final : public Endpoint {
       *err = s.status().ToString();
       return nullptr;
     }
+    (*s)->SetNoDelay(nodelay_);
     return std::make_unique<VnsSock>(std::move(*s));
   }
   std::unique_ptr<Sock> Connect(uint32_t ip, uint16_t port, std::string* err) override {
     netch::vns::SocketOptions so;
     so.connect_timeout = absl::Seconds(5);
     so.app_class = next_class;
+    so.nodelay = nodelay_;
     auto s = stack_->Connect(ip, port, so);
     if (!s.ok()) {
       *err = s.status().ToString();
@@ -337,6 +341,7 @@ class NetchEndpoint final : public Endpoint {
     }
     return std::make_unique<VnsSock>(std::move(*s));
   }
+  bool nodelay_ = false;
   // Sockets must go before the stack.
   void Reset() {
     listener_.reset();
@@ -669,6 +674,7 @@ int main(int argc, char** argv) {
     sub->add_option("--channels", o.channels, "channels per peer")->check(CLI::Range(1, 64));
     sub->add_option("--copy-workers", o.copy_workers, "copy workers")->check(CLI::Range(0, 64));
     sub->add_option("--engines", o.engines, "engine threads")->check(CLI::Range(1, 64));
+    sub->add_flag("--nodelay", o.nodelay, "netch: send small writes at once (no coalescing)");
     sub->add_option("--tx", o.tx, "AF_XDP transmit path: auto, afxdp or udp")
         ->check(CLI::IsMember({"auto", "afxdp", "udp"}));
     sub->add_option("--engine-cores", o.engine_cores, "pin engine i to core C_i")

@@ -7,7 +7,11 @@ namespace netch::vns {
 class SocketImpl final : public VirtualSocket {
  public:
   SocketImpl(StackImpl* st, std::shared_ptr<Conn> c, const SocketOptions& o)
-      : st_(st), c_(std::move(c)), nonblocking_(o.nonblocking), channels_hint_(o.channels) {}
+      : st_(st),
+        c_(std::move(c)),
+        nonblocking_(o.nonblocking),
+        nodelay_(o.nodelay),
+        channels_hint_(o.channels) {}
   ~SocketImpl() override { (void)Close(); }
 
   absl::StatusOr<size_t> Send(std::span<const uint8_t> data) override;
@@ -17,6 +21,7 @@ class SocketImpl final : public VirtualSocket {
   absl::Status Close() override;
   int fd() const override { return c_ ? c_->efd : -1; }
   void SetNonBlocking(bool nb) override { nonblocking_ = nb; }
+  void SetNoDelay(bool on) override { nodelay_.store(on, std::memory_order_relaxed); }
   uint16_t local_port() const override { return c_ ? c_->key.local_port : 0; }
   uint16_t remote_port() const override { return c_ ? c_->key.remote_port : 0; }
   uint32_t remote_ipv4() const override { return c_ ? c_->key.peer : 0; }
@@ -78,6 +83,7 @@ class SocketImpl final : public VirtualSocket {
   StackImpl* st_;
   std::shared_ptr<Conn> c_;
   bool nonblocking_;
+  std::atomic<bool> nodelay_;  // read by copy workers running SendRange
   int channels_hint_;
   uint64_t snd_next_ = 0;
   bool fin_sent_ = false;
@@ -148,6 +154,9 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
   const sched::SocketRef sref{c_->id, static_cast<uint8_t>(c_->app_class)};
   size_t seg = SIZE_MAX;
   for (const auto& ch : chans) seg = std::min(seg, ch->max_payload());
+  // Small writes of throughput sockets may be coalesced by the channel (autocork).
+  const bool cork =
+      !nodelay_.load(std::memory_order_relaxed) && c_->app_class != AppClass::kLatency;
   constexpr size_t kBatch = 32, kMaxChans = 64;  // a socket spreads over at most 64 channels
   const size_t nch = std::min(chans.size(), kMaxChans);
   chan::TxSegment segs[kBatch];
@@ -170,6 +179,7 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
                        c_->conn_id,
                        seq + o2};
         segs[n].payload = {data + o2, l};
+        segs[n].coalesce = cork && l < seg;
         o2 += l;
       }
       auto taken = chans[k]->Enqueue({segs, n});

@@ -65,6 +65,10 @@ struct SocketOptions {
   size_t rcvbuf = 4 << 20;  // bytes held for the application before channels stop draining
   int channels = 0;         // hint: spread over at most this many of the peer's channels (0: all)
   bool nonblocking = false;
+  // TCP_NODELAY: a small write leaves at once instead of waiting (up to kCorkHoldUs, or until
+  // the channel has nothing unacknowledged) to be coalesced with the next ones into one segment.
+  // Latency-class sockets never wait.
+  bool nodelay = false;
   absl::Duration connect_timeout = absl::Seconds(2);
 };
 
@@ -145,6 +149,7 @@ class VirtualSocket {
 
   virtual int fd() const = 0;
   virtual void SetNonBlocking(bool nonblocking) = 0;
+  virtual void SetNoDelay(bool nodelay) = 0;  // SocketOptions::nodelay
   virtual uint16_t local_port() const = 0;
   virtual uint16_t remote_port() const = 0;
   virtual uint32_t remote_ipv4() const = 0;

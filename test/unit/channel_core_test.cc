@@ -211,6 +211,108 @@ TEST(ChannelCoreTest, StateChangesWakeWaitersAndStopEnqueue) {
   EXPECT_EQ(StateName(ch.state()), "failed");
 }
 
+TxSegment Small(uint16_t port, uint64_t seq, const std::vector<uint8_t>& payload) {
+  TxSegment s = Seg(seq, payload);
+  s.hdr.src_port = port;
+  s.coalesce = true;
+  return s;
+}
+
+// The bytes of every segment the "wire" carries, in order, with their headers.
+std::vector<RxSegment> Drain(FakeChannel& ch) {
+  ch.Loop();
+  std::vector<RxSegment> out(64);
+  out.resize(ch.Dequeue(SIZE_MAX, out));
+  return out;
+}
+
+TEST(ChannelCoreTest, SmallWritesOfOneSocketBecomeOneSegmentUntilItIsFull) {
+  FakeChannel ch(16);
+  ch.EnableCoalescing();
+  ch.GiveBuffers(16);
+  const std::vector<uint8_t> a(250, 'a'), b(250, 'b'), c(250, 'c'), d(300, 'd');
+  for (const auto& [seq, p] : {std::pair{0, &a}, {250, &b}, {500, &c}}) {
+    const TxSegment s = Small(1, seq, *p);
+    ASSERT_EQ(*ch.Enqueue({&s, 1}), 1u);
+  }
+  EXPECT_TRUE(ch.has_open());
+  EXPECT_TRUE(Drain(ch).empty()) << "held open: the channel is busy and it is not full";
+  // The fourth does not fit (max_payload 1000): the 750 bytes leave as one segment.
+  const TxSegment s4 = Small(1, 750, d);
+  ASSERT_EQ(*ch.Enqueue({&s4, 1}), 1u);
+  auto got = Drain(ch);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].hdr.seq, 0u);
+  ASSERT_EQ(got[0].payload.size(), 750u);
+  EXPECT_EQ(got[0].payload[0], 'a');
+  EXPECT_EQ(got[0].payload[250], 'b');
+  EXPECT_EQ(got[0].payload[749], 'c');
+  ch.Release(got);
+  EXPECT_TRUE(ch.has_open()) << "the fourth write opened the next one";
+}
+
+TEST(ChannelCoreTest, OnlyContiguousBytesOfTheSameSocketAreMerged) {
+  FakeChannel ch(16);
+  ch.EnableCoalescing();
+  ch.GiveBuffers(16);
+  const std::vector<uint8_t> p(100, 'x');
+  // Socket 2's bytes start where socket 1's end: contiguous numbers, yet another stream.
+  const TxSegment segs[] = {Small(1, 0, p), Small(2, 100, p), Small(2, 500, p), Small(2, 600, p)};
+  ASSERT_EQ(*ch.Enqueue(segs), 4u);
+  uint64_t deadline = UINT64_MAX;
+  EXPECT_TRUE(ch.FlushOpen(NowUs(), /*idle=*/true, &deadline));
+  auto got = Drain(ch);
+  ASSERT_EQ(got.size(), 3u);  // socket 1; socket 2 at 100; socket 2 at 500..700 merged
+  EXPECT_EQ(got[0].hdr.src_port, 1);
+  EXPECT_EQ(got[0].payload.size(), 100u);
+  EXPECT_EQ(got[1].hdr.src_port, 2);
+  EXPECT_EQ(got[1].payload.size(), 100u);
+  EXPECT_EQ(got[2].hdr.seq, 500u);
+  EXPECT_EQ(got[2].payload.size(), 200u);
+  ch.Release(got);
+}
+
+TEST(ChannelCoreTest, AHeldWriteLeavesWhenTheChannelIdlesOrAfterTheHoldTime) {
+  FakeChannel ch(16);
+  ch.EnableCoalescing();
+  ch.GiveBuffers(16);
+  const std::vector<uint8_t> p(100, 'x');
+  const TxSegment s = Small(1, 0, p);
+  ASSERT_EQ(*ch.Enqueue({&s, 1}), 1u);
+  const uint64_t now = NowUs();
+  uint64_t deadline = UINT64_MAX;
+  EXPECT_FALSE(ch.FlushOpen(now, /*idle=*/false, &deadline)) << "busy and young: held";
+  EXPECT_LE(deadline, now + kCorkHoldUs);
+  EXPECT_TRUE(Drain(ch).empty());
+  EXPECT_TRUE(ch.FlushOpen(now + kCorkHoldUs + 1, /*idle=*/false, &deadline)) << "held long enough";
+  auto got = Drain(ch);
+  ASSERT_EQ(got.size(), 1u);
+  ch.Release(got);
+  // A write that is not coalescable goes out at once, after what was held.
+  const TxSegment held = Small(1, 100, p);
+  TxSegment now_seg = Seg(200, p);
+  now_seg.hdr.src_port = 1;
+  const TxSegment both[] = {held, now_seg};
+  ASSERT_EQ(*ch.Enqueue(both), 2u);
+  got = Drain(ch);
+  ASSERT_EQ(got.size(), 2u);
+  EXPECT_EQ(got[0].hdr.seq, 100u);
+  EXPECT_EQ(got[1].hdr.seq, 200u);
+  ch.Release(got);
+}
+
+TEST(ChannelCoreTest, WithoutCoalescingTheFlagIsIgnored) {
+  FakeChannel ch(16);
+  ch.GiveBuffers(16);
+  const std::vector<uint8_t> p(100, 'x');
+  const TxSegment segs[] = {Small(1, 0, p), Small(1, 100, p)};
+  ASSERT_EQ(*ch.Enqueue(segs), 2u);
+  EXPECT_FALSE(ch.has_open());
+  auto got = Drain(ch);
+  EXPECT_EQ(got.size(), 2u);
+  ch.Release(got);
+}
+
 TEST(DriverRegistryTest, KnowsTheBuiltInsAndRefusesUnknownAndDuplicateNames) {
   const auto names = DriverNames();
   EXPECT_NE(std::find(names.begin(), names.end(), "afxdp"), names.end());
