@@ -1,83 +1,48 @@
 // chanperf: channel-level throughput between the two test hosts (scripts/testhosts), over the
 // AF_XDP or the kernel-TCP driver. Every byte is checked (tools/chan_transfer.h).
 //
-//   chanperf [--driver afxdp|tcp] [--channels N] [--bytes N] [--segment BYTES] [--engines N]
-//            [--drop-ppm PPM] [--ns-a NS] [--ns-b NS] [--json]
+//   chanperf [--driver afxdp|tcp] [--tx auto|afxdp|udp] [--channels N] [--bytes N]
+//            [--segment BYTES] [--engines N] [--drop-ppm PPM] [--ns-a NS] [--ns-b NS] [--json]
 #include <cstdio>
 #include <cstdlib>
 #include <string>
 
-#include "absl/strings/numbers.h"
+#include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
 #include "tools/chan_transfer.h"
 
-namespace {
-
-constexpr char kUsage[] =
-    "usage: chanperf [--driver afxdp|tcp] [--channels N] [--bytes N] [--segment BYTES]\n"
-    "                [--engines N] [--drop-ppm PPM] [--timeout S] [--ns-a NS] [--ns-b NS]\n"
-    "                [--no-verify] [--json]\n"
-    "Moves --bytes (default 1 GiB) from test host A (198.18.0.1) to B (198.18.0.2) over\n"
-    "--channels channels and reports Gbit/s, Mpps and integrity (every byte hashed on both\n"
-    "sides unless --no-verify; stream offsets are always checked). Needs `scripts/testhosts up`.\n";
-
-int Usage(const char* err) {
-  if (err) std::fprintf(stderr, "chanperf: %s\n", err);
-  std::fputs(kUsage, stderr);
-  return 2;
-}
-
-}  // namespace
-
 int main(int argc, char** argv) {
-  std::string driver = "afxdp", ns_a = "netch-a", ns_b = "netch-b";
+  std::string driver = "afxdp", tx = "auto", ns_a = "netch-a", ns_b = "netch-b";
   uint64_t bytes = 1ull << 30;
   uint32_t channels = 1, segment = 0, engines = 2, drop_ppm = 0, timeout_s = 120;
-  bool json = false, verify = true;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if (a == "--json") {
-      json = true;
-      continue;
-    }
-    if (a == "--no-verify") {
-      verify = false;
-      continue;
-    }
-    if (a == "-h" || a == "--help") {
-      std::fputs(kUsage, stdout);
-      return 0;
-    }
-    if (i + 1 >= argc) return Usage(absl::StrFormat("%s needs a value", a).c_str());
-    const char* v = argv[++i];
-    bool ok = true;
-    if (a == "--driver") {
-      driver = v;
-    } else if (a == "--ns-a") {
-      ns_a = v;
-    } else if (a == "--ns-b") {
-      ns_b = v;
-    } else if (a == "--bytes") {
-      ok = absl::SimpleAtoi(v, &bytes) && bytes > 0;
-    } else if (a == "--channels") {
-      ok = absl::SimpleAtoi(v, &channels) && channels >= 1 && channels <= 64;
-    } else if (a == "--segment") {
-      ok = absl::SimpleAtoi(v, &segment) && segment >= 1;
-    } else if (a == "--engines") {
-      ok = absl::SimpleAtoi(v, &engines) && engines >= 1 && engines <= 64;
-    } else if (a == "--timeout") {
-      ok = absl::SimpleAtoi(v, &timeout_s) && timeout_s >= 1;
-    } else if (a == "--drop-ppm") {
-      ok = absl::SimpleAtoi(v, &drop_ppm) && drop_ppm < 1'000'000;
-    } else {
-      return Usage(absl::StrFormat("unknown argument '%s'", a).c_str());
-    }
-    if (!ok) return Usage(absl::StrFormat("bad value '%s' for %s", v, a).c_str());
-  }
+  bool json = false, no_verify = false;
+  CLI::App app{
+      "chanperf: moves --bytes from test host A (198.18.0.1) to B (198.18.0.2) over --channels "
+      "channels and reports Gbit/s, Mpps and integrity (every byte hashed on both sides unless "
+      "--no-verify; stream offsets are always checked). Needs `scripts/testhosts up`.",
+      "chanperf"};
+  app.add_option("--driver", driver, "afxdp or tcp")->check(CLI::IsMember({"afxdp", "tcp"}));
+  app.add_option("--tx", tx, "AF_XDP transmit path: auto, afxdp or udp")
+      ->check(CLI::IsMember({"auto", "afxdp", "udp"}));
+  app.add_option("--channels", channels, "channels")->check(CLI::Range(1, 64));
+  app.add_option("--bytes", bytes, "bytes to move")->check(CLI::PositiveNumber);
+  app.add_option("--segment", segment, "segment payload bytes (default: the largest)")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--engines", engines, "engine threads per host")->check(CLI::Range(1, 64));
+  app.add_option("--drop-ppm", drop_ppm, "injected loss each way, per million packets")
+      ->check(CLI::Range(0, 999'999));
+  app.add_option("--timeout", timeout_s, "give up after S seconds")->check(CLI::PositiveNumber);
+  app.add_option("--ns-a", ns_a, "sender namespace");
+  app.add_option("--ns-b", ns_b, "receiver namespace");
+  app.add_flag("--no-verify", no_verify, "do not hash the bytes");
+  app.add_flag("--json", json, "one JSON object");
+  CLI11_PARSE(app, argc, argv);
+  const bool verify = !no_verify;
   netch::chan::DriverOptions oa;
   oa.netns = ns_a;
   oa.ifname = "nc-a";
   oa.engines = static_cast<int>(engines);
+  oa.tx = tx;
   netch::chan::DriverOptions ob = oa;
   ob.netns = ns_b;
   ob.ifname = "nc-b";
