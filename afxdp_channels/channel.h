@@ -90,13 +90,14 @@ struct TxSegment {
   wire::SegHeader hdr;
   std::span<const uint8_t> payload;
   // May be merged into the channel's open segment of the same socket (its bytes continue that
-  // segment's) and held until the segment is full or the channel has nothing unacknowledged —
-  // TCP's Nagle rule, which with a busy channel is autocork — or for at most kCorkHoldUs. For
-  // small DATA writes of throughput sockets; latency-sensitive ones never set it. Drivers that do
-  // not coalesce send it as is.
+  // segment's) and held until the segment is full, until it is kCorkIdleUs old while the channel
+  // has nothing unacknowledged (TCP's Nagle rule; on a busy channel it is autocork), until
+  // Flush(), or for at most kCorkHoldUs. For small DATA writes of throughput sockets;
+  // latency-sensitive ones never set it. Drivers that do not coalesce send it as is.
   bool coalesce = false;
 };
 inline constexpr uint64_t kCorkHoldUs = 200;
+inline constexpr uint64_t kCorkIdleUs = 20;
 
 // One received segment. `payload` points into a stack buffer owned by the caller until Release().
 struct RxSegment {
@@ -133,6 +134,8 @@ class Channel {
   virtual size_t Dequeue(size_t max_bytes, std::span<RxSegment> out) = 0;
   // Returns buffers obtained from Dequeue, in any order.
   virtual void Release(std::span<const RxSegment> segs) = 0;
+  // Sends at once what Enqueue holds open for coalescing (a writer about to wait for a reply).
+  virtual void Flush() {}
 
   // What a waiter cares about. The receive side (Dequeue) and the send side (Enqueue) have
   // separate notifications: a dispatcher draining a channel and an application filling it wait

@@ -118,6 +118,16 @@ absl::StatusOr<size_t> ChannelCore::Enqueue(std::span<const TxSegment> segs) {
   return done;
 }
 
+void ChannelCore::Flush() {
+  if (!open_pending_.load(std::memory_order_acquire)) return;
+  bool committed;
+  {
+    std::lock_guard g(producer_mu_);
+    committed = open_.valid && CommitOpenLocked();
+  }
+  if (committed && task_) task_->Wake();
+}
+
 bool ChannelCore::CommitOpenLocked() {
   if (txq_.Room() <= txq_reserved_) return false;
   const size_t hl = wire::WriteSegHeader(BufAddr(open_.token), open_.hdr, open_.len);
@@ -159,8 +169,9 @@ bool ChannelCore::CoalesceLocked(const TxSegment& s) {
 
 bool ChannelCore::FlushOpen(uint64_t now_us, bool idle, uint64_t* deadline_us) {
   if (!open_pending_.load(std::memory_order_acquire)) return false;
-  const uint64_t due = open_since_us_.load(std::memory_order_relaxed) + kCorkHoldUs;
-  if (!idle && now_us < due) {
+  const uint64_t since = open_since_us_.load(std::memory_order_relaxed);
+  const uint64_t due = since + (idle ? kCorkIdleUs : kCorkHoldUs);
+  if (now_us < due) {
     *deadline_us = std::min(*deadline_us, due);
     return false;
   }

@@ -56,6 +56,7 @@ class ChannelCore : public Channel {
     return side == kWritable ? notify_[1].fd : notify_[0].fd;
   }
   void ArmNotify(Interest interest = kBoth) override;
+  void Flush() override;
 
   // ---- engine side ----------------------------------------------------------------------------
   virtual uint8_t* BufAddr(uint64_t token) = 0;
@@ -82,8 +83,9 @@ class ChannelCore : public Channel {
   // other drivers the flag is ignored.
   void EnableCoalescing() { coalescing_ = true; }
   // Engine side: commits the open segment to txq_ when `idle` (the channel has nothing
-  // unacknowledged: Nagle) or when it has been held kCorkHoldUs; lowers *deadline_us to when it
-  // must look again. Never blocks: a producer holding the lock defers it by a few µs.
+  // unacknowledged: Nagle) and it is kCorkIdleUs old — a streaming writer fills it meanwhile —
+  // or when it has been held kCorkHoldUs; lowers *deadline_us to when it must look again. Never
+  // blocks: a producer holding the lock defers it by a few µs.
   bool FlushOpen(uint64_t now_us, bool idle, uint64_t* deadline_us);
   bool has_open() const { return open_pending_.load(std::memory_order_acquire); }
 

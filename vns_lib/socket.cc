@@ -190,6 +190,7 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
       }
       st_->sched_batches_.fetch_add(1, std::memory_order_relaxed);
       c_->CountBatch(chans[k]->id());
+      if (segs[*taken - 1].coalesce) c_->corked.store(true, std::memory_order_relaxed);
       for (size_t i = 0; i < *taken; ++i) off += segs[i].payload.size();
       progress = true;
     }
@@ -358,6 +359,10 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
     if (reasm_.next() == c_->fin_seq.load(std::memory_order_acquire)) return 0;  // end of stream
     if (auto st = Usable(); !st.ok()) return st;
     MaybeAdvertiseWindow();  // an update the channel could not take last time
+    // About to wait (or to return EAGAIN to a poll loop), perhaps for the reply to what we wrote:
+    // what a channel holds open for coalescing leaves now.
+    if (c_->corked.exchange(false, std::memory_order_relaxed) && c_->peer)
+      for (const auto& ch : c_->peer->Live()) ch->Flush();
     if (nonblocking_) {
       UpdateReadiness();
       return SockError(EAGAIN, "no data");

@@ -260,7 +260,7 @@ TEST(ChannelCoreTest, OnlyContiguousBytesOfTheSameSocketAreMerged) {
   const TxSegment segs[] = {Small(1, 0, p), Small(2, 100, p), Small(2, 500, p), Small(2, 600, p)};
   ASSERT_EQ(*ch.Enqueue(segs), 4u);
   uint64_t deadline = UINT64_MAX;
-  EXPECT_TRUE(ch.FlushOpen(NowUs(), /*idle=*/true, &deadline));
+  EXPECT_TRUE(ch.FlushOpen(NowUs() + kCorkIdleUs, /*idle=*/true, &deadline));
   auto got = Drain(ch);
   ASSERT_EQ(got.size(), 3u);  // socket 1; socket 2 at 100; socket 2 at 500..700 merged
   EXPECT_EQ(got[0].hdr.src_port, 1);
@@ -283,21 +283,31 @@ TEST(ChannelCoreTest, AHeldWriteLeavesWhenTheChannelIdlesOrAfterTheHoldTime) {
   uint64_t deadline = UINT64_MAX;
   EXPECT_FALSE(ch.FlushOpen(now, /*idle=*/false, &deadline)) << "busy and young: held";
   EXPECT_LE(deadline, now + kCorkHoldUs);
+  EXPECT_FALSE(ch.FlushOpen(now, /*idle=*/true, &deadline)) << "idle, but a writer may add more";
+  EXPECT_LE(deadline, now + kCorkIdleUs);
   EXPECT_TRUE(Drain(ch).empty());
   EXPECT_TRUE(ch.FlushOpen(now + kCorkHoldUs + 1, /*idle=*/false, &deadline)) << "held long enough";
   auto got = Drain(ch);
   ASSERT_EQ(got.size(), 1u);
   ch.Release(got);
+  // A writer about to wait for a reply flushes.
+  const TxSegment rpc = Small(1, 100, p);
+  ASSERT_EQ(*ch.Enqueue({&rpc, 1}), 1u);
+  ch.Flush();
+  got = Drain(ch);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].hdr.seq, 100u);
+  ch.Release(got);
   // A write that is not coalescable goes out at once, after what was held.
-  const TxSegment held = Small(1, 100, p);
-  TxSegment now_seg = Seg(200, p);
+  const TxSegment held = Small(1, 200, p);
+  TxSegment now_seg = Seg(300, p);
   now_seg.hdr.src_port = 1;
   const TxSegment both[] = {held, now_seg};
   ASSERT_EQ(*ch.Enqueue(both), 2u);
   got = Drain(ch);
   ASSERT_EQ(got.size(), 2u);
-  EXPECT_EQ(got[0].hdr.seq, 100u);
-  EXPECT_EQ(got[1].hdr.seq, 200u);
+  EXPECT_EQ(got[0].hdr.seq, 200u);
+  EXPECT_EQ(got[1].hdr.seq, 300u);
   ch.Release(got);
 }
 
