@@ -142,28 +142,40 @@ bool ChannelCore::CoalesceLocked(const TxSegment& s) {
   // segment is either seen and given back there or never created.
   const ChannelState st = state();
   if (st == ChannelState::kFailed || st == ChannelState::kClosed) return false;
-  const size_t len = s.payload.size();
+  const uint8_t* src = s.payload.data();
+  size_t len = s.payload.size();
+  wire::SegHeader hdr = s.hdr;
+  const size_t full = max_payload_ - std::min<size_t>(1024, max_payload_ / 8);
+  auto free_slots = [&] { return txq_.Room() - txq_reserved_; };
   if (open_.valid) {
     const wire::SegHeader& h = open_.hdr;
-    const bool same_socket = h.type == s.hdr.type && h.app_class == s.hdr.app_class &&
-                             h.src_port == s.hdr.src_port && h.dst_port == s.hdr.dst_port &&
-                             h.conn_id == s.hdr.conn_id;
-    if (same_socket && h.seq + open_.len == s.hdr.seq && open_.len + len <= max_payload_) {
-      std::memcpy(BufAddr(open_.token) + wire::kSegHdrLen + open_.len, s.payload.data(), len);
-      open_.len += static_cast<uint32_t>(len);
-      // Full enough that the next write would not add a useful amount: send it now.
-      if (max_payload_ - open_.len < std::min<size_t>(1024, max_payload_ / 8))
-        (void)CommitOpenLocked();
-      return true;
+    const bool same_socket = h.type == hdr.type && h.app_class == hdr.app_class &&
+                             h.src_port == hdr.src_port && h.dst_port == hdr.dst_port &&
+                             h.conn_id == hdr.conn_id;
+    if (same_socket && h.seq + open_.len == hdr.seq) {
+      // Continue the open segment up to its end; the rest opens the next one. Everything that
+      // takes is checked first: the segment is taken whole or not at all.
+      const size_t n1 = std::min<size_t>(len, max_payload_ - open_.len);
+      if (n1 < len && (free_slots() < 1 || free_.EmptyApprox())) return false;
+      std::memcpy(BufAddr(open_.token) + wire::kSegHdrLen + open_.len, src, n1);
+      open_.len += static_cast<uint32_t>(n1);
+      if (open_.len >= full) (void)CommitOpenLocked();  // a full one leaves now (if a slot is free)
+      if (n1 == len) return true;
+      if (open_.valid && !CommitOpenLocked()) return true;  // unreachable: a slot was checked
+      src += n1;
+      len -= n1;
+      hdr.seq += n1;
+    } else if (!CommitOpenLocked()) {
+      return false;
     }
-    if (!CommitOpenLocked()) return false;
   }
   uint64_t tok;
-  if (txq_.Room() <= txq_reserved_ || !free_.PopOne(&tok)) return false;
-  open_ = {tok, s.hdr, static_cast<uint32_t>(len), true};
-  if (len) std::memcpy(BufAddr(tok) + wire::kSegHdrLen, s.payload.data(), len);
+  if (free_slots() < 1 || !free_.PopOne(&tok)) return false;
+  open_ = {tok, hdr, static_cast<uint32_t>(len), true};
+  if (len) std::memcpy(BufAddr(tok) + wire::kSegHdrLen, src, len);
   open_since_us_.store(NowUs(), std::memory_order_relaxed);
   open_pending_.store(true, std::memory_order_release);
+  if (open_.len >= full) (void)CommitOpenLocked();
   return true;
 }
 

@@ -60,7 +60,9 @@ class SocketImpl final : public VirtualSocket {
   }
   // Sends [off, off+len) of the stream (stream offset base + off) from data; blocks while the
   // channels are full unless non-blocking. Returns bytes taken.
-  absl::StatusOr<size_t> SendRange(const uint8_t* data, size_t len, uint64_t seq, size_t rr);
+  // `parallel`: copy workers run several ranges of one write at once.
+  absl::StatusOr<size_t> SendRange(const uint8_t* data, size_t len, uint64_t seq, size_t rr,
+                                   bool parallel);
   // Waits until one of the channels can take more, or the connection breaks.
   void WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans);
   void DrainInq();
@@ -145,7 +147,7 @@ void SocketImpl::RefreshChannels() {
 }
 
 absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, uint64_t seq,
-                                             size_t rr) {
+                                             size_t rr, bool parallel) {
   // chans_ and policy_ are refreshed by Send (under send_mu_) before any SendRange runs: copy
   // workers only read them.
   const auto& chans = chans_;
@@ -154,7 +156,10 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
   const sched::SocketRef sref{c_->id, static_cast<uint8_t>(c_->app_class)};
   size_t seg = SIZE_MAX;
   for (const auto& ch : chans) seg = std::min(seg, ch->max_payload());
-  // Small writes of throughput sockets may be coalesced by the channel (autocork).
+  // Throughput sockets let the channel coalesce (autocork): small writes merge, and a write's
+  // segments continue what the last write left open, so a 128 KiB write is two full segments
+  // rather than two and a 250 B tail. Not with copy workers: merged copies run under the
+  // channel's producer lock, which would serialize the workers.
   const bool cork =
       !nodelay_.load(std::memory_order_relaxed) && c_->app_class != AppClass::kLatency;
   constexpr size_t kBatch = 32, kMaxChans = 64;  // a socket spreads over at most 64 channels
@@ -179,7 +184,7 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
                        c_->conn_id,
                        seq + o2};
         segs[n].payload = {data + o2, l};
-        segs[n].coalesce = cork && l < seg;
+        segs[n].coalesce = cork && (l < seg || !parallel);
         o2 += l;
       }
       auto taken = chans[k]->Enqueue({segs, n});
@@ -269,7 +274,7 @@ absl::StatusOr<size_t> SocketImpl::SendPart(std::span<const uint8_t> data) {
     const size_t rr = rr_;
     st_->workers().ParallelFor(chunks.size(), [&](size_t i) {
       auto r = SendRange(data.data() + chunks[i].first, chunks[i].second,
-                         snd_next_ + chunks[i].first, rr + i);
+                         snd_next_ + chunks[i].first, rr + i, /*parallel=*/true);
       if (!r.ok()) errs[i] = r.status();
     });
     rr_ += chunks.size();
@@ -277,7 +282,7 @@ absl::StatusOr<size_t> SocketImpl::SendPart(std::span<const uint8_t> data) {
       if (!e.ok()) return e;
     sent = data.size();
   } else {
-    auto r = SendRange(data.data(), data.size(), snd_next_, rr_++);
+    auto r = SendRange(data.data(), data.size(), snd_next_, rr_++, /*parallel=*/false);
     if (!r.ok()) return r.status();
     sent = *r;
     if (sent == 0) return SockError(EAGAIN, "send buffer full");

@@ -238,18 +238,26 @@ TEST(ChannelCoreTest, SmallWritesOfOneSocketBecomeOneSegmentUntilItIsFull) {
   }
   EXPECT_TRUE(ch.has_open());
   EXPECT_TRUE(Drain(ch).empty()) << "held open: the channel is busy and it is not full";
-  // The fourth does not fit (max_payload 1000): the 750 bytes leave as one segment.
+  // The fourth does not fit (max_payload 1000): it fills this segment, which leaves full, and
+  // its last 50 bytes open the next one.
   const TxSegment s4 = Small(1, 750, d);
   ASSERT_EQ(*ch.Enqueue({&s4, 1}), 1u);
   auto got = Drain(ch);
   ASSERT_EQ(got.size(), 1u);
   EXPECT_EQ(got[0].hdr.seq, 0u);
-  ASSERT_EQ(got[0].payload.size(), 750u);
+  ASSERT_EQ(got[0].payload.size(), 1000u);
   EXPECT_EQ(got[0].payload[0], 'a');
   EXPECT_EQ(got[0].payload[250], 'b');
   EXPECT_EQ(got[0].payload[749], 'c');
+  EXPECT_EQ(got[0].payload[999], 'd');
   ch.Release(got);
-  EXPECT_TRUE(ch.has_open()) << "the fourth write opened the next one";
+  EXPECT_TRUE(ch.has_open()) << "the rest of the fourth write";
+  ch.Flush();
+  got = Drain(ch);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].hdr.seq, 1000u);
+  EXPECT_EQ(got[0].payload.size(), 50u);
+  ch.Release(got);
 }
 
 TEST(ChannelCoreTest, OnlyContiguousBytesOfTheSameSocketAreMerged) {
