@@ -156,12 +156,13 @@ bool ChannelCore::CoalesceLocked(const TxSegment& s) {
       // Continue the open segment up to its end; the rest opens the next one. Everything that
       // takes is checked first: the segment is taken whole or not at all.
       const size_t n1 = std::min<size_t>(len, max_payload_ - open_.len);
-      if (n1 < len && (free_slots() < 1 || free_.EmptyApprox())) return false;
+      // A spill takes two send slots (the full segment now, the rest's open one later): with
+      // one, taking part of the write and refusing the rest would send those bytes twice.
+      if (n1 < len && (free_slots() < 2 || free_.EmptyApprox())) return false;
       std::memcpy(BufAddr(open_.token) + wire::kSegHdrLen + open_.len, src, n1);
       open_.len += static_cast<uint32_t>(n1);
       if (open_.len >= full) (void)CommitOpenLocked();  // a full one leaves now (if a slot is free)
       if (n1 == len) return true;
-      if (open_.valid && !CommitOpenLocked()) return true;  // unreachable: a slot was checked
       src += n1;
       len -= n1;
       hdr.seq += n1;

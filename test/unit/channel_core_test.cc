@@ -374,6 +374,41 @@ TEST(ChannelCoreTest, CoalescedWritesOfRandomSizesKeepEveryByteInPlace) {
   EXPECT_TRUE(got == stream);
 }
 
+// A write that continues the open segment and spills into a new one needs two send slots (one
+// for the full segment, one for the rest). With one, it must be refused whole: taking part of it
+// and reporting it not taken made the sender send those bytes twice, the receiver drop the
+// overlapping copy, and a 4 KiB stream over AF_XDP TX stall on the hole.
+TEST(ChannelCoreTest, AWriteThatSpillsIsTakenWholeOrNotAtAll) {
+  FakeChannel ch(4);  // four send slots
+  ch.EnableCoalescing();
+  ch.GiveBuffers(4);
+  const std::vector<uint8_t> full(1000, 'f'), half(500, 'h');
+  const TxSegment first[] = {Small(1, 0, full), Small(1, 1000, full), Small(1, 2000, full),
+                             Small(1, 3000, half)};
+  ASSERT_EQ(*ch.Enqueue(first), 4u);  // three full segments queued, 500 bytes held open
+  ASSERT_TRUE(ch.has_open());
+  ch.GiveBuffers(1);  // a buffer for the spill is there; a send slot for it is not
+  const TxSegment spill = Small(1, 3500, full);  // 500 complete the open one, 500 spill over
+  EXPECT_EQ(*ch.Enqueue({&spill, 1}), 0u) << "one slot left: the spill cannot be queued";
+  auto got = Drain(ch);
+  for (auto& r : got) {
+    ch.Release({&r, 1});
+    BufRef back;
+    ASSERT_TRUE(ch.ret_.PopOne(&back));
+    ch.free_.PushOne(back.token);
+  }
+  ASSERT_EQ(*ch.Enqueue({&spill, 1}), 1u);
+  ch.Flush();
+  auto rest = Drain(ch);
+  uint64_t seq = 3000;
+  for (const auto& r : rest) {
+    EXPECT_EQ(r.hdr.seq, seq) << "every byte once, in order";
+    seq += r.payload.size();
+  }
+  EXPECT_EQ(seq, 4500u);
+  ch.Release(rest);
+}
+
 TEST(ChannelCoreTest, WithoutCoalescingTheFlagIsIgnored) {
   FakeChannel ch(16);
   ch.GiveBuffers(16);
