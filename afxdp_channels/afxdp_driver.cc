@@ -2,6 +2,7 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
+#include <netinet/udp.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -90,7 +91,8 @@ class AfxdpChannel final : public ChannelCore {
 struct QueueCounters {
   std::atomic<uint64_t> rx_frames{0}, rx_malformed{0}, rx_unknown_chan{0}, handshakes_rx{0},
       handshakes_bad{0}, rx_bad_token{0}, reaped{0}, fill_ring_empty{0}, tx_ring_full{0},
-      frames_free{0}, frames_in_fill{0}, rx_multi_buffer{0}, udp_tx_packets{0}, udp_tx_errors{0};
+      frames_free{0}, frames_in_fill{0}, rx_multi_buffer{0}, udp_tx_packets{0}, udp_tx_errors{0},
+      udp_gso_trains{0};
 };
 
 class XskQueue final : public EngineTask, public Transport::BufferOwner {
@@ -202,8 +204,12 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
     mmsghdr msgs[kBatch];
     iovec iov[kBatch][2];
     uint8_t hdr[kBatch][wire::kChanHdrLen + wire::kMaxSacks * sizeof(nc_sack_block)];
+    alignas(cmsghdr) uint8_t cmsg[kBatch][CMSG_SPACE(sizeof(uint16_t))];
   };
   std::unique_ptr<UdpBatch> udp_batch_;
+  bool gso_ = true;  // UDP_SEGMENT trains; off for good once the kernel refuses one
+  static constexpr size_t kGsoMaxPackets = 64;       // the kernel's UDP_MAX_SEGMENTS (older ones)
+  static constexpr size_t kGsoMaxBytes = 65507 - 7;  // one UDP datagram's payload
 
   std::vector<AfxdpChannel*> chans_;  // engine-side
   std::vector<AfxdpChannel*> by_id_;  // engine-side, indexed by local channel id
@@ -341,11 +347,9 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp
   // Never fragment: the MTU bounds every segment, and the peer's XDP program passes fragments
   // to its kernel instead of a channel.
   const int pmtu = IP_PMTUDISC_DO;
-  const int one = 1;
   const int sndbuf = 8 << 20;
   const int rcvbuf = 0;  // nothing is ever received here: the kernel clamps to its minimum
   if (setsockopt(udp_fd_.get(), IPPROTO_IP, IP_MTU_DISCOVER, &pmtu, sizeof(pmtu)) ||
-      setsockopt(udp_fd_.get(), SOL_SOCKET, SO_NO_CHECK, &one, sizeof(one)) ||
       setsockopt(udp_fd_.get(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)) ||
       setsockopt(udp_fd_.get(), SOL_SOCKET, SO_RCVBUF, &rcvbuf, sizeof(rcvbuf)))
     return ErrnoStatus(errno, "UDP transmit socket options");
@@ -419,27 +423,71 @@ bool XskQueue::DeliverNext(AfxdpChannel& ch) {
 
 void XskQueue::SendUdp(AfxdpChannel& ch, const TxPacket* pk, size_t n) {
   UdpBatch& u = *udp_batch_;
+  uint32_t len[kBatch];  // each packet on the wire: channel header + segment
   for (size_t i = 0; i < n; ++i) {
     const bool data = pk[i].hdr.type == NC_CT_DATA;
     const size_t hl = wire::WriteChanHeader(u.hdr[i], pk[i].hdr, data ? pk[i].len : 0);
     u.iov[i][0] = {u.hdr[i], hl};
-    if (data) u.iov[i][1] = {pool_->Data(pk[i].handle), pk[i].len};
-    msghdr& m = u.msgs[i].msg_hdr;
+    u.iov[i][1] = {data ? pool_->Data(pk[i].handle) : nullptr, data ? pk[i].len : 0};
+    len[i] = static_cast<uint32_t>(hl + u.iov[i][1].iov_len);
+  }
+  // One message per packet, or per train of DATA packets of one size (the last may be shorter):
+  // the kernel cuts a UDP_SEGMENT train every `size` bytes, so each cut is one of our packets
+  // (iov[][2] is contiguous, a train's iovecs are one array). Where the MTU lets a segment be
+  // 64 KB every train is one packet long; it pays off on small-MTU links.
+  size_t nm = 0;
+  uint32_t count[kBatch];  // packets in each message
+  for (size_t i = 0; i < n;) {
+    size_t j = i + 1;
+    if (gso_ && pk[i].hdr.type == NC_CT_DATA) {
+      size_t total = len[i];
+      while (j < n && j - i < kGsoMaxPackets && pk[j].hdr.type == NC_CT_DATA && len[j] <= len[i] &&
+             total + len[j] <= kGsoMaxBytes) {
+        total += len[j];
+        if (len[j++] < len[i]) break;  // a shorter packet can only end a train
+      }
+    }
+    msghdr& m = u.msgs[nm].msg_hdr;
     m = msghdr{};
     m.msg_name = &ch.peer_sa;
     m.msg_namelen = sizeof(ch.peer_sa);
     m.msg_iov = u.iov[i];
-    m.msg_iovlen = data ? 2 : 1;
+    m.msg_iovlen = 2 * (j - i);
+    if (j - i > 1) {
+      m.msg_control = u.cmsg[nm];
+      m.msg_controllen = sizeof(u.cmsg[nm]);
+      cmsghdr* c = CMSG_FIRSTHDR(&m);
+      c->cmsg_level = SOL_UDP;
+      c->cmsg_type = UDP_SEGMENT;
+      c->cmsg_len = CMSG_LEN(sizeof(uint16_t));
+      const uint16_t size = static_cast<uint16_t>(len[i]);
+      std::memcpy(CMSG_DATA(c), &size, sizeof(size));
+    }
+    count[nm++] = static_cast<uint32_t>(j - i);
+    i = j;
   }
-  size_t sent = 0;
+  size_t sent_msgs = 0;
   // A full socket buffer (or any refusal) loses the rest of the batch: the transport finds the
   // packets lost and sends them again, as it would after a drop on the wire.
-  for (int tries = 0; sent < n && tries < 2; ++tries) {
-    const int r = sendmmsg(udp_fd_.get(), u.msgs + sent, static_cast<unsigned>(n - sent), 0);
-    if (r <= 0) break;
-    sent += static_cast<size_t>(r);
+  for (int tries = 0; sent_msgs < nm && tries < 2; ++tries) {
+    const int r =
+        sendmmsg(udp_fd_.get(), u.msgs + sent_msgs, static_cast<unsigned>(nm - sent_msgs), 0);
+    if (r <= 0) {
+      // A kernel without UDP GSO (or a device that refuses it): never again on this queue; the
+      // train is resent packet by packet once the transport finds it lost.
+      if (count[sent_msgs] > 1 && (errno == EINVAL || errno == EOPNOTSUPP || errno == EIO))
+        gso_ = false;
+      break;
+    }
+    sent_msgs += static_cast<size_t>(r);
+  }
+  size_t sent = 0, trains = 0;
+  for (size_t k = 0; k < sent_msgs; ++k) {
+    sent += count[k];
+    trains += count[k] > 1;
   }
   counters.udp_tx_packets.fetch_add(sent, std::memory_order_relaxed);
+  counters.udp_gso_trains.fetch_add(trains, std::memory_order_relaxed);
   if (sent < n) counters.udp_tx_errors.fetch_add(n - sent, std::memory_order_relaxed);
 }
 
@@ -1354,6 +1402,7 @@ DriverStats AfxdpDriver::Stats() const {
     s.rx_multi_buffer += c.rx_multi_buffer.load(std::memory_order_relaxed);
     s.udp_tx_packets += c.udp_tx_packets.load(std::memory_order_relaxed);
     s.udp_tx_errors += c.udp_tx_errors.load(std::memory_order_relaxed);
+    s.udp_gso_trains += c.udp_gso_trains.load(std::memory_order_relaxed);
     if (auto x = q->xsk()->Stats(); x.ok()) {
       s.xsk_rx_dropped += x->rx_dropped;
       s.xsk_rx_ring_full += x->rx_ring_full;

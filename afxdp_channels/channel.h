@@ -175,6 +175,7 @@ struct DriverStats {
   uint64_t rx_multi_buffer = 0;  // frames that arrived as a chain of UMEM frames (XDP_USE_SG)
   uint64_t udp_tx_packets = 0;   // packets sent through the kernel's UDP socket
   uint64_t udp_tx_errors = 0;    // ... refused by it (the transport resends them as lost)
+  uint64_t udp_gso_trains = 0;   // ... of which sent as UDP_SEGMENT trains of several packets
   bool tx_udp = false;           // DATA leaves through the kernel's UDP socket (tx "udp")
 };
 

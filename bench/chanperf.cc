@@ -72,11 +72,14 @@ int main(int argc, char** argv) {
     std::printf(
         "{\"driver\":\"%s\",\"channels\":%u,\"bytes\":%llu,\"seconds\":%.4f,\"gbps\":%.3f,"
         "\"mpps\":%.4f,\"segments\":%llu,\"retransmits\":%llu,\"timeouts\":%llu,\"intact\":%s,"
-        "\"rx_xsk_dropped\":%llu,\"rx_fill_empty\":%llu}\n",
+        "\"rx_xsk_dropped\":%llu,\"rx_fill_empty\":%llu,\"tx_udp\":%s,\"udp_packets\":%llu,"
+        "\"udp_gso_trains\":%llu,\"rx_multi_buffer\":%llu}\n",
         driver.c_str(), channels, (unsigned long long)r->bytes, r->seconds, r->gbps(), r->mpps(),
         (unsigned long long)r->segments, (unsigned long long)retx, (unsigned long long)timeouts,
         r->intact ? "true" : "false", (unsigned long long)sb.xsk_rx_dropped,
-        (unsigned long long)sb.fill_ring_empty);
+        (unsigned long long)sb.fill_ring_empty, sa.tx_udp ? "true" : "false",
+        (unsigned long long)sa.udp_tx_packets, (unsigned long long)sa.udp_gso_trains,
+        (unsigned long long)sb.rx_multi_buffer);
   } else {
     std::printf(
         "%s, %u channel(s): %llu bytes in %.3f s = %.2f Gbit/s, %.3f Mpps; %s; "
