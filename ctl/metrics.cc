@@ -104,6 +104,20 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
             static_cast<double>(ds.xsk_fill_ring_empty));
   b.Counter("netch_xsk_tx_ring_empty_total", "XDP_STATISTICS tx_ring_empty_descs.",
             static_cast<double>(ds.xsk_tx_ring_empty));
+  b.Gauge("netch_driver_tx_udp",
+          "1 when DATA leaves through the kernel's UDP socket (tx udp), 0 for AF_XDP TX.",
+          ds.tx_udp ? 1.0 : 0.0);
+  b.Counter("netch_udp_tx_packets_total", "Packets sent through the kernel's UDP socket.",
+            static_cast<double>(ds.udp_tx_packets));
+  b.Counter("netch_udp_gso_trains_total",
+            "UDP_SEGMENT trains of several packets (one sendmsg, cut by the kernel).",
+            static_cast<double>(ds.udp_gso_trains));
+  b.Counter("netch_udp_tx_errors_total",
+            "Packets the UDP socket refused (resent by the transport as lost).",
+            static_cast<double>(ds.udp_tx_errors));
+  b.Counter("netch_rx_multi_buffer_total",
+            "Frames received as a chain of UMEM frames (XDP_USE_SG), e.g. 64 KB segments.",
+            static_cast<double>(ds.rx_multi_buffer));
   b.Gauge("netch_umem_frames", "UMEM frames by where they are.",
           static_cast<double>(ds.frames_free), {{"state", "free"}});
   b.Gauge("netch_umem_frames", "UMEM frames by where they are.",
