@@ -71,16 +71,43 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   }
   chan::Driver& d = stack.driver();
   const chan::DriverStats ds = d.Stats();
-  b.Counter("netch_driver_rx_frames_total", "Frames (AF_XDP) or records (TCP) the driver received.",
-            static_cast<double>(ds.rx_frames));
-  b.Counter("netch_driver_rx_malformed_total", "Received frames that failed the driver's checks.",
-            static_cast<double>(ds.rx_malformed));
-  b.Counter("netch_driver_rx_unknown_channel_total",
-            "Received frames for no channel of ours or from the wrong peer.",
-            static_cast<double>(ds.rx_unknown_chan));
-  b.Counter("netch_driver_rx_bad_token_total",
-            "Frames for a channel of ours without its token, or RST/FIN outside the window.",
-            static_cast<double>(ds.rx_bad_token));
+  // The driver's plain counters: name, help, value.
+  const struct {
+    const char* name;
+    const char* help;
+    uint64_t value;
+  } counters[] = {
+      {"netch_driver_rx_frames_total", "Frames (AF_XDP) or records (TCP) the driver received.",
+       ds.rx_frames},
+      {"netch_driver_rx_malformed_total", "Received frames that failed the driver's checks.",
+       ds.rx_malformed},
+      {"netch_driver_rx_unknown_channel_total",
+       "Received frames for no channel of ours or from the wrong peer.", ds.rx_unknown_chan},
+      {"netch_driver_rx_bad_token_total",
+       "Frames for a channel of ours without its token, or RST/FIN outside the window.",
+       ds.rx_bad_token},
+      {"netch_xsk_rx_dropped_total", "XDP_STATISTICS rx_dropped, summed over the sockets.",
+       ds.xsk_rx_dropped},
+      {"netch_xsk_rx_ring_full_total", "XDP_STATISTICS rx_ring_full.", ds.xsk_rx_ring_full},
+      {"netch_xsk_fill_ring_empty_total", "XDP_STATISTICS rx_fill_ring_empty_descs.",
+       ds.xsk_fill_ring_empty},
+      {"netch_xsk_tx_ring_empty_total", "XDP_STATISTICS tx_ring_empty_descs.",
+       ds.xsk_tx_ring_empty},
+      {"netch_udp_tx_packets_total", "Packets sent through the kernel's UDP socket.",
+       ds.udp_tx_packets},
+      {"netch_udp_gso_trains_total",
+       "UDP_SEGMENT trains of several packets (one sendmsg, cut by the kernel).",
+       ds.udp_gso_trains},
+      {"netch_udp_tx_errors_total",
+       "Packets the UDP socket refused (resent by the transport as lost).", ds.udp_tx_errors},
+      {"netch_rx_multi_buffer_total",
+       "Frames received as a chain of UMEM frames (XDP_USE_SG), e.g. 64 KB segments.",
+       ds.rx_multi_buffer},
+  };
+  for (const auto& c : counters) b.Counter(c.name, c.help, static_cast<double>(c.value));
+  b.Gauge("netch_driver_tx_udp",
+          "1 when DATA leaves through the kernel's UDP socket (tx udp), 0 for AF_XDP TX.",
+          ds.tx_udp ? 1.0 : 0.0);
   b.Counter("netch_driver_handshakes_total", "Channel handshakes by outcome.",
             static_cast<double>(ds.handshakes_rx), {{"result", "syn_answered"}});
   b.Counter("netch_driver_handshakes_total", "Channel handshakes by outcome.",
@@ -96,28 +123,6 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
             static_cast<double>(ds.channels_reaped));
   b.Gauge("netch_driver_channels", "Channels the driver holds now (any state).",
           static_cast<double>(d.Channels().size()));
-  b.Counter("netch_xsk_rx_dropped_total", "XDP_STATISTICS rx_dropped, summed over the sockets.",
-            static_cast<double>(ds.xsk_rx_dropped));
-  b.Counter("netch_xsk_rx_ring_full_total", "XDP_STATISTICS rx_ring_full.",
-            static_cast<double>(ds.xsk_rx_ring_full));
-  b.Counter("netch_xsk_fill_ring_empty_total", "XDP_STATISTICS rx_fill_ring_empty_descs.",
-            static_cast<double>(ds.xsk_fill_ring_empty));
-  b.Counter("netch_xsk_tx_ring_empty_total", "XDP_STATISTICS tx_ring_empty_descs.",
-            static_cast<double>(ds.xsk_tx_ring_empty));
-  b.Gauge("netch_driver_tx_udp",
-          "1 when DATA leaves through the kernel's UDP socket (tx udp), 0 for AF_XDP TX.",
-          ds.tx_udp ? 1.0 : 0.0);
-  b.Counter("netch_udp_tx_packets_total", "Packets sent through the kernel's UDP socket.",
-            static_cast<double>(ds.udp_tx_packets));
-  b.Counter("netch_udp_gso_trains_total",
-            "UDP_SEGMENT trains of several packets (one sendmsg, cut by the kernel).",
-            static_cast<double>(ds.udp_gso_trains));
-  b.Counter("netch_udp_tx_errors_total",
-            "Packets the UDP socket refused (resent by the transport as lost).",
-            static_cast<double>(ds.udp_tx_errors));
-  b.Counter("netch_rx_multi_buffer_total",
-            "Frames received as a chain of UMEM frames (XDP_USE_SG), e.g. 64 KB segments.",
-            static_cast<double>(ds.rx_multi_buffer));
   b.Gauge("netch_umem_frames", "UMEM frames by where they are.",
           static_cast<double>(ds.frames_free), {{"state", "free"}});
   b.Gauge("netch_umem_frames", "UMEM frames by where they are.",
