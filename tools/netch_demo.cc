@@ -1,78 +1,32 @@
 // netch-demo: the foundation demo (see tools/steer_demo.h). Expects the test hosts to exist
-// (scripts/demo creates them); prints what arrived through XDP/AF_XDP and what the kernel kept.
+// (scripts/testhosts up); prints what arrived through XDP/AF_XDP and what the kernel kept.
 #include <cstdio>
-#include <cstdlib>
-#include <cstring>
 #include <string>
 
-#include "absl/strings/numbers.h"
+#include "CLI/CLI.hpp"
 #include "tools/steer_demo.h"
-
-namespace {
-
-void Usage(FILE* f) {
-  std::fprintf(f,
-               "usage: netch-demo [--ns-tx NS] [--ns-rx NS] [--dev-tx IF] [--dev-rx IF]\n"
-               "                  [--frames N] [--malformed N] [--payload BYTES] [--port P]\n"
-               "                  [--no-kernel-traffic] [--json]\n"
-               "Sends NetChannel frames from the tx host to the rx host, where the XDP program\n"
-               "steers them into an AF_XDP socket; ping and kernel TCP run alongside.\n"
-               "Defaults: netch-a/nc-a -> netch-b/nc-b, 2000 frames of 1200 B, 200 malformed.\n");
-}
-
-bool ParseU32(const char* s, uint32_t max, uint32_t* out) {
-  uint32_t v;
-  if (!absl::SimpleAtoi(s, &v) || v > max) return false;
-  *out = v;
-  return true;
-}
-
-}  // namespace
 
 int main(int argc, char** argv) {
   netch::tools::SteerDemoOptions o;
-  bool json = false;
-  for (int i = 1; i < argc; ++i) {
-    std::string a = argv[i];
-    auto value = [&]() -> const char* {
-      if (i + 1 >= argc) {
-        std::fprintf(stderr, "netch-demo: %s needs a value\n", a.c_str());
-        Usage(stderr);
-        std::exit(2);
-      }
-      return argv[++i];
-    };
-    uint32_t v = 0;
-    if (a == "--ns-tx")
-      o.ns_tx = value();
-    else if (a == "--ns-rx")
-      o.ns_rx = value();
-    else if (a == "--dev-tx")
-      o.dev_tx = value();
-    else if (a == "--dev-rx")
-      o.dev_rx = value();
-    else if (a == "--frames" && ParseU32(value(), 1000000, &v) && v > 0)
-      o.frames = v;
-    else if (a == "--malformed" && ParseU32(value(), 1000000, &v))
-      o.malformed = v;
-    else if (a == "--payload" && ParseU32(value(), 1400, &v))
-      o.payload = v;
-    else if (a == "--port" && ParseU32(value(), 65535, &v) && v > 0)
-      o.port = static_cast<uint16_t>(v);
-    else if (a == "--no-kernel-traffic")
-      o.kernel_traffic = false;
-    else if (a == "--json")
-      json = true;
-    else if (a == "-h" || a == "--help") {
-      Usage(stdout);
-      return 0;
-    } else {
-      std::fprintf(stderr, "netch-demo: bad argument '%s'%s\n", a.c_str(),
-                   a.rfind("--", 0) == 0 && i < argc ? " (or bad value)" : "");
-      Usage(stderr);
-      return 2;
-    }
-  }
+  bool json = false, no_kernel_traffic = false;
+  CLI::App app{
+      "netch-demo: sends NetChannel frames from the tx host to the rx host, where the XDP program "
+      "steers them into an AF_XDP socket; ping and kernel TCP run alongside. Defaults: "
+      "netch-a/nc-a -> netch-b/nc-b, 2000 frames of 1200 B, 200 malformed.",
+      "netch-demo"};
+  app.add_option("--ns-tx", o.ns_tx, "sending namespace");
+  app.add_option("--ns-rx", o.ns_rx, "receiving namespace");
+  app.add_option("--dev-tx", o.dev_tx, "sending interface");
+  app.add_option("--dev-rx", o.dev_rx, "receiving interface");
+  app.add_option("--frames", o.frames, "valid frames to send")->check(CLI::Range(1, 1'000'000));
+  app.add_option("--malformed", o.malformed, "frames with a bad version (dropped and counted)")
+      ->check(CLI::Range(0, 1'000'000));
+  app.add_option("--payload", o.payload, "segment payload bytes")->check(CLI::Range(0, 1400));
+  app.add_option("--port", o.port, "NetChannel UDP port")->check(CLI::Range(1, 65535));
+  app.add_flag("--no-kernel-traffic", no_kernel_traffic, "no ping and TCP alongside");
+  app.add_flag("--json", json, "one JSON object");
+  CLI11_PARSE(app, argc, argv);
+  o.kernel_traffic = !no_kernel_traffic;
   auto r = netch::tools::RunSteerDemo(o);
   if (!r.ok()) {
     std::fprintf(stderr, "netch-demo: %s\n", r.status().ToString().c_str());
