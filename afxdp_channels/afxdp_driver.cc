@@ -42,7 +42,9 @@ constexpr uint64_t kCookieTickUs = 16'000'000;  // a cookie is valid for one to 
 // A multi-buffer frame longer than this many UMEM frames is malformed: a 64 KB IPv4 packet
 // takes 18 frames of 3,840 bytes in copy mode; the rest is margin for smaller NIC buffers.
 constexpr uint32_t kMaxFrags = 24;
-constexpr uint32_t kPoolSlot = 64 << 10;  // one kernel-UDP segment: the IPv4 maximum
+constexpr uint32_t kPoolSlot = 64 << 10;    // one kernel-UDP segment: the IPv4 maximum
+constexpr size_t kSlotBytes = 64 << 10;     // one AF_XDP TX slot: 16 UMEM frames
+constexpr uint32_t kTxSlotsPerQueue = 256;  // 16 MB of UMEM per queue, for AF_XDP TX only
 // Send buffers a channel may hold in the kernel-UDP path beyond its window (free, queued):
 // enough to keep the transport fed, not enough for a stalled channel to empty the pool.
 constexpr uint32_t kPoolFreeMin = 4;
@@ -91,15 +93,19 @@ class AfxdpChannel final : public ChannelCore {
 struct QueueCounters {
   std::atomic<uint64_t> rx_frames{0}, rx_malformed{0}, rx_unknown_chan{0}, handshakes_rx{0},
       handshakes_bad{0}, rx_bad_token{0}, reaped{0}, fill_ring_empty{0}, tx_ring_full{0},
-      frames_free{0}, frames_in_fill{0}, rx_multi_buffer{0}, udp_tx_packets{0}, udp_tx_errors{0},
-      udp_gso_trains{0};
+      frames_free{0}, frames_in_fill{0}, tx_slots_free{0}, rx_multi_buffer{0}, udp_tx_packets{0},
+      udp_tx_errors{0}, udp_gso_trains{0};
 };
 
 class XskQueue final : public EngineTask, public Transport::BufferOwner {
  public:
   XskQueue(AfxdpDriver* d, uint32_t q) : driver_(d), queue_(q), by_id_(NC_MAX_CHANNELS, nullptr) {}
 
-  absl::Status Open(const std::string& ifname, uint32_t frames, bool udp_tx);
+  // tx_slots: 64 KB TX slots in the UMEM for AF_XDP TX of large segments (0: none).
+  absl::Status Open(const std::string& ifname, uint32_t frames, bool udp_tx, uint32_t tx_slots);
+  // Once the driver knows its segment size and window: whether large AF_XDP TX segments are on
+  // (every socket bound multi-buffer), and how many send slots one channel may hold.
+  void SetSendLimits(bool slots, uint32_t rcv_buf);
   ~XskQueue() override;
 
   bool Run(uint64_t now_us, uint64_t* deadline_us) override;
@@ -198,7 +204,10 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   // Kernel-UDP transmit (tx "udp"): one socket per queue, datagrams pinned to the queue by the
   // steering program's tc egress hook.
   std::unique_ptr<SendPool> pool_;
-  uint32_t pool_cap_ = 0;  // slots one channel may hold
+  // AF_XDP TX of segments larger than a frame: 64 KB slots in the UMEM, sent as chains.
+  bool slots_ = false;
+  static constexpr uint32_t kSlotDescs = 17;  // (128 B headroom + 64 KB) / 4 KB frames, rounded up
+  uint32_t pool_cap_ = 0;                     // send slots (pool or UMEM) one channel may hold
   UniqueFd udp_fd_;
   struct UdpBatch {
     mmsghdr msgs[kBatch];
@@ -304,9 +313,11 @@ class AfxdpDriver final : public Driver {
 // ---------------------------------------------------------------------------------------------
 // XskQueue
 
-absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp_tx) {
+absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp_tx,
+                            uint32_t tx_slots) {
   afxdp::UmemConfig uc;
   uc.frame_count = frames;
+  uc.slot_count = tx_slots;
   uc.frame_size = 4096;
   uc.fill_size = 4096;
   uc.comp_size = 4096;
@@ -335,13 +346,13 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp
   umem_->Refill(fill_target_);
   counters.frames_free = umem_->free_frames();
   links_.resize(frames);
+  counters.tx_slots_free = umem_->free_slots();
   if (!udp_tx) return absl::OkStatus();
 
   auto pool = SendPool::Create(std::max<uint32_t>(driver_->opts().send_pool_bytes / kPoolSlot, 64),
                                kPoolSlot);
   if (!pool.ok()) return pool.status();
   pool_ = std::move(*pool);
-  pool_cap_ = std::min(pool_->slots() / 2, 2 * driver_->rcv_buf() / kPoolSlot + 16);
   udp_fd_.reset(socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
   if (!udp_fd_.valid()) return ErrnoStatus(errno, "UDP socket for the transmit path");
   // Never fragment: the MTU bounds every segment, and the peer's XDP program passes fragments
@@ -360,6 +371,12 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp
   }
   udp_batch_ = std::make_unique<UdpBatch>();
   return absl::OkStatus();
+}
+
+void XskQueue::SetSendLimits(bool slots, uint32_t rcv_buf) {
+  slots_ = slots && umem_->slot_count() > 0;
+  const uint32_t n = pool_ ? pool_->slots() : umem_->slot_count();
+  pool_cap_ = std::min(n / 2, 2 * rcv_buf / kPoolSlot + 16);
 }
 
 void XskQueue::FreeChain(uint64_t handle) {
@@ -631,7 +648,9 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
   if (!zombies_.empty()) RunZombies();
 
   if (xsk_->tx_pending()) {
-    xsk_->KickTx();
+    // Copy mode sends at most 32 descriptors per sendto(): a round of 64 KB chains (17 each)
+    // needs several kicks, or the ring drains at two segments per engine round.
+    for (int i = 0; i < (slots_ ? 64 : 1) && xsk_->tx_pending(); ++i) xsk_->KickTx();
     worked = true;
   }
   // Keep the fill ring deep: a burst must never find it empty. The last kCtlReserve frames stay
@@ -645,6 +664,7 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
   }
   counters.frames_free.store(umem_->free_frames(), std::memory_order_relaxed);
   counters.frames_in_fill.store(umem_->fill_ring_level(), std::memory_order_relaxed);
+  counters.tx_slots_free.store(umem_->free_slots(), std::memory_order_relaxed);
   return worked;
 }
 
@@ -971,8 +991,10 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     ch.pub_.tx_bytes.fetch_add(bytes - taken * wire::kSegHdrLen, std::memory_order_relaxed);
     worked |= taken > 0;
   }
-  // What the transport wants on the wire, never more than the TX ring takes now.
-  const uint32_t room = pool_ ? kBatch : std::min(kBatch, xsk_->tx_free());
+  // What the transport wants on the wire, never more than the TX ring takes now (a slot-sized
+  // segment is a chain of up to kSlotDescs descriptors).
+  const uint32_t room =
+      pool_ ? kBatch : std::min(kBatch, xsk_->tx_free() / (slots_ ? kSlotDescs : 1));
   if (room == 0) counters.tx_ring_full.fetch_add(1, std::memory_order_relaxed);
   TxPacket pk[kBatch];
   const size_t k = t.Poll(now, {pk, room});
@@ -981,16 +1003,24 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     SendUdp(ch, pk, k);
     worked = true;
   } else if (k) {
-    xdp_desc d[kBatch];
+    xdp_desc d[kBatch * kSlotDescs];
     uint64_t ctl[kBatch];
     uint32_t nd = 0, nctl = 0;
+    const uint32_t fsz = umem_->frame_size();
     for (size_t i = 0; i < k; ++i) {
       pk[i].hdr.token = ch.peer_token;
       const size_t hl = wire::HeadersLen(pk[i].hdr, false);
       if (pk[i].hdr.type == NC_CT_DATA) {
-        const uint64_t addr = pk[i].handle - hl;  // headers go in the headroom
+        uint64_t addr = pk[i].handle - hl;  // headers go in the headroom
         wire::WriteHeaders(umem_->Data(addr), ch.addrs, pk[i].hdr, nullptr, pk[i].len);
-        d[nd++] = {addr, static_cast<uint32_t>(hl + pk[i].len), 0};
+        // One descriptor per UMEM frame the packet covers: a frame buffer takes one, a TX slot
+        // a chain (XDP_PKT_CONTD on all but the last).
+        for (size_t left = hl + pk[i].len; left > 0;) {
+          const size_t take = std::min<size_t>(left, fsz - addr % fsz);
+          left -= take;
+          d[nd++] = {addr, static_cast<uint32_t>(take), left ? XDP_PKT_CONTD : 0u};
+          addr += take;
+        }
       } else {
         const uint64_t f = umem_->AllocFrame();
         if (f == kNoFrame) continue;  // the transport's timers will ask again
@@ -1018,7 +1048,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   // The kernel-UDP path's slots are 64 KB: a channel holds at most pool_cap_ of them in all
   // (free, queued, unacknowledged), so a stalled one cannot empty the queue's pool.
   const uint32_t have = ch.free_.SizeApprox();
-  const uint32_t max_target = pool_ ? pool_cap_ : kChanRing;
+  const uint32_t max_target = pool_ || slots_ ? pool_cap_ : kChanRing;
   if (have < ch.free_target / 4 && ch.free_target < max_target)
     ch.free_target = std::min(ch.free_target * 2, max_target);
   if (uint32_t space = std::min(ch.free_.Room(), ch.free_target > have ? ch.free_target - have : 0);
@@ -1026,10 +1056,11 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     const uint32_t keep = fill_target_ + kCtlReserve;
     uint32_t m = 0;
     uint64_t tok[kBatch];
-    if (pool_) {
+    if (pool_ || slots_) {
       const uint32_t held = have + ch.txq_.SizeApprox() + t.send_queue_packets();
-      while (m < std::min(space, kBatch) && held + m < pool_cap_ && pool_->free_slots() > 0)
-        tok[m++] = pool_->Alloc();
+      while (m < std::min(space, kBatch) && held + m < pool_cap_ &&
+             (pool_ ? pool_->free_slots() : umem_->free_slots()) > 0)
+        tok[m++] = pool_ ? pool_->Alloc() : umem_->AllocSlot() + kAfxdpHeadroom;
     } else {
       while (m < std::min(space, kBatch) && umem_->free_frames() > keep)
         tok[m++] = umem_->AllocFrame() + kAfxdpHeadroom;
@@ -1127,18 +1158,31 @@ absl::Status AfxdpDriver::Init() {
     max_payload_ = std::min({ifi_.mtu - overhead, by_frame, size_t{3506} - overhead});
   }
 
+  // AF_XDP TX of segments up to 64 KB where the MTU allows more than a frame: TX slots in the
+  // UMEM sent as descriptor chains, if every socket binds multi-buffer (decided after binding).
+  const bool want_slots = !udp_tx_ && ifi_.mtu > 3506;
+  for (uint32_t q = 0; q < nq; ++q) {
+    auto xq = std::make_unique<XskQueue>(this, q);
+    if (auto st = xq->Open(opts_.ifname, opts_.frames_per_queue, udp_tx_,
+                           want_slots ? kTxSlotsPerQueue : 0);
+        !st.ok())
+      return st;
+    if (auto st = opts_.steer->SetXsk(q, xq->xsk()->fd()); !st.ok()) return st;
+    queues_.push_back(std::move(xq));
+  }
+  bool slots = want_slots;
+  for (const auto& q : queues_) slots &= q->xsk()->multi_buffer();
+  if (slots) {
+    max_payload_ =
+        std::min<size_t>({ifi_.mtu - overhead, kSlotBytes - kAfxdpHeadroom - wire::kSegHdrLen,
+                          size_t{0xffff} - overhead});
+  }
   // 64 KB segments need a deeper window than 3.5 KB ones: at 2 MB (32 segments) a reader that
   // falls a little behind pushes the channel into pressure copies (measured: 2 MB 10.8, 8 MB
   // 12.4 Gbit/s, one stream on jumbo test hosts). Both ends derive it the same way.
   rcv_buf_ = opts_.rcv_buf_bytes;
   if (max_payload_ >= 16384) rcv_buf_ = std::max<uint32_t>(rcv_buf_, 8u << 20);
-
-  for (uint32_t q = 0; q < nq; ++q) {
-    auto xq = std::make_unique<XskQueue>(this, q);
-    if (auto st = xq->Open(opts_.ifname, opts_.frames_per_queue, udp_tx_); !st.ok()) return st;
-    if (auto st = opts_.steer->SetXsk(q, xq->xsk()->fd()); !st.ok()) return st;
-    queues_.push_back(std::move(xq));
-  }
+  for (auto& q : queues_) q->SetSendLimits(slots, rcv_buf_);
   auto engines = StartEngines(opts_);
   if (!engines.ok()) return engines.status();
   engines_ = std::move(*engines);
@@ -1399,6 +1443,8 @@ DriverStats AfxdpDriver::Stats() const {
     s.frames_total += opts_.frames_per_queue;
     s.frames_free += c.frames_free.load(std::memory_order_relaxed);
     s.frames_in_fill += c.frames_in_fill.load(std::memory_order_relaxed);
+    s.tx_slots_total += q->umem()->slot_count();
+    s.tx_slots_free += c.tx_slots_free.load(std::memory_order_relaxed);
     s.rx_multi_buffer += c.rx_multi_buffer.load(std::memory_order_relaxed);
     s.udp_tx_packets += c.udp_tx_packets.load(std::memory_order_relaxed);
     s.udp_tx_errors += c.udp_tx_errors.load(std::memory_order_relaxed);

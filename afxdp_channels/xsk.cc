@@ -14,7 +14,9 @@ absl::StatusOr<std::unique_ptr<Umem>> Umem::Create(const UmemConfig& cfg) {
   if (cfg.frame_count == 0 || (cfg.frame_size != 2048 && cfg.frame_size != 4096))
     return absl::InvalidArgumentError("UMEM frame_size must be 2048 or 4096, frame_count > 0");
   std::unique_ptr<Umem> u(new Umem(cfg));
-  u->area_len_ = static_cast<size_t>(cfg.frame_count) * cfg.frame_size;
+  u->area_len_ = (static_cast<size_t>(cfg.frame_count) +
+                  static_cast<size_t>(cfg.slot_count) * cfg.slot_frames) *
+                 cfg.frame_size;
   u->area_ =
       mmap(nullptr, u->area_len_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   if (u->area_ == MAP_FAILED) {
@@ -34,6 +36,12 @@ absl::StatusOr<std::unique_ptr<Umem>> Umem::Create(const UmemConfig& cfg) {
   for (uint32_t i = 0; i < cfg.frame_count; ++i)
     u->free_[i] = static_cast<uint64_t>(cfg.frame_count - 1 - i) * cfg.frame_size;
   u->free_count_ = cfg.frame_count;
+  if (cfg.slot_count) {
+    u->slot_base_ = static_cast<uint64_t>(cfg.frame_count) * cfg.frame_size;
+    u->slot_refs_.assign(cfg.slot_count, 0);
+    u->slot_free_.reserve(cfg.slot_count);
+    for (uint32_t i = 0; i < cfg.slot_count; ++i) u->slot_free_.push_back(cfg.slot_count - 1 - i);
+  }
   return u;
 }
 

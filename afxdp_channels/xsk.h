@@ -34,7 +34,11 @@ namespace netch::afxdp {
 inline constexpr uint64_t kNoFrame = ~0ull;
 
 struct UmemConfig {
-  uint32_t frame_count = 4096;
+  uint32_t frame_count = 4096;  // frames in the pool (RX, control packets, small TX buffers)
+  // TX slots after the pool: `slot_frames` contiguous frames each, for segments larger than a
+  // frame sent by AF_XDP TX as descriptor chains (XDP_USE_SG). 0: none.
+  uint32_t slot_count = 0;
+  uint32_t slot_frames = 16;
   uint32_t frame_size = XSK_UMEM__DEFAULT_FRAME_SIZE;  // 4096: a 3520 B frame plus headroom fits
   uint32_t fill_size = XSK_RING_PROD__DEFAULT_NUM_DESCS * 2;
   uint32_t comp_size = XSK_RING_CONS__DEFAULT_NUM_DESCS * 2;
@@ -58,11 +62,34 @@ class Umem {
     refs_[a / cfg_.frame_size] = 1;
     return a;
   }
-  void Ref(uint64_t addr) { refs_[addr / cfg_.frame_size]++; }
-  // Drops one reference (any address inside the frame).
+  // A TX slot works the same at slot granularity: one reference for its owner, one per
+  // descriptor of it in the TX ring (whichever of its frames the descriptor covers).
+  uint64_t AllocSlot() {
+    if (slot_free_.empty()) return kNoFrame;
+    const uint32_t s = slot_free_.back();
+    slot_free_.pop_back();
+    slot_refs_[s] = 1;
+    return slot_base_ + static_cast<uint64_t>(s) * slot_bytes();
+  }
+  void Ref(uint64_t addr) {
+    if (addr >= slot_base_) {
+      slot_refs_[(addr - slot_base_) / slot_bytes()]++;
+    } else {
+      refs_[addr / cfg_.frame_size]++;
+    }
+  }
+  // Drops one reference (any address inside the frame or slot).
   void FreeFrame(uint64_t addr) {
+    if (addr >= slot_base_) {
+      const uint32_t s = static_cast<uint32_t>((addr - slot_base_) / slot_bytes());
+      if (--slot_refs_[s] == 0) slot_free_.push_back(s);
+      return;
+    }
     if (--refs_[addr / cfg_.frame_size] == 0) free_[free_count_++] = FrameBase(addr);
   }
+  uint32_t free_slots() const { return static_cast<uint32_t>(slot_free_.size()); }
+  uint32_t slot_count() const { return cfg_.slot_count; }
+  uint32_t slot_bytes() const { return cfg_.slot_frames * cfg_.frame_size; }
   uint32_t free_frames() const { return free_count_; }
   uint32_t frame_count() const { return cfg_.frame_count; }
   uint32_t frame_size() const { return cfg_.frame_size; }
@@ -93,6 +120,9 @@ class Umem {
   std::vector<uint64_t> free_;
   std::vector<uint16_t> refs_;
   uint32_t free_count_ = 0;
+  uint64_t slot_base_ = ~0ull;       // first byte of the slot region (none: never matches)
+  std::vector<uint32_t> slot_free_;  // reserved up front: no allocation after Create
+  std::vector<uint16_t> slot_refs_;
 };
 
 // The memory the kernel-UDP transmit path sends from: fixed-size slots, one segment each, owned

@@ -320,7 +320,8 @@ bool WaitFramesReturned(chan::Driver& d, absl::Duration timeout) {
   const uint64_t end = chan::NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
   for (;;) {
     const chan::DriverStats s = d.Stats();
-    if (s.frames_free + s.frames_in_fill == s.frames_total) return true;
+    if (s.frames_free + s.frames_in_fill == s.frames_total && s.tx_slots_free == s.tx_slots_total)
+      return true;
     if (chan::NowUs() >= end) return false;
     usleep(10'000);
   }

@@ -42,11 +42,12 @@ class ChannelHostsTest : public ::testing::Test {
   std::string Driver() const { return variant_.substr(0, variant_.find('_')); }
   bool Afxdp() const { return Driver() == "afxdp"; }
   bool UdpTx() const { return variant_ == "afxdp_udp" || variant_ == "afxdp_gso"; }
+  bool Jumbo() const { return variant_ == "afxdp_udp" || variant_ == "afxdp_mb"; }
 
   void SetUp() override {
     NETCH_REQUIRE_ROOT();
     testing::TestHostsOptions h = testing::StackHostsOptions();
-    if (variant_ == "afxdp_udp") h.mtu = 65535;
+    if (Jumbo()) h.mtu = 65535;
     ASSERT_TRUE(hosts_.Up(h).ok());
   }
 
@@ -148,6 +149,22 @@ class ChannelTest : public ChannelHostsTest, public ::testing::WithParamInterfac
  protected:
   ChannelTest() : ChannelHostsTest(::testing::WithParamInterface<std::string>::GetParam()) {}
 };
+
+// AF_XDP TX of 64 KB segments: UMEM slots sent as descriptor chains (XDP_USE_SG), received as
+// multi-buffer frames; every slot and frame comes back.
+class MultiBufferTxTest : public ChannelHostsTest {
+ protected:
+  MultiBufferTxTest() : ChannelHostsTest("afxdp_mb") {}
+};
+
+TEST_F(MultiBufferTxTest, SixtyFourKilobyteSegmentsLeaveAsDescriptorChainsIntact) {
+  Open();
+  ASSERT_GT(a_->driver->Stats().tx_slots_total, 0u);
+  const tools::TransferResult r = Bulk(4);
+  for (const auto& c : r.channels) EXPECT_GT(c.tx_stats.tx_bytes / c.tx_stats.tx_segments, 60'000u);
+  EXPECT_FALSE(a_->driver->Stats().tx_udp);
+  EXPECT_GT(b_->driver->Stats().rx_multi_buffer, 0u);
+}
 
 // The kernel-UDP path where the MTU is smaller than a segment could be: equal-size packets leave
 // as UDP_SEGMENT trains, which the kernel cuts exactly at packet boundaries.
