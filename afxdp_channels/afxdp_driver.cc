@@ -47,7 +47,7 @@ constexpr size_t kSlotBytes = 64 << 10;     // one AF_XDP TX slot: 16 UMEM frame
 constexpr uint32_t kTxSlotsPerQueue = 256;  // 16 MB of UMEM per queue, for AF_XDP TX only
 // Send buffers a channel may hold in the kernel-UDP path beyond its window (free, queued):
 // enough to keep the transport fed, not enough for a stalled channel to empty the pool.
-constexpr uint32_t kPoolFreeMin = 4;
+constexpr uint32_t kPoolFreeMin = 4;  // ... when they are 64 KB (send pool, UMEM TX slots)
 
 class AfxdpDriver;
 class XskQueue;
@@ -123,6 +123,8 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   uint32_t queue() const { return queue_; }
   afxdp::Umem* umem() { return umem_.get(); }
   SendPool* pool() { return pool_.get(); }
+  // Send buffers are 64 KB (send pool or UMEM TX slots): a channel holds few of them idle.
+  bool large_send_buffers() const { return pool_ || slots_; }
   afxdp::XskSocket* xsk() { return xsk_.get(); }
   size_t channel_count() const { return nchans_.load(std::memory_order_relaxed); }
   QueueCounters counters;
@@ -256,7 +258,6 @@ class AfxdpDriver final : public Driver {
   const afxdp::InterfaceInfo& ifinfo() const { return ifi_; }
   const DriverOptions& opts() const { return opts_; }
   size_t max_payload() const { return max_payload_; }
-  bool udp_tx() const { return udp_tx_; }
   uint32_t rcv_buf() const { return rcv_buf_; }
   uint64_t incarnation() const { return incarnation_; }
   TransportConfig TransportFor(uint16_t local, uint16_t peer, uint32_t isn_send,
@@ -1298,7 +1299,7 @@ absl::StatusOr<std::shared_ptr<AfxdpChannel>> AfxdpDriver::Register(XskQueue* q,
   auto ch = std::make_shared<AfxdpChannel>(id, max_payload_, q->umem(), q->pool());
   ch->queue = q;
   ch->EnableCoalescing();
-  if (q->pool()) ch->free_target = kPoolFreeMin;
+  if (q->large_send_buffers()) ch->free_target = kPoolFreeMin;
   ch->peer_sa.sin_family = AF_INET;
   ch->peer_sa.sin_addr.s_addr = htonl(peer_ip);
   ch->peer_sa.sin_port = htons(opts_.udp_port);
