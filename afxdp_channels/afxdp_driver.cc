@@ -45,9 +45,9 @@ constexpr uint32_t kMaxFrags = 24;
 constexpr uint32_t kPoolSlot = 64 << 10;    // one kernel-UDP segment: the IPv4 maximum
 constexpr size_t kSlotBytes = 64 << 10;     // one AF_XDP TX slot: 16 UMEM frames
 constexpr uint32_t kTxSlotsPerQueue = 256;  // 16 MB of UMEM per queue, for AF_XDP TX only
-// Send buffers a channel may hold in the kernel-UDP path beyond its window (free, queued):
-// enough to keep the transport fed, not enough for a stalled channel to empty the pool.
-constexpr uint32_t kPoolFreeMin = 4;  // ... when they are 64 KB (send pool, UMEM TX slots)
+// An idle channel's share of 64 KB send buffers (send pool, UMEM TX slots); a busy one's grows
+// up to pool_cap_ — its window and some — so a stalled channel cannot empty the queue's buffers.
+constexpr uint32_t kPoolFreeMin = 4;
 
 class AfxdpDriver;
 class XskQueue;
