@@ -27,6 +27,15 @@ class FakeChannel final : public ChannelCore {
   void GiveBuffers(uint32_t n) {
     for (uint32_t i = 0; i < n; ++i) free_.PushOne(next_++ * kSlot);
   }
+  // Consumer and engine in one: releases a received buffer and, as the engine would, takes it
+  // back and offers it again as a send buffer. False if it did not come back.
+  bool Recycle(const RxSegment& r) {
+    Release({&r, 1});
+    BufRef back;
+    if (!ret_.PopOne(&back)) return false;
+    free_.PushOne(back.token);
+    return true;
+  }
   // Engine: moves everything from txq_ to rxq_ ("the wire"), as a loopback.
   uint32_t Loop() {
     BufRef b[64];
@@ -335,10 +344,7 @@ TEST(ChannelCoreTest, CoalescedWritesOfRandomSizesKeepEveryByteInPlace) {
       ordered &= r.hdr.seq == expect_seq;
       expect_seq += r.payload.size();
       got.insert(got.end(), r.payload.begin(), r.payload.end());
-      ch.Release({&r, 1});
-      BufRef back;  // the engine's part: take it back and recycle it as a send buffer
-      ASSERT_TRUE(ch.ret_.PopOne(&back));
-      ch.free_.PushOne(back.token);
+      ASSERT_TRUE(ch.Recycle(r));
     }
   };
   ch.GiveBuffers(32);
@@ -391,12 +397,7 @@ TEST(ChannelCoreTest, AWriteThatSpillsIsTakenWholeOrNotAtAll) {
   const TxSegment spill = Small(1, 3500, full);  // 500 complete the open one, 500 spill over
   EXPECT_EQ(*ch.Enqueue({&spill, 1}), 0u) << "one slot left: the spill cannot be queued";
   auto got = Drain(ch);
-  for (auto& r : got) {
-    ch.Release({&r, 1});
-    BufRef back;
-    ASSERT_TRUE(ch.ret_.PopOne(&back));
-    ch.free_.PushOne(back.token);
-  }
+  for (const auto& r : got) ASSERT_TRUE(ch.Recycle(r));
   ASSERT_EQ(*ch.Enqueue({&spill, 1}), 1u);
   ch.Flush();
   auto rest = Drain(ch);
