@@ -123,6 +123,9 @@ class Channel {
   virtual bool rx_under_pressure() const { return false; }
   // The largest payload one segment may carry (from the MTU for AF_XDP).
   virtual size_t max_payload() const = 0;
+  // Enqueue would take at least one segment now (or the channel is down and would refuse at
+  // once): what a poller of a socket's write readiness checks. Two relaxed loads.
+  virtual bool writable() const { return true; }
 
   // Copies whole segments into stack buffers and queues them, in order (one caller's order;
   // concurrent callers' segments interleave, the copies run in parallel). Returns how many were

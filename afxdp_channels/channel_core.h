@@ -44,6 +44,7 @@ class ChannelCore : public Channel {
   uint64_t tx_queued_bytes() const override {
     return pub_.tx_queued_bytes.load(std::memory_order_relaxed);
   }
+  bool writable() const override { return SideReady(1); }
   bool rx_under_pressure() const override {
     return pub_.rx_pressure.load(std::memory_order_relaxed);
   }

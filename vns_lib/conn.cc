@@ -28,6 +28,7 @@ Conn::~Conn() {
   for (HeldSeg h; inq.PopOne(&h);) left.push_back(h);
   ReleaseHeld(left);
   if (efd >= 0) close(efd);
+  if (wefd >= 0) close(wefd);
 }
 
 }  // namespace netch::vns

@@ -45,6 +45,7 @@ struct Conn {
   Conn(const ConnKey& k, uint32_t id, AppClass c, size_t rcvbuf)
       : key(k), conn_id(id), app_class(c), rcvbuf(rcvbuf), inq(4096), adv_edge(rcvbuf) {
     efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    wefd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   }
   ~Conn();
 
@@ -63,6 +64,23 @@ struct Conn {
     }
   }
 
+  // Write readiness, the same way: wefd is readable while Send would not block. Set when the
+  // connection is established, when the peer's window moves, on any error, and by the
+  // dispatcher when a full channel gets room; cleared by a non-blocking Send that was cut short.
+  void SignalWritable() {
+    if (!wsignaled.load(std::memory_order_acquire) &&
+        !wsignaled.exchange(true, std::memory_order_acq_rel)) {
+      uint64_t one = 1;
+      (void)!write(wefd, &one, sizeof(one));
+    }
+  }
+  void UnsignalWritable() {
+    if (wsignaled.exchange(false, std::memory_order_acq_rel)) {
+      uint64_t v;
+      (void)!read(wefd, &v, sizeof(v));
+    }
+  }
+
   const ConnKey key;
   uint64_t id = 0;  // control-plane id, unique per stack
   std::atomic<uint64_t> tx_bytes{0}, rx_bytes{0};
@@ -73,8 +91,9 @@ struct Conn {
   const AppClass app_class;
   const size_t rcvbuf;
   Peer* peer = nullptr;
-  int efd = -1;
-  std::atomic<bool> signaled{false};
+  int efd = -1, wefd = -1;
+  std::atomic<bool> signaled{false}, wsignaled{false};
+  uint64_t connect_deadline_us = 0;  // non-blocking connects: when the dispatcher gives up
   std::atomic<ConnState> state{ConnState::kConnecting};
   std::atomic<uint64_t> fin_seq{UINT64_MAX};  // stream length announced by the peer's FIN
   std::atomic<bool> closed{false};
@@ -126,7 +145,9 @@ struct Conn {
   std::mutex wnd_mu;                   // with wnd_cv: a sender waits for the window to open
   std::condition_variable wnd_cv;
   std::atomic<int> wnd_waiters{0};
+  // The window moved or the connection changed state: a blocked Send and a poller both look again.
   void WakeSender() {
+    SignalWritable();
     if (wnd_waiters.load(std::memory_order_seq_cst) == 0) return;
     std::lock_guard g(wnd_mu);
     wnd_cv.notify_all();

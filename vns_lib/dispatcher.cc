@@ -101,7 +101,7 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
       c->snd_limit.store(h.seq, std::memory_order_release);
       ConnState want = ConnState::kConnecting;
       c->state.compare_exchange_strong(want, ConnState::kEstablished);
-      c->Signal();
+      c->WakeSender();  // writable: the connect completed
       release();
       return true;
     }
@@ -207,8 +207,14 @@ void StackImpl::Dispatch() {
   chan::RxSegment segs[64];
   uint64_t idle_since = NowUs();
   uint64_t known = ~0ull;  // peers_->version() last scanned
+  uint64_t next_expiry = 0;
   while (!stop_.load(std::memory_order_relaxed)) {
     bool worked = false;
+    if (watching_.load(std::memory_order_acquire)) CheckWatched();
+    if (const uint64_t now = NowUs(); now >= next_expiry) {
+      ExpireConnects();
+      next_expiry = now + 10000;
+    }
     // Control segments refused by a full channel, in order. A dead channel takes none: the
     // segment is dropped (its connection is broken or gone anyway).
     while (!ctl_backlog_.empty()) {
@@ -306,7 +312,8 @@ void StackImpl::Dispatch() {
       cs.ch->ArmNotify(chan::Channel::kReadable);
       fds.push_back({cs.ch->notify_fd(chan::Channel::kReadable), POLLIN, 0});
     }
-    if (poll(fds.data(), fds.size(), 10) > 0) {
+    const int sleep_ms = watching_.load(std::memory_order_acquire) ? 1 : 10;
+    if (poll(fds.data(), fds.size(), sleep_ms) > 0) {
       for (size_t i = 0; i < fds.size(); ++i) {
         if (i == 1) continue;  // the driver's accept fd is cleared by Accept()
         uint64_t v;

@@ -20,6 +20,9 @@ class SocketImpl final : public VirtualSocket {
   absl::Status Shutdown() override;
   absl::Status Close() override;
   int fd() const override { return c_ ? c_->efd : -1; }
+  int write_fd() const override { return c_ ? c_->wefd : -1; }
+  short Poll() const override;
+  int Error() const override;
   void SetNonBlocking(bool nb) override { nonblocking_ = nb; }
   void SetNoDelay(bool on) override { nodelay_.store(on, std::memory_order_relaxed); }
   uint16_t local_port() const override { return c_ ? c_->key.local_port : 0; }
@@ -63,6 +66,8 @@ class SocketImpl final : public VirtualSocket {
   // `parallel`: copy workers run several ranges of one write at once.
   absl::StatusOr<size_t> SendRange(const uint8_t* data, size_t len, uint64_t seq, size_t rr,
                                    bool parallel);
+  // A non-blocking Send was cut short: write readiness off until the window or a channel opens.
+  void WriteBlocked(bool on_channels);
   // Waits until one of the channels can take more, or the connection breaks.
   void WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans);
   void DrainInq();
@@ -88,7 +93,7 @@ class SocketImpl final : public VirtualSocket {
   std::atomic<bool> nodelay_;  // read by copy workers running SendRange
   int channels_hint_;
   uint64_t snd_next_ = 0;
-  bool fin_sent_ = false;
+  std::atomic<bool> fin_sent_{false};  // written under send_mu_, read by Poll()
   // The channels this socket sends on, rebuilt only when its peer gains a channel or the
   // operator remaps the socket (version counters), not on every Send.
   std::vector<std::shared_ptr<chan::Channel>> chans_;
@@ -106,6 +111,7 @@ class SocketImpl final : public VirtualSocket {
 
 absl::StatusOr<std::unique_ptr<VirtualSocket>> MakeSocket(StackImpl* st, std::shared_ptr<Conn> c,
                                                           const SocketOptions& o) {
+  if (!c->listening && c->state.load() == ConnState::kEstablished) c->SignalWritable();
   return std::unique_ptr<VirtualSocket>(new SocketImpl(st, std::move(c), o));
 }
 
@@ -220,8 +226,12 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
   if (data.empty()) return 0;
   // Wait out the handshake (data before our SYN_ACK would reach a socket that does not exist).
   while (c_->state.load() == ConnState::kConnecting) {
-    if (nonblocking_) return SockError(EAGAIN, "still connecting");
-    pollfd p{c_->efd, POLLIN, 0};
+    if (nonblocking_) {
+      c_->UnsignalWritable();
+      if (c_->state.load() != ConnState::kConnecting) c_->SignalWritable();
+      return SockError(EAGAIN, "still connecting");
+    }
+    pollfd p{c_->wefd, POLLIN, 0};
     poll(&p, 1, 10);
   }
   if (auto st = Usable(); !st.ok()) return st;
@@ -230,16 +240,54 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
     auto window = SendWindow();
     if (!window.ok()) return total > 0 ? absl::StatusOr<size_t>(total) : window.status();
     if (*window == 0) {
+      WriteBlocked(/*on_channels=*/false);
       if (total > 0) break;
       return SockError(EAGAIN, "the peer's receive window is full");
     }
     auto part = data.subspan(total, std::min(*window, data.size() - total));
     auto sent = SendPart(part);
-    if (!sent.ok()) return total > 0 && Errno(sent.status()) == EAGAIN ? total : sent;
+    if (!sent.ok()) {
+      if (Errno(sent.status()) != EAGAIN) return sent;
+      WriteBlocked(/*on_channels=*/true);
+      return total > 0 ? absl::StatusOr<size_t>(total) : sent;
+    }
     total += *sent;
-    if (*sent < part.size()) break;  // non-blocking: the channels are full
+    if (*sent < part.size()) {  // non-blocking: the channels are full
+      WriteBlocked(/*on_channels=*/true);
+      break;
+    }
   }
   return total;
+}
+
+void SocketImpl::WriteBlocked(bool on_channels) {
+  c_->UnsignalWritable();
+  if (on_channels) {
+    st_->WatchWritable(c_);  // the dispatcher looks for room from now on
+  } else if (c_->snd_limit.load(std::memory_order_seq_cst) > snd_next_ ||
+             c_->state.load() != ConnState::kEstablished) {
+    c_->SignalWritable();  // the window moved (or the connection failed) while we cleared it
+  }
+}
+
+short SocketImpl::Poll() const {
+  if (!c_) return POLLNVAL;
+  short r = 0;
+  if (c_->signaled.load(std::memory_order_acquire)) r |= POLLIN;
+  if (c_->listening) return r;
+  if (c_->wsignaled.load(std::memory_order_acquire) && !fin_sent_) r |= POLLOUT;
+  if (c_->fin_seq.load(std::memory_order_acquire) != UINT64_MAX) r |= POLLRDHUP;
+  const ConnState s = c_->state.load();
+  if (s == ConnState::kConnecting) return r & ~POLLOUT;
+  if (s != ConnState::kEstablished || c_->broken.load(std::memory_order_acquire) || PeerGone())
+    r |= POLLERR | POLLHUP | POLLIN | POLLOUT;
+  return r;
+}
+
+int SocketImpl::Error() const {
+  if (!c_) return EBADF;
+  if (c_->state.load() == ConnState::kConnecting) return 0;
+  return Errno(Usable());
 }
 
 absl::StatusOr<size_t> SocketImpl::SendWindow() {

@@ -220,13 +220,22 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
   }
   const uint64_t end =
       NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(o.connect_timeout));
+  if (o.nonblocking) {
+    // The handshake finishes without us: NCSYN_ACK or RST arrive through the dispatcher, which
+    // also times the connection out (WakeSender makes write_fd() readable either way).
+    c->connect_deadline_us = end;
+    {
+      std::lock_guard g(mu_);
+      connecting_.push_back(c);
+    }
+    return MakeSocket(this, c, o);
+  }
   while (c->state.load() == ConnState::kConnecting && NowUs() < end) {
-    pollfd p{c->efd, POLLIN, 0};
+    pollfd p{c->wefd, POLLIN, 0};
     poll(&p, 1, 5);
   }
   switch (c->state.load()) {
     case ConnState::kEstablished:
-      c->Unsignal();
       return MakeSocket(this, c, o);
     case ConnState::kConnecting:
       c->state = ConnState::kTimedOut;
@@ -239,6 +248,49 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
       Unregister(c);
       return SockError(ECONNRESET, "connect");
   }
+}
+
+void StackImpl::ExpireConnects() {
+  const uint64_t now = NowUs();
+  std::lock_guard g(mu_);
+  std::erase_if(connecting_, [&](const std::shared_ptr<Conn>& c) {
+    ConnState want = ConnState::kConnecting;
+    if (c->state.load() != ConnState::kConnecting) return true;
+    if (now < c->connect_deadline_us) return false;
+    if (c->state.compare_exchange_strong(want, ConnState::kTimedOut)) {
+      if (auto it = conns_.find(c->key); it != conns_.end() && it->second == c) conns_.erase(it);
+      c->Signal();
+      c->WakeSender();
+    }
+    return true;
+  });
+}
+
+void StackImpl::WatchWritable(const std::shared_ptr<Conn>& c) {
+  {
+    std::lock_guard g(watch_mu_);
+    watch_.push_back(c);
+  }
+  watching_.store(true, std::memory_order_release);
+  WakeDispatcher();
+}
+
+void StackImpl::CheckWatched() {
+  std::lock_guard g(watch_mu_);
+  std::erase_if(watch_, [](const std::weak_ptr<Conn>& w) {
+    auto c = w.lock();
+    if (!c || c->closed.load(std::memory_order_relaxed)) return true;
+    if (c->wsignaled.load(std::memory_order_acquire)) return true;
+    if (!c->peer) return false;
+    for (const auto& ch : c->peer->Live()) {
+      if (ch->writable()) {
+        c->SignalWritable();
+        return true;
+      }
+    }
+    return false;
+  });
+  watching_.store(!watch_.empty(), std::memory_order_release);
 }
 
 void StackImpl::Unregister(const std::shared_ptr<Conn>& c) {

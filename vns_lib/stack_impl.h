@@ -89,6 +89,10 @@ class StackImpl final : public Stack {
     (void)!write(wake_fd_, &one, sizeof(one));
   }
   // A socket consumed data: only a dispatcher holding a channel for a full socket cares.
+  // A non-blocking Send stopped on full channels: the dispatcher sets the socket's write
+  // readiness when one of its peer's channels has room again (checked each round, and at least
+  // every millisecond while anyone is watched).
+  void WatchWritable(const std::shared_ptr<Conn>& c);
   void NotifyConsumed() {
     if (holding_.load(std::memory_order_seq_cst)) WakeDispatcher();
   }
@@ -117,6 +121,8 @@ class StackImpl final : public Stack {
   void QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
                     uint8_t type, uint64_t seq = 0);
   std::deque<CtlMsg> ctl_backlog_;  // dispatcher thread only
+  void ExpireConnects();  // dispatcher: non-blocking connects past their deadline time out
+  void CheckWatched();    // dispatcher: write-watched sockets whose channels have room
 
   StackOptions opts_;
   std::unique_ptr<bpf::SteerProgram> steer_;
@@ -130,6 +136,10 @@ class StackImpl final : public Stack {
   absl::flat_hash_map<ConnKey, std::shared_ptr<Conn>> conns_;
   absl::flat_hash_map<uint16_t, std::shared_ptr<Conn>> listeners_;
   uint16_t next_port_ = 0;
+  std::vector<std::shared_ptr<Conn>> connecting_;  // guarded by mu_: non-blocking connects
+  std::mutex watch_mu_;
+  std::vector<std::weak_ptr<Conn>> watch_;  // guarded by watch_mu_
+  std::atomic<bool> watching_{false};
 
   std::thread dispatcher_;
   std::atomic<bool> stop_{false};

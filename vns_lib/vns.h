@@ -24,7 +24,9 @@
 //   EAGAIN (non-blocking and nothing to do), EPIPE (send after shutdown), EBADF (closed socket),
 //   EINVAL (bad argument).
 // * fd() is an eventfd usable with poll/epoll: readable while Recv (or Accept) would not block —
-//   data, end of stream, an error, or a pending connection.
+//   data, end of stream, an error, or a pending connection. write_fd() is its write side:
+//   readable while Send would not block (the peer's window and a channel have room) or an error
+//   is pending. Poll() gives the same as poll(2) bits, with POLLRDHUP/POLLERR/POLLHUP.
 #pragma once
 
 #include <cstddef>
@@ -64,6 +66,9 @@ struct SocketOptions {
   AppClass app_class = AppClass::kUnspecified;
   size_t rcvbuf = 4 << 20;  // bytes held for the application before channels stop draining
   int channels = 0;         // hint: spread over at most this many of the peer's channels (0: all)
+  // Send/Recv/Accept return EAGAIN instead of waiting. Connect returns as soon as the NCSYN is
+  // on its way (the socket's EINPROGRESS): write_fd() turns readable when the handshake ends and
+  // Error() says how. Only the first connection to a new peer waits, for the peer's channels.
   bool nonblocking = false;
   // TCP_NODELAY: a small write leaves at once instead of waiting (up to kCorkHoldUs, or until
   // the channel has nothing unacknowledged) to be coalesced with the next ones into one segment.
@@ -148,6 +153,11 @@ class VirtualSocket {
   virtual absl::Status Close() = 0;
 
   virtual int fd() const = 0;
+  virtual int write_fd() const = 0;
+  // Readiness now, as poll(2) revents bits (POLLIN, POLLOUT, POLLRDHUP, POLLERR, POLLHUP).
+  virtual short Poll() const = 0;
+  // The error a socket user reads with SO_ERROR: ECONNREFUSED, ECONNRESET, ETIMEDOUT, or 0.
+  virtual int Error() const = 0;
   virtual void SetNonBlocking(bool nonblocking) = 0;
   virtual void SetNoDelay(bool nodelay) = 0;  // SocketOptions::nodelay
   virtual uint16_t local_port() const = 0;

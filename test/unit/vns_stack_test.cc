@@ -151,6 +151,70 @@ TEST_F(VnsStackTest, NonBlockingRecvAndReadinessFollowTheData) {
   EXPECT_FALSE(Readable((*s)->fd(), 0)) << "drained: not readable any more";
 }
 
+TEST_F(VnsStackTest, NonBlockingConnectCompletesThroughWriteReadiness) {
+  auto l = b_->Listen(81);
+  ASSERT_TRUE(l.ok());
+  SocketOptions nb;
+  nb.nonblocking = true;
+  auto c = a_->Connect(kB, 81, nb);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_TRUE(Readable((*c)->write_fd(), 2000)) << "write_fd() reports the handshake's end";
+  EXPECT_EQ((*c)->Error(), 0);
+  EXPECT_TRUE((*c)->Poll() & POLLOUT);
+  EXPECT_FALSE((*c)->Poll() & POLLIN) << "nothing to read: a completed connect is not data";
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  const uint8_t msg[3] = {1, 2, 3};
+  ASSERT_EQ(*(*c)->Send(msg), 3u);
+  uint8_t buf[8];
+  ASSERT_EQ(*(*s)->Recv(buf), 3u);
+
+  // Nobody listens on 82: the RST ends the handshake with ECONNREFUSED, reported as writable
+  // with an error, as a kernel socket's non-blocking connect is.
+  auto r = a_->Connect(kB, 82, nb);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_TRUE(Readable((*r)->write_fd(), 2000));
+  EXPECT_EQ((*r)->Error(), ECONNREFUSED);
+  EXPECT_TRUE((*r)->Poll() & POLLERR);
+}
+
+TEST_F(VnsStackTest, WriteReadinessClearsOnAFullWindowAndReturnsWhenTheReaderReads) {
+  auto l = b_->Listen(83);
+  ASSERT_TRUE(l.ok());
+  SocketOptions small;
+  small.rcvbuf = 64 << 10;  // the listener's buffer is what the connecting side may send
+  auto l2 = b_->Listen(84, 128, small);
+  ASSERT_TRUE(l2.ok());
+  auto c = a_->Connect(kB, 84);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto s = (*l2)->Accept();
+  ASSERT_TRUE(s.ok());
+  (*c)->SetNonBlocking(true);
+  EXPECT_TRUE(Readable((*c)->write_fd(), 0)) << "an idle connected socket takes data";
+  std::vector<uint8_t> chunk(16 << 10, 7);
+  size_t sent = 0;
+  for (int i = 0; i < 1000; ++i) {
+    auto n = (*c)->Send(chunk);
+    if (!n.ok()) {
+      ASSERT_EQ(Errno(n.status()), EAGAIN);
+      break;
+    }
+    sent += *n;
+  }
+  EXPECT_GE(sent, 64u << 10);
+  EXPECT_FALSE(Readable((*c)->write_fd(), 0)) << "Send would block: not writable";
+  EXPECT_FALSE((*c)->Poll() & POLLOUT);
+  std::vector<uint8_t> buf(1 << 20);
+  size_t got = 0;
+  while (got < sent) {
+    auto n = (*s)->Recv(buf);
+    ASSERT_TRUE(n.ok()) << n.status();
+    got += *n;
+  }
+  EXPECT_TRUE(Readable((*c)->write_fd(), 2000)) << "the reader's window update makes it writable";
+  EXPECT_TRUE((*c)->Send(chunk).ok());
+}
+
 TEST_F(VnsStackTest, APeerThatClosesGivesEndOfStreamNotAnError) {
   auto l = b_->Listen(86);
   auto c = a_->Connect(kB, 86);
