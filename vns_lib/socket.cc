@@ -23,6 +23,12 @@ class SocketImpl final : public VirtualSocket {
   int write_fd() const override { return c_ ? c_->wefd : -1; }
   short Poll() const override;
   int Error() const override;
+  size_t Available() override {
+    std::lock_guard g(recv_mu_);
+    if (!c_ || c_->listening) return 0;
+    DrainInq();
+    return reasm_.Readable();
+  }
   void SetNonBlocking(bool nb) override { nonblocking_ = nb; }
   void SetNoDelay(bool on) override { nodelay_.store(on, std::memory_order_relaxed); }
   uint16_t local_port() const override { return c_ ? c_->key.local_port : 0; }

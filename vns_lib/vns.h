@@ -156,6 +156,8 @@ class VirtualSocket {
   virtual int write_fd() const = 0;
   // Readiness now, as poll(2) revents bits (POLLIN, POLLOUT, POLLRDHUP, POLLERR, POLLHUP).
   virtual short Poll() const = 0;
+  // Bytes a Recv would return now without waiting (FIONREAD).
+  virtual size_t Available() = 0;
   // The error a socket user reads with SO_ERROR: ECONNREFUSED, ECONNRESET, ETIMEDOUT, or 0.
   virtual int Error() const = 0;
   virtual void SetNonBlocking(bool nonblocking) = 0;

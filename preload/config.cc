@@ -1,0 +1,121 @@
+// config.cc - NETCH_* variables and the routing decision (preload.h).
+#include <arpa/inet.h>
+#include <ifaddrs.h>
+#include <net/if.h>
+#include <netinet/in.h>
+
+#include <algorithm>
+
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "preload/preload.h"
+
+namespace netch::preload {
+namespace {
+
+absl::Status Bad(const char* var, const std::string& v, const char* want) {
+  return absl::InvalidArgumentError(absl::StrFormat("%s=\"%s\": %s", var, v, want));
+}
+
+absl::Status ReadInt(const char* (*env)(const char*), const char* var, int lo, int hi, int* out) {
+  const char* v = env(var);
+  if (v == nullptr || *v == '\0') return absl::OkStatus();
+  int n = 0;
+  if (!absl::SimpleAtoi(v, &n) || n < lo || n > hi)
+    return Bad(var, v, absl::StrFormat("want an integer in [%d, %d]", lo, hi).c_str());
+  *out = n;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
+  Config c;
+  auto str = [&](const char* var, std::string* out) {
+    if (const char* v = env(var); v != nullptr && *v != '\0') *out = v;
+  };
+  str("NETCH_DEV", &c.dev);
+  str("NETCH_INSTANCE", &c.instance);
+  str("NETCH_DRIVER", &c.driver);
+  str("NETCH_TX", &c.tx);
+  str("NETCH_POLICY", &c.policy);
+  str("NETCH_METRICS", &c.metrics);
+  if (const char* v = env("NETCH_ROUTE"); v != nullptr && *v != '\0') {
+    const std::string r = v;
+    if (r == "iface")
+      c.route = Route::kIface;
+    else if (r == "all")
+      c.route = Route::kAll;
+    else if (r == "none")
+      c.route = Route::kNone;
+    else
+      return Bad("NETCH_ROUTE", r, "want iface, all or none");
+  }
+  if (const char* v = env("NETCH_PORTS"); v != nullptr && *v != '\0') {
+    for (absl::string_view p : absl::StrSplit(v, ',', absl::SkipEmpty())) {
+      int n = 0;
+      if (!absl::SimpleAtoi(p, &n) || n < 1 || n > 65535)
+        return Bad("NETCH_PORTS", v, "want comma-separated ports 1..65535");
+      c.ports.push_back(static_cast<uint16_t>(n));
+    }
+  }
+  if (auto st = ReadInt(env, "NETCH_ENGINES", 1, 64, &c.engines); !st.ok()) return st;
+  if (auto st = ReadInt(env, "NETCH_CHANNELS", 1, 64, &c.channels); !st.ok()) return st;
+  if (auto st = ReadInt(env, "NETCH_COPY_WORKERS", 0, 64, &c.copy_workers); !st.ok()) return st;
+  if (auto st = ReadInt(env, "NETCH_LINGER_MS", 0, 600000, &c.linger_ms); !st.ok()) return st;
+  int flag = 0;
+  if (auto st = ReadInt(env, "NETCH_REPLACE_XDP", 0, 1, &flag); !st.ok()) return st;
+  c.replace_xdp = flag == 1;
+  flag = 0;
+  if (auto st = ReadInt(env, "NETCH_VERBOSE", 0, 1, &flag); !st.ok()) return st;
+  c.verbose = flag == 1;
+  if (c.driver != "afxdp" && c.driver != "tcp") return Bad("NETCH_DRIVER", c.driver, "afxdp|tcp");
+  if (c.tx != "auto" && c.tx != "afxdp" && c.tx != "udp")
+    return Bad("NETCH_TX", c.tx, "auto|afxdp|udp");
+  if (c.route == Route::kNone) return c;
+
+  // The interface: named, or the only non-loopback one with an IPv4 address.
+  ifaddrs* ifa = nullptr;
+  if (getifaddrs(&ifa) != 0) return absl::InternalError("getifaddrs failed");
+  std::vector<std::string> seen;
+  for (ifaddrs* i = ifa; i != nullptr; i = i->ifa_next) {
+    if (i->ifa_addr == nullptr || i->ifa_addr->sa_family != AF_INET) continue;
+    if (i->ifa_flags & IFF_LOOPBACK) continue;
+    if (!c.dev.empty() && c.dev != i->ifa_name) continue;
+    if (c.local_ip == 0) {
+      c.local_ip = ntohl(reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr.s_addr);
+      c.netmask = i->ifa_netmask
+                      ? ntohl(reinterpret_cast<sockaddr_in*>(i->ifa_netmask)->sin_addr.s_addr)
+                      : 0xffffffffu;
+      if (c.dev.empty()) c.dev = i->ifa_name;
+    }
+    if (std::find(seen.begin(), seen.end(), i->ifa_name) == seen.end()) seen.push_back(i->ifa_name);
+  }
+  freeifaddrs(ifa);
+  if (c.local_ip == 0)
+    return c.dev.empty()
+               ? absl::FailedPreconditionError("no interface with an IPv4 address: set NETCH_DEV")
+               : absl::FailedPreconditionError(
+                     absl::StrFormat("NETCH_DEV=%s has no IPv4 address", c.dev));
+  if (env("NETCH_DEV") == nullptr && seen.size() > 1)
+    return absl::FailedPreconditionError(absl::StrFormat(
+        "%d interfaces have IPv4 addresses: set NETCH_DEV (netchrun --dev)", seen.size()));
+  return c;
+}
+
+bool Config::RoutesPeer(uint32_t ip, uint16_t port) const {
+  if (route == Route::kNone || (ip >> 24) == 127 || ip == 0) return false;
+  if (!ports.empty() && std::find(ports.begin(), ports.end(), port) == ports.end()) return false;
+  if (route == Route::kAll) return true;
+  return (ip & netmask) == (local_ip & netmask) && ip != local_ip;
+}
+
+bool Config::RoutesListen(uint32_t ip, uint16_t port) const {
+  if (route == Route::kNone || port == 0) return false;
+  if (!ports.empty() && std::find(ports.begin(), ports.end(), port) == ports.end()) return false;
+  return ip == 0 || ip == local_ip;
+}
+
+}  // namespace netch::preload

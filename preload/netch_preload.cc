@@ -1,0 +1,1091 @@
+// netch_preload.cc - libnetch_preload.so: the socket calls of an unmodified program, served by
+// an embedded NetChannel stack for the sockets preload.h routes over it and by libc for every
+// other fd.
+//
+// Fast path first: every interposed call on a kernel fd costs one relaxed byte load (g_kind)
+// before it goes to libc. Per-fd state lives in fixed arrays indexed by the fd number; the
+// global mutex is taken only to set sockets up, tear them down, and for epoll bookkeeping.
+#include <dlfcn.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cerrno>
+#include <cstdarg>
+#include <cstdio>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
+#include "absl/strings/str_format.h"
+#include "bpf/wire.h"
+#include "ctl/controller.h"
+#include "preload/preload.h"
+#include "vns_lib/vns.h"
+
+namespace {
+
+using netch::preload::Config;
+using netch::vns::VirtualSocket;
+
+// ---- libc ---------------------------------------------------------------------------------
+// Resolved on first use: another library's constructor may call us before ours ran.
+#define REAL(fn)                                                                    \
+  ([]() {                                                                           \
+    static const auto p = reinterpret_cast<decltype(&::fn)>(dlsym(RTLD_NEXT, #fn)); \
+    return p;                                                                       \
+  }())
+
+void Log(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void Log(const char* fmt, ...) {
+  char line[512];
+  va_list ap;
+  va_start(ap, fmt);
+  vsnprintf(line, sizeof(line), fmt, ap);
+  va_end(ap);
+  char out[600];
+  const int n = snprintf(out, sizeof(out), "netch-preload[%d]: %s\n", getpid(), line);
+  if (n > 0) (void)!REAL(write)(2, out, std::min<size_t>(n, sizeof(out) - 1));
+}
+
+// One log line per distinct message (unsupported calls, unknown options).
+void LogOnce(const std::string& what) {
+  static std::mutex mu;
+  static auto* seen = new absl::flat_hash_set<std::string>();
+  std::lock_guard g(mu);
+  if (seen->insert(what).second) Log("%s", what.c_str());
+}
+
+int Fail(int err) {
+  errno = err;
+  return -1;
+}
+
+// ---- per-fd state ---------------------------------------------------------------------------
+constexpr int kMaxFd = 1 << 16;  // fds above this stay on the kernel (logged once)
+enum : uint8_t { kVirtual = 1, kCandidate = 2, kEpoll = 4 };
+
+struct Entry {
+  std::unique_ptr<VirtualSocket> vs;
+  std::atomic<bool> nonblocking{false}, shut_rd{false};
+  bool listening = false;
+  uint32_t bound_ip = 0;  // listeners: what bind() asked for (host order)
+  std::mutex opt_mu;
+  absl::flat_hash_map<uint64_t, std::string> opts;  // (level << 32 | name) -> value, for getsockopt
+  std::vector<int> epolls;                          // epoll fds it is registered in (g_mu)
+  ~Entry();
+};
+
+// A kernel TCP/IPv4 socket the program made: it may still become virtual at connect/listen.
+struct Candidate {
+  uint32_t bind_ip = 0;
+  uint16_t bind_port = 0;
+  bool routed_bind = false;  // bind() matched RoutesListen: not bound in the kernel
+  bool nodelay = false;
+  int rcvbuf = 0;
+};
+
+struct EpollReg {
+  uint32_t events;
+  epoll_data_t data;
+};
+
+std::atomic<uint8_t> g_kind[kMaxFd];
+std::atomic<std::shared_ptr<Entry>> g_slot[kMaxFd];
+std::mutex g_mu;  // g_cands, g_epolls, Entry::epolls
+absl::flat_hash_map<int, Candidate>* g_cands = new absl::flat_hash_map<int, Candidate>();
+absl::flat_hash_map<int, absl::flat_hash_map<int, EpollReg>>* g_epolls =
+    new absl::flat_hash_map<int, absl::flat_hash_map<int, EpollReg>>();
+std::atomic<bool> g_child{false};  // this process is a fork child: the stack is not here
+uint32_t g_nonce = 0;              // tags our epoll registrations
+
+thread_local bool t_internal = false;  // inside the library: sockets made now are the stack's
+
+uint8_t Kind(int fd) {
+  return fd >= 0 && fd < kMaxFd ? g_kind[fd].load(std::memory_order_acquire) : 0;
+}
+
+std::shared_ptr<Entry> Virt(int fd) {
+  if (!(Kind(fd) & kVirtual)) return nullptr;
+  return g_slot[fd].load(std::memory_order_acquire);
+}
+
+Entry::~Entry() {
+  if (vs && !g_child.load()) (void)vs->Close();
+  if (g_child.load()) (void)vs.release();  // the parent's: never touched here
+}
+
+// ---- configuration and the stack ---------------------------------------------------------
+const char* Getenv(const char* k) { return getenv(k); }
+
+const Config* Cfg() {
+  static const Config* cfg = []() -> const Config* {
+    auto c = Config::FromEnv(&Getenv);
+    if (!c.ok()) {
+      Log("not routing anything over NetChannel: %s", std::string(c.status().message()).c_str());
+      return nullptr;
+    }
+    return new Config(std::move(*c));
+  }();
+  return cfg;
+}
+
+struct Global {
+  std::unique_ptr<netch::ctl::Controller> ctl;
+  std::unique_ptr<netch::vns::Stack> stack;
+  pid_t owner = 0;
+};
+std::mutex g_init_mu;
+Global* g = nullptr;  // leaked on purpose: threads may still run while the process exits
+bool g_failed = false;
+
+void AtExit();
+
+// The process's stack, created on first use. nullptr (errno set) if it cannot be.
+netch::vns::Stack* GetStack() {
+  std::lock_guard l(g_init_mu);
+  if (g) return g->stack.get();
+  if (g_failed || g_child.load()) {
+    errno = ENETDOWN;
+    return nullptr;
+  }
+  const Config* c = Cfg();
+  if (!c) {
+    errno = ENETDOWN;
+    return nullptr;
+  }
+  // The stack's threads must not take the program's signals: they start with all blocked.
+  sigset_t all, old;
+  sigfillset(&all);
+  pthread_sigmask(SIG_SETMASK, &all, &old);
+  t_internal = true;
+  auto fail = [&](const absl::Status& st) {
+    t_internal = false;
+    pthread_sigmask(SIG_SETMASK, &old, nullptr);
+    Log("NetChannel stack on %s failed: %s", c->dev.c_str(), std::string(st.message()).c_str());
+    g_failed = true;
+    errno = ENETDOWN;
+    return nullptr;
+  };
+  netch::ctl::ControllerOptions co;
+  co.instance = c->instance;
+  co.ifname = c->dev;
+  co.replace = c->replace_xdp;
+  co.metrics_address = c->metrics == "off" ? "" : c->metrics;
+  auto ctl = netch::ctl::Controller::Start(co);
+  if (!ctl.ok()) return fail(ctl.status());
+  netch::vns::StackOptions so;
+  so.driver = c->driver;
+  so.driver_opts.ifname = c->dev;
+  so.driver_opts.steer = (*ctl)->steer();
+  so.driver_opts.engines = c->engines;
+  so.driver_opts.tx = c->tx;
+  so.channels_per_peer = c->channels;
+  so.copy_workers = c->copy_workers;
+  so.policy = c->policy;
+  auto stack = netch::vns::Stack::Create(so);
+  if (!stack.ok()) return fail(stack.status());
+  if (auto st = (*ctl)->Serve(stack->get()); !st.ok()) return fail(st);
+  t_internal = false;
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  g = new Global{std::move(*ctl), std::move(*stack), getpid()};
+  atexit(AtExit);
+  if (c->verbose)
+    Log("NetChannel stack up on %s (instance %s, driver %s)", c->dev.c_str(), c->instance.c_str(),
+        c->driver.c_str());
+  return g->stack.get();
+}
+
+// Sockets still open get a FIN after their last byte; their data is given time to be
+// acknowledged; then the XDP program is detached (the stack itself is left to the exit).
+void AtExit() {
+  if (g == nullptr || g_child.load() || getpid() != g->owner) return;
+  for (int fd = 0; fd < kMaxFd; ++fd) {
+    if (!(Kind(fd) & kVirtual)) continue;
+    if (auto e = g_slot[fd].load(); e && !e->listening) (void)e->vs->Shutdown();
+  }
+  const Config* c = Cfg();
+  const int linger_ms = c ? c->linger_ms : 0;
+  for (int waited = 0; waited < linger_ms; ++waited) {
+    uint64_t queued = 0;
+    for (const auto& ch : g->stack->driver().Channels()) {
+      const auto st = ch->state();
+      if (st == netch::chan::ChannelState::kUp) queued += ch->stats().tx_queued_bytes;
+    }
+    if (queued == 0) break;
+    usleep(1000);
+  }
+  g->ctl.reset();
+}
+
+// ---- installing and removing virtual sockets ------------------------------------------------
+// The fd number `fd` now names `e`: an eventfd placeholder takes the number (atomically
+// replacing whatever was there), so no kernel fd can collide with it.
+bool Install(int fd, std::shared_ptr<Entry> e) {
+  const int ph = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (ph < 0) return false;
+  if (ph != fd) {
+    if (REAL(dup3)(ph, fd, O_CLOEXEC) < 0) {
+      REAL(close)(ph);
+      return false;
+    }
+    REAL(close)(ph);
+  }
+  g_slot[fd].store(std::move(e), std::memory_order_release);
+  g_kind[fd].store(kVirtual, std::memory_order_release);
+  return true;
+}
+
+// A new fd number for `e` (accept).
+int InstallNew(std::shared_ptr<Entry> e) {
+  const int fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+  if (fd < 0) return -1;
+  if (fd >= kMaxFd) {
+    REAL(close)(fd);
+    LogOnce("fd numbers above 65535 cannot hold virtual sockets");
+    return Fail(EMFILE);
+  }
+  Install(fd, std::move(e));
+  return fd;
+}
+
+uint64_t Tag(int fd, int dir) {
+  return (uint64_t{0x4e43} << 48) | (uint64_t{g_nonce & 0xffff} << 32) |
+         (static_cast<uint64_t>(fd) << 1) | static_cast<uint64_t>(dir);
+}
+bool Untag(uint64_t u, int* fd, int* dir) {
+  if ((u >> 32) != ((uint64_t{0x4e43} << 16) | (g_nonce & 0xffff))) return false;
+  *fd = static_cast<int>((u & 0xffffffffu) >> 1);
+  *dir = static_cast<int>(u & 1);
+  return true;
+}
+
+// g_mu held. Removes fd's eventfds from one epoll set.
+void EpollUnregisterLocked(int epfd, int fd, Entry& e) {
+  REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->fd(), nullptr);
+  REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->write_fd(), nullptr);
+  if (auto it = g_epolls->find(epfd); it != g_epolls->end()) it->second.erase(fd);
+}
+
+// What `close` does to our state for fd (without closing the number itself).
+void Forget(int fd) {
+  const uint8_t k = Kind(fd);
+  if (k == 0) return;
+  g_kind[fd].store(0, std::memory_order_release);
+  std::shared_ptr<Entry> e;
+  if (k & kVirtual) e = g_slot[fd].exchange(nullptr);
+  std::lock_guard l(g_mu);
+  if (k & kCandidate) g_cands->erase(fd);
+  if (k & kEpoll) g_epolls->erase(fd);
+  if (e && !g_child.load()) {
+    for (int epfd : e->epolls) EpollUnregisterLocked(epfd, fd, *e);
+    e->epolls.clear();
+  }
+  if (e && g_child.load()) new std::shared_ptr<Entry>(std::move(e));  // the parent's: leak
+}
+
+// ---- readiness ----------------------------------------------------------------------------
+short VRevents(Entry& e, short events) {
+  short r = e.vs->Poll();
+  if (e.shut_rd.load(std::memory_order_relaxed)) r |= POLLIN | POLLRDHUP;
+  if (r & POLLIN) r |= POLLRDNORM;
+  if (r & POLLOUT) r |= POLLWRNORM;
+  return static_cast<short>(r & (events | POLLERR | POLLHUP | POLLNVAL));
+}
+
+int64_t NowNs() {
+  timespec ts;
+  clock_gettime(CLOCK_MONOTONIC, &ts);
+  return ts.tv_sec * 1000000000ll + ts.tv_nsec;
+}
+
+// poll over kernel fds and virtual sockets: each virtual socket waits on its eventfds (read
+// side for POLLIN, write side for POLLOUT); what it reports comes from the socket itself.
+int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
+  bool any = false;
+  for (nfds_t i = 0; i < n && !any; ++i) any = Kind(fds[i].fd) & kVirtual;
+  if (!any) return REAL(ppoll)(fds, n, tmo, mask);
+  if (g_child.load()) {
+    for (nfds_t i = 0; i < n; ++i)
+      if (Kind(fds[i].fd) & kVirtual) fds[i].revents = POLLNVAL;
+  }
+  thread_local std::vector<pollfd> k;
+  thread_local std::vector<std::shared_ptr<Entry>> ents;
+  k.clear();
+  ents.assign(n, nullptr);
+  for (nfds_t i = 0; i < n; ++i) {
+    if (!g_child.load() && (ents[i] = Virt(fds[i].fd))) {
+      const Entry& e = *ents[i];
+      if (fds[i].events & (POLLIN | POLLRDNORM | POLLRDHUP | POLLPRI))
+        k.push_back({e.vs->fd(), POLLIN, 0});
+      if (fds[i].events & (POLLOUT | POLLWRNORM)) k.push_back({e.vs->write_fd(), POLLIN, 0});
+    } else if (!(Kind(fds[i].fd) & kVirtual)) {
+      k.push_back(fds[i]);
+    }
+  }
+  const int64_t deadline = tmo ? NowNs() + tmo->tv_sec * 1000000000ll + tmo->tv_nsec : -1;
+  for (;;) {
+    int ready = 0;
+    for (nfds_t i = 0; i < n; ++i)
+      if (ents[i] && VRevents(*ents[i], fds[i].events)) ++ready;
+    timespec left{0, 0};
+    if (ready == 0 && deadline >= 0) {
+      const int64_t ns = std::max<int64_t>(0, deadline - NowNs());
+      left = {static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+    }
+    const int rc = REAL(ppoll)(k.data(), k.size(), ready || deadline >= 0 ? &left : nullptr, mask);
+    if (rc < 0) return -1;
+    int count = 0;
+    size_t j = 0;
+    for (nfds_t i = 0; i < n; ++i) {
+      if (ents[i]) {
+        if (fds[i].events & (POLLIN | POLLRDNORM | POLLRDHUP | POLLPRI)) ++j;
+        if (fds[i].events & (POLLOUT | POLLWRNORM)) ++j;
+        fds[i].revents = VRevents(*ents[i], fds[i].events);
+      } else if (!(Kind(fds[i].fd) & kVirtual) || !g_child.load()) {
+        fds[i].revents = k[j++].revents;
+      }
+      if (fds[i].revents) ++count;
+    }
+    if (count > 0 || (deadline >= 0 && NowNs() >= deadline)) return count;
+    // Woken by an eventfd whose socket has nothing for these events after all: wait again.
+  }
+}
+
+int SelectImpl(int nfds, fd_set* r, fd_set* w, fd_set* x, const timespec* tmo,
+               const sigset_t* mask) {
+  std::vector<pollfd> p;
+  for (int fd = 0; fd < nfds && fd < FD_SETSIZE; ++fd) {
+    short ev = 0;
+    if (r && FD_ISSET(fd, r)) ev |= POLLIN;
+    if (w && FD_ISSET(fd, w)) ev |= POLLOUT;
+    if (x && FD_ISSET(fd, x)) ev |= POLLPRI;
+    if (ev) p.push_back({fd, ev, 0});
+  }
+  const int rc = PollImpl(p.data(), p.size(), tmo, mask);
+  if (rc < 0) return -1;
+  for (const pollfd& q : p)
+    if (q.revents & POLLNVAL) return Fail(EBADF);
+  if (r) FD_ZERO(r);
+  if (w) FD_ZERO(w);
+  if (x) FD_ZERO(x);
+  int count = 0;
+  for (const pollfd& q : p) {
+    if (r && (q.events & POLLIN) && (q.revents & (POLLIN | POLLHUP | POLLERR))) {
+      FD_SET(q.fd, r);
+      ++count;
+    }
+    if (w && (q.events & POLLOUT) && (q.revents & (POLLOUT | POLLERR))) {
+      FD_SET(q.fd, w);
+      ++count;
+    }
+    if (x && (q.events & POLLPRI) && (q.revents & POLLPRI)) {
+      FD_SET(q.fd, x);
+      ++count;
+    }
+  }
+  return count;
+}
+
+bool AnyVirtual(int nfds, fd_set* r, fd_set* w, fd_set* x) {
+  for (int fd = 0; fd < nfds && fd < FD_SETSIZE; ++fd)
+    if ((Kind(fd) & kVirtual) &&
+        ((r && FD_ISSET(fd, r)) || (w && FD_ISSET(fd, w)) || (x && FD_ISSET(fd, x))))
+      return true;
+  return false;
+}
+
+// ---- data ---------------------------------------------------------------------------------
+ssize_t StatusErr(const absl::Status& st) { return Fail(netch::vns::Errno(st)); }
+
+ssize_t VRecv(Entry& e, void* buf, size_t len, int flags) {
+  if (e.listening) return Fail(ENOTCONN);
+  if (flags & (MSG_PEEK | MSG_OOB | MSG_ERRQUEUE)) {
+    LogOnce("recv flags MSG_PEEK/MSG_OOB/MSG_ERRQUEUE are not supported on NetChannel sockets");
+    return Fail(EOPNOTSUPP);
+  }
+  if (e.shut_rd.load(std::memory_order_relaxed) || len == 0) return 0;
+  if ((flags & MSG_DONTWAIT) && !e.nonblocking.load() && !(e.vs->Poll() & POLLIN))
+    return Fail(EAGAIN);
+  size_t got = 0;
+  do {
+    auto n = e.vs->Recv({static_cast<uint8_t*>(buf) + got, len - got});
+    if (!n.ok()) return got > 0 ? static_cast<ssize_t>(got) : StatusErr(n.status());
+    if (*n == 0) break;
+    got += *n;
+  } while ((flags & MSG_WAITALL) && got < len);
+  return static_cast<ssize_t>(got);
+}
+
+ssize_t VSend(Entry& e, const void* buf, size_t len, int flags) {
+  if (e.listening) return Fail(ENOTCONN);
+  if (flags & MSG_OOB) {
+    LogOnce("send flag MSG_OOB is not supported on NetChannel sockets");
+    return Fail(EOPNOTSUPP);
+  }
+  if ((flags & MSG_DONTWAIT) && !e.nonblocking.load() && !(e.vs->Poll() & POLLOUT))
+    return Fail(EAGAIN);
+  auto n = e.vs->Send({static_cast<const uint8_t*>(buf), len});
+  if (!n.ok()) {
+    const int err = netch::vns::Errno(n.status());
+    if (err == EPIPE && !(flags & MSG_NOSIGNAL)) pthread_kill(pthread_self(), SIGPIPE);
+    return Fail(err);
+  }
+  return static_cast<ssize_t>(*n);
+}
+
+ssize_t VSendV(Entry& e, const iovec* iov, int cnt, int flags) {
+  ssize_t total = 0;
+  for (int i = 0; i < cnt; ++i) {
+    if (iov[i].iov_len == 0) continue;
+    const ssize_t n = VSend(e, iov[i].iov_base, iov[i].iov_len, flags);
+    if (n < 0) return total > 0 ? total : -1;
+    total += n;
+    if (static_cast<size_t>(n) < iov[i].iov_len) break;
+  }
+  return total;
+}
+
+// Fills the first buffer (waiting if the socket blocks), then the next ones with what is
+// already there.
+ssize_t VRecvV(Entry& e, const iovec* iov, int cnt, int flags) {
+  ssize_t total = 0;
+  for (int i = 0; i < cnt; ++i) {
+    if (iov[i].iov_len == 0) continue;
+    if (total > 0 && e.vs->Available() == 0) break;
+    const ssize_t n = VRecv(e, iov[i].iov_base, iov[i].iov_len, flags);
+    if (n < 0) return total > 0 ? total : -1;
+    total += n;
+    if (n == 0 || static_cast<size_t>(n) < iov[i].iov_len) break;
+  }
+  return total;
+}
+
+void FillAddr(uint32_t ip, uint16_t port, sockaddr* addr, socklen_t* len) {
+  if (addr == nullptr || len == nullptr) return;
+  sockaddr_in sin{};
+  sin.sin_family = AF_INET;
+  sin.sin_addr.s_addr = htonl(ip);
+  sin.sin_port = htons(port);
+  std::memcpy(addr, &sin, std::min<size_t>(*len, sizeof(sin)));
+  *len = sizeof(sin);
+}
+
+uint64_t OptKey(int level, int name) {
+  return (static_cast<uint64_t>(static_cast<uint32_t>(level)) << 32) | static_cast<uint32_t>(name);
+}
+
+bool IsTcp4(int domain, int type, int proto) {
+  return domain == AF_INET && (type & 0xf) == SOCK_STREAM && (proto == 0 || proto == IPPROTO_TCP);
+}
+
+void AtForkPrepare() {
+  g_init_mu.lock();
+  g_mu.lock();
+}
+void AtForkParent() {
+  g_mu.unlock();
+  g_init_mu.unlock();
+}
+void AtForkChild() {
+  g_child.store(true);
+  g_mu.unlock();
+  g_init_mu.unlock();
+}
+
+__attribute__((constructor)) void Init() {
+  g_nonce = static_cast<uint32_t>(getpid() * 2654435761u) ^ static_cast<uint32_t>(NowNs());
+  pthread_atfork(AtForkPrepare, AtForkParent, AtForkChild);
+}
+
+// Shared by connect() and listen(): the candidate's recorded state, removed from the table.
+bool TakeCandidate(int fd, Candidate* out) {
+  std::lock_guard l(g_mu);
+  auto it = g_cands->find(fd);
+  if (it == g_cands->end()) return false;
+  *out = it->second;
+  return true;
+}
+
+}  // namespace
+
+// ---- the interposed calls -----------------------------------------------------------------
+extern "C" {
+
+int socket(int domain, int type, int proto) noexcept {
+  const int fd = REAL(socket)(domain, type, proto);
+  if (fd < 0 || t_internal || g_child.load() || !IsTcp4(domain, type, proto)) return fd;
+  if (fd >= kMaxFd) {
+    LogOnce("fd numbers above 65535 stay on the kernel");
+    return fd;
+  }
+  std::lock_guard l(g_mu);
+  (*g_cands)[fd] = Candidate{};
+  g_kind[fd].store(kCandidate, std::memory_order_release);
+  return fd;
+}
+
+int bind(int fd, const sockaddr* addr, socklen_t len) noexcept {
+  if (!(Kind(fd) & kCandidate) || addr == nullptr || len < sizeof(sockaddr_in) ||
+      addr->sa_family != AF_INET)
+    return REAL(bind)(fd, addr, len);
+  if (Kind(fd) & kVirtual) return Fail(EINVAL);
+  const auto* sin = reinterpret_cast<const sockaddr_in*>(addr);
+  const uint32_t ip = ntohl(sin->sin_addr.s_addr);
+  const uint16_t port = ntohs(sin->sin_port);
+  const Config* c = Cfg();
+  if (!c || !c->RoutesListen(ip, port) || port == NC_DEFAULT_UDP_PORT)
+    return REAL(bind)(fd, addr, len);
+  // Not bound in the kernel: listen() will make it a NetChannel listener.
+  std::lock_guard l(g_mu);
+  auto& cand = (*g_cands)[fd];
+  cand.bind_ip = ip;
+  cand.bind_port = port;
+  cand.routed_bind = true;
+  return 0;
+}
+
+int listen(int fd, int backlog) noexcept {
+  if (auto e = Virt(fd)) return e->listening ? 0 : Fail(EINVAL);
+  Candidate cand;
+  if (!(Kind(fd) & kCandidate) || !TakeCandidate(fd, &cand) || !cand.routed_bind)
+    return REAL(listen)(fd, backlog);
+  auto* stack = GetStack();
+  if (!stack) return -1;
+  netch::vns::SocketOptions so;
+  so.nodelay = cand.nodelay;
+  if (cand.rcvbuf > 0) so.rcvbuf = std::max(4096, cand.rcvbuf);
+  t_internal = true;
+  auto vs = stack->Listen(cand.bind_port, std::clamp(backlog, 1, 4096), so);
+  t_internal = false;
+  if (!vs.ok()) return static_cast<int>(StatusErr(vs.status()));
+  auto e = std::make_shared<Entry>();
+  e->vs = std::move(*vs);
+  e->listening = true;
+  e->bound_ip = cand.bind_ip;
+  const bool nb = REAL(fcntl)(fd, F_GETFL) & O_NONBLOCK;
+  e->nonblocking = nb;
+  e->vs->SetNonBlocking(nb);
+  {
+    std::lock_guard l(g_mu);
+    g_cands->erase(fd);
+  }
+  if (!Install(fd, e)) return -1;
+  if (const Config* c = Cfg(); c && c->verbose)
+    Log("fd %d listens on NetChannel port %u", fd, cand.bind_port);
+  return 0;
+}
+
+int connect(int fd, const sockaddr* addr, socklen_t len) {
+  if (auto e = Virt(fd)) return Fail(e->listening ? EINVAL : EISCONN);
+  if (!(Kind(fd) & kCandidate) || addr == nullptr || len < sizeof(sockaddr_in) ||
+      addr->sa_family != AF_INET)
+    return REAL(connect)(fd, addr, len);
+  const auto* sin = reinterpret_cast<const sockaddr_in*>(addr);
+  const uint32_t ip = ntohl(sin->sin_addr.s_addr);
+  const uint16_t port = ntohs(sin->sin_port);
+  const Config* c = Cfg();
+  Candidate cand;
+  if (!c || !c->RoutesPeer(ip, port) || port == NC_DEFAULT_UDP_PORT || !TakeCandidate(fd, &cand))
+    return REAL(connect)(fd, addr, len);
+  auto* stack = GetStack();
+  if (!stack) return -1;
+  const bool nb = REAL(fcntl)(fd, F_GETFL) & O_NONBLOCK;
+  netch::vns::SocketOptions so;
+  so.nonblocking = nb;
+  so.nodelay = cand.nodelay;
+  if (cand.rcvbuf > 0) so.rcvbuf = std::max(4096, cand.rcvbuf);
+  t_internal = true;
+  auto vs = stack->Connect(ip, port, so);
+  t_internal = false;
+  if (!vs.ok()) return static_cast<int>(StatusErr(vs.status()));
+  auto e = std::make_shared<Entry>();
+  e->vs = std::move(*vs);
+  e->nonblocking = nb;
+  {
+    std::lock_guard l(g_mu);
+    g_cands->erase(fd);
+  }
+  if (!Install(fd, e)) return -1;
+  if (c->verbose) Log("fd %d connects over NetChannel to port %u", fd, port);
+  return nb ? Fail(EINPROGRESS) : 0;
+}
+
+int accept4(int fd, sockaddr* addr, socklen_t* len, int flags) {
+  auto e = Virt(fd);
+  if (!e) return REAL(accept4)(fd, addr, len, flags);
+  if (g_child.load()) return Fail(EBADF);
+  if (!e->listening) return Fail(EINVAL);
+  auto s = e->vs->Accept();
+  if (!s.ok()) return static_cast<int>(StatusErr(s.status()));
+  auto ne = std::make_shared<Entry>();
+  ne->vs = std::move(*s);
+  ne->nonblocking = flags & SOCK_NONBLOCK;
+  ne->vs->SetNonBlocking(flags & SOCK_NONBLOCK);
+  FillAddr(ne->vs->remote_ipv4(), ne->vs->remote_port(), addr, len);
+  return InstallNew(std::move(ne));
+}
+
+int accept(int fd, sockaddr* addr, socklen_t* len) {
+  if (!(Kind(fd) & kVirtual)) return REAL(accept)(fd, addr, len);
+  return accept4(fd, addr, len, 0);
+}
+
+int close(int fd) {
+  if (Kind(fd) == 0) return REAL(close)(fd);
+  Forget(fd);
+  return REAL(close)(fd);
+}
+
+int shutdown(int fd, int how) noexcept {
+  auto e = Virt(fd);
+  if (!e) return REAL(shutdown)(fd, how);
+  if (g_child.load()) return Fail(EBADF);
+  if (e->listening) return Fail(ENOTCONN);
+  if (how != SHUT_RD && how != SHUT_WR && how != SHUT_RDWR) return Fail(EINVAL);
+  if (how != SHUT_WR) e->shut_rd = true;
+  if (how != SHUT_RD)
+    if (auto st = e->vs->Shutdown(); !st.ok()) return static_cast<int>(StatusErr(st));
+  return 0;
+}
+
+ssize_t read(int fd, void* buf, size_t n) {
+  if (!(Kind(fd) & kVirtual)) return REAL(read)(fd, buf, n);
+  auto e = Virt(fd);
+  if (!e || g_child.load()) return Fail(EBADF);
+  return VRecv(*e, buf, n, 0);
+}
+
+ssize_t write(int fd, const void* buf, size_t n) {
+  if (!(Kind(fd) & kVirtual)) return REAL(write)(fd, buf, n);
+  auto e = Virt(fd);
+  if (!e || g_child.load()) return Fail(EBADF);
+  return VSend(*e, buf, n, 0);
+}
+
+ssize_t recv(int fd, void* buf, size_t n, int flags) {
+  auto e = Virt(fd);
+  if (!e) return REAL(recv)(fd, buf, n, flags);
+  if (g_child.load()) return Fail(EBADF);
+  return VRecv(*e, buf, n, flags);
+}
+
+ssize_t send(int fd, const void* buf, size_t n, int flags) {
+  auto e = Virt(fd);
+  if (!e) return REAL(send)(fd, buf, n, flags);
+  if (g_child.load()) return Fail(EBADF);
+  return VSend(*e, buf, n, flags);
+}
+
+ssize_t recvfrom(int fd, void* buf, size_t n, int flags, sockaddr* addr, socklen_t* len) {
+  auto e = Virt(fd);
+  if (!e) return REAL(recvfrom)(fd, buf, n, flags, addr, len);
+  if (g_child.load()) return Fail(EBADF);
+  const ssize_t r = VRecv(*e, buf, n, flags);
+  if (r >= 0) FillAddr(e->vs->remote_ipv4(), e->vs->remote_port(), addr, len);
+  return r;
+}
+
+ssize_t sendto(int fd, const void* buf, size_t n, int flags, const sockaddr* addr, socklen_t len) {
+  auto e = Virt(fd);
+  if (!e) return REAL(sendto)(fd, buf, n, flags, addr, len);
+  if (g_child.load()) return Fail(EBADF);
+  if (addr != nullptr) return Fail(EISCONN);
+  return VSend(*e, buf, n, flags);
+}
+
+ssize_t readv(int fd, const iovec* iov, int cnt) {
+  auto e = Virt(fd);
+  if (!e) return REAL(readv)(fd, iov, cnt);
+  if (g_child.load()) return Fail(EBADF);
+  return VRecvV(*e, iov, cnt, 0);
+}
+
+ssize_t writev(int fd, const iovec* iov, int cnt) {
+  auto e = Virt(fd);
+  if (!e) return REAL(writev)(fd, iov, cnt);
+  if (g_child.load()) return Fail(EBADF);
+  return VSendV(*e, iov, cnt, 0);
+}
+
+ssize_t recvmsg(int fd, msghdr* m, int flags) {
+  auto e = Virt(fd);
+  if (!e) return REAL(recvmsg)(fd, m, flags);
+  if (g_child.load()) return Fail(EBADF);
+  const ssize_t r = VRecvV(*e, m->msg_iov, static_cast<int>(m->msg_iovlen), flags);
+  if (r >= 0) {
+    m->msg_flags = 0;
+    m->msg_controllen = 0;
+    if (m->msg_name)
+      FillAddr(e->vs->remote_ipv4(), e->vs->remote_port(), static_cast<sockaddr*>(m->msg_name),
+               &m->msg_namelen);
+  }
+  return r;
+}
+
+ssize_t sendmsg(int fd, const msghdr* m, int flags) {
+  auto e = Virt(fd);
+  if (!e) return REAL(sendmsg)(fd, m, flags);
+  if (g_child.load()) return Fail(EBADF);
+  if (m->msg_controllen > 0) {
+    LogOnce("sendmsg with ancillary data is not supported on NetChannel sockets");
+    return Fail(EOPNOTSUPP);
+  }
+  return VSendV(*e, m->msg_iov, static_cast<int>(m->msg_iovlen), flags);
+}
+
+// Fortified variants (_FORTIFY_SOURCE): the same calls with a buffer-size check.
+ssize_t __read_chk(int fd, void* buf, size_t n, size_t buflen) {
+  if (n > buflen) abort();
+  return read(fd, buf, n);
+}
+ssize_t __recv_chk(int fd, void* buf, size_t n, size_t buflen, int flags) {
+  if (n > buflen) abort();
+  return recv(fd, buf, n, flags);
+}
+ssize_t __recvfrom_chk(int fd, void* buf, size_t n, size_t buflen, int flags, sockaddr* a,
+                       socklen_t* l) {
+  if (n > buflen) abort();
+  return recvfrom(fd, buf, n, flags, a, l);
+}
+
+int getsockname(int fd, sockaddr* addr, socklen_t* len) noexcept {
+  auto e = Virt(fd);
+  if (!e) {
+    // A candidate bound for a NetChannel listen() was not bound in the kernel.
+    Candidate cand;
+    if ((Kind(fd) & kCandidate) && TakeCandidate(fd, &cand) && cand.routed_bind) {
+      FillAddr(cand.bind_ip, cand.bind_port, addr, len);
+      return 0;
+    }
+    return REAL(getsockname)(fd, addr, len);
+  }
+  if (g_child.load()) return Fail(EBADF);
+  const Config* c = Cfg();
+  FillAddr(e->listening ? e->bound_ip : (c ? c->local_ip : 0), e->vs->local_port(), addr, len);
+  return 0;
+}
+
+int getpeername(int fd, sockaddr* addr, socklen_t* len) noexcept {
+  auto e = Virt(fd);
+  if (!e) return REAL(getpeername)(fd, addr, len);
+  if (g_child.load()) return Fail(EBADF);
+  if (e->listening || e->vs->remote_port() == 0) return Fail(ENOTCONN);
+  FillAddr(e->vs->remote_ipv4(), e->vs->remote_port(), addr, len);
+  return 0;
+}
+
+int setsockopt(int fd, int level, int name, const void* val, socklen_t len) noexcept {
+  const uint8_t k = Kind(fd);
+  if (!(k & kVirtual)) {
+    if ((k & kCandidate) && val != nullptr && len >= sizeof(int)) {
+      // Remembered for the virtual socket it may become.
+      std::lock_guard l(g_mu);
+      if (auto it = g_cands->find(fd); it != g_cands->end()) {
+        const int v = *static_cast<const int*>(val);
+        if (level == IPPROTO_TCP && name == TCP_NODELAY) it->second.nodelay = v != 0;
+        if (level == SOL_SOCKET && name == SO_RCVBUF) it->second.rcvbuf = v;
+      }
+    }
+    return REAL(setsockopt)(fd, level, name, val, len);
+  }
+  auto e = Virt(fd);
+  if (!e || g_child.load()) return Fail(EBADF);
+  if (val == nullptr && len > 0) return Fail(EFAULT);
+  const int v = val != nullptr && len >= sizeof(int) ? *static_cast<const int*>(val) : 0;
+  if (level == IPPROTO_TCP && name == TCP_NODELAY) {
+    e->vs->SetNoDelay(v != 0);
+  } else if (level == SOL_SOCKET &&
+             (name == SO_REUSEADDR || name == SO_REUSEPORT || name == SO_KEEPALIVE ||
+              name == SO_RCVBUF || name == SO_SNDBUF || name == SO_LINGER)) {
+    // Meaningless or already true for a NetChannel socket (no TIME_WAIT; channel liveness is the
+    // keepalive; buffers are set at connect/listen; close always flushes): kept for getsockopt.
+  } else if (level == IPPROTO_TCP &&
+             (name == TCP_KEEPIDLE || name == TCP_KEEPINTVL || name == TCP_KEEPCNT ||
+              name == TCP_QUICKACK || name == TCP_CORK || name == TCP_USER_TIMEOUT)) {
+  } else {
+    LogOnce(
+        absl::StrFormat("setsockopt(level %d, option %d) kept but not applied on a NetChannel "
+                        "socket",
+                        level, name));
+  }
+  std::lock_guard l(e->opt_mu);
+  e->opts[OptKey(level, name)] = std::string(static_cast<const char*>(val), len);
+  return 0;
+}
+
+int getsockopt(int fd, int level, int name, void* val, socklen_t* len) noexcept {
+  auto e = Virt(fd);
+  if (!e) return REAL(getsockopt)(fd, level, name, val, len);
+  if (g_child.load()) return Fail(EBADF);
+  if (val == nullptr || len == nullptr) return Fail(EFAULT);
+  auto put_int = [&](int v) {
+    if (*len < sizeof(int)) return Fail(EINVAL);
+    std::memcpy(val, &v, sizeof(int));
+    *len = sizeof(int);
+    return 0;
+  };
+  if (level == SOL_SOCKET) {
+    switch (name) {
+      case SO_ERROR:
+        return put_int(e->vs->Error());
+      case SO_TYPE:
+        return put_int(SOCK_STREAM);
+      case SO_DOMAIN:
+        return put_int(AF_INET);
+      case SO_PROTOCOL:
+        return put_int(IPPROTO_TCP);
+      case SO_ACCEPTCONN:
+        return put_int(e->listening ? 1 : 0);
+      default:
+        break;
+    }
+  }
+  {
+    std::lock_guard l(e->opt_mu);
+    if (auto it = e->opts.find(OptKey(level, name)); it != e->opts.end()) {
+      const socklen_t n = std::min<socklen_t>(*len, it->second.size());
+      std::memcpy(val, it->second.data(), n);
+      *len = n;
+      return 0;
+    }
+  }
+  if (level == SOL_SOCKET && (name == SO_RCVBUF || name == SO_SNDBUF)) return put_int(4 << 20);
+  if ((level == SOL_SOCKET && (name == SO_REUSEADDR || name == SO_KEEPALIVE)) ||
+      (level == IPPROTO_TCP && name == TCP_NODELAY))
+    return put_int(0);
+  LogOnce(absl::StrFormat("getsockopt(level %d, option %d) is not known on NetChannel sockets",
+                          level, name));
+  return Fail(ENOPROTOOPT);
+}
+
+static int FcntlImpl(int fd, int cmd, long arg) {
+  auto e = Virt(fd);
+  if (!e) return REAL(fcntl)(fd, cmd, arg);
+  if (g_child.load() && cmd != F_GETFD && cmd != F_SETFD) return Fail(EBADF);
+  switch (cmd) {
+    case F_GETFL:
+      return O_RDWR | (e->nonblocking.load() ? O_NONBLOCK : 0);
+    case F_SETFL: {
+      const bool nb = arg & O_NONBLOCK;
+      e->nonblocking = nb;
+      e->vs->SetNonBlocking(nb);
+      return 0;
+    }
+    case F_GETFD:
+    case F_SETFD:
+      return REAL(fcntl)(fd, cmd, arg);
+    case F_DUPFD:
+    case F_DUPFD_CLOEXEC: {
+      const int nfd = REAL(fcntl)(fd, cmd, arg);
+      if (nfd < 0) return -1;
+      if (nfd >= kMaxFd) {
+        REAL(close)(nfd);
+        return Fail(EMFILE);
+      }
+      g_slot[nfd].store(e);
+      g_kind[nfd].store(kVirtual, std::memory_order_release);
+      return nfd;
+    }
+    default:
+      LogOnce(absl::StrFormat("fcntl command %d is not supported on NetChannel sockets", cmd));
+      return Fail(EINVAL);
+  }
+}
+
+int fcntl(int fd, int cmd, ...) {
+  va_list ap;
+  va_start(ap, cmd);
+  const long arg = va_arg(ap, long);
+  va_end(ap);
+  return FcntlImpl(fd, cmd, arg);
+}
+
+int fcntl64(int fd, int cmd, ...) {
+  va_list ap;
+  va_start(ap, cmd);
+  const long arg = va_arg(ap, long);
+  va_end(ap);
+  return FcntlImpl(fd, cmd, arg);
+}
+
+int ioctl(int fd, unsigned long req, ...) noexcept {
+  va_list ap;
+  va_start(ap, req);
+  void* arg = va_arg(ap, void*);
+  va_end(ap);
+  auto e = Virt(fd);
+  if (!e) return REAL(ioctl)(fd, req, arg);
+  if (g_child.load()) return Fail(EBADF);
+  if (req == FIONBIO) {
+    const bool nb = *static_cast<int*>(arg) != 0;
+    e->nonblocking = nb;
+    e->vs->SetNonBlocking(nb);
+    return 0;
+  }
+  if (req == FIONREAD) {
+    *static_cast<int*>(arg) =
+        e->listening ? 0 : static_cast<int>(std::min<size_t>(e->vs->Available(), INT32_MAX));
+    return 0;
+  }
+  LogOnce(absl::StrFormat("ioctl 0x%x is not supported on NetChannel sockets", req));
+  return Fail(ENOTTY);
+}
+
+int dup(int fd) noexcept {
+  auto e = Virt(fd);
+  const int nfd = REAL(dup)(fd);
+  if (!e || nfd < 0) return nfd;
+  if (nfd >= kMaxFd) {
+    REAL(close)(nfd);
+    return Fail(EMFILE);
+  }
+  g_slot[nfd].store(e);
+  g_kind[nfd].store(kVirtual, std::memory_order_release);
+  return nfd;
+}
+
+int dup3(int fd, int nfd, int flags) noexcept {
+  auto e = Virt(fd);
+  if (fd == nfd) return REAL(dup3)(fd, nfd, flags);  // EINVAL, as libc says
+  if (nfd >= 0 && nfd < kMaxFd) Forget(nfd);         // dup3 closes what nfd named
+  const int r = REAL(dup3)(fd, nfd, flags);
+  if (!e || r < 0) return r;
+  if (nfd >= kMaxFd) return Fail(EMFILE);
+  g_slot[nfd].store(e);
+  g_kind[nfd].store(kVirtual, std::memory_order_release);
+  return r;
+}
+
+int dup2(int fd, int nfd) noexcept {
+  if (fd == nfd) return REAL(dup2)(fd, nfd);
+  return dup3(fd, nfd, 0);
+}
+
+int poll(pollfd* fds, nfds_t n, int timeout) {
+  if (timeout < 0) return PollImpl(fds, n, nullptr, nullptr);
+  const timespec ts{timeout / 1000, (timeout % 1000) * 1000000l};
+  return PollImpl(fds, n, &ts, nullptr);
+}
+
+int ppoll(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
+  return PollImpl(fds, n, tmo, mask);
+}
+
+int __poll_chk(pollfd* fds, nfds_t n, int timeout, size_t fdslen) {
+  if (fdslen / sizeof(pollfd) < n) abort();
+  return poll(fds, n, timeout);
+}
+
+int select(int nfds, fd_set* r, fd_set* w, fd_set* x, timeval* tv) {
+  if (!AnyVirtual(nfds, r, w, x)) return REAL(select)(nfds, r, w, x, tv);
+  if (tv == nullptr) return SelectImpl(nfds, r, w, x, nullptr, nullptr);
+  const timespec ts{tv->tv_sec, tv->tv_usec * 1000};
+  return SelectImpl(nfds, r, w, x, &ts, nullptr);
+}
+
+int pselect(int nfds, fd_set* r, fd_set* w, fd_set* x, const timespec* tmo, const sigset_t* mask) {
+  if (!AnyVirtual(nfds, r, w, x)) return REAL(pselect)(nfds, r, w, x, tmo, mask);
+  return SelectImpl(nfds, r, w, x, tmo, mask);
+}
+
+int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
+  auto e = Virt(fd);
+  if (!e) return REAL(epoll_ctl)(epfd, op, fd, ev);
+  if (g_child.load()) return Fail(EBADF);
+  if (epfd < 0 || epfd >= kMaxFd) return Fail(EINVAL);
+  std::lock_guard l(g_mu);
+  auto& set = (*g_epolls)[epfd];
+  const bool have = set.contains(fd);
+  if (op == EPOLL_CTL_DEL) {
+    if (!have) return Fail(ENOENT);
+    EpollUnregisterLocked(epfd, fd, *e);
+    std::erase(e->epolls, epfd);
+    return 0;
+  }
+  if (ev == nullptr) return Fail(EFAULT);
+  if (op == EPOLL_CTL_ADD && have) return Fail(EEXIST);
+  if (op == EPOLL_CTL_MOD && !have) return Fail(ENOENT);
+  if (op != EPOLL_CTL_ADD && op != EPOLL_CTL_MOD) return Fail(EINVAL);
+  if (have) EpollUnregisterLocked(epfd, fd, *e);
+  const uint32_t flags = ev->events & (EPOLLET | EPOLLONESHOT);
+  if (ev->events & (EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLRDNORM)) {
+    epoll_event k{EPOLLIN | flags, {.u64 = Tag(fd, 0)}};
+    if (REAL(epoll_ctl)(epfd, EPOLL_CTL_ADD, e->vs->fd(), &k) < 0 && errno != EEXIST) return -1;
+  }
+  if (ev->events & (EPOLLOUT | EPOLLWRNORM)) {
+    epoll_event k{EPOLLIN | flags, {.u64 = Tag(fd, 1)}};
+    if (REAL(epoll_ctl)(epfd, EPOLL_CTL_ADD, e->vs->write_fd(), &k) < 0 && errno != EEXIST)
+      return -1;
+  }
+  set[fd] = EpollReg{ev->events, ev->data};
+  if (std::find(e->epolls.begin(), e->epolls.end(), epfd) == e->epolls.end())
+    e->epolls.push_back(epfd);
+  g_kind[epfd].fetch_or(kEpoll, std::memory_order_release);
+  return 0;
+}
+
+int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t* mask) {
+  if (!(Kind(epfd) & kEpoll)) return REAL(epoll_pwait)(epfd, out, max, timeout, mask);
+  if (max <= 0) return Fail(EINVAL);
+  thread_local std::vector<epoll_event> buf;
+  thread_local std::vector<std::pair<int, int>> seen;  // (virtual fd, index in out)
+  buf.resize(max);
+  const int64_t deadline = timeout >= 0 ? NowNs() + timeout * 1000000ll : -1;
+  for (;;) {
+    int left = -1;
+    if (deadline >= 0) left = static_cast<int>(std::max<int64_t>(0, deadline - NowNs()) / 1000000);
+    const int rc = REAL(epoll_pwait)(epfd, buf.data(), max, left, mask);
+    if (rc <= 0) return rc;
+    int n = 0;
+    seen.clear();
+    std::lock_guard l(g_mu);
+    const auto set = g_epolls->find(epfd);
+    for (int i = 0; i < rc; ++i) {
+      int fd, dir;
+      if (!Untag(buf[i].data.u64, &fd, &dir)) {
+        out[n++] = buf[i];
+        continue;
+      }
+      auto e = Virt(fd);
+      if (!e || set == g_epolls->end()) continue;
+      auto reg = set->second.find(fd);
+      if (reg == set->second.end()) continue;  // stale: unregistered meanwhile
+      const uint32_t r =
+          static_cast<uint16_t>(VRevents(*e, static_cast<short>(reg->second.events & 0xffff)));
+      if (r == 0) continue;
+      bool merged = false;
+      for (auto& [sfd, idx] : seen)
+        if (sfd == fd) {
+          out[idx].events |= r;
+          merged = true;
+        }
+      if (merged) continue;
+      seen.emplace_back(fd, n);
+      out[n++] = epoll_event{r, reg->second.data};
+    }
+    if (n > 0 || (deadline >= 0 && NowNs() >= deadline)) return n;
+  }
+}
+
+int epoll_wait(int epfd, epoll_event* out, int max, int timeout) {
+  return epoll_pwait(epfd, out, max, timeout, nullptr);
+}
+
+}  // extern "C"

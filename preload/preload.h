@@ -1,0 +1,73 @@
+// preload.h - unmodified programs over NetChannel: what libnetch_preload.so promises and how it
+// is configured. `netchrun [options] -- CMD ARGS` sets the variables below and LD_PRELOAD.
+//
+// What goes over NetChannel (everything else stays on the kernel, untouched):
+// * IPv4 TCP stream sockets (socket(AF_INET, SOCK_STREAM, 0 | IPPROTO_TCP)) that the program
+//   - connect() to an address routed over the NetChannel interface (NETCH_ROUTE=iface, the
+//     default: inside the interface's IPv4 subnet; =all: any non-loopback address), or
+//   - bind() to the interface's address or INADDR_ANY and then listen() on.
+//   NETCH_PORTS (comma-separated) narrows this to those remote (connect) or local (listen)
+//   ports. Loopback, Unix sockets, UDP, IPv6, files and pipes are never touched.
+// * One NetChannel stack per process, created on the first such socket (its control plane
+//   serves `netchctl --instance NAME`). Failing to create it fails that call with ENETDOWN (and
+//   one log line); the program keeps running.
+//
+// What a virtual socket is inside the process:
+// * A real fd number (an eventfd placeholder, close-on-exec), so it never collides with a kernel
+//   fd. The socket calls, poll/ppoll/select/pselect and epoll (mixing kernel fds and virtual
+//   sockets in one call) are served by the library; readiness is level-triggered (EPOLLET and
+//   EPOLLONESHOT are honoured on the eventfds the library registers).
+// * Non-blocking connect returns EINPROGRESS; POLLOUT and SO_ERROR report the outcome.
+// * fork(): the child inherits the fd numbers but not the stack (threads do not survive fork).
+//   In the child a virtual socket can only be closed; every other call fails with EBADF. The
+//   parent's sockets are unaffected. exec() drops virtual sockets (close-on-exec).
+// * exit(): sockets still open are shut down (FIN after their last byte) and the stack waits up
+//   to NETCH_LINGER_MS (default 2000) for their data to be acknowledged, then detaches its XDP
+//   program.
+// * A call the library cannot serve on a virtual socket (MSG_PEEK, MSG_OOB, unsupported ioctl or
+//   fcntl) fails with EOPNOTSUPP/EINVAL and one log line; an unknown socket option is accepted,
+//   remembered for getsockopt, and logged once.
+//
+// Variables (netchrun's options set them):
+//   NETCH_DEV        interface (default: the only non-loopback interface with an IPv4 address)
+//   NETCH_INSTANCE   control-plane instance name (default "netchrun")
+//   NETCH_ROUTE      iface | all | none
+//   NETCH_PORTS      e.g. "6379,8080" (default: every port)
+//   NETCH_DRIVER     afxdp | tcp;  NETCH_TX auto | afxdp | udp;  NETCH_ENGINES, NETCH_CHANNELS,
+//   NETCH_COPY_WORKERS, NETCH_POLICY   as netchperf's options of the same names
+//   NETCH_METRICS    host:port of the Prometheus exposer, or "off" (default)
+//   NETCH_REPLACE_XDP=1  take over an interface where another XDP program is attached
+//   NETCH_LINGER_MS  see exit() above;  NETCH_VERBOSE=1  log each socket routed over NetChannel
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+
+namespace netch::preload {
+
+enum class Route { kIface, kAll, kNone };
+
+struct Config {
+  std::string dev, instance = "netchrun", driver = "afxdp", tx = "auto", policy = "round-robin";
+  std::string metrics = "off";
+  Route route = Route::kIface;
+  std::vector<uint16_t> ports;  // empty: all
+  int engines = 1, channels = 1, copy_workers = 0;
+  int linger_ms = 2000;
+  bool replace_xdp = false, verbose = false;
+  // Filled from the interface: its address and netmask (host order).
+  uint32_t local_ip = 0, netmask = 0;
+
+  // Reads the NETCH_* variables from `getenv` and the interface's address. InvalidArgument
+  // names the variable at fault.
+  static absl::StatusOr<Config> FromEnv(const char* (*getenv_fn)(const char*));
+  // Would a connect to ip:port (host order) go over NetChannel?
+  bool RoutesPeer(uint32_t ip, uint16_t port) const;
+  // Would listen() on a socket bound to ip:port go over NetChannel?
+  bool RoutesListen(uint32_t ip, uint16_t port) const;
+};
+
+}  // namespace netch::preload
