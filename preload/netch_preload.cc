@@ -329,6 +329,11 @@ int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
   thread_local std::vector<std::shared_ptr<Entry>> ents;
   k.clear();
   ents.assign(n, nullptr);
+  // The references go when poll returns: a socket the program closes next must close then, not
+  // at this thread's next poll.
+  struct Release {
+    ~Release() { ents.clear(); }
+  } release;
   for (nfds_t i = 0; i < n; ++i) {
     if (!g_child.load() && (ents[i] = Virt(fds[i].fd))) {
       const Entry& e = *ents[i];

@@ -93,9 +93,15 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "netchrun: %s: not found (build it, or pass --lib)\n", path.c_str());
     return 2;
   }
+  // Ours first, so that our socket calls win; a sanitizer runtime already there stays in front
+  // (it must be the first library loaded).
   std::string preload = path;
-  if (const char* old = getenv("LD_PRELOAD"); old != nullptr && *old != '\0')
-    preload += std::string(":") + old;
+  if (const char* old = getenv("LD_PRELOAD"); old != nullptr && *old != '\0') {
+    const std::string o = old;
+    const bool runtime =
+        o.find("libasan") != std::string::npos || o.find("libtsan") != std::string::npos;
+    preload = runtime ? o + ":" + path : path + ":" + o;
+  }
   setenv("LD_PRELOAD", preload.c_str(), 1);
 
   std::vector<char*> args;

@@ -1,0 +1,305 @@
+// socket_calls - an ordinary socket program (libc only, nothing of ours linked) that the preload
+// tests run under netchrun. Each check prints "ok NAME" or "FAIL NAME: why"; the exit status is
+// the number of failures.
+//
+//   socket_calls server IP PORT CLIENTS   epoll server: echoes each client's bytes (readv/writev),
+//                                         with a kernel loopback listener in the same epoll set;
+//                                         exits after CLIENTS clients ended cleanly
+//   socket_calls client IP PORT BYTES     non-blocking connect, poll/select/ppoll, writev/readv,
+//                                         dup, fcntl, ioctl, getsockname/peername, fork, shutdown
+//   socket_calls hang IP PORT             connects, sends half a message, then sleeps (to be
+//   killed) socket_calls refused IP PORT          a connect nobody accepts: SO_ERROR = ECONNREFUSED
+#include <arpa/inet.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <poll.h>
+#include <sys/epoll.h>
+#include <sys/ioctl.h>
+#include <sys/select.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+int g_failures = 0;
+
+void Check(bool ok, const char* name, const std::string& why = "") {
+  if (ok) {
+    std::printf("ok %s\n", name);
+  } else {
+    std::printf("FAIL %s: %s (errno %s)\n", name, why.c_str(), std::strerror(errno));
+    ++g_failures;
+  }
+  std::fflush(stdout);
+}
+
+sockaddr_in Addr(const char* ip, int port) {
+  sockaddr_in a{};
+  a.sin_family = AF_INET;
+  a.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, ip, &a.sin_addr);
+  return a;
+}
+
+uint8_t Pattern(uint64_t i) { return static_cast<uint8_t>((i * 131) ^ (i >> 9)); }
+
+int Server(const char* ip, int port, int clients) {
+  const int l = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK, 0);
+  int one = 1;
+  Check(setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) == 0, "setsockopt_reuseaddr");
+  sockaddr_in a = Addr(ip, port);
+  Check(bind(l, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0, "bind");
+  Check(listen(l, 64) == 0, "listen");
+  sockaddr_in got{};
+  socklen_t gl = sizeof(got);
+  Check(getsockname(l, reinterpret_cast<sockaddr*>(&got), &gl) == 0 && ntohs(got.sin_port) == port,
+        "getsockname_listener");
+  // A kernel listener on loopback in the same epoll set: it must keep working beside ours.
+  const int kl = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in lo = Addr("127.0.0.1", 0);
+  bind(kl, reinterpret_cast<sockaddr*>(&lo), sizeof(lo));
+  listen(kl, 4);
+  socklen_t ll = sizeof(lo);
+  getsockname(kl, reinterpret_cast<sockaddr*>(&lo), &ll);
+  const int ep = epoll_create1(EPOLL_CLOEXEC);
+  epoll_event ev{EPOLLIN, {.fd = l}};
+  Check(epoll_ctl(ep, EPOLL_CTL_ADD, l, &ev) == 0, "epoll_add_listener");
+  ev.data.fd = kl;
+  epoll_ctl(ep, EPOLL_CTL_ADD, kl, &ev);
+  std::thread loop([port = ntohs(lo.sin_port)] {
+    const int c = socket(AF_INET, SOCK_STREAM, 0);
+    sockaddr_in a = Addr("127.0.0.1", port);
+    connect(c, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    (void)!write(c, "k", 1);
+    usleep(200000);
+    close(c);
+  });
+  std::printf("ready\n");
+  std::fflush(stdout);
+  std::map<int, uint64_t> echoed;
+  bool kernel_seen = false;
+  int done = 0;
+  std::vector<uint8_t> buf(256 << 10);
+  while (done < clients) {
+    epoll_event evs[32];
+    const int n = epoll_wait(ep, evs, 32, 30000);
+    if (n <= 0) {
+      Check(false, "epoll_wait", "no event in 30 s");
+      break;
+    }
+    for (int i = 0; i < n; ++i) {
+      const int fd = evs[i].data.fd;
+      if (fd == kl) {
+        const int c = accept(kl, nullptr, nullptr);
+        char k = 0;
+        kernel_seen = c >= 0 && read(c, &k, 1) == 1 && k == 'k';
+        close(c);
+        continue;
+      }
+      if (fd == l) {
+        for (;;) {
+          sockaddr_in peer{};
+          socklen_t pl = sizeof(peer);
+          const int c = accept4(l, reinterpret_cast<sockaddr*>(&peer), &pl, SOCK_NONBLOCK);
+          if (c < 0) {
+            if (errno != EAGAIN) Check(false, "accept4");
+            break;
+          }
+          setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+          epoll_event ce{EPOLLIN | EPOLLRDHUP, {.fd = c}};
+          epoll_ctl(ep, EPOLL_CTL_ADD, c, &ce);
+          echoed[c] = 0;
+        }
+        continue;
+      }
+      // Echo: readv what there is, writev it back (blocking briefly for room if needed).
+      for (;;) {
+        iovec iv[2] = {{buf.data(), 1000}, {buf.data() + 1000, buf.size() - 1000}};
+        const ssize_t r = readv(fd, iv, 2);
+        if (r == 0 || (r < 0 && errno != EAGAIN)) {
+          epoll_ctl(ep, EPOLL_CTL_DEL, fd, nullptr);
+          close(fd);
+          if (r == 0) ++done;  // an orderly end; a killed client ends with an error
+          echoed.erase(fd);
+          break;
+        }
+        if (r < 0) break;
+        size_t off = 0;
+        while (off < static_cast<size_t>(r)) {
+          iovec ov[1] = {{buf.data() + off, static_cast<size_t>(r) - off}};
+          const ssize_t w = writev(fd, ov, 1);
+          if (w > 0) {
+            off += w;
+          } else if (w < 0 && errno == EAGAIN) {
+            pollfd p{fd, POLLOUT, 0};
+            poll(&p, 1, 1000);
+          } else {
+            break;
+          }
+        }
+        echoed[fd] += r;
+      }
+    }
+  }
+  loop.join();
+  Check(kernel_seen, "kernel_fd_in_same_epoll");
+  close(ep);
+  close(l);
+  close(kl);
+  std::printf("server done: %d clients\n", done);
+  return g_failures;
+}
+
+int Connect(const char* ip, int port, bool* inprogress) {
+  const int s = socket(AF_INET, SOCK_STREAM, 0);
+  const int fl = fcntl(s, F_GETFL);
+  fcntl(s, F_SETFL, fl | O_NONBLOCK);
+  sockaddr_in a = Addr(ip, port);
+  const int r = connect(s, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  *inprogress = r < 0 && errno == EINPROGRESS;
+  if (r < 0 && errno != EINPROGRESS) return -1;
+  pollfd p{s, POLLOUT, 0};
+  poll(&p, 1, 3000);
+  return s;
+}
+
+int Client(const char* ip, int port, uint64_t bytes) {
+  bool inprogress = false;
+  const int s = Connect(ip, port, &inprogress);
+  Check(s >= 0 && inprogress, "nonblocking_connect_einprogress");
+  int err = -1;
+  socklen_t el = sizeof(err);
+  Check(getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el) == 0 && err == 0, "so_error_zero");
+  Check(fcntl(s, F_GETFL) & O_NONBLOCK, "fcntl_getfl_nonblock");
+  int zero = 0;
+  Check(ioctl(s, FIONBIO, &zero) == 0 && !(fcntl(s, F_GETFL) & O_NONBLOCK), "ioctl_fionbio");
+  sockaddr_in me{}, peer{};
+  socklen_t ml = sizeof(me), pl = sizeof(peer);
+  Check(getsockname(s, reinterpret_cast<sockaddr*>(&me), &ml) == 0 && ntohs(me.sin_port) != 0,
+        "getsockname");
+  Check(
+      getpeername(s, reinterpret_cast<sockaddr*>(&peer), &pl) == 0 && ntohs(peer.sin_port) == port,
+      "getpeername");
+  int one = 1;
+  Check(setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one)) == 0, "setsockopt_nodelay");
+  int v = 0;
+  socklen_t vl = sizeof(v);
+  Check(getsockopt(s, IPPROTO_TCP, TCP_NODELAY, &v, &vl) == 0 && v == 1, "getsockopt_nodelay");
+
+  // A fork child inherits the socket: it may only close it, and the parent's stays whole.
+  const pid_t child = fork();
+  if (child == 0) {
+    close(s);
+    _exit(0);
+  }
+  int st = 0;
+  waitpid(child, &st, 0);
+  Check(WIFEXITED(st) && WEXITSTATUS(st) == 0, "fork_child_closes");
+
+  // dup: the copy is the same socket; the original number closes without ending it.
+  const int d = dup(s);
+  Check(d >= 0 && d != s, "dup");
+  close(s);
+
+  // Stream BYTES with writev from one thread, read the echo with readv/recv here, checked.
+  std::thread writer([d, bytes] {
+    std::vector<uint8_t> b(64 << 10);
+    uint64_t sent = 0;
+    while (sent < bytes) {
+      const size_t n = std::min<uint64_t>(b.size(), bytes - sent);
+      for (size_t i = 0; i < n; ++i) b[i] = Pattern(sent + i);
+      iovec iv[2] = {{b.data(), n / 2}, {b.data() + n / 2, n - n / 2}};
+      const ssize_t w = writev(d, iv, 2);
+      if (w <= 0) break;
+      sent += w;  // a partial write: the pattern resumes from `sent`
+    }
+    shutdown(d, SHUT_WR);
+  });
+  std::vector<uint8_t> buf(100 << 10);
+  uint64_t got = 0;
+  bool same = true, used_select = false, used_ppoll = false;
+  while (got < bytes) {
+    if (!used_select) {
+      fd_set r;
+      FD_ZERO(&r);
+      FD_SET(d, &r);
+      timeval tv{5, 0};
+      used_select = select(d + 1, &r, nullptr, nullptr, &tv) == 1 && FD_ISSET(d, &r);
+      Check(used_select, "select_readable");
+    } else if (!used_ppoll) {
+      pollfd p{d, POLLIN, 0};
+      timespec ts{5, 0};
+      used_ppoll = ppoll(&p, 1, &ts, nullptr) == 1 && (p.revents & POLLIN);
+      Check(used_ppoll, "ppoll_readable");
+      int avail = -1;
+      Check(ioctl(d, FIONREAD, &avail) == 0 && avail > 0, "ioctl_fionread");
+    }
+    iovec iv[2] = {{buf.data(), 777}, {buf.data() + 777, buf.size() - 777}};
+    const ssize_t r = got % 2 ? readv(d, iv, 2) : recv(d, buf.data(), buf.size(), 0);
+    if (r <= 0) break;
+    for (ssize_t i = 0; i < r && same; ++i) same = buf[i] == Pattern(got + i);
+    got += r;
+  }
+  writer.join();
+  Check(got == bytes && same, "echo_every_byte_in_order",
+        std::to_string(got) + " of " + std::to_string(bytes));
+  char c;
+  Check(read(d, &c, 1) == 0, "end_of_stream_after_shutdown");
+  Check(close(d) == 0, "close");
+  char b2[4];
+  Check(read(d, b2, 1) < 0 && errno == EBADF, "closed_fd_is_ebadf");
+  return g_failures;
+}
+
+int Hang(const char* ip, int port) {
+  const int s = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a = Addr(ip, port);
+  if (connect(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) return 1;
+  std::vector<uint8_t> b(300000, 1);
+  (void)!write(s, b.data(), b.size());
+  std::printf("hanging\n");
+  std::fflush(stdout);
+  sleep(60);
+  return 0;
+}
+
+int Refused(const char* ip, int port) {
+  bool inprogress = false;
+  const int s = Connect(ip, port, &inprogress);
+  int err = 0;
+  socklen_t el = sizeof(err);
+  if (s >= 0) getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el);
+  Check((s >= 0 && err == ECONNREFUSED) || (s < 0 && errno == ECONNREFUSED), "refused",
+        "SO_ERROR " + std::to_string(err));
+  if (s >= 0) close(s);
+  return g_failures;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 4) {
+    std::fprintf(stderr, "usage: socket_calls server|client|hang|refused IP PORT [N]\n");
+    return 2;
+  }
+  const std::string mode = argv[1];
+  const int port = std::atoi(argv[3]);
+  if (mode == "server" && argc == 5) return Server(argv[2], port, std::atoi(argv[4]));
+  if (mode == "client" && argc == 5) return Client(argv[2], port, std::strtoull(argv[4], 0, 10));
+  if (mode == "hang") return Hang(argv[2], port);
+  if (mode == "refused") return Refused(argv[2], port);
+  std::fprintf(stderr, "usage: socket_calls server|client|hang|refused IP PORT [N]\n");
+  return 2;
+}

@@ -1,0 +1,244 @@
+// Unmodified programs over NetChannel: netchrun + libnetch_preload.so between the test hosts.
+// An ordinary socket program (test/support/socket_calls.cc, libc only) checks the socket calls
+// against a long-running server that outlives successive, killed and refused clients; Redis
+// (Debian's redis-server, redis-benchmark, redis-cli) is the acceptance test.
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <fstream>
+#include <random>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "gtest/gtest.h"
+#include "test/support/privilege.h"
+#include "test/support/testhosts.h"
+
+namespace netch {
+namespace {
+
+using testing::TestHosts;
+
+const std::string kBin = NETCH_BINARY_DIR;
+
+#if defined(__SANITIZE_ADDRESS__)
+// The library is built with AddressSanitizer: its runtime must be loaded first (netchrun keeps
+// a sanitizer runtime found in LD_PRELOAD in front of the library), and the programs it is
+// preloaded into were not built with it.
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+
+std::string Netchrun(const std::string& ns, const std::string& dev) {
+  std::string env;
+  if (kSanitized) {
+    env =
+        "env LD_PRELOAD=$(gcc -print-file-name=libasan.so) "
+        "ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0 ";
+  }
+  return absl::StrFormat("ip netns exec %s %s%s/preload/netchrun --dev %s --", ns, env, kBin, dev);
+}
+
+// Runs a command to completion; returns its exit status, stdout (and stderr) in *out.
+int Shell(const std::string& cmd, std::string* out) {
+  out->clear();
+  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
+  if (!p) return -1;
+  char buf[4096];
+  while (size_t n = fread(buf, 1, sizeof(buf), p)) out->append(buf, n);
+  const int st = pclose(p);
+  return WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+}
+
+// A background command whose stdout+stderr go to a file; Wait() returns its exit status.
+class Background {
+ public:
+  Background(const std::string& cmd, const std::string& log) : log_(log) {
+    pid_ = fork();
+    if (pid_ == 0) {
+      setpgid(0, 0);
+      execl("/bin/sh", "sh", "-c", ("exec " + cmd + " > " + log + " 2>&1").c_str(), nullptr);
+      _exit(127);
+    }
+  }
+  ~Background() {
+    if (pid_ > 0) {
+      kill(-pid_, SIGKILL);
+      waitpid(pid_, nullptr, 0);
+    }
+  }
+  std::string Output() const {
+    std::ifstream f(log_);
+    return std::string(std::istreambuf_iterator<char>(f), {});
+  }
+  // Waits until the output contains `what` (or the process ended, or the time is up).
+  bool WaitFor(const std::string& what, int seconds) const {
+    for (int i = 0; i < seconds * 20; ++i) {
+      if (absl::StrContains(Output(), what)) return true;
+      if (waitpid(pid_, nullptr, WNOHANG) == pid_) return absl::StrContains(Output(), what);
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+  void Signal(int sig) { kill(pid_, sig); }
+  int Wait(int seconds) {
+    for (int i = 0; i < seconds * 20; ++i) {
+      int st = 0;
+      if (waitpid(pid_, &st, WNOHANG) == pid_) {
+        pid_ = -1;
+        return WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return -1;
+  }
+
+ private:
+  std::string log_;
+  pid_t pid_ = -1;
+};
+
+class PreloadTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    NETCH_REQUIRE_ROOT();
+    ASSERT_TRUE(hosts_.Up(testing::StackHostsOptions()).ok());
+  }
+  std::string A() const { return Netchrun(hosts_.ns_a(), TestHosts::kDevA); }
+  std::string B() const { return Netchrun(hosts_.ns_b(), TestHosts::kDevB); }
+  TestHosts hosts_;
+};
+
+TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClients) {
+  const std::string prog = kBin + "/test/socket_calls";
+  // Three orderly clients end the server; a killed one in between must not.
+  Background server(B() + " " + prog + " server 198.18.0.2 7000 3", "/tmp/netch-preload-srv.log");
+  ASSERT_TRUE(server.WaitFor("ready", 20)) << server.Output();
+  std::string out;
+  EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " client 198.18.0.2 7000 50000000", &out), 0)
+      << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok echo_every_byte_in_order")) << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok fork_child_closes")) << out;
+  {
+    Background hang(A() + " " + prog + " hang 198.18.0.2 7000", "/tmp/netch-preload-hang.log");
+    ASSERT_TRUE(hang.WaitFor("hanging", 20)) << hang.Output();
+    hang.Signal(SIGKILL);  // dies holding a connection with bytes in flight
+    hang.Wait(10);
+  }
+  EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " refused 198.18.0.2 7001", &out), 0) << out;
+  EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " client 198.18.0.2 7000 1000000", &out), 0)
+      << out;
+  EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " client 198.18.0.2 7000 10000000", &out), 0)
+      << out;
+  EXPECT_EQ(server.Wait(30), 0) << server.Output();
+  EXPECT_TRUE(absl::StrContains(server.Output(), "ok kernel_fd_in_same_epoll")) << server.Output();
+  EXPECT_TRUE(absl::StrContains(server.Output(), "server done: 3 clients")) << server.Output();
+}
+
+TEST_F(PreloadTest, ProgramsThatDoNotTouchTheInterfaceStayOnTheKernel) {
+  // Loopback TCP under netchrun: no NetChannel stack is even created (no XDP program).
+  std::string out;
+  const std::string prog = kBin + "/test/socket_calls";
+  Background server(B() + " " + prog + " server 127.0.0.1 7100 1", "/tmp/netch-preload-lo.log");
+  ASSERT_TRUE(server.WaitFor("ready", 20)) << server.Output();
+  EXPECT_EQ(Shell("timeout 60 " + B() + " " + prog + " client 127.0.0.1 7100 100000", &out), 0)
+      << out;
+  EXPECT_EQ(server.Wait(30), 0) << server.Output();
+  EXPECT_EQ(Shell("ip -n " + hosts_.ns_b() + " link show nc-b", &out), 0);
+  EXPECT_FALSE(absl::StrContains(out, "xdp")) << out;
+}
+
+// The acceptance: Redis under netchrun on both hosts.
+TEST_F(PreloadTest, RedisBenchmarkAndALargeValueOverNetChannel) {
+  std::string out;
+  for (const char* tool : {"redis-server", "redis-benchmark", "redis-cli"})
+    ASSERT_EQ(Shell(std::string("command -v ") + tool, &out), 0)
+        << tool << " is not installed: scripts/install-deps installs redis-server and redis-tools";
+  char dir[] = "/tmp/netch-redis-XXXXXX";
+  ASSERT_NE(mkdtemp(dir), nullptr);
+  Background server(B() + " redis-server --bind 198.18.0.2 --port 6379 --protected-mode no " +
+                        "--save '' --appendonly no --dir " + dir,
+                    std::string(dir) + "/server.log");
+  ASSERT_TRUE(server.WaitFor("Ready to accept connections", 20)) << server.Output();
+  const std::string cli = "timeout 60 " + A() + " redis-cli -h 198.18.0.2 ";
+  ASSERT_EQ(Shell(cli + "ping", &out), 0) << out;
+  ASSERT_TRUE(absl::StrContains(out, "PONG")) << out;
+
+  const std::string tests = "set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,spop,lrange_100,mset";
+  const int n = kSanitized ? 20000 : 100000;
+  for (const std::string pipeline : {"1", "16"}) {
+    ASSERT_EQ(Shell(absl::StrFormat("timeout 240 %s redis-benchmark -h 198.18.0.2 -q -c 50 -n %d "
+                                    "-P %s -t %s",
+                                    A(), n, pipeline, tests),
+                    &out),
+              0)
+        << out;
+    // One result line per test (LRANGE adds its LPUSH fill), and no error from the server.
+    int results = 0;
+    for (absl::string_view line : absl::StrSplit(out, absl::ByAnyChar("\r\n")))
+      results += absl::StrContains(line, "requests per second");
+    EXPECT_EQ(results, 13) << out;
+    EXPECT_FALSE(absl::StrContains(out, "ERR")) << out;
+  }
+  // Every INCR of both runs was applied exactly once.
+  ASSERT_EQ(Shell(cli + "get counter:__rand_int__", &out), 0) << out;
+  EXPECT_EQ(out, absl::StrFormat("%d\n", 2 * n));
+
+  // A 10 MB value set and read back intact.
+  const std::string value_file = std::string(dir) + "/value";
+  {
+    std::mt19937 rng(7);
+    std::string v(10 << 20, 'x');
+    for (char& c : v) c = static_cast<char>('a' + rng() % 26);
+    std::ofstream(value_file) << v;
+  }
+  ASSERT_EQ(Shell(cli + "-x set big < " + value_file, &out), 0) << out;
+  ASSERT_EQ(Shell(cli + "--raw get big > " + value_file + ".back", &out), 0) << out;
+  ASSERT_EQ(Shell("head -c 10485760 " + value_file + ".back | cmp - " + value_file, &out), 0)
+      << out;
+
+  // A fork for persistence (BGSAVE) leaves the server's sockets whole.
+  ASSERT_EQ(Shell(cli + "bgsave", &out), 0) << out;
+  for (int i = 0; i < 100; ++i) {
+    Shell(cli + "info persistence", &out);
+    if (absl::StrContains(out, "rdb_bgsave_in_progress:0")) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(absl::StrContains(out, "rdb_last_bgsave_status:ok")) << out;
+
+  // netchctl sees Redis's connections: one client parked in a blocking pop.
+  {
+    Background parked(cli + "blpop nosuchlist 3", std::string(dir) + "/parked.log");
+    std::string socks;
+    for (int i = 0; i < 40; ++i) {
+      Shell("ip netns exec " + hosts_.ns_b() + " " + kBin + "/ctl/netchctl --instance netchrun " +
+                "sockets",
+            &socks);
+      if (absl::StrContains(socks, "6379") && absl::StrContains(socks, "198.18.0.1")) break;
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    EXPECT_TRUE(absl::StrContains(socks, "198.18.0.1")) << socks;
+    parked.Wait(10);
+  }
+  ASSERT_EQ(Shell(cli + "ping", &out), 0) << out;
+  EXPECT_TRUE(absl::StrContains(out, "PONG")) << "still serving afterwards: " << out;
+
+  // SIGTERM: Redis shuts down through exit(); the library detaches its XDP program.
+  server.Signal(SIGTERM);
+  EXPECT_EQ(server.Wait(20), 0) << server.Output();
+  EXPECT_EQ(Shell("ip -n " + hosts_.ns_b() + " link show nc-b", &out), 0);
+  EXPECT_FALSE(absl::StrContains(out, "xdp")) << out;
+  Shell(std::string("rm -rf ") + dir, &out);
+}
+
+}  // namespace
+}  // namespace netch
