@@ -23,7 +23,7 @@ std::string FindLibrary(const std::string& given) {
   const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
   if (!ec) {
     for (const auto& cand : {self.parent_path() / "libnetch_preload.so",
-                             self.parent_path() / "../lib/libnetch_preload.so"}) {
+                             self.parent_path() / ".." / NETCH_LIBDIR / "libnetch_preload.so"}) {
       if (std::filesystem::exists(cand)) return std::filesystem::weakly_canonical(cand).string();
     }
   }

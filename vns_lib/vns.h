@@ -197,6 +197,9 @@ class Stack {
                                  const std::vector<std::pair<std::string, std::string>>& knobs) = 0;
 };
 
+// The library's version ("0.1.0"); libnetchannel.so only.
+const char* Version();
+
 // The errno a socket user would see for `s` (0 for OK; EIO when the status carries none).
 int Errno(const absl::Status& s);
 
