@@ -1,0 +1,82 @@
+// Which sockets netchrun routes over NetChannel, and how bad NETCH_* values are reported.
+#include <map>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "gtest/gtest.h"
+#include "preload/preload.h"
+
+namespace netch::preload {
+namespace {
+
+std::map<std::string, std::string> g_env;
+const char* FakeEnv(const char* k) {
+  auto it = g_env.find(k);
+  return it == g_env.end() ? nullptr : it->second.c_str();
+}
+
+Config Iface() {
+  Config c;
+  c.local_ip = 0xC6120002;  // 198.18.0.2/24
+  c.netmask = 0xFFFFFF00;
+  return c;
+}
+
+TEST(PreloadConfigTest, ConnectsToTheInterfaceSubnetOnlyAndNeverLoopback) {
+  Config c = Iface();
+  EXPECT_TRUE(c.RoutesPeer(0xC6120001, 6379));
+  EXPECT_FALSE(c.RoutesPeer(0xC6120002, 6379)) << "ourselves: the kernel's loopback path";
+  EXPECT_FALSE(c.RoutesPeer(0xC6130001, 6379)) << "another subnet";
+  EXPECT_FALSE(c.RoutesPeer(0x7F000001, 6379));
+  c.route = Route::kAll;
+  EXPECT_TRUE(c.RoutesPeer(0xC6130001, 6379));
+  EXPECT_FALSE(c.RoutesPeer(0x7F000001, 6379)) << "loopback never, even with route=all";
+  c.route = Route::kNone;
+  EXPECT_FALSE(c.RoutesPeer(0xC6120001, 6379));
+}
+
+TEST(PreloadConfigTest, ListensOnTheInterfaceAddressOrAnyAndPortsNarrowBoth) {
+  Config c = Iface();
+  EXPECT_TRUE(c.RoutesListen(0xC6120002, 80));
+  EXPECT_TRUE(c.RoutesListen(0, 80)) << "0.0.0.0 listens on NetChannel";
+  EXPECT_FALSE(c.RoutesListen(0x7F000001, 80));
+  EXPECT_FALSE(c.RoutesListen(0xC6120002, 0)) << "an ephemeral bind is no listener";
+  c.ports = {6379};
+  EXPECT_TRUE(c.RoutesListen(0xC6120002, 6379));
+  EXPECT_FALSE(c.RoutesListen(0xC6120002, 80));
+  EXPECT_TRUE(c.RoutesPeer(0xC6120001, 6379));
+  EXPECT_FALSE(c.RoutesPeer(0xC6120001, 80));
+}
+
+TEST(PreloadConfigTest, BadVariablesNameThemselves) {
+  for (const auto& [k, v] :
+       std::vector<std::pair<std::string, std::string>>{{"NETCH_PORTS", "6379,x"},
+                                                        {"NETCH_PORTS", "70000"},
+                                                        {"NETCH_ROUTE", "some"},
+                                                        {"NETCH_ENGINES", "0"},
+                                                        {"NETCH_DRIVER", "dpdk"},
+                                                        {"NETCH_TX", "rdma"},
+                                                        {"NETCH_LINGER_MS", "-1"}}) {
+    g_env = {{"NETCH_ROUTE", "none"}};
+    g_env[k] = v;
+    auto c = Config::FromEnv(&FakeEnv);
+    ASSERT_FALSE(c.ok()) << k << "=" << v;
+    EXPECT_NE(c.status().message().find(k), std::string::npos) << c.status();
+  }
+  g_env = {{"NETCH_ROUTE", "none"}, {"NETCH_PORTS", "6379,8080"}, {"NETCH_CHANNELS", "4"}};
+  auto c = Config::FromEnv(&FakeEnv);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->ports, (std::vector<uint16_t>{6379, 8080}));
+  EXPECT_EQ(c->channels, 4);
+}
+
+TEST(PreloadConfigTest, ANamedInterfaceWithoutAnAddressIsAnError) {
+  g_env = {{"NETCH_DEV", "no-such-if0"}};
+  auto c = Config::FromEnv(&FakeEnv);
+  ASSERT_FALSE(c.ok());
+  EXPECT_NE(c.status().message().find("no-such-if0"), std::string::npos) << c.status();
+}
+
+}  // namespace
+}  // namespace netch::preload
