@@ -165,13 +165,17 @@ TEST_F(PreloadTest, RedisBenchmarkAndALargeValueOverNetChannel) {
         << tool << " is not installed: scripts/install-deps installs redis-server and redis-tools";
   char dir[] = "/tmp/netch-redis-XXXXXX";
   ASSERT_NE(mkdtemp(dir), nullptr);
-  Background server(B() + " redis-server --bind 198.18.0.2 --port 6379 --protected-mode no " +
-                        "--save '' --appendonly no --dir " + dir,
+  // Two listeners: the interface's address over NetChannel, loopback on the kernel.
+  Background server(B() + " redis-server --bind 198.18.0.2 127.0.0.1 --port 6379 " +
+                        "--protected-mode no " + "--save '' --appendonly no --dir " + dir,
                     std::string(dir) + "/server.log");
   ASSERT_TRUE(server.WaitFor("Ready to accept connections", 20)) << server.Output();
   const std::string cli = "timeout 60 " + A() + " redis-cli -h 198.18.0.2 ";
   ASSERT_EQ(Shell(cli + "ping", &out), 0) << out;
   ASSERT_TRUE(absl::StrContains(out, "PONG")) << out;
+  ASSERT_EQ(Shell("ip netns exec " + hosts_.ns_b() + " redis-cli -h 127.0.0.1 ping", &out), 0)
+      << out;
+  EXPECT_TRUE(absl::StrContains(out, "PONG")) << "the loopback listener stays on the kernel";
 
   const std::string tests = "set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,spop,lrange_100,mset";
   const int n = kSanitized ? 20000 : 100000;
