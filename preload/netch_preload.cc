@@ -16,6 +16,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/select.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -656,6 +657,52 @@ int close(int fd) {
   if (Kind(fd) == 0) return REAL(close)(fd);
   Forget(fd);
   return REAL(close)(fd);
+}
+
+// close_range(2) closes numbers behind our back: forget the virtual ones in the range first.
+int close_range(unsigned first, unsigned last, int flags) noexcept {
+  if (!(flags & CLOSE_RANGE_CLOEXEC))
+    for (unsigned fd = first; fd <= last && fd < static_cast<unsigned>(kMaxFd); ++fd)
+      if (Kind(static_cast<int>(fd)) != 0) Forget(static_cast<int>(fd));
+  return REAL(close_range)(first, last, flags);
+}
+
+// sendfile to a virtual socket: read the file in 64 KiB pieces and send them (one copy more
+// than the kernel's zero-copy path; correct, not fast).
+static ssize_t SendFileImpl(int out, int in, off64_t* offset, size_t count) {
+  auto e = Virt(out);
+  if (!e || g_child.load()) return Fail(EBADF);
+  thread_local std::vector<uint8_t> buf(64 << 10);
+  size_t total = 0;
+  while (total < count) {
+    const size_t want = std::min(buf.size(), count - total);
+    const ssize_t r =
+        offset ? pread64(in, buf.data(), want, *offset) : REAL(read)(in, buf.data(), want);
+    if (r < 0) return total > 0 ? static_cast<ssize_t>(total) : -1;
+    if (r == 0) break;
+    const ssize_t w = VSend(*e, buf.data(), static_cast<size_t>(r), 0);
+    if (w < 0) return total > 0 ? static_cast<ssize_t>(total) : -1;
+    total += static_cast<size_t>(w);
+    if (offset)
+      *offset += w;
+    else if (w < r)
+      lseek64(in, w - r, SEEK_CUR);  // give back what the socket did not take
+    if (w < r) break;
+  }
+  return static_cast<ssize_t>(total);
+}
+
+ssize_t sendfile(int out, int in, off_t* offset, size_t count) noexcept {
+  if (!(Kind(out) & kVirtual)) return REAL(sendfile)(out, in, offset, count);
+  off64_t o = offset ? *offset : 0;
+  const ssize_t r = SendFileImpl(out, in, offset ? &o : nullptr, count);
+  if (offset) *offset = static_cast<off_t>(o);
+  return r;
+}
+
+ssize_t sendfile64(int out, int in, off64_t* offset, size_t count) noexcept {
+  if (!(Kind(out) & kVirtual)) return REAL(sendfile64)(out, in, offset, count);
+  return SendFileImpl(out, in, offset, count);
 }
 
 int shutdown(int fd, int how) noexcept {

@@ -17,6 +17,7 @@
 #include <sys/epoll.h>
 #include <sys/ioctl.h>
 #include <sys/select.h>
+#include <sys/sendfile.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <sys/wait.h>
@@ -214,9 +215,24 @@ int Client(const char* ip, int port, uint64_t bytes) {
   close(s);
 
   // Stream BYTES with writev from one thread, read the echo with readv/recv here, checked.
-  std::thread writer([d, bytes] {
+  // The first 200 KB leave by sendfile(2) from a file holding the pattern's start.
+  uint64_t from_file = std::min<uint64_t>(bytes, 200000);
+  char path[] = "/tmp/socket_calls-XXXXXX";
+  const int file = mkstemp(path);
+  unlink(path);
+  {
+    std::vector<uint8_t> head(from_file);
+    for (uint64_t i = 0; i < from_file; ++i) head[i] = Pattern(i);
+    (void)!write(file, head.data(), head.size());
+  }
+  std::thread writer([d, bytes, file, from_file] {
+    off_t off = 0;
+    while (static_cast<uint64_t>(off) < from_file)
+      if (sendfile(d, file, &off, from_file - off) <= 0) break;
+    Check(static_cast<uint64_t>(off) == from_file, "sendfile");
+    close(file);
     std::vector<uint8_t> b(64 << 10);
-    uint64_t sent = 0;
+    uint64_t sent = off;
     while (sent < bytes) {
       const size_t n = std::min<uint64_t>(b.size(), bytes - sent);
       for (size_t i = 0; i < n; ++i) b[i] = Pattern(sent + i);
