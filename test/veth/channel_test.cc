@@ -56,11 +56,13 @@ class ChannelHostsTest : public ::testing::Test {
     o.netns = ns;
     o.ifname = dev;
     o.engines = 2;
-    o.dead_peer_timeout = absl::Seconds(1);
+    o.dead_peer_timeout = dead_peer_timeout_;
     o.congestion = congestion_;
     o.tx = UdpTx() ? "udp" : "afxdp";
     return o;
   }
+
+  absl::Duration dead_peer_timeout_ = absl::Seconds(1);
 
   void Open() {
     auto a = tools::OpenChanHost(Driver(), Opts(hosts_.ns_a(), TestHosts::kDevA));
@@ -195,6 +197,10 @@ TEST_P(ChannelTest, FourChannelsMove512MiBIntact) {
 }
 
 TEST_P(ChannelTest, TwoPercentDropStillDeliversEveryByte) {
+  // Kernel TCP backs its RTO off exponentially (0.2, 0.4, 0.8 s ...): under 2% loss each way a
+  // 1 s TCP_USER_TIMEOUT now and then kills a healthy connection (seen once in ~20 runs), so the
+  // kernel-TCP driver gets the timeout its transport needs; ours retransmits on its own RTO.
+  if (!Afxdp()) dead_peer_timeout_ = absl::Seconds(5);
   Open();
   SetDrop(20'000);
   for (int channels : {1, 4}) {
