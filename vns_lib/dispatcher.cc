@@ -83,7 +83,11 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
   }
   auto c = Lookup(key);
   if (!c) {
-    if (h.type != NC_RST) Rst(ch, h);
+    // Data (or a handshake answer) for a connection that is gone: the sender must learn it. A
+    // window update or FIN is what a peer sends while we close (its reads after our FIN, its own
+    // FIN crossing ours): answering those with RST would turn its clean end of stream into a
+    // reset, as TCP's TIME_WAIT exists to avoid.
+    if (h.type == NC_DATA || h.type == NC_SYN_ACK) Rst(ch, h);
     release();
     return true;
   }

@@ -215,6 +215,34 @@ TEST_F(VnsStackTest, WriteReadinessClearsOnAFullWindowAndReturnsWhenTheReaderRea
   EXPECT_TRUE((*c)->Send(chunk).ok());
 }
 
+TEST_F(VnsStackTest, AReaderStillReadingAfterThePeerClosedGetsEndOfStreamNotAReset) {
+  // The reader's window updates reach a peer that has closed: they must not be answered with
+  // RST (its reads would end in ECONNRESET instead of end of stream).
+  auto l = b_->Listen(85);
+  ASSERT_TRUE(l.ok());
+  SocketOptions small;
+  small.rcvbuf = 64 << 10;
+  auto c = a_->Connect(kB, 85, small);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  std::thread writer([&] {
+    std::vector<uint8_t> data(512 << 10, 9);
+    EXPECT_TRUE((*s)->Send(data).ok());
+    EXPECT_TRUE((*s)->Close().ok());
+  });
+  std::vector<uint8_t> buf(8 << 10);
+  size_t got = 0;
+  absl::StatusOr<size_t> n;
+  while ((n = (*c)->Recv(buf)).ok() && *n > 0) {
+    got += *n;
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  }
+  writer.join();
+  EXPECT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(got, 512u << 10);
+}
+
 TEST_F(VnsStackTest, APeerThatClosesGivesEndOfStreamNotAnError) {
   auto l = b_->Listen(86);
   auto c = a_->Connect(kB, 86);
