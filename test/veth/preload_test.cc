@@ -63,6 +63,8 @@ int Shell(const std::string& cmd, std::string* out) {
 class Background {
  public:
   Background(const std::string& cmd, const std::string& log) : log_(log) {
+    // A log left by an earlier run would satisfy WaitFor before this command even started.
+    unlink(log.c_str());
     pid_ = fork();
     if (pid_ == 0) {
       setpgid(0, 0);
