@@ -2,7 +2,9 @@
 
 #include <algorithm>
 
+#include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/registry.h"
 
@@ -169,6 +171,56 @@ NamedRegistry<PolicyFactory>& Reg() {
 
 }  // namespace
 
+bool NetScheduler::IsCopyKnob(std::string_view key) {
+  return key == "inline_copy_bytes" || key == "copy_chunk_bytes" ||
+         key == "skip_worker_queued_bytes";
+}
+
+Knobs NetScheduler::CopyKnobs() const {
+  return {{"inline_copy_bytes", std::to_string(inline_copy_bytes_.load())},
+          {"copy_chunk_bytes", std::to_string(copy_chunk_bytes_.load())},
+          {"skip_worker_queued_bytes", std::to_string(skip_worker_queued_bytes_.load())}};
+}
+
+Knobs NetScheduler::AllKnobs() const {
+  Knobs k = GetKnobs();
+  for (auto& c : CopyKnobs()) k.push_back(std::move(c));
+  return k;
+}
+
+absl::Status NetScheduler::SetAnyKnob(std::string_view key, std::string_view value) {
+  if (!IsCopyKnob(key)) {
+    auto st = SetKnob(key, value);
+    if (absl::IsInvalidArgument(st) && absl::StrContains(st.message(), "has no knob"))
+      return absl::InvalidArgumentError(
+          absl::StrCat(st.message(),
+                       "; every policy: inline_copy_bytes, copy_chunk_bytes, "
+                       "skip_worker_queued_bytes"));
+    return st;
+  }
+  uint64_t v;
+  if (!absl::SimpleAtoi(absl::string_view(value.data(), value.size()), &v))
+    return absl::InvalidArgumentError(
+        absl::StrFormat("%s must be a non-negative integer, not '%s'", key, value));
+  if (key == "copy_chunk_bytes") {
+    if (v < 4096 || v > (64u << 20))
+      return absl::InvalidArgumentError("copy_chunk_bytes must be 4096..67108864");
+    copy_chunk_bytes_.store(v, std::memory_order_relaxed);
+  } else if (key == "inline_copy_bytes") {
+    inline_copy_bytes_.store(v, std::memory_order_relaxed);
+  } else {
+    skip_worker_queued_bytes_.store(v, std::memory_order_relaxed);
+  }
+  return absl::OkStatus();
+}
+
+CopyPlan NetScheduler::PlanCopy(size_t bytes, int workers, uint64_t workers_queued_bytes) const {
+  if (workers <= 0 || bytes < inline_copy_bytes_.load(std::memory_order_relaxed) ||
+      workers_queued_bytes > skip_worker_queued_bytes_.load(std::memory_order_relaxed))
+    return {};
+  return {true, static_cast<size_t>(copy_chunk_bytes_.load(std::memory_order_relaxed))};
+}
+
 absl::Status RegisterPolicy(const std::string& name, PolicyFactory factory) {
   return Reg().Register(name, std::move(factory));
 }
@@ -179,7 +231,7 @@ absl::StatusOr<std::unique_ptr<NetScheduler>> CreatePolicy(const std::string& na
   if (!f.ok()) return absl::InvalidArgumentError(f.status().message());  // a user's typo
   auto p = (*f)();
   for (const auto& [k, v] : knobs)
-    if (auto st = p->SetKnob(k, v); !st.ok()) return st;
+    if (auto st = p->SetAnyKnob(k, v); !st.ok()) return st;
   return p;
 }
 

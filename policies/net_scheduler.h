@@ -13,8 +13,12 @@
 // channel with the fewest queued bytes), "one-per-socket" (the kernel-like baseline: a socket
 // always uses one channel, chosen from its id). A new policy is one more RegisterPolicy call.
 //
-// Still to come behind this interface (the NetScheduler issue): copy plans, channels per peer and
-// class, placement of channels and copy workers, L-app/T-app isolation, scaling, HoL resolution.
+// Every policy also makes the copy plan (§3.3.3's third task): whether one Send/Recv copy is
+// split into chunks shared with the copy workers, and how large they are (PlanCopy, with the
+// copy knobs every policy has: inline_copy_bytes, copy_chunk_bytes, skip_worker_queued_bytes).
+//
+// Still to come behind this interface (the NetScheduler issue): channels per peer and class,
+// placement of channels and copy workers, scaling, HoL resolution.
 #pragma once
 
 #include <atomic>
@@ -48,6 +52,12 @@ struct SocketRef {
 
 using Knobs = std::vector<std::pair<std::string, std::string>>;
 
+// How one copy between the application's buffer and stack buffers runs.
+struct CopyPlan {
+  bool parallel = false;  // split into chunks that the caller and the copy workers share
+  size_t chunk_bytes = 0;
+};
+
 class NetScheduler {
  public:
   static constexpr size_t kWait = static_cast<size_t>(-1);
@@ -65,15 +75,30 @@ class NetScheduler {
   virtual size_t PickChannel(const SocketRef& s, std::span<const ChannelLoad> chans,
                              uint64_t* cursor) const = 0;
 
-  // Typed knobs, validated when set. Knobs() lists every knob with its current value.
+  // The policy's own typed knobs, validated when set, with their current values.
   virtual Knobs GetKnobs() const = 0;
   virtual absl::Status SetKnob(std::string_view key, std::string_view value) = 0;
+  // Its own knobs and the copy knobs; a key may name either.
+  Knobs AllKnobs() const;
+  absl::Status SetAnyKnob(std::string_view key, std::string_view value);
+  static bool IsCopyKnob(std::string_view key);
+  Knobs CopyKnobs() const;
+
+  // The copy plan for `bytes` (the paper's rules, as knobs): below inline_copy_bytes, or with no
+  // copy workers, on the caller's thread; otherwise chunks of copy_chunk_bytes shared with the
+  // workers — unless they already have more than skip_worker_queued_bytes (640 KiB) to copy, when
+  // queueing behind others would be slower than copying alone. Cheap: three relaxed loads.
+  CopyPlan PlanCopy(size_t bytes, int workers, uint64_t workers_queued_bytes) const;
 
   // Decisions that passed over a channel for its load (a policy's own measure; metrics).
   uint64_t skips() const { return skips_.load(std::memory_order_relaxed); }
 
  protected:
   mutable std::atomic<uint64_t> skips_{0};
+
+ private:
+  std::atomic<uint64_t> inline_copy_bytes_{256 << 10}, copy_chunk_bytes_{256 << 10},
+      skip_worker_queued_bytes_{640 << 10};
 };
 
 using PolicyFactory = std::function<std::unique_ptr<NetScheduler>()>;

@@ -72,8 +72,14 @@ void CopyWorkers::Loop(int index) {
   }
 }
 
-void CopyWorkers::ParallelFor(size_t n, const std::function<void(size_t)>& fn) {
+void CopyWorkers::ParallelFor(size_t n, const std::function<void(size_t)>& fn, uint64_t bytes) {
   if (n == 0) return;
+  queued_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+  struct Done {
+    std::atomic<uint64_t>& q;
+    uint64_t b;
+    ~Done() { q.fetch_sub(b, std::memory_order_relaxed); }
+  } done{queued_bytes_, bytes};
   Job j;
   j.fn = &fn;
   j.n = n;

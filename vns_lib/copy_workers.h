@@ -33,7 +33,10 @@ class CopyWorkers {
 
   // Runs fn(i) for i in [0, n): the caller runs some of them itself, the workers the rest; returns
   // when all have finished. fn must be safe to call concurrently for different i.
-  void ParallelFor(size_t n, const std::function<void(size_t)>& fn);
+  // `bytes`: what the job copies in all, counted in queued_bytes() until it ends.
+  void ParallelFor(size_t n, const std::function<void(size_t)>& fn, uint64_t bytes = 0);
+  // Bytes of the jobs in progress: what a new job would queue behind (the copy plan's input).
+  uint64_t queued_bytes() const { return queued_bytes_.load(std::memory_order_relaxed); }
   uint64_t chunks_run() const { return chunks_run_.load(std::memory_order_relaxed); }
   // Time worker threads (not callers) spent copying.
   uint64_t busy_ns() const { return busy_ns_.load(std::memory_order_relaxed); }
@@ -56,6 +59,7 @@ class CopyWorkers {
   std::vector<std::thread> threads_;
   std::atomic<uint64_t> chunks_run_{0};
   std::atomic<uint64_t> busy_ns_{0};
+  std::atomic<uint64_t> queued_bytes_{0};
 };
 
 }  // namespace netch::vns

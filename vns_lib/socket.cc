@@ -106,6 +106,8 @@ class SocketImpl final : public VirtualSocket {
   uint64_t peer_version_ = ~0ull, map_version_ = ~0ull;
   std::shared_ptr<const sched::NetScheduler> policy_;  // send_mu_; refreshed on a version move
   uint64_t policy_version_ = ~0ull;
+  std::shared_ptr<const sched::NetScheduler> recv_policy_;  // recv_mu_: the copy plan's
+  uint64_t recv_policy_version_ = ~0ull;
   size_t rr_ = 0;
   Reassembler reasm_;
   std::vector<CopyPiece> pieces_;
@@ -319,18 +321,22 @@ absl::StatusOr<size_t> SocketImpl::SendPart(std::span<const uint8_t> data) {
   }
   if (chans_.empty() || AllDown(chans_))
     return SockError(ECONNRESET, "every channel to the peer is down");
-  const StackOptions& so = st_->opts();
   size_t sent = 0;
-  if (!nonblocking_ && st_->copy_workers() > 0 && data.size() >= so.inline_copy_bytes) {
+  const sched::CopyPlan plan =
+      policy_->PlanCopy(data.size(), st_->copy_workers(), st_->workers().queued_bytes());
+  if (!nonblocking_ && plan.parallel) {
     // Chunks copied in parallel, each on the next channel; the receiver orders by offset.
-    const auto chunks = SplitChunks(data.size(), so.chunk_bytes);
+    const auto chunks = SplitChunks(data.size(), plan.chunk_bytes);
     std::vector<absl::Status> errs(chunks.size());
     const size_t rr = rr_;
-    st_->workers().ParallelFor(chunks.size(), [&](size_t i) {
-      auto r = SendRange(data.data() + chunks[i].first, chunks[i].second,
-                         snd_next_ + chunks[i].first, rr + i, /*parallel=*/true);
-      if (!r.ok()) errs[i] = r.status();
-    });
+    st_->workers().ParallelFor(
+        chunks.size(),
+        [&](size_t i) {
+          auto r = SendRange(data.data() + chunks[i].first, chunks[i].second,
+                             snd_next_ + chunks[i].first, rr + i, /*parallel=*/true);
+          if (!r.ok()) errs[i] = r.status();
+        },
+        data.size());
     rr_ += chunks.size();
     for (const auto& e : errs)
       if (!e.ok()) return e;
@@ -384,23 +390,31 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
     if (readable > 0) {
       pieces_.clear();
       const size_t n = reasm_.Take(std::min(buf.size(), readable), &pieces_, &done_);
-      const StackOptions& so = st_->opts();
-      if (st_->copy_workers() > 0 && n >= so.inline_copy_bytes) {
+      if (const uint64_t v = st_->policy_version(); v != recv_policy_version_ || !recv_policy_) {
+        recv_policy_version_ = v;
+        recv_policy_ = st_->policy();
+      }
+      const sched::CopyPlan plan =
+          recv_policy_->PlanCopy(n, st_->copy_workers(), st_->workers().queued_bytes());
+      if (plan.parallel) {
         // Split the pieces into chunks of about chunk_bytes and copy them in parallel.
         std::vector<std::pair<size_t, size_t>> ranges;  // [first piece, last piece)
         size_t start = 0, acc = 0;
         for (size_t i = 0; i < pieces_.size(); ++i) {
           acc += pieces_[i].len;
-          if (acc >= so.chunk_bytes || i + 1 == pieces_.size()) {
+          if (acc >= plan.chunk_bytes || i + 1 == pieces_.size()) {
             ranges.emplace_back(start, i + 1);
             start = i + 1;
             acc = 0;
           }
         }
-        st_->workers().ParallelFor(ranges.size(), [&](size_t r) {
-          for (size_t i = ranges[r].first; i < ranges[r].second; ++i)
-            std::memcpy(buf.data() + pieces_[i].dst_off, pieces_[i].src, pieces_[i].len);
-        });
+        st_->workers().ParallelFor(
+            ranges.size(),
+            [&](size_t r) {
+              for (size_t i = ranges[r].first; i < ranges[r].second; ++i)
+                std::memcpy(buf.data() + pieces_[i].dst_off, pieces_[i].src, pieces_[i].len);
+            },
+            n);
       } else {
         for (const CopyPiece& p : pieces_) std::memcpy(buf.data() + p.dst_off, p.src, p.len);
       }

@@ -13,7 +13,11 @@ absl::Status SockError(int err, std::string_view what) {
 }
 
 absl::Status StackImpl::Init() {
-  auto policy = sched::CreatePolicy(opts_.policy, opts_.policy_knobs);
+  // The copy plan is the policy's too: StackOptions' copy sizes are its first knobs.
+  sched::Knobs knobs = {{"inline_copy_bytes", std::to_string(opts_.inline_copy_bytes)},
+                        {"copy_chunk_bytes", std::to_string(opts_.chunk_bytes)}};
+  knobs.insert(knobs.end(), opts_.policy_knobs.begin(), opts_.policy_knobs.end());
+  auto policy = sched::CreatePolicy(opts_.policy, knobs);
   if (!policy.ok()) return policy.status();
   policy_ = std::move(*policy);
   chan::DriverOptions dopts = opts_.driver_opts;
@@ -152,15 +156,16 @@ absl::Status StackImpl::MapSocket(uint64_t id, const std::vector<uint32_t>& ids)
 
 PolicyInfo StackImpl::Policy() const {
   auto p = policy();
-  return {std::string(p->name()), p->Explain(), p->GetKnobs()};
+  return {std::string(p->name()), p->Explain(), p->AllKnobs()};
 }
 
 absl::Status StackImpl::SetPolicy(const std::string& name,
                                   const std::vector<std::pair<std::string, std::string>>& knobs) {
   // A fresh policy object, built and validated before the swap: a bad knob changes nothing.
-  // Setting the active policy again keeps its other knobs.
+  // Setting the active policy again keeps its other knobs; the copy knobs every policy has carry
+  // over to a new one.
   auto cur = policy();
-  sched::Knobs all = cur->name() == name ? cur->GetKnobs() : sched::Knobs{};
+  sched::Knobs all = cur->name() == name ? cur->AllKnobs() : cur->CopyKnobs();
   all.insert(all.end(), knobs.begin(), knobs.end());
   auto p = sched::CreatePolicy(name, all);
   if (!p.ok()) return p.status();

@@ -85,6 +85,8 @@ struct StackOptions {
   // The NetScheduler policy (policies/net_scheduler.h) and its knobs; changeable at run time.
   std::string policy = "round-robin";
   std::vector<std::pair<std::string, std::string>> policy_knobs;
+  // The copy plan's starting knobs (the policy's inline_copy_bytes and copy_chunk_bytes; the
+  // policy decides per call, and also skips the workers when they are busy):
   size_t inline_copy_bytes = 256 << 10;  // below this a Send/Recv copies on the caller's thread
   size_t chunk_bytes = 256 << 10;        // unit of work for a copy worker
   bool replace_xdp = false;  // AF_XDP: take over an interface where another XDP program is attached

@@ -124,5 +124,40 @@ TEST(PolicyRegistryTest, NamesKnobsAndErrors) {
   EXPECT_FALSE(RegisterPolicy("round-robin", nullptr).ok());
 }
 
+TEST(CopyPlanTest, ThePapersRulesDecideWhoCopies) {
+  for (const std::string& name : PolicyNames()) {
+    auto p = Make(name);
+    // Small copies, or no workers: on the caller's thread.
+    EXPECT_FALSE(p->PlanCopy(64 << 10, 4, 0).parallel) << name;
+    EXPECT_FALSE(p->PlanCopy(4 << 20, 0, 0).parallel) << name;
+    // Large ones: chunks shared with the workers...
+    const CopyPlan big = p->PlanCopy(4 << 20, 4, 0);
+    EXPECT_TRUE(big.parallel) << name;
+    EXPECT_EQ(big.chunk_bytes, 256u << 10) << name;
+    EXPECT_TRUE(p->PlanCopy(4 << 20, 4, 640 << 10).parallel) << "at the mark: still queued";
+    // ...unless the workers already hold more than 640 KiB: then the caller copies alone.
+    EXPECT_FALSE(p->PlanCopy(4 << 20, 4, (640 << 10) + 1).parallel) << name;
+  }
+}
+
+TEST(CopyPlanTest, CopyKnobsBelongToEveryPolicyAndAreValidated) {
+  auto p = Make("shortest-queue", {{"copy_chunk_bytes", "65536"},
+                                   {"inline_copy_bytes", "1000"},
+                                   {"skip_worker_queued_bytes", "0"}});
+  EXPECT_EQ(p->PlanCopy(1000, 2, 0).chunk_bytes, 65536u);
+  EXPECT_FALSE(p->PlanCopy(999, 2, 0).parallel);
+  EXPECT_FALSE(p->PlanCopy(1 << 20, 2, 1).parallel) << "any queued byte skips the workers";
+  EXPECT_EQ(p->AllKnobs(), (Knobs{{"inline_copy_bytes", "1000"},
+                                  {"copy_chunk_bytes", "65536"},
+                                  {"skip_worker_queued_bytes", "0"}}));
+  EXPECT_EQ(Make("round-robin")->AllKnobs().size(), 4u) << "its own knob and the three copy knobs";
+  EXPECT_FALSE(CreatePolicy("round-robin", {{"copy_chunk_bytes", "100"}}).ok()) << "too small";
+  EXPECT_FALSE(CreatePolicy("round-robin", {{"inline_copy_bytes", "lots"}}).ok());
+  auto bad = CreatePolicy("one-per-socket", {{"chunk", "1"}});
+  ASSERT_FALSE(bad.ok());
+  EXPECT_NE(bad.status().message().find("copy_chunk_bytes"), std::string::npos)
+      << "the error lists the copy knobs too: " << bad.status();
+}
+
 }  // namespace
 }  // namespace netch::sched

@@ -304,7 +304,9 @@ TEST_F(CtlTest, OperatorChangesARunningStackWithoutLosingAByte) {
   json pol = CtlJson("policy set round-robin skip_queued_bytes=1048576");
   EXPECT_EQ(pol["knobs"]["skip_queued_bytes"], "1048576");
   // Another policy, mid-stream, then back: the stream below must not notice.
-  EXPECT_EQ(CtlJson("policy set shortest-queue")["name"], "shortest-queue");
+  json sq = CtlJson("policy set shortest-queue copy_chunk_bytes=131072");
+  EXPECT_EQ(sq["name"], "shortest-queue");
+  EXPECT_EQ(sq["knobs"]["copy_chunk_bytes"], "131072") << "the copy plan's knobs, every policy's";
   auto [lrc, list] = Ctl("policy list");
   EXPECT_EQ(lrc, 0) << LastErr();
   EXPECT_NE(list.find("* shortest-queue"), std::string::npos) << list;
