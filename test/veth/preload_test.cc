@@ -137,6 +137,11 @@ TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClien
     hang.Wait(10);
   }
   EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " refused 198.18.0.2 7001", &out), 0) << out;
+  // A second NetChannel process on the server's host cannot own the interface too: its
+  // NetChannel sockets fail with ENETDOWN and one log line; the server is unaffected.
+  EXPECT_NE(Shell("timeout 60 " + B() + " " + prog + " refused 198.18.0.1 7001", &out), 0) << out;
+  EXPECT_TRUE(absl::StrContains(out, "Network is down")) << out;
+  EXPECT_TRUE(absl::StrContains(out, "NetChannel stack on nc-b failed")) << out;
   EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " client 198.18.0.2 7000 1000000", &out), 0)
       << out;
   EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " client 198.18.0.2 7000 10000000", &out), 0)
