@@ -109,10 +109,16 @@ struct EpollReg {
 
 std::atomic<uint8_t> g_kind[kMaxFd];
 std::atomic<std::shared_ptr<Entry>> g_slot[kMaxFd];
-std::mutex g_mu;  // g_cands, g_epolls, Entry::epolls
+// An epoll set holding virtual sockets: their registrations, under a lock of its own (the
+// thread waiting on the set takes it once per wakeup; no lock shared between epoll sets).
+struct EpollSet {
+  std::mutex mu;
+  absl::flat_hash_map<int, EpollReg> regs;  // virtual fd -> what the program registered
+};
+
+std::mutex g_mu;  // g_cands, creating g_ep entries, Entry::epolls (then EpollSet::mu)
 absl::flat_hash_map<int, Candidate>* g_cands = new absl::flat_hash_map<int, Candidate>();
-absl::flat_hash_map<int, absl::flat_hash_map<int, EpollReg>>* g_epolls =
-    new absl::flat_hash_map<int, absl::flat_hash_map<int, EpollReg>>();
+std::atomic<std::shared_ptr<EpollSet>> g_ep[kMaxFd];
 std::atomic<bool> g_child{false};  // this process is a fork child: the stack is not here
 uint32_t g_nonce = 0;              // tags our epoll registrations
 
@@ -281,7 +287,10 @@ bool Untag(uint64_t u, int* fd, int* dir) {
 void EpollUnregisterLocked(int epfd, int fd, Entry& e) {
   REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->fd(), nullptr);
   REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->write_fd(), nullptr);
-  if (auto it = g_epolls->find(epfd); it != g_epolls->end()) it->second.erase(fd);
+  if (auto set = g_ep[epfd].load()) {
+    std::lock_guard l(set->mu);
+    set->regs.erase(fd);
+  }
 }
 
 // What `close` does to our state for fd (without closing the number itself).
@@ -293,7 +302,7 @@ void Forget(int fd) {
   if (k & kVirtual) e = g_slot[fd].exchange(nullptr);
   std::lock_guard l(g_mu);
   if (k & kCandidate) g_cands->erase(fd);
-  if (k & kEpoll) g_epolls->erase(fd);
+  if (k & kEpoll) g_ep[fd].store(nullptr);
   if (e && !g_child.load()) {
     for (int epfd : e->epolls) EpollUnregisterLocked(epfd, fd, *e);
     e->epolls.clear();
@@ -1063,8 +1072,16 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
   if (g_child.load()) return Fail(EBADF);
   if (epfd < 0 || epfd >= kMaxFd) return Fail(EINVAL);
   std::lock_guard l(g_mu);
-  auto& set = (*g_epolls)[epfd];
-  const bool have = set.contains(fd);
+  auto set = g_ep[epfd].load();
+  if (!set) {
+    set = std::make_shared<EpollSet>();
+    g_ep[epfd].store(set);
+  }
+  bool have;
+  {
+    std::lock_guard sl(set->mu);
+    have = set->regs.contains(fd);
+  }
   if (op == EPOLL_CTL_DEL) {
     if (!have) return Fail(ENOENT);
     EpollUnregisterLocked(epfd, fd, *e);
@@ -1086,7 +1103,10 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
     if (REAL(epoll_ctl)(epfd, EPOLL_CTL_ADD, e->vs->write_fd(), &k) < 0 && errno != EEXIST)
       return -1;
   }
-  set[fd] = EpollReg{ev->events, ev->data};
+  {
+    std::lock_guard sl(set->mu);
+    set->regs[fd] = EpollReg{ev->events, ev->data};
+  }
   if (std::find(e->epolls.begin(), e->epolls.end(), epfd) == e->epolls.end())
     e->epolls.push_back(epfd);
   g_kind[epfd].fetch_or(kEpoll, std::memory_order_release);
@@ -1107,8 +1127,9 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
     if (rc <= 0) return rc;
     int n = 0;
     seen.clear();
-    std::lock_guard l(g_mu);
-    const auto set = g_epolls->find(epfd);
+    const auto set = g_ep[epfd].load();
+    if (!set) return Fail(EBADF);
+    std::lock_guard l(set->mu);
     for (int i = 0; i < rc; ++i) {
       int fd, dir;
       if (!Untag(buf[i].data.u64, &fd, &dir)) {
@@ -1116,9 +1137,9 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
         continue;
       }
       auto e = Virt(fd);
-      if (!e || set == g_epolls->end()) continue;
-      auto reg = set->second.find(fd);
-      if (reg == set->second.end()) continue;  // stale: unregistered meanwhile
+      if (!e) continue;
+      auto reg = set->regs.find(fd);
+      if (reg == set->regs.end()) continue;  // stale: unregistered meanwhile
       const uint32_t r =
           static_cast<uint16_t>(VRevents(*e, static_cast<short>(reg->second.events & 0xffff)));
       if (r == 0) continue;
