@@ -233,9 +233,15 @@ TEST_P(ChannelTest, StalledConsumerStopsTheSenderAndLosesNothing) {
     if (held || progress < 0.2) return;
     held = true;
     hold = true;
-    // Let the windows and buffers fill, then check that the sender has stopped.
-    usleep(500'000);
-    stalled_at = tx[0]->stats().tx_bytes;
+    // Let the windows and buffers fill (the kernel-TCP driver's socket buffers autotune and can
+    // take a while on a loaded machine: until nothing moved for 200 ms, at most 5 s), then check
+    // that the sender has stopped.
+    usleep(300'000);
+    for (int i = 0; i < 25; ++i) {
+      stalled_at = tx[0]->stats().tx_bytes;
+      usleep(200'000);
+      if (tx[0]->stats().tx_bytes == stalled_at) break;
+    }
     usleep(500'000);
     later = tx[0]->stats().tx_bytes;
     queued = tx[0]->stats().tx_queued_bytes;
