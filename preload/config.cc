@@ -65,6 +65,7 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
   if (auto st = ReadInt(env, "NETCH_CHANNELS", 1, 64, &c.channels); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_COPY_WORKERS", 0, 64, &c.copy_workers); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_LINGER_MS", 0, 600000, &c.linger_ms); !st.ok()) return st;
+  if (auto st = ReadInt(env, "NETCH_SPIN_US", 0, 100000, &c.spin_us); !st.ok()) return st;
   int flag = 0;
   if (auto st = ReadInt(env, "NETCH_REPLACE_XDP", 0, 1, &flag); !st.ok()) return st;
   c.replace_xdp = flag == 1;

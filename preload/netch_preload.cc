@@ -206,6 +206,10 @@ netch::vns::Stack* GetStack() {
   so.channels_per_peer = c->channels;
   so.copy_workers = c->copy_workers;
   so.policy = c->policy;
+  if (c->spin_us >= 0) {
+    so.recv_spin_us = so.dispatcher_spin_us = static_cast<uint64_t>(c->spin_us);
+    so.driver_opts.spin = absl::Microseconds(c->spin_us);
+  }
   auto stack = netch::vns::Stack::Create(so);
   if (!stack.ok()) return fail(stack.status());
   if (auto st = (*ctl)->Serve(stack->get()); !st.ok()) return fail(st);

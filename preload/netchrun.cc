@@ -39,7 +39,7 @@ int main(int argc, char** argv) {
       "0.0.0.0, go over NetChannel; everything else stays on the kernel. See netchrun(1).",
       "netchrun"};
   std::string dev, instance, route, ports, driver, tx, metrics, policy, lib;
-  int engines = 0, channels = 0, copy_workers = 0, linger_ms = -1;
+  int engines = 0, channels = 0, copy_workers = 0, linger_ms = -1, spin_us = -1;
   bool replace_xdp = false, verbose = false;
   std::vector<std::string> cmd;
   app.add_option("--dev", dev, "NetChannel interface (default: the only one with IPv4)");
@@ -58,6 +58,8 @@ int main(int argc, char** argv) {
   app.add_option("--metrics", metrics, "Prometheus exposer address, or off")->default_str("off");
   app.add_option("--linger-ms", linger_ms, "at exit, wait this long for unacknowledged data")
       ->check(CLI::Range(0, 600000));
+  app.add_option("--spin-us", spin_us, "idle stack threads spin this long before sleeping")
+      ->check(CLI::Range(0, 100000));
   app.add_flag("--replace-xdp", replace_xdp, "take over an interface with another XDP program");
   app.add_flag("-v,--verbose", verbose, "log each socket that goes over NetChannel");
   app.add_option("--lib", lib, "path of libnetch_preload.so");
@@ -85,6 +87,7 @@ int main(int argc, char** argv) {
   set_int("NETCH_CHANNELS", channels, 0);
   set_int("NETCH_COPY_WORKERS", copy_workers, 0);
   set_int("NETCH_LINGER_MS", linger_ms, -1);
+  set_int("NETCH_SPIN_US", spin_us, -1);
   if (replace_xdp) set("NETCH_REPLACE_XDP", "1");
   if (verbose) set("NETCH_VERBOSE", "1");
 

@@ -38,6 +38,7 @@
 //   NETCH_METRICS    host:port of the Prometheus exposer, or "off" (default)
 //   NETCH_REPLACE_XDP=1  take over an interface where another XDP program is attached
 //   NETCH_LINGER_MS  see exit() above;  NETCH_VERBOSE=1  log each socket routed over NetChannel
+//   NETCH_SPIN_US    how long idle stack threads spin before sleeping (default: the stack's 50)
 #pragma once
 
 #include <cstdint>
@@ -57,6 +58,7 @@ struct Config {
   std::vector<uint16_t> ports;  // empty: all
   int engines = 1, channels = 1, copy_workers = 0;
   int linger_ms = 2000;
+  int spin_us = -1;  // adaptive polling spin of engines, dispatcher and Recv (-1: stack defaults)
   bool replace_xdp = false, verbose = false;
   // Filled from the interface: its address and netmask (host order).
   uint32_t local_ip = 0, netmask = 0;
