@@ -139,6 +139,14 @@ class Channel {
   virtual void Release(std::span<const RxSegment> segs) = 0;
   // Sends at once what Enqueue holds open for coalescing (a writer about to wait for a reply).
   virtual void Flush() {}
+  // Scale-down: `last` becomes the final segment on this channel — after every segment enqueued
+  // before (including those being copied right now), and Enqueue takes nothing after it. False
+  // when the send queue has no room for it yet (try again later).
+  virtual bool Seal(const TxSegment& last) {
+    (void)last;
+    return false;
+  }
+  virtual bool sealed() const { return false; }
 
   // What a waiter cares about. The receive side (Dequeue) and the send side (Enqueue) have
   // separate notifications: a dispatcher draining a channel and an application filling it wait

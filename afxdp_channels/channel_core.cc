@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <thread>
 
 #include "absl/strings/str_format.h"
 
@@ -81,13 +82,14 @@ absl::StatusOr<size_t> ChannelCore::Enqueue(std::span<const TxSegment> segs) {
   while (done < segs.size()) {
     if (coalescing_ && segs[done].coalesce) {
       std::lock_guard g(producer_mu_);
-      if (!CoalesceLocked(segs[done])) break;
+      if (sealed_.load(std::memory_order_relaxed) || !CoalesceLocked(segs[done])) break;
       done++;
       continue;
     }
     uint32_t n;
     {
       std::lock_guard g(producer_mu_);
+      if (sealed_.load(std::memory_order_relaxed)) break;
       // What was held open goes first (a full-size write after small ones).
       if (open_.valid && !CommitOpenLocked()) break;
       // Both a free buffer and a txq_ slot are needed: the engine refills free_ independently of
@@ -116,6 +118,27 @@ absl::StatusOr<size_t> ChannelCore::Enqueue(std::span<const TxSegment> segs) {
   }
   if (done && task_) task_->Wake();
   return done;
+}
+
+bool ChannelCore::Seal(const TxSegment& last) {
+  std::unique_lock g(producer_mu_);
+  sealed_.store(true, std::memory_order_release);  // no new reservations from here on
+  // Producers copying outside the lock publish what they reserved first: `last` goes after.
+  for (int i = 0; txq_reserved_ > 0 && i < 100000; ++i) {
+    g.unlock();
+    std::this_thread::yield();
+    g.lock();
+  }
+  if (txq_reserved_ > 0 || (open_.valid && !CommitOpenLocked())) return false;
+  uint64_t tok;
+  if (txq_.Room() < 1 || !free_.PopOne(&tok)) return false;
+  uint8_t* p = BufAddr(tok);
+  const size_t hl = wire::WriteSegHeader(p, last.hdr, last.payload.size());
+  if (!last.payload.empty()) std::memcpy(p + hl, last.payload.data(), last.payload.size());
+  txq_.PushOne({tok, static_cast<uint32_t>(hl + last.payload.size())});
+  g.unlock();
+  if (task_) task_->Wake();
+  return true;
 }
 
 void ChannelCore::Flush() {

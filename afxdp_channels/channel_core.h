@@ -45,6 +45,8 @@ class ChannelCore : public Channel {
     return pub_.tx_queued_bytes.load(std::memory_order_relaxed);
   }
   bool writable() const override { return SideReady(1); }
+  bool Seal(const TxSegment& last) override;
+  bool sealed() const override { return sealed_.load(std::memory_order_acquire); }
   bool rx_under_pressure() const override {
     return pub_.rx_pressure.load(std::memory_order_relaxed);
   }
@@ -139,7 +141,8 @@ class ChannelCore : public Channel {
 
   // Serializes producers' ring operations. The engine only ever try_locks it (FlushOpen).
   std::mutex producer_mu_;
-  uint32_t txq_reserved_ = 0;  // txq_ slots reserved by producers copying outside the lock
+  uint32_t txq_reserved_ = 0;        // txq_ slots reserved by producers copying outside the lock
+  std::atomic<bool> sealed_{false};  // written under producer_mu_: Enqueue takes nothing more
   bool coalescing_ = false;
   struct OpenSeg {
     uint64_t token = 0;

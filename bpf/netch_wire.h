@@ -129,7 +129,8 @@ enum nc_type {
   NC_FIN = 4,     /* no more data after seq; orderly close of one direction */
   NC_RST = 5,     /* abort / no listener on dst_port */
   NC_WND = 6,     /* the receiver's window: it takes stream bytes below seq (a right edge) */
-  NC_TYPE_MAX = 6,
+  NC_DRAIN = 7,   /* channel scale-down: the sender puts nothing more on this channel (ports 0) */
+  NC_TYPE_MAX = 7,
 };
 
 /* Application class, carried explicitly in NCSYN/NCSYN_ACK (the reference implementation had to

@@ -257,6 +257,15 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
     if (auto st = stack_->MapSocket(id, ids); !st.ok()) return Err(std::string(st.message()));
     return Ok({{"socket", id}, {"channels", ids}});
   }
+  if (cmd == "scale-peer") {  // scale-peer IPV4 N
+    in_addr ip{};
+    uint32_t n;
+    if (a.size() != 3 || inet_pton(AF_INET, a[1].c_str(), &ip) != 1 || !ParseU32(a[2], &n, 64))
+      return Err("usage: scale peer IPV4 --channels N (1..64)");
+    if (auto st = stack_->SetPeerChannels(ntohl(ip.s_addr), static_cast<int>(n)); !st.ok())
+      return Err(std::string(st.message()));
+    return Ok({{"peer", a[1]}, {"channels", n}});
+  }
   if (cmd == "pin-channel") {  // pin-channel ID CORE
     uint32_t id, core;
     if (a.size() != 3 || !ParseU32(a[1], &id) || !ParseU32(a[2], &core, INT32_MAX))

@@ -223,6 +223,12 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   b.Counter("netch_rx_pressure_copies_total",
             "Segments copied out of a channel whose buffers slow sockets held (then released).",
             static_cast<double>(ss.rx_pressure_copies));
+  b.Counter("netch_channels_scaled_up_total",
+            "Channels opened to peers by scaling (netchctl scale, or the policy with scale=on).",
+            static_cast<double>(ss.channels_scaled_up));
+  b.Counter("netch_channels_drained_total",
+            "Channels scaled down: sealed on both sides (NC_DRAIN), emptied, then destroyed here.",
+            static_cast<double>(ss.channels_drained));
   return b.fams;
 }
 

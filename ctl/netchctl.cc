@@ -26,6 +26,7 @@ constexpr char kUsage[] =
     "                                      socket: policy, channels, cores, decisions, why\n"
     "  map socket ID --channels A,B        restrict a socket's traffic to these channels\n"
     "  pin channel ID --core N             run a channel on the engine pinned to core N\n"
+    "  scale peer IPV4 --channels N        open or drain channels to a peer (no byte lost)\n"
     "  policy list | policy show | policy set NAME [key=value...]\n"
     "  copy-workers N                      set the number of copy workers\n"
     "  fault drop PPM [--channel ID]       drop PPM per million packets (all or one channel)\n"
@@ -256,6 +257,16 @@ int main(int argc, char** argv) {
   map_socket->add_option("ID", sock_id, "socket id (netchctl sockets)")->required();
   map_socket->add_option("--channels", map_chans, "channel ids, comma-separated")->required();
   map_socket->callback([&] { req = {"map-socket", std::to_string(sock_id), map_chans}; });
+  auto* scale = app.add_subcommand("scale", "set the number of channels to a peer");
+  scale->require_subcommand(1);
+  std::string scale_ip;
+  uint32_t scale_n = 0;
+  auto* scale_peer = scale->add_subcommand("peer", "scale peer IPV4 --channels N");
+  scale_peer->add_option("IPV4", scale_ip, "the peer's address")->required();
+  scale_peer->add_option("--channels", scale_n, "channels wanted (1..64); extra ones are drained")
+      ->required()
+      ->check(CLI::Range(1, 64));
+  scale_peer->callback([&] { req = {"scale-peer", scale_ip, std::to_string(scale_n)}; });
   auto* pin = app.add_subcommand("pin", "move a channel to the engine pinned to a core");
   pin->require_subcommand(1);
   uint64_t chan_id = 0, core = 0;

@@ -171,15 +171,48 @@ NamedRegistry<PolicyFactory>& Reg() {
 
 }  // namespace
 
-bool NetScheduler::IsCopyKnob(std::string_view key) {
+bool NetScheduler::IsCommonKnob(std::string_view key) {
   return key == "inline_copy_bytes" || key == "copy_chunk_bytes" ||
-         key == "skip_worker_queued_bytes";
+         key == "skip_worker_queued_bytes" || key.starts_with("scale");
 }
 
 Knobs NetScheduler::CopyKnobs() const {
   return {{"inline_copy_bytes", std::to_string(inline_copy_bytes_.load())},
           {"copy_chunk_bytes", std::to_string(copy_chunk_bytes_.load())},
-          {"skip_worker_queued_bytes", std::to_string(skip_worker_queued_bytes_.load())}};
+          {"skip_worker_queued_bytes", std::to_string(skip_worker_queued_bytes_.load())},
+          {"scale", scale_on_.load() ? "on" : "off"},
+          {"scale_min", std::to_string(scale_min_.load())},
+          {"scale_max", std::to_string(scale_max_.load())},
+          {"scale_grow_queued_bytes", std::to_string(scale_grow_queued_.load())},
+          {"scale_shrink_queued_bytes", std::to_string(scale_shrink_queued_.load())},
+          {"scale_grow_busy", absl::StrFormat("%g", scale_grow_busy_.load())},
+          {"scale_shrink_busy", absl::StrFormat("%g", scale_shrink_busy_.load())},
+          {"scale_hold_ms", std::to_string(scale_hold_ms_.load())}};
+}
+
+int NetScheduler::WantChannels(const ScaleSample& s, ScaleState* st) const {
+  const int lo = static_cast<int>(scale_min_.load(std::memory_order_relaxed));
+  const int hi = static_cast<int>(scale_max_.load(std::memory_order_relaxed));
+  if (!scaling() || s.channels <= 0) return s.channels;
+  if (s.channels < lo) return lo;
+  if (s.channels > hi) return hi;
+  const uint64_t hold = scale_hold_ms_.load(std::memory_order_relaxed) * 1000;
+  const uint64_t per = s.queued_bytes / static_cast<uint64_t>(s.channels);
+  const bool grow = per > scale_grow_queued_.load(std::memory_order_relaxed) ||
+                    s.engine_busy > scale_grow_busy_.load(std::memory_order_relaxed);
+  const bool shrink = per < scale_shrink_queued_.load(std::memory_order_relaxed) &&
+                      s.engine_busy < scale_shrink_busy_.load(std::memory_order_relaxed);
+  st->grow_since_us = grow ? (st->grow_since_us ? st->grow_since_us : s.now_us) : 0;
+  st->shrink_since_us = shrink ? (st->shrink_since_us ? st->shrink_since_us : s.now_us) : 0;
+  if (st->last_change_us && s.now_us - st->last_change_us < hold) return s.channels;
+  int want = s.channels;
+  if (grow && s.now_us - st->grow_since_us >= hold && s.channels < hi) want = s.channels + 1;
+  if (shrink && s.now_us - st->shrink_since_us >= hold && s.channels > lo) want = s.channels - 1;
+  if (want != s.channels) {
+    st->last_change_us = s.now_us;
+    st->grow_since_us = st->shrink_since_us = 0;
+  }
+  return want;
 }
 
 Knobs NetScheduler::AllKnobs() const {
@@ -189,27 +222,57 @@ Knobs NetScheduler::AllKnobs() const {
 }
 
 absl::Status NetScheduler::SetAnyKnob(std::string_view key, std::string_view value) {
-  if (!IsCopyKnob(key)) {
+  if (!IsCommonKnob(key)) {
     auto st = SetKnob(key, value);
     if (absl::IsInvalidArgument(st) && absl::StrContains(st.message(), "has no knob"))
       return absl::InvalidArgumentError(
           absl::StrCat(st.message(),
                        "; every policy: inline_copy_bytes, copy_chunk_bytes, "
-                       "skip_worker_queued_bytes"));
+                       "skip_worker_queued_bytes, scale, scale_min, scale_max, "
+                       "scale_grow_queued_bytes, scale_shrink_queued_bytes, scale_grow_busy, "
+                       "scale_shrink_busy, scale_hold_ms"));
     return st;
   }
-  uint64_t v;
-  if (!absl::SimpleAtoi(absl::string_view(value.data(), value.size()), &v))
+  const absl::string_view v(value.data(), value.size());
+  if (key == "scale") {
+    if (v != "on" && v != "off") return absl::InvalidArgumentError("scale must be on or off");
+    scale_on_.store(v == "on", std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
+  if (key == "scale_grow_busy" || key == "scale_shrink_busy") {
+    double d;
+    if (!absl::SimpleAtod(v, &d) || d < 0 || d > 1)
+      return absl::InvalidArgumentError(absl::StrFormat("%s must be 0..1, not '%s'", key, v));
+    (key == "scale_grow_busy" ? scale_grow_busy_ : scale_shrink_busy_).store(d);
+    return absl::OkStatus();
+  }
+  uint64_t n;
+  if (!absl::SimpleAtoi(v, &n))
     return absl::InvalidArgumentError(
         absl::StrFormat("%s must be a non-negative integer, not '%s'", key, value));
   if (key == "copy_chunk_bytes") {
-    if (v < 4096 || v > (64u << 20))
+    if (n < 4096 || n > (64u << 20))
       return absl::InvalidArgumentError("copy_chunk_bytes must be 4096..67108864");
-    copy_chunk_bytes_.store(v, std::memory_order_relaxed);
+    copy_chunk_bytes_.store(n, std::memory_order_relaxed);
   } else if (key == "inline_copy_bytes") {
-    inline_copy_bytes_.store(v, std::memory_order_relaxed);
+    inline_copy_bytes_.store(n, std::memory_order_relaxed);
+  } else if (key == "skip_worker_queued_bytes") {
+    skip_worker_queued_bytes_.store(n, std::memory_order_relaxed);
+  } else if (key == "scale_min" || key == "scale_max") {
+    if (n < 1 || n > 64)
+      return absl::InvalidArgumentError(absl::StrFormat("%s must be 1..64", key));
+    (key == "scale_min" ? scale_min_ : scale_max_).store(n, std::memory_order_relaxed);
+    if (scale_min_.load() > scale_max_.load())
+      return absl::InvalidArgumentError("scale_min must not exceed scale_max");
+  } else if (key == "scale_grow_queued_bytes") {
+    scale_grow_queued_.store(n, std::memory_order_relaxed);
+  } else if (key == "scale_shrink_queued_bytes") {
+    scale_shrink_queued_.store(n, std::memory_order_relaxed);
+  } else if (key == "scale_hold_ms") {
+    if (n > 600000) return absl::InvalidArgumentError("scale_hold_ms must be 0..600000");
+    scale_hold_ms_.store(n, std::memory_order_relaxed);
   } else {
-    skip_worker_queued_bytes_.store(v, std::memory_order_relaxed);
+    return absl::InvalidArgumentError(absl::StrFormat("no knob '%s'", key));
   }
   return absl::OkStatus();
 }

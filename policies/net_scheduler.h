@@ -52,6 +52,19 @@ struct SocketRef {
 
 using Knobs = std::vector<std::pair<std::string, std::string>>;
 
+// Channels per peer (§3.3.3's second task): what the stack's scaler measures each tick, and the
+// scaler's memory for one peer (the caller keeps it, like a cursor).
+struct ScaleSample {
+  uint64_t now_us = 0;
+  int channels = 0;           // live channels to the peer
+  uint64_t queued_bytes = 0;  // unacknowledged bytes on them, summed
+  double engine_busy = 0;     // the engines' busy share since the last tick, 0..1
+};
+struct ScaleState {
+  uint64_t grow_since_us = 0, shrink_since_us = 0;  // 0: the condition does not hold
+  uint64_t last_change_us = 0;
+};
+
 // How one copy between the application's buffer and stack buffers runs.
 struct CopyPlan {
   bool parallel = false;  // split into chunks that the caller and the copy workers share
@@ -81,8 +94,19 @@ class NetScheduler {
   // Its own knobs and the copy knobs; a key may name either.
   Knobs AllKnobs() const;
   absl::Status SetAnyKnob(std::string_view key, std::string_view value);
-  static bool IsCopyKnob(std::string_view key);
-  Knobs CopyKnobs() const;
+  // Copy-plan and scaling knobs: every policy has them, and they carry over to a new policy.
+  static bool IsCommonKnob(std::string_view key);
+  Knobs CopyKnobs() const;  // all the common knobs (copy plan and scaling)
+
+  // The channels the peer should have, with hysteresis (knobs scale=on|off, scale_min,
+  // scale_max, scale_grow_queued_bytes, scale_shrink_queued_bytes, scale_grow_busy,
+  // scale_shrink_busy, scale_hold_ms): one more when the mean unacknowledged bytes per channel
+  // exceed the grow mark or the engines are busier than scale_grow_busy, continuously for
+  // scale_hold_ms; one fewer when both stay under the shrink marks as long; never outside
+  // [scale_min, scale_max]; nothing for scale_hold_ms after a change. With scale=off: the
+  // current count.
+  int WantChannels(const ScaleSample& s, ScaleState* st) const;
+  bool scaling() const { return scale_on_.load(std::memory_order_relaxed); }
 
   // The copy plan for `bytes` (the paper's rules, as knobs): below inline_copy_bytes, or with no
   // copy workers, on the caller's thread; otherwise chunks of copy_chunk_bytes shared with the
@@ -99,6 +123,10 @@ class NetScheduler {
  private:
   std::atomic<uint64_t> inline_copy_bytes_{256 << 10}, copy_chunk_bytes_{256 << 10},
       skip_worker_queued_bytes_{640 << 10};
+  std::atomic<bool> scale_on_{false};
+  std::atomic<uint64_t> scale_min_{1}, scale_max_{4}, scale_grow_queued_{1 << 20},
+      scale_shrink_queued_{64 << 10}, scale_hold_ms_{500};
+  std::atomic<double> scale_grow_busy_{0.8}, scale_shrink_busy_{0.25};
 };
 
 using PolicyFactory = std::function<std::unique_ptr<NetScheduler>()>;

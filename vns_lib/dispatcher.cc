@@ -71,6 +71,13 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
       release();
       return true;
     }
+    case NC_DRAIN:
+      // The peer puts nothing more on this channel: we seal our side too (the dispatcher's
+      // drain step), and both destroy it once everything on it is acknowledged and read.
+      drained_by_peer_.insert(ch);
+      if (!ch->sealed()) to_seal_.push_back(ch);
+      release();
+      return true;
     case NC_SYN_ACK:
     case NC_FIN:
     case NC_RST:
@@ -200,11 +207,28 @@ void StackImpl::BreakConnsOn(Peer& p, const chan::Channel* ch) {
   }
 }
 
+bool StackImpl::SealRequested() {
+  bool any = false;
+  std::erase_if(to_seal_, [&](chan::Channel* ch) {
+    if (sealed_by_us_.contains(ch)) return true;
+    if (!IsLive(ch->state())) return true;  // died meanwhile: the dead-channel path has it
+    chan::TxSegment last;
+    last.hdr = {NC_DRAIN, 0, 0, 0, 0, 0};
+    if (!ch->Seal(last)) return false;  // no room yet: next round
+    sealed_by_us_.insert(ch);
+    peers_->Get(ch->peer_ipv4())->NoteSealed();
+    any = true;
+    return true;
+  });
+  return any;
+}
+
 void StackImpl::Dispatch() {
   struct ChanState {
     std::shared_ptr<chan::Channel> ch;
     Peer* peer;
     bool dead = false;                    // seen failed or closed
+    bool drained = false;                 // scaled down: sealed both ways and emptied
     std::deque<chan::RxSegment> pending;  // dequeued, not yet taken by a full socket
   };
   std::vector<ChanState> chans;
@@ -215,6 +239,12 @@ void StackImpl::Dispatch() {
   while (!stop_.load(std::memory_order_relaxed)) {
     bool worked = false;
     if (watching_.load(std::memory_order_acquire)) CheckWatched();
+    {
+      std::lock_guard g(drain_mu_);
+      for (auto& ch : drain_requests_) to_seal_.push_back(ch.get());
+      drain_requests_.clear();
+    }
+    worked |= SealRequested();
     if (const uint64_t now = NowUs(); now >= next_expiry) {
       ExpireConnects();
       next_expiry = now + 10000;
@@ -240,7 +270,7 @@ void StackImpl::Dispatch() {
         for (auto& ch : p.All()) {
           bool have = false;
           for (auto& cs : chans) have |= cs.ch == ch;
-          if (!have) chans.push_back({ch, &p, false, {}});
+          if (!have) chans.push_back({ch, &p, false, false, {}});
         }
       });
     }
@@ -251,6 +281,14 @@ void StackImpl::Dispatch() {
         worked = true;
       }
       if (!cs.pending.empty()) continue;  // still blocked: leave the channel's window to close
+      // Scale-down: sealed on both sides, everything on it acknowledged and given back: it goes.
+      if (!cs.dead && sealed_by_us_.contains(cs.ch.get()) &&
+          drained_by_peer_.contains(cs.ch.get()) && cs.ch->tx_queued_bytes() == 0 &&
+          cs.ch->stats().rx_queued_bytes == 0 && IsLive(cs.ch->state())) {
+        cs.dead = cs.drained = true;
+        scale_downs_.fetch_add(1, std::memory_order_relaxed);
+        worked = true;
+      }
       if (!cs.dead && !IsLive(cs.ch->state())) {
         // Drain what it delivered before it died first (next rounds), then break whatever it
         // left incomplete.
@@ -274,7 +312,18 @@ void StackImpl::Dispatch() {
     // raw pointers to the channel of each segment they hold).
     std::erase_if(chans, [&](ChanState& cs) {
       if (!cs.dead || !cs.pending.empty() || cs.ch->stats().rx_queued_bytes != 0) return false;
-      std::erase_if(ctl_backlog_, [&](const CtlMsg& m) { return m.ch == cs.ch.get(); });
+      if (cs.drained || cs.ch->sealed()) {
+        // Control segments waiting for it go on the peer's control channel instead.
+        auto ctl = cs.peer->ControlChannel();
+        for (CtlMsg& m : ctl_backlog_)
+          if (m.ch == cs.ch.get()) m.ch = ctl.get();
+        std::erase_if(ctl_backlog_, [](const CtlMsg& m) { return m.ch == nullptr; });
+      } else {
+        std::erase_if(ctl_backlog_, [&](const CtlMsg& m) { return m.ch == cs.ch.get(); });
+      }
+      sealed_by_us_.erase(cs.ch.get());
+      drained_by_peer_.erase(cs.ch.get());
+      std::erase(to_seal_, cs.ch.get());
       const uint64_t before = peers_->version();
       cs.peer->Remove(cs.ch.get());
       // Our own removal needs no rescan; a channel added meanwhile does (it bumped too).

@@ -16,7 +16,7 @@ std::vector<std::shared_ptr<chan::Channel>> Peer::Live() const {
   std::lock_guard l(mu_);
   std::vector<std::shared_ptr<chan::Channel>> out;
   for (const auto& c : chans_)
-    if (IsLive(c->state())) out.push_back(c);
+    if (IsLive(c->state()) && !c->sealed()) out.push_back(c);
   return out;
 }
 
@@ -28,14 +28,14 @@ std::vector<std::shared_ptr<chan::Channel>> Peer::All() const {
 std::shared_ptr<chan::Channel> Peer::ControlChannel() const {
   std::lock_guard l(mu_);
   for (const auto& c : chans_)
-    if (c->state() == chan::ChannelState::kUp) return c;
+    if (c->state() == chan::ChannelState::kUp && !c->sealed()) return c;
   return nullptr;
 }
 
 size_t Peer::live_count() const {
   std::lock_guard l(mu_);
   return std::count_if(chans_.begin(), chans_.end(),
-                       [](const auto& c) { return IsLive(c->state()); });
+                       [](const auto& c) { return IsLive(c->state()) && !c->sealed(); });
 }
 
 void Peer::Add(std::shared_ptr<chan::Channel> c) {

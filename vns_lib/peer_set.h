@@ -31,7 +31,7 @@ class Peer {
   Peer(uint32_t ip, std::atomic<uint64_t>* set_version) : ip_(ip), set_version_(set_version) {}
   uint32_t ip() const { return ip_; }
 
-  // Channels that take new segments (connecting or up), oldest first.
+  // Channels that take new segments (connecting or up, not sealed for scale-down), oldest first.
   std::vector<std::shared_ptr<chan::Channel>> Live() const;
   // Every channel still referenced, dead ones included.
   std::vector<std::shared_ptr<chan::Channel>> All() const;
@@ -42,6 +42,8 @@ class Peer {
   void Add(std::shared_ptr<chan::Channel> c);
   // The dispatcher saw `c` die: senders rebuild their lists without it.
   void NoteDead() { Bump(); }
+  // A channel was sealed (scale-down): senders rebuild their lists without it.
+  void NoteSealed() { Bump(); }
   void Remove(const chan::Channel* c);
   // Bumped whenever the set of live channels changes.
   uint64_t version() const { return version_.load(std::memory_order_acquire); }
@@ -50,6 +52,8 @@ class Peer {
   // std::mutex, not absl::Mutex: Debian's Abseil is built without TSan, which then cannot see
   // absl::Mutex's happens-before edges and reports every guarded access as a race.
   std::mutex connect_mu;
+  // Channels wanted to this peer, as last set by scaling (0: the stack's channels_per_peer).
+  std::atomic<int> target{0};
 
  private:
   void Bump();

@@ -147,10 +147,13 @@ void SocketImpl::RefreshChannels() {
   chans_ = c_->peer->Live();
   std::lock_guard g(c_->map_mu);
   if (!c_->channel_ids.empty()) {
-    std::erase_if(chans_, [&](const auto& ch) {
+    auto mapped = chans_;
+    std::erase_if(mapped, [&](const auto& ch) {
       return std::find(c_->channel_ids.begin(), c_->channel_ids.end(), ch->id()) ==
              c_->channel_ids.end();
     });
+    // The operator's map names channels that are gone (scaled down): the socket uses the rest.
+    if (!mapped.empty()) chans_ = std::move(mapped);
   }
   if (channels_hint_ > 0 && static_cast<size_t>(channels_hint_) < chans_.size())
     chans_.resize(channels_hint_);

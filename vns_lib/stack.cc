@@ -52,11 +52,60 @@ absl::Status StackImpl::Init() {
     pthread_setname_np(pthread_self(), "netch-disp");
     Dispatch();
   });
+  scaler_ = std::thread([this] {
+    pthread_setname_np(pthread_self(), "netch-scale");
+    Scale();
+  });
   return absl::OkStatus();
+}
+
+// Every 100 ms, when the policy scales (knob scale=on): each peer's live channels, their
+// unacknowledged bytes and the engines' busy share go to the policy, which says how many
+// channels the peer should have; SetPeerChannels opens or drains the difference.
+void StackImpl::Scale() {
+  absl::flat_hash_map<uint32_t, sched::ScaleState> state;
+  uint64_t last_busy = 0, last_us = 0;
+  std::unique_lock lk(scale_mu_);
+  while (!stop_.load()) {
+    scale_cv_.wait_for(lk, std::chrono::milliseconds(100));
+    if (stop_.load()) break;
+    auto pol = policy();
+    const uint64_t now = NowUs();
+    uint64_t busy = 0;
+    const auto engines = driver_->Engines();
+    for (const auto& e : engines) busy += e.busy_ns;
+    const double share = last_us && now > last_us && !engines.empty()
+                             ? static_cast<double>(busy - last_busy) / 1000.0 /
+                                   static_cast<double>(now - last_us) /
+                                   static_cast<double>(engines.size())
+                             : 0.0;
+    last_busy = busy;
+    last_us = now;
+    if (!pol->scaling()) {
+      state.clear();
+      continue;
+    }
+    peers_->ForEach([&](Peer& p) {
+      const auto live = p.Live();
+      if (live.empty()) return;
+      sched::ScaleSample smp;
+      smp.now_us = now;
+      smp.channels = static_cast<int>(live.size());
+      for (const auto& ch : live) smp.queued_bytes += ch->tx_queued_bytes();
+      smp.engine_busy = share;
+      const int want = pol->WantChannels(smp, &state[p.ip()]);
+      if (want != smp.channels) (void)SetPeerChannels(p.ip(), want);
+    });
+  }
 }
 
 StackImpl::~StackImpl() {
   stop_ = true;
+  {
+    std::lock_guard g(scale_mu_);
+    scale_cv_.notify_all();
+  }
+  if (scaler_.joinable()) scaler_.join();
   if (dispatcher_.joinable()) {
     WakeDispatcher();
     dispatcher_.join();
@@ -98,6 +147,8 @@ StackStats StackImpl::Stats() const {
   s.conns_broken = conns_broken_.load();
   s.rx_beyond_window = rx_beyond_window_.load();
   s.rx_pressure_copies = rx_pressure_copies_.load();
+  s.channels_scaled_up = scale_ups_.load();
+  s.channels_drained = scale_downs_.load();
   s.window_updates = window_updates_.load();
   return s;
 }
@@ -199,7 +250,8 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
                                                                   const SocketOptions& o) {
   if (port == 0 || ip == 0) return SockError(EINVAL, "connect to address 0 or port 0");
   if (o.rcvbuf < 4096) return SockError(EINVAL, "rcvbuf below 4096 bytes");
-  auto peer = peers_->Ensure(ip, opts_.channels_per_peer, o.connect_timeout);
+  const int target = peers_->Get(ip)->target.load(std::memory_order_relaxed);
+  auto peer = peers_->Ensure(ip, target > 0 ? target : opts_.channels_per_peer, o.connect_timeout);
   if (!peer.ok()) return peer.status();
   std::shared_ptr<Conn> c;
   {
@@ -253,6 +305,28 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
       Unregister(c);
       return SockError(ECONNRESET, "connect");
   }
+}
+
+absl::Status StackImpl::SetPeerChannels(uint32_t ip, int n) {
+  if (n < 1 || n > 64) return absl::InvalidArgumentError("channels per peer must be 1..64");
+  Peer* p = peers_->Get(ip);
+  const int live = static_cast<int>(p->live_count());
+  if (live == 0) return absl::NotFoundError("no channel to that peer: connect first");
+  p->target.store(n, std::memory_order_relaxed);
+  if (n > live) {
+    auto st = peers_->Ensure(ip, n, absl::Seconds(2));
+    if (!st.ok()) return st.status();
+    scale_ups_.fetch_add(n - live, std::memory_order_relaxed);
+    return absl::OkStatus();
+  }
+  // Scale down: the newest channels are sealed by the dispatcher (an NC_DRAIN after their last
+  // segment) and destroyed once both sides have sealed them and every byte on them is acked
+  // and read.
+  auto chans = p->Live();
+  std::lock_guard g(drain_mu_);
+  for (int i = live - 1; i >= n; --i) drain_requests_.push_back(chans[i]);
+  WakeDispatcher();
+  return absl::OkStatus();
 }
 
 void StackImpl::ExpireConnects() {
@@ -322,10 +396,15 @@ void StackImpl::UnregisterListener(uint16_t port) {
   l->accept_q.clear();
 }
 
-absl::Status StackImpl::SendControl(chan::Channel& ch, const ConnKey& k, uint32_t conn_id,
+absl::Status StackImpl::SendControl(chan::Channel& ch0, const ConnKey& k, uint32_t conn_id,
                                     AppClass cls, uint8_t type, uint64_t seq) {
   chan::TxSegment s;
   s.hdr = {type, static_cast<uint8_t>(cls), k.local_port, k.remote_port, conn_id, seq};
+  // A channel sealed for scale-down takes nothing more: control segments go on the peer's
+  // control channel instead.
+  std::shared_ptr<chan::Channel> alt;
+  if (ch0.sealed()) alt = peers_->Get(ch0.peer_ipv4())->ControlChannel();
+  chan::Channel& ch = alt ? *alt : ch0;
   auto n = ch.Enqueue({&s, 1});
   if (!n.ok()) return n.status();
   if (*n == 0) {

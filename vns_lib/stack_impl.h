@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "absl/container/flat_hash_map.h"
+#include "absl/container/flat_hash_set.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_format.h"
 #include "afxdp_channels/engine.h"
@@ -93,6 +95,7 @@ class StackImpl final : public Stack {
   // readiness when one of its peer's channels has room again (checked each round, and at least
   // every millisecond while anyone is watched).
   void WatchWritable(const std::shared_ptr<Conn>& c);
+  absl::Status SetPeerChannels(uint32_t ip, int n) override;
   void NotifyConsumed() {
     if (holding_.load(std::memory_order_seq_cst)) WakeDispatcher();
   }
@@ -123,6 +126,10 @@ class StackImpl final : public Stack {
   std::deque<CtlMsg> ctl_backlog_;  // dispatcher thread only
   void ExpireConnects();  // dispatcher: non-blocking connects past their deadline time out
   void CheckWatched();    // dispatcher: write-watched sockets whose channels have room
+  bool SealRequested();   // dispatcher: seals channels being scaled down (NC_DRAIN)
+  // Dispatcher only: channels being scaled down.
+  std::vector<chan::Channel*> to_seal_;
+  absl::flat_hash_set<const chan::Channel*> sealed_by_us_, drained_by_peer_;
 
   StackOptions opts_;
   std::unique_ptr<bpf::SteerProgram> steer_;
@@ -140,8 +147,16 @@ class StackImpl final : public Stack {
   std::mutex watch_mu_;
   std::vector<std::weak_ptr<Conn>> watch_;  // guarded by watch_mu_
   std::atomic<bool> watching_{false};
+  // Scale-down (dispatcher.cc): channels to seal, asked by SetPeerChannels.
+  std::mutex drain_mu_;
+  std::vector<std::shared_ptr<chan::Channel>> drain_requests_;  // guarded by drain_mu_
+  std::atomic<uint64_t> scale_ups_{0}, scale_downs_{0};
 
   std::thread dispatcher_;
+  void Scale();  // the scaler thread
+  std::thread scaler_;
+  std::mutex scale_mu_;
+  std::condition_variable scale_cv_;
   std::atomic<bool> stop_{false};
   int wake_fd_ = -1;
   std::atomic<uint64_t> segments_in_{0}, ctl_out_{0}, rst_sent_{0}, blocked_{0};

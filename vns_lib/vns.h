@@ -112,6 +112,8 @@ struct StackStats {
   uint64_t rx_beyond_window = 0;    // data beyond the window a socket advertised: socket reset
   uint64_t window_updates = 0;      // NC_WND segments sent (the receive window moved)
   uint64_t rx_pressure_copies = 0;  // segments copied out of a channel whose buffers sockets held
+  uint64_t channels_scaled_up = 0;  // channels opened by SetPeerChannels
+  uint64_t channels_drained = 0;    // channels drained and destroyed by scale-down
 };
 
 // What the control plane sees of a socket.
@@ -193,6 +195,11 @@ class Stack {
   // socket, InvalidArgument for a channel that is not the peer's.
   virtual absl::Status MapSocket(uint64_t id, const std::vector<uint32_t>& channel_ids) = 0;
   virtual PolicyInfo Policy() const = 0;
+  // Scales the channels to a peer (already connected) to `n`: new ones are opened at once; extra
+  // ones are drained — sealed after their last segment on both sides (NC_DRAIN), destroyed when
+  // everything on them is acknowledged and read — so no byte is lost or reordered. Sockets move
+  // to the remaining channels at their next Send. Later connections keep `n`.
+  virtual absl::Status SetPeerChannels(uint32_t peer_ipv4, int n) = 0;
   // "round-robin" with knob skip_queued_bytes=N: a channel holding more than N bytes not yet
   // acknowledged is skipped while another has room (the paper's default: 2 MB).
   virtual absl::Status SetPolicy(const std::string& name,

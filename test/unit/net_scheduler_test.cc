@@ -147,16 +147,55 @@ TEST(CopyPlanTest, CopyKnobsBelongToEveryPolicyAndAreValidated) {
   EXPECT_EQ(p->PlanCopy(1000, 2, 0).chunk_bytes, 65536u);
   EXPECT_FALSE(p->PlanCopy(999, 2, 0).parallel);
   EXPECT_FALSE(p->PlanCopy(1 << 20, 2, 1).parallel) << "any queued byte skips the workers";
-  EXPECT_EQ(p->AllKnobs(), (Knobs{{"inline_copy_bytes", "1000"},
-                                  {"copy_chunk_bytes", "65536"},
-                                  {"skip_worker_queued_bytes", "0"}}));
-  EXPECT_EQ(Make("round-robin")->AllKnobs().size(), 4u) << "its own knob and the three copy knobs";
+  const Knobs all = p->AllKnobs();
+  EXPECT_EQ(Knobs(all.begin(), all.begin() + 3), (Knobs{{"inline_copy_bytes", "1000"},
+                                                        {"copy_chunk_bytes", "65536"},
+                                                        {"skip_worker_queued_bytes", "0"}}));
+  EXPECT_EQ(Make("round-robin")->AllKnobs().size(), Make("shortest-queue")->AllKnobs().size() + 1)
+      << "its own knob and the common ones";
   EXPECT_FALSE(CreatePolicy("round-robin", {{"copy_chunk_bytes", "100"}}).ok()) << "too small";
   EXPECT_FALSE(CreatePolicy("round-robin", {{"inline_copy_bytes", "lots"}}).ok());
   auto bad = CreatePolicy("one-per-socket", {{"chunk", "1"}});
   ASSERT_FALSE(bad.ok());
   EXPECT_NE(bad.status().message().find("copy_chunk_bytes"), std::string::npos)
       << "the error lists the copy knobs too: " << bad.status();
+}
+
+TEST(ScalingTest, GrowsAndShrinksOneAtATimeWithHysteresisWithinBounds) {
+  auto p = Make("round-robin", {{"scale", "on"},
+                                {"scale_min", "1"},
+                                {"scale_max", "3"},
+                                {"scale_grow_queued_bytes", "1000"},
+                                {"scale_shrink_queued_bytes", "100"},
+                                {"scale_hold_ms", "500"}});
+  ScaleState st;
+  auto at = [&](uint64_t ms, int ch, uint64_t queued, double busy = 0.5) {
+    return p->WantChannels({ms * 1000, ch, queued, busy}, &st);
+  };
+  EXPECT_EQ(at(1000, 1, 5000), 1) << "busy, but not yet for 500 ms";
+  EXPECT_EQ(at(1400, 1, 5000), 1);
+  EXPECT_EQ(at(1500, 1, 5000), 2) << "busy for 500 ms: one more";
+  EXPECT_EQ(at(1600, 2, 9000), 2) << "right after a change: nothing for 500 ms";
+  EXPECT_EQ(at(2000, 2, 9000), 2) << "still quiet (and busy for only 400 ms)";
+  EXPECT_EQ(at(2100, 2, 9000), 3) << "busy for 500 ms, the quiet period over";
+  EXPECT_EQ(at(3200, 3, 90000), 3);
+  EXPECT_EQ(at(3800, 3, 90000), 3) << "never above scale_max";
+  // Between the marks nothing happens (hysteresis); below both, one fewer after 500 ms.
+  EXPECT_EQ(at(4000, 3, 3 * 500), 3);
+  EXPECT_EQ(at(5000, 3, 3 * 500), 3);
+  EXPECT_EQ(at(5100, 3, 0, 0.9), 3) << "idle queues but busy engines: no shrink";
+  EXPECT_EQ(at(5200, 3, 0, 0.1), 3);
+  EXPECT_EQ(at(5600, 3, 0, 0.1), 3);
+  EXPECT_EQ(at(5700, 3, 0, 0.1), 2);
+  EXPECT_EQ(at(6300, 2, 0, 0.1), 2);
+  EXPECT_EQ(at(6800, 2, 0, 0.1), 1);
+  EXPECT_EQ(at(8000, 1, 0, 0.1), 1) << "never below scale_min";
+  // Off: the count stays whatever it is.
+  ASSERT_TRUE(p->SetAnyKnob("scale", "off").ok());
+  EXPECT_EQ(at(9000, 2, 1 << 30), 2);
+  EXPECT_FALSE(p->SetAnyKnob("scale", "yes").ok());
+  EXPECT_FALSE(p->SetAnyKnob("scale_max", "0").ok());
+  EXPECT_FALSE(p->SetAnyKnob("scale_grow_busy", "1.5").ok());
 }
 
 }  // namespace

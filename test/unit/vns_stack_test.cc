@@ -9,6 +9,7 @@
 #include <thread>
 #include <vector>
 
+#include "afxdp_channels/engine.h"
 #include "gtest/gtest.h"
 #include "vns_lib/vns.h"
 
@@ -294,6 +295,145 @@ namespace {
 
 // The NetScheduler policy swapped again and again while a stream runs over four channels: VNS
 // orders by its own offsets, so no byte is lost or reordered, and each policy made decisions.
+// Scale-up and scale-down of a peer's channels, 100 cycles, while streams run both ways: the
+// drain handshake (NC_DRAIN after the last segment on both sides, destroy when everything is
+// acknowledged and read) must lose and reorder nothing.
+TEST(VnsScalingTest, HundredScaleCyclesDuringStreamsBothWaysLoseNothing) {
+  auto a = MakeStack(kA, 1), b = MakeStack(kB, 1);
+  ASSERT_TRUE(a && b);
+  auto l = b->Listen(90);
+  ASSERT_TRUE(l.ok());
+  auto c = a->Connect(kB, 90);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  constexpr uint64_t kBytes = 96ull << 20;
+  auto pattern = [](uint64_t i) { return static_cast<uint8_t>((i * 7) ^ (i >> 11)); };
+  std::atomic<bool> done{false};
+  auto writer = [&](VirtualSocket* w) {
+    std::vector<uint8_t> buf(48 << 10);
+    for (uint64_t off = 0; off < kBytes;) {
+      const size_t n = std::min<uint64_t>(buf.size(), kBytes - off);
+      for (size_t i = 0; i < n; ++i) buf[i] = pattern(off + i);
+      auto r = w->Send({buf.data(), n});
+      ASSERT_TRUE(r.ok()) << r.status();
+      off += *r;
+    }
+  };
+  auto reader = [&](VirtualSocket* r, uint64_t* got, bool* intact) {
+    std::vector<uint8_t> buf(64 << 10);
+    *intact = true;
+    while (*got < kBytes) {
+      auto n = r->Recv(buf);
+      ASSERT_TRUE(n.ok()) << n.status();
+      ASSERT_GT(*n, 0u);
+      for (size_t i = 0; i < *n && *intact; ++i) *intact = buf[i] == pattern(*got + i);
+      *got += *n;
+    }
+  };
+  uint64_t got_b = 0, got_a = 0;
+  bool intact_b = false, intact_a = false;
+  std::thread wa([&] { writer(c->get()); }), wb([&] { writer(s->get()); });
+  std::thread rb([&] { reader(s->get(), &got_b, &intact_b); });
+  std::thread ra([&] { reader(c->get(), &got_a, &intact_a); });
+  int cycles = 0;
+  std::thread scaler([&] {
+    for (; cycles < 100 && !done.load(); ++cycles) {
+      EXPECT_TRUE(a->SetPeerChannels(kB, 3).ok());
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      EXPECT_TRUE(a->SetPeerChannels(kB, 1).ok());
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+  });
+  wa.join();
+  wb.join();
+  rb.join();
+  ra.join();
+  done = true;
+  scaler.join();
+  EXPECT_EQ(got_b, kBytes);
+  EXPECT_EQ(got_a, kBytes);
+  EXPECT_TRUE(intact_a && intact_b) << "a byte was lost, duplicated or reordered";
+  EXPECT_GE(cycles, 20) << "the streams ended before the scaling could run";
+  // Every scale-down finished: both sides are back to one channel, nothing half-drained.
+  auto channels = [](Stack& st) { return st.driver().Channels().size(); };
+  for (int i = 0; i < 300 && (channels(*a) != 1 || channels(*b) != 1); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(channels(*a), 1u);
+  EXPECT_EQ(channels(*b), 1u);
+  EXPECT_GE(a->Stats().channels_scaled_up, static_cast<uint64_t>(cycles));
+  EXPECT_GT(a->Stats().channels_drained + b->Stats().channels_drained, 0u);
+  EXPECT_EQ(a->Stats().conns_broken, 0u);
+  EXPECT_EQ(b->Stats().conns_broken, 0u);
+}
+
+// Dynamic scaling: with scale=on, a busy peer gets more channels within a second, an idle one
+// goes back to scale_min; every change drains, so the checked stream loses nothing.
+TEST(VnsScalingTest, ChannelsFollowTheLoadWithinASecond) {
+  StackOptions o;
+  o.driver = "loopback";
+  o.driver_opts.loopback_ipv4 = kA;
+  o.driver_opts.engines = 1;
+  o.policy_knobs = {{"scale", "on"},
+                    {"scale_max", "3"},
+                    {"scale_hold_ms", "200"},
+                    {"scale_grow_queued_bytes", "4096"},
+                    {"scale_grow_busy", "0.05"},
+                    {"scale_shrink_busy", "0.05"}};
+  auto sa = Stack::Create(o);
+  ASSERT_TRUE(sa.ok()) << sa.status();
+  auto& a = *sa;
+  auto b = MakeStack(kB, 1);
+  auto l = b->Listen(91);
+  ASSERT_TRUE(l.ok());
+  auto c = a->Connect(kB, 91);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  auto live = [&] { return a->driver().Channels().size(); };
+  EXPECT_EQ(live(), 1u);
+  std::atomic<bool> stop{false};
+  uint64_t sent = 0, got = 0;
+  bool intact = true;
+  std::thread writer([&] {
+    std::vector<uint8_t> buf(64 << 10);
+    while (!stop.load()) {
+      for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<uint8_t>((sent + i) % 251);
+      auto r = (*c)->Send(buf);
+      ASSERT_TRUE(r.ok()) << r.status();
+      sent += *r;
+    }
+    ASSERT_TRUE((*c)->Shutdown().ok());
+  });
+  std::thread reader([&] {
+    std::vector<uint8_t> buf(64 << 10);
+    for (;;) {
+      auto n = (*s)->Recv(buf);
+      ASSERT_TRUE(n.ok()) << n.status();
+      if (*n == 0) break;
+      for (size_t i = 0; i < *n && intact; ++i) intact = buf[i] == (got + i) % 251;
+      got += *n;
+    }
+  });
+  const uint64_t start = chan::NowUs();
+  while (live() < 2 && chan::NowUs() - start < 3'000'000)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const double grew_s = (chan::NowUs() - start) / 1e6;
+  EXPECT_GE(live(), 2u);
+  EXPECT_LT(grew_s, 1.0) << "scaling up took " << grew_s << " s";
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  stop = true;
+  writer.join();
+  reader.join();
+  EXPECT_EQ(got, sent);
+  EXPECT_TRUE(intact);
+  const uint64_t idle = chan::NowUs();
+  while (live() > 1 && chan::NowUs() - idle < 5'000'000)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(live(), 1u) << "back to scale_min once idle";
+  EXPECT_GE(a->Stats().channels_scaled_up, 1u);
+}
+
 TEST(VnsPolicyTest, SwappingThePolicyMidStreamLosesAndReordersNothing) {
   auto a = MakeStack(kA, 4), b = MakeStack(kB, 4);
   ASSERT_TRUE(a && b);

@@ -313,6 +313,14 @@ TEST_F(CtlTest, OperatorChangesARunningStackWithoutLosingAByte) {
   EXPECT_NE(list.find("  round-robin skip_queued_bytes=2097152"), std::string::npos) << list;
   EXPECT_NE(list.find("  one-per-socket"), std::string::npos) << list;
   EXPECT_EQ(CtlJson("policy set round-robin")["name"], "round-robin");
+  // scale: two more channels to the peer, then back to its first: drained, not dropped.
+  const size_t before = CtlJson("channels").size();
+  EXPECT_EQ(CtlJson("scale peer 198.18.0.2 --channels " + std::to_string(before + 2))["channels"],
+            before + 2);
+  EXPECT_EQ(CtlJson("channels").size(), before + 2);
+  usleep(200'000);
+  EXPECT_EQ(CtlJson("scale peer 198.18.0.2 --channels " + std::to_string(before))["channels"],
+            before);
 
   tx.join();
   rx.join();
@@ -379,6 +387,8 @@ TEST_F(CtlTest, EveryErrorPathGetsOneLineAndANonZeroExit) {
       {"policy set lottery", 1, "unknown policy"},
       {"policy set round-robin bogus=1", 1, "no knob"},
       {"policy set round-robin skip_queued_bytes=-5", 1, "positive integer"},
+      {"scale peer 198.18.0.77 --channels 2", 1, "no channel to that peer"},
+      {"scale peer not-an-ip --channels 2", 1, "usage"},
       {"--instance nope status", 1, "no netch instance 'nope'"},
       {"--instance", 2, "--instance"},
   };

@@ -156,6 +156,54 @@ TEST_F(VnsTest, StreamOverFourChannelsArrivesInOrderAndUsesEveryChannel) {
   EXPECT_GT(a_->Stats().copy_chunks + b_->Stats().copy_chunks, 0u) << "copy workers took part";
 }
 
+// Channel scaling over AF_XDP: 100 scale-up/down cycles (1 -> 3 -> 1 channels) while checked
+// streams run both ways; every scale-down drains (NC_DRAIN on both sides) so nothing is lost,
+// and both hosts end with one channel.
+TEST_F(VnsTest, HundredScaleCyclesDuringCheckedStreamsLoseNothing) {
+  Open("afxdp", 1);
+  auto l = b_->Listen(5010);
+  ASSERT_TRUE(l.ok()) << l.status();
+  auto c = a_->Connect(TestHosts::kIpB, 5010);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok()) << s.status();
+  constexpr uint64_t kBytes = 512ull << 20;
+  absl::Status sent_ab, sent_ba, err_ab, err_ba;
+  uint64_t bad_ab = 0, bad_ba = 0, got_ab = 0, got_ba = 0;
+  std::atomic<bool> done{false};
+  std::thread tx1([&] { SendStream(**c, 1, kBytes, 256 << 10, &sent_ab); });
+  std::thread tx2([&] { SendStream(**s, 2, kBytes, 256 << 10, &sent_ba); });
+  std::thread rx1([&] { got_ab = RecvStream(**s, 1, 256 << 10, &bad_ab, &err_ab); });
+  std::thread rx2([&] {
+    got_ba = RecvStream(**c, 2, 256 << 10, &bad_ba, &err_ba);
+    done = true;
+  });
+  int cycles = 0;
+  for (; cycles < 100 && !done.load(); ++cycles) {
+    ASSERT_TRUE(a_->SetPeerChannels(TestHosts::kIpB, 3).ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    ASSERT_TRUE(a_->SetPeerChannels(TestHosts::kIpB, 1).ok());
+    std::this_thread::sleep_for(std::chrono::milliseconds(3));
+  }
+  tx1.join();
+  tx2.join();
+  rx1.join();
+  rx2.join();
+  EXPECT_TRUE(sent_ab.ok() && sent_ba.ok()) << sent_ab << " " << sent_ba;
+  EXPECT_TRUE(err_ab.ok() && err_ba.ok()) << err_ab << " " << err_ba;
+  EXPECT_EQ(got_ab, kBytes);
+  EXPECT_EQ(got_ba, kBytes);
+  EXPECT_EQ(bad_ab + bad_ba, 0u);
+  EXPECT_GE(cycles, 20) << "the streams ended before the scaling could run";
+  auto count = [](Stack& st) { return st.driver().Channels().size(); };
+  for (int i = 0; i < 300 && (count(*a_) != 1 || count(*b_) != 1); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_EQ(count(*a_), 1u);
+  EXPECT_EQ(count(*b_), 1u);
+  EXPECT_EQ(a_->Stats().conns_broken + b_->Stats().conns_broken, 0u);
+  EXPECT_GE(a_->Stats().channels_scaled_up, static_cast<uint64_t>(cycles));
+}
+
 TEST_F(VnsTest, HundredConcurrentSocketsWithMixedMessageSizes) {
   Open("afxdp", 2);
   auto l = b_->Listen(5002, 128);
