@@ -251,6 +251,7 @@ class AfxdpDriver final : public Driver {
   absl::Status Destroy(Channel& ch) override;
   absl::Status MoveChannel(uint32_t id, int engine) override;
   std::vector<EngineInfo> Engines() const override;
+  int queue_count() const override { return static_cast<int>(queues_.size()); }
   DriverStats Stats() const override;
   std::vector<std::shared_ptr<Channel>> Channels() const override;
 

@@ -220,6 +220,8 @@ class Driver {
   // (with any other channel bound to it): see docs/ARCHITECTURE.md.
   virtual absl::Status MoveChannel(uint32_t id, int engine) = 0;
   virtual std::vector<EngineInfo> Engines() const = 0;
+  // Queues channels can be placed on (ChannelParams::queue < queue_count()).
+  virtual int queue_count() const { return 1; }
   virtual DriverStats Stats() const = 0;
   virtual std::vector<std::shared_ptr<Channel>> Channels() const = 0;
 };

@@ -142,6 +142,18 @@ class IsolateClasses final : public NetScheduler {
     }
     return kWait;
   }
+  // L-app channels get queues and an engine of their own: with at least two of each, the first
+  // `latency_channels` channels go on queues [0, k) run by engine 0, the others on the other
+  // queues run by the other engines, so no bulk segment waits in an L-app channel's TX ring or
+  // engine loop (on this host; the receiver places the queues it serves as its driver does).
+  Placement PlaceChannel(size_t index, size_t, int queues, int engines) const override {
+    const int k = static_cast<int>(std::min<uint32_t>(reserve_.load(std::memory_order_relaxed),
+                                                      static_cast<uint32_t>(queues - 1)));
+    if (queues < 2 || engines < 2 || k < 1) return {};
+    const int i = static_cast<int>(index);
+    if (i < k) return {i, 0};
+    return {k + (i - k) % (queues - k), 1 + (i - k) % (engines - 1)};
+  }
   Knobs GetKnobs() const override {
     return {{"latency_channels", std::to_string(reserve_.load(std::memory_order_relaxed))}};
   }

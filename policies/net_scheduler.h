@@ -17,8 +17,11 @@
 // split into chunks shared with the copy workers, and how large they are (PlanCopy, with the
 // copy knobs every policy has: inline_copy_bytes, copy_chunk_bytes, skip_worker_queued_bytes).
 //
-// Still to come behind this interface (the NetScheduler issue): channels per peer and class,
-// placement of channels and copy workers, scaling, HoL resolution.
+// And where each of a peer's channels runs (PlaceChannel: queue and engine; isolate-classes gives
+// L-app channels their own), and how many channels a peer gets (WantChannels, with scale=on).
+//
+// Still to come behind this interface (the NetScheduler issue): placement of copy workers,
+// busy-polled L-app sockets, HoL resolution as the paper does it.
 #pragma once
 
 #include <atomic>
@@ -65,6 +68,12 @@ struct ScaleState {
   uint64_t last_change_us = 0;
 };
 
+// Where a channel runs: an AF_XDP queue and an engine (-1: the driver decides).
+struct Placement {
+  int queue = -1;
+  int engine = -1;
+};
+
 // How one copy between the application's buffer and stack buffers runs.
 struct CopyPlan {
   bool parallel = false;  // split into chunks that the caller and the copy workers share
@@ -88,6 +97,12 @@ class NetScheduler {
   virtual size_t PickChannel(const SocketRef& s, std::span<const ChannelLoad> chans,
                              uint64_t* cursor) const = 0;
 
+  // Where the peer's channel number `index` (of `count`, in opening order) runs, given the
+  // driver's queues and engines. Default: wherever the driver puts it (least loaded queue).
+  virtual Placement PlaceChannel(size_t index, size_t count, int queues, int engines) const {
+    (void)index, (void)count, (void)queues, (void)engines;
+    return {};
+  }
   // The policy's own typed knobs, validated when set, with their current values.
   virtual Knobs GetKnobs() const = 0;
   virtual absl::Status SetKnob(std::string_view key, std::string_view value) = 0;

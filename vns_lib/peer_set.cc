@@ -82,7 +82,9 @@ void PeerSet::ForEach(const std::function<void(Peer&)>& fn) {
   for (Peer* p : all) fn(*p);
 }
 
-absl::StatusOr<Peer*> PeerSet::Ensure(uint32_t ip, int want, absl::Duration timeout) {
+absl::StatusOr<Peer*> PeerSet::Ensure(
+    uint32_t ip, int want, absl::Duration timeout,
+    const std::function<void(size_t index, chan::ChannelParams*)>& place) {
   Peer* p = Get(ip);
   std::lock_guard g(p->connect_mu);
   const uint64_t end = chan::NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
@@ -91,6 +93,7 @@ absl::StatusOr<Peer*> PeerSet::Ensure(uint32_t ip, int want, absl::Duration time
     chan::ChannelParams cp;
     cp.peer_ipv4 = ip;
     cp.connect_timeout = timeout;
+    if (place) place(static_cast<size_t>(i), &cp);
     auto ch = driver_->Connect(cp);
     if (!ch.ok()) {
       for (auto& c : opened) (void)driver_->Destroy(*c);

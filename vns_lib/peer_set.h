@@ -72,7 +72,10 @@ class PeerSet {
   Peer* Get(uint32_t ip);  // created on first use; never freed before the set
   // Opens channels until `want` are live (the peer may have lost some: failed channels are not
   // counted), and waits for the new ones to come up. Fails with the errno a connect() would see.
-  absl::StatusOr<Peer*> Ensure(uint32_t ip, int want, absl::Duration timeout);
+  // `place` (optional) sets the queue and engine of the channel with the given index.
+  absl::StatusOr<Peer*> Ensure(
+      uint32_t ip, int want, absl::Duration timeout,
+      const std::function<void(size_t index, chan::ChannelParams*)>& place = nullptr);
   void ForEach(const std::function<void(Peer&)>& fn);
   // Bumped whenever any peer's channels change.
   uint64_t version() const { return version_.load(std::memory_order_acquire); }

@@ -251,7 +251,8 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
   if (port == 0 || ip == 0) return SockError(EINVAL, "connect to address 0 or port 0");
   if (o.rcvbuf < 4096) return SockError(EINVAL, "rcvbuf below 4096 bytes");
   const int target = peers_->Get(ip)->target.load(std::memory_order_relaxed);
-  auto peer = peers_->Ensure(ip, target > 0 ? target : opts_.channels_per_peer, o.connect_timeout);
+  const int want = target > 0 ? target : opts_.channels_per_peer;
+  auto peer = peers_->Ensure(ip, want, o.connect_timeout, Placer(want));
   if (!peer.ok()) return peer.status();
   std::shared_ptr<Conn> c;
   {
@@ -307,6 +308,16 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
   }
 }
 
+std::function<void(size_t, chan::ChannelParams*)> StackImpl::Placer(int count) {
+  return [this, count](size_t index, chan::ChannelParams* cp) {
+    const sched::Placement pl =
+        policy()->PlaceChannel(index, static_cast<size_t>(count), driver_->queue_count(),
+                               static_cast<int>(driver_->Engines().size()));
+    cp->queue = pl.queue;
+    cp->engine = pl.engine;
+  };
+}
+
 absl::Status StackImpl::SetPeerChannels(uint32_t ip, int n) {
   if (n < 1 || n > 64) return absl::InvalidArgumentError("channels per peer must be 1..64");
   Peer* p = peers_->Get(ip);
@@ -314,7 +325,7 @@ absl::Status StackImpl::SetPeerChannels(uint32_t ip, int n) {
   if (live == 0) return absl::NotFoundError("no channel to that peer: connect first");
   p->target.store(n, std::memory_order_relaxed);
   if (n > live) {
-    auto st = peers_->Ensure(ip, n, absl::Seconds(2));
+    auto st = peers_->Ensure(ip, n, absl::Seconds(2), Placer(n));
     if (!st.ok()) return st.status();
     scale_ups_.fetch_add(n - live, std::memory_order_relaxed);
     return absl::OkStatus();

@@ -96,6 +96,8 @@ class StackImpl final : public Stack {
   // every millisecond while anyone is watched).
   void WatchWritable(const std::shared_ptr<Conn>& c);
   absl::Status SetPeerChannels(uint32_t ip, int n) override;
+  // The active policy's placement of a peer's channels (queue, engine), for PeerSet::Ensure.
+  std::function<void(size_t, chan::ChannelParams*)> Placer(int count);
   void NotifyConsumed() {
     if (holding_.load(std::memory_order_seq_cst)) WakeDispatcher();
   }

@@ -161,6 +161,26 @@ TEST(CopyPlanTest, CopyKnobsBelongToEveryPolicyAndAreValidated) {
       << "the error lists the copy knobs too: " << bad.status();
 }
 
+TEST(PlacementTest, IsolateClassesGivesLatencyChannelsTheirOwnQueueAndEngine) {
+  auto p = Make("isolate-classes");  // latency_channels = 1
+  for (size_t i = 0; i < 4; ++i) {
+    const Placement pl = p->PlaceChannel(i, 4, /*queues=*/4, /*engines=*/2);
+    if (i == 0) {
+      EXPECT_EQ(pl.queue, 0);
+      EXPECT_EQ(pl.engine, 0);
+    } else {
+      EXPECT_GE(pl.queue, 1) << i;
+      EXPECT_EQ(pl.engine, 1) << "bulk channels never on the L-app engine";
+    }
+  }
+  EXPECT_EQ(p->PlaceChannel(1, 6, 4, 3).engine, 1);
+  EXPECT_EQ(p->PlaceChannel(2, 6, 4, 3).engine, 2) << "bulk spread over the other engines";
+  // Nothing to isolate with one queue or one engine: the driver decides.
+  EXPECT_EQ(p->PlaceChannel(0, 4, 1, 2).queue, -1);
+  EXPECT_EQ(p->PlaceChannel(0, 4, 4, 1).engine, -1);
+  EXPECT_EQ(Make("round-robin")->PlaceChannel(0, 4, 4, 2).queue, -1) << "others: the driver's";
+}
+
 TEST(ScalingTest, GrowsAndShrinksOneAtATimeWithHysteresisWithinBounds) {
   auto p = Make("round-robin", {{"scale", "on"},
                                 {"scale_min", "1"},

@@ -204,6 +204,35 @@ TEST_F(VnsTest, HundredScaleCyclesDuringCheckedStreamsLoseNothing) {
   EXPECT_GE(a_->Stats().channels_scaled_up, static_cast<uint64_t>(cycles));
 }
 
+// isolate-classes places the L-app channel on a queue and an engine of its own (4 queues, 2
+// engines): bulk channels are never run by the L-app channel's engine on this host.
+TEST_F(VnsTest, IsolateClassesRunsTheLatencyChannelOnItsOwnQueueAndEngine) {
+  StackOptions oa = Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 4);
+  oa.policy = "isolate-classes";
+  auto a = Stack::Create(oa);
+  ASSERT_TRUE(a.ok()) << a.status();
+  a_ = std::move(*a);
+  auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 4));
+  ASSERT_TRUE(b.ok()) << b.status();
+  b_ = std::move(*b);
+  auto l = b_->Listen(5011);
+  ASSERT_TRUE(l.ok());
+  auto c = a_->Connect(TestHosts::kIpB, 5011);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto chans = a_->driver().Channels();
+  ASSERT_EQ(chans.size(), 4u);
+  std::sort(chans.begin(), chans.end(),
+            [](const auto& x, const auto& y) { return x->id() < y->id(); });
+  const auto first = chans[0]->stats();
+  EXPECT_EQ(first.queue, 0);
+  EXPECT_EQ(first.engine, 0);
+  for (size_t i = 1; i < chans.size(); ++i) {
+    const auto st = chans[i]->stats();
+    EXPECT_NE(st.queue, 0) << "channel " << chans[i]->id();
+    EXPECT_EQ(st.engine, 1) << "channel " << chans[i]->id();
+  }
+}
+
 TEST_F(VnsTest, HundredConcurrentSocketsWithMixedMessageSizes) {
   Open("afxdp", 2);
   auto l = b_->Listen(5002, 128);
