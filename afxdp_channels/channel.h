@@ -147,6 +147,10 @@ class Channel {
     return false;
   }
   virtual bool sealed() const { return false; }
+  // Segments delivered (in rxq or handed out by Dequeue) that the consumer has not Released yet:
+  // exact on the consumer's side, unlike stats().rx_queued_bytes, which the engine publishes
+  // once per batch. 0 means no consumer holds a pointer into the channel's buffers.
+  virtual uint64_t rx_outstanding() const { return 0; }
 
   // What a waiter cares about. The receive side (Dequeue) and the send side (Enqueue) have
   // separate notifications: a dispatcher draining a channel and an application filling it wait

@@ -257,6 +257,7 @@ size_t ChannelCore::Dequeue(size_t max_bytes, std::span<RxSegment> out) {
   if (n) {
     rx_segments_.fetch_add(n, std::memory_order_relaxed);
     rx_bytes_.fetch_add(bytes, std::memory_order_relaxed);
+    outstanding_.fetch_add(n, std::memory_order_release);
   }
   return n;
 }
@@ -277,6 +278,7 @@ void ChannelCore::Release(std::span<const RxSegment> segs) {
     }
     i += n;
   }
+  outstanding_.fetch_sub(segs.size(), std::memory_order_release);
   if (!segs.empty() && task_) task_->Wake();
 }
 

@@ -45,6 +45,9 @@ class ChannelCore : public Channel {
     return pub_.tx_queued_bytes.load(std::memory_order_relaxed);
   }
   bool writable() const override { return SideReady(1); }
+  uint64_t rx_outstanding() const override {
+    return outstanding_.load(std::memory_order_acquire) + rxq_.SizeApprox();
+  }
   bool Seal(const TxSegment& last) override;
   bool sealed() const override { return sealed_.load(std::memory_order_acquire); }
   bool rx_under_pressure() const override {
@@ -143,6 +146,7 @@ class ChannelCore : public Channel {
   std::mutex producer_mu_;
   uint32_t txq_reserved_ = 0;        // txq_ slots reserved by producers copying outside the lock
   std::atomic<bool> sealed_{false};  // written under producer_mu_: Enqueue takes nothing more
+  std::atomic<uint64_t> outstanding_{0};  // segments Dequeue handed out, not yet Released
   bool coalescing_ = false;
   struct OpenSeg {
     uint64_t token = 0;

@@ -284,7 +284,7 @@ void StackImpl::Dispatch() {
       // Scale-down: sealed on both sides, everything on it acknowledged and given back: it goes.
       if (!cs.dead && sealed_by_us_.contains(cs.ch.get()) &&
           drained_by_peer_.contains(cs.ch.get()) && cs.ch->tx_queued_bytes() == 0 &&
-          cs.ch->stats().rx_queued_bytes == 0 && IsLive(cs.ch->state())) {
+          cs.ch->rx_outstanding() == 0 && IsLive(cs.ch->state())) {
         cs.dead = cs.drained = true;
         scale_downs_.fetch_add(1, std::memory_order_relaxed);
         worked = true;
@@ -311,7 +311,11 @@ void StackImpl::Dispatch() {
     // A dead channel leaves once drained and once no socket holds a buffer of it (sockets keep
     // raw pointers to the channel of each segment they hold).
     std::erase_if(chans, [&](ChanState& cs) {
-      if (!cs.dead || !cs.pending.empty() || cs.ch->stats().rx_queued_bytes != 0) return false;
+      // (A drained channel is still up: its engine may not have published the last deliveries
+      // in stats() yet, so the consumer side's exact count decides.)
+      if (!cs.dead || !cs.pending.empty() ||
+          (cs.drained ? cs.ch->rx_outstanding() : cs.ch->stats().rx_queued_bytes) != 0)
+        return false;
       if (cs.drained || cs.ch->sealed()) {
         // Control segments waiting for it go on the peer's control channel instead.
         auto ctl = cs.peer->ControlChannel();
