@@ -410,6 +410,30 @@ TEST(ChannelCoreTest, AWriteThatSpillsIsTakenWholeOrNotAtAll) {
   ch.Release(rest);
 }
 
+TEST(ChannelCoreTest, ASealedChannelEndsWithItsLastSegmentAndTakesNothingAfter) {
+  FakeChannel ch(16);
+  ch.GiveBuffers(16);
+  std::vector<uint8_t> a(100, 1);
+  const TxSegment first[] = {Seg(0, a), Seg(100, a)};
+  ASSERT_EQ(*ch.Enqueue(first), 2u);
+  TxSegment last;
+  last.hdr.type = NC_DRAIN;
+  ASSERT_TRUE(ch.Seal(last));
+  EXPECT_TRUE(ch.sealed());
+  const TxSegment after[] = {Seg(200, a)};
+  EXPECT_EQ(*ch.Enqueue(after), 0u) << "nothing after the last segment";
+  ASSERT_EQ(ch.Loop(), 3u);
+  RxSegment out[8];
+  ASSERT_EQ(ch.Dequeue(SIZE_MAX, out), 3u);
+  EXPECT_EQ(out[2].hdr.type, NC_DRAIN) << "the seal's segment comes after every earlier one";
+  // The consumer side counts exactly what it holds: 0 only once everything is released.
+  EXPECT_EQ(ch.rx_outstanding(), 3u);
+  ch.Release({out, 2});
+  EXPECT_EQ(ch.rx_outstanding(), 1u);
+  ch.Release({out + 2, 1});
+  EXPECT_EQ(ch.rx_outstanding(), 0u);
+}
+
 TEST(ChannelCoreTest, WithoutCoalescingTheFlagIsIgnored) {
   FakeChannel ch(16);
   ch.GiveBuffers(16);
