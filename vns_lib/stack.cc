@@ -333,9 +333,11 @@ absl::Status StackImpl::SetPeerChannels(uint32_t ip, int n) {
   // Scale down: the newest channels are sealed by the dispatcher (an NC_DRAIN after their last
   // segment) and destroyed once both sides have sealed them and every byte on them is acked
   // and read.
-  auto chans = p->Live();
+  // (Counted again: a channel may have been sealed or died since live_count().)
+  const auto chans = p->Live();
   std::lock_guard g(drain_mu_);
-  for (int i = live - 1; i >= n; --i) drain_requests_.push_back(chans[i]);
+  for (size_t i = chans.size(); i > static_cast<size_t>(n); --i)
+    drain_requests_.push_back(chans[i - 1]);
   WakeDispatcher();
   return absl::OkStatus();
 }

@@ -18,6 +18,12 @@ namespace {
 
 constexpr uint32_t kA = 0x0A000001, kB = 0x0A000002;
 
+#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
+constexpr bool kSanitized = true;
+#else
+constexpr bool kSanitized = false;
+#endif
+
 std::unique_ptr<Stack> MakeStack(uint32_t ip, int channels = 2) {
   StackOptions o;
   o.driver = "loopback";
@@ -420,7 +426,9 @@ TEST(VnsScalingTest, ChannelsFollowTheLoadWithinASecond) {
     std::this_thread::sleep_for(std::chrono::milliseconds(5));
   const double grew_s = (chan::NowUs() - start) / 1e6;
   EXPECT_GE(live(), 2u);
-  EXPECT_LT(grew_s, 1.0) << "scaling up took " << grew_s << " s";
+  // The control loop reacts within a second (hold 200 ms, 100 ms ticks); sanitizers slow every
+  // thread several-fold, so they get a looser bound for the same property.
+  EXPECT_LT(grew_s, kSanitized ? 3.0 : 1.0) << "scaling up took " << grew_s << " s";
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   stop = true;
   writer.join();
