@@ -276,6 +276,19 @@ int InstallNew(std::shared_ptr<Entry> e) {
   return fd;
 }
 
+// `nfd`, a number the kernel just duplicated from a virtual socket's, names the same socket.
+int Alias(int nfd, std::shared_ptr<Entry> e) {
+  if (nfd < 0) return nfd;
+  if (nfd >= kMaxFd) {
+    REAL(close)(nfd);
+    LogOnce("fd numbers above 65535 cannot hold virtual sockets");
+    return Fail(EMFILE);
+  }
+  g_slot[nfd].store(std::move(e), std::memory_order_release);
+  g_kind[nfd].store(kVirtual, std::memory_order_release);
+  return nfd;
+}
+
 uint64_t Tag(int fd, int dir) {
   return (uint64_t{0x4e43} << 48) | (uint64_t{g_nonce & 0xffff} << 32) |
          (static_cast<uint64_t>(fd) << 1) | static_cast<uint64_t>(dir);
@@ -957,17 +970,8 @@ static int FcntlImpl(int fd, int cmd, long arg) {
     case F_SETFD:
       return REAL(fcntl)(fd, cmd, arg);
     case F_DUPFD:
-    case F_DUPFD_CLOEXEC: {
-      const int nfd = REAL(fcntl)(fd, cmd, arg);
-      if (nfd < 0) return -1;
-      if (nfd >= kMaxFd) {
-        REAL(close)(nfd);
-        return Fail(EMFILE);
-      }
-      g_slot[nfd].store(e);
-      g_kind[nfd].store(kVirtual, std::memory_order_release);
-      return nfd;
-    }
+    case F_DUPFD_CLOEXEC:
+      return Alias(REAL(fcntl)(fd, cmd, arg), std::move(e));
     default:
       LogOnce(absl::StrFormat("fcntl command %d is not supported on NetChannel sockets", cmd));
       return Fail(EINVAL);
@@ -1016,14 +1020,7 @@ int ioctl(int fd, unsigned long req, ...) noexcept {
 int dup(int fd) noexcept {
   auto e = Virt(fd);
   const int nfd = REAL(dup)(fd);
-  if (!e || nfd < 0) return nfd;
-  if (nfd >= kMaxFd) {
-    REAL(close)(nfd);
-    return Fail(EMFILE);
-  }
-  g_slot[nfd].store(e);
-  g_kind[nfd].store(kVirtual, std::memory_order_release);
-  return nfd;
+  return e ? Alias(nfd, std::move(e)) : nfd;
 }
 
 int dup3(int fd, int nfd, int flags) noexcept {
@@ -1031,11 +1028,7 @@ int dup3(int fd, int nfd, int flags) noexcept {
   if (fd == nfd) return REAL(dup3)(fd, nfd, flags);  // EINVAL, as libc says
   if (nfd >= 0 && nfd < kMaxFd) Forget(nfd);         // dup3 closes what nfd named
   const int r = REAL(dup3)(fd, nfd, flags);
-  if (!e || r < 0) return r;
-  if (nfd >= kMaxFd) return Fail(EMFILE);
-  g_slot[nfd].store(e);
-  g_kind[nfd].store(kVirtual, std::memory_order_release);
-  return r;
+  return e ? Alias(r, std::move(e)) : r;
 }
 
 int dup2(int fd, int nfd) noexcept {
