@@ -35,6 +35,22 @@ std::unique_ptr<Stack> MakeStack(uint32_t ip, int channels = 2) {
   return s.ok() ? std::move(*s) : nullptr;
 }
 
+// A connected pair of sockets between two stacks (client on `a`, server on `b`); null on failure.
+std::pair<std::unique_ptr<VirtualSocket>, std::unique_ptr<VirtualSocket>> Connected(Stack& a,
+                                                                                    Stack& b,
+                                                                                    uint16_t port) {
+  auto l = b.Listen(port);
+  EXPECT_TRUE(l.ok()) << l.status();
+  if (!l.ok()) return {};
+  auto c = a.Connect(kB, port);
+  EXPECT_TRUE(c.ok()) << c.status();
+  if (!c.ok()) return {};
+  auto s = (*l)->Accept();
+  EXPECT_TRUE(s.ok()) << s.status();
+  if (!s.ok()) return {};
+  return {std::move(*c), std::move(*s)};
+}
+
 bool Readable(int fd, int ms) {
   pollfd p{fd, POLLIN, 0};
   return poll(&p, 1, ms) == 1;
@@ -299,20 +315,14 @@ TEST_F(VnsStackTest, ManySocketsShareTheChannelsAndStayApart) {
 namespace netch::vns {
 namespace {
 
-// The NetScheduler policy swapped again and again while a stream runs over four channels: VNS
-// orders by its own offsets, so no byte is lost or reordered, and each policy made decisions.
 // Scale-up and scale-down of a peer's channels, 100 cycles, while streams run both ways: the
 // drain handshake (NC_DRAIN after the last segment on both sides, destroy when everything is
 // acknowledged and read) must lose and reorder nothing.
 TEST(VnsScalingTest, HundredScaleCyclesDuringStreamsBothWaysLoseNothing) {
   auto a = MakeStack(kA, 1), b = MakeStack(kB, 1);
   ASSERT_TRUE(a && b);
-  auto l = b->Listen(90);
-  ASSERT_TRUE(l.ok());
-  auto c = a->Connect(kB, 90);
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto s = (*l)->Accept();
-  ASSERT_TRUE(s.ok());
+  auto [c, s] = Connected(*a, *b, 90);
+  ASSERT_TRUE(c && s);
   constexpr uint64_t kBytes = 96ull << 20;
   auto pattern = [](uint64_t i) { return static_cast<uint8_t>((i * 7) ^ (i >> 11)); };
   std::atomic<bool> done{false};
@@ -339,9 +349,9 @@ TEST(VnsScalingTest, HundredScaleCyclesDuringStreamsBothWaysLoseNothing) {
   };
   uint64_t got_b = 0, got_a = 0;
   bool intact_b = false, intact_a = false;
-  std::thread wa([&] { writer(c->get()); }), wb([&] { writer(s->get()); });
-  std::thread rb([&] { reader(s->get(), &got_b, &intact_b); });
-  std::thread ra([&] { reader(c->get(), &got_a, &intact_a); });
+  std::thread wa([&] { writer(c.get()); }), wb([&] { writer(s.get()); });
+  std::thread rb([&] { reader(s.get(), &got_b, &intact_b); });
+  std::thread ra([&] { reader(c.get(), &got_a, &intact_a); });
   int cycles = 0;
   std::thread scaler([&] {
     for (; cycles < 100 && !done.load(); ++cycles) {
@@ -390,12 +400,9 @@ TEST(VnsScalingTest, ChannelsFollowTheLoadWithinASecond) {
   ASSERT_TRUE(sa.ok()) << sa.status();
   auto& a = *sa;
   auto b = MakeStack(kB, 1);
-  auto l = b->Listen(91);
-  ASSERT_TRUE(l.ok());
-  auto c = a->Connect(kB, 91);
-  ASSERT_TRUE(c.ok()) << c.status();
-  auto s = (*l)->Accept();
-  ASSERT_TRUE(s.ok());
+  ASSERT_TRUE(b);
+  auto [c, s] = Connected(*a, *b, 91);
+  ASSERT_TRUE(c && s);
   auto live = [&] { return a->driver().Channels().size(); };
   EXPECT_EQ(live(), 1u);
   std::atomic<bool> stop{false};
@@ -405,16 +412,16 @@ TEST(VnsScalingTest, ChannelsFollowTheLoadWithinASecond) {
     std::vector<uint8_t> buf(64 << 10);
     while (!stop.load()) {
       for (size_t i = 0; i < buf.size(); ++i) buf[i] = static_cast<uint8_t>((sent + i) % 251);
-      auto r = (*c)->Send(buf);
+      auto r = c->Send(buf);
       ASSERT_TRUE(r.ok()) << r.status();
       sent += *r;
     }
-    ASSERT_TRUE((*c)->Shutdown().ok());
+    ASSERT_TRUE(c->Shutdown().ok());
   });
   std::thread reader([&] {
     std::vector<uint8_t> buf(64 << 10);
     for (;;) {
-      auto n = (*s)->Recv(buf);
+      auto n = s->Recv(buf);
       ASSERT_TRUE(n.ok()) << n.status();
       if (*n == 0) break;
       for (size_t i = 0; i < *n && intact; ++i) intact = buf[i] == (got + i) % 251;
@@ -442,6 +449,8 @@ TEST(VnsScalingTest, ChannelsFollowTheLoadWithinASecond) {
   EXPECT_GE(a->Stats().channels_scaled_up, 1u);
 }
 
+// The NetScheduler policy swapped again and again while a stream runs over four channels: VNS
+// orders by its own offsets, so no byte is lost or reordered, and each policy made decisions.
 TEST(VnsPolicyTest, SwappingThePolicyMidStreamLosesAndReordersNothing) {
   auto a = MakeStack(kA, 4), b = MakeStack(kB, 4);
   ASSERT_TRUE(a && b);
