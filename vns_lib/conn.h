@@ -51,35 +51,13 @@ struct Conn {
 
   // Readiness: the eventfd is written when something arrives and cleared when the socket has
   // consumed everything; one syscall per transition, not per segment.
-  void Signal() {
-    if (!signaled.exchange(true, std::memory_order_acq_rel)) {
-      uint64_t one = 1;
-      (void)!write(efd, &one, sizeof(one));
-    }
-  }
-  void Unsignal() {
-    if (signaled.exchange(false, std::memory_order_acq_rel)) {
-      uint64_t v;
-      (void)!read(efd, &v, sizeof(v));
-    }
-  }
-
+  void Signal() { Raise(efd, signaled); }
+  void Unsignal() { Lower(efd, signaled); }
   // Write readiness, the same way: wefd is readable while Send would not block. Set when the
   // connection is established, when the peer's window moves, on any error, and by the
   // dispatcher when a full channel gets room; cleared by a non-blocking Send that was cut short.
-  void SignalWritable() {
-    if (!wsignaled.load(std::memory_order_acquire) &&
-        !wsignaled.exchange(true, std::memory_order_acq_rel)) {
-      uint64_t one = 1;
-      (void)!write(wefd, &one, sizeof(one));
-    }
-  }
-  void UnsignalWritable() {
-    if (wsignaled.exchange(false, std::memory_order_acq_rel)) {
-      uint64_t v;
-      (void)!read(wefd, &v, sizeof(v));
-    }
-  }
+  void SignalWritable() { Raise(wefd, wsignaled); }
+  void UnsignalWritable() { Lower(wefd, wsignaled); }
 
   const ConnKey key;
   uint64_t id = 0;  // control-plane id, unique per stack
@@ -158,6 +136,21 @@ struct Conn {
   int backlog = 0;
   std::mutex accept_mu;
   std::deque<std::shared_ptr<Conn>> accept_q;
+
+ private:
+  // An eventfd readable exactly while `flag` is set: the flag decides, the fd follows it.
+  static void Raise(int fd, std::atomic<bool>& flag) {
+    if (!flag.load(std::memory_order_acquire) && !flag.exchange(true, std::memory_order_acq_rel)) {
+      uint64_t one = 1;
+      (void)!write(fd, &one, sizeof(one));
+    }
+  }
+  static void Lower(int fd, std::atomic<bool>& flag) {
+    if (flag.exchange(false, std::memory_order_acq_rel)) {
+      uint64_t v;
+      (void)!read(fd, &v, sizeof(v));
+    }
+  }
 };
 
 // Gives held segments back: private copies are freed, channel buffers released, one Release call
