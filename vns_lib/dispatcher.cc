@@ -74,7 +74,9 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
     case NC_DRAIN:
       // The peer puts nothing more on this channel: we seal our side too (the dispatcher's
       // drain step), and both destroy it once everything on it is acknowledged and read.
+      // seq 0: the peer scales down; 1: the peer answers our NC_DRAIN.
       drained_by_peer_.insert(ch);
+      if (h.seq == 0) peer_initiated_.insert(ch);
       if (!ch->sealed()) to_seal_.push_back(ch);
       release();
       return true;
@@ -213,7 +215,7 @@ bool StackImpl::SealRequested() {
     if (sealed_by_us_.contains(ch)) return true;
     if (!IsLive(ch->state())) return true;  // died meanwhile: the dead-channel path has it
     chan::TxSegment last;
-    last.hdr = {NC_DRAIN, 0, 0, 0, 0, 0};
+    last.hdr = {NC_DRAIN, 0, 0, 0, 0, initiated_by_us_.contains(ch) ? 0u : 1u};
     if (!ch->Seal(last)) return false;  // no room yet: next round
     sealed_by_us_.insert(ch);
     peers_->Get(ch->peer_ipv4())->NoteSealed();
@@ -241,7 +243,10 @@ void StackImpl::Dispatch() {
     if (watching_.load(std::memory_order_acquire)) CheckWatched();
     {
       std::lock_guard g(drain_mu_);
-      for (auto& ch : drain_requests_) to_seal_.push_back(ch.get());
+      for (auto& ch : drain_requests_) {
+        to_seal_.push_back(ch.get());
+        initiated_by_us_.insert(ch.get());
+      }
       drain_requests_.clear();
     }
     worked |= SealRequested();
@@ -281,10 +286,17 @@ void StackImpl::Dispatch() {
         worked = true;
       }
       if (!cs.pending.empty()) continue;  // still blocked: leave the channel's window to close
-      // Scale-down: sealed on both sides, everything on it acknowledged and given back: it goes.
-      if (!cs.dead && sealed_by_us_.contains(cs.ch.get()) &&
-          drained_by_peer_.contains(cs.ch.get()) && cs.ch->tx_queued_bytes() == 0 &&
-          cs.ch->rx_outstanding() == 0 && IsLive(cs.ch->state())) {
+      // Scale-down: the side that asked destroys the channel once the peer's answer arrived (it
+      // follows every byte the peer put on the channel, and the peer sent it after our NC_DRAIN,
+      // so every byte of ours reached it) and the sockets gave back every buffer of it. The
+      // answering side waits for that close (the dead-channel path below): were it to destroy
+      // too, segments still queued in its own send ring could be dropped. (Both sides asking at
+      // once: each destroys once its own bytes are acknowledged; Destroy lingers for them.)
+      const chan::Channel* key = cs.ch.get();
+      if (!cs.dead && sealed_by_us_.contains(key) && initiated_by_us_.contains(key) &&
+          drained_by_peer_.contains(key) && cs.ch->rx_outstanding() == 0 &&
+          (!peer_initiated_.contains(key) || cs.ch->tx_queued_bytes() == 0) &&
+          IsLive(cs.ch->state())) {
         cs.dead = cs.drained = true;
         scale_downs_.fetch_add(1, std::memory_order_relaxed);
         worked = true;
@@ -327,6 +339,8 @@ void StackImpl::Dispatch() {
       }
       sealed_by_us_.erase(cs.ch.get());
       drained_by_peer_.erase(cs.ch.get());
+      initiated_by_us_.erase(cs.ch.get());
+      peer_initiated_.erase(cs.ch.get());
       std::erase(to_seal_, cs.ch.get());
       const uint64_t before = peers_->version();
       cs.peer->Remove(cs.ch.get());

@@ -131,7 +131,8 @@ class StackImpl final : public Stack {
   bool SealRequested();   // dispatcher: seals channels being scaled down (NC_DRAIN)
   // Dispatcher only: channels being scaled down.
   std::vector<chan::Channel*> to_seal_;
-  absl::flat_hash_set<const chan::Channel*> sealed_by_us_, drained_by_peer_;
+  absl::flat_hash_set<const chan::Channel*> sealed_by_us_, drained_by_peer_, initiated_by_us_,
+      peer_initiated_;
 
   StackOptions opts_;
   std::unique_ptr<bpf::SteerProgram> steer_;
