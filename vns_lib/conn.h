@@ -138,19 +138,33 @@ struct Conn {
   std::deque<std::shared_ptr<Conn>> accept_q;
 
  private:
-  // An eventfd readable exactly while `flag` is set: the flag decides, the fd follows it.
-  static void Raise(int fd, std::atomic<bool>& flag) {
-    if (!flag.load(std::memory_order_acquire) && !flag.exchange(true, std::memory_order_acq_rel)) {
-      uint64_t one = 1;
-      (void)!write(fd, &one, sizeof(one));
-    }
+  // An eventfd readable exactly while `flag` is set: the flag decides, the fd follows it. The
+  // flag and the eventfd's counter are two states, so a transition changes both under sig_mu
+  // (unserialized, a Raise landing between a Lower's flag store and its read() was swallowed: flag
+  // set, fd quiet, a poller asleep forever). The lock is taken on transitions only, not per
+  // segment. The fences pair a raiser's "publish data, then look at the flag" with a lowerer's
+  // "clear the flag, then look for data" (its caller rechecks), so one of them sees the other.
+  void Raise(int fd, std::atomic<bool>& flag) {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (flag.load(std::memory_order_relaxed)) return;
+    std::lock_guard g(sig_mu);
+    if (flag.load(std::memory_order_relaxed)) return;
+    flag.store(true, std::memory_order_relaxed);
+    uint64_t one = 1;
+    (void)!write(fd, &one, sizeof(one));
   }
-  static void Lower(int fd, std::atomic<bool>& flag) {
-    if (flag.exchange(false, std::memory_order_acq_rel)) {
-      uint64_t v;
-      (void)!read(fd, &v, sizeof(v));
+  void Lower(int fd, std::atomic<bool>& flag) {
+    if (flag.load(std::memory_order_relaxed)) {
+      std::lock_guard g(sig_mu);
+      if (flag.load(std::memory_order_relaxed)) {
+        flag.store(false, std::memory_order_relaxed);
+        uint64_t v;
+        (void)!read(fd, &v, sizeof(v));
+      }
     }
+    std::atomic_thread_fence(std::memory_order_seq_cst);
   }
+  std::mutex sig_mu;
 };
 
 // Gives held segments back: private copies are freed, channel buffers released, one Release call

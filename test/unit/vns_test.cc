@@ -2,13 +2,17 @@
 // splitting and parallel runs.
 #include "vns_lib/vns.h"
 
+#include <poll.h>
+
 #include <algorithm>
 #include <atomic>
 #include <numeric>
 #include <random>
+#include <thread>
 #include <vector>
 
 #include "gtest/gtest.h"
+#include "vns_lib/conn.h"
 #include "vns_lib/copy_workers.h"
 #include "vns_lib/reassembly.h"
 
@@ -144,6 +148,63 @@ TEST(CopyWorkersTest, ParallelForRunsEveryIndexOnceAndResizesAtRunTime) {
   });
   EXPECT_TRUE(src == dst);
   EXPECT_GT(w.chunks_run(), 0u) << "the workers took part";
+}
+
+// A socket's readiness eventfd must follow its flag whatever the interleaving: a deliverer raising
+// while the reader lowers (then rechecks, as UpdateReadiness does) may never leave the flag set
+// with a quiet fd — a poller would sleep on a readable socket (seen once in CI as an ended stream
+// that poll() called unreadable).
+TEST(ConnReadinessTest, RaiseAndLowerRacingLeaveTheFdMatchingTheFlag) {
+  Conn c(ConnKey{1, 2, 3}, 1, AppClass::kThroughput, 4096);
+  auto fd_readable = [&] {
+    pollfd p{c.efd, POLLIN, 0};
+    return poll(&p, 1, 0) == 1;
+  };
+  // Both threads meet at a barrier each round so their calls overlap closely (spinning, then
+  // yielding if the other thread is descheduled); bounded in rounds and time.
+  constexpr int kRounds = 200'000;
+  std::atomic<int> arrived{0};
+  std::atomic<bool> pending{false}, stop{false};
+  auto meet = [&](int n) {
+    arrived.fetch_add(1);
+    for (int spins = 0; arrived.load() < 2 * (n + 1); ++spins)
+      if (spins > 1000) std::this_thread::yield();
+  };
+  std::thread deliverer([&] {
+    for (int r = 0; r < kRounds; ++r) {
+      meet(2 * r);
+      if (stop.load()) return;
+      pending.store(true);
+      c.Signal();
+      meet(2 * r + 1);
+    }
+  });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  for (int r = 0; r < kRounds; ++r) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      stop.store(true);
+      meet(2 * r);
+      break;
+    }
+    c.Signal();  // earlier data, just consumed: the reader lowers a raised fd
+    meet(2 * r);
+    c.Unsignal();
+    if (pending.load()) c.Signal();
+    meet(2 * r + 1);
+    const bool flag = c.signaled.load(), readable = fd_readable();
+    pending.store(false);
+    c.Unsignal();
+    const bool still = fd_readable();
+    EXPECT_TRUE(flag) << "round " << r << ": something was delivered";
+    EXPECT_TRUE(readable) << "round " << r << ": flag set, fd quiet";
+    EXPECT_FALSE(still) << "round " << r << ": lowered, fd still readable";
+    if (!flag || !readable || still) {
+      stop.store(true);
+      meet(2 * (r + 1));
+      break;
+    }
+  }
+  deliverer.join();
 }
 
 TEST(VnsErrnoTest, OkIsZeroAndForeignStatusesAreEio) {
