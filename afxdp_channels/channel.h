@@ -139,6 +139,17 @@ class Channel {
   virtual void Release(std::span<const RxSegment> segs) = 0;
   // Sends at once what Enqueue holds open for coalescing (a writer about to wait for a reply).
   virtual void Flush() {}
+  // Busy polling (run to completion, for latency-sensitive sockets): runs one round of the engine
+  // that carries this channel on the calling thread — receive ring, acknowledgments, transmit of
+  // what Enqueue queued — unless that engine is in a round right now; for `stand_down_us` the
+  // engine thread leaves the work to the poller (arriving packets do not wake it). True if
+  // anything was done. Drivers without engine threads return false.
+  virtual bool PollInline(uint64_t stand_down_us) {
+    (void)stand_down_us;
+    return false;
+  }
+  // The poller stops (about to sleep): the engine thread takes over again at once.
+  virtual void EndPollInline() {}
   // Scale-down: `last` becomes the final segment on this channel — after every segment enqueued
   // before (including those being copied right now), and Enqueue takes nothing after it. False
   // when the send queue has no room for it yet (try again later).

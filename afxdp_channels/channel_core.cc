@@ -141,6 +141,15 @@ bool ChannelCore::Seal(const TxSegment& last) {
   return true;
 }
 
+bool ChannelCore::PollInline(uint64_t stand_down_us) {
+  Engine* e = task_ ? task_->engine.load(std::memory_order_acquire) : nullptr;
+  return e && e->RunInline(stand_down_us);
+}
+
+void ChannelCore::EndPollInline() {
+  if (Engine* e = task_ ? task_->engine.load(std::memory_order_acquire) : nullptr) e->Resume();
+}
+
 void ChannelCore::Flush() {
   if (!open_pending_.load(std::memory_order_acquire)) return;
   bool committed;

@@ -63,6 +63,8 @@ class ChannelCore : public Channel {
   }
   void ArmNotify(Interest interest = kBoth) override;
   void Flush() override;
+  bool PollInline(uint64_t stand_down_us) override;
+  void EndPollInline() override;
 
   // ---- engine side ----------------------------------------------------------------------------
   virtual uint8_t* BufAddr(uint64_t token) = 0;

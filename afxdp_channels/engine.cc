@@ -119,13 +119,45 @@ void Engine::Wake() {
   // producer's ring store, the engine's store of sleeping_ before its last check) makes sure one
   // of the two sides sees the other.
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (sleeping_.load(std::memory_order_relaxed)) {
+  if (sleeping_.load(std::memory_order_relaxed) &&
+      stand_down_until_us_.load(std::memory_order_relaxed) <= NowUs()) {
     uint64_t one = 1;
     (void)!write(wake_fd_, &one, sizeof(one));
   }
 }
 
+bool Engine::RunInline(uint64_t stand_down_us) {
+  const uint64_t t0 = NowNs(), now = t0 / 1000;
+  // Published first: the engine thread that finishes its round now sees it before sleeping.
+  if (stand_down_until_us_.load(std::memory_order_relaxed) < now + stand_down_us)
+    stand_down_until_us_.store(now + stand_down_us, std::memory_order_relaxed);
+  std::unique_lock rl(round_mu_, std::try_to_lock);
+  if (!rl.owns_lock() || ops_pending_.load(std::memory_order_acquire)) return false;
+  uint64_t deadline = UINT64_MAX;
+  const bool worked = RunTasks(now, &deadline);
+  inline_rounds_.fetch_add(1, std::memory_order_relaxed);
+  if (worked) busy_ns_.fetch_add(NowNs() - t0, std::memory_order_relaxed);
+  return worked;
+}
+
+void Engine::Resume() {
+  if (stand_down_until_us_.exchange(0, std::memory_order_relaxed) != 0) {
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (sleeping_.load(std::memory_order_relaxed)) {
+      uint64_t one = 1;
+      (void)!write(wake_fd_, &one, sizeof(one));
+    }
+  }
+}
+
+bool Engine::RunTasks(uint64_t now_us, uint64_t* deadline_us) {
+  bool worked = false;
+  for (EngineTask* t : tasks_) worked |= t->Run(now_us, deadline_us);
+  return worked;
+}
+
 void Engine::ApplyOps() {
+  std::lock_guard r(round_mu_);
   std::lock_guard g(mu_);
   for (const Op& op : ops_) {
     if (op.add) {
@@ -150,7 +182,19 @@ void Engine::Loop() {
     const uint64_t now = t0 / 1000;
     uint64_t deadline = UINT64_MAX;
     bool worked = false;
-    for (EngineTask* t : tasks_) worked |= t->Run(now, &deadline);
+    // A busy poller runs the rounds for now: stay out of its way (and off its core), sleeping
+    // on the eventfd only until it stops polling or the stand-down runs out.
+    if (const uint64_t until = stand_down_until_us_.load(std::memory_order_relaxed); until > now) {
+      sleeping_.store(true, std::memory_order_seq_cst);
+      if (!ops_pending_.load(std::memory_order_acquire)) Sleep(until, /*wake_fd_only=*/true);
+      sleeping_.store(false, std::memory_order_relaxed);
+      idle_since_us = NowUs();
+      continue;
+    }
+    {
+      std::lock_guard rl(round_mu_);
+      worked = RunTasks(now, &deadline);
+    }
     if (worked) {
       busy_ns_.fetch_add(NowNs() - t0, std::memory_order_relaxed);
       idle_since_us = now;
@@ -164,20 +208,25 @@ void Engine::Loop() {
     // before seeing sleeping_ == true is not missed.
     sleeping_.store(true, std::memory_order_seq_cst);
     deadline = UINT64_MAX;
-    for (EngineTask* t : tasks_) worked |= t->Run(NowUs(), &deadline);
-    if (!worked && !ops_pending_.load(std::memory_order_acquire)) Sleep(deadline);
+    {
+      std::lock_guard rl(round_mu_);
+      worked |= RunTasks(NowUs(), &deadline);
+    }
+    if (!worked && !ops_pending_.load(std::memory_order_acquire))
+      Sleep(deadline, /*wake_fd_only=*/false);
     sleeping_.store(false, std::memory_order_relaxed);
     idle_since_us = NowUs();
   }
   if (ops_pending_.load()) ApplyOps();
 }
 
-void Engine::Sleep(uint64_t deadline_us) {
+void Engine::Sleep(uint64_t deadline_us, bool wake_fd_only) {
   pollfd fds[65];
   nfds_t n = 0;
   fds[n++] = {wake_fd_, POLLIN, 0};
+  // (tasks_ is read without round_mu_: only this thread changes it.)
   for (EngineTask* t : tasks_) {
-    if (n == 65) break;
+    if (n == 65 || wake_fd_only) break;
     if (int fd = t->wait_fd(); fd >= 0) fds[n++] = {fd, t->wait_events(), 0};
   }
   // Never sleep unbounded: a lost wakeup costs at most this much.

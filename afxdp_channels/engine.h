@@ -65,6 +65,17 @@ class Engine {
   void Remove(EngineTask* t);
   void Wake();
 
+  // Busy polling (run to completion): runs one round of this engine's tasks on the calling
+  // thread, unless the engine thread (or another poller) is in a round right now. Returns true if
+  // a task did anything. For `stand_down_us` after the call the engine thread leaves the work to
+  // the poller: arriving packets do not wake it (it sleeps on its eventfd only), nor do
+  // producers' Wake() calls (the poller's next round takes their work; at worst it waits for the
+  // stand-down to end). A poller about to sleep itself calls Resume() to hand the work back at
+  // once.
+  bool RunInline(uint64_t stand_down_us);
+  void Resume();
+  uint64_t inline_rounds() const { return inline_rounds_.load(std::memory_order_relaxed); }
+
   int index() const { return index_; }
   int core() const { return core_; }
   pid_t tid() const { return tid_.load(); }
@@ -79,7 +90,9 @@ class Engine {
   void Post(const Op& op);
   void Loop();
   void ApplyOps();
-  void Sleep(uint64_t deadline_us);
+  void Sleep(uint64_t deadline_us, bool wake_fd_only);
+  // Runs every task once; round_mu_ held.
+  bool RunTasks(uint64_t now_us, uint64_t* deadline_us);
 
   const int index_, core_;
   const std::string netns_;
@@ -99,7 +112,12 @@ class Engine {
   std::atomic<bool> ops_pending_{false};
   absl::Status start_status_;
 
-  std::vector<EngineTask*> tasks_;  // engine thread only
+  // A round (tasks_ and the tasks' state) runs under round_mu_: the engine thread locks it per
+  // round (uncontended unless a poller is running one), pollers only try_lock it.
+  std::mutex round_mu_;
+  std::vector<EngineTask*> tasks_;  // guarded by round_mu_ (changed by the engine thread only)
+  std::atomic<uint64_t> stand_down_until_us_{0};
+  std::atomic<uint64_t> inline_rounds_{0};
 };
 
 // A driver's engines: opts.engines threads, engine i pinned to opts.cores[i] when given.

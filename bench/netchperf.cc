@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -51,12 +52,14 @@ constexpr char kUsage[] =
     "  netchperf server --dev IF [--stack netch|kernel] [--port P] [--once] [--json]\n"
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp]\n"
+    "                   [--busy-poll-us N]\n"
     "  netchperf client --dev IF --peer ADDR [--stack netch|kernel] [--port P]\n"
     "                   [--mode stream|rpc|mixed] [--bytes N | --seconds S] [--size BYTES]\n"
     "                   [--concurrency N] [--no-verify] [--json]\n"
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp] [--spin-us N]\n"
     "                   [--engine-cores C0,C1,...] [--policy NAME[:key=value,...]]\n"
+    "                   [--busy-poll-us N]\n"
     "Runs the same workload over the NetChannel stack (--stack netch, default) or kernel TCP.\n"
     "stream: one thread sends --bytes (default 1 GiB) in --size writes (default 131072); every\n"
     "byte is checked by the server. rpc: --concurrency (default 1) connections ping-pong --size\n"
@@ -87,6 +90,7 @@ struct Options {
   std::vector<int> engine_cores;       // netch: pin engine i to engine_cores[i]
   std::string policy = "round-robin";  // netch: NetScheduler policy
   std::vector<std::pair<std::string, std::string>> policy_knobs;
+  uint32_t busy_poll_us = 0;  // rpc sockets spin this long in a receive before sleeping
   bool once = false, json = false, verify = true;
 };
 
@@ -151,7 +155,9 @@ class Sock {
 
 class KernelSock final : public Sock {
  public:
-  explicit KernelSock(int fd) : fd_(fd) {
+  // busy_poll_us: a receive spins on non-blocking recv() this long before it blocks (the
+  // application-level busy polling to compare with NetChannel's busy-polled sockets).
+  KernelSock(int fd, uint32_t busy_poll_us) : fd_(fd), busy_poll_us_(busy_poll_us) {
     int one = 1;
     setsockopt(fd_, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
   }
@@ -169,6 +175,16 @@ class KernelSock final : public Sock {
     return true;
   }
   long RecvSome(uint8_t* p, size_t n) override {
+    if (busy_poll_us_ > 0) {
+      const auto end = std::chrono::steady_clock::now() + std::chrono::microseconds(busy_poll_us_);
+      do {
+        const ssize_t r = recv(fd_, p, n, MSG_DONTWAIT);
+        if (r >= 0 || (errno != EAGAIN && errno != EINTR)) {
+          if (r < 0) err = strerrordesc_np(errno);
+          return r;
+        }
+      } while (std::chrono::steady_clock::now() < end);
+    }
     for (;;) {
       const ssize_t r = recv(fd_, p, n, 0);
       if (r < 0 && errno == EINTR) continue;
@@ -180,6 +196,7 @@ class KernelSock final : public Sock {
 
  private:
   int fd_;
+  const uint32_t busy_poll_us_;
 };
 
 class VnsSock final : public Sock {
@@ -215,6 +232,7 @@ class Endpoint {
   virtual ~Endpoint() = default;
   // The class the next Connect announces (NCSYN): stream is the paper's T-app, rpc the L-app.
   netch::vns::AppClass next_class = netch::vns::AppClass::kUnspecified;
+  uint32_t busy_poll_us = 0;  // kernel: spin in recv (rpc connections and every accepted one)
   virtual std::unique_ptr<Sock> Accept(std::string* err) = 0;
   virtual std::unique_ptr<Sock> Connect(uint32_t ip, uint16_t port, std::string* err) = 0;
 };
@@ -243,7 +261,7 @@ class KernelEndpoint final : public Endpoint {
       *err = strerrordesc_np(errno);
       return nullptr;
     }
-    return std::make_unique<KernelSock>(fd);
+    return std::make_unique<KernelSock>(fd, busy_poll_us);
   }
   std::unique_ptr<Sock> Connect(uint32_t ip, uint16_t port, std::string* err) override {
     const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -256,7 +274,8 @@ class KernelEndpoint final : public Endpoint {
       close(fd);
       return nullptr;
     }
-    return std::make_unique<KernelSock>(fd);
+    return std::make_unique<KernelSock>(
+        fd, next_class == netch::vns::AppClass::kLatency ? busy_poll_us : 0);
   }
 
  private:
@@ -294,6 +313,8 @@ class NetchEndpoint final : public Endpoint {
     so.channels_per_peer = static_cast<int>(o.channels);
     so.policy = o.policy;
     so.policy_knobs = o.policy_knobs;
+    if (o.busy_poll_us > 0)
+      so.policy_knobs.emplace_back("busy_poll_us", std::to_string(o.busy_poll_us));
     so.copy_workers = static_cast<int>(o.copy_workers);
     so.recv_spin_us = o.spin_us;
     so.dispatcher_spin_us = std::max<uint64_t>(50, o.spin_us);
@@ -681,6 +702,10 @@ int main(int argc, char** argv) {
         ->delimiter(',')
         ->check(CLI::Range(0, 1023));
     sub->add_option("--spin-us", o.spin_us, "adaptive-polling spin")->check(CLI::Range(0, 100000));
+    sub->add_option("--busy-poll-us", o.busy_poll_us,
+                    "rpc (L-app) sockets spin this long in a receive before sleeping: kernel "
+                    "non-blocking recv(), netch the policy's busy_poll_us (run to completion)")
+        ->check(CLI::Range(0, 1000000));
     sub->add_option("--instance", o.instance, "control-plane instance name");
     sub->add_option("--metrics", o.metrics, "Prometheus address, or off");
     sub->add_flag("--replace-xdp", o.replace_xdp, "take over an attached XDP program");
@@ -734,6 +759,9 @@ int main(int argc, char** argv) {
   std::string err;
   if (o.stack == "kernel") {
     KernelEndpoint ep;
+    ep.busy_poll_us = o.busy_poll_us;
+    ep.next_class =
+        o.mode == "rpc" ? netch::vns::AppClass::kLatency : netch::vns::AppClass::kThroughput;
     if (o.role == "server" && !ep.Listen(o.port, &err))
       return std::fprintf(stderr, "netchperf: %s\n", err.c_str()), 1;
     return o.role == "server" ? RunServer(o, ep) : RunClient(o, ep);

@@ -205,6 +205,9 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
             static_cast<double>(ss.sched_batches), {{"decision", "send"}});
   b.Counter("netch_scheduler_decisions_total", "Channel choices for a batch of segments.",
             static_cast<double>(ss.sched_skips), {{"decision", "skip_queued"}});
+  b.Counter("netch_segments_inline_total",
+            "Segments busy-polling sockets took on their own thread (no dispatcher hop).",
+            static_cast<double>(ss.segments_inline));
   b.Counter("netch_dispatcher_holds_total", "Times a full socket held a channel back.",
             static_cast<double>(ss.dispatcher_blocked));
   b.Counter("netch_rst_sent_total", "RST segments sent (no listener, no such connection).",

@@ -185,13 +185,14 @@ NamedRegistry<PolicyFactory>& Reg() {
 
 bool NetScheduler::IsCommonKnob(std::string_view key) {
   return key == "inline_copy_bytes" || key == "copy_chunk_bytes" ||
-         key == "skip_worker_queued_bytes" || key.starts_with("scale");
+         key == "skip_worker_queued_bytes" || key.starts_with("scale") || key == "busy_poll_us";
 }
 
 Knobs NetScheduler::CopyKnobs() const {
   return {{"inline_copy_bytes", std::to_string(inline_copy_bytes_.load())},
           {"copy_chunk_bytes", std::to_string(copy_chunk_bytes_.load())},
           {"skip_worker_queued_bytes", std::to_string(skip_worker_queued_bytes_.load())},
+          {"busy_poll_us", std::to_string(busy_poll_us_.load())},
           {"scale", scale_on_.load() ? "on" : "off"},
           {"scale_min", std::to_string(scale_min_.load())},
           {"scale_max", std::to_string(scale_max_.load())},
@@ -240,7 +241,7 @@ absl::Status NetScheduler::SetAnyKnob(std::string_view key, std::string_view val
       return absl::InvalidArgumentError(
           absl::StrCat(st.message(),
                        "; every policy: inline_copy_bytes, copy_chunk_bytes, "
-                       "skip_worker_queued_bytes, scale, scale_min, scale_max, "
+                       "skip_worker_queued_bytes, busy_poll_us, scale, scale_min, scale_max, "
                        "scale_grow_queued_bytes, scale_shrink_queued_bytes, scale_grow_busy, "
                        "scale_shrink_busy, scale_hold_ms"));
     return st;
@@ -270,6 +271,9 @@ absl::Status NetScheduler::SetAnyKnob(std::string_view key, std::string_view val
     inline_copy_bytes_.store(n, std::memory_order_relaxed);
   } else if (key == "skip_worker_queued_bytes") {
     skip_worker_queued_bytes_.store(n, std::memory_order_relaxed);
+  } else if (key == "busy_poll_us") {
+    if (n > 1'000'000) return absl::InvalidArgumentError("busy_poll_us must be 0..1000000");
+    busy_poll_us_.store(n, std::memory_order_relaxed);
   } else if (key == "scale_min" || key == "scale_max") {
     if (n < 1 || n > 64)
       return absl::InvalidArgumentError(absl::StrFormat("%s must be 1..64", key));

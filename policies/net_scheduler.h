@@ -129,6 +129,14 @@ class NetScheduler {
   // queueing behind others would be slower than copying alone. Cheap: three relaxed loads.
   CopyPlan PlanCopy(size_t bytes, int workers, uint64_t workers_queued_bytes) const;
 
+  // Busy polling for L-app sockets (knob busy_poll_us, 0: off): how long a waiting Recv runs its
+  // channels' engine rounds and demultiplexing on its own thread (run to completion: no engine
+  // or dispatcher thread between the wire and the application) before it sleeps on the socket.
+  // Other classes never busy-poll. One relaxed load.
+  uint32_t BusyPollUs(const SocketRef& s) const {
+    return s.app_class == kLatencyAppClass ? busy_poll_us_.load(std::memory_order_relaxed) : 0;
+  }
+
   // Decisions that passed over a channel for its load (a policy's own measure; metrics).
   uint64_t skips() const { return skips_.load(std::memory_order_relaxed); }
 
@@ -136,6 +144,8 @@ class NetScheduler {
   mutable std::atomic<uint64_t> skips_{0};
 
  private:
+  static constexpr uint8_t kLatencyAppClass = 1;  // NC_CLASS_LATENCY
+  std::atomic<uint32_t> busy_poll_us_{0};
   std::atomic<uint64_t> inline_copy_bytes_{256 << 10}, copy_chunk_bytes_{256 << 10},
       skip_worker_queued_bytes_{640 << 10};
   std::atomic<bool> scale_on_{false};

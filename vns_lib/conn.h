@@ -131,6 +131,15 @@ struct Conn {
     wnd_cv.notify_all();
   }
 
+  // The peer's window update (NC_WND): edges only grow, so a stale (reordered) one changes
+  // nothing; a waiting sender and a poller look again.
+  void RaiseSendLimit(uint64_t edge) {
+    uint64_t cur = snd_limit.load(std::memory_order_relaxed);
+    while (edge > cur && !snd_limit.compare_exchange_weak(cur, edge)) {
+    }
+    WakeSender();
+  }
+
   // Listening sockets: connections accepted by the dispatcher, waiting for Accept().
   bool listening = false;
   int backlog = 0;

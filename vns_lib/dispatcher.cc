@@ -130,15 +130,10 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
       c->WakeSender();
       release();
       return true;
-    case NC_WND: {
-      // Edges only grow; a stale (reordered) update changes nothing.
-      uint64_t cur = c->snd_limit.load(std::memory_order_relaxed);
-      while (h.seq > cur && !c->snd_limit.compare_exchange_weak(cur, h.seq)) {
-      }
-      c->WakeSender();
+    case NC_WND:
+      c->RaiseSendLimit(h.seq);
       release();
       return true;
-    }
     default:
       break;
   }
@@ -154,12 +149,7 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
     release();
     return true;
   }
-  HeldSeg hs;
-  hs.seq = h.seq;
-  hs.data = seg.payload.data();
-  hs.len = static_cast<uint32_t>(seg.payload.size());
-  hs.ch = ch;
-  hs.rx = seg;
+  HeldSeg hs = HeldSeg::Of(ch, seg);
   if (c->inq.Room() == 0) return false;
   if (ch->rx_under_pressure()) {
     // Sockets hold more than half of this channel's buffers (a slow or departed reader): keep a
@@ -229,17 +219,61 @@ void StackImpl::Dispatch() {
   struct ChanState {
     std::shared_ptr<chan::Channel> ch;
     Peer* peer;
-    bool dead = false;                    // seen failed or closed
-    bool drained = false;                 // scaled down: sealed both ways and emptied
-    std::deque<chan::RxSegment> pending;  // dequeued, not yet taken by a full socket
+    std::shared_ptr<RxLane> lane;  // owned while served; `pending` lives there
+    bool dead = false;             // seen failed or closed
+    bool drained = false;          // scaled down: sealed both ways and emptied
   };
   std::vector<ChanState> chans;
   chan::RxSegment segs[64];
   uint64_t idle_since = NowUs();
   uint64_t known = ~0ull;  // peers_->version() last scanned
   uint64_t next_expiry = 0;
+  bool worked = false;
+  // One channel's round, its lane owned: first what a full socket held back, in order, then new
+  // segments.
+  auto serve = [&](ChanState& cs) {
+    std::deque<chan::RxSegment>& pending = cs.lane->pending;
+    while (!pending.empty() && Deliver(cs.ch.get(), pending.front())) {
+      pending.pop_front();
+      worked = true;
+    }
+    if (!pending.empty()) return;  // still blocked: leave the channel's window to close
+    // Scale-down: the side that asked destroys the channel once the peer's answer arrived (it
+    // follows every byte the peer put on the channel, and the peer sent it after our NC_DRAIN,
+    // so every byte of ours reached it) and the sockets gave back every buffer of it. The
+    // answering side waits for that close (the dead-channel path below): were it to destroy
+    // too, segments still queued in its own send ring could be dropped. (Both sides asking at
+    // once: each destroys once its own bytes are acknowledged; Destroy lingers for them.)
+    const chan::Channel* key = cs.ch.get();
+    if (!cs.dead && sealed_by_us_.contains(key) && initiated_by_us_.contains(key) &&
+        drained_by_peer_.contains(key) && cs.ch->rx_outstanding() == 0 &&
+        (!peer_initiated_.contains(key) || cs.ch->tx_queued_bytes() == 0) &&
+        IsLive(cs.ch->state())) {
+      cs.dead = cs.drained = true;
+      scale_downs_.fetch_add(1, std::memory_order_relaxed);
+      worked = true;
+    }
+    if (!cs.dead && !IsLive(cs.ch->state())) {
+      // Drain what it delivered before it died first (next rounds), then break whatever it
+      // left incomplete.
+      cs.dead = true;
+      cs.peer->NoteDead();
+      if (cs.ch->state() == chan::ChannelState::kFailed) BreakConnsOn(*cs.peer, cs.ch.get());
+      worked = true;
+    }
+    const size_t n = cs.ch->Dequeue(SIZE_MAX, segs);
+    if (n == 0) return;
+    worked = true;
+    segments_in_.fetch_add(n, std::memory_order_relaxed);
+    for (size_t i = 0; i < n; ++i) {
+      if (!pending.empty() || !Deliver(cs.ch.get(), segs[i])) {
+        if (pending.empty()) blocked_.fetch_add(1, std::memory_order_relaxed);
+        pending.push_back(segs[i]);
+      }
+    }
+  };
   while (!stop_.load(std::memory_order_relaxed)) {
-    bool worked = false;
+    worked = false;
     if (watching_.load(std::memory_order_acquire)) CheckWatched();
     {
       std::lock_guard g(drain_mu_);
@@ -275,59 +309,37 @@ void StackImpl::Dispatch() {
         for (auto& ch : p.All()) {
           bool have = false;
           for (auto& cs : chans) have |= cs.ch == ch;
-          if (!have) chans.push_back({ch, &p, false, false, {}});
+          if (have) continue;
+          auto lane = std::make_shared<RxLane>();
+          {
+            std::lock_guard g(lanes_mu_);
+            lanes_[ch.get()] = lane;
+          }
+          chans.push_back({ch, &p, std::move(lane)});
         }
       });
     }
     for (ChanState& cs : chans) {
-      // First what a full socket held back, in order.
-      while (!cs.pending.empty() && Deliver(cs.ch.get(), cs.pending.front())) {
-        cs.pending.pop_front();
-        worked = true;
-      }
-      if (!cs.pending.empty()) continue;  // still blocked: leave the channel's window to close
-      // Scale-down: the side that asked destroys the channel once the peer's answer arrived (it
-      // follows every byte the peer put on the channel, and the peer sent it after our NC_DRAIN,
-      // so every byte of ours reached it) and the sockets gave back every buffer of it. The
-      // answering side waits for that close (the dead-channel path below): were it to destroy
-      // too, segments still queued in its own send ring could be dropped. (Both sides asking at
-      // once: each destroys once its own bytes are acknowledged; Destroy lingers for them.)
-      const chan::Channel* key = cs.ch.get();
-      if (!cs.dead && sealed_by_us_.contains(key) && initiated_by_us_.contains(key) &&
-          drained_by_peer_.contains(key) && cs.ch->rx_outstanding() == 0 &&
-          (!peer_initiated_.contains(key) || cs.ch->tx_queued_bytes() == 0) &&
-          IsLive(cs.ch->state())) {
-        cs.dead = cs.drained = true;
-        scale_downs_.fetch_add(1, std::memory_order_relaxed);
-        worked = true;
-      }
-      if (!cs.dead && !IsLive(cs.ch->state())) {
-        // Drain what it delivered before it died first (next rounds), then break whatever it
-        // left incomplete.
-        cs.dead = true;
-        cs.peer->NoteDead();
-        if (cs.ch->state() == chan::ChannelState::kFailed) BreakConnsOn(*cs.peer, cs.ch.get());
-        worked = true;
-      }
-      const size_t n = cs.ch->Dequeue(SIZE_MAX, segs);
-      if (n == 0) continue;
-      worked = true;
-      segments_in_.fetch_add(n, std::memory_order_relaxed);
-      for (size_t i = 0; i < n; ++i) {
-        if (!cs.pending.empty() || !Deliver(cs.ch.get(), segs[i])) {
-          if (cs.pending.empty()) blocked_.fetch_add(1, std::memory_order_relaxed);
-          cs.pending.push_back(segs[i]);
-        }
-      }
+      if (!cs.lane->TryOwn()) continue;  // a busy-polling socket drains it right now
+      serve(cs);
+      cs.lane->Disown();
     }
     // A dead channel leaves once drained and once no socket holds a buffer of it (sockets keep
     // raw pointers to the channel of each segment they hold).
     std::erase_if(chans, [&](ChanState& cs) {
       // (A drained channel is still up: its engine may not have published the last deliveries
       // in stats() yet, so the consumer side's exact count decides.)
-      if (!cs.dead || !cs.pending.empty() ||
+      if (!cs.dead || cs.lane->npending.load(std::memory_order_relaxed) != 0 ||
           (cs.drained ? cs.ch->rx_outstanding() : cs.ch->stats().rx_queued_bytes) != 0)
         return false;
+      // A socket polling the lane is told it left (it drops it), under the lane.
+      if (!cs.lane->TryOwn()) return false;
+      {
+        std::lock_guard g(lanes_mu_);
+        lanes_.erase(cs.ch.get());
+      }
+      cs.lane->gone = true;
+      cs.lane->Disown();
       if (cs.drained || cs.ch->sealed()) {
         // Control segments waiting for it go on the peer's control channel instead.
         auto ctl = cs.peer->ControlChannel();
@@ -350,17 +362,21 @@ void StackImpl::Dispatch() {
       return true;
     });
     bool any_pending = false;
-    for (const ChanState& cs : chans) any_pending |= !cs.pending.empty();
+    for (const ChanState& cs : chans)
+      any_pending |= cs.lane->npending.load(std::memory_order_relaxed) != 0;
     // Announce the hold, then look again: a socket that read just before seeing holding_ set
     // did not wake us, so the room it freed in its inbound ring must be noticed here (the same
     // pairing as the engines' sleeping flag; the reader stores rcv_next, then loads holding_).
     holding_.store(any_pending, std::memory_order_seq_cst);
     if (any_pending && !worked) {
       for (ChanState& cs : chans) {
-        while (!cs.pending.empty() && Deliver(cs.ch.get(), cs.pending.front())) {
-          cs.pending.pop_front();
+        if (cs.lane->npending.load(std::memory_order_relaxed) == 0 || !cs.lane->TryOwn()) continue;
+        auto& pending = cs.lane->pending;
+        while (!pending.empty() && Deliver(cs.ch.get(), pending.front())) {
+          pending.pop_front();
           worked = true;
         }
+        cs.lane->Disown();
       }
     }
     const uint64_t now = NowUs();
@@ -376,14 +392,21 @@ void StackImpl::Dispatch() {
     std::vector<pollfd> fds;
     fds.push_back({wake_fd_, POLLIN, 0});
     fds.push_back({driver_->accept_fd(), POLLIN, 0});
+    bool polled = false;
     for (ChanState& cs : chans) {
       // A channel held back for a full socket has data waiting by definition; what unblocks it
-      // is the socket reading, which writes wake_fd_.
-      if (!cs.pending.empty()) continue;
+      // is the socket reading, which writes wake_fd_. A channel a socket busy-polls is that
+      // socket's to drain: its segments must not wake us (the socket wakes us when it stops,
+      // or hands us what is not its own).
+      if (cs.lane->npending.load(std::memory_order_relaxed) != 0) continue;
+      if (cs.lane->polled_until_us.load(std::memory_order_relaxed) > now) {
+        polled = true;
+        continue;
+      }
       cs.ch->ArmNotify(chan::Channel::kReadable);
       fds.push_back({cs.ch->notify_fd(chan::Channel::kReadable), POLLIN, 0});
     }
-    const int sleep_ms = watching_.load(std::memory_order_acquire) ? 1 : 10;
+    const int sleep_ms = watching_.load(std::memory_order_acquire) || polled ? 1 : 10;
     if (poll(fds.data(), fds.size(), sleep_ms) > 0) {
       for (size_t i = 0; i < fds.size(); ++i) {
         if (i == 1) continue;  // the driver's accept fd is cleared by Accept()
@@ -393,8 +416,15 @@ void StackImpl::Dispatch() {
     }
   }
   // Whatever is still held goes back to its channel.
-  for (ChanState& cs : chans)
-    for (auto& s : cs.pending) cs.ch->Release({&s, 1});
+  for (ChanState& cs : chans) {
+    if (!cs.lane->TryOwn()) continue;
+    for (auto& s : cs.lane->pending) cs.ch->Release({&s, 1});
+    cs.lane->pending.clear();
+    cs.lane->gone = true;
+    cs.lane->Disown();
+  }
+  std::lock_guard g(lanes_mu_);
+  lanes_.clear();
 }
 
 }  // namespace netch::vns

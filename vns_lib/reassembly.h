@@ -22,6 +22,17 @@ struct HeldSeg {
   chan::Channel* ch = nullptr;  // Release() goes here; nullptr: `data` is a private copy
                                 // (new[]) made under channel pressure, freed by ReleaseHeld
   chan::RxSegment rx;           // the buffer handle
+
+  // A received DATA segment, held in its channel's buffer.
+  static HeldSeg Of(chan::Channel* ch, const chan::RxSegment& seg) {
+    HeldSeg h;
+    h.seq = seg.hdr.seq;
+    h.data = seg.payload.data();
+    h.len = static_cast<uint32_t>(seg.payload.size());
+    h.ch = ch;
+    h.rx = seg;
+    return h;
+  }
 };
 
 // One memcpy the reader must do.

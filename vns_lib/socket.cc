@@ -11,7 +11,8 @@ class SocketImpl final : public VirtualSocket {
         c_(std::move(c)),
         nonblocking_(o.nonblocking),
         nodelay_(o.nodelay),
-        channels_hint_(o.channels) {}
+        channels_hint_(o.channels),
+        busy_poll_opt_(o.busy_poll_us) {}
   ~SocketImpl() override { (void)Close(); }
 
   absl::StatusOr<size_t> Send(std::span<const uint8_t> data) override;
@@ -78,6 +79,16 @@ class SocketImpl final : public VirtualSocket {
   void WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans);
   void DrainInq();
   void UpdateReadiness();
+  // Busy polling (recv_mu_ held). The socket's poll set: the channels its data arrived on, with
+  // their lanes, learned from what the dispatcher delivered.
+  uint32_t BusyPollUs();
+  void LearnLane(const chan::Channel* ch);
+  // One round: each channel's engine round, then its lane's segments that are this socket's
+  // straight into the reassembler; the first that is not (another socket's, a control segment)
+  // and everything after it go to the dispatcher, in order. True if anything was done.
+  bool PollOnce(uint64_t stand_down_us);
+  bool TakeOwn(chan::Channel* ch, const chan::RxSegment& seg);
+  void EndPoll();  // the engines and the dispatcher take over again
   // Bytes the peer's receive window still takes; waits (blocking sockets) until it opens or the
   // connection fails. 0 with OK status: non-blocking and the window is closed.
   absl::StatusOr<size_t> SendWindow();
@@ -85,6 +96,12 @@ class SocketImpl final : public VirtualSocket {
   // Tells the peer our window moved once a quarter of the buffer was read since the last time.
   void MaybeAdvertiseWindow();
   void RefreshChannels();  // send_mu_ held
+  void RefreshPolicy() {   // send_mu_ held
+    if (const uint64_t v = st_->policy_version(); v != policy_version_ || !policy_) {
+      policy_version_ = v;
+      policy_ = st_->policy();
+    }
+  }
   // A control segment of ours (FIN, WND) went on `ch`: if it fails, that segment may be lost,
   // so the connection breaks with it.
   void NoteControlChannel(const chan::Channel* ch) {
@@ -98,6 +115,15 @@ class SocketImpl final : public VirtualSocket {
   bool nonblocking_;
   std::atomic<bool> nodelay_;  // read by copy workers running SendRange
   int channels_hint_;
+  const int busy_poll_opt_;  // SocketOptions::busy_poll_us
+  struct PollLane {
+    std::shared_ptr<chan::Channel> ch;
+    std::shared_ptr<RxLane> lane;
+  };
+  std::vector<PollLane> poll_lanes_;  // recv_mu_
+  bool learning_ = false;             // recv_mu_: busy polling is on, DrainInq learns lanes
+  uint32_t send_busy_us_ = 0;         // send_mu_: this Send's busy polling
+  std::atomic<uint64_t> sent_on_{0};  // bit i: this Send used chans_[i] (busy polling)
   uint64_t snd_next_ = 0;
   std::atomic<bool> fin_sent_{false};  // written under send_mu_, read by Poll()
   // The channels this socket sends on, rebuilt only when its peer gains a channel or the
@@ -212,6 +238,7 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
       }
       st_->sched_batches_.fetch_add(1, std::memory_order_relaxed);
       c_->CountBatch(chans[k]->id());
+      if (send_busy_us_ > 0) sent_on_.fetch_or(1ull << k, std::memory_order_relaxed);
       if (segs[*taken - 1].coalesce) c_->corked.store(true, std::memory_order_relaxed);
       for (size_t i = 0; i < *taken; ++i) off += segs[i].payload.size();
       progress = true;
@@ -246,6 +273,24 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
     poll(&p, 1, 10);
   }
   if (auto st = Usable(); !st.ok()) return st;
+  // Busy polling: the engine stands down for this thread, so what we queued leaves in the round
+  // we run ourselves right after (below), not on an engine wakeup.
+  RefreshPolicy();
+  send_busy_us_ = busy_poll_opt_ >= 0
+                      ? static_cast<uint32_t>(busy_poll_opt_)
+                      : policy_->BusyPollUs({c_->id, static_cast<uint8_t>(c_->app_class)});
+  struct PollAfter {
+    SocketImpl* s;
+    ~PollAfter() {
+      if (s->send_busy_us_ == 0) return;
+      // (Bits index chans_ as SendRange saw it; a refresh in between only makes us poll
+      // another of the peer's channels.)
+      for (uint64_t used = s->sent_on_.exchange(0, std::memory_order_relaxed); used != 0;
+           used &= used - 1)
+        if (const size_t k = static_cast<size_t>(__builtin_ctzll(used)); k < s->chans_.size())
+          s->chans_[k]->PollInline(s->send_busy_us_);
+    }
+  } poll_after{this};
   size_t total = 0;
   while (total < data.size()) {
     auto window = SendWindow();
@@ -318,10 +363,7 @@ absl::StatusOr<size_t> SocketImpl::SendWindow() {
 
 absl::StatusOr<size_t> SocketImpl::SendPart(std::span<const uint8_t> data) {
   if (c_->peer) RefreshChannels();
-  if (const uint64_t v = st_->policy_version(); v != policy_version_ || !policy_) {
-    policy_version_ = v;
-    policy_ = st_->policy();
-  }
+  RefreshPolicy();
   if (chans_.empty() || AllDown(chans_))
     return SockError(ECONNRESET, "every channel to the peer is down");
   size_t sent = 0;
@@ -375,6 +417,7 @@ void SocketImpl::DrainInq() {
   HeldSeg h[64];
   for (uint32_t n; (n = c_->inq.Pop(h)) > 0;) {
     for (uint32_t i = 0; i < n; ++i) {
+      if (learning_ && h[i].ch) LearnLane(h[i].ch);
       if (!reasm_.Insert(h[i])) done_.push_back(h[i]);  // overlapping: drop it
     }
   }
@@ -443,6 +486,23 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
       UpdateReadiness();
       return SockError(EAGAIN, "no data");
     }
+    if (const uint32_t busy = BusyPollUs(); busy > 0) {
+      // Run to completion: this thread runs its channels' engine rounds and takes its own
+      // segments until something arrives or `busy` runs out, then sleeps like any socket.
+      const uint64_t end = NowUs() + busy;
+      bool got = false;
+      for (;;) {
+        PollOnce(busy);
+        got = reasm_.Readable() > 0 || !c_->inq.EmptyApprox() ||
+              reasm_.next() == c_->fin_seq.load(std::memory_order_acquire) ||
+              c_->state.load() != ConnState::kEstablished ||
+              c_->broken.load(std::memory_order_acquire);
+        if (got || NowUs() >= end) break;
+        if (poll_lanes_.empty()) std::this_thread::yield();  // nothing to poll yet
+      }
+      if (got) continue;
+      EndPoll();
+    }
     // Adaptive: spin briefly for the next delivery (a reply usually follows within tens of
     // microseconds), then sleep on the socket's fd.
     const uint64_t spin_end = NowUs() + st_->opts().recv_spin_us;
@@ -454,6 +514,113 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
         c_->state.load() == ConnState::kEstablished)
       poll(&p, 1, 10);
   }
+}
+
+uint32_t SocketImpl::BusyPollUs() {
+  uint32_t us;
+  if (busy_poll_opt_ >= 0) {
+    us = static_cast<uint32_t>(busy_poll_opt_);
+  } else {
+    if (const uint64_t v = st_->policy_version(); v != recv_policy_version_ || !recv_policy_) {
+      recv_policy_version_ = v;
+      recv_policy_ = st_->policy();
+    }
+    us = recv_policy_->BusyPollUs({c_->id, static_cast<uint8_t>(c_->app_class)});
+  }
+  learning_ = us > 0 && c_->peer;
+  return learning_ ? us : 0;
+}
+
+void SocketImpl::LearnLane(const chan::Channel* ch) {
+  for (const PollLane& pl : poll_lanes_)
+    if (pl.ch.get() == ch) return;
+  if (poll_lanes_.size() >= 8) return;  // a socket spread wider is served by the dispatcher
+  auto lane = st_->Lane(ch);
+  if (!lane) return;
+  for (auto& c : c_->peer->All()) {
+    if (c.get() != ch) continue;
+    poll_lanes_.push_back({std::move(c), std::move(lane)});
+    return;
+  }
+}
+
+bool SocketImpl::PollOnce(uint64_t stand_down_us) {
+  bool worked = false;
+  chan::RxSegment segs[32];
+  const uint64_t until = NowUs() + stand_down_us;
+  for (size_t i = 0; i < poll_lanes_.size();) {
+    PollLane& pl = poll_lanes_[i];
+    RxLane& lane = *pl.lane;
+    lane.polled_until_us.store(until, std::memory_order_relaxed);
+    worked |= pl.ch->PollInline(stand_down_us);
+    // Owned by the dispatcher right now, or holding what it must deliver first: its turn.
+    if (lane.npending.load(std::memory_order_relaxed) != 0 || !lane.TryOwn()) {
+      ++i;
+      continue;
+    }
+    if (lane.gone) {  // the channel left: nothing more arrives on it
+      lane.Disown();
+      poll_lanes_.erase(poll_lanes_.begin() + static_cast<ptrdiff_t>(i));
+      continue;
+    }
+    if (lane.pending.empty()) {
+      const size_t n = pl.ch->Dequeue(SIZE_MAX, segs);
+      size_t k = 0;
+      while (k < n && TakeOwn(pl.ch.get(), segs[k])) ++k;
+      if (k < n) {
+        for (size_t j = k; j < n; ++j) lane.pending.push_back(segs[j]);
+      }
+      st_->inline_segments_.fetch_add(k, std::memory_order_relaxed);
+      worked |= n > 0;
+      lane.Disown();
+      if (k < n) st_->WakeDispatcher();
+    } else {
+      lane.Disown();
+    }
+    ++i;
+  }
+  return worked;
+}
+
+bool SocketImpl::TakeOwn(chan::Channel* ch, const chan::RxSegment& seg) {
+  const wire::SegHeader& h = seg.hdr;
+  if (ch->peer_ipv4() != c_->key.peer || h.dst_port != c_->key.local_port ||
+      h.src_port != c_->key.remote_port || h.conn_id != c_->conn_id)
+    return false;
+  switch (h.type) {
+    case NC_DATA: {
+      // The dispatcher's rules for anything unusual: a closed or reset socket, data beyond the
+      // window this socket advertised (a reset), an empty segment.
+      if (seg.payload.empty() || c_->state.load() != ConnState::kEstablished ||
+          h.seq + seg.payload.size() > c_->adv_edge.load(std::memory_order_acquire))
+        return false;
+      HeldSeg hs = HeldSeg::Of(ch, seg);
+      if (!reasm_.Insert(hs)) {
+        done_.push_back(hs);  // overlapping: drop it
+        ReleaseHeld(done_);
+      }
+      return true;
+    }
+    case NC_WND:
+      c_->RaiseSendLimit(h.seq);
+      ch->Release({&seg, 1});
+      return true;
+    case NC_FIN:
+      c_->fin_seq.store(h.seq, std::memory_order_release);
+      ch->Release({&seg, 1});
+      return true;
+    default:
+      return false;
+  }
+}
+
+void SocketImpl::EndPoll() {
+  if (poll_lanes_.empty()) return;
+  for (PollLane& pl : poll_lanes_) {
+    pl.lane->polled_until_us.store(0, std::memory_order_relaxed);
+    pl.ch->EndPollInline();
+  }
+  st_->WakeDispatcher();  // it arms the channels' notifications again
 }
 
 void SocketImpl::MaybeAdvertiseWindow() {

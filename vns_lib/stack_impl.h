@@ -42,6 +42,26 @@ namespace netch::vns {
 
 class SocketImpl;
 
+// The consumer side of one channel inside VNS. The dispatcher drains it, except for the moments a
+// busy-polling socket does (run to completion): whoever owns the lane dequeues, and what was
+// dequeued but not yet taken by its socket waits in `pending`, in order, for the next owner.
+struct RxLane {
+  bool TryOwn() {
+    return !owned.load(std::memory_order_relaxed) &&
+           !owned.exchange(true, std::memory_order_acquire);
+  }
+  void Disown() {
+    npending.store(pending.size(), std::memory_order_relaxed);
+    owned.store(false, std::memory_order_release);
+  }
+  std::atomic<bool> owned{false};
+  std::deque<chan::RxSegment> pending;  // the owner's only
+  std::atomic<size_t> npending{0};      // pending.size() as the last owner left it
+  // A socket polls this lane until then: the dispatcher does not ask the channel to wake it.
+  std::atomic<uint64_t> polled_until_us{0};
+  bool gone = false;  // under ownership: the dispatcher let the channel go; pollers drop the lane
+};
+
 class StackImpl final : public Stack {
  public:
   explicit StackImpl(const StackOptions& o) : opts_(o), workers_(0) {}
@@ -177,6 +197,17 @@ class StackImpl final : public Stack {
  public:
   std::atomic<uint64_t> sched_batches_{0};
   std::atomic<uint64_t> window_updates_{0};
+  std::atomic<uint64_t> inline_segments_{0};  // taken by busy-polling sockets themselves
+  // The lane of a channel the dispatcher serves (null once it left); created by the dispatcher.
+  std::shared_ptr<RxLane> Lane(const chan::Channel* ch) {
+    std::lock_guard g(lanes_mu_);
+    auto it = lanes_.find(ch);
+    return it == lanes_.end() ? nullptr : it->second;
+  }
+
+ private:
+  std::mutex lanes_mu_;
+  absl::flat_hash_map<const chan::Channel*, std::shared_ptr<RxLane>> lanes_;  // lanes_mu_
 
  private:
 };

@@ -74,6 +74,11 @@ struct SocketOptions {
   // the channel has nothing unacknowledged) to be coalesced with the next ones into one segment.
   // Latency-class sockets never wait.
   bool nodelay = false;
+  // Busy polling (run to completion): a Recv that would wait runs the engine rounds and the
+  // demultiplexing of the channels its data arrives on, on the calling thread, for this long
+  // before it sleeps — no engine or dispatcher thread between the wire and the application.
+  // -1: the NetScheduler policy decides (knob busy_poll_us, L-app sockets only); 0: never.
+  int busy_poll_us = -1;
   absl::Duration connect_timeout = absl::Seconds(2);
 };
 
@@ -101,6 +106,7 @@ struct StackOptions {
 
 struct StackStats {
   uint64_t segments_in = 0, segments_out_ctl = 0;
+  uint64_t segments_inline = 0;     // taken by busy-polling sockets on their own thread
   uint64_t rst_sent = 0;            // segments for no socket, SYNs for no listener
   uint64_t dispatcher_blocked = 0;  // times a full socket stopped a channel from draining
   uint64_t copy_chunks = 0;         // chunks run by copy workers

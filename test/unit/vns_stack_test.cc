@@ -11,6 +11,7 @@
 
 #include "afxdp_channels/engine.h"
 #include "gtest/gtest.h"
+#include "test/support/vns_traffic.h"
 #include "vns_lib/vns.h"
 
 namespace netch::vns {
@@ -498,6 +499,29 @@ TEST(VnsPolicyTest, SwappingThePolicyMidStreamLosesAndReordersNothing) {
   EXPECT_EQ(got, kBytes);
   EXPECT_EQ(bad, 0u);
   EXPECT_GT(a->Stats().sched_batches, 0u);
+}
+
+}  // namespace
+}  // namespace netch::vns
+
+namespace netch::vns {
+namespace {
+
+// Busy-polled L-app sockets (run to completion) beside a T-app stream on the same channels: the
+// rpc's segments are taken on the application's own thread (segments_inline), the stream's
+// segments that a polling socket dequeues are handed to the dispatcher in order, and both arrive
+// byte-exact; the same channels keep serving a socket that does not poll after the pollers stop.
+TEST(VnsBusyPollTest, PolledRpcBesideAStreamOnSharedChannelsLosesNothing) {
+  auto a = MakeStack(kA, 2), b = MakeStack(kB, 2);
+  ASSERT_TRUE(a && b);
+  for (Stack* s : {a.get(), b.get()})
+    ASSERT_TRUE(s->SetPolicy("round-robin", {{"busy_poll_us", "300"}}).ok());
+  const RpcBesideStream r = RunRpcBesideStream(*a, *b, kB, 91, 3000, 32 << 20);
+  EXPECT_TRUE(r.ok) << r.error;
+  EXPECT_EQ(r.rpc_wrong_bytes, 0u);
+  EXPECT_EQ(r.stream_bad_bytes, 0u);
+  EXPECT_GT(a->Stats().segments_inline, 0u) << "the client took responses on its own thread";
+  EXPECT_GT(b->Stats().segments_inline, 0u) << "the server took requests on its own thread";
 }
 
 }  // namespace

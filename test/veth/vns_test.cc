@@ -22,6 +22,7 @@
 #include "test/support/peer_process.h"
 #include "test/support/privilege.h"
 #include "test/support/testhosts.h"
+#include "test/support/vns_traffic.h"
 #include "tools/chan_transfer.h"
 
 namespace netch::vns {
@@ -231,6 +232,29 @@ TEST_F(VnsTest, IsolateClassesRunsTheLatencyChannelOnItsOwnQueueAndEngine) {
     EXPECT_NE(st.queue, 0) << "channel " << chans[i]->id();
     EXPECT_EQ(st.engine, 1) << "channel " << chans[i]->id();
   }
+}
+
+// Busy-polled L-app sockets over AF_XDP (run to completion): with isolate-classes the rpc's
+// channel has its own queue and engine, and each side's application thread runs that engine's
+// rounds and takes its own segments; a T-app stream runs on the other channels meanwhile. Both
+// intact, and the rpc's segments were taken on the application threads.
+TEST_F(VnsTest, BusyPolledLatencyRpcRunsToCompletionBesideAStream) {
+  for (auto* which : {&a_, &b_}) {
+    const bool is_a = which == &a_;
+    StackOptions o = Opts(is_a ? hosts_.ns_a() : hosts_.ns_b(),
+                          is_a ? TestHosts::kDevA : TestHosts::kDevB, "afxdp", 4);
+    o.policy = "isolate-classes";
+    o.policy_knobs = {{"busy_poll_us", "200"}};
+    auto s = Stack::Create(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    *which = std::move(*s);
+  }
+  const RpcBesideStream r = RunRpcBesideStream(*a_, *b_, TestHosts::kIpB, 5012, 3000, 64 << 20);
+  EXPECT_TRUE(r.ok) << r.error;
+  EXPECT_EQ(r.rpc_wrong_bytes, 0u);
+  EXPECT_EQ(r.stream_bad_bytes, 0u);
+  EXPECT_GT(a_->Stats().segments_inline, 0u) << "the client took responses on its own thread";
+  EXPECT_GT(b_->Stats().segments_inline, 0u) << "the server took requests on its own thread";
 }
 
 TEST_F(VnsTest, HundredConcurrentSocketsWithMixedMessageSizes) {
