@@ -127,14 +127,15 @@ void Engine::Wake() {
 }
 
 bool Engine::RunInline(uint64_t stand_down_us) {
-  const uint64_t t0 = NowNs(), now = t0 / 1000;
   // Published first: the engine thread that finishes its round now sees it before sleeping.
-  if (stand_down_until_us_.load(std::memory_order_relaxed) < now + stand_down_us)
-    stand_down_until_us_.store(now + stand_down_us, std::memory_order_relaxed);
+  if (const uint64_t until = NowUs() + stand_down_us;
+      stand_down_until_us_.load(std::memory_order_relaxed) < until)
+    stand_down_until_us_.store(until, std::memory_order_relaxed);
   std::unique_lock rl(round_mu_, std::try_to_lock);
   if (!rl.owns_lock() || ops_pending_.load(std::memory_order_acquire)) return false;
+  const uint64_t t0 = NowNs();
   uint64_t deadline = UINT64_MAX;
-  const bool worked = RunTasks(now, &deadline);
+  const bool worked = RunTasks(t0 / 1000, &deadline);
   inline_rounds_.fetch_add(1, std::memory_order_relaxed);
   if (worked) busy_ns_.fetch_add(NowNs() - t0, std::memory_order_relaxed);
   return worked;
@@ -192,8 +193,10 @@ void Engine::Loop() {
       continue;
     }
     {
+      // The clock is read under the lock: a poller's round may have run while we waited for it,
+      // and a task must never see time go back (timers compare with what that round stored).
       std::lock_guard rl(round_mu_);
-      worked = RunTasks(now, &deadline);
+      worked = RunTasks(NowUs(), &deadline);
     }
     if (worked) {
       busy_ns_.fetch_add(NowNs() - t0, std::memory_order_relaxed);

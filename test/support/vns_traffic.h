@@ -20,14 +20,15 @@ struct RpcBesideStream {
   uint64_t rpc_wrong_bytes = 0, stream_bytes = 0, stream_bad_bytes = 0;
 };
 
-// Reads exactly b.size() bytes; false on an error or end of stream.
-inline bool ReadFull(VirtualSocket& s, std::span<uint8_t> b) {
+// Reads exactly b.size() bytes; "" or what went wrong (an error, an early end of stream).
+inline std::string ReadFull(VirtualSocket& s, std::span<uint8_t> b) {
   for (size_t got = 0; got < b.size();) {
     auto r = s.Recv(b.subspan(got));
-    if (!r.ok() || *r == 0) return false;
+    if (!r.ok()) return r.status().ToString();
+    if (*r == 0) return "end of stream after " + std::to_string(got) + " bytes";
     got += *r;
   }
-  return true;
+  return "";
 }
 
 // On stack `a`: an L-app client doing `rpcs` 4 KiB requests (the server on `b` echoes each with
@@ -76,7 +77,8 @@ inline RpcBesideStream RunRpcBesideStream(Stack& a, Stack& b, uint32_t ip_b, uin
   std::thread server([&] {
     std::vector<uint8_t> m(kMsg);
     for (int i = 0; i < rpcs; ++i) {
-      if (!ReadFull(**rs, m)) return fail("server recv " + std::to_string(i));
+      if (auto e = ReadFull(**rs, m); !e.empty())
+        return fail("server recv " + std::to_string(i) + ": " + e);
       for (auto& x : m) ++x;
       auto r = (*rs)->Send(m);
       if (!r.ok() || *r != kMsg) return fail("server send " + std::to_string(i));
@@ -90,8 +92,8 @@ inline RpcBesideStream RunRpcBesideStream(Stack& a, Stack& b, uint32_t ip_b, uin
       fail("client send " + std::to_string(i));
       break;
     }
-    if (!ReadFull(**rc, resp)) {
-      fail("client recv " + std::to_string(i));
+    if (auto e = ReadFull(**rc, resp); !e.empty()) {
+      fail("client recv " + std::to_string(i) + ": " + e);
       break;
     }
     for (size_t k = 0; k < kMsg; ++k)
@@ -103,7 +105,7 @@ inline RpcBesideStream RunRpcBesideStream(Stack& a, Stack& b, uint32_t ip_b, uin
   if (!out.error.empty()) return out;
   std::vector<uint8_t> tail(100'000, 7), got(100'000);
   auto r = (*tc)->Send(tail);
-  if (!r.ok() || *r != tail.size() || !ReadFull(**ts, got) || got != tail)
+  if (!r.ok() || *r != tail.size() || !ReadFull(**ts, got).empty() || got != tail)
     return fail("the stream after the rpc"), out;
   out.ok = out.stream_bytes == stream_bytes;
   if (!out.ok) fail("stream short");
