@@ -143,9 +143,10 @@ class Channel {
   // that carries this channel on the calling thread — receive ring, acknowledgments, transmit of
   // what Enqueue queued — unless that engine is in a round right now; for `stand_down_us` the
   // engine thread leaves the work to the poller (arriving packets do not wake it). True if
-  // anything was done. Drivers without engine threads return false.
-  virtual bool PollInline(uint64_t stand_down_us) {
-    (void)stand_down_us;
+  // anything was done. `now_us` is the caller's NowUs() (one clock read per polling round).
+  // Drivers without engine threads return false.
+  virtual bool PollInline(uint64_t now_us, uint64_t stand_down_us) {
+    (void)now_us, (void)stand_down_us;
     return false;
   }
   // The poller stops (about to sleep): the engine thread takes over again at once.

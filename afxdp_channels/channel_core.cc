@@ -141,9 +141,9 @@ bool ChannelCore::Seal(const TxSegment& last) {
   return true;
 }
 
-bool ChannelCore::PollInline(uint64_t stand_down_us) {
+bool ChannelCore::PollInline(uint64_t now_us, uint64_t stand_down_us) {
   Engine* e = task_ ? task_->engine.load(std::memory_order_acquire) : nullptr;
-  return e && e->RunInline(stand_down_us);
+  return e && e->RunInline(now_us, stand_down_us);
 }
 
 void ChannelCore::EndPollInline() {

@@ -63,7 +63,7 @@ class ChannelCore : public Channel {
   }
   void ArmNotify(Interest interest = kBoth) override;
   void Flush() override;
-  bool PollInline(uint64_t stand_down_us) override;
+  bool PollInline(uint64_t now_us, uint64_t stand_down_us) override;
   void EndPollInline() override;
 
   // ---- engine side ----------------------------------------------------------------------------

@@ -126,18 +126,18 @@ void Engine::Wake() {
   }
 }
 
-bool Engine::RunInline(uint64_t stand_down_us) {
+bool Engine::RunInline(uint64_t now_us, uint64_t stand_down_us) {
   // Published first: the engine thread that finishes its round now sees it before sleeping.
-  if (const uint64_t until = NowUs() + stand_down_us;
+  if (const uint64_t until = now_us + stand_down_us;
       stand_down_until_us_.load(std::memory_order_relaxed) < until)
     stand_down_until_us_.store(until, std::memory_order_relaxed);
   std::unique_lock rl(round_mu_, std::try_to_lock);
   if (!rl.owns_lock() || ops_pending_.load(std::memory_order_acquire)) return false;
-  const uint64_t t0 = NowNs();
+  // The caller read the clock before the lock: a round that ran meanwhile may have used a later
+  // time, and a task must never see time go back.
   uint64_t deadline = UINT64_MAX;
-  const bool worked = RunTasks(t0 / 1000, &deadline);
+  const bool worked = RunTasks(std::max(now_us, last_round_us_), &deadline);
   inline_rounds_.fetch_add(1, std::memory_order_relaxed);
-  if (worked) busy_ns_.fetch_add(NowNs() - t0, std::memory_order_relaxed);
   return worked;
 }
 
@@ -152,6 +152,7 @@ void Engine::Resume() {
 }
 
 bool Engine::RunTasks(uint64_t now_us, uint64_t* deadline_us) {
+  last_round_us_ = now_us;
   bool worked = false;
   for (EngineTask* t : tasks_) worked |= t->Run(now_us, deadline_us);
   return worked;

@@ -72,7 +72,7 @@ class Engine {
   // producers' Wake() calls (the poller's next round takes their work; at worst it waits for the
   // stand-down to end). A poller about to sleep itself calls Resume() to hand the work back at
   // once.
-  bool RunInline(uint64_t stand_down_us);
+  bool RunInline(uint64_t now_us, uint64_t stand_down_us);
   void Resume();
   uint64_t inline_rounds() const { return inline_rounds_.load(std::memory_order_relaxed); }
 
@@ -117,6 +117,7 @@ class Engine {
   std::mutex round_mu_;
   std::vector<EngineTask*> tasks_;  // guarded by round_mu_ (changed by the engine thread only)
   std::atomic<uint64_t> stand_down_until_us_{0};
+  uint64_t last_round_us_ = 0;  // guarded by round_mu_: the clock a round last ran with
   std::atomic<uint64_t> inline_rounds_{0};
 };
 

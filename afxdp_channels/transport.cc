@@ -319,10 +319,13 @@ void Transport::OnData(const wire::ChanHeader& h, uint64_t handle, uint32_t len,
   if (seq == rcv_nxt_) {
     while (rcv_nxt_ - rcv_deliver_ < cfg_.window_packets && rx(rcv_nxt_).present) rcv_nxt_++;
     if (Before(rcv_nxt_, rcv_highest_)) ack_now_ = true;  // a hole remains: report it now
-    if (++ack_pending_ >= cfg_.ack_every) {
+    const bool pingpong = last_data_sent_us_ != 0 &&
+                          now_us - last_data_sent_us_ < cfg_.pingpong_window_us &&
+                          ack_pending_ + 1 < cfg_.pingpong_max_pending;
+    if (++ack_pending_ >= cfg_.ack_every && !pingpong) {
       ack_now_ = true;
     } else if (ack_deadline_us_ == UINT64_MAX) {
-      ack_deadline_us_ = now_us + cfg_.delayed_ack_us;
+      ack_deadline_us_ = now_us + (pingpong ? cfg_.pingpong_ack_us : cfg_.delayed_ack_us);
     }
   } else {
     ack_now_ = true;  // out of order: an immediate (duplicate) ACK with SACK blocks
@@ -481,6 +484,7 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
     snd_nxt_++;
     pipe++;
     stats_.data_sent++;
+    last_data_sent_us_ = now_us;
     if (rto_deadline_us_ == UINT64_MAX) ArmRto(now_us);
   }
   // Zero-window probe: data waits, nothing in flight, the peer's window is too small.

@@ -61,8 +61,15 @@ struct TransportConfig {
   uint64_t min_rto_us = 2'000;
   uint64_t max_rto_us = 1'000'000;
   uint32_t dupack_threshold = 3;
-  uint32_t ack_every = 2;                // ACK every n-th in-order packet...
-  uint64_t delayed_ack_us = 500;         // ...or after this long
+  uint32_t ack_every = 2;         // ACK every n-th in-order packet...
+  uint64_t delayed_ack_us = 500;  // ...or after this long
+  // Request/response (Linux's "pingpong" ACK mode): having sent new data within the last
+  // pingpong_window_us, fewer than pingpong_max_pending in-order packets wait for the reply,
+  // which carries the ACK, or for pingpong_ack_us (below the 1 ms tail-loss probe floor) — not
+  // for a pure ACK that would sit on the request's critical path.
+  uint64_t pingpong_window_us = 1'000;
+  uint32_t pingpong_max_pending = 4;
+  uint64_t pingpong_ack_us = 200;
   uint64_t keepalive_idle_us = 200'000;  // probe an idle peer after this long
   uint64_t dead_peer_us = 2'000'000;     // nothing heard for this long: kFailed
   // Receive-buffer accounting unit: a packet is charged at least this many bytes against both
@@ -247,6 +254,7 @@ class Transport {
   uint32_t rcv_highest_;         // one past the highest seq held
   uint64_t rcv_held_bytes_ = 0;  // buffered out of order + delivered but not consumed
   uint32_t ack_pending_ = 0;
+  uint64_t last_data_sent_us_ = 0;  // new data last sent (pingpong ACKs)
   bool ack_now_ = false;
   uint64_t ack_deadline_us_ = UINT64_MAX;
   uint32_t last_ts_recv_ = 0;

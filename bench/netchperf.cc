@@ -559,10 +559,10 @@ int RunMixed(const Options& o, Endpoint& ep) {
         "{\"stack\":\"%s\",\"mode\":\"mixed\",\"policy\":\"%s\",\"size\":%llu,"
         "\"concurrency\":%u,\"seconds\":%.4f,\"stream_gbps\":%.3f,\"requests\":%zu,"
         "\"rate_per_s\":%.1f,\"p50_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,"
-        "\"integrity_ok\":%s,\"channels\":%u,\"driver\":\"%s\"}\n",
+        "\"integrity_ok\":%s,\"channels\":%u,\"driver\":\"%s\",\"busy_poll_us\":%u}\n",
         o.stack.c_str(), o.stack == "kernel" ? "kernel" : o.policy.c_str(),
         (unsigned long long)rpc_size, o.concurrency, secs, gbps, l.n, rate, p50, p99, p999,
-        ok ? "true" : "false", o.channels, o.driver.c_str());
+        ok ? "true" : "false", o.channels, o.driver.c_str(), o.busy_poll_us);
   } else {
     std::printf(
         "%s mixed: stream %.2f Gbit/s beside rpc %llu B x %u: %.0f req/s, p50 %.1f us, p99 %.1f "
@@ -660,10 +660,10 @@ int RunClient(const Options& o, Endpoint& ep) {
         "{\"stack\":\"%s\",\"mode\":\"rpc\",\"size\":%llu,\"concurrency\":%u,\"requests\":%zu,"
         "\"seconds\":%.4f,\"rate_per_s\":%.1f,\"p50_us\":%.2f,\"p99_us\":%.2f,\"p999_us\":%.2f,"
         "\"bytes\":%.0f,\"throughput_gbps\":%.4f,\"cpu_seconds_per_gb\":%.4f,\"integrity_ok\":%s,"
-        "\"channels\":%u,\"driver\":\"%s\"}\n",
+        "\"channels\":%u,\"driver\":\"%s\",\"policy\":\"%s\",\"busy_poll_us\":%u}\n",
         o.stack.c_str(), (unsigned long long)size, o.concurrency, l.n, secs, rate, p50, p99, p999,
         bytes, bytes * 8 / secs / 1e9, cpu / (bytes / 1e9), failed ? "false" : "true", o.channels,
-        o.driver.c_str());
+        o.driver.c_str(), o.stack == "kernel" ? "kernel" : o.policy.c_str(), o.busy_poll_us);
   } else {
     std::printf(
         "%s rpc, %llu B x %u: %.0f req/s, latency p50 %.1f us, p99 %.1f us, p99.9 %.1f us; "

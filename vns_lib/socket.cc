@@ -86,7 +86,7 @@ class SocketImpl final : public VirtualSocket {
   // One round: each channel's engine round, then its lane's segments that are this socket's
   // straight into the reassembler; the first that is not (another socket's, a control segment)
   // and everything after it go to the dispatcher, in order. True if anything was done.
-  bool PollOnce(uint64_t stand_down_us);
+  bool PollOnce(uint64_t now_us, uint64_t stand_down_us);
   bool TakeOwn(chan::Channel* ch, const chan::RxSegment& seg);
   void EndPoll();  // the engines and the dispatcher take over again
   // Bytes the peer's receive window still takes; waits (blocking sockets) until it opens or the
@@ -288,7 +288,7 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
       for (uint64_t used = s->sent_on_.exchange(0, std::memory_order_relaxed); used != 0;
            used &= used - 1)
         if (const size_t k = static_cast<size_t>(__builtin_ctzll(used)); k < s->chans_.size())
-          s->chans_[k]->PollInline(s->send_busy_us_);
+          s->chans_[k]->PollInline(NowUs(), s->send_busy_us_);
     }
   } poll_after{this};
   size_t total = 0;
@@ -492,12 +492,13 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
       const uint64_t end = NowUs() + busy;
       bool got = false;
       for (;;) {
-        PollOnce(busy);
+        const uint64_t now = NowUs();  // the round's one clock read
+        PollOnce(now, busy);
         got = reasm_.Readable() > 0 || !c_->inq.EmptyApprox() ||
               reasm_.next() == c_->fin_seq.load(std::memory_order_acquire) ||
               c_->state.load() != ConnState::kEstablished ||
               c_->broken.load(std::memory_order_acquire);
-        if (got || NowUs() >= end) break;
+        if (got || now >= end) break;
         if (poll_lanes_.empty()) std::this_thread::yield();  // nothing to poll yet
       }
       if (got) continue;
@@ -544,15 +545,15 @@ void SocketImpl::LearnLane(const chan::Channel* ch) {
   }
 }
 
-bool SocketImpl::PollOnce(uint64_t stand_down_us) {
+bool SocketImpl::PollOnce(uint64_t now_us, uint64_t stand_down_us) {
   bool worked = false;
   chan::RxSegment segs[32];
-  const uint64_t until = NowUs() + stand_down_us;
+  const uint64_t until = now_us + stand_down_us;
   for (size_t i = 0; i < poll_lanes_.size();) {
     PollLane& pl = poll_lanes_[i];
     RxLane& lane = *pl.lane;
     lane.polled_until_us.store(until, std::memory_order_relaxed);
-    worked |= pl.ch->PollInline(stand_down_us);
+    worked |= pl.ch->PollInline(now_us, stand_down_us);
     // Owned by the dispatcher right now, or holding what it must deliver first: its turn.
     if (lane.npending.load(std::memory_order_relaxed) != 0 || !lane.TryOwn()) {
       ++i;
