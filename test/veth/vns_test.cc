@@ -462,6 +462,105 @@ TEST_F(VnsTest, AStoppedReaderDoesNotSlowAnotherSocketOnTheSameChannel) {
   std::printf("64 MiB beside a stopped reader on one channel: %.2f s\n", secs);
 }
 
+// Head-of-line blocking (the paper's Fig. 3.5 case): two streams share the only channel, and one
+// reader stops in the middle. Its socket's window (rcvbuf, advertised end to end) stops its own
+// writer once that much is buffered, and the dispatcher copies what the stopped socket holds out
+// of the channel's buffers under pressure, so the channel keeps draining and the other stream
+// returns to its rate; when the reader resumes, every byte is there. Recovery time is printed;
+// the bound only checks that it recovers (speed is bench/run-isolation's question).
+TEST_F(VnsTest, AReaderStoppingMidStreamLetsTheOtherStreamOnItsChannelRecover) {
+  Open("afxdp", 1);
+  SocketOptions so;
+  so.rcvbuf = 2 << 20;
+  auto l = b_->Listen(5013, 8, so);
+  ASSERT_TRUE(l.ok());
+  auto slow_tx = a_->Connect(TestHosts::kIpB, 5013);
+  ASSERT_TRUE(slow_tx.ok());
+  auto slow_rx = (*l)->Accept();
+  ASSERT_TRUE(slow_rx.ok());
+  auto fast_tx = a_->Connect(TestHosts::kIpB, 5013);
+  ASSERT_TRUE(fast_tx.ok());
+  auto fast_rx = (*l)->Accept();
+  ASSERT_TRUE(fast_rx.ok());
+  constexpr uint64_t kSlowBytes = 256 << 20;
+  std::atomic<bool> stop_fast{false}, slow_paused{false};
+  std::atomic<uint64_t> fast_got{0};
+  absl::Status slow_sent, fast_sent, slow_err, fast_err;
+  uint64_t slow_bad = 0, fast_bad = 0, slow_got = 0;
+  std::thread slow_writer([&] { SendStream(**slow_tx, 21, kSlowBytes, 128 << 10, &slow_sent); });
+  std::thread fast_writer([&] {
+    std::vector<uint8_t> buf(128 << 10);
+    for (uint64_t off = 0; !stop_fast.load();) {
+      for (size_t i = 0; i < buf.size(); ++i) buf[i] = PatternByte(22, off + i);
+      auto r = (*fast_tx)->Send(buf);
+      if (!r.ok()) return void(fast_sent = r.status());
+      off += *r;
+    }
+    fast_sent = (*fast_tx)->Shutdown();
+  });
+  std::thread fast_reader([&] {
+    std::vector<uint8_t> buf(1 << 20);
+    for (uint64_t off = 0;;) {
+      auto r = (*fast_rx)->Recv(buf);
+      if (!r.ok()) return void(fast_err = r.status());
+      if (*r == 0) return;
+      for (size_t i = 0; i < *r; ++i) fast_bad += buf[i] != PatternByte(22, off + i);
+      off += *r;
+      fast_got.store(off, std::memory_order_relaxed);
+    }
+  });
+  std::thread slow_reader([&] {
+    std::vector<uint8_t> buf(1 << 20);
+    for (;;) {
+      while (slow_paused.load()) usleep(1000);
+      auto r = (*slow_rx)->Recv(buf);
+      if (!r.ok()) return void(slow_err = r.status());
+      if (*r == 0) return;
+      for (size_t i = 0; i < *r; ++i) slow_bad += buf[i] != PatternByte(21, slow_got + i);
+      slow_got += *r;
+    }
+  });
+  // The fast stream's bytes per 50 ms: 1 s shared, then the slow reader stops for 2 s.
+  std::vector<uint64_t> samples;
+  auto sample_for = [&](int n) {
+    for (int i = 0; i < n; ++i) {
+      usleep(50'000);
+      samples.push_back(fast_got.load(std::memory_order_relaxed));
+    }
+  };
+  sample_for(20);
+  const size_t stop_at = samples.size();
+  slow_paused = true;
+  sample_for(40);
+  slow_paused = false;
+  stop_fast = true;
+  fast_writer.join();
+  fast_reader.join();
+  slow_writer.join();
+  slow_reader.join();
+  EXPECT_TRUE(slow_sent.ok() && fast_sent.ok()) << slow_sent << " / " << fast_sent;
+  EXPECT_TRUE(slow_err.ok() && fast_err.ok()) << slow_err << " / " << fast_err;
+  EXPECT_EQ(slow_got, kSlowBytes) << "the stopped reader's stream is whole when it resumes";
+  EXPECT_EQ(slow_bad + fast_bad, 0u);
+  // Rate while shared (its last half second) and the first 50 ms window after the stop in which
+  // the fast stream runs at least that fast again.
+  const double shared = (samples[stop_at - 1] - samples[stop_at - 11]) / 10.0;
+  double recovered_s = -1;
+  for (size_t i = stop_at + 1; i < samples.size(); ++i)
+    if (samples[i] - samples[i - 1] >= shared) {
+      recovered_s = (i + 1 - stop_at) * 0.05;
+      break;
+    }
+  const double after = (samples.back() - samples[samples.size() - 11]) / 10.0;
+  std::printf(
+      "HoL: fast stream %.0f MB/s shared, %.0f MB/s with the other reader stopped; back "
+      "to the shared rate after %.2f s\n",
+      shared * 20 / 1e6, after * 20 / 1e6, recovered_s);
+  EXPECT_GE(recovered_s, 0) << "the other stream never got back to its shared rate";
+  EXPECT_LT(recovered_s, 2.0);
+  EXPECT_EQ(b_->Stats().dispatcher_blocked, 0u) << "the stopped socket held the channel back";
+}
+
 // A peer that ignores the window this side advertised: only its socket is reset, and the
 // channel it shares keeps carrying another connection. Host A runs a bare driver and speaks the
 // virtual-socket protocol by hand.
