@@ -154,6 +154,15 @@ class IsolateClasses final : public NetScheduler {
     if (i < k) return {i, 0};
     return {k + (i - k) % (queues - k), 1 + (i - k) % (engines - 1)};
   }
+  // A peer using this policy puts L-app channels on queues [0, k): those run on engine 0 here
+  // too, every other queue on the other engines, so the receiving host keeps bulk off the L-app
+  // engine as well.
+  int EngineForQueue(int queue, int queues, int engines) const override {
+    const int k = static_cast<int>(std::min<uint32_t>(reserve_.load(std::memory_order_relaxed),
+                                                      static_cast<uint32_t>(queues - 1)));
+    if (queues < 2 || engines < 2 || k < 1 || queue < 0) return -1;
+    return queue < k ? 0 : 1 + (queue - k) % (engines - 1);
+  }
   Knobs GetKnobs() const override {
     return {{"latency_channels", std::to_string(reserve_.load(std::memory_order_relaxed))}};
   }

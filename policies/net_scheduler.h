@@ -18,10 +18,11 @@
 // copy knobs every policy has: inline_copy_bytes, copy_chunk_bytes, skip_worker_queued_bytes).
 //
 // And where each of a peer's channels runs (PlaceChannel: queue and engine; isolate-classes gives
-// L-app channels their own), and how many channels a peer gets (WantChannels, with scale=on).
+// L-app channels their own; EngineForQueue: the same on the host that accepts them), how many
+// channels a peer gets (WantChannels, with scale=on), and whether L-app sockets busy-poll
+// (BusyPollUs: run to completion on the application thread).
 //
-// Still to come behind this interface (the NetScheduler issue): placement of copy workers,
-// busy-polled L-app sockets, HoL resolution as the paper does it.
+// Still to come behind this interface (the NetScheduler issue): placement of copy workers.
 #pragma once
 
 #include <atomic>
@@ -102,6 +103,13 @@ class NetScheduler {
   virtual Placement PlaceChannel(size_t index, size_t count, int queues, int engines) const {
     (void)index, (void)count, (void)queues, (void)engines;
     return {};
+  }
+  // The accepting side's half of placement: the engine that should run a channel a peer opened
+  // to us on `queue` (the peer chose the queue; its packets arrive there), or -1 for wherever the
+  // driver put it. Default: -1.
+  virtual int EngineForQueue(int queue, int queues, int engines) const {
+    (void)queue, (void)queues, (void)engines;
+    return -1;
   }
   // The policy's own typed knobs, validated when set, with their current values.
   virtual Knobs GetKnobs() const = 0;

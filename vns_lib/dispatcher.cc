@@ -297,8 +297,17 @@ void StackImpl::Dispatch() {
       ctl_backlog_.pop_front();
       worked = true;
     }
-    // Channels peers opened to us.
+    // Channels peers opened to us, on the engine the policy wants for their queue (a queue moves
+    // as a whole; rare: once per channel a peer opens).
     while (auto ch = driver_->Accept()) {
+      const chan::ChannelStats cs = ch->stats();
+      const int engine = policy()->EngineForQueue(cs.queue, driver_->queue_count(),
+                                                  static_cast<int>(driver_->Engines().size()));
+      if (engine >= 0 && engine != cs.engine) {
+        if (auto st = driver_->MoveChannel(ch->id(), engine); !st.ok())
+          fprintf(stderr, "netch: placing channel %u on engine %d: %s\n", ch->id(), engine,
+                  std::string(st.message()).c_str());
+      }
       peers_->Get(ch->peer_ipv4())->Add(ch);
       worked = true;
     }

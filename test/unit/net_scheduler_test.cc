@@ -179,6 +179,12 @@ TEST(PlacementTest, IsolateClassesGivesLatencyChannelsTheirOwnQueueAndEngine) {
   EXPECT_EQ(p->PlaceChannel(0, 4, 1, 2).queue, -1);
   EXPECT_EQ(p->PlaceChannel(0, 4, 4, 1).engine, -1);
   EXPECT_EQ(Make("round-robin")->PlaceChannel(0, 4, 4, 2).queue, -1) << "others: the driver's";
+  // The accepting host: the queue a peer's L-app channel arrives on runs on engine 0 alone.
+  EXPECT_EQ(p->EngineForQueue(0, 4, 2), 0);
+  for (int q = 1; q < 4; ++q) EXPECT_EQ(p->EngineForQueue(q, 4, 2), 1) << q;
+  EXPECT_EQ(p->EngineForQueue(2, 4, 3), 2);
+  EXPECT_EQ(p->EngineForQueue(0, 1, 2), -1);
+  EXPECT_EQ(Make("round-robin")->EngineForQueue(2, 4, 2), -1);
 }
 
 TEST(ScalingTest, GrowsAndShrinksOneAtATimeWithHysteresisWithinBounds) {

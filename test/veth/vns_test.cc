@@ -213,7 +213,9 @@ TEST_F(VnsTest, IsolateClassesRunsTheLatencyChannelOnItsOwnQueueAndEngine) {
   auto a = Stack::Create(oa);
   ASSERT_TRUE(a.ok()) << a.status();
   a_ = std::move(*a);
-  auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 4));
+  StackOptions ob = Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 4);
+  ob.policy = "isolate-classes";
+  auto b = Stack::Create(ob);
   ASSERT_TRUE(b.ok()) << b.status();
   b_ = std::move(*b);
   auto l = b_->Listen(5011);
@@ -231,6 +233,23 @@ TEST_F(VnsTest, IsolateClassesRunsTheLatencyChannelOnItsOwnQueueAndEngine) {
     const auto st = chans[i]->stats();
     EXPECT_NE(st.queue, 0) << "channel " << chans[i]->id();
     EXPECT_EQ(st.engine, 1) << "channel " << chans[i]->id();
+  }
+  // The accepting host places them the same way: queue 0 (the L-app channel's) alone on engine
+  // 0, the bulk queues on engine 1 (the driver alone would put queue 2 on engine 0 as well).
+  const uint64_t t0 = chan::NowUs();
+  auto placed = [&] {
+    auto bc = b_->driver().Channels();
+    if (bc.size() != 4u) return false;
+    for (const auto& ch : bc) {
+      const auto st = ch->stats();
+      if (st.engine != (st.queue == 0 ? 0 : 1)) return false;
+    }
+    return true;
+  };
+  while (!placed() && chan::NowUs() - t0 < 3'000'000) usleep(10'000);
+  for (const auto& ch : b_->driver().Channels()) {
+    const auto st = ch->stats();
+    EXPECT_EQ(st.engine, st.queue == 0 ? 0 : 1) << "accepted channel on queue " << st.queue;
   }
 }
 
