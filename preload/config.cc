@@ -41,6 +41,25 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
   str("NETCH_DRIVER", &c.driver);
   str("NETCH_TX", &c.tx);
   str("NETCH_POLICY", &c.policy);
+  if (const auto colon = c.policy.find(':'); colon != std::string::npos) {
+    const std::string all = c.policy;
+    c.policy = all.substr(0, colon);
+    for (absl::string_view kv : absl::StrSplit(all.substr(colon + 1), ',', absl::SkipEmpty())) {
+      const auto eq = kv.find('=');
+      if (eq == absl::string_view::npos || eq == 0)
+        return Bad("NETCH_POLICY", all, "want NAME[:key=value,...]");
+      c.policy_knobs.emplace_back(std::string(kv.substr(0, eq)), std::string(kv.substr(eq + 1)));
+    }
+  }
+  if (const char* v = env("NETCH_CLASS"); v != nullptr && *v != '\0') {
+    const std::string k = v;
+    if (k == "latency")
+      c.app_class = 1;
+    else if (k == "throughput")
+      c.app_class = 2;
+    else
+      return Bad("NETCH_CLASS", k, "want latency or throughput");
+  }
   str("NETCH_METRICS", &c.metrics);
   if (const char* v = env("NETCH_ROUTE"); v != nullptr && *v != '\0') {
     const std::string r = v;
@@ -66,6 +85,8 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
   if (auto st = ReadInt(env, "NETCH_COPY_WORKERS", 0, 64, &c.copy_workers); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_LINGER_MS", 0, 600000, &c.linger_ms); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_SPIN_US", 0, 100000, &c.spin_us); !st.ok()) return st;
+  if (auto st = ReadInt(env, "NETCH_BUSY_POLL_US", 0, 1000000, &c.busy_poll_us); !st.ok())
+    return st;
   int flag = 0;
   if (auto st = ReadInt(env, "NETCH_REPLACE_XDP", 0, 1, &flag); !st.ok()) return st;
   c.replace_xdp = flag == 1;

@@ -206,6 +206,7 @@ netch::vns::Stack* GetStack() {
   so.channels_per_peer = c->channels;
   so.copy_workers = c->copy_workers;
   so.policy = c->policy;
+  so.policy_knobs = c->policy_knobs;
   if (c->spin_us >= 0) {
     so.recv_spin_us = so.dispatcher_spin_us = static_cast<uint64_t>(c->spin_us);
     so.driver_opts.spin = absl::Microseconds(c->spin_us);
@@ -241,6 +242,13 @@ void AtExit() {
     }
     if (queued == 0) break;
     usleep(1000);
+  }
+  if (c && c->verbose) {
+    const auto ss = g->stack->Stats();
+    Log("NetChannel stack down: %llu segments through the dispatcher, %llu taken inline by "
+        "busy-polling sockets",
+        static_cast<unsigned long long>(ss.segments_in),
+        static_cast<unsigned long long>(ss.segments_inline));
   }
   g->ctl.reset();
 }
@@ -642,6 +650,8 @@ int connect(int fd, const sockaddr* addr, socklen_t len) {
   netch::vns::SocketOptions so;
   so.nonblocking = nb;
   so.nodelay = cand.nodelay;
+  so.app_class = static_cast<netch::vns::AppClass>(c->app_class);
+  so.busy_poll_us = c->busy_poll_us;
   if (cand.rcvbuf > 0) so.rcvbuf = std::max(4096, cand.rcvbuf);
   t_internal = true;
   auto vs = stack->Connect(ip, port, so);
@@ -670,6 +680,7 @@ int accept4(int fd, sockaddr* addr, socklen_t* len, int flags) {
   ne->vs = std::move(*s);
   ne->nonblocking = flags & SOCK_NONBLOCK;
   ne->vs->SetNonBlocking(flags & SOCK_NONBLOCK);
+  if (const Config* c = Cfg(); c && c->busy_poll_us >= 0) ne->vs->SetBusyPoll(c->busy_poll_us);
   FillAddr(ne->vs->remote_ipv4(), ne->vs->remote_port(), addr, len);
   return InstallNew(std::move(ne));
 }

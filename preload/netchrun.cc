@@ -38,8 +38,8 @@ int main(int argc, char** argv) {
       "stack). Sockets connected to the interface's subnet, or listening on its address or "
       "0.0.0.0, go over NetChannel; everything else stays on the kernel. See netchrun(1).",
       "netchrun"};
-  std::string dev, instance, route, ports, driver, tx, metrics, policy, lib;
-  int engines = 0, channels = 0, copy_workers = 0, linger_ms = -1, spin_us = -1;
+  std::string dev, instance, route, ports, driver, tx, metrics, policy, lib, app_class;
+  int engines = 0, channels = 0, copy_workers = 0, linger_ms = -1, spin_us = -1, busy_poll_us = -1;
   bool replace_xdp = false, verbose = false;
   std::vector<std::string> cmd;
   app.add_option("--dev", dev, "NetChannel interface (default: the only one with IPv4)");
@@ -54,7 +54,13 @@ int main(int argc, char** argv) {
   app.add_option("--engines", engines, "engine threads")->check(CLI::Range(1, 64));
   app.add_option("--channels", channels, "channels per peer")->check(CLI::Range(1, 64));
   app.add_option("--copy-workers", copy_workers, "copy worker threads")->check(CLI::Range(0, 64));
-  app.add_option("--policy", policy, "NetScheduler policy (netchctl policy list)");
+  app.add_option("--policy", policy,
+                 "NetScheduler policy NAME[:key=value,...] (netchctl policy list)");
+  app.add_option("--class", app_class, "the class the program's connections announce")
+      ->check(CLI::IsMember({"latency", "throughput"}));
+  app.add_option("--busy-poll-us", busy_poll_us,
+                 "blocking receives run the channels on the calling thread this long first")
+      ->check(CLI::Range(0, 1000000));
   app.add_option("--metrics", metrics, "Prometheus exposer address, or off")->default_str("off");
   app.add_option("--linger-ms", linger_ms, "at exit, wait this long for unacknowledged data")
       ->check(CLI::Range(0, 600000));
@@ -88,6 +94,8 @@ int main(int argc, char** argv) {
   set_int("NETCH_COPY_WORKERS", copy_workers, 0);
   set_int("NETCH_LINGER_MS", linger_ms, -1);
   set_int("NETCH_SPIN_US", spin_us, -1);
+  set("NETCH_CLASS", app_class);
+  set_int("NETCH_BUSY_POLL_US", busy_poll_us, -1);
   if (replace_xdp) set("NETCH_REPLACE_XDP", "1");
   if (verbose) set("NETCH_VERBOSE", "1");
 

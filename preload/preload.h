@@ -39,6 +39,10 @@
 //   NETCH_REPLACE_XDP=1  take over an interface where another XDP program is attached
 //   NETCH_LINGER_MS  see exit() above;  NETCH_VERBOSE=1  log each socket routed over NetChannel
 //   NETCH_SPIN_US    how long idle stack threads spin before sleeping (default: the stack's 50)
+//   NETCH_POLICY     NAME[:key=value,...], e.g. "isolate-classes:busy_poll_us=200"
+//   NETCH_CLASS      latency | throughput: the class the program's connections announce
+//   NETCH_BUSY_POLL_US  a blocking receive on any of the program's sockets runs its channels
+//                    on the calling thread this long before sleeping (run to completion)
 #pragma once
 
 #include <cstdint>
@@ -59,6 +63,12 @@ struct Config {
   int engines = 1, channels = 1, copy_workers = 0;
   int linger_ms = 2000;
   int spin_us = -1;  // adaptive polling spin of engines, dispatcher and Recv (-1: stack defaults)
+  // NETCH_POLICY=NAME[:key=value,...]: the policy's knobs, applied in order.
+  std::vector<std::pair<std::string, std::string>> policy_knobs;
+  // NETCH_CLASS: the class the program's connections announce (0 unspecified, 1 latency, 2
+  // throughput: vns::AppClass values).
+  int app_class = 0;
+  int busy_poll_us = -1;  // NETCH_BUSY_POLL_US: every socket's SocketOptions::busy_poll_us
   bool replace_xdp = false, verbose = false;
   // Filled from the interface: its address and netmask (host order).
   uint32_t local_ip = 0, netmask = 0;

@@ -32,6 +32,7 @@ class SocketImpl final : public VirtualSocket {
   }
   void SetNonBlocking(bool nb) override { nonblocking_ = nb; }
   void SetNoDelay(bool on) override { nodelay_.store(on, std::memory_order_relaxed); }
+  void SetBusyPoll(int us) override { busy_poll_opt_.store(us, std::memory_order_relaxed); }
   uint16_t local_port() const override { return c_ ? c_->key.local_port : 0; }
   uint16_t remote_port() const override { return c_ ? c_->key.remote_port : 0; }
   uint32_t remote_ipv4() const override { return c_ ? c_->key.peer : 0; }
@@ -115,7 +116,7 @@ class SocketImpl final : public VirtualSocket {
   bool nonblocking_;
   std::atomic<bool> nodelay_;  // read by copy workers running SendRange
   int channels_hint_;
-  const int busy_poll_opt_;  // SocketOptions::busy_poll_us
+  std::atomic<int> busy_poll_opt_;  // SocketOptions::busy_poll_us (Send and Recv read it)
   struct PollLane {
     std::shared_ptr<chan::Channel> ch;
     std::shared_ptr<RxLane> lane;
@@ -276,9 +277,9 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
   // Busy polling: the engine stands down for this thread, so what we queued leaves in the round
   // we run ourselves right after (below), not on an engine wakeup.
   RefreshPolicy();
-  send_busy_us_ = busy_poll_opt_ >= 0
-                      ? static_cast<uint32_t>(busy_poll_opt_)
-                      : policy_->BusyPollUs({c_->id, static_cast<uint8_t>(c_->app_class)});
+  const int opt = busy_poll_opt_.load(std::memory_order_relaxed);
+  send_busy_us_ = opt >= 0 ? static_cast<uint32_t>(opt)
+                           : policy_->BusyPollUs({c_->id, static_cast<uint8_t>(c_->app_class)});
   struct PollAfter {
     SocketImpl* s;
     ~PollAfter() {
@@ -519,8 +520,8 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
 
 uint32_t SocketImpl::BusyPollUs() {
   uint32_t us;
-  if (busy_poll_opt_ >= 0) {
-    us = static_cast<uint32_t>(busy_poll_opt_);
+  if (const int opt = busy_poll_opt_.load(std::memory_order_relaxed); opt >= 0) {
+    us = static_cast<uint32_t>(opt);
   } else {
     if (const uint64_t v = st_->policy_version(); v != recv_policy_version_ || !recv_policy_) {
       recv_policy_version_ = v;

@@ -172,6 +172,7 @@ class VirtualSocket {
   virtual int Error() const = 0;
   virtual void SetNonBlocking(bool nonblocking) = 0;
   virtual void SetNoDelay(bool nodelay) = 0;  // SocketOptions::nodelay
+  virtual void SetBusyPoll(int us) = 0;       // SocketOptions::busy_poll_us
   virtual uint16_t local_port() const = 0;
   virtual uint16_t remote_port() const = 0;
   virtual uint32_t remote_ipv4() const = 0;

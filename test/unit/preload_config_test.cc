@@ -57,7 +57,10 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
                                                         {"NETCH_ENGINES", "0"},
                                                         {"NETCH_DRIVER", "dpdk"},
                                                         {"NETCH_TX", "rdma"},
-                                                        {"NETCH_LINGER_MS", "-1"}}) {
+                                                        {"NETCH_LINGER_MS", "-1"},
+                                                        {"NETCH_CLASS", "bulk"},
+                                                        {"NETCH_BUSY_POLL_US", "2000000"},
+                                                        {"NETCH_POLICY", "isolate-classes:x"}}) {
     g_env = {{"NETCH_ROUTE", "none"}};
     g_env[k] = v;
     auto c = Config::FromEnv(&FakeEnv);
@@ -69,6 +72,19 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->ports, (std::vector<uint16_t>{6379, 8080}));
   EXPECT_EQ(c->channels, 4);
+  EXPECT_EQ(c->app_class, 0) << "unspecified unless asked";
+  EXPECT_EQ(c->busy_poll_us, -1) << "the policy decides unless asked";
+  g_env = {{"NETCH_ROUTE", "none"},
+           {"NETCH_POLICY", "isolate-classes:busy_poll_us=200,latency_channels=2"},
+           {"NETCH_CLASS", "latency"},
+           {"NETCH_BUSY_POLL_US", "50"}};
+  c = Config::FromEnv(&FakeEnv);
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_EQ(c->policy, "isolate-classes");
+  EXPECT_EQ(c->policy_knobs, (std::vector<std::pair<std::string, std::string>>{
+                                 {"busy_poll_us", "200"}, {"latency_channels", "2"}}));
+  EXPECT_EQ(c->app_class, 1);
+  EXPECT_EQ(c->busy_poll_us, 50);
 }
 
 TEST(PreloadConfigTest, ANamedInterfaceWithoutAnAddressIsAnError) {

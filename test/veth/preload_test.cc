@@ -38,14 +38,16 @@ constexpr bool kSanitized = true;
 constexpr bool kSanitized = false;
 #endif
 
-std::string Netchrun(const std::string& ns, const std::string& dev) {
+std::string Netchrun(const std::string& ns, const std::string& dev,
+                     const std::string& options = "") {
   std::string env;
   if (kSanitized) {
     env =
         "env LD_PRELOAD=$(gcc -print-file-name=libasan.so) "
         "ASAN_OPTIONS=detect_leaks=0:verify_asan_link_order=0 ";
   }
-  return absl::StrFormat("ip netns exec %s %s%s/preload/netchrun --dev %s --", ns, env, kBin, dev);
+  return absl::StrFormat("ip netns exec %s %s%s/preload/netchrun --dev %s %s --", ns, env, kBin,
+                         dev, options);
 }
 
 // Runs a command to completion; returns its exit status, stdout (and stderr) in *out.
@@ -144,8 +146,16 @@ TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClien
   EXPECT_TRUE(absl::StrContains(out, "NetChannel stack on nc-b failed")) << out;
   EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " client 198.18.0.2 7000 1000000", &out), 0)
       << out;
-  EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " client 198.18.0.2 7000 10000000", &out), 0)
+  // The last client's blocking receives busy-poll (run to completion, --busy-poll-us), its
+  // connection announced as latency-class: the same bytes, taken on the program's own thread.
+  const std::string busy = Netchrun(hosts_.ns_a(), TestHosts::kDevA,
+                                    "-v --class latency --busy-poll-us 200 "
+                                    "--policy isolate-classes:busy_poll_us=200");
+  EXPECT_EQ(Shell("timeout 60 " + busy + " " + prog + " client 198.18.0.2 7000 10000000", &out), 0)
       << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok echo_every_byte_in_order")) << out;
+  EXPECT_TRUE(absl::StrContains(out, "taken inline by busy-polling sockets")) << out;
+  EXPECT_FALSE(absl::StrContains(out, " 0 taken inline")) << out;
   EXPECT_EQ(server.Wait(30), 0) << server.Output();
   EXPECT_TRUE(absl::StrContains(server.Output(), "ok kernel_fd_in_same_epoll")) << server.Output();
   EXPECT_TRUE(absl::StrContains(server.Output(), "server done: 3 clients")) << server.Output();
