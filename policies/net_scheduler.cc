@@ -154,6 +154,14 @@ class IsolateClasses final : public NetScheduler {
     if (i < k) return {i, 0};
     return {k + (i - k) % (queues - k), 1 + (i - k) % (engines - 1)};
   }
+  // Bulk copies stay off the L-app engine's core: with engine 0 pinned, worker i takes the i-th
+  // of the other cores in turn (unpinned engine 0, or one core: the OS decides).
+  int PlaceCopyWorker(int index, const std::vector<int>& engine_cores, int cpus) const override {
+    if (engine_cores.empty() || engine_cores[0] < 0 || cpus < 2 || index < 0) return -1;
+    const int l_core = engine_cores[0];
+    const int pick = index % (cpus - 1);
+    return pick < l_core ? pick : pick + 1;
+  }
   // A peer using this policy puts L-app channels on queues [0, k): those run on engine 0 here
   // too, every other queue on the other engines, so the receiving host keeps bulk off the L-app
   // engine as well.

@@ -22,7 +22,8 @@
 // channels a peer gets (WantChannels, with scale=on), and whether L-app sockets busy-poll
 // (BusyPollUs: run to completion on the application thread).
 //
-// Still to come behind this interface (the NetScheduler issue): placement of copy workers.
+// Copy workers are placed by the policy too (PlaceCopyWorker: isolate-classes keeps them off the
+// L-app engine's core).
 #pragma once
 
 #include <atomic>
@@ -103,6 +104,12 @@ class NetScheduler {
   virtual Placement PlaceChannel(size_t index, size_t count, int queues, int engines) const {
     (void)index, (void)count, (void)queues, (void)engines;
     return {};
+  }
+  // Where copy worker `index` runs: a core, or -1 for wherever the OS schedules it. `engine_cores`
+  // are the engines' pinned cores (-1: unpinned), `cpus` the cores there are. Default: -1.
+  virtual int PlaceCopyWorker(int index, const std::vector<int>& engine_cores, int cpus) const {
+    (void)index, (void)engine_cores, (void)cpus;
+    return -1;
   }
   // The accepting side's half of placement: the engine that should run a channel a peer opened
   // to us on `queue` (the peer chose the queue; its packets arrive there), or -1 for wherever the

@@ -1,7 +1,9 @@
 #include "vns_lib/copy_workers.h"
 
 #include <pthread.h>
+#include <sched.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <string>
@@ -34,7 +36,32 @@ void CopyWorkers::Resize(int n) {
       pthread_setname_np(pthread_self(), name.c_str());
       Loop(index);
     });
+    Pin(index);
   }
+  std::lock_guard g(mu_);
+  cores_.resize(threads_.size(), -1);
+}
+
+void CopyWorkers::Place(std::function<int(int)> core_of) {
+  core_of_ = std::move(core_of);
+  for (int i = 0; i < static_cast<int>(threads_.size()); ++i) Pin(i);
+}
+
+void CopyWorkers::Pin(int i) {
+  const int core = core_of_ ? core_of_(i) : -1;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  if (core >= 0) {
+    CPU_SET(core, &set);
+  } else {
+    // Unpinned: every core this process may use.
+    if (sched_getaffinity(getpid(), sizeof(set), &set) != 0)
+      for (int c = 0; c < CPU_SETSIZE; ++c) CPU_SET(c, &set);
+  }
+  const bool ok = pthread_setaffinity_np(threads_[i].native_handle(), sizeof(set), &set) == 0;
+  std::lock_guard g(mu_);
+  if (static_cast<int>(cores_.size()) <= i) cores_.resize(i + 1, -1);
+  cores_[i] = ok ? core : -1;
 }
 
 void CopyWorkers::Work(Job* j, std::atomic<uint64_t>* counter, std::atomic<uint64_t>* busy_ns) {

@@ -26,6 +26,14 @@ class CopyWorkers {
 
   // Starts or stops workers; waits for stopped ones to finish their current chunk.
   void Resize(int n);  // from one control thread at a time
+  // Pins worker i to core_of(i) (-1: any core); workers started later by Resize are pinned the
+  // same way. From the control thread, like Resize.
+  void Place(std::function<int(int)> core_of);
+  // The core worker i is pinned to, -1 if none (for tests and operators).
+  int core(int i) const {
+    std::lock_guard g(mu_);
+    return i < static_cast<int>(cores_.size()) ? cores_[i] : -1;
+  }
   int size() {
     std::lock_guard g(mu_);
     return target_;
@@ -52,10 +60,13 @@ class CopyWorkers {
   void Loop(int index);
   static void Work(Job* j, std::atomic<uint64_t>* counter, std::atomic<uint64_t>* busy_ns);
 
-  std::mutex mu_;
+  void Pin(int i);  // applies core_of_ to worker i (control thread)
+  mutable std::mutex mu_;
   std::condition_variable cv_, done_cv_;
-  std::deque<Job*> jobs_;  // guarded by mu_
-  int target_ = 0;         // guarded by mu_: workers with index >= target_ exit
+  std::function<int(int)> core_of_;  // control thread
+  std::vector<int> cores_;           // guarded by mu_: worker i's pinned core
+  std::deque<Job*> jobs_;            // guarded by mu_
+  int target_ = 0;                   // guarded by mu_: workers with index >= target_ exit
   std::vector<std::thread> threads_;
   std::atomic<uint64_t> chunks_run_{0};
   std::atomic<uint64_t> busy_ns_{0};

@@ -128,9 +128,18 @@ StackImpl::~StackImpl() {
 
 absl::Status StackImpl::SetCopyWorkers(int n) {
   if (n < 0 || n > 64) return absl::InvalidArgumentError("copy workers must be 0..64");
+  std::lock_guard g(workers_mu_);
   workers_.Resize(n);
   nworkers_ = n;
+  PlaceCopyWorkersLocked();
   return absl::OkStatus();
+}
+
+void StackImpl::PlaceCopyWorkersLocked() {
+  std::vector<int> cores;
+  for (const auto& e : driver_->Engines()) cores.push_back(e.core);
+  const int cpus = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+  workers_.Place([p = policy(), cores, cpus](int i) { return p->PlaceCopyWorker(i, cores, cpus); });
 }
 
 StackStats StackImpl::Stats() const {
@@ -227,6 +236,8 @@ absl::Status StackImpl::SetPolicy(const std::string& name,
     policy_ = std::move(*p);
   }
   policy_version_.fetch_add(1, std::memory_order_release);
+  std::lock_guard g(workers_mu_);
+  PlaceCopyWorkersLocked();
   return absl::OkStatus();
 }
 

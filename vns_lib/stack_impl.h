@@ -74,6 +74,11 @@ class StackImpl final : public Stack {
                                                          const SocketOptions& o) override;
   absl::Status SetCopyWorkers(int n) override;
   int copy_workers() const override { return nworkers_.load(); }
+  std::vector<int> copy_worker_cores() const override {
+    std::vector<int> out;
+    for (int i = 0; i < nworkers_.load(); ++i) out.push_back(workers_.core(i));
+    return out;
+  }
   StackStats Stats() const override;
   chan::Driver& driver() override { return *driver_; }
   std::vector<SocketInfo> Sockets() const override;
@@ -160,6 +165,8 @@ class StackImpl final : public Stack {
   std::unique_ptr<chan::Driver> driver_;
   CopyWorkers workers_;
   std::atomic<int> nworkers_{0};
+  std::mutex workers_mu_;         // Resize and Place of workers_: control calls, one at a time
+  void PlaceCopyWorkersLocked();  // the policy's PlaceCopyWorker for each worker
 
   std::unique_ptr<PeerSet> peers_;
   mutable std::mutex mu_;  // conns_, listeners_: connection setup and teardown only

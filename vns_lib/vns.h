@@ -193,6 +193,8 @@ class Stack {
   // Runtime setting: 0 means every copy on the caller's thread.
   virtual absl::Status SetCopyWorkers(int n) = 0;
   virtual int copy_workers() const = 0;
+  // The core each copy worker is pinned to by the policy (PlaceCopyWorker), -1: not pinned.
+  virtual std::vector<int> copy_worker_cores() const = 0;
   virtual StackStats Stats() const = 0;
   virtual chan::Driver& driver() = 0;
 

@@ -179,6 +179,18 @@ TEST(PlacementTest, IsolateClassesGivesLatencyChannelsTheirOwnQueueAndEngine) {
   EXPECT_EQ(p->PlaceChannel(0, 4, 1, 2).queue, -1);
   EXPECT_EQ(p->PlaceChannel(0, 4, 4, 1).engine, -1);
   EXPECT_EQ(Make("round-robin")->PlaceChannel(0, 4, 4, 2).queue, -1) << "others: the driver's";
+  // Copy workers stay off the L-app engine's core (engine 0 pinned to core 1 of 4).
+  for (int i = 0; i < 6; ++i) {
+    const int core = p->PlaceCopyWorker(i, {1, 0}, 4);
+    EXPECT_GE(core, 0) << i;
+    EXPECT_LT(core, 4) << i;
+    EXPECT_NE(core, 1) << "worker " << i << " on the L-app engine's core";
+  }
+  EXPECT_EQ(p->PlaceCopyWorker(0, {1, 0}, 4), 0);
+  EXPECT_EQ(p->PlaceCopyWorker(1, {1, 0}, 4), 2) << "the other cores in turn";
+  EXPECT_EQ(p->PlaceCopyWorker(0, {-1, -1}, 4), -1) << "engine 0 not pinned: the OS decides";
+  EXPECT_EQ(p->PlaceCopyWorker(0, {0}, 1), -1) << "one core: nothing to keep apart";
+  EXPECT_EQ(Make("round-robin")->PlaceCopyWorker(0, {1, 0}, 4), -1);
   // The accepting host: the queue a peer's L-app channel arrives on runs on engine 0 alone.
   EXPECT_EQ(p->EngineForQueue(0, 4, 2), 0);
   for (int q = 1; q < 4; ++q) EXPECT_EQ(p->EngineForQueue(q, 4, 2), 1) << q;

@@ -2,11 +2,16 @@
 // privileges, deterministic. (The same sockets run over AF_XDP and kernel TCP in
 // test/veth/vns_test.cc.)
 #include <poll.h>
+#include <sched.h>
+#include <unistd.h>
 
 #include <atomic>
 #include <cerrno>
-#include <cstdio>
 #include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <string>
 #include <thread>
 #include <vector>
 
@@ -526,6 +531,71 @@ TEST(VnsBusyPollTest, PolledRpcBesideAStreamOnSharedChannelsLosesNothing) {
   EXPECT_EQ(r.stream_bad_bytes, 0u);
   EXPECT_GT(a->Stats().segments_inline, 0u) << "the client took responses on its own thread";
   EXPECT_GT(b->Stats().segments_inline, 0u) << "the server took requests on its own thread";
+}
+
+}  // namespace
+}  // namespace netch::vns
+
+namespace netch::vns {
+namespace {
+
+// The cores a thread may run on, from the kernel.
+std::vector<int> Affinity(pid_t tid) {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  std::vector<int> out;
+  if (sched_getaffinity(tid, sizeof(set), &set) != 0) return out;
+  for (int c = 0; c < CPU_SETSIZE; ++c)
+    if (CPU_ISSET(c, &set)) out.push_back(c);
+  return out;
+}
+
+// Thread ids of this process's threads with a name starting with `prefix`.
+std::vector<pid_t> ThreadsNamed(const std::string& prefix) {
+  std::vector<pid_t> out;
+  for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream f(e.path() / "comm");
+    std::string name;
+    std::getline(f, name);
+    if (name.rfind(prefix, 0) == 0) out.push_back(std::stoi(e.path().filename().string()));
+  }
+  return out;
+}
+
+// isolate-classes pins copy workers off the core of the L-app engine (engine 0); another policy
+// unpins them again, and so does a resize under it.
+TEST(VnsPlacementTest, CopyWorkersStayOffTheLatencyEnginesCore) {
+  const int cpus = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+  if (cpus < 2) GTEST_SKIP() << "one core: nothing to keep apart";
+  StackOptions o;
+  o.driver = "loopback";
+  o.driver_opts.loopback_ipv4 = kA;
+  o.driver_opts.engines = 1;
+  o.driver_opts.cores = {1};
+  o.copy_workers = 3;
+  o.policy = "isolate-classes";
+  auto s = Stack::Create(o);
+  ASSERT_TRUE(s.ok()) << s.status();
+  const std::vector<int> cores = (*s)->copy_worker_cores();
+  ASSERT_EQ(cores.size(), 3u);
+  for (int c : cores) {
+    EXPECT_GE(c, 0);
+    EXPECT_NE(c, 1) << "a copy worker on the L-app engine's core";
+  }
+  const auto workers = ThreadsNamed("netch-copy");
+  ASSERT_EQ(workers.size(), 3u);
+  for (pid_t t : workers) {
+    const auto a = Affinity(t);
+    ASSERT_EQ(a.size(), 1u) << "pinned to one core";
+    EXPECT_NE(a[0], 1);
+  }
+  ASSERT_TRUE((*s)->SetPolicy("round-robin", {}).ok());
+  for (int c : (*s)->copy_worker_cores()) EXPECT_EQ(c, -1);
+  for (pid_t t : ThreadsNamed("netch-copy")) EXPECT_GT(Affinity(t).size(), 1u) << "unpinned";
+  ASSERT_TRUE((*s)->SetPolicy("isolate-classes", {}).ok());
+  ASSERT_TRUE((*s)->SetCopyWorkers(4).ok());
+  for (int c : (*s)->copy_worker_cores()) EXPECT_NE(c, 1);
+  EXPECT_EQ((*s)->copy_worker_cores().size(), 4u);
 }
 
 }  // namespace
