@@ -208,6 +208,9 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   b.Counter("netch_segments_inline_total",
             "Segments busy-polling sockets took on their own thread (no dispatcher hop).",
             static_cast<double>(ss.segments_inline));
+  b.Counter("netch_dispatch_rounds_inline_total",
+            "Dispatcher rounds run by busy-polling application threads (Stack::PollInline).",
+            static_cast<double>(ss.dispatch_inline));
   b.Counter("netch_dispatcher_holds_total", "Times a full socket held a channel back.",
             static_cast<double>(ss.dispatcher_blocked));
   b.Counter("netch_rst_sent_total", "RST segments sent (no listener, no such connection).",

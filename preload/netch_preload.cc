@@ -1128,10 +1128,33 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
   thread_local std::vector<std::pair<int, int>> seen;  // (virtual fd, index in out)
   buf.resize(max);
   const int64_t deadline = timeout >= 0 ? NowNs() + timeout * 1000000ll : -1;
+  // Busy polling (NETCH_BUSY_POLL_US): before blocking, this thread runs the stack's engine and
+  // dispatcher rounds itself and looks at the set without sleeping, for up to that long — an
+  // event loop's requests then never wait for a stack thread to be scheduled.
+  const Config* cfg = Cfg();
+  netch::vns::Stack* busy_stack = nullptr;
+  int64_t busy_end = 0;
+  if (cfg && cfg->busy_poll_us > 0 && timeout != 0 && !g_child.load()) {
+    std::lock_guard l(g_init_mu);
+    if (g) busy_stack = g->stack.get();
+    busy_end = NowNs() + cfg->busy_poll_us * 1000ll;
+  }
   for (;;) {
     int left = -1;
     if (deadline >= 0) left = static_cast<int>(std::max<int64_t>(0, deadline - NowNs()) / 1000000);
+    bool spinning = false;
+    if (busy_stack) {
+      if (NowNs() < busy_end && (deadline < 0 || NowNs() < deadline)) {
+        busy_stack->PollInline(static_cast<uint64_t>(cfg->busy_poll_us));
+        spinning = true;
+        left = 0;
+      } else {
+        busy_stack->EndPollInline();  // about to sleep: the stack's threads take over
+        busy_stack = nullptr;
+      }
+    }
     const int rc = REAL(epoll_pwait)(epfd, buf.data(), max, left, mask);
+    if (rc == 0 && spinning) continue;
     if (rc <= 0) return rc;
     int n = 0;
     seen.clear();

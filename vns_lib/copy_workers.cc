@@ -31,11 +31,10 @@ void CopyWorkers::Resize(int n) {
   }
   while (static_cast<int>(threads_.size()) < n) {
     const int index = static_cast<int>(threads_.size());
-    threads_.emplace_back([this, index] {
-      const std::string name = "netch-copy" + std::to_string(index);
-      pthread_setname_np(pthread_self(), name.c_str());
-      Loop(index);
-    });
+    threads_.emplace_back([this, index] { Loop(index); });
+    // Named here, not by the thread: the name is there as soon as Resize returns.
+    pthread_setname_np(threads_.back().native_handle(),
+                       ("netch-copy" + std::to_string(index)).c_str());
     Pin(index);
   }
   std::lock_guard g(mu_);

@@ -215,208 +215,251 @@ bool StackImpl::SealRequested() {
   return any;
 }
 
-void StackImpl::Dispatch() {
-  struct ChanState {
-    std::shared_ptr<chan::Channel> ch;
-    Peer* peer;
-    std::shared_ptr<RxLane> lane;  // owned while served; `pending` lives there
-    bool dead = false;             // seen failed or closed
-    bool drained = false;          // scaled down: sealed both ways and emptied
-  };
-  std::vector<ChanState> chans;
+void StackImpl::ServeChannel(DispatchChan& cs, bool* worked) {
   chan::RxSegment segs[64];
-  uint64_t idle_since = NowUs();
-  uint64_t known = ~0ull;  // peers_->version() last scanned
-  uint64_t next_expiry = 0;
+  std::deque<chan::RxSegment>& pending = cs.lane->pending;
+  while (!pending.empty() && Deliver(cs.ch.get(), pending.front())) {
+    pending.pop_front();
+    *worked = true;
+  }
+  if (!pending.empty()) return;  // still blocked: leave the channel's window to close
+  // Scale-down: the side that asked destroys the channel once the peer's answer arrived (it
+  // follows every byte the peer put on the channel, and the peer sent it after our NC_DRAIN,
+  // so every byte of ours reached it) and the sockets gave back every buffer of it. The
+  // answering side waits for that close (the dead-channel path below): were it to destroy
+  // too, segments still queued in its own send ring could be dropped. (Both sides asking at
+  // once: each destroys once its own bytes are acknowledged; Destroy lingers for them.)
+  const chan::Channel* key = cs.ch.get();
+  if (!cs.dead && sealed_by_us_.contains(key) && initiated_by_us_.contains(key) &&
+      drained_by_peer_.contains(key) && cs.ch->rx_outstanding() == 0 &&
+      (!peer_initiated_.contains(key) || cs.ch->tx_queued_bytes() == 0) && IsLive(cs.ch->state())) {
+    cs.dead = cs.drained = true;
+    scale_downs_.fetch_add(1, std::memory_order_relaxed);
+    *worked = true;
+  }
+  if (!cs.dead && !IsLive(cs.ch->state())) {
+    // Drain what it delivered before it died first (next rounds), then break whatever it
+    // left incomplete.
+    cs.dead = true;
+    cs.peer->NoteDead();
+    if (cs.ch->state() == chan::ChannelState::kFailed) BreakConnsOn(*cs.peer, cs.ch.get());
+    *worked = true;
+  }
+  const size_t n = cs.ch->Dequeue(SIZE_MAX, segs);
+  if (n == 0) return;
+  *worked = true;
+  segments_in_.fetch_add(n, std::memory_order_relaxed);
+  for (size_t i = 0; i < n; ++i) {
+    if (!pending.empty() || !Deliver(cs.ch.get(), segs[i])) {
+      if (pending.empty()) blocked_.fetch_add(1, std::memory_order_relaxed);
+      pending.push_back(segs[i]);
+    }
+  }
+}
+
+bool StackImpl::DispatchRound() {
   bool worked = false;
-  // One channel's round, its lane owned: first what a full socket held back, in order, then new
-  // segments.
-  auto serve = [&](ChanState& cs) {
-    std::deque<chan::RxSegment>& pending = cs.lane->pending;
-    while (!pending.empty() && Deliver(cs.ch.get(), pending.front())) {
-      pending.pop_front();
-      worked = true;
+  if (watching_.load(std::memory_order_acquire)) CheckWatched();
+  {
+    std::lock_guard g(drain_mu_);
+    for (auto& ch : drain_requests_) {
+      to_seal_.push_back(ch.get());
+      initiated_by_us_.insert(ch.get());
     }
-    if (!pending.empty()) return;  // still blocked: leave the channel's window to close
-    // Scale-down: the side that asked destroys the channel once the peer's answer arrived (it
-    // follows every byte the peer put on the channel, and the peer sent it after our NC_DRAIN,
-    // so every byte of ours reached it) and the sockets gave back every buffer of it. The
-    // answering side waits for that close (the dead-channel path below): were it to destroy
-    // too, segments still queued in its own send ring could be dropped. (Both sides asking at
-    // once: each destroys once its own bytes are acknowledged; Destroy lingers for them.)
-    const chan::Channel* key = cs.ch.get();
-    if (!cs.dead && sealed_by_us_.contains(key) && initiated_by_us_.contains(key) &&
-        drained_by_peer_.contains(key) && cs.ch->rx_outstanding() == 0 &&
-        (!peer_initiated_.contains(key) || cs.ch->tx_queued_bytes() == 0) &&
-        IsLive(cs.ch->state())) {
-      cs.dead = cs.drained = true;
-      scale_downs_.fetch_add(1, std::memory_order_relaxed);
-      worked = true;
-    }
-    if (!cs.dead && !IsLive(cs.ch->state())) {
-      // Drain what it delivered before it died first (next rounds), then break whatever it
-      // left incomplete.
-      cs.dead = true;
-      cs.peer->NoteDead();
-      if (cs.ch->state() == chan::ChannelState::kFailed) BreakConnsOn(*cs.peer, cs.ch.get());
-      worked = true;
-    }
-    const size_t n = cs.ch->Dequeue(SIZE_MAX, segs);
-    if (n == 0) return;
+    drain_requests_.clear();
+  }
+  worked |= SealRequested();
+  if (const uint64_t now = NowUs(); now >= next_expiry_) {
+    ExpireConnects();
+    next_expiry_ = now + 10000;
+  }
+  // Control segments refused by a full channel, in order. A dead channel takes none: the
+  // segment is dropped (its connection is broken or gone anyway).
+  while (!ctl_backlog_.empty()) {
+    const CtlMsg& m = ctl_backlog_.front();
+    auto st = SendControl(*m.ch, m.key, m.conn_id, m.cls, m.type, m.seq);
+    if (Errno(st) == EAGAIN) break;
+    ctl_backlog_.pop_front();
     worked = true;
-    segments_in_.fetch_add(n, std::memory_order_relaxed);
-    for (size_t i = 0; i < n; ++i) {
-      if (!pending.empty() || !Deliver(cs.ch.get(), segs[i])) {
-        if (pending.empty()) blocked_.fetch_add(1, std::memory_order_relaxed);
-        pending.push_back(segs[i]);
-      }
+  }
+  // Channels peers opened to us, on the engine the policy wants for their queue (a queue moves
+  // as a whole; rare: once per channel a peer opens).
+  while (auto ch = driver_->Accept()) {
+    const chan::ChannelStats cs = ch->stats();
+    const int engine = policy()->EngineForQueue(cs.queue, driver_->queue_count(),
+                                                static_cast<int>(driver_->Engines().size()));
+    if (engine >= 0 && engine != cs.engine) {
+      if (auto st = driver_->MoveChannel(ch->id(), engine); !st.ok())
+        fprintf(stderr, "netch: placing channel %u on engine %d: %s\n", ch->id(), engine,
+                std::string(st.message()).c_str());
     }
-  };
-  while (!stop_.load(std::memory_order_relaxed)) {
-    worked = false;
-    if (watching_.load(std::memory_order_acquire)) CheckWatched();
-    {
-      std::lock_guard g(drain_mu_);
-      for (auto& ch : drain_requests_) {
-        to_seal_.push_back(ch.get());
-        initiated_by_us_.insert(ch.get());
-      }
-      drain_requests_.clear();
-    }
-    worked |= SealRequested();
-    if (const uint64_t now = NowUs(); now >= next_expiry) {
-      ExpireConnects();
-      next_expiry = now + 10000;
-    }
-    // Control segments refused by a full channel, in order. A dead channel takes none: the
-    // segment is dropped (its connection is broken or gone anyway).
-    while (!ctl_backlog_.empty()) {
-      const CtlMsg& m = ctl_backlog_.front();
-      auto st = SendControl(*m.ch, m.key, m.conn_id, m.cls, m.type, m.seq);
-      if (Errno(st) == EAGAIN) break;
-      ctl_backlog_.pop_front();
-      worked = true;
-    }
-    // Channels peers opened to us, on the engine the policy wants for their queue (a queue moves
-    // as a whole; rare: once per channel a peer opens).
-    while (auto ch = driver_->Accept()) {
-      const chan::ChannelStats cs = ch->stats();
-      const int engine = policy()->EngineForQueue(cs.queue, driver_->queue_count(),
-                                                  static_cast<int>(driver_->Engines().size()));
-      if (engine >= 0 && engine != cs.engine) {
-        if (auto st = driver_->MoveChannel(ch->id(), engine); !st.ok())
-          fprintf(stderr, "netch: placing channel %u on engine %d: %s\n", ch->id(), engine,
-                  std::string(st.message()).c_str());
-      }
-      peers_->Get(ch->peer_ipv4())->Add(ch);
-      worked = true;
-    }
-    // Pick up channels added by Connect/Accept.
-    if (const uint64_t v = peers_->version(); v != known) {
-      known = v;
-      peers_->ForEach([&](Peer& p) {
-        for (auto& ch : p.All()) {
-          bool have = false;
-          for (auto& cs : chans) have |= cs.ch == ch;
-          if (have) continue;
-          auto lane = std::make_shared<RxLane>();
-          {
-            std::lock_guard g(lanes_mu_);
-            lanes_[ch.get()] = lane;
-          }
-          chans.push_back({ch, &p, std::move(lane)});
+    peers_->Get(ch->peer_ipv4())->Add(ch);
+    worked = true;
+  }
+  // Pick up channels added by Connect/Accept.
+  if (const uint64_t v = peers_->version(); v != known_version_) {
+    known_version_ = v;
+    peers_->ForEach([&](Peer& p) {
+      for (auto& ch : p.All()) {
+        bool have = false;
+        for (auto& cs : dchans_) have |= cs.ch == ch;
+        if (have) continue;
+        auto lane = std::make_shared<RxLane>();
+        {
+          std::lock_guard g(lanes_mu_);
+          lanes_[ch.get()] = lane;
         }
-      });
-    }
-    for (ChanState& cs : chans) {
-      if (!cs.lane->TryOwn()) continue;  // a busy-polling socket drains it right now
-      serve(cs);
-      cs.lane->Disown();
-    }
-    // A dead channel leaves once drained and once no socket holds a buffer of it (sockets keep
-    // raw pointers to the channel of each segment they hold).
-    std::erase_if(chans, [&](ChanState& cs) {
-      // (A drained channel is still up: its engine may not have published the last deliveries
-      // in stats() yet, so the consumer side's exact count decides.)
-      if (!cs.dead || cs.lane->npending.load(std::memory_order_relaxed) != 0 ||
-          (cs.drained ? cs.ch->rx_outstanding() : cs.ch->stats().rx_queued_bytes) != 0)
-        return false;
-      // A socket polling the lane is told it left (it drops it), under the lane.
-      if (!cs.lane->TryOwn()) return false;
-      {
-        std::lock_guard g(lanes_mu_);
-        lanes_.erase(cs.ch.get());
+        dchans_.push_back({ch, &p, std::move(lane)});
       }
-      cs.lane->gone = true;
-      cs.lane->Disown();
-      if (cs.drained || cs.ch->sealed()) {
-        // Control segments waiting for it go on the peer's control channel instead.
-        auto ctl = cs.peer->ControlChannel();
-        for (CtlMsg& m : ctl_backlog_)
-          if (m.ch == cs.ch.get()) m.ch = ctl.get();
-        std::erase_if(ctl_backlog_, [](const CtlMsg& m) { return m.ch == nullptr; });
-      } else {
-        std::erase_if(ctl_backlog_, [&](const CtlMsg& m) { return m.ch == cs.ch.get(); });
-      }
-      sealed_by_us_.erase(cs.ch.get());
-      drained_by_peer_.erase(cs.ch.get());
-      initiated_by_us_.erase(cs.ch.get());
-      peer_initiated_.erase(cs.ch.get());
-      std::erase(to_seal_, cs.ch.get());
-      const uint64_t before = peers_->version();
-      cs.peer->Remove(cs.ch.get());
-      // Our own removal needs no rescan; a channel added meanwhile does (it bumped too).
-      if (before == known) known = before + 1;
-      (void)driver_->Destroy(*cs.ch);
-      return true;
     });
-    bool any_pending = false;
-    for (const ChanState& cs : chans)
-      any_pending |= cs.lane->npending.load(std::memory_order_relaxed) != 0;
-    // Announce the hold, then look again: a socket that read just before seeing holding_ set
-    // did not wake us, so the room it freed in its inbound ring must be noticed here (the same
-    // pairing as the engines' sleeping flag; the reader stores rcv_next, then loads holding_).
-    holding_.store(any_pending, std::memory_order_seq_cst);
-    if (any_pending && !worked) {
-      for (ChanState& cs : chans) {
-        if (cs.lane->npending.load(std::memory_order_relaxed) == 0 || !cs.lane->TryOwn()) continue;
-        auto& pending = cs.lane->pending;
-        while (!pending.empty() && Deliver(cs.ch.get(), pending.front())) {
-          pending.pop_front();
-          worked = true;
+  }
+  for (DispatchChan& cs : dchans_) {
+    if (!cs.lane->TryOwn()) continue;  // a busy-polling socket drains it right now
+    ServeChannel(cs, &worked);
+    cs.lane->Disown();
+  }
+  // A dead channel leaves once drained and once no socket holds a buffer of it (sockets keep
+  // raw pointers to the channel of each segment they hold).
+  std::erase_if(dchans_, [&](DispatchChan& cs) {
+    // (A drained channel is still up: its engine may not have published the last deliveries
+    // in stats() yet, so the consumer side's exact count decides.)
+    if (!cs.dead || cs.lane->npending.load(std::memory_order_relaxed) != 0 ||
+        (cs.drained ? cs.ch->rx_outstanding() : cs.ch->stats().rx_queued_bytes) != 0)
+      return false;
+    // A socket polling the lane is told it left (it drops it), under the lane.
+    if (!cs.lane->TryOwn()) return false;
+    {
+      std::lock_guard g(lanes_mu_);
+      lanes_.erase(cs.ch.get());
+    }
+    cs.lane->gone = true;
+    cs.lane->Disown();
+    if (cs.drained || cs.ch->sealed()) {
+      // Control segments waiting for it go on the peer's control channel instead.
+      auto ctl = cs.peer->ControlChannel();
+      for (CtlMsg& m : ctl_backlog_)
+        if (m.ch == cs.ch.get()) m.ch = ctl.get();
+      std::erase_if(ctl_backlog_, [](const CtlMsg& m) { return m.ch == nullptr; });
+    } else {
+      std::erase_if(ctl_backlog_, [&](const CtlMsg& m) { return m.ch == cs.ch.get(); });
+    }
+    sealed_by_us_.erase(cs.ch.get());
+    drained_by_peer_.erase(cs.ch.get());
+    initiated_by_us_.erase(cs.ch.get());
+    peer_initiated_.erase(cs.ch.get());
+    std::erase(to_seal_, cs.ch.get());
+    const uint64_t before = peers_->version();
+    cs.peer->Remove(cs.ch.get());
+    // Our own removal needs no rescan; a channel added meanwhile does (it bumped too).
+    if (before == known_version_) known_version_ = before + 1;
+    (void)driver_->Destroy(*cs.ch);
+    return true;
+  });
+  bool any_pending = false;
+  for (const DispatchChan& cs : dchans_)
+    any_pending |= cs.lane->npending.load(std::memory_order_relaxed) != 0;
+  // Announce the hold, then look again: a socket that read just before seeing holding_ set
+  // did not wake us, so the room it freed in its inbound ring must be noticed here (the same
+  // pairing as the engines' sleeping flag; the reader stores rcv_next, then loads holding_).
+  holding_.store(any_pending, std::memory_order_seq_cst);
+  if (any_pending && !worked) {
+    for (DispatchChan& cs : dchans_) {
+      if (cs.lane->npending.load(std::memory_order_relaxed) == 0 || !cs.lane->TryOwn()) continue;
+      auto& pending = cs.lane->pending;
+      while (!pending.empty() && Deliver(cs.ch.get(), pending.front())) {
+        pending.pop_front();
+        worked = true;
+      }
+      cs.lane->Disown();
+    }
+  }
+  return worked;
+}
+
+bool StackImpl::PollInline(uint64_t stand_down_us) {
+  std::unique_lock il(inline_mu_, std::try_to_lock);
+  if (!il.owns_lock()) return false;  // another thread polls the stack right now
+  const uint64_t now = NowUs();
+  bool worked = false;
+  // Every engine once (a channel's PollInline runs its engine's whole round; an engine serving
+  // several channels runs once per channel, cheap when idle).
+  std::vector<std::shared_ptr<chan::Channel>>& chans = inline_chans_;
+  if (const uint64_t v = peers_->version(); v != inline_version_ || chans.empty()) {
+    inline_version_ = v;
+    chans.clear();
+    peers_->ForEach([&](Peer& p) {
+      for (auto& ch : p.All()) chans.push_back(ch);
+    });
+  }
+  for (const auto& ch : chans) worked |= ch->PollInline(now, stand_down_us);
+  std::unique_lock l(dispatch_mu_, std::try_to_lock);
+  if (!l.owns_lock()) return worked;  // the dispatcher (or another poller) is in a round
+  if (dispatch_stand_down_until_us_.load(std::memory_order_relaxed) < now + stand_down_us)
+    dispatch_stand_down_until_us_.store(now + stand_down_us, std::memory_order_relaxed);
+  worked |= DispatchRound();
+  inline_rounds_.fetch_add(1, std::memory_order_relaxed);
+  return worked;
+}
+
+void StackImpl::EndPollInline() {
+  std::lock_guard l(dispatch_mu_);
+  for (const auto& cs : dchans_) cs.ch->EndPollInline();
+  if (dispatch_stand_down_until_us_.exchange(0, std::memory_order_relaxed) != 0) WakeDispatcher();
+}
+
+void StackImpl::Dispatch() {
+  uint64_t idle_since = NowUs();
+  std::vector<pollfd> fds;
+  std::vector<chan::Channel*> armed;
+  while (!stop_.load(std::memory_order_relaxed)) {
+    bool worked;
+    uint64_t now;
+    int sleep_us = 0;
+    fds.clear();
+    {
+      std::lock_guard g(dispatch_mu_);
+      // A busy-polling application thread runs the rounds for now (PollInline): stay off its
+      // core until it stops or the stand-down ends.
+      now = NowUs();
+      const uint64_t until = dispatch_stand_down_until_us_.load(std::memory_order_relaxed);
+      worked = until > now ? false : DispatchRound();
+      now = NowUs();
+      if (worked) {
+        idle_since = now;
+        continue;
+      }
+      if (until <= now && now - idle_since < opts_.dispatcher_spin_us) {
+        sleep_us = -1;  // spin: yield below, outside the lock
+      } else {
+        // Sleep until a channel has data, a socket read (unblocking a channel), or a new
+        // channel.
+        fds.push_back({wake_fd_, POLLIN, 0});
+        fds.push_back({driver_->accept_fd(), POLLIN, 0});
+        bool polled = false;
+        for (DispatchChan& cs : dchans_) {
+          // A channel held back for a full socket has data waiting by definition; what
+          // unblocks it is the socket reading, which writes wake_fd_. A channel a socket
+          // busy-polls is that socket's to drain: its segments must not wake us (the socket
+          // wakes us when it stops, or hands us what is not its own).
+          if (cs.lane->npending.load(std::memory_order_relaxed) != 0) continue;
+          if (cs.lane->polled_until_us.load(std::memory_order_relaxed) > now) {
+            polled = true;
+            continue;
+          }
+          if (until > now) continue;  // the stack is busy-polled: nothing arms
+          cs.ch->ArmNotify(chan::Channel::kReadable);
+          fds.push_back({cs.ch->notify_fd(chan::Channel::kReadable), POLLIN, 0});
         }
-        cs.lane->Disown();
+        sleep_us = watching_.load(std::memory_order_acquire) || polled ? 1000 : 10000;
+        if (until > now) sleep_us = static_cast<int>(std::min<uint64_t>(until - now, 10000));
       }
     }
-    const uint64_t now = NowUs();
-    if (worked) {
-      idle_since = now;
-      continue;
-    }
-    if (now - idle_since < opts_.dispatcher_spin_us) {
+    if (sleep_us < 0) {
       std::this_thread::yield();
       continue;
     }
-    // Sleep until a channel has data, a socket read (unblocking a channel), or a new channel.
-    std::vector<pollfd> fds;
-    fds.push_back({wake_fd_, POLLIN, 0});
-    fds.push_back({driver_->accept_fd(), POLLIN, 0});
-    bool polled = false;
-    for (ChanState& cs : chans) {
-      // A channel held back for a full socket has data waiting by definition; what unblocks it
-      // is the socket reading, which writes wake_fd_. A channel a socket busy-polls is that
-      // socket's to drain: its segments must not wake us (the socket wakes us when it stops,
-      // or hands us what is not its own).
-      if (cs.lane->npending.load(std::memory_order_relaxed) != 0) continue;
-      if (cs.lane->polled_until_us.load(std::memory_order_relaxed) > now) {
-        polled = true;
-        continue;
-      }
-      cs.ch->ArmNotify(chan::Channel::kReadable);
-      fds.push_back({cs.ch->notify_fd(chan::Channel::kReadable), POLLIN, 0});
-    }
-    const int sleep_ms = watching_.load(std::memory_order_acquire) || polled ? 1 : 10;
-    if (poll(fds.data(), fds.size(), sleep_ms) > 0) {
+    const timespec ts{0, static_cast<long>(sleep_us) * 1000};
+    if (ppoll(fds.data(), fds.size(), &ts, nullptr) > 0) {
       for (size_t i = 0; i < fds.size(); ++i) {
         if (i == 1) continue;  // the driver's accept fd is cleared by Accept()
         uint64_t v;
@@ -425,14 +468,15 @@ void StackImpl::Dispatch() {
     }
   }
   // Whatever is still held goes back to its channel.
-  for (ChanState& cs : chans) {
+  std::lock_guard g(dispatch_mu_);
+  for (DispatchChan& cs : dchans_) {
     if (!cs.lane->TryOwn()) continue;
     for (auto& s : cs.lane->pending) cs.ch->Release({&s, 1});
     cs.lane->pending.clear();
     cs.lane->gone = true;
     cs.lane->Disown();
   }
-  std::lock_guard g(lanes_mu_);
+  std::lock_guard l(lanes_mu_);
   lanes_.clear();
 }
 

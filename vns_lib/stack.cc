@@ -146,6 +146,7 @@ StackStats StackImpl::Stats() const {
   StackStats s;
   s.segments_in = segments_in_.load();
   s.segments_inline = inline_segments_.load();
+  s.dispatch_inline = inline_rounds_.load();
   s.segments_out_ctl = ctl_out_.load();
   s.rst_sent = rst_sent_.load();
   s.dispatcher_blocked = blocked_.load();

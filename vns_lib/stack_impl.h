@@ -74,6 +74,8 @@ class StackImpl final : public Stack {
                                                          const SocketOptions& o) override;
   absl::Status SetCopyWorkers(int n) override;
   int copy_workers() const override { return nworkers_.load(); }
+  bool PollInline(uint64_t stand_down_us) override;
+  void EndPollInline() override;
   std::vector<int> copy_worker_cores() const override {
     std::vector<int> out;
     for (int i = 0; i < nworkers_.load(); ++i) out.push_back(workers_.core(i));
@@ -128,7 +130,28 @@ class StackImpl final : public Stack {
   }
 
  private:
-  void Dispatch();
+  void Dispatch();  // the dispatcher thread: rounds, and sleeping between them
+  // One dispatcher round (dispatch_mu_ held): seal requests, connect expiry, control backlog,
+  // accepted channels, every channel's lane served, dead channels retired. True if it did work.
+  bool DispatchRound();
+  struct DispatchChan {
+    std::shared_ptr<chan::Channel> ch;
+    Peer* peer;
+    std::shared_ptr<RxLane> lane;  // owned while served; `pending` lives there
+    bool dead = false;             // seen failed or closed
+    bool drained = false;          // scaled down: sealed both ways and emptied
+  };
+  void ServeChannel(DispatchChan& cs, bool* worked);  // dispatch_mu_ held, lane owned
+  // Everything the dispatcher keeps is guarded by dispatch_mu_: its thread takes it per round, a
+  // busy-polling application thread (PollInline) only try_locks it to run a round itself.
+  std::mutex dispatch_mu_;
+  std::vector<DispatchChan> dchans_;  // dispatch_mu_
+  uint64_t known_version_ = ~0ull;    // dispatch_mu_: peers_->version() last scanned
+  uint64_t next_expiry_ = 0;          // dispatch_mu_
+  std::atomic<uint64_t> dispatch_stand_down_until_us_{0};
+  std::mutex inline_mu_;  // one stack poller at a time (PollInline)
+  std::vector<std::shared_ptr<chan::Channel>> inline_chans_;  // inline_mu_
+  uint64_t inline_version_ = ~0ull;                           // inline_mu_
   // A channel died: connections whose bytes it carried are broken (their peers are told with an
   // RST on a live channel). Dispatcher thread.
   void BreakConnsOn(Peer& p, const chan::Channel* ch);
@@ -150,11 +173,11 @@ class StackImpl final : public Stack {
   };
   void QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
                     uint8_t type, uint64_t seq = 0);
-  std::deque<CtlMsg> ctl_backlog_;  // dispatcher thread only
+  std::deque<CtlMsg> ctl_backlog_;  // dispatch_mu_
   void ExpireConnects();  // dispatcher: non-blocking connects past their deadline time out
   void CheckWatched();    // dispatcher: write-watched sockets whose channels have room
   bool SealRequested();   // dispatcher: seals channels being scaled down (NC_DRAIN)
-  // Dispatcher only: channels being scaled down.
+  // dispatch_mu_: channels being scaled down.
   std::vector<chan::Channel*> to_seal_;
   absl::flat_hash_set<const chan::Channel*> sealed_by_us_, drained_by_peer_, initiated_by_us_,
       peer_initiated_;
@@ -205,6 +228,7 @@ class StackImpl final : public Stack {
   std::atomic<uint64_t> sched_batches_{0};
   std::atomic<uint64_t> window_updates_{0};
   std::atomic<uint64_t> inline_segments_{0};  // taken by busy-polling sockets themselves
+  std::atomic<uint64_t> inline_rounds_{0};    // dispatcher rounds run by PollInline callers
   // The lane of a channel the dispatcher serves (null once it left); created by the dispatcher.
   std::shared_ptr<RxLane> Lane(const chan::Channel* ch) {
     std::lock_guard g(lanes_mu_);

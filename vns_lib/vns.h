@@ -107,6 +107,7 @@ struct StackOptions {
 struct StackStats {
   uint64_t segments_in = 0, segments_out_ctl = 0;
   uint64_t segments_inline = 0;     // taken by busy-polling sockets on their own thread
+  uint64_t dispatch_inline = 0;     // dispatcher rounds run by Stack::PollInline callers
   uint64_t rst_sent = 0;            // segments for no socket, SYNs for no listener
   uint64_t dispatcher_blocked = 0;  // times a full socket stopped a channel from draining
   uint64_t copy_chunks = 0;         // chunks run by copy workers
@@ -197,6 +198,13 @@ class Stack {
   virtual std::vector<int> copy_worker_cores() const = 0;
   virtual StackStats Stats() const = 0;
   virtual chan::Driver& driver() = 0;
+  // Busy polling for a thread that waits on many sockets at once (an epoll loop): one round of
+  // every engine and of the dispatcher on the calling thread — readiness then shows on the
+  // sockets' fds as usual. For `stand_down_us` the stack's own engine and dispatcher threads
+  // leave the work to pollers; a poller about to sleep calls EndPollInline(). True if anything
+  // was done. (A blocking Recv of a busy-polled socket polls its own channels by itself.)
+  virtual bool PollInline(uint64_t stand_down_us) = 0;
+  virtual void EndPollInline() = 0;
 
   // ---- runtime control (ctl/ drives these; every change applies to the next batch) ----------
   virtual std::vector<SocketInfo> Sockets() const = 0;

@@ -600,3 +600,87 @@ TEST(VnsPlacementTest, CopyWorkersStayOffTheLatencyEnginesCore) {
 
 }  // namespace
 }  // namespace netch::vns
+
+namespace netch::vns {
+namespace {
+
+// An event loop that busy-polls the stack (Stack::PollInline, what `netchrun --busy-poll-us`
+// does in epoll_wait): a server thread serving eight non-blocking sockets with poll(…, 0) and
+// inline engine and dispatcher rounds, never sleeping, echoes every byte; the dispatcher rounds
+// ran on its thread; afterwards the stack's own threads serve the same sockets again.
+TEST(VnsBusyPollTest, AnEventLoopPollingTheStackInlineServesManySockets) {
+  auto a = MakeStack(kA, 2), b = MakeStack(kB, 2);
+  ASSERT_TRUE(a && b);
+  auto l = b->Listen(92, 16);
+  ASSERT_TRUE(l.ok());
+  constexpr int kSocks = 8;
+  std::vector<std::unique_ptr<VirtualSocket>> cs, ss;
+  for (int i = 0; i < kSocks; ++i) {
+    auto c = a->Connect(kB, 92);
+    ASSERT_TRUE(c.ok()) << c.status();
+    cs.push_back(std::move(*c));
+    auto s = (*l)->Accept();
+    ASSERT_TRUE(s.ok());
+    (*s)->SetNonBlocking(true);
+    ss.push_back(std::move(*s));
+  }
+  constexpr size_t kPerSock = 2 << 20;
+  std::atomic<bool> stop{false};
+  std::atomic<uint64_t> echoed{0};
+  std::thread loop([&] {
+    std::vector<uint8_t> buf(64 << 10);
+    std::vector<pollfd> fds(kSocks);
+    while (!stop.load()) {
+      b->PollInline(200);
+      for (int i = 0; i < kSocks; ++i) fds[i] = {ss[i]->fd(), POLLIN, 0};
+      if (poll(fds.data(), fds.size(), 0) <= 0) continue;
+      for (int i = 0; i < kSocks; ++i) {
+        if (!(fds[i].revents & POLLIN)) continue;
+        auto r = ss[i]->Recv(buf);
+        if (!r.ok() || *r == 0) continue;
+        for (size_t off = 0; off < *r;) {  // echo back (blocking sends are fine here)
+          ss[i]->SetNonBlocking(false);
+          auto w = ss[i]->Send({buf.data() + off, *r - off});
+          ss[i]->SetNonBlocking(true);
+          if (!w.ok()) return;
+          off += *w;
+        }
+        echoed += *r;
+      }
+    }
+    b->EndPollInline();
+  });
+  std::vector<std::thread> clients;
+  std::atomic<int> bad{0};
+  for (int i = 0; i < kSocks; ++i) {
+    clients.emplace_back([&, i] {
+      std::vector<uint8_t> out(kPerSock), in(kPerSock);
+      for (size_t k = 0; k < kPerSock; ++k) out[k] = static_cast<uint8_t>(k * (i + 3));
+      std::thread w([&] {
+        for (size_t off = 0; off < kPerSock;) {
+          auto r = cs[i]->Send({out.data() + off, std::min<size_t>(32 << 10, kPerSock - off)});
+          if (!r.ok()) return;
+          off += *r;
+        }
+      });
+      const std::string e = ReadFull(*cs[i], in);
+      w.join();
+      if (!e.empty() || in != out) bad++;
+    });
+  }
+  for (auto& t : clients) t.join();
+  stop = true;
+  loop.join();
+  EXPECT_EQ(bad.load(), 0);
+  EXPECT_EQ(echoed.load(), kSocks * kPerSock);
+  EXPECT_GT(b->Stats().dispatch_inline, 0u) << "the event loop ran dispatcher rounds itself";
+  // The loop stopped polling: the stack's threads deliver again.
+  std::vector<uint8_t> m(1000, 9), got(1000);
+  ss[0]->SetNonBlocking(false);
+  ASSERT_EQ(*cs[0]->Send(m), m.size());
+  EXPECT_EQ(ReadFull(*ss[0], got), "");
+  EXPECT_EQ(got, m);
+}
+
+}  // namespace
+}  // namespace netch::vns

@@ -3,6 +3,7 @@
 #include "vns_lib/vns.h"
 
 #include <poll.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -143,11 +144,22 @@ TEST(CopyWorkersTest, ParallelForRunsEveryIndexOnceAndResizesAtRunTime) {
   std::vector<uint8_t> src(8 << 20), dst(8 << 20, 0);
   std::iota(src.begin(), src.end(), 0);
   const auto chunks = SplitChunks(src.size(), 256 << 10);
+  // The caller's first chunk waits (bounded) for a worker to take one: on a loaded machine the
+  // caller could otherwise copy everything before a worker wakes, and the workers' part would
+  // go unchecked.
+  const auto caller = std::this_thread::get_id();
+  std::atomic<bool> worker_ran{false}, caller_waited{false};
   w.ParallelFor(chunks.size(), [&](size_t i) {
     std::memcpy(dst.data() + chunks[i].first, src.data() + chunks[i].first, chunks[i].second);
+    if (std::this_thread::get_id() != caller) {
+      worker_ran = true;
+    } else if (!caller_waited.exchange(true)) {
+      for (int k = 0; k < 5000 && !worker_ran.load(); ++k) usleep(1000);
+    }
   });
   EXPECT_TRUE(src == dst);
-  EXPECT_GT(w.chunks_run(), 0u) << "the workers took part";
+  EXPECT_TRUE(worker_ran.load()) << "the workers took part";
+  EXPECT_GT(w.chunks_run(), 0u);
 }
 
 // A socket's readiness eventfd must follow its flag whatever the interleaving: a deliverer raising
