@@ -245,9 +245,10 @@ void AtExit() {
   }
   if (c && c->verbose) {
     const auto ss = g->stack->Stats();
-    Log("NetChannel stack down: %llu segments through the dispatcher, %llu taken inline by "
-        "busy-polling sockets",
+    Log("NetChannel stack down: %llu segments through the dispatcher (%llu of its rounds run "
+        "inline by busy-polling threads), %llu taken inline by busy-polling sockets",
         static_cast<unsigned long long>(ss.segments_in),
+        static_cast<unsigned long long>(ss.dispatch_inline),
         static_cast<unsigned long long>(ss.segments_inline));
   }
   g->ctl.reset();
