@@ -13,12 +13,13 @@
 //   Channel::Release(segments)                gives the buffers back, reopens the receive window
 //   Driver::Destroy(channel)
 //
-// Threads. Each channel is run by one engine thread of its driver at a time; the application side
-// talks to it through lock-free single-producer/single-consumer rings. Enqueue may be called from
-// any thread, Dequeue/Release from any thread, but each side is serialized per channel by a small
-// producer (resp. consumer) lock that the engine never takes. Nothing blocks: a full send buffer
-// makes Enqueue return 0, an empty receive queue makes Dequeue return 0; Wait() or notify_fd()
-// (poll/epoll) tell when to retry.
+// Threads. Each channel is run by one engine thread of its driver at a time (or, busy polling,
+// by an application thread running that engine's round: PollInline, never both at once); the
+// application side talks to it through lock-free single-producer/single-consumer rings. Enqueue may
+// be called from any thread, Dequeue/Release from any thread, but each side is serialized per
+// channel by a small producer (resp. consumer) lock that the engine never takes. Nothing blocks: a
+// full send buffer makes Enqueue return 0, an empty receive queue makes Dequeue return 0; Wait() or
+// notify_fd() (poll/epoll) tell when to retry.
 //
 // A DATA segment is a byte range of its socket's stream (seq, payload): Dequeue may hand one
 // segment over as several consecutive pieces, each a DATA segment with the same socket fields,

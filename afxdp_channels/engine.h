@@ -6,6 +6,10 @@
 // have two cores shared by both test hosts, so an idle engine must sleep, and a producer that
 // queues work for a sleeping engine wakes it (one eventfd write, only when it sleeps).
 //
+// Busy polling: an application thread may run an engine's round itself (RunInline) while the
+// engine thread stands down; a round — on whichever thread — holds the engine's round lock, so
+// tasks never run on two threads at once.
+//
 // Tasks move between engines with Remove() + Add(): Remove returns only once the old engine has
 // finished its current round and will never touch the task again; the mutex of the mailbox orders
 // everything the old thread wrote before everything the new one reads.
