@@ -427,14 +427,18 @@ void AcceptQueue::Signal() {
 }
 
 void AcceptQueue::Push(std::shared_ptr<Channel> c) {
-  {
-    std::lock_guard g(mu_);
-    q_.push_back(std::move(c));
-  }
+  // Signalled under the lock, like Pop clears and re-signals under it: the fd is readable only
+  // while a channel waits (a signal after the lock could outlive a Pop that emptied the queue
+  // meanwhile, and Pop's empty fast path would never clear it).
+  std::lock_guard g(mu_);
+  q_.push_back(std::move(c));
+  size_.store(q_.size(), std::memory_order_release);
   Signal();
 }
 
 std::shared_ptr<Channel> AcceptQueue::Pop(bool only_up) {
+  // A Push racing with this check also signals the fd: its poller comes back.
+  if (size_.load(std::memory_order_acquire) == 0) return nullptr;
   std::lock_guard g(mu_);
   uint64_t v;
   (void)!read(fd_, &v, sizeof(v));  // cleared; set again below while channels wait
@@ -445,6 +449,7 @@ std::shared_ptr<Channel> AcceptQueue::Pop(bool only_up) {
   }
   auto c = q_.front();
   q_.pop_front();
+  size_.store(q_.size(), std::memory_order_release);
   if (!q_.empty()) Signal();
   return c;
 }
