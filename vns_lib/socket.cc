@@ -97,11 +97,19 @@ class SocketImpl final : public VirtualSocket {
   // Tells the peer our window moved once a quarter of the buffer was read since the last time.
   void MaybeAdvertiseWindow();
   void RefreshChannels();  // send_mu_ held
-  void RefreshPolicy() {   // send_mu_ held
-    if (const uint64_t v = st_->policy_version(); v != policy_version_ || !policy_) {
-      policy_version_ = v;
-      policy_ = st_->policy();
+  // The active policy into *p, re-read only when its version moved (one load otherwise). Send
+  // and Recv keep their own copy, each under its lock.
+  void RefreshPolicy(uint64_t* version, std::shared_ptr<const sched::NetScheduler>* p) {
+    if (const uint64_t v = st_->policy_version(); v != *version || !*p) {
+      *version = v;
+      *p = st_->policy();
     }
+  }
+  // This socket's busy-poll budget: its own option, or else what policy p says for its class.
+  uint32_t BusyPollBudget(const sched::NetScheduler& p) const {
+    const int opt = busy_poll_opt_.load(std::memory_order_relaxed);
+    return opt >= 0 ? static_cast<uint32_t>(opt)
+                    : p.BusyPollUs({c_->id, static_cast<uint8_t>(c_->app_class)});
   }
   // A control segment of ours (FIN, WND) went on `ch`: if it fails, that segment may be lost,
   // so the connection breaks with it.
@@ -276,10 +284,8 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
   if (auto st = Usable(); !st.ok()) return st;
   // Busy polling: the engine stands down for this thread, so what we queued leaves in the round
   // we run ourselves right after (below), not on an engine wakeup.
-  RefreshPolicy();
-  const int opt = busy_poll_opt_.load(std::memory_order_relaxed);
-  send_busy_us_ = opt >= 0 ? static_cast<uint32_t>(opt)
-                           : policy_->BusyPollUs({c_->id, static_cast<uint8_t>(c_->app_class)});
+  RefreshPolicy(&policy_version_, &policy_);
+  send_busy_us_ = BusyPollBudget(*policy_);
   struct PollAfter {
     SocketImpl* s;
     ~PollAfter() {
@@ -364,7 +370,7 @@ absl::StatusOr<size_t> SocketImpl::SendWindow() {
 
 absl::StatusOr<size_t> SocketImpl::SendPart(std::span<const uint8_t> data) {
   if (c_->peer) RefreshChannels();
-  RefreshPolicy();
+  RefreshPolicy(&policy_version_, &policy_);
   if (chans_.empty() || AllDown(chans_))
     return SockError(ECONNRESET, "every channel to the peer is down");
   size_t sent = 0;
@@ -437,10 +443,7 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
     if (readable > 0) {
       pieces_.clear();
       const size_t n = reasm_.Take(std::min(buf.size(), readable), &pieces_, &done_);
-      if (const uint64_t v = st_->policy_version(); v != recv_policy_version_ || !recv_policy_) {
-        recv_policy_version_ = v;
-        recv_policy_ = st_->policy();
-      }
+      RefreshPolicy(&recv_policy_version_, &recv_policy_);
       const sched::CopyPlan plan =
           recv_policy_->PlanCopy(n, st_->copy_workers(), st_->workers().queued_bytes());
       if (plan.parallel) {
@@ -519,16 +522,8 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
 }
 
 uint32_t SocketImpl::BusyPollUs() {
-  uint32_t us;
-  if (const int opt = busy_poll_opt_.load(std::memory_order_relaxed); opt >= 0) {
-    us = static_cast<uint32_t>(opt);
-  } else {
-    if (const uint64_t v = st_->policy_version(); v != recv_policy_version_ || !recv_policy_) {
-      recv_policy_version_ = v;
-      recv_policy_ = st_->policy();
-    }
-    us = recv_policy_->BusyPollUs({c_->id, static_cast<uint8_t>(c_->app_class)});
-  }
+  RefreshPolicy(&recv_policy_version_, &recv_policy_);
+  const uint32_t us = BusyPollBudget(*recv_policy_);
   learning_ = us > 0 && c_->peer;
   return learning_ ? us : 0;
 }
