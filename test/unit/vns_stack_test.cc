@@ -316,12 +316,6 @@ TEST_F(VnsStackTest, ManySocketsShareTheChannelsAndStayApart) {
   }
 }
 
-}  // namespace
-}  // namespace netch::vns
-
-namespace netch::vns {
-namespace {
-
 // Scale-up and scale-down of a peer's channels, 100 cycles, while streams run both ways: the
 // drain handshake (NC_DRAIN after the last segment on both sides, destroy when everything is
 // acknowledged and read) must lose and reorder nothing.
@@ -510,12 +504,6 @@ TEST(VnsPolicyTest, SwappingThePolicyMidStreamLosesAndReordersNothing) {
   EXPECT_GT(a->Stats().sched_batches, 0u);
 }
 
-}  // namespace
-}  // namespace netch::vns
-
-namespace netch::vns {
-namespace {
-
 // Busy-polled L-app sockets (run to completion) beside a T-app stream on the same channels: the
 // rpc's segments are taken on the application's own thread (segments_inline), the stream's
 // segments that a polling socket dequeues are handed to the dispatcher in order, and both arrive
@@ -532,12 +520,6 @@ TEST(VnsBusyPollTest, PolledRpcBesideAStreamOnSharedChannelsLosesNothing) {
   EXPECT_GT(a->Stats().segments_inline, 0u) << "the client took responses on its own thread";
   EXPECT_GT(b->Stats().segments_inline, 0u) << "the server took requests on its own thread";
 }
-
-}  // namespace
-}  // namespace netch::vns
-
-namespace netch::vns {
-namespace {
 
 // The cores a thread may run on, from the kernel.
 std::vector<int> Affinity(pid_t tid) {
@@ -597,12 +579,6 @@ TEST(VnsPlacementTest, CopyWorkersStayOffTheLatencyEnginesCore) {
   for (int c : (*s)->copy_worker_cores()) EXPECT_NE(c, 1);
   EXPECT_EQ((*s)->copy_worker_cores().size(), 4u);
 }
-
-}  // namespace
-}  // namespace netch::vns
-
-namespace netch::vns {
-namespace {
 
 // An event loop that busy-polls the stack (Stack::PollInline, what `netchrun --busy-poll-us`
 // does in epoll_wait): a server thread serving eight non-blocking sockets with poll(…, 0) and

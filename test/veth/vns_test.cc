@@ -91,6 +91,23 @@ class VnsTest : public ::testing::Test {
     b_.reset();
   }
 
+  // A connection from host A to `l`, listening on `port` of host B: {client, accepted end}, or
+  // nulls (and a test failure) if either end fails.
+  std::pair<std::unique_ptr<VirtualSocket>, std::unique_ptr<VirtualSocket>> Pair(VirtualSocket& l,
+                                                                                 uint16_t port) {
+    auto c = a_->Connect(TestHosts::kIpB, port);
+    if (!c.ok()) {
+      ADD_FAILURE() << "connect: " << c.status();
+      return {};
+    }
+    auto s = l.Accept();
+    if (!s.ok()) {
+      ADD_FAILURE() << "accept: " << s.status();
+      return {};
+    }
+    return {std::move(*c), std::move(*s)};
+  }
+
   // Sends `bytes` of stream `id` in writes of `chunk`, then shuts down.
   static void SendStream(VirtualSocket& s, uint32_t id, uint64_t bytes, size_t chunk,
                          absl::Status* result) {
@@ -374,20 +391,18 @@ TEST_F(VnsTest, StoppedReaderBlocksTheWriterAndNothingIsLost) {
   so.rcvbuf = 1 << 20;
   auto l = b_->Listen(5003, 8, so);
   ASSERT_TRUE(l.ok());
-  auto c = a_->Connect(TestHosts::kIpB, 5003);
-  ASSERT_TRUE(c.ok());
-  auto s = (*l)->Accept();
-  ASSERT_TRUE(s.ok());
+  auto [c, s] = Pair(**l, 5003);
+  ASSERT_TRUE(c && s);
   // Nobody reads: non-blocking sends stop with EAGAIN once the socket's receive window (1 MiB,
   // advertised by the receiver) is full, before the channel is involved.
-  (*c)->SetNonBlocking(true);
+  c->SetNonBlocking(true);
   std::vector<uint8_t> buf(64 << 10);
   uint64_t off = 0;
   int eagain = 0;
   const uint64_t end = chan::NowUs() + 10'000'000;
   while (eagain < 50 && chan::NowUs() < end) {
     for (size_t i = 0; i < buf.size(); ++i) buf[i] = PatternByte(3, off + i);
-    auto r = (*c)->Send(buf);
+    auto r = c->Send(buf);
     if (!r.ok()) {
       ASSERT_EQ(Errno(r.status()), EAGAIN) << r.status();
       eagain++;
@@ -403,23 +418,23 @@ TEST_F(VnsTest, StoppedReaderBlocksTheWriterAndNothingIsLost) {
   const uint64_t kTotal = off + (8 << 20);
   absl::Status sent;
   std::thread tx([&] {
-    (*c)->SetNonBlocking(false);
+    c->SetNonBlocking(false);
     std::vector<uint8_t> b2(1 << 20);
     for (uint64_t o = off; o < kTotal;) {
       const size_t n = std::min<uint64_t>(b2.size(), kTotal - o);
       for (size_t i = 0; i < n; ++i) b2[i] = PatternByte(3, o + i);
-      auto r = (*c)->Send({b2.data(), n});
+      auto r = c->Send({b2.data(), n});
       if (!r.ok()) {
         sent = r.status();
         return;
       }
       o += *r;
     }
-    sent = (*c)->Shutdown();
+    sent = c->Shutdown();
   });
   uint64_t bad = 0;
   absl::Status err;
-  const uint64_t got = RecvStream(**s, 3, 1 << 16, &bad, &err);
+  const uint64_t got = RecvStream(*s, 3, 1 << 16, &bad, &err);
   tx.join();
   EXPECT_TRUE(sent.ok()) << sent;
   EXPECT_TRUE(err.ok()) << err;
@@ -435,30 +450,26 @@ TEST_F(VnsTest, AStoppedReaderDoesNotSlowAnotherSocketOnTheSameChannel) {
   so.rcvbuf = 1 << 20;
   auto l = b_->Listen(5004, 8, so);
   ASSERT_TRUE(l.ok());
-  auto slow_tx = a_->Connect(TestHosts::kIpB, 5004);
-  ASSERT_TRUE(slow_tx.ok());
-  auto slow_rx = (*l)->Accept();
-  ASSERT_TRUE(slow_rx.ok());
+  auto [slow_tx, slow_rx] = Pair(**l, 5004);
+  ASSERT_TRUE(slow_tx && slow_rx);
   // The slow socket's writer fills its window; its reader never reads.
   std::thread stuck([&] {
     std::vector<uint8_t> buf(256 << 10, 1);
-    (*slow_tx)->SetNonBlocking(true);
+    slow_tx->SetNonBlocking(true);
     for (int i = 0; i < 40; ++i) {
-      (void)(*slow_tx)->Send(buf);
+      (void)slow_tx->Send(buf);
       usleep(5000);
     }
   });
   usleep(50'000);
   // Another socket on the same (only) channel moves 64 MiB while the slow one sits full.
-  auto fast_tx = a_->Connect(TestHosts::kIpB, 5004);
-  ASSERT_TRUE(fast_tx.ok());
-  auto fast_rx = (*l)->Accept();
-  ASSERT_TRUE(fast_rx.ok());
+  auto [fast_tx, fast_rx] = Pair(**l, 5004);
+  ASSERT_TRUE(fast_tx && fast_rx);
   absl::Status sent, err;
   uint64_t bad = 0;
   const uint64_t t0 = chan::NowUs();
-  std::thread tx([&] { SendStream(**fast_tx, 9, 64 << 20, 1 << 20, &sent); });
-  const uint64_t got = RecvStream(**fast_rx, 9, 1 << 20, &bad, &err);
+  std::thread tx([&] { SendStream(*fast_tx, 9, 64 << 20, 1 << 20, &sent); });
+  const uint64_t got = RecvStream(*fast_rx, 9, 1 << 20, &bad, &err);
   tx.join();
   stuck.join();
   const double secs = (chan::NowUs() - t0) / 1e6;
@@ -471,9 +482,9 @@ TEST_F(VnsTest, AStoppedReaderDoesNotSlowAnotherSocketOnTheSameChannel) {
   // The slow socket still has exactly its window's worth, intact, to read.
   std::vector<uint8_t> buf(1 << 20);
   uint64_t slow_got = 0;
-  (*slow_rx)->SetNonBlocking(true);
+  slow_rx->SetNonBlocking(true);
   for (;;) {
-    auto r = (*slow_rx)->Recv(buf);
+    auto r = slow_rx->Recv(buf);
     if (!r.ok()) break;
     slow_got += *r;
   }
@@ -493,34 +504,30 @@ TEST_F(VnsTest, AReaderStoppingMidStreamLetsTheOtherStreamOnItsChannelRecover) {
   so.rcvbuf = 2 << 20;
   auto l = b_->Listen(5013, 8, so);
   ASSERT_TRUE(l.ok());
-  auto slow_tx = a_->Connect(TestHosts::kIpB, 5013);
-  ASSERT_TRUE(slow_tx.ok());
-  auto slow_rx = (*l)->Accept();
-  ASSERT_TRUE(slow_rx.ok());
-  auto fast_tx = a_->Connect(TestHosts::kIpB, 5013);
-  ASSERT_TRUE(fast_tx.ok());
-  auto fast_rx = (*l)->Accept();
-  ASSERT_TRUE(fast_rx.ok());
+  auto [slow_tx, slow_rx] = Pair(**l, 5013);
+  ASSERT_TRUE(slow_tx && slow_rx);
+  auto [fast_tx, fast_rx] = Pair(**l, 5013);
+  ASSERT_TRUE(fast_tx && fast_rx);
   constexpr uint64_t kSlowBytes = 256 << 20;
   std::atomic<bool> stop_fast{false}, slow_paused{false};
   std::atomic<uint64_t> fast_got{0};
   absl::Status slow_sent, fast_sent, slow_err, fast_err;
   uint64_t slow_bad = 0, fast_bad = 0, slow_got = 0;
-  std::thread slow_writer([&] { SendStream(**slow_tx, 21, kSlowBytes, 128 << 10, &slow_sent); });
+  std::thread slow_writer([&] { SendStream(*slow_tx, 21, kSlowBytes, 128 << 10, &slow_sent); });
   std::thread fast_writer([&] {
     std::vector<uint8_t> buf(128 << 10);
     for (uint64_t off = 0; !stop_fast.load();) {
       for (size_t i = 0; i < buf.size(); ++i) buf[i] = PatternByte(22, off + i);
-      auto r = (*fast_tx)->Send(buf);
+      auto r = fast_tx->Send(buf);
       if (!r.ok()) return void(fast_sent = r.status());
       off += *r;
     }
-    fast_sent = (*fast_tx)->Shutdown();
+    fast_sent = fast_tx->Shutdown();
   });
   std::thread fast_reader([&] {
     std::vector<uint8_t> buf(1 << 20);
     for (uint64_t off = 0;;) {
-      auto r = (*fast_rx)->Recv(buf);
+      auto r = fast_rx->Recv(buf);
       if (!r.ok()) return void(fast_err = r.status());
       if (*r == 0) return;
       for (size_t i = 0; i < *r; ++i) fast_bad += buf[i] != PatternByte(22, off + i);
@@ -532,7 +539,7 @@ TEST_F(VnsTest, AReaderStoppingMidStreamLetsTheOtherStreamOnItsChannelRecover) {
     std::vector<uint8_t> buf(1 << 20);
     for (;;) {
       while (slow_paused.load()) usleep(1000);
-      auto r = (*slow_rx)->Recv(buf);
+      auto r = slow_rx->Recv(buf);
       if (!r.ok()) return void(slow_err = r.status());
       if (*r == 0) return;
       for (size_t i = 0; i < *r; ++i) slow_bad += buf[i] != PatternByte(21, slow_got + i);
