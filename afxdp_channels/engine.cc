@@ -136,9 +136,7 @@ bool Engine::RunInline(uint64_t now_us, uint64_t stand_down_us) {
   // The caller read the clock before the lock: a round that ran meanwhile may have used a later
   // time, and a task must never see time go back.
   uint64_t deadline = UINT64_MAX;
-  const bool worked = RunTasks(std::max(now_us, last_round_us_), &deadline);
-  inline_rounds_.fetch_add(1, std::memory_order_relaxed);
-  return worked;
+  return RunTasks(std::max(now_us, last_round_us_), &deadline);
 }
 
 void Engine::Resume() {

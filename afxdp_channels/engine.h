@@ -78,7 +78,6 @@ class Engine {
   // once.
   bool RunInline(uint64_t now_us, uint64_t stand_down_us);
   void Resume();
-  uint64_t inline_rounds() const { return inline_rounds_.load(std::memory_order_relaxed); }
 
   int index() const { return index_; }
   int core() const { return core_; }
@@ -122,7 +121,6 @@ class Engine {
   std::vector<EngineTask*> tasks_;  // guarded by round_mu_ (changed by the engine thread only)
   std::atomic<uint64_t> stand_down_until_us_{0};
   uint64_t last_round_us_ = 0;  // guarded by round_mu_: the clock a round last ran with
-  std::atomic<uint64_t> inline_rounds_{0};
 };
 
 // A driver's engines: opts.engines threads, engine i pinned to opts.cores[i] when given.
