@@ -98,6 +98,19 @@ struct TxSegment {
   bool coalesce = false;
 };
 inline constexpr uint64_t kCorkHoldUs = 200;
+
+// Busy polling on a machine with fewer cores than busy threads (both test hosts share two here).
+// A poller that has found nothing for kPollYieldAfterUs yields between its rounds: another
+// spinner on its core — the peer's, on a shared machine — then runs within a round instead of
+// after a whole scheduler slice (p99.9 of a busy-polled 4 KiB rpc: ~500 µs without it, ~100 µs
+// with it, docs/BENCHMARKS.md). Before that it spins flat out: most replies come sooner.
+inline constexpr uint64_t kPollYieldAfterUs = 20;
+// A stood-down engine or dispatcher checks on its poller this long after the poller's lease
+// (stand_down_us past its last round) ran out. A poller ending its spin hands the work back at
+// once (EndPollInline); this bounds the wait only for one that stopped calling without ending (a
+// Recv that returned data to an application that then did not call again), and sets how often
+// the stood-down threads wake — each wakeup pre-empts a spinner on a shared core.
+inline constexpr uint64_t kStandDownRecheckUs = 2000;
 inline constexpr uint64_t kCorkIdleUs = 20;
 
 // One received segment. `payload` points into a stack buffer owned by the caller until Release().

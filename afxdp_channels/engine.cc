@@ -183,10 +183,12 @@ void Engine::Loop() {
     uint64_t deadline = UINT64_MAX;
     bool worked = false;
     // A busy poller runs the rounds for now: stay out of its way (and off its core), sleeping
-    // on the eventfd only until it stops polling or the stand-down runs out.
+    // on the eventfd only until it stops polling (Resume) or, checked kStandDownRecheckUs after
+    // its lease ran out, it has stopped renewing it.
     if (const uint64_t until = stand_down_until_us_.load(std::memory_order_relaxed); until > now) {
       sleeping_.store(true, std::memory_order_seq_cst);
-      if (!ops_pending_.load(std::memory_order_acquire)) Sleep(until, /*wake_fd_only=*/true);
+      if (!ops_pending_.load(std::memory_order_acquire))
+        Sleep(until + kStandDownRecheckUs, /*wake_fd_only=*/true);
       sleeping_.store(false, std::memory_order_relaxed);
       idle_since_us = NowUs();
       continue;

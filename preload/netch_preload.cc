@@ -11,6 +11,7 @@
 #include <netinet/tcp.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -1134,11 +1135,12 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
   // event loop's requests then never wait for a stack thread to be scheduled.
   const Config* cfg = Cfg();
   netch::vns::Stack* busy_stack = nullptr;
-  int64_t busy_end = 0;
+  int64_t busy_start = 0, busy_end = 0;
   if (cfg && cfg->busy_poll_us > 0 && timeout != 0 && !g_child.load()) {
     std::lock_guard l(g_init_mu);
     if (g) busy_stack = g->stack.get();
-    busy_end = NowNs() + cfg->busy_poll_us * 1000ll;
+    busy_start = NowNs();
+    busy_end = busy_start + cfg->busy_poll_us * 1000ll;
   }
   for (;;) {
     int left = -1;
@@ -1155,7 +1157,12 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
       }
     }
     const int rc = REAL(epoll_pwait)(epfd, buf.data(), max, left, mask);
-    if (rc == 0 && spinning) continue;
+    if (rc == 0 && spinning) {
+      // Nothing for a while: let a spinner sharing this core run (chan::kPollYieldAfterUs).
+      if (NowNs() - busy_start >= static_cast<int64_t>(netch::chan::kPollYieldAfterUs) * 1000)
+        sched_yield();
+      continue;
+    }
     if (rc <= 0) return rc;
     int n = 0;
     seen.clear();

@@ -435,23 +435,29 @@ void StackImpl::Dispatch() {
         // channel.
         fds.push_back({wake_fd_, POLLIN, 0});
         fds.push_back({driver_->accept_fd(), POLLIN, 0});
-        bool polled = false;
+        uint64_t polled_until = 0;
         for (DispatchChan& cs : dchans_) {
           // A channel held back for a full socket has data waiting by definition; what
           // unblocks it is the socket reading, which writes wake_fd_. A channel a socket
           // busy-polls is that socket's to drain: its segments must not wake us (the socket
           // wakes us when it stops, or hands us what is not its own).
           if (cs.lane->npending.load(std::memory_order_relaxed) != 0) continue;
-          if (cs.lane->polled_until_us.load(std::memory_order_relaxed) > now) {
-            polled = true;
+          if (const uint64_t p = cs.lane->polled_until_us.load(std::memory_order_relaxed);
+              p > now) {
+            polled_until = std::max(polled_until, p);
             continue;
           }
           if (until > now) continue;  // the stack is busy-polled: nothing arms
           cs.ch->ArmNotify(chan::Channel::kReadable);
           fds.push_back({cs.ch->notify_fd(chan::Channel::kReadable), POLLIN, 0});
         }
-        sleep_us = watching_.load(std::memory_order_acquire) || polled ? 1000 : 10000;
-        if (until > now) sleep_us = static_cast<int>(std::min<uint64_t>(until - now, 10000));
+        // A polled lane is looked at again once its poller may have stopped renewing it
+        // without saying so (chan::kStandDownRecheckUs), not every millisecond: each wakeup
+        // pre-empts a spinner.
+        uint64_t sleep = watching_.load(std::memory_order_acquire) ? 1000 : 10000;
+        if (polled_until) sleep = std::min(sleep, polled_until - now + chan::kStandDownRecheckUs);
+        if (until > now) sleep = std::min<uint64_t>(until - now + chan::kStandDownRecheckUs, 10000);
+        sleep_us = static_cast<int>(sleep);
       }
     }
     if (sleep_us < 0) {

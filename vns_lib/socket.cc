@@ -503,7 +503,9 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
               c_->state.load() != ConnState::kEstablished ||
               c_->broken.load(std::memory_order_acquire);
         if (got || now >= end) break;
-        if (poll_lanes_.empty()) std::this_thread::yield();  // nothing to poll yet
+        // Nothing to poll yet, or nothing for a while: let a spinner sharing this core run.
+        if (poll_lanes_.empty() || now + busy >= end + chan::kPollYieldAfterUs)
+          std::this_thread::yield();
       }
       if (got) continue;
       EndPoll();
