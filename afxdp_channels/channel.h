@@ -105,6 +105,20 @@ inline constexpr uint64_t kCorkHoldUs = 200;
 // after a whole scheduler slice (p99.9 of a busy-polled 4 KiB rpc: ~500 µs without it, ~100 µs
 // with it, docs/BENCHMARKS.md). Before that it spins flat out: most replies come sooner.
 inline constexpr uint64_t kPollYieldAfterUs = 20;
+// But a yield that comes back only after kPollYieldSlowUs handed the core to a thread that does
+// not give it back soon — a bulk sender, not a fellow spinner — and every further yield would
+// lose the poller a whole slice: it stops yielding for kPollYieldPauseUs and competes for the
+// core like any busy thread (a busy-polled rpc beside a stream: p50 ~2 ms if it kept yielding).
+inline constexpr uint64_t kPollYieldSlowUs = 200;
+inline constexpr uint64_t kPollYieldPauseUs = 10'000;
+class PollYielder {
+ public:
+  // `spun_us`: how long this poll has found nothing; `now_us` NowUs() of this round.
+  void MaybeYield(uint64_t now_us, uint64_t spun_us);
+
+ private:
+  uint64_t paused_until_us_ = 0;
+};
 // A stood-down engine or dispatcher checks on its poller this long after the poller's lease
 // (stand_down_us past its last round) ran out. A poller ending its spin hands the work back at
 // once (EndPollInline); this bounds the wait only for one that stopped calling without ending (a

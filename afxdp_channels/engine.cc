@@ -139,6 +139,13 @@ bool Engine::RunInline(uint64_t now_us, uint64_t stand_down_us) {
   return RunTasks(std::max(now_us, last_round_us_), &deadline);
 }
 
+void PollYielder::MaybeYield(uint64_t now_us, uint64_t spun_us) {
+  if (spun_us < kPollYieldAfterUs || now_us < paused_until_us_) return;
+  sched_yield();
+  if (const uint64_t back = NowUs(); back - now_us > kPollYieldSlowUs)
+    paused_until_us_ = back + kPollYieldPauseUs;
+}
+
 void Engine::Resume() {
   if (stand_down_until_us_.exchange(0, std::memory_order_relaxed) != 0) {
     std::atomic_thread_fence(std::memory_order_seq_cst);

@@ -5,23 +5,30 @@
 //
 //   xskraw [--seconds S] [--frame BYTES] [--sender afxdp|udp] [--copy] [--queue Q]
 //          [--ns-a NS] [--ns-b NS] [--json]
+//   xskraw --pingpong [--payload BYTES] [--frame BYTES] [--seconds S] ...
 //
 // --sender afxdp: AF_XDP TX in copy mode; frames over 4 KB as descriptor chains (XDP_USE_SG).
 // --sender udp:   the kernel's UDP socket (sendmmsg, 32 per call), frames up to 65549 B (a 64 KB
 //                 IPv4 datagram); received as multi-buffer chains (XDP_USE_SG).
 // --copy:         one user-space copy per side: the sender copies each payload into its send
 //                 buffer first, the receiver copies it out of the UMEM (udp only).
+// --pingpong:     the raw round trip instead of the rate: host A sends a --payload byte message
+//                 (in frames of at most --frame bytes, AF_XDP TX), host B sends it back, both
+//                 spinning on their rings (no poll()); each side copies the message into its
+//                 UMEM, as a sender must. The floor for a busy-polled rpc over this pair.
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdio>
 #include <cstring>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "CLI/CLI.hpp"
 #include "absl/strings/str_format.h"
@@ -85,12 +92,139 @@ int Fail(const std::string& what) {
   return 1;
 }
 
+// One message as the frames that carry it: `payload` bytes split into frames of at most `frame`
+// bytes, each a valid DATA frame from `fa`.
+std::vector<std::vector<uint8_t>> MessageFrames(const wire::FrameAddrs& fa, uint32_t chan,
+                                                uint32_t payload, uint32_t frame) {
+  wire::ChanHeader ch;
+  ch.dst_chan = chan;
+  ch.src_chan = chan;
+  const size_t hl = wire::HeadersLen(ch, true);
+  std::vector<std::vector<uint8_t>> out;
+  for (uint32_t left = payload; left > 0;) {
+    const uint32_t take = std::min<uint32_t>(left, frame - static_cast<uint32_t>(hl));
+    left -= take;
+    std::vector<uint8_t> body(take, 0x5a), f(hl + take);
+    wire::SegHeader seg;
+    if (wire::BuildFrame(f, fa, ch, &seg, body) != f.size()) return {};
+    out.push_back(std::move(f));
+  }
+  return out;
+}
+
+// Copies one message into UMEM frames and transmits it (a frame over one UMEM frame as a chain).
+bool SendMessage(Side& s, const std::vector<std::vector<uint8_t>>& frames) {
+  s.umem->ReapCompletions();
+  xdp_desc d[64];
+  uint32_t k = 0;
+  const uint32_t fsz = s.umem->frame_size();
+  bool ok = true;
+  for (const auto& f : frames) {
+    for (size_t off = 0; off < f.size() && ok; off += fsz) {
+      const uint64_t addr = k < 64 ? s.umem->AllocFrame() : afxdp::kNoFrame;
+      if (addr == afxdp::kNoFrame) {
+        ok = false;
+        break;
+      }
+      const uint32_t len = static_cast<uint32_t>(std::min<size_t>(fsz, f.size() - off));
+      std::memcpy(s.umem->Data(addr), f.data() + off, len);
+      d[k++] = {addr, len, off + len < f.size() ? XDP_PKT_CONTD : 0u};
+    }
+  }
+  if (ok) ok = s.xsk->Transmit({d, k}) == k;
+  for (uint32_t i = 0; i < k; ++i) s.umem->FreeFrame(d[i].addr);  // the completion drops the rest
+  return ok;
+}
+
+// Spins until `nframes` whole frames arrived on side `s`; false at `deadline_us` (a lost frame).
+bool RecvMessage(Side& s, size_t nframes, uint64_t deadline_us) {
+  xdp_desc d[64];
+  for (size_t got = 0; got < nframes;) {
+    const uint32_t n = s.xsk->Receive(d);
+    for (uint32_t i = 0; i < n; ++i) {
+      s.umem->FreeFrame(d[i].addr);
+      got += !(d[i].options & XDP_PKT_CONTD);
+    }
+    if (n) {
+      s.umem->Refill(n);
+    } else if (chan::NowUs() >= deadline_us) {
+      return false;
+    }
+  }
+  return true;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  const size_t k = std::min(v.size() - 1, static_cast<size_t>(p / 100.0 * v.size()));
+  std::nth_element(v.begin(), v.begin() + static_cast<ptrdiff_t>(k), v.end());
+  return v[k];
+}
+
+int RunPingPong(Side& a, Side& b, uint32_t chan, uint32_t payload, uint32_t frame,
+                uint32_t seconds, bool json) {
+  wire::FrameAddrs ab;
+  ab.src_mac = a.ifi.mac;
+  ab.dst_mac = b.ifi.mac;
+  ab.src_ip = a.ifi.ipv4;
+  ab.dst_ip = b.ifi.ipv4;
+  ab.src_port = 49153;
+  wire::FrameAddrs ba = ab;
+  std::swap(ba.src_mac, ba.dst_mac);
+  std::swap(ba.src_ip, ba.dst_ip);
+  const auto fwd = MessageFrames(ab, chan, payload, frame);
+  const auto back = MessageFrames(ba, chan, payload, frame);
+  if (fwd.empty() || back.empty()) return Fail("--frame too small for the headers");
+  a.umem->Refill(4096);
+  b.umem->Refill(4096);
+  std::atomic<bool> stop{false};
+  const uint64_t end = chan::NowUs() + seconds * 1'000'000ull;
+  std::thread echo([&] {
+    while (!stop.load(std::memory_order_relaxed))
+      if (RecvMessage(b, fwd.size(), chan::NowUs() + 10'000)) SendMessage(b, back);
+  });
+  auto now_ns = [] {
+    timespec t{};
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec * 1'000'000'000ull + static_cast<uint64_t>(t.tv_nsec);
+  };
+  std::vector<double> rtt;
+  rtt.reserve(1 << 20);
+  uint64_t lost = 0;
+  while (chan::NowUs() < end) {
+    const uint64_t t0 = now_ns();
+    if (!SendMessage(a, fwd)) return stop = true, echo.join(), Fail("host A's UMEM ran dry");
+    if (!RecvMessage(a, back.size(), chan::NowUs() + 100'000)) {
+      ++lost;
+      continue;
+    }
+    rtt.push_back((now_ns() - t0) / 1e3);
+  }
+  stop = true;
+  echo.join();
+  const double p50 = Percentile(rtt, 50), p99 = Percentile(rtt, 99), p999 = Percentile(rtt, 99.9);
+  if (json) {
+    std::printf(
+        "{\"sender\":\"afxdp\",\"mode\":\"pingpong\",\"payload\":%u,\"frame\":%u,"
+        "\"frames_per_message\":%zu,\"round_trips\":%zu,\"lost\":%llu,\"p50_us\":%.2f,"
+        "\"p99_us\":%.2f,\"p999_us\":%.2f}\n",
+        payload, frame, fwd.size(), rtt.size(), (unsigned long long)lost, p50, p99, p999);
+  } else {
+    std::printf(
+        "raw AF_XDP ping-pong, %u B messages in %zu frame(s) of <= %u B, spinning: %zu round "
+        "trips, p50 %.1f us, p99 %.1f us, p99.9 %.1f us (lost %llu)\n",
+        payload, fwd.size(), frame, rtt.size(), p50, p99, p999, (unsigned long long)lost);
+  }
+  return lost == 0 ? 0 : 1;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   std::string ns_a = "netch-a", ns_b = "netch-b", sender = "afxdp";
   uint32_t seconds = 3, frame = 3520, queue = 0;
-  bool json = false, copy = false;
+  uint32_t message = 4096;
+  bool json = false, copy = false, pingpong = false;
   CLI::App app{"xskraw: raw rate of one veth queue into an AF_XDP socket", "xskraw"};
   app.add_option("--seconds", seconds, "how long to send")->check(CLI::Range(1, 60));
   app.add_option("--frame", frame, "Ethernet frame bytes (up to 65549: a 64 KB IPv4 packet)")
@@ -101,10 +235,13 @@ int main(int argc, char** argv) {
   app.add_option("--ns-a", ns_a, "sender namespace");
   app.add_option("--ns-b", ns_b, "receiver namespace");
   app.add_flag("--json", json, "one JSON object");
+  app.add_flag("--pingpong", pingpong, "round trips of one message instead of the rate (afxdp)");
+  app.add_option("--payload", message, "--pingpong: message bytes")->check(CLI::Range(1, 65536));
   app.footer("Needs `scripts/testhosts up --queues N --mtu M` with M >= frame - 14.");
   CLI11_PARSE(app, argc, argv);
   const bool udp = sender == "udp";
   if (!udp && copy) return Fail("--copy needs --sender udp");
+  if (pingpong && (udp || copy)) return Fail("--pingpong measures the AF_XDP TX path only");
 
   auto a = Open(ns_a, "nc-a", queue);
   if (!a.ok())
@@ -115,6 +252,18 @@ int main(int argc, char** argv) {
   constexpr uint32_t kChan = 1;
   if (auto st = b->steer->SetChannel(kChan, queue, queue); !st.ok())
     return std::fprintf(stderr, "xskraw: %s\n", st.ToString().c_str()), 1;
+  if (pingpong) {
+    int rc = 1;
+    if (auto st = a->steer->SetChannel(kChan, queue, queue); !st.ok())
+      std::fprintf(stderr, "xskraw: %s\n", st.ToString().c_str());
+    else
+      rc = RunPingPong(*a, *b, kChan, message, frame, seconds, json);
+    for (auto [ns, side] : {std::pair{ns_a, &*a}, std::pair{ns_b, &*b}}) {
+      NetnsScope scope(ns);
+      (void)side->steer->Detach();
+    }
+    return rc;
+  }
 
   // One valid DATA frame, copied into every TX frame once: the loop never touches data.
   wire::FrameAddrs fa;

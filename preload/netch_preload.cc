@@ -1158,9 +1158,10 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
     }
     const int rc = REAL(epoll_pwait)(epfd, buf.data(), max, left, mask);
     if (rc == 0 && spinning) {
-      // Nothing for a while: let a spinner sharing this core run (chan::kPollYieldAfterUs).
-      if (NowNs() - busy_start >= static_cast<int64_t>(netch::chan::kPollYieldAfterUs) * 1000)
-        sched_yield();
+      thread_local netch::chan::PollYielder yielder;  // a spinner sharing this core may run
+      const int64_t now = NowNs();
+      yielder.MaybeYield(static_cast<uint64_t>(now / 1000),
+                         static_cast<uint64_t>((now - busy_start) / 1000));
       continue;
     }
     if (rc <= 0) return rc;

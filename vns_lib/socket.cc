@@ -131,6 +131,7 @@ class SocketImpl final : public VirtualSocket {
   };
   std::vector<PollLane> poll_lanes_;  // recv_mu_
   bool learning_ = false;             // recv_mu_: busy polling is on, DrainInq learns lanes
+  chan::PollYielder yielder_;         // recv_mu_
   uint32_t send_busy_us_ = 0;         // send_mu_: this Send's busy polling
   std::atomic<uint64_t> sent_on_{0};  // bit i: this Send used chans_[i] (busy polling)
   uint64_t snd_next_ = 0;
@@ -503,9 +504,10 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
               c_->state.load() != ConnState::kEstablished ||
               c_->broken.load(std::memory_order_acquire);
         if (got || now >= end) break;
-        // Nothing to poll yet, or nothing for a while: let a spinner sharing this core run.
-        if (poll_lanes_.empty() || now + busy >= end + chan::kPollYieldAfterUs)
-          std::this_thread::yield();
+        if (poll_lanes_.empty())
+          std::this_thread::yield();  // nothing to poll yet
+        else
+          yielder_.MaybeYield(now, now + busy - end);  // a spinner sharing this core may run
       }
       if (got) continue;
       EndPoll();
