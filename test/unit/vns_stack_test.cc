@@ -584,6 +584,66 @@ TEST(VnsPlacementTest, CopyWorkersStayOffTheLatencyEnginesCore) {
 // does in epoll_wait): a server thread serving eight non-blocking sockets with poll(…, 0) and
 // inline engine and dispatcher rounds, never sleeping, echoes every byte; the dispatcher rounds
 // ran on its thread; afterwards the stack's own threads serve the same sockets again.
+// Reads exactly b.size() bytes from a nonblocking socket, waiting at most `seconds` in all.
+std::string ReadWithin(VirtualSocket& s, std::span<uint8_t> b, int seconds) {
+  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(seconds);
+  for (size_t got = 0; got < b.size();) {
+    if (std::chrono::steady_clock::now() > end)
+      return "only " + std::to_string(got) + " bytes within the bound";
+    auto r = s.Recv(b.subspan(got));
+    if (r.ok() && *r == 0) return "end of stream";
+    if (r.ok()) {
+      got += *r;
+      continue;
+    }
+    if (s.Error() != 0 || r.status().message().find("no data") == std::string::npos)
+      return r.status().ToString();
+    pollfd p{s.fd(), POLLIN, 0};
+    poll(&p, 1, 10);
+  }
+  return "";
+}
+
+// A nonblocking busy-polled socket belongs to an event loop: its writes leave in the loop's next
+// stack poll (one round for the whole pass), not in a round of their own — and still leave when
+// the loop stops polling without saying so.
+TEST(VnsBusyPollTest, ANonblockingBusyPolledSocketsWritesLeaveWithTheLoopsNextPoll) {
+  auto a = MakeStack(kA, 1), b = MakeStack(kB, 1);
+  ASSERT_TRUE(a && b);
+  auto [c, s] = Connected(*a, *b, 93);
+  ASSERT_TRUE(c && s);
+  c->SetNonBlocking(true);
+  s->SetNonBlocking(true);
+  s->SetBusyPoll(200);
+  std::vector<uint8_t> req(300), resp(300);
+  for (int i = 0; i < 200; ++i) {
+    for (size_t k = 0; k < req.size(); ++k) req[k] = static_cast<uint8_t>(i * 7 + k);
+    ASSERT_EQ(*c->Send(req), req.size());
+    // The loop: poll the stack until the request is in, answer, poll again (the answer leaves).
+    std::vector<uint8_t> got(req.size());
+    size_t have = 0;
+    for (int spins = 0; have < got.size(); ++spins) {
+      ASSERT_LT(spins, 2'000'000) << "request " << i << " never arrived";
+      b->PollInline(200);
+      if (auto r = s->Recv(std::span(got).subspan(have)); r.ok()) have += *r;
+    }
+    ASSERT_EQ(got, req);
+    for (auto& x : got) x ^= 0x5a;
+    ASSERT_EQ(*s->Send(got), got.size());
+    b->PollInline(200);
+    ASSERT_EQ(ReadWithin(*c, resp, 10), "") << "response " << i;
+    ASSERT_EQ(resp, got);
+  }
+  // The loop polls, writes, and then never polls again nor ends its poll (the engine is stood
+  // down and the write did not wake it): the engine takes over once the loop's lease is over.
+  std::vector<uint8_t> last(5000, 0x33), in(5000);
+  b->PollInline(200);
+  ASSERT_EQ(*s->Send(last), last.size());
+  EXPECT_EQ(ReadWithin(*c, in, 10), "");
+  EXPECT_EQ(in, last);
+  b->EndPollInline();
+}
+
 TEST(VnsBusyPollTest, AnEventLoopPollingTheStackInlineServesManySockets) {
   auto a = MakeStack(kA, 2), b = MakeStack(kB, 2);
   ASSERT_TRUE(a && b);
