@@ -106,6 +106,11 @@ struct Candidate {
 struct EpollReg {
   uint32_t events;
   epoll_data_t data;
+  // The socket's two eventfds in the real set (0 read, 1 write): present, and with which events
+  // (0: present but disabled — an event loop toggles write interest per request, and a MOD is
+  // cheaper than a DEL and an ADD).
+  bool present[2] = {false, false};
+  uint32_t kev[2] = {0, 0};
 };
 
 std::atomic<uint8_t> g_kind[kMaxFd];
@@ -312,12 +317,30 @@ bool Untag(uint64_t u, int* fd, int* dir) {
 
 // g_mu held. Removes fd's eventfds from one epoll set.
 void EpollUnregisterLocked(int epfd, int fd, Entry& e) {
-  REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->fd(), nullptr);
-  REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->write_fd(), nullptr);
+  EpollReg reg;
   if (auto set = g_ep[epfd].load()) {
     std::lock_guard l(set->mu);
-    set->regs.erase(fd);
+    if (auto it = set->regs.find(fd); it != set->regs.end()) {
+      reg = it->second;
+      set->regs.erase(it);
+    }
   }
+  if (reg.present[0]) REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->fd(), nullptr);
+  if (reg.present[1]) REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->write_fd(), nullptr);
+}
+
+// Brings one of a socket's eventfds in the real set to `want` (0: disabled) with as few calls
+// as the kernel allows: none when a level-triggered registration stays as it is (a MOD with the
+// same events changes nothing then); a MOD when edge-triggered or one-shot, where a MOD re-arms
+// and the program may rely on it. -1 with errno on failure.
+int SyncReal(int epfd, int kfd, uint64_t tag, uint32_t want, bool* present, uint32_t* kev) {
+  if (*present && *kev == want && !(want & (EPOLLET | EPOLLONESHOT))) return 0;
+  if (!*present && want == 0) return 0;
+  epoll_event k{want, {.u64 = tag}};
+  if (REAL(epoll_ctl)(epfd, *present ? EPOLL_CTL_MOD : EPOLL_CTL_ADD, kfd, &k) < 0) return -1;
+  *present = true;
+  *kev = want;
+  return 0;
 }
 
 // What `close` does to our state for fd (without closing the number itself).
@@ -1088,9 +1111,12 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
     g_ep[epfd].store(set);
   }
   bool have;
+  EpollReg reg;
   {
     std::lock_guard sl(set->mu);
-    have = set->regs.contains(fd);
+    auto it = set->regs.find(fd);
+    have = it != set->regs.end();
+    if (have) reg = it->second;
   }
   if (op == EPOLL_CTL_DEL) {
     if (!have) return Fail(ENOENT);
@@ -1102,21 +1128,30 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
   if (op == EPOLL_CTL_ADD && have) return Fail(EEXIST);
   if (op == EPOLL_CTL_MOD && !have) return Fail(ENOENT);
   if (op != EPOLL_CTL_ADD && op != EPOLL_CTL_MOD) return Fail(EINVAL);
-  if (have) EpollUnregisterLocked(epfd, fd, *e);
+  // Each direction's eventfd signals with EPOLLIN; the program's ET/ONESHOT apply to both.
   const uint32_t flags = ev->events & (EPOLLET | EPOLLONESHOT);
-  if (ev->events & (EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLRDNORM)) {
-    epoll_event k{EPOLLIN | flags, {.u64 = Tag(fd, 0)}};
-    if (REAL(epoll_ctl)(epfd, EPOLL_CTL_ADD, e->vs->fd(), &k) < 0 && errno != EEXIST) return -1;
+  const bool want_r = ev->events & (EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLRDNORM);
+  const bool want_w = ev->events & (EPOLLOUT | EPOLLWRNORM);
+  const bool failed = SyncReal(epfd, e->vs->fd(), Tag(fd, 0), want_r ? EPOLLIN | flags : 0,
+                               &reg.present[0], &reg.kev[0]) < 0 ||
+                      SyncReal(epfd, e->vs->write_fd(), Tag(fd, 1), want_w ? EPOLLIN | flags : 0,
+                               &reg.present[1], &reg.kev[1]) < 0;
+  if (failed && !have) {  // a failed ADD leaves nothing behind
+    const int err = errno;
+    for (int d : {0, 1})
+      if (reg.present[d])
+        REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, d ? e->vs->write_fd() : e->vs->fd(), nullptr);
+    return Fail(err);
   }
-  if (ev->events & (EPOLLOUT | EPOLLWRNORM)) {
-    epoll_event k{EPOLLIN | flags, {.u64 = Tag(fd, 1)}};
-    if (REAL(epoll_ctl)(epfd, EPOLL_CTL_ADD, e->vs->write_fd(), &k) < 0 && errno != EEXIST)
-      return -1;
+  if (!failed) {
+    reg.events = ev->events;
+    reg.data = ev->data;
   }
   {
     std::lock_guard sl(set->mu);
-    set->regs[fd] = EpollReg{ev->events, ev->data};
+    set->regs[fd] = reg;  // (after a failed MOD: the old registration, as far as it is left)
   }
+  if (failed) return -1;
   if (std::find(e->epolls.begin(), e->epolls.end(), epfd) == e->epolls.end())
     e->epolls.push_back(epfd);
   g_kind[epfd].fetch_or(kEpoll, std::memory_order_release);

@@ -199,6 +199,36 @@ int Client(const char* ip, int port, uint64_t bytes) {
   socklen_t vl = sizeof(v);
   Check(getsockopt(s, IPPROTO_TCP, TCP_NODELAY, &v, &vl) == 0 && v == 1, "getsockopt_nodelay");
 
+  // epoll interest changes as event loops make them: write interest toggled per request, and
+  // one-shot and edge-triggered registrations re-armed by a MOD with the same events. (Nothing
+  // was sent yet: the socket is writable, not readable.)
+  {
+    const int ep = epoll_create1(EPOLL_CLOEXEC);
+    auto ready = [ep] {
+      epoll_event e[4];
+      return epoll_wait(ep, e, 4, 0) > 0 ? e[0].events & (EPOLLIN | EPOLLOUT) : 0u;
+    };
+    epoll_event ev{EPOLLIN, {.fd = s}};
+    Check(epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) == 0 && ready() == 0, "epoll_in_idle");
+    ev.events = EPOLLIN | EPOLLOUT;
+    Check(epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev) == 0 && ready() == EPOLLOUT, "epoll_mod_adds_out");
+    ev.events = EPOLLIN;
+    Check(epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev) == 0 && ready() == 0, "epoll_mod_drops_out");
+    ev.events = EPOLLOUT | EPOLLONESHOT;
+    Check(epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev) == 0 && ready() == EPOLLOUT && ready() == 0,
+          "epoll_oneshot_fires_once");
+    Check(epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev) == 0 && ready() == EPOLLOUT,
+          "epoll_oneshot_rearmed_by_mod");
+    ev.events = EPOLLOUT | EPOLLET;
+    Check(epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev) == 0 && ready() == EPOLLOUT && ready() == 0,
+          "epoll_et_reports_an_edge_once");
+    Check(epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev) == 0 && ready() == EPOLLOUT,
+          "epoll_et_mod_reports_again");
+    Check(epoll_ctl(ep, EPOLL_CTL_DEL, s, nullptr) == 0 && ready() == 0, "epoll_del");
+    Check(epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev) < 0 && errno == ENOENT, "epoll_mod_unknown_enoent");
+    close(ep);
+  }
+
   // A fork child inherits the socket: it may only close it, and the parent's stays whole.
   const pid_t child = fork();
   if (child == 0) {
