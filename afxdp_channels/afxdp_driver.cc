@@ -342,9 +342,12 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp
   if (!xsk.ok()) return xsk.status();
   xsk_ = std::move(*xsk);
   // The fill and rx rings must take a whole window's burst: with 64 KB segments an 8 MB window
-  // is ~2,300 frames of 3,840 B (a stalled reader's test saw drops at a 2,048-frame fill ring).
-  fill_target_ =
-      udp_tx ? std::min<uint32_t>(4096, frames / 2) : std::min<uint32_t>(2048, frames / 4);
+  // is ~2,300 frames of 3,840 B (a stalled reader's test saw drops at a 2,048-frame fill ring,
+  // and so did 64 KB AF_XDP TX chains: ~60 frames dropped by the receiving socket, each a
+  // retransmit, per 2 GiB). Either 64 KB path sends data from memory of its own (the UDP send
+  // pool, the TX slots), so the frames are the receiver's; 3.5 KB AF_XDP TX sends from them too.
+  fill_target_ = udp_tx || tx_slots > 0 ? std::min<uint32_t>(4096, frames / 2)
+                                        : std::min<uint32_t>(2048, frames / 4);
   umem_->Refill(fill_target_);
   counters.frames_free = umem_->free_frames();
   links_.resize(frames);

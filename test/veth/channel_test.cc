@@ -168,6 +168,16 @@ TEST_F(MultiBufferTxTest, SixtyFourKilobyteSegmentsLeaveAsDescriptorChainsIntact
   EXPECT_GT(b_->driver->Stats().rx_multi_buffer, 0u);
 }
 
+// A whole window of 64 KB chains (8 MB: ~2,300 receive frames) arrives inside one of the
+// sender's sendto() calls on veth: the receiver's fill ring must hold that many frames, or its
+// socket drops frames the transport then resends (it did, ~60 per 2 GiB, at 2,048).
+TEST_F(MultiBufferTxTest, AWindowOfChainsFitsTheReceiversFillRing) {
+  Open();
+  const tools::TransferResult r = Bulk(1);
+  EXPECT_EQ(b_->driver->Stats().xsk_rx_dropped, 0u) << Describe(r);
+  EXPECT_EQ(a_->driver->Stats().xsk_rx_dropped, 0u);
+}
+
 // The kernel-UDP path where the MTU is smaller than a segment could be: equal-size packets leave
 // as UDP_SEGMENT trains, which the kernel cuts exactly at packet boundaries.
 class GsoChannelTest : public ChannelHostsTest {
