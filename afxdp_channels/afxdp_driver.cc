@@ -1098,6 +1098,7 @@ void XskQueue::Publish(AfxdpChannel& ch) {
   p.rx_dropped_stale.store(t.stats().dup_received + t.stats().out_of_window,
                            std::memory_order_relaxed);
   p.timeouts.store(t.stats().rto_events, std::memory_order_relaxed);
+  p.spurious_timeouts.store(t.stats().spurious_rtos, std::memory_order_relaxed);
   p.tail_probes.store(t.stats().tail_probes, std::memory_order_relaxed);
   p.ecn_echoes.store(t.stats().ece_received, std::memory_order_relaxed);
   p.rx_ignored_acks.store(t.stats().bad_acks, std::memory_order_relaxed);

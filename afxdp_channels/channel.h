@@ -68,11 +68,12 @@ struct ChannelStats {
   uint32_t cwnd_packets = 0;       // congestion window (AF_XDP driver; 0 where the kernel owns it)
   uint64_t srtt_us = 0;            // smoothed RTT estimate
   uint64_t retransmits = 0;
-  uint64_t timeouts = 0;          // retransmission timeouts (the costly way to recover a loss)
-  uint64_t tail_probes = 0;       // tail-loss probes: the last packet resent when ACKs stop
-  uint64_t ecn_echoes = 0;        // ACKs from the peer echoing congestion (CE) marks
-  uint64_t rx_dropped_stale = 0;  // DATA already received or outside the window: dropped
-  uint64_t rx_ignored_acks = 0;   // ACKs for data never sent (spoofed or corrupt): ignored
+  uint64_t timeouts = 0;           // retransmission timeouts (the costly way to recover a loss)
+  uint64_t spurious_timeouts = 0;  // of those, undone: the data had arrived, its ACKs were late
+  uint64_t tail_probes = 0;        // tail-loss probes: the last packet resent when ACKs stop
+  uint64_t ecn_echoes = 0;         // ACKs from the peer echoing congestion (CE) marks
+  uint64_t rx_dropped_stale = 0;   // DATA already received or outside the window: dropped
+  uint64_t rx_ignored_acks = 0;    // ACKs for data never sent (spoofed or corrupt): ignored
   uint64_t tx_segments = 0, tx_bytes = 0;  // payload handed to the transport
   uint64_t rx_segments = 0, rx_bytes = 0;  // payload delivered to the consumer
   int engine = -1;                         // index of the engine thread running the channel

@@ -50,6 +50,7 @@ ChannelStats ChannelCore::stats() const {
   s.srtt_us = pub_.srtt_us.load(std::memory_order_relaxed);
   s.retransmits = pub_.retransmits.load(std::memory_order_relaxed);
   s.timeouts = pub_.timeouts.load(std::memory_order_relaxed);
+  s.spurious_timeouts = pub_.spurious_timeouts.load(std::memory_order_relaxed);
   s.tail_probes = pub_.tail_probes.load(std::memory_order_relaxed);
   s.ecn_echoes = pub_.ecn_echoes.load(std::memory_order_relaxed);
   s.rx_dropped_stale = pub_.rx_dropped_stale.load(std::memory_order_relaxed);

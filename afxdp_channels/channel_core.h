@@ -113,8 +113,8 @@ class ChannelCore : public Channel {
   // Published by the engine (relaxed stores), read by stats().
   struct Published {
     std::atomic<uint64_t> tx_queued_bytes{0}, rx_queued_bytes{0}, rx_dropped_stale{0}, timeouts{0},
-        tail_probes{0}, ecn_echoes{0}, rx_ignored_acks{0}, send_window_bytes{0}, srtt_us{0},
-        retransmits{0};
+        spurious_timeouts{0}, tail_probes{0}, ecn_echoes{0}, rx_ignored_acks{0},
+        send_window_bytes{0}, srtt_us{0}, retransmits{0};
     std::atomic<uint32_t> cwnd_packets{0};
     std::atomic<uint64_t> tx_segments{0}, tx_bytes{0};
     std::atomic<int> engine{-1}, queue{-1};

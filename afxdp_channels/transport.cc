@@ -11,6 +11,7 @@ class NewReno final : public CongestionControl {
   NewReno(uint32_t initial, uint32_t max) : cwnd_(initial), max_(max) {}
   const char* name() const override { return "newreno"; }
   void OnAck(uint32_t acked, uint64_t, bool) override {
+    in_rto_ = false;
     if (cwnd_ < ssthresh_) {
       cwnd_ += acked;  // slow start
     } else {
@@ -28,9 +29,20 @@ class NewReno final : public CongestionControl {
     acc_ = 0;
   }
   void OnRto() override {
+    if (!in_rto_) {
+      in_rto_ = true;
+      before_rto_cwnd_ = cwnd_;
+      before_rto_ssthresh_ = ssthresh_;
+    }
     ssthresh_ = std::max(cwnd_ / 2, 2u);
     cwnd_ = 1;
     acc_ = 0;
+  }
+  void UndoRto() override {
+    if (!in_rto_) return;
+    in_rto_ = false;
+    cwnd_ = before_rto_cwnd_;
+    ssthresh_ = before_rto_ssthresh_;
   }
   uint32_t cwnd() const override { return cwnd_; }
   // DCTCP's proportional reduction; also ends slow start like a loss would.
@@ -45,6 +57,8 @@ class NewReno final : public CongestionControl {
   uint32_t max_;
   uint32_t ssthresh_ = UINT32_MAX;
   uint32_t acc_ = 0;
+  bool in_rto_ = false;  // OnRto since the last OnAck: what UndoRto restores is below
+  uint32_t before_rto_cwnd_ = 0, before_rto_ssthresh_ = 0;
 };
 
 class Dctcp final : public CongestionControl {
@@ -65,6 +79,7 @@ class Dctcp final : public CongestionControl {
   }
   void OnLoss() override { reno_.OnLoss(); }
   void OnRto() override { reno_.OnRto(); }
+  void UndoRto() override { reno_.UndoRto(); }
   void OnEce() override {}  // handled per window in OnAck
   bool wants_ecn() const override { return true; }
   uint32_t cwnd() const override { return reno_.cwnd(); }
@@ -191,13 +206,23 @@ void Transport::OnAck(const wire::ChanHeader& h, uint64_t now_us) {
     if (rtt < 60'000'000) UpdateRtt(rtt);
   }
   const uint32_t newly = ack - snd_una_;
+  // RACK's clock: the latest send time among the packets this ACK newly covers — except a
+  // retransmitted packet's when the ACK echoes an older timestamp (it acknowledges the original;
+  // RFC 8985), or a spurious timeout's retransmissions would mark everything sent before them lost.
+  auto rack_sent = [&](const TxSlot& slot) {
+    if (slot.sacked) return;
+    if (slot.retransmitted && h.ts_ecr != 0 &&
+        static_cast<int32_t>(h.ts_ecr - Ts(slot.xmit_us)) < 0)
+      return;
+    rack_xmit_us_ = std::max(rack_xmit_us_, slot.xmit_us);
+  };
   for (uint8_t i = 0; i < h.nsacks; ++i) {
     uint32_t start = h.sacks[i].start, end = h.sacks[i].end;
     if (Before(start, ack)) start = ack;
     if (Before(snd_nxt_, end)) end = snd_nxt_;  // never trust SACKs for unsent data
     for (uint32_t s = start; Before(s, end); ++s) {
       TxSlot& slot = tx(s);
-      if (!slot.sacked) rack_xmit_us_ = std::max(rack_xmit_us_, slot.xmit_us);
+      rack_sent(slot);
       MarkSacked(slot);
     }
     if (Before(start, end) && (!any_sacked_ || Before(highest_sacked_, end))) {
@@ -208,7 +233,7 @@ void Transport::OnAck(const wire::ChanHeader& h, uint64_t now_us) {
   if (newly) {
     for (uint32_t s = snd_una_; s != ack; ++s) {
       TxSlot& slot = tx(s);
-      if (!slot.sacked) rack_xmit_us_ = std::max(rack_xmit_us_, slot.xmit_us);
+      rack_sent(slot);
       if (slot.sacked) sacked_cnt_--;
       if (slot.lost) lost_cnt_--;
       in_flight_bytes_ -= Charge(slot.len);
@@ -217,6 +242,24 @@ void Transport::OnAck(const wire::ChanHeader& h, uint64_t now_us) {
       slot = TxSlot{};
     }
     snd_una_ = ack;
+    if (rto_episode_) {
+      rto_episode_ = false;
+      if (h.ts_ecr != 0 && static_cast<int32_t>(h.ts_ecr - rto_ts_) < 0) {
+        // Spurious: the packets were not lost, their ACKs were late (on a shared core, a peer
+        // engine descheduled for a few ms). Back to the window and RTO before the timeout, and
+        // what was not resent yet is not resent at all.
+        stats_.spurious_rtos++;
+        cc_->UndoRto();
+        rto_us_ = rto_before_us_;
+        for (uint32_t s = snd_una_; s != snd_nxt_; ++s) {
+          TxSlot& slot = tx(s);
+          if (slot.lost) {
+            slot.lost = false;
+            lost_cnt_--;
+          }
+        }
+      }
+    }
     dupacks_ = 0;
     tlp_outstanding_ = false;
     tlp_deadline_us_ = snd_una_ == snd_nxt_ ? UINT64_MAX : now_us + TlpTimeout();
@@ -420,6 +463,11 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
   size_t n = 0;
   if (snd_una_ != snd_nxt_ && now_us >= rto_deadline_us_) {
     stats_.rto_events++;
+    if (!rto_episode_) {
+      rto_episode_ = true;
+      rto_ts_ = Ts(now_us);  // what the retransmissions below carry
+      rto_before_us_ = rto_us_;
+    }
     for (uint32_t s = snd_una_; s != snd_nxt_; ++s) {
       tx(s).retransmitted = false;  // eligible again
       MarkLost(tx(s));

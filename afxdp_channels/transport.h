@@ -33,6 +33,9 @@ class CongestionControl {
   virtual void OnLoss() = 0;
   // Retransmission timeout.
   virtual void OnRto() = 0;
+  // The timeouts since the last OnAck were spurious (the data arrived, its ACKs were late):
+  // back to the window before the first of them.
+  virtual void UndoRto() = 0;
   // The peer echoed congestion marks; called at most once per window of data. Loss-based
   // algorithms treat it like a loss; DCTCP reacts in OnAck in proportion to the marks instead.
   virtual void OnEce() { OnLoss(); }
@@ -88,6 +91,7 @@ struct TransportStats {
   uint64_t data_sent = 0;    // DATA packets transmitted, first time
   uint64_t retransmits = 0;  // DATA packets transmitted again
   uint64_t rto_events = 0;
+  uint64_t spurious_rtos = 0;  // timeouts undone: a later ACK showed the data had arrived
   uint64_t fast_retransmits = 0;
   uint64_t rack_losses = 0;   // packets found lost by RACK's time rule
   uint64_t tail_probes = 0;   // tail-loss probes sent
@@ -236,6 +240,12 @@ class Transport {
   uint32_t highest_sacked_ = 0;
   bool any_sacked_ = false;
   uint64_t rto_deadline_us_ = UINT64_MAX;
+  // Eifel (RFC 3522): the timestamp our packets carried when the first timeout of an episode
+  // fired, and the RTO before its backoff. An ACK that then advances snd_una while echoing an
+  // older timestamp acknowledges an original transmission: the timeout was spurious.
+  bool rto_episode_ = false;
+  uint32_t rto_ts_ = 0;
+  uint64_t rto_before_us_ = 0;
   uint64_t srtt_us_ = 0, rttvar_us_ = 0, rto_us_;
   uint32_t sacked_cnt_ = 0;  // packets in [snd_una, snd_nxt) known received out of order
   uint32_t lost_cnt_ = 0;    // ... and known lost, awaiting retransmission

@@ -65,28 +65,34 @@ int main(int argc, char** argv) {
   t.deadline = absl::Seconds(timeout_s);
   auto r = netch::tools::RunTransfer(*(*a)->driver, *(*b)->driver, t);
   if (!r.ok()) return std::fprintf(stderr, "chanperf: %s\n", r.status().ToString().c_str()), 1;
-  uint64_t retx = 0, timeouts = 0;
-  for (const auto& c : r->channels) retx += c.tx_stats.retransmits, timeouts += c.tx_stats.timeouts;
+  uint64_t retx = 0, timeouts = 0, spurious = 0;
+  for (const auto& c : r->channels) {
+    retx += c.tx_stats.retransmits;
+    timeouts += c.tx_stats.timeouts;
+    spurious += c.tx_stats.spurious_timeouts;
+  }
   const auto sa = (*a)->driver->Stats(), sb = (*b)->driver->Stats();
   if (json) {
     std::printf(
         "{\"driver\":\"%s\",\"channels\":%u,\"bytes\":%llu,\"seconds\":%.4f,\"gbps\":%.3f,"
-        "\"mpps\":%.4f,\"segments\":%llu,\"retransmits\":%llu,\"timeouts\":%llu,\"intact\":%s,"
+        "\"mpps\":%.4f,\"segments\":%llu,\"retransmits\":%llu,\"timeouts\":%llu,\"spurious_"
+        "timeouts\":%llu,"
+        "\"intact\":%s,"
         "\"rx_xsk_dropped\":%llu,\"rx_fill_empty\":%llu,\"tx_udp\":%s,\"udp_packets\":%llu,"
         "\"udp_gso_trains\":%llu,\"rx_multi_buffer\":%llu}\n",
         driver.c_str(), channels, (unsigned long long)r->bytes, r->seconds, r->gbps(), r->mpps(),
         (unsigned long long)r->segments, (unsigned long long)retx, (unsigned long long)timeouts,
-        r->intact ? "true" : "false", (unsigned long long)sb.xsk_rx_dropped,
-        (unsigned long long)sb.fill_ring_empty, sa.tx_udp ? "true" : "false",
-        (unsigned long long)sa.udp_tx_packets, (unsigned long long)sa.udp_gso_trains,
-        (unsigned long long)sb.rx_multi_buffer);
+        (unsigned long long)spurious, r->intact ? "true" : "false",
+        (unsigned long long)sb.xsk_rx_dropped, (unsigned long long)sb.fill_ring_empty,
+        sa.tx_udp ? "true" : "false", (unsigned long long)sa.udp_tx_packets,
+        (unsigned long long)sa.udp_gso_trains, (unsigned long long)sb.rx_multi_buffer);
   } else {
     std::printf(
         "%s, %u channel(s): %llu bytes in %.3f s = %.2f Gbit/s, %.3f Mpps; %s; "
-        "retransmits %llu (timeouts %llu)\n",
+        "retransmits %llu (timeouts %llu, %llu of them spurious and undone)\n",
         driver.c_str(), channels, (unsigned long long)r->bytes, r->seconds, r->gbps(), r->mpps(),
         r->intact ? "every byte intact" : "INTEGRITY FAILURE", (unsigned long long)retx,
-        (unsigned long long)timeouts);
+        (unsigned long long)timeouts, (unsigned long long)spurious);
     std::printf(
         "  A: rx frames %llu malformed %llu unknown %llu tx-ring-full %llu | B: rx frames "
         "%llu xsk rx_dropped %llu rx_ring_full %llu fill-empty %llu engine wakeups",

@@ -174,7 +174,8 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
                      {"cwnd_packets", st.cwnd_packets},
                      {"srtt_us", st.srtt_us},
                      {"retransmits", st.retransmits},
-                     {"timeouts", st.timeouts}});
+                     {"timeouts", st.timeouts},
+                     {"spurious_timeouts", st.spurious_timeouts}});
     }
     return Ok(out);
   }

@@ -157,6 +157,9 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
               static_cast<double>(s.retransmits), l);
     b.Counter("netch_channel_timeouts_total", "Retransmission timeouts.",
               static_cast<double>(s.timeouts), l);
+    b.Counter("netch_channel_spurious_timeouts_total",
+              "Retransmission timeouts undone: the data had arrived, its ACKs were late.",
+              static_cast<double>(s.spurious_timeouts), l);
     b.Counter("netch_channel_tail_probes_total", "Tail-loss probes (last packet resent).",
               static_cast<double>(s.tail_probes), l);
     b.Counter("netch_channel_ecn_echoes_total", "ACKs from the peer echoing CE marks (ECE).",

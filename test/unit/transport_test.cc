@@ -370,6 +370,52 @@ TEST(TransportTest, SpoofedAndStaleAcksAreIgnored) {
   EXPECT_EQ(sim.ta_->state(), TransportState::kUp);
 }
 
+// A timeout whose packets had arrived (their ACKs were only late: a peer engine descheduled on a
+// shared core) is undone when an ACK echoing an original transmission's timestamp advances
+// snd_una: the window comes back and the rest of the flight is not resent. An ACK echoing the
+// retransmission leaves the timeout standing.
+TEST(TransportTest, ALateAckUndoesASpuriousTimeout) {
+  for (const bool spurious : {true, false}) {
+    SCOPED_TRACE(spurious ? "ACK echoes the original" : "ACK echoes the retransmission");
+    Sim sim({}, 17);
+    sim.Transfer(2 << 20, kMss, 10'000'000);  // an RTT estimate and a grown window
+    for (int i = 0; i < 8; ++i) sim.ta_->Send(sim.sa_.Put(std::string(kMss, 'x')), kMss);
+    std::vector<TxPacket> out(64);
+    ASSERT_EQ(sim.ta_->Poll(sim.now_, out), 8u);  // 8 originals, held back (never delivered)
+    const std::vector<TxPacket> originals(out.begin(), out.begin() + 8);
+    const uint32_t cwnd = sim.ta_->cwnd();
+    const uint64_t rto = sim.ta_->rto_us();
+    ASSERT_GT(cwnd, 8u);
+    sim.now_ += rto + 1;
+    const size_t n = sim.ta_->Poll(sim.now_, out);  // the timeout: cwnd 1, one retransmission
+    ASSERT_EQ(sim.ta_->stats().rto_events, 1u);
+    ASSERT_EQ(n, 1u);
+    ASSERT_EQ(out[0].hdr.seq, originals[0].hdr.seq);
+    EXPECT_EQ(sim.ta_->cwnd(), 1u);
+    const uint64_t resent = sim.ta_->stats().retransmits;
+    // B got the originals after all and acknowledges the first four.
+    wire::ChanHeader ack;
+    ack.type = NC_CT_ACK;
+    ack.ack = originals[4].hdr.seq;
+    ack.wnd = 1 << 20;
+    ack.ts_val = 1;
+    ack.ts_ecr = spurious ? originals[3].hdr.ts_val : out[0].hdr.ts_val;
+    sim.now_ += 10;
+    sim.ta_->OnPacket(ack, 0, 0, sim.now_);
+    sim.ta_->Poll(sim.now_, out);
+    if (spurious) {
+      EXPECT_EQ(sim.ta_->stats().spurious_rtos, 1u);
+      EXPECT_GE(sim.ta_->cwnd(), cwnd) << "the window before the timeout, then the ACK's growth";
+      EXPECT_EQ(sim.ta_->rto_us(), rto) << "no backoff left behind";
+      EXPECT_EQ(sim.ta_->stats().retransmits, resent) << "the other four are not resent";
+    } else {
+      EXPECT_EQ(sim.ta_->stats().spurious_rtos, 0u);
+      EXPECT_LT(sim.ta_->cwnd(), cwnd);
+      EXPECT_GT(sim.ta_->stats().retransmits, resent) << "the rest of the flight is repaired";
+    }
+  }
+}
+
 TEST(TransportTest, SendRingFullRefusesAndKeepsBuffer) {
   TransportConfig cfg;
   cfg.window_packets = 8;
