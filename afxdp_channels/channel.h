@@ -146,6 +146,10 @@ class Channel {
   virtual ChannelStats stats() const = 0;
   // stats().tx_queued_bytes, in one load: what a scheduler reads per batch.
   virtual uint64_t tx_queued_bytes() const { return stats().tx_queued_bytes; }
+  // Nothing left to transmit or to be acknowledged: no segment queued for the engine, none held
+  // open for coalescing, none unacknowledged (tx_queued_bytes counts only what the transport
+  // took). What a process about to exit waits for (a FIN queued behind data counts too).
+  virtual bool tx_idle() const { return tx_queued_bytes() == 0; }
   // The consumer holds more than half of the channel's receive buffer: a consumer that keeps
   // buffers for long (a slow socket) should copy what it holds and release the buffers, or the
   // channel's window closes for everyone who shares it. One relaxed load: fine per segment.

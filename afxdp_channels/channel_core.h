@@ -44,6 +44,9 @@ class ChannelCore : public Channel {
   uint64_t tx_queued_bytes() const override {
     return pub_.tx_queued_bytes.load(std::memory_order_relaxed);
   }
+  bool tx_idle() const override {
+    return txq_.EmptyApprox() && !has_open() && tx_queued_bytes() == 0;
+  }
   bool writable() const override { return SideReady(1); }
   uint64_t rx_outstanding() const override {
     return outstanding_.load(std::memory_order_acquire) + rxq_.SizeApprox();

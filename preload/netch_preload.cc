@@ -238,16 +238,20 @@ void AtExit() {
     if (!(Kind(fd) & kVirtual)) continue;
     if (auto e = g_slot[fd].load(); e && !e->listening) (void)e->vs->Shutdown();
   }
+  // Everything sent must be acknowledged before the stack dies with the process: data and FINs
+  // still queued for an engine or held for coalescing, unacknowledged segments, control
+  // segments waiting for room (counting only what the transport had taken let a FIN queued
+  // behind the last data die here: the peer saw its channel fail instead of an end of stream).
+  // Seen idle twice, a millisecond apart: a segment moving from a queue into the transport is
+  // published at the end of that engine round.
   const Config* c = Cfg();
   const int linger_ms = c ? c->linger_ms : 0;
-  for (int waited = 0; waited < linger_ms; ++waited) {
-    uint64_t queued = 0;
-    for (const auto& ch : g->stack->driver().Channels()) {
-      const auto st = ch->state();
-      if (st == netch::chan::ChannelState::kUp) queued += ch->stats().tx_queued_bytes;
-    }
-    if (queued == 0) break;
-    usleep(1000);
+  for (int waited = 0, idle = 0; waited < linger_ms && idle < 2; ++waited) {
+    bool quiet = g->stack->Stats().ctl_backlog == 0;
+    for (const auto& ch : g->stack->driver().Channels())
+      if (ch->state() == netch::chan::ChannelState::kUp && !ch->tx_idle()) quiet = false;
+    idle = quiet ? idle + 1 : 0;
+    if (idle < 2) usleep(1000);
   }
   if (c && c->verbose) {
     const auto ss = g->stack->Stats();
@@ -477,7 +481,13 @@ bool AnyVirtual(int nfds, fd_set* r, fd_set* w, fd_set* x) {
 }
 
 // ---- data ---------------------------------------------------------------------------------
-ssize_t StatusErr(const absl::Status& st) { return Fail(netch::vns::Errno(st)); }
+ssize_t StatusErr(const absl::Status& st) {
+  const int err = netch::vns::Errno(st);
+  // -v: why a call failed (the errno alone does not say which of several causes it was).
+  if (const Config* c = Cfg(); c && c->verbose && err != EAGAIN && err != EINPROGRESS)
+    Log("%s", std::string(st.message()).c_str());
+  return Fail(err);
+}
 
 ssize_t VRecv(Entry& e, void* buf, size_t len, int flags) {
   if (e.listening) return Fail(ENOTCONN);

@@ -373,6 +373,7 @@ bool StackImpl::DispatchRound() {
       cs.lane->Disown();
     }
   }
+  ctl_backlog_len_.store(ctl_backlog_.size(), std::memory_order_relaxed);
   return worked;
 }
 

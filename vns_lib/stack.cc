@@ -161,6 +161,7 @@ StackStats StackImpl::Stats() const {
   s.channels_scaled_up = scale_ups_.load();
   s.channels_drained = scale_downs_.load();
   s.window_updates = window_updates_.load();
+  s.ctl_backlog = ctl_backlog_len_.load(std::memory_order_relaxed);
   return s;
 }
 

@@ -173,7 +173,8 @@ class StackImpl final : public Stack {
   };
   void QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
                     uint8_t type, uint64_t seq = 0);
-  std::deque<CtlMsg> ctl_backlog_;  // dispatch_mu_
+  std::deque<CtlMsg> ctl_backlog_;            // dispatch_mu_
+  std::atomic<uint64_t> ctl_backlog_len_{0};  // its size after the last round, for Stats()
   void ExpireConnects();  // dispatcher: non-blocking connects past their deadline time out
   void CheckWatched();    // dispatcher: write-watched sockets whose channels have room
   bool SealRequested();   // dispatcher: seals channels being scaled down (NC_DRAIN)

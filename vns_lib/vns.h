@@ -121,6 +121,7 @@ struct StackStats {
   uint64_t rx_pressure_copies = 0;  // segments copied out of a channel whose buffers sockets held
   uint64_t channels_scaled_up = 0;  // channels opened by SetPeerChannels
   uint64_t channels_drained = 0;    // channels drained and destroyed by scale-down
+  uint64_t ctl_backlog = 0;  // control segments (RST, WND, ...) waiting for room on a channel
 };
 
 // What the control plane sees of a socket.

@@ -113,6 +113,21 @@ TEST(ChannelCoreTest, EnqueueCopiesHeaderAndPayloadAndDequeueReturnsThemInOrder)
   EXPECT_EQ(ch.stats().rx_bytes, 1100u);
 }
 
+// What a process about to exit waits for: a segment queued for the engine (a FIN behind the
+// last data) keeps the channel busy although the transport has nothing unacknowledged yet.
+TEST(ChannelCoreTest, ASegmentQueuedForTheEngineKeepsTheChannelFromTxIdle) {
+  FakeChannel ch(16);
+  ch.GiveBuffers(4);
+  EXPECT_TRUE(ch.tx_idle());
+  const std::vector<uint8_t> fin;
+  const TxSegment s = Seg(0, fin);
+  ASSERT_EQ(*ch.Enqueue({&s, 1}), 1u);
+  EXPECT_EQ(ch.tx_queued_bytes(), 0u) << "the transport has not taken it";
+  EXPECT_FALSE(ch.tx_idle());
+  EXPECT_EQ(ch.Loop(), 1u);  // the engine takes it
+  EXPECT_TRUE(ch.tx_idle());
+}
+
 TEST(ChannelCoreTest, OversizedPayloadIsRejectedAndNothingIsQueued) {
   FakeChannel ch(16);
   ch.GiveBuffers(16);
