@@ -429,16 +429,17 @@ TEST(VnsScalingTest, ChannelsFollowTheLoadWithinASecond) {
       got += *n;
     }
   });
-  const uint64_t start = chan::NowUs();
-  while (live() < 2 && chan::NowUs() - start < 3'000'000)
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-  const double grew_s = (chan::NowUs() - start) / 1e6;
-  EXPECT_GE(live(), 2u);
   // The control loop reacts in about 0.3 s here (hold 200 ms, 100 ms ticks, a channel
   // handshake). How fast is a benchmark's question (bench/run-scaling); this bound only says it
   // reacts at all, with room for a loaded CI machine and sanitizers (a 1 s bound failed once at
-  // 1.09 s with two tests at once on two cores).
-  EXPECT_LT(grew_s, kSanitized ? 6.0 : 3.0) << "scaling up took " << grew_s << " s";
+  // 1.09 s with two tests at once on two cores; under TSan beside the hundred-cycles test the
+  // wait gave up at 3 s while the bound it checked was 6).
+  const double bound_s = kSanitized ? 10.0 : 3.0;
+  const uint64_t start = chan::NowUs();
+  while (live() < 2 && chan::NowUs() - start < bound_s * 1e6)
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  const double grew_s = (chan::NowUs() - start) / 1e6;
+  EXPECT_GE(live(), 2u) << "scaling up took longer than " << bound_s << " s";
   std::printf("scaling up took %.3f s\n", grew_s);
   std::this_thread::sleep_for(std::chrono::milliseconds(500));
   stop = true;
