@@ -99,6 +99,7 @@ struct TxSegment {
   bool coalesce = false;
 };
 inline constexpr uint64_t kCorkHoldUs = 200;
+inline constexpr uint64_t kCorkIdleUs = 20;
 
 // Busy polling on a machine with fewer cores than busy threads (both test hosts share two here).
 // A poller that has found nothing for kPollYieldAfterUs yields between its rounds: another
@@ -126,7 +127,6 @@ class PollYielder {
 // Recv that returned data to an application that then did not call again), and sets how often
 // the stood-down threads wake — each wakeup pre-empts a spinner on a shared core.
 inline constexpr uint64_t kStandDownRecheckUs = 2000;
-inline constexpr uint64_t kCorkIdleUs = 20;
 
 // One received segment. `payload` points into a stack buffer owned by the caller until Release().
 struct RxSegment {

@@ -288,8 +288,8 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
   // socket: it belongs to an event loop, which polls the stack when it comes back to wait
   // (Stack::PollInline; the preload's epoll_wait), so what the loop wrote in one pass leaves in
   // one round and one sendmmsg instead of a round per write (Redis under netchrun
-  // --busy-poll-us, -P 1: 0.56–0.73× → 0.66–1.17× kernel TCP's requests/s). An engine stood down
-  // for a loop that does not come back takes over chan::kStandDownRecheckUs after its lease.
+  // --busy-poll-us, docs/BENCHMARKS.md). An engine stood down for a loop that does not come back
+  // takes over chan::kStandDownRecheckUs after its lease.
   RefreshPolicy(&policy_version_, &policy_);
   send_busy_us_ = BusyPollBudget(*policy_);
   struct PollAfter {
