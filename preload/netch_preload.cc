@@ -319,6 +319,12 @@ bool Untag(uint64_t u, int* fd, int* dir) {
   return true;
 }
 
+// Takes a registration's eventfds out of the real epoll set.
+void DropReal(int epfd, const Entry& e, const EpollReg& reg) {
+  if (reg.present[0]) REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->fd(), nullptr);
+  if (reg.present[1]) REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->write_fd(), nullptr);
+}
+
 // g_mu held. Removes fd's eventfds from one epoll set.
 void EpollUnregisterLocked(int epfd, int fd, Entry& e) {
   EpollReg reg;
@@ -329,8 +335,7 @@ void EpollUnregisterLocked(int epfd, int fd, Entry& e) {
       set->regs.erase(it);
     }
   }
-  if (reg.present[0]) REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->fd(), nullptr);
-  if (reg.present[1]) REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->write_fd(), nullptr);
+  DropReal(epfd, e, reg);
 }
 
 // Brings one of a socket's eventfds in the real set to `want` (0: disabled) with as few calls
@@ -1148,9 +1153,7 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
                                &reg.present[1], &reg.kev[1]) < 0;
   if (failed && !have) {  // a failed ADD leaves nothing behind
     const int err = errno;
-    for (int d : {0, 1})
-      if (reg.present[d])
-        REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, d ? e->vs->write_fd() : e->vs->fd(), nullptr);
+    DropReal(epfd, *e, reg);
     return Fail(err);
   }
   if (!failed) {
