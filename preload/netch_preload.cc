@@ -81,7 +81,8 @@ int Fail(int err) {
 
 // ---- per-fd state ---------------------------------------------------------------------------
 constexpr int kMaxFd = 1 << 16;  // fds above this stay on the kernel (logged once)
-enum : uint8_t { kVirtual = 1, kCandidate = 2, kEpoll = 4 };
+// kEpoll: an epoll set holding virtual sockets (g_ep); kEpollFd: any epoll fd the program made.
+enum : uint8_t { kVirtual = 1, kCandidate = 2, kEpoll = 4, kEpollFd = 8 };
 
 struct Entry {
   std::unique_ptr<VirtualSocket> vs;
@@ -111,16 +112,35 @@ struct EpollReg {
   // cheaper than a DEL and an ADD).
   bool present[2] = {false, false};
   uint32_t kev[2] = {0, 0};
+  // Set while the registration holds a wait on the socket (VirtualSocket::BeginWait), which keeps
+  // its eventfds in step with its state: edge-triggered and one-shot registrations always (the
+  // kernel sees their edges), level-triggered ones while a thread sleeps on the set or the set
+  // is eager (EpollSet).
+  std::shared_ptr<Entry> armed;
 };
 
 std::atomic<uint8_t> g_kind[kMaxFd];
 std::atomic<std::shared_ptr<Entry>> g_slot[kMaxFd];
 // An epoll set holding virtual sockets: their registrations, under a lock of its own (the
 // thread waiting on the set takes it once per wakeup; no lock shared between epoll sets).
+//
+// Level-triggered readiness is read from the sockets themselves (`level`, scanned by each
+// epoll_wait) while the set's waiters are awake: an event loop that never sleeps then costs no
+// eventfd write or read per request. A thread about to sleep arms every socket of the set
+// (their eventfds follow their state until it wakes). A set is eager — every registration armed
+// for good, readiness only through the eventfds, as the kernel would see it — once it is waited
+// on from outside (inside another epoll set, or in poll/select) or holds more sockets than a scan
+// should visit.
 struct EpollSet {
   std::mutex mu;
   absl::flat_hash_map<int, EpollReg> regs;  // virtual fd -> what the program registered
+  std::vector<int> level;                   // fds of level-triggered registrations
+  size_t cursor = 0;                        // where the next scan starts (fairness)
+  int sleepers = 0;                         // threads asleep in epoll_wait on this set
+  bool eager = false;
+  ~EpollSet();
 };
+constexpr size_t kScanLimit = 256;  // level-triggered sockets a lazy set scans per epoll_wait
 
 std::mutex g_mu;  // g_cands, creating g_ep entries, Entry::epolls (then EpollSet::mu)
 absl::flat_hash_map<int, Candidate>* g_cands = new absl::flat_hash_map<int, Candidate>();
@@ -142,6 +162,12 @@ std::shared_ptr<Entry> Virt(int fd) {
 Entry::~Entry() {
   if (vs && !g_child.load()) (void)vs->Close();
   if (g_child.load()) (void)vs.release();  // the parent's: never touched here
+}
+
+EpollSet::~EpollSet() {
+  if (g_child.load()) return;
+  for (auto& [fd, reg] : regs)
+    if (reg.armed) reg.armed->vs->EndWait();
 }
 
 // ---- configuration and the stack ---------------------------------------------------------
@@ -277,6 +303,7 @@ bool Install(int fd, std::shared_ptr<Entry> e) {
     }
     REAL(close)(ph);
   }
+  e->vs->SetLazyReadiness();  // every wait on it goes through this library (PollImpl, epoll)
   g_slot[fd].store(std::move(e), std::memory_order_release);
   g_kind[fd].store(kVirtual, std::memory_order_release);
   return true;
@@ -325,16 +352,104 @@ void DropReal(int epfd, const Entry& e, const EpollReg& reg) {
   if (reg.present[1]) REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e.vs->write_fd(), nullptr);
 }
 
+// ---- lazy epoll sets (EpollSet), each with set->mu held -------------------------------------
+short VRevents(Entry& e, short events);
+bool IsLevel(const EpollReg& r) { return !(r.events & (EPOLLET | EPOLLONESHOT)); }
+
+void Arm(EpollReg& r, bool on, int fd) {
+  if (on && !r.armed) {
+    if (auto e = Virt(fd)) {
+      e->vs->BeginWait();
+      r.armed = std::move(e);
+    }
+  } else if (!on && r.armed) {
+    r.armed->vs->EndWait();
+    r.armed.reset();
+  }
+}
+
+void MakeEager(EpollSet& s) {
+  if (s.eager) return;
+  s.eager = true;
+  for (auto& [fd, reg] : s.regs) Arm(reg, true, fd);
+}
+
+// An epoll fd waited on from outside (poll, select, another epoll set) sees virtual sockets
+// only through their eventfds: its set turns eager, now or when it gets its first socket.
+void EpollWaitedFromOutside(int epfd) {
+  if (epfd < 0 || epfd >= kMaxFd || g_child.load()) return;
+  std::lock_guard l(g_mu);
+  auto set = g_ep[epfd].load();
+  if (!set) {
+    set = std::make_shared<EpollSet>();
+    g_ep[epfd].store(set);
+    g_kind[epfd].fetch_or(kEpoll, std::memory_order_release);
+  }
+  std::lock_guard sl(set->mu);
+  MakeEager(*set);
+}
+
+// The ready level-triggered sockets of a lazy set, read from their state, into out[0..max).
+int ScanLevel(EpollSet& s, epoll_event* out, int max) {
+  int n = 0;
+  const size_t len = s.level.size();
+  if (len == 0) return 0;
+  s.cursor %= len;
+  for (size_t i = 0; i < len && n < max; ++i) {
+    const int fd = s.level[(s.cursor + i) % len];
+    auto it = s.regs.find(fd);
+    if (it == s.regs.end()) continue;
+    auto e = Virt(fd);
+    if (!e) continue;
+    const uint32_t r =
+        static_cast<uint16_t>(VRevents(*e, static_cast<short>(it->second.events & 0xffff)));
+    if (r != 0) out[n++] = epoll_event{r, it->second.data};
+  }
+  ++s.cursor;  // a set with more ready sockets than `max` serves them all in turn
+  return n;
+}
+
+// Threads asleep in the kernel's epoll_wait on an epoll fd that was not ours when they went
+// (no virtual socket in it yet): a socket added meanwhile is armed for them (Settle).
+std::atomic<int32_t> g_outside_sleepers[kMaxFd];
+
+// A thread will sleep on the set (+1) or woke (-1): the level-triggered sockets are armed
+// while anyone sleeps.
+void Sleepers(EpollSet& s, int epfd, int delta) {
+  s.sleepers += delta;
+  const bool first = delta > 0 && s.sleepers == 1, last = delta < 0 && s.sleepers == 0;
+  if (s.eager || !(first || last)) return;
+  if (last && g_outside_sleepers[epfd].load(std::memory_order_seq_cst) > 0) return;
+  for (int fd : s.level)
+    if (auto it = s.regs.find(fd); it != s.regs.end()) Arm(it->second, first, fd);
+}
+
+// After a change to fd's registration in epfd's set: its place in `level` and its wait. (The
+// set is marked kEpoll before: a thread about to sleep outside it either sees the mark or is
+// counted in g_outside_sleepers here.)
+void Settle(EpollSet& s, int epfd, int fd, EpollReg& r) {
+  const auto at = std::find(s.level.begin(), s.level.end(), fd);
+  if (IsLevel(r) && at == s.level.end()) s.level.push_back(fd);
+  if (!IsLevel(r) && at != s.level.end()) s.level.erase(at);
+  Arm(r,
+      !IsLevel(r) || s.eager || s.sleepers > 0 ||
+          g_outside_sleepers[epfd].load(std::memory_order_seq_cst) > 0,
+      fd);
+  if (s.level.size() > kScanLimit) MakeEager(s);
+}
+
 // g_mu held. Removes fd's eventfds from one epoll set.
 void EpollUnregisterLocked(int epfd, int fd, Entry& e) {
   EpollReg reg;
   if (auto set = g_ep[epfd].load()) {
     std::lock_guard l(set->mu);
     if (auto it = set->regs.find(fd); it != set->regs.end()) {
-      reg = it->second;
+      reg = std::move(it->second);
       set->regs.erase(it);
+      std::erase(set->level, fd);
     }
   }
+  if (reg.armed) reg.armed->vs->EndWait();
   DropReal(epfd, e, reg);
 }
 
@@ -362,10 +477,9 @@ void Forget(int fd) {
   std::lock_guard l(g_mu);
   if (k & kCandidate) g_cands->erase(fd);
   if (k & kEpoll) g_ep[fd].store(nullptr);
-  if (e && !g_child.load()) {
+  // (e->epolls stays: another fd number duplicated from this one may still be registered.)
+  if (e && !g_child.load())
     for (int epfd : e->epolls) EpollUnregisterLocked(epfd, fd, *e);
-    e->epolls.clear();
-  }
   if (e && g_child.load()) new std::shared_ptr<Entry>(std::move(e));  // the parent's: leak
 }
 
@@ -388,7 +502,11 @@ int64_t NowNs() {
 // side for POLLIN, write side for POLLOUT); what it reports comes from the socket itself.
 int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
   bool any = false;
-  for (nfds_t i = 0; i < n && !any; ++i) any = Kind(fds[i].fd) & kVirtual;
+  for (nfds_t i = 0; i < n; ++i) {
+    const uint8_t k = Kind(fds[i].fd);
+    any |= k & kVirtual;
+    if (k & kEpollFd) EpollWaitedFromOutside(fds[i].fd);
+  }
   if (!any) return REAL(ppoll)(fds, n, tmo, mask);
   if (g_child.load()) {
     for (nfds_t i = 0; i < n; ++i)
@@ -401,11 +519,16 @@ int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
   // The references go when poll returns: a socket the program closes next must close then, not
   // at this thread's next poll.
   struct Release {
-    ~Release() { ents.clear(); }
+    ~Release() {
+      for (auto& e : ents)
+        if (e) e->vs->EndWait();
+      ents.clear();
+    }
   } release;
   for (nfds_t i = 0; i < n; ++i) {
     if (!g_child.load() && (ents[i] = Virt(fds[i].fd))) {
       const Entry& e = *ents[i];
+      e.vs->BeginWait();  // its eventfds follow it until we return; looked at before sleeping
       if (fds[i].events & (POLLIN | POLLRDNORM | POLLRDHUP | POLLPRI))
         k.push_back({e.vs->fd(), POLLIN, 0});
       if (fds[i].events & (POLLOUT | POLLWRNORM)) k.push_back({e.vs->write_fd(), POLLIN, 0});
@@ -1114,9 +1237,24 @@ int pselect(int nfds, fd_set* r, fd_set* w, fd_set* x, const timespec* tmo, cons
   return SelectImpl(nfds, r, w, x, tmo, mask);
 }
 
+// Epoll fds are marked so that one waited on from outside (PollImpl, a nested set) is found.
+int epoll_create1(int flags) noexcept {
+  const int fd = REAL(epoll_create1)(flags);
+  if (fd >= 0 && fd < kMaxFd) g_kind[fd].fetch_or(kEpollFd, std::memory_order_release);
+  return fd;
+}
+
+int epoll_create(int size) noexcept {
+  if (size <= 0) return Fail(EINVAL);
+  return epoll_create1(0);
+}
+
 int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
   auto e = Virt(fd);
-  if (!e) return REAL(epoll_ctl)(epfd, op, fd, ev);
+  if (!e) {
+    if (op == EPOLL_CTL_ADD && (Kind(fd) & kEpollFd)) EpollWaitedFromOutside(fd);  // nested
+    return REAL(epoll_ctl)(epfd, op, fd, ev);
+  }
   if (g_child.load()) return Fail(EBADF);
   if (epfd < 0 || epfd >= kMaxFd) return Fail(EINVAL);
   std::lock_guard l(g_mu);
@@ -1162,17 +1300,30 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
   }
   {
     std::lock_guard sl(set->mu);
-    set->regs[fd] = reg;  // (after a failed MOD: the old registration, as far as it is left)
+    g_kind[epfd].fetch_or(kEpoll, std::memory_order_seq_cst);
+    EpollReg& r = set->regs[fd] = reg;  // (after a failed MOD: the old one, as far as it is left)
+    Settle(*set, epfd, fd, r);
   }
   if (failed) return -1;
   if (std::find(e->epolls.begin(), e->epolls.end(), epfd) == e->epolls.end())
     e->epolls.push_back(epfd);
-  g_kind[epfd].fetch_or(kEpoll, std::memory_order_release);
   return 0;
 }
 
 int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t* mask) {
-  if (!(Kind(epfd) & kEpoll)) return REAL(epoll_pwait)(epfd, out, max, timeout, mask);
+  if (const uint8_t k = Kind(epfd); !(k & kEpoll)) {
+    if (timeout == 0 || !(k & kEpollFd)) return REAL(epoll_pwait)(epfd, out, max, timeout, mask);
+    // Counted, then checked again: a virtual socket registered from now on is armed for us.
+    g_outside_sleepers[epfd].fetch_add(1, std::memory_order_seq_cst);
+    if (!(Kind(epfd) & kEpoll)) {
+      const int rc = REAL(epoll_pwait)(epfd, out, max, timeout, mask);
+      const int err = errno;
+      g_outside_sleepers[epfd].fetch_sub(1, std::memory_order_relaxed);
+      errno = err;
+      return rc;
+    }
+    g_outside_sleepers[epfd].fetch_sub(1, std::memory_order_relaxed);
+  }
   if (max <= 0) return Fail(EINVAL);
   thread_local std::vector<epoll_event> buf;
   thread_local std::vector<std::pair<int, int>> seen;  // (virtual fd, index in out)
@@ -1204,30 +1355,44 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
         busy_stack = nullptr;
       }
     }
-    const int rc = REAL(epoll_pwait)(epfd, buf.data(), max, left, mask);
-    if (rc == 0 && spinning) {
-      thread_local netch::chan::PollYielder yielder;  // a spinner sharing this core may run
-      const int64_t now = NowNs();
-      yielder.MaybeYield(static_cast<uint64_t>(now / 1000),
-                         static_cast<uint64_t>((now - busy_start) / 1000));
-      continue;
-    }
-    if (rc <= 0) return rc;
-    int n = 0;
-    seen.clear();
     const auto set = g_ep[epfd].load();
-    if (!set) return Fail(EBADF);
+    if (!set) return REAL(epoll_pwait)(epfd, out, max, timeout, mask);  // closed meanwhile
+    // A lazy set's level-triggered sockets first, from their own state (EpollSet); a thread
+    // that finds none and will sleep arms them and looks once more before it does.
+    int n = 0;
+    bool slept = false;
+    {
+      std::lock_guard l(set->mu);
+      if (!set->eager) n = ScanLevel(*set, out, max);
+      if (n == 0 && left != 0) {
+        Sleepers(*set, epfd, +1);
+        if (!set->eager) n = ScanLevel(*set, out, max);
+        if (n > 0)
+          Sleepers(*set, epfd, -1);
+        else
+          slept = true;
+      }
+    }
+    int rc = 0;
+    if (n < max) rc = REAL(epoll_pwait)(epfd, buf.data(), max - n, n > 0 ? 0 : left, mask);
     std::lock_guard l(set->mu);
-    for (int i = 0; i < rc; ++i) {
+    if (slept) {
+      Sleepers(*set, epfd, -1);
+      n = ScanLevel(*set, out, max);
+    }
+    if (rc < 0 && n == 0) return -1;
+    seen.clear();
+    for (int i = 0; i < rc && n < max; ++i) {
       int fd, dir;
       if (!Untag(buf[i].data.u64, &fd, &dir)) {
         out[n++] = buf[i];
         continue;
       }
+      auto reg = set->regs.find(fd);
+      if (reg == set->regs.end()) continue;               // stale: unregistered meanwhile
+      if (!set->eager && IsLevel(reg->second)) continue;  // the scan speaks for it
       auto e = Virt(fd);
       if (!e) continue;
-      auto reg = set->regs.find(fd);
-      if (reg == set->regs.end()) continue;  // stale: unregistered meanwhile
       const uint32_t r =
           static_cast<uint16_t>(VRevents(*e, static_cast<short>(reg->second.events & 0xffff)));
       if (r == 0) continue;
@@ -1241,7 +1406,13 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
       seen.emplace_back(fd, n);
       out[n++] = epoll_event{r, reg->second.data};
     }
-    if (n > 0 || (deadline >= 0 && NowNs() >= deadline)) return n;
+    if (n > 0 || (rc == 0 && !spinning) || (deadline >= 0 && NowNs() >= deadline)) return n;
+    if (spinning) {
+      thread_local netch::chan::PollYielder yielder;  // a spinner sharing this core may run
+      const int64_t now = NowNs();
+      yielder.MaybeYield(static_cast<uint64_t>(now / 1000),
+                         static_cast<uint64_t>((now - busy_start) / 1000));
+    }
   }
 }
 

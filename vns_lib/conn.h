@@ -49,15 +49,26 @@ struct Conn {
   }
   ~Conn();
 
-  // Readiness: the eventfd is written when something arrives and cleared when the socket has
-  // consumed everything; one syscall per transition, not per segment.
-  void Signal() { Raise(efd, signaled); }
-  void Unsignal() { Lower(efd, signaled); }
+  // Readiness: `signaled` is set when something arrives and cleared when the socket has
+  // consumed everything; the eventfd follows it while anyone may sleep on it (`waiters` > 0), at
+  // one syscall per transition, not per segment.
+  void Signal() { Raise(efd, signaled, efd_up); }
+  void Unsignal() { Lower(efd, signaled, efd_up); }
   // Write readiness, the same way: wefd is readable while Send would not block. Set when the
   // connection is established, when the peer's window moves, on any error, and by the
   // dispatcher when a full channel gets room; cleared by a non-blocking Send that was cut short.
-  void SignalWritable() { Raise(wefd, wsignaled); }
-  void UnsignalWritable() { Lower(wefd, wsignaled); }
+  void SignalWritable() { Raise(wefd, wsignaled, wefd_up); }
+  void UnsignalWritable() { Lower(wefd, wsignaled, wefd_up); }
+  // A thread may sleep on the eventfds from now until EndWait (VirtualSocket::BeginWait):
+  // announced first, then the eventfds are brought up to date with the flags; a raise that comes
+  // later sees the waiter (the seq_cst pair: our increment then flag load, a raiser's flag store
+  // then `waiters` load). The caller looks at the flags before it sleeps.
+  void BeginWait() {
+    waiters.fetch_add(1, std::memory_order_seq_cst);
+    Sync(efd, signaled, efd_up);
+    Sync(wefd, wsignaled, wefd_up);
+  }
+  void EndWait() { waiters.fetch_sub(1, std::memory_order_relaxed); }
 
   const ConnKey key;
   uint64_t id = 0;  // control-plane id, unique per stack
@@ -70,7 +81,12 @@ struct Conn {
   const size_t rcvbuf;
   Peer* peer = nullptr;
   int efd = -1, wefd = -1;
-  std::atomic<bool> signaled{false}, wsignaled{false};
+  std::atomic<bool> signaled{false}, wsignaled{false};  // readiness (Poll() reads these)
+  // Whether each eventfd's counter is non-zero (changed under sig_mu; up implies the flag set).
+  std::atomic<bool> efd_up{false}, wefd_up{false};
+  // Threads that may sleep on the eventfds. 1 for good on an eager socket (the default: anyone
+  // may poll fd() at any time); a lazy one (SetLazyReadiness) counts announced waits only.
+  std::atomic<int> waiters{1};
   uint64_t connect_deadline_us = 0;  // non-blocking connects: when the dispatcher gives up
   std::atomic<ConnState> state{ConnState::kConnecting};
   std::atomic<uint64_t> fin_seq{UINT64_MAX};  // stream length announced by the peer's FIN
@@ -147,31 +163,49 @@ struct Conn {
   std::deque<std::shared_ptr<Conn>> accept_q;
 
  private:
-  // An eventfd readable exactly while `flag` is set: the flag decides, the fd follows it. The
-  // flag and the eventfd's counter are two states, so a transition changes both under sig_mu
-  // (unserialized, a Raise landing between a Lower's flag store and its read() was swallowed: flag
-  // set, fd quiet, a poller asleep forever). The lock is taken on transitions only, not per
-  // segment. The fences pair a raiser's "publish data, then look at the flag" with a lowerer's
-  // "clear the flag, then look for data" (its caller rechecks), so one of them sees the other.
-  void Raise(int fd, std::atomic<bool>& flag) {
+  // An eventfd readable exactly while `flag` is set and someone may be waiting: the flag
+  // decides, the fd follows it. The flag and the eventfd's counter are two states, so a
+  // transition changes both under sig_mu (unserialized, a Raise landing between a Lower's flag
+  // store and its read() was swallowed: flag set, fd quiet, a poller asleep forever). The lock is
+  // taken on transitions only, not per segment. The fences pair a raiser's "publish data, then
+  // look at the flag" with a lowerer's "clear the flag, then look for data" (its caller
+  // rechecks), and a raiser's "set the flag, then look for waiters" with BeginWait's "count the
+  // waiter, then look at the flag", so one side of each pair sees the other.
+  void Raise(int fd, std::atomic<bool>& flag, std::atomic<bool>& up) {
     std::atomic_thread_fence(std::memory_order_seq_cst);
-    if (flag.load(std::memory_order_relaxed)) return;
+    if (flag.load(std::memory_order_relaxed) &&
+        (up.load(std::memory_order_relaxed) || waiters.load(std::memory_order_relaxed) == 0))
+      return;
     std::lock_guard g(sig_mu);
-    if (flag.load(std::memory_order_relaxed)) return;
     flag.store(true, std::memory_order_relaxed);
-    uint64_t one = 1;
-    (void)!write(fd, &one, sizeof(one));
+    std::atomic_thread_fence(std::memory_order_seq_cst);
+    if (waiters.load(std::memory_order_relaxed) > 0 && !up.load(std::memory_order_relaxed)) {
+      up.store(true, std::memory_order_relaxed);
+      uint64_t one = 1;
+      (void)!write(fd, &one, sizeof(one));
+    }
   }
-  void Lower(int fd, std::atomic<bool>& flag) {
-    if (flag.load(std::memory_order_relaxed)) {
+  void Lower(int fd, std::atomic<bool>& flag, std::atomic<bool>& up) {
+    if (flag.load(std::memory_order_relaxed) || up.load(std::memory_order_relaxed)) {
       std::lock_guard g(sig_mu);
-      if (flag.load(std::memory_order_relaxed)) {
-        flag.store(false, std::memory_order_relaxed);
+      flag.store(false, std::memory_order_relaxed);
+      if (up.load(std::memory_order_relaxed)) {
+        up.store(false, std::memory_order_relaxed);
         uint64_t v;
         (void)!read(fd, &v, sizeof(v));
       }
     }
     std::atomic_thread_fence(std::memory_order_seq_cst);
+  }
+  // A waiter arrived (its count is stored): an eventfd the flag left down goes up.
+  void Sync(int fd, std::atomic<bool>& flag, std::atomic<bool>& up) {
+    if (!flag.load(std::memory_order_seq_cst) || up.load(std::memory_order_relaxed)) return;
+    std::lock_guard g(sig_mu);
+    if (flag.load(std::memory_order_relaxed) && !up.load(std::memory_order_relaxed)) {
+      up.store(true, std::memory_order_relaxed);
+      uint64_t one = 1;
+      (void)!write(fd, &one, sizeof(one));
+    }
   }
   std::mutex sig_mu;
 };

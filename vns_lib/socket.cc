@@ -22,6 +22,15 @@ class SocketImpl final : public VirtualSocket {
   absl::Status Close() override;
   int fd() const override { return c_ ? c_->efd : -1; }
   int write_fd() const override { return c_ ? c_->wefd : -1; }
+  void SetLazyReadiness() override {
+    if (c_ && !lazy_.exchange(true)) c_->waiters.fetch_sub(1, std::memory_order_relaxed);
+  }
+  void BeginWait() override {
+    if (c_) c_->BeginWait();
+  }
+  void EndWait() override {
+    if (c_) c_->EndWait();
+  }
   short Poll() const override;
   int Error() const override;
   size_t Available() override {
@@ -135,6 +144,7 @@ class SocketImpl final : public VirtualSocket {
   uint32_t send_busy_us_ = 0;         // send_mu_: this Send's busy polling
   std::atomic<uint64_t> sent_on_{0};  // bit i: this Send used chans_[i] (busy polling)
   uint64_t snd_next_ = 0;
+  std::atomic<bool> lazy_{false};      // SetLazyReadiness was called
   std::atomic<bool> fin_sent_{false};  // written under send_mu_, read by Poll()
   // The channels this socket sends on, rebuilt only when its peer gains a channel or the
   // operator remaps the socket (version counters), not on every Send.
@@ -280,7 +290,9 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
       return SockError(EAGAIN, "still connecting");
     }
     pollfd p{c_->wefd, POLLIN, 0};
-    poll(&p, 1, 10);
+    c_->BeginWait();
+    if (c_->state.load() == ConnState::kConnecting) poll(&p, 1, 10);
+    c_->EndWait();
   }
   if (auto st = Usable(); !st.ok()) return st;
   // Busy polling: the engine stands down for this thread, so what we queued leaves in the round
@@ -524,9 +536,11 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
     if (!c_->inq.EmptyApprox()) continue;
     pollfd p{c_->efd, POLLIN, 0};
     c_->Unsignal();
+    c_->BeginWait();
     if (c_->inq.EmptyApprox() && c_->fin_seq.load() != reasm_.next() &&
         c_->state.load() == ConnState::kEstablished)
       poll(&p, 1, 10);
+    c_->EndWait();
   }
 }
 
@@ -664,7 +678,14 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> SocketImpl::Accept() {
     }
     if (nonblocking_) return SockError(EAGAIN, "no pending connection");
     pollfd p{c_->efd, POLLIN, 0};
-    poll(&p, 1, 10);
+    c_->BeginWait();
+    bool empty;
+    {
+      std::lock_guard g(c_->accept_mu);
+      empty = c_->accept_q.empty();
+    }
+    if (empty) poll(&p, 1, 10);
+    c_->EndWait();
   }
 }
 

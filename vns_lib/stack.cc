@@ -304,7 +304,9 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
   }
   while (c->state.load() == ConnState::kConnecting && NowUs() < end) {
     pollfd p{c->wefd, POLLIN, 0};
-    poll(&p, 1, 5);
+    c->BeginWait();
+    if (c->state.load() == ConnState::kConnecting) poll(&p, 1, 5);
+    c->EndWait();
   }
   switch (c->state.load()) {
     case ConnState::kEstablished:

@@ -27,6 +27,11 @@
 //   data, end of stream, an error, or a pending connection. write_fd() is its write side:
 //   readable while Send would not block (the peer's window and a channel have room) or an error
 //   is pending. Poll() gives the same as poll(2) bits, with POLLRDHUP/POLLERR/POLLHUP.
+//   Keeping an eventfd in step costs a write() and a read() per transition; a caller that does
+//   all its waiting itself (the preload's poll and epoll) can make them lazy: SetLazyReadiness()
+//   — then fd() and write_fd() follow Poll() only while a wait is announced (BeginWait ..
+//   EndWait; announce, look at Poll(), then sleep), and a socket that an event loop reads and
+//   writes without ever sleeping costs no readiness syscall. Poll() is exact either way.
 #pragma once
 
 #include <cstddef>
@@ -166,6 +171,13 @@ class VirtualSocket {
 
   virtual int fd() const = 0;
   virtual int write_fd() const = 0;
+  // Lazy readiness fds (see the top of this file): from now on fd() and write_fd() are kept in
+  // step with Poll() only between BeginWait and EndWait. Once per socket; it cannot be undone.
+  virtual void SetLazyReadiness() = 0;
+  // A thread may sleep on fd()/write_fd() until EndWait: they follow Poll() meanwhile (and
+  // BeginWait brings them up to date). Nestable, any thread; no-ops on eager sockets' fds.
+  virtual void BeginWait() = 0;
+  virtual void EndWait() = 0;
   // Readiness now, as poll(2) revents bits (POLLIN, POLLOUT, POLLRDHUP, POLLERR, POLLHUP).
   virtual short Poll() const = 0;
   // Bytes a Recv would return now without waiting (FIONREAD).

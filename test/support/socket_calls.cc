@@ -255,6 +255,21 @@ int Client(const char* ip, int port, uint64_t bytes) {
     for (uint64_t i = 0; i < from_file; ++i) head[i] = Pattern(i);
     (void)!write(file, head.data(), head.size());
   }
+  // Waiting on a virtual socket from outside its epoll set: the set nested in another one and
+  // in poll(), and a thread already asleep on a set when the socket is added to it (an acceptor
+  // handing a connection to a sleeping worker). Nothing reads d until these saw the echo.
+  const int inner = epoll_create1(EPOLL_CLOEXEC), outer = epoll_create1(EPOLL_CLOEXEC);
+  const int late = epoll_create1(EPOLL_CLOEXEC);
+  epoll_event in_ev{EPOLLIN, {.fd = d}}, nest_ev{EPOLLIN, {.fd = inner}};
+  epoll_ctl(outer, EPOLL_CTL_ADD, inner, &nest_ev);
+  epoll_ctl(inner, EPOLL_CTL_ADD, d, &in_ev);
+  int late_events = -1;
+  std::thread sleeper([late, &late_events] {
+    epoll_event e;
+    late_events = epoll_wait(late, &e, 1, 10000) == 1 ? static_cast<int>(e.events) : 0;
+  });
+  usleep(100000);  // the sleeper is in epoll_wait, on a set with no virtual socket
+  epoll_ctl(late, EPOLL_CTL_ADD, d, &in_ev);
   std::thread writer([d, bytes, file, from_file] {
     off_t off = 0;
     while (static_cast<uint64_t>(off) < from_file)
@@ -273,6 +288,17 @@ int Client(const char* ip, int port, uint64_t bytes) {
     }
     shutdown(d, SHUT_WR);
   });
+  sleeper.join();
+  Check(late_events == EPOLLIN, "epoll_wakes_a_thread_asleep_before_the_socket_was_added");
+  {
+    epoll_event e;
+    Check(epoll_wait(outer, &e, 1, 5000) == 1 && e.data.fd == inner, "epoll_nested_set");
+    pollfd p{inner, POLLIN, 0};
+    Check(poll(&p, 1, 5000) == 1 && (p.revents & POLLIN), "poll_on_an_epoll_fd");
+  }
+  close(late);
+  close(outer);
+  close(inner);
   std::vector<uint8_t> buf(100 << 10);
   uint64_t got = 0;
   bool same = true, used_select = false, used_ppoll = false;

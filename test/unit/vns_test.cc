@@ -7,6 +7,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
+#include <functional>
 #include <numeric>
 #include <random>
 #include <thread>
@@ -162,6 +164,48 @@ TEST(CopyWorkersTest, ParallelForRunsEveryIndexOnceAndResizesAtRunTime) {
   EXPECT_GT(w.chunks_run(), 0u);
 }
 
+// Two threads in rounds that overlap closely: each round they meet twice (spinning, then
+// yielding if the other is descheduled); the deliverer runs `deliver` between the meetings, this
+// thread `before` them, `during` (between) and `after`, which returns false to stop at the first
+// failure. Bounded in rounds and in time (3 s).
+void RaceRounds(int rounds, const std::function<void()>& deliver,
+                const std::function<void()>& before, const std::function<void()>& during,
+                const std::function<bool(int)>& after) {
+  std::atomic<int> arrived{0};
+  std::atomic<bool> stop{false};
+  auto meet = [&](int n) {
+    arrived.fetch_add(1);
+    for (int spins = 0; arrived.load() < 2 * (n + 1); ++spins)
+      if (spins > 1000) std::this_thread::yield();
+  };
+  std::thread deliverer([&] {
+    for (int r = 0; r < rounds; ++r) {
+      meet(2 * r);
+      if (stop.load()) return;
+      deliver();
+      meet(2 * r + 1);
+    }
+  });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
+  for (int r = 0; r < rounds; ++r) {
+    if (std::chrono::steady_clock::now() > deadline) {
+      stop.store(true);
+      meet(2 * r);
+      break;
+    }
+    before();
+    meet(2 * r);
+    during();
+    meet(2 * r + 1);
+    if (!after(r)) {
+      stop.store(true);
+      meet(2 * (r + 1));
+      break;
+    }
+  }
+  deliverer.join();
+}
+
 // A socket's readiness eventfd must follow its flag whatever the interleaving: a deliverer raising
 // while the reader lowers (then rechecks, as UpdateReadiness does) may never leave the flag set
 // with a quiet fd — a poller would sleep on a readable socket (seen once in CI as an ended stream
@@ -172,51 +216,78 @@ TEST(ConnReadinessTest, RaiseAndLowerRacingLeaveTheFdMatchingTheFlag) {
     pollfd p{c.efd, POLLIN, 0};
     return poll(&p, 1, 0) == 1;
   };
-  // Both threads meet at a barrier each round so their calls overlap closely (spinning, then
-  // yielding if the other thread is descheduled); bounded in rounds and time.
-  constexpr int kRounds = 200'000;
-  std::atomic<int> arrived{0};
-  std::atomic<bool> pending{false}, stop{false};
-  auto meet = [&](int n) {
-    arrived.fetch_add(1);
-    for (int spins = 0; arrived.load() < 2 * (n + 1); ++spins)
-      if (spins > 1000) std::this_thread::yield();
+  std::atomic<bool> pending{false};
+  RaceRounds(
+      200'000,
+      [&] {
+        pending.store(true);
+        c.Signal();
+      },
+      [&] { c.Signal(); },  // earlier data, just consumed: the reader lowers a raised fd
+      [&] {
+        c.Unsignal();
+        if (pending.load()) c.Signal();
+      },
+      [&](int r) {
+        const bool flag = c.signaled.load(), readable = fd_readable();
+        pending.store(false);
+        c.Unsignal();
+        const bool still = fd_readable();
+        EXPECT_TRUE(flag) << "round " << r << ": something was delivered";
+        EXPECT_TRUE(readable) << "round " << r << ": flag set, fd quiet";
+        EXPECT_FALSE(still) << "round " << r << ": lowered, fd still readable";
+        return flag && readable && !still;
+      });
+}
+
+// Lazy readiness (VirtualSocket::SetLazyReadiness): with no waiter announced the flag moves and
+// the eventfd stays quiet (no syscall); BeginWait brings the fd up to date.
+TEST(ConnReadinessTest, ALazyFdFollowsTheFlagOnlyWhileAWaitIsAnnounced) {
+  Conn c(ConnKey{1, 2, 3}, 1, AppClass::kThroughput, 4096);
+  c.waiters.fetch_sub(1);  // what SetLazyReadiness does
+  auto fd_readable = [&] {
+    pollfd p{c.efd, POLLIN, 0};
+    return poll(&p, 1, 0) == 1;
   };
-  std::thread deliverer([&] {
-    for (int r = 0; r < kRounds; ++r) {
-      meet(2 * r);
-      if (stop.load()) return;
-      pending.store(true);
-      c.Signal();
-      meet(2 * r + 1);
-    }
-  });
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(3);
-  for (int r = 0; r < kRounds; ++r) {
-    if (std::chrono::steady_clock::now() > deadline) {
-      stop.store(true);
-      meet(2 * r);
-      break;
-    }
-    c.Signal();  // earlier data, just consumed: the reader lowers a raised fd
-    meet(2 * r);
-    c.Unsignal();
-    if (pending.load()) c.Signal();
-    meet(2 * r + 1);
-    const bool flag = c.signaled.load(), readable = fd_readable();
-    pending.store(false);
-    c.Unsignal();
-    const bool still = fd_readable();
-    EXPECT_TRUE(flag) << "round " << r << ": something was delivered";
-    EXPECT_TRUE(readable) << "round " << r << ": flag set, fd quiet";
-    EXPECT_FALSE(still) << "round " << r << ": lowered, fd still readable";
-    if (!flag || !readable || still) {
-      stop.store(true);
-      meet(2 * (r + 1));
-      break;
-    }
-  }
-  deliverer.join();
+  c.Signal();
+  EXPECT_TRUE(c.signaled.load());
+  EXPECT_FALSE(fd_readable()) << "nobody waits: no eventfd write";
+  c.BeginWait();
+  EXPECT_TRUE(fd_readable()) << "a waiter arrived: the fd catches up";
+  c.EndWait();
+  c.Unsignal();
+  EXPECT_FALSE(fd_readable());
+  c.BeginWait();
+  c.Signal();
+  EXPECT_TRUE(fd_readable()) << "raised while a waiter waits";
+  c.EndWait();
+  c.Unsignal();
+  c.Signal();
+  EXPECT_FALSE(fd_readable());
+}
+
+// A waiter that announces itself, looks at the flag and sleeps on the fd is never left asleep
+// by a delivery racing with it (the seq_cst pair between BeginWait and Raise).
+TEST(ConnReadinessTest, ALazyWaiterRacingADeliveryIsAlwaysWoken) {
+  Conn c(ConnKey{1, 2, 3}, 1, AppClass::kThroughput, 4096);
+  c.waiters.fetch_sub(1);
+  bool woke = false;
+  RaceRounds(
+      100'000, [&] { c.Signal(); }, [] {},
+      [&] {
+        c.BeginWait();
+        woke = c.signaled.load();
+        if (!woke) {
+          pollfd p{c.efd, POLLIN, 0};
+          woke = poll(&p, 1, 1000) == 1;
+        }
+        c.EndWait();
+      },
+      [&](int r) {
+        EXPECT_TRUE(woke) << "round " << r << ": delivered, waiter asleep";
+        c.Unsignal();
+        return woke;
+      });
 }
 
 TEST(VnsErrnoTest, OkIsZeroAndForeignStatusesAreEio) {
