@@ -1080,7 +1080,8 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     return true;
   }
   Publish(ch);
-  if (notify) ch.NotifyApp(static_cast<Channel::Interest>(notify));
+  if (notify & Channel::kWritable) ch.NotifyApp(Channel::kWritable);
+  if (notify & Channel::kReadable) ch.NotifyDelivered();
   *deadline = std::min(*deadline, t.next_timer_us());
   return worked;
 }

@@ -16,8 +16,10 @@
 // Threads. Each channel is run by one engine thread of its driver at a time (or, busy polling,
 // by an application thread running that engine's round: PollInline, never both at once); the
 // application side talks to it through lock-free single-producer/single-consumer rings. Enqueue may
-// be called from any thread, Dequeue/Release from any thread, but each side is serialized per
-// channel by a small producer (resp. consumer) lock that the engine never takes. Nothing blocks: a
+// be called from any thread, Dequeue/Release from any thread, but each is serialized per channel
+// by a small lock of its own that the engine never takes (a DeliveryHook's Dequeue runs on the
+// engine's thread: no one waits for the engine while holding the Dequeue lock; a Release may wait
+// for room while the engine drains, so a hook must not Release). Nothing blocks: a
 // full send buffer makes Enqueue return 0, an empty receive queue makes Dequeue return 0; Wait() or
 // notify_fd() (poll/epoll) tell when to retry.
 //
@@ -209,6 +211,20 @@ class Channel {
   // fd to clear it). A state change is reported once per side.
   virtual int notify_fd(Interest side) const = 0;
   virtual void ArmNotify(Interest interest = kBoth) = 0;
+
+  // Run to completion on the receive side (optional): a consumer that takes what a round
+  // delivered on the engine's own thread, right after that round, instead of being woken
+  // through notify_fd(kReadable) — one thread hand-off less per delivery. Delivered() must not
+  // block, nor Release (hand released buffers to another thread); true means it dequeued
+  // everything (no wakeup is sent and an armed notification stays armed), false falls back to
+  // the notification. Set by the consumer while it serves the channel, cleared (nullptr) before
+  // it lets go of it; drivers without it never call it.
+  class DeliveryHook {
+   public:
+    virtual ~DeliveryHook() = default;
+    virtual bool Delivered(Channel& ch) = 0;
+  };
+  virtual void SetDeliveryHook(DeliveryHook* hook) { (void)hook; }
 };
 
 struct DriverStats {

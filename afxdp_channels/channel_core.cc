@@ -233,7 +233,7 @@ bool ChannelCore::FlushOpen(uint64_t now_us, bool idle, uint64_t* deadline_us) {
 }
 
 size_t ChannelCore::Dequeue(size_t max_bytes, std::span<RxSegment> out) {
-  std::lock_guard g(consumer_mu_);
+  std::lock_guard g(dequeue_mu_);
   size_t n = 0, bytes = 0;
   constexpr size_t kBatch = 64;
   BufRef bufs[kBatch];
@@ -273,7 +273,7 @@ size_t ChannelCore::Dequeue(size_t max_bytes, std::span<RxSegment> out) {
 }
 
 void ChannelCore::Release(std::span<const RxSegment> segs) {
-  std::lock_guard g(consumer_mu_);
+  std::lock_guard g(release_mu_);
   constexpr size_t kBatch = 64;
   BufRef bufs[kBatch];
   size_t i = 0;
@@ -313,21 +313,21 @@ void ChannelCore::Reclaim(const std::function<void(uint64_t)>& give_tx,
   for (uint32_t m; (m = txq_.Pop(b)) > 0;)
     for (uint32_t i = 0; i < m; ++i) give_tx(b[i].token);
   if (!keep_delivered) {
-    while (!consumer_mu_.try_lock()) {
+    while (!dequeue_mu_.try_lock()) {
       drain_ret();
       std::this_thread::yield();
     }
     for (BufRef r; rxq_.PopOne(&r);) give_rx(r.token, r.len);
-    consumer_mu_.unlock();
+    dequeue_mu_.unlock();
   }
   drain_ret();
 }
 
 void ChannelCore::DropDelivered(const std::function<void(uint64_t)>& give) {
-  // Under the consumer lock although no consumer is left: the lock is what orders the last
+  // Under the consumer locks although no consumer is left: the locks are what order the last
   // consumer's ring operations before ours (a reference count read says nobody is left, but
   // does not order their memory with ours).
-  std::lock_guard g(consumer_mu_);
+  std::scoped_lock g(release_mu_, dequeue_mu_);
   for (BufRef r; rxq_.PopOne(&r);) give(r.token);
 }
 

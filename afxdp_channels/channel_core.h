@@ -65,6 +65,9 @@ class ChannelCore : public Channel {
     return side == kWritable ? notify_[1].fd : notify_[0].fd;
   }
   void ArmNotify(Interest interest = kBoth) override;
+  void SetDeliveryHook(DeliveryHook* hook) override {
+    hook_.store(hook, std::memory_order_release);
+  }
   void Flush() override;
   bool PollInline(uint64_t now_us, uint64_t stand_down_us) override;
   void EndPollInline() override;
@@ -79,7 +82,7 @@ class ChannelCore : public Channel {
   // the application side still has in the rings — empty ones in free_ and queued ones in txq_
   // (`give_tx`), delivered ones in rxq_ and returned ones in ret_ (`give_rx`, with their length).
   // free_ and rxq_ are consumed by the application, so they are emptied under its locks; ret_ is
-  // drained while waiting for the consumer lock (a Release may be waiting for room in it).
+  // drained while waiting for the Dequeue lock.
   // With `keep_delivered`, rxq_ stays for the consumer: data that arrived in order before the
   // channel died is still read (a peer's FIN after its last segment must not lose that segment).
   void Reclaim(const std::function<void(uint64_t)>& give_tx,
@@ -107,6 +110,12 @@ class ChannelCore : public Channel {
   void SetState(ChannelState s);
   // Wakes the application if it armed a notification for `what`.
   void NotifyApp(Interest what = kBoth);
+  // The engine's round delivered data: the delivery hook takes it on this thread, or the
+  // consumer is notified.
+  void NotifyDelivered() {
+    if (DeliveryHook* h = hook_.load(std::memory_order_acquire); h && h->Delivered(*this)) return;
+    NotifyApp(kReadable);
+  }
 
   SpscRing<uint64_t> free_;
   SpscRing<BufRef> txq_;
@@ -141,6 +150,7 @@ class ChannelCore : public Channel {
   std::atomic<ChannelState> state_{ChannelState::kConnecting};
   Notifier notify_[2];
   std::atomic<uint32_t> state_changes_{0};
+  std::atomic<DeliveryHook*> hook_{nullptr};
 
   // Takes one coalescable segment (producer_mu_ held): appends it to the open segment or opens
   // a new one. False when no buffer or txq_ slot is free.
@@ -161,8 +171,11 @@ class ChannelCore : public Channel {
   } open_;  // under producer_mu_
   std::atomic<bool> open_pending_{false};
   std::atomic<uint64_t> open_since_us_{0};
-  std::mutex consumer_mu_;  // serializes consumers; never taken by the engine
-  // Consumer-side accounting (under consumer_mu_).
+  // Consumers are serialized per side: Dequeue under dequeue_mu_, Release under release_mu_.
+  // Apart, because a releaser waits for the engine to drain ret_ while it holds release_mu_,
+  // and an engine delivering inline (DeliveryHook) dequeues: it must never wait behind that.
+  std::mutex dequeue_mu_, release_mu_;
+  // Consumer-side accounting (under dequeue_mu_).
   std::atomic<uint64_t> rx_segments_{0}, rx_bytes_{0};
 };
 

@@ -394,7 +394,7 @@ bool TcpChannel::DoRead() {
     }
     if (delivered) {
       rx_records.fetch_add(delivered, std::memory_order_relaxed);
-      NotifyApp(kReadable);
+      NotifyDelivered();
     }
     // No receive slot free: stop reading; the kernel's TCP window closes and the peer stops.
     if (rx_free_.empty() || rxq_.Room() == 0) break;

@@ -52,14 +52,14 @@ constexpr char kUsage[] =
     "  netchperf server --dev IF [--stack netch|kernel] [--port P] [--once] [--json]\n"
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp]\n"
-    "                   [--busy-poll-us N]\n"
+    "                   [--busy-poll-us N] [--deliver-inline true|false]\n"
     "  netchperf client --dev IF --peer ADDR [--stack netch|kernel] [--port P]\n"
     "                   [--mode stream|rpc|mixed] [--bytes N | --seconds S] [--size BYTES]\n"
     "                   [--concurrency N] [--no-verify] [--json]\n"
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp] [--spin-us N]\n"
     "                   [--engine-cores C0,C1,...] [--policy NAME[:key=value,...]]\n"
-    "                   [--busy-poll-us N]\n"
+    "                   [--busy-poll-us N] [--deliver-inline true|false]\n"
     "Runs the same workload over the NetChannel stack (--stack netch, default) or kernel TCP.\n"
     "stream: one thread sends --bytes (default 1 GiB) in --size writes (default 131072); every\n"
     "byte is checked by the server. rpc: --concurrency (default 1) connections ping-pong --size\n"
@@ -87,6 +87,7 @@ struct Options {
                                                                // Recv, dispatcher and engines
   std::string tx = "auto";             // netch, AF_XDP driver: transmit path
   bool nodelay = false;                // netch: small writes are never coalesced
+  bool deliver_inline = true;          // netch: StackOptions::deliver_inline
   std::vector<int> engine_cores;       // netch: pin engine i to engine_cores[i]
   std::string policy = "round-robin";  // netch: NetScheduler policy
   std::vector<std::pair<std::string, std::string>> policy_knobs;
@@ -317,6 +318,7 @@ class NetchEndpoint final : public Endpoint {
       so.policy_knobs.emplace_back("busy_poll_us", std::to_string(o.busy_poll_us));
     so.copy_workers = static_cast<int>(o.copy_workers);
     so.recv_spin_us = o.spin_us;
+    so.deliver_inline = o.deliver_inline;
     so.dispatcher_spin_us = std::max<uint64_t>(50, o.spin_us);
     so.driver_opts.spin = absl::Microseconds(std::max<uint64_t>(50, o.spin_us));
     auto s = netch::vns::Stack::Create(so);
@@ -702,6 +704,9 @@ int main(int argc, char** argv) {
         ->delimiter(',')
         ->check(CLI::Range(0, 1023));
     sub->add_option("--spin-us", o.spin_us, "adaptive-polling spin")->check(CLI::Range(0, 100000));
+    sub->add_option("--deliver-inline", o.deliver_inline,
+                    "netch: engines hand received segments to sockets on their own thread "
+                    "(true) or through the dispatcher thread (false)");
     sub->add_option("--busy-poll-us", o.busy_poll_us,
                     "rpc (L-app) sockets spin this long in a receive before sleeping: kernel "
                     "non-blocking recv(), netch the policy's busy_poll_us (run to completion)")

@@ -214,6 +214,10 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   b.Counter("netch_dispatch_rounds_inline_total",
             "Dispatcher rounds run by busy-polling application threads (Stack::PollInline).",
             static_cast<double>(ss.dispatch_inline));
+  b.Counter("netch_deliveries_inline_total",
+            "Channel deliveries handed to their sockets on the engine's own thread (no "
+            "dispatcher hop, StackOptions::deliver_inline).",
+            static_cast<double>(ss.deliveries_inline));
   b.Counter("netch_dispatcher_holds_total", "Times a full socket held a channel back.",
             static_cast<double>(ss.dispatcher_blocked));
   b.Counter("netch_rst_sent_total", "RST segments sent (no listener, no such connection).",

@@ -87,7 +87,10 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
   if (auto st = ReadInt(env, "NETCH_SPIN_US", 0, 100000, &c.spin_us); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_BUSY_POLL_US", 0, 1000000, &c.busy_poll_us); !st.ok())
     return st;
-  int flag = 0;
+  int flag = 1;
+  if (auto st = ReadInt(env, "NETCH_DELIVER_INLINE", 0, 1, &flag); !st.ok()) return st;
+  c.deliver_inline = flag == 1;
+  flag = 0;
   if (auto st = ReadInt(env, "NETCH_REPLACE_XDP", 0, 1, &flag); !st.ok()) return st;
   c.replace_xdp = flag == 1;
   flag = 0;

@@ -29,7 +29,7 @@ void StackImpl::Rst(chan::Channel* ch, const wire::SegHeader& h) {
 bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
   const wire::SegHeader& h = seg.hdr;
   const ConnKey key{ch->peer_ipv4(), h.dst_port, h.src_port};
-  auto release = [&] { ch->Release({&seg, 1}); };
+  auto release = [&] { ReleaseSeg(ch, seg); };
   switch (h.type) {
     case NC_SYN: {
       std::shared_ptr<Conn> l;
@@ -159,7 +159,7 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
     std::memcpy(copy, hs.data, hs.len);
     hs.data = copy;
     hs.ch = nullptr;
-    ch->Release({&seg, 1});
+    ReleaseSeg(ch, seg);
     rx_pressure_copies_.fetch_add(1, std::memory_order_relaxed);
   }
   c->inq.PushOne(hs);
@@ -215,14 +215,58 @@ bool StackImpl::SealRequested() {
   return any;
 }
 
-void StackImpl::ServeChannel(DispatchChan& cs, bool* worked) {
-  chan::RxSegment segs[64];
+bool StackImpl::DeliverPending(DispatchChan& cs, bool* worked) {
   std::deque<chan::RxSegment>& pending = cs.lane->pending;
   while (!pending.empty() && Deliver(cs.ch.get(), pending.front())) {
     pending.pop_front();
     *worked = true;
   }
-  if (!pending.empty()) return;  // still blocked: leave the channel's window to close
+  return pending.empty();
+}
+
+bool StackImpl::DeliverNew(DispatchChan& cs, bool* worked) {
+  chan::RxSegment segs[64];
+  std::deque<chan::RxSegment>& pending = cs.lane->pending;
+  const size_t n = cs.ch->Dequeue(SIZE_MAX, segs);
+  if (n == 0) return pending.empty();
+  *worked = true;
+  segments_in_.fetch_add(n, std::memory_order_relaxed);
+  for (size_t i = 0; i < n; ++i) {
+    if (!pending.empty() || !Deliver(cs.ch.get(), segs[i])) {
+      if (pending.empty()) blocked_.fetch_add(1, std::memory_order_relaxed);
+      pending.push_back(segs[i]);
+    }
+  }
+  return pending.empty();
+}
+
+bool StackImpl::DeliverInline(chan::Channel& ch) {
+  std::unique_lock l(dispatch_mu_, std::try_to_lock);
+  if (!l.owns_lock() || !deliver_inline_) return false;  // the dispatcher will be told
+  for (DispatchChan& cs : dchans_) {
+    if (cs.ch.get() != &ch) continue;
+    // A lane a socket busy-polls is that socket's to drain (it takes its own segments first,
+    // right after this round): left alone, as the dispatcher leaves it.
+    if (cs.dead || cs.lane->polled_until_us.load(std::memory_order_relaxed) > NowUs() ||
+        !cs.lane->TryOwn())
+      return false;
+    bool worked = false;
+    on_engine_ = true;
+    const bool all = DeliverPending(cs, &worked) && DeliverNew(cs, &worked);
+    on_engine_ = false;
+    cs.lane->Disown();
+    // What the segments left for the dispatcher's own round (buffers to release, a channel to
+    // seal after the peer's NC_DRAIN, a control segment a full channel refused) must not wait
+    // for its timer.
+    if (!deferred_release_.empty() || !to_seal_.empty() || !ctl_backlog_.empty()) WakeDispatcher();
+    if (all) deliveries_inline_.fetch_add(1, std::memory_order_relaxed);
+    return all;  // a full socket holds some back: the dispatcher takes over (holding_)
+  }
+  return false;
+}
+
+void StackImpl::ServeChannel(DispatchChan& cs, bool* worked) {
+  if (!DeliverPending(cs, worked)) return;  // still blocked: leave the channel's window to close
   // Scale-down: the side that asked destroys the channel once the peer's answer arrived (it
   // follows every byte the peer put on the channel, and the peer sent it after our NC_DRAIN,
   // so every byte of ours reached it) and the sockets gave back every buffer of it. The
@@ -245,20 +289,14 @@ void StackImpl::ServeChannel(DispatchChan& cs, bool* worked) {
     if (cs.ch->state() == chan::ChannelState::kFailed) BreakConnsOn(*cs.peer, cs.ch.get());
     *worked = true;
   }
-  const size_t n = cs.ch->Dequeue(SIZE_MAX, segs);
-  if (n == 0) return;
-  *worked = true;
-  segments_in_.fetch_add(n, std::memory_order_relaxed);
-  for (size_t i = 0; i < n; ++i) {
-    if (!pending.empty() || !Deliver(cs.ch.get(), segs[i])) {
-      if (pending.empty()) blocked_.fetch_add(1, std::memory_order_relaxed);
-      pending.push_back(segs[i]);
-    }
-  }
+  DeliverNew(cs, worked);
 }
 
 bool StackImpl::DispatchRound() {
   bool worked = false;
+  for (auto& [ch, seg] : deferred_release_) ch->Release({&seg, 1});
+  worked |= !deferred_release_.empty();
+  deferred_release_.clear();
   if (watching_.load(std::memory_order_acquire)) CheckWatched();
   {
     std::lock_guard g(drain_mu_);
@@ -310,6 +348,7 @@ bool StackImpl::DispatchRound() {
           lanes_[ch.get()] = lane;
         }
         dchans_.push_back({ch, &p, std::move(lane)});
+        if (deliver_inline_) ch->SetDeliveryHook(&delivery_hook_);
       }
     });
   }
@@ -334,6 +373,7 @@ bool StackImpl::DispatchRound() {
     }
     cs.lane->gone = true;
     cs.lane->Disown();
+    cs.ch->SetDeliveryHook(nullptr);
     if (cs.drained || cs.ch->sealed()) {
       // Control segments waiting for it go on the peer's control channel instead.
       auto ctl = cs.peer->ControlChannel();
@@ -476,6 +516,8 @@ void StackImpl::Dispatch() {
   }
   // Whatever is still held goes back to its channel.
   std::lock_guard g(dispatch_mu_);
+  for (auto& [ch, seg] : deferred_release_) ch->Release({&seg, 1});
+  deferred_release_.clear();
   for (DispatchChan& cs : dchans_) {
     if (!cs.lane->TryOwn()) continue;
     for (auto& s : cs.lane->pending) cs.ch->Release({&s, 1});

@@ -48,6 +48,8 @@ absl::Status StackImpl::Init() {
   if (auto st = SetCopyWorkers(opts_.copy_workers); !st.ok()) return st;
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   next_port_ = static_cast<uint16_t>(40000 + netch::RandomU32() % 20000);
+  deliver_inline_ = opts_.deliver_inline;  // (before the dispatcher runs)
+  deferred_release_.reserve(256);          // the engines push here: no allocation in their rounds
   dispatcher_ = std::thread([this] {
     pthread_setname_np(pthread_self(), "netch-disp");
     Dispatch();
@@ -102,6 +104,10 @@ void StackImpl::Scale() {
 StackImpl::~StackImpl() {
   stop_ = true;
   {
+    std::lock_guard g(dispatch_mu_);
+    deliver_inline_ = false;  // engines keep running until the driver goes
+  }
+  {
     std::lock_guard g(scale_mu_);
     scale_cv_.notify_all();
   }
@@ -147,6 +153,7 @@ StackStats StackImpl::Stats() const {
   s.segments_in = segments_in_.load();
   s.segments_inline = inline_segments_.load();
   s.dispatch_inline = inline_rounds_.load();
+  s.deliveries_inline = deliveries_inline_.load();
   s.segments_out_ctl = ctl_out_.load();
   s.rst_sent = rst_sent_.load();
   s.dispatcher_blocked = blocked_.load();

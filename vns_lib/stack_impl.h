@@ -142,6 +142,30 @@ class StackImpl final : public Stack {
     bool drained = false;          // scaled down: sealed both ways and emptied
   };
   void ServeChannel(DispatchChan& cs, bool* worked);  // dispatch_mu_ held, lane owned
+  // The data half of ServeChannel (dispatch_mu_ held, lane owned): what the lane holds back,
+  // then what the channel has, to their sockets. False while a full socket holds some back.
+  bool DeliverPending(DispatchChan& cs, bool* worked);
+  bool DeliverNew(DispatchChan& cs, bool* worked);
+  // Channel::DeliveryHook (StackOptions::deliver_inline), on an engine's thread: serves `ch`
+  // if the dispatcher is not in a round. Never blocks.
+  bool DeliverInline(chan::Channel& ch);
+  struct InlineDelivery final : chan::Channel::DeliveryHook {
+    explicit InlineDelivery(StackImpl* s) : st(s) {}
+    bool Delivered(chan::Channel& ch) override { return st->DeliverInline(ch); }
+    StackImpl* st;
+  } delivery_hook_{this};
+  bool deliver_inline_ = false;  // dispatch_mu_: the hook serves (off once the stack stops)
+  // Segments Deliver let go of while an engine's thread delivers (dispatch_mu_): released by the
+  // dispatcher's next round, since a Release may wait for that very engine.
+  bool on_engine_ = false;
+  std::vector<std::pair<chan::Channel*, chan::RxSegment>> deferred_release_;
+  void ReleaseSeg(chan::Channel* ch, const chan::RxSegment& seg) {
+    if (on_engine_)
+      deferred_release_.emplace_back(ch, seg);
+    else
+      ch->Release({&seg, 1});
+  }
+  std::atomic<uint64_t> deliveries_inline_{0};
   // Everything the dispatcher keeps is guarded by dispatch_mu_: its thread takes it per round, a
   // busy-polling application thread (PollInline) only try_locks it to run a round itself.
   std::mutex dispatch_mu_;

@@ -107,12 +107,18 @@ struct StackOptions {
   // CPU-s/GB (docs/BENCHMARKS.md); an idle socket still sleeps after 50 µs.
   uint64_t recv_spin_us = 50;
   uint64_t dispatcher_spin_us = 50;
+  // Run to completion on receive: the engine that delivered a channel's segments hands them to
+  // their sockets on its own thread right after its round (Channel::DeliveryHook), so the
+  // dispatcher thread is not woken per delivery; it still serves what an engine could not (a
+  // full socket, a round it was busy with) and its housekeeping.
+  bool deliver_inline = true;
 };
 
 struct StackStats {
   uint64_t segments_in = 0, segments_out_ctl = 0;
   uint64_t segments_inline = 0;     // taken by busy-polling sockets on their own thread
   uint64_t dispatch_inline = 0;     // dispatcher rounds run by Stack::PollInline callers
+  uint64_t deliveries_inline = 0;   // channel deliveries served on the engine's thread
   uint64_t rst_sent = 0;            // segments for no socket, SYNs for no listener
   uint64_t dispatcher_blocked = 0;  // times a full socket stopped a channel from draining
   uint64_t copy_chunks = 0;         // chunks run by copy workers

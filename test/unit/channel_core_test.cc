@@ -5,6 +5,8 @@
 #include <poll.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <chrono>
 #include <random>
 #include <thread>
 #include <vector>
@@ -21,7 +23,7 @@ constexpr uint32_t kSlot = 2048;
 
 class FakeChannel final : public ChannelCore {
  public:
-  explicit FakeChannel(uint32_t ring) : ChannelCore(7, ring, 1000), slab_(2 * ring * kSlot) {}
+  explicit FakeChannel(uint32_t ring) : ChannelCore(7, ring, 1000), slab_(4 * ring * kSlot) {}
   uint8_t* BufAddr(uint64_t token) override { return slab_.data() + token; }
   uint32_t peer_ipv4() const override { return 0x01020304; }
   void GiveBuffers(uint32_t n) {
@@ -111,6 +113,52 @@ TEST(ChannelCoreTest, EnqueueCopiesHeaderAndPayloadAndDequeueReturnsThemInOrder)
   EXPECT_EQ(ch.ret_.SizeApprox(), 3u);
   EXPECT_EQ(ch.stats().rx_segments, 3u);
   EXPECT_EQ(ch.stats().rx_bytes, 1100u);
+}
+
+// An engine delivering inline (Channel::DeliveryHook) dequeues on its own thread while an
+// application thread may be inside Release, waiting for that engine to drain ret_: the Dequeue
+// must not wait behind it (with one consumer lock for both, the engine hung there and every
+// channel of it died: netchperf 4 KiB streams, 2 of 8 runs).
+TEST(ChannelCoreTest, DequeueNeverWaitsBehindAReleaseWaitingForTheEngine) {
+  constexpr uint32_t kRing = 8;
+  FakeChannel ch(kRing);
+  std::vector<uint8_t> p(10, 1);
+  auto deliver = [&](uint32_t n, RxSegment* out) {
+    ch.GiveBuffers(n);
+    for (uint32_t i = 0; i < n; ++i) {
+      const TxSegment s = Seg(i * 10, p);
+      ASSERT_TRUE(ch.Enqueue({&s, 1}).ok());
+    }
+    ASSERT_EQ(ch.Loop(), n);
+    ASSERT_EQ(ch.Dequeue(SIZE_MAX, {out, n}), n);
+  };
+  RxSegment first[kRing], second[kRing], third[1];
+  deliver(kRing, first);
+  deliver(kRing, second);
+  ch.Release({first, kRing});  // ret_ is full now; the "engine" (this thread) has not drained it
+  std::atomic<bool> released{false};
+  std::thread releaser([&] {
+    ch.Release({second, kRing});  // waits for room
+    released = true;
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  std::atomic<bool> dequeued{false};
+  std::thread engine([&] {
+    deliver(1, third);
+    dequeued = true;
+  });
+  for (int i = 0; i < 200 && !dequeued.load(); ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  EXPECT_TRUE(dequeued.load()) << "Dequeue waited for a Release that waits for the engine";
+  while (!released.load()) {  // the engine drains: the releaser (and a stuck Dequeue) finish
+    BufRef b;
+    if (!ch.ret_.PopOne(&b)) std::this_thread::yield();
+  }
+  releaser.join();
+  engine.join();
+  for (BufRef b; ch.ret_.PopOne(&b);) {
+  }
+  ch.Release({third, 1});
 }
 
 // What a process about to exit waits for: a segment queued for the engine (a FIN behind the

@@ -8,7 +8,6 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
-#include <functional>
 #include <numeric>
 #include <random>
 #include <thread>

@@ -172,6 +172,7 @@ TEST_F(VnsTest, StreamOverFourChannelsArrivesInOrderAndUsesEveryChannel) {
   for (const auto& ch : chans)
     EXPECT_GT(ch->stats().tx_bytes, kBytes / 8) << "channel " << ch->id() << " carried little";
   EXPECT_GT(a_->Stats().copy_chunks + b_->Stats().copy_chunks, 0u) << "copy workers took part";
+  EXPECT_GT(b_->Stats().deliveries_inline, 0u) << "the receiver's engines delivered themselves";
 }
 
 // Channel scaling over AF_XDP: 100 scale-up/down cycles (1 -> 3 -> 1 channels) while checked
