@@ -1379,7 +1379,7 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
     std::lock_guard l(set->mu);
     if (slept) {
       Sleepers(*set, epfd, -1);
-      n = ScanLevel(*set, out, max);
+      if (!set->eager) n = ScanLevel(*set, out, max);  // (an eager set's come as events)
     }
     if (rc < 0 && n == 0) return -1;
     seen.clear();

@@ -295,6 +295,9 @@ int Client(const char* ip, int port, uint64_t bytes) {
     Check(epoll_wait(outer, &e, 1, 5000) == 1 && e.data.fd == inner, "epoll_nested_set");
     pollfd p{inner, POLLIN, 0};
     Check(poll(&p, 1, 5000) == 1 && (p.revents & POLLIN), "poll_on_an_epoll_fd");
+    epoll_event evs[4];
+    Check(epoll_wait(inner, evs, 4, 5000) == 1 && evs[0].data.fd == d,
+          "epoll_eager_set_reports_a_socket_once");
   }
   close(late);
   close(outer);
