@@ -246,8 +246,11 @@ bool StackImpl::DeliverInline(chan::Channel& ch) {
   for (DispatchChan& cs : dchans_) {
     if (cs.ch.get() != &ch) continue;
     // A lane a socket busy-polls is that socket's to drain (it takes its own segments first,
-    // right after this round): left alone, as the dispatcher leaves it.
-    if (cs.dead || cs.lane->polled_until_us.load(std::memory_order_relaxed) > NowUs() ||
+    // right after this round, or when it comes back for more): left alone, as the dispatcher
+    // leaves it, until the poller has been gone for kStandDownRecheckUs after its lease.
+    if (cs.dead ||
+        cs.lane->polled_until_us.load(std::memory_order_relaxed) + chan::kStandDownRecheckUs >
+            NowUs() ||
         !cs.lane->TryOwn())
       return false;
     bool worked = false;

@@ -495,9 +495,16 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
       return n;
     }
     // A reset wins over an end of stream seen before it, as in TCP; an orderly end of stream
-    // wins over the peer's channels going away afterwards.
-    if (auto st = StateError(); !st.ok()) return st;
-    if (reasm_.next() == c_->fin_seq.load(std::memory_order_acquire)) return 0;  // end of stream
+    // wins over the peer's channels going away afterwards. Either stays readable: a wait below
+    // may have lowered the fd after the FIN or the reset had raised it.
+    if (auto st = StateError(); !st.ok()) {
+      UpdateReadiness();
+      return st;
+    }
+    if (reasm_.next() == c_->fin_seq.load(std::memory_order_acquire)) {  // end of stream
+      UpdateReadiness();
+      return 0;
+    }
     if (auto st = Usable(); !st.ok()) return st;
     MaybeAdvertiseWindow();  // an update the channel could not take last time
     // About to wait (or to return EAGAIN to a poll loop), perhaps for the reply to what we wrote:
