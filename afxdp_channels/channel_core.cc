@@ -273,7 +273,7 @@ size_t ChannelCore::Dequeue(size_t max_bytes, std::span<RxSegment> out) {
 }
 
 void ChannelCore::Release(std::span<const RxSegment> segs) {
-  std::lock_guard g(release_mu_);
+  std::unique_lock g(release_mu_);
   constexpr size_t kBatch = 64;
   BufRef bufs[kBatch];
   size_t i = 0;
@@ -288,8 +288,12 @@ void ChannelCore::Release(std::span<const RxSegment> segs) {
     }
     i += n;
   }
-  outstanding_.fetch_sub(segs.size(), std::memory_order_release);
+  g.unlock();
   if (!segs.empty() && task_) task_->Wake();
+  // Last: once nothing is outstanding the consumer may destroy the channel (the dispatcher
+  // retires a dead one then), so nothing of it may be touched after this (TSan saw the unlock
+  // of release_mu_ land on a destroyed channel).
+  outstanding_.fetch_sub(segs.size(), std::memory_order_release);
 }
 
 void ChannelCore::Reclaim(const std::function<void(uint64_t)>& give_tx,

@@ -365,8 +365,9 @@ bool StackImpl::DispatchRound() {
   std::erase_if(dchans_, [&](DispatchChan& cs) {
     // (A drained channel is still up: its engine may not have published the last deliveries
     // in stats() yet, so the consumer side's exact count decides.)
+    // Either way no consumer may still be inside Release (it lowers rx_outstanding last).
     if (!cs.dead || cs.lane->npending.load(std::memory_order_relaxed) != 0 ||
-        (cs.drained ? cs.ch->rx_outstanding() : cs.ch->stats().rx_queued_bytes) != 0)
+        cs.ch->rx_outstanding() != 0 || (!cs.drained && cs.ch->stats().rx_queued_bytes != 0))
       return false;
     // A socket polling the lane is told it left (it drops it), under the lane.
     if (!cs.lane->TryOwn()) return false;
