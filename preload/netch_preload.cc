@@ -372,6 +372,7 @@ void Arm(EpollReg& r, bool on, int fd) {
 void MakeEager(EpollSet& s) {
   if (s.eager) return;
   s.eager = true;
+  s.level.clear();  // nothing scans an eager set
   for (auto& [fd, reg] : s.regs) Arm(reg, true, fd);
 }
 
@@ -425,13 +426,17 @@ void Sleepers(EpollSet& s, int epfd, int delta) {
     if (auto it = s.regs.find(fd); it != s.regs.end()) Arm(it->second, first, fd);
 }
 
-// After a change to fd's registration in epfd's set: its place in `level` and its wait. (The
-// set is marked kEpoll before: a thread about to sleep outside it either sees the mark or is
-// counted in g_outside_sleepers here.)
-void Settle(EpollSet& s, int epfd, int fd, EpollReg& r) {
-  const auto at = std::find(s.level.begin(), s.level.end(), fd);
-  if (IsLevel(r) && at == s.level.end()) s.level.push_back(fd);
-  if (!IsLevel(r) && at != s.level.end()) s.level.erase(at);
+// After a change to fd's registration in epfd's set (level-triggered before: `was_level`): its
+// place in a lazy set's `level`, touched only when that changes — not on every MOD, which event
+// loops make per request — and its wait. (The set is marked kEpoll before: a thread about to
+// sleep outside it either sees the mark or is counted in g_outside_sleepers here.)
+void Settle(EpollSet& s, int epfd, int fd, EpollReg& r, bool was_level) {
+  if (!s.eager && IsLevel(r) != was_level) {
+    if (IsLevel(r))
+      s.level.push_back(fd);
+    else
+      std::erase(s.level, fd);
+  }
   Arm(r,
       !IsLevel(r) || s.eager || s.sleepers > 0 ||
           g_outside_sleepers[epfd].load(std::memory_order_seq_cst) > 0,
@@ -1272,6 +1277,7 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
     have = it != set->regs.end();
     if (have) reg = it->second;
   }
+  const bool was_level = have && IsLevel(reg);
   if (op == EPOLL_CTL_DEL) {
     if (!have) return Fail(ENOENT);
     EpollUnregisterLocked(epfd, fd, *e);
@@ -1303,7 +1309,7 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
     std::lock_guard sl(set->mu);
     g_kind[epfd].fetch_or(kEpoll, std::memory_order_seq_cst);
     EpollReg& r = set->regs[fd] = reg;  // (after a failed MOD: the old one, as far as it is left)
-    Settle(*set, epfd, fd, r);
+    Settle(*set, epfd, fd, r, was_level);
   }
   if (failed) return -1;
   if (std::find(e->epolls.begin(), e->epolls.end(), epfd) == e->epolls.end())

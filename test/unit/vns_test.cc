@@ -163,6 +163,11 @@ TEST(CopyWorkersTest, ParallelForRunsEveryIndexOnceAndResizesAtRunTime) {
   EXPECT_GT(w.chunks_run(), 0u);
 }
 
+bool FdReadable(int fd) {
+  pollfd p{fd, POLLIN, 0};
+  return poll(&p, 1, 0) == 1;
+}
+
 // Two threads in rounds that overlap closely: each round they meet twice (spinning, then
 // yielding if the other is descheduled); the deliverer runs `deliver` between the meetings, this
 // thread `before` them, `during` (between) and `after`, which returns false to stop at the first
@@ -211,10 +216,6 @@ void RaceRounds(int rounds, const std::function<void()>& deliver,
 // that poll() called unreadable).
 TEST(ConnReadinessTest, RaiseAndLowerRacingLeaveTheFdMatchingTheFlag) {
   Conn c(ConnKey{1, 2, 3}, 1, AppClass::kThroughput, 4096);
-  auto fd_readable = [&] {
-    pollfd p{c.efd, POLLIN, 0};
-    return poll(&p, 1, 0) == 1;
-  };
   std::atomic<bool> pending{false};
   RaceRounds(
       200'000,
@@ -228,10 +229,10 @@ TEST(ConnReadinessTest, RaiseAndLowerRacingLeaveTheFdMatchingTheFlag) {
         if (pending.load()) c.Signal();
       },
       [&](int r) {
-        const bool flag = c.signaled.load(), readable = fd_readable();
+        const bool flag = c.signaled.load(), readable = FdReadable(c.efd);
         pending.store(false);
         c.Unsignal();
-        const bool still = fd_readable();
+        const bool still = FdReadable(c.efd);
         EXPECT_TRUE(flag) << "round " << r << ": something was delivered";
         EXPECT_TRUE(readable) << "round " << r << ": flag set, fd quiet";
         EXPECT_FALSE(still) << "round " << r << ": lowered, fd still readable";
@@ -244,25 +245,21 @@ TEST(ConnReadinessTest, RaiseAndLowerRacingLeaveTheFdMatchingTheFlag) {
 TEST(ConnReadinessTest, ALazyFdFollowsTheFlagOnlyWhileAWaitIsAnnounced) {
   Conn c(ConnKey{1, 2, 3}, 1, AppClass::kThroughput, 4096);
   c.waiters.fetch_sub(1);  // what SetLazyReadiness does
-  auto fd_readable = [&] {
-    pollfd p{c.efd, POLLIN, 0};
-    return poll(&p, 1, 0) == 1;
-  };
   c.Signal();
   EXPECT_TRUE(c.signaled.load());
-  EXPECT_FALSE(fd_readable()) << "nobody waits: no eventfd write";
+  EXPECT_FALSE(FdReadable(c.efd)) << "nobody waits: no eventfd write";
   c.BeginWait();
-  EXPECT_TRUE(fd_readable()) << "a waiter arrived: the fd catches up";
+  EXPECT_TRUE(FdReadable(c.efd)) << "a waiter arrived: the fd catches up";
   c.EndWait();
   c.Unsignal();
-  EXPECT_FALSE(fd_readable());
+  EXPECT_FALSE(FdReadable(c.efd));
   c.BeginWait();
   c.Signal();
-  EXPECT_TRUE(fd_readable()) << "raised while a waiter waits";
+  EXPECT_TRUE(FdReadable(c.efd)) << "raised while a waiter waits";
   c.EndWait();
   c.Unsignal();
   c.Signal();
-  EXPECT_FALSE(fd_readable());
+  EXPECT_FALSE(FdReadable(c.efd));
 }
 
 // A waiter that announces itself, looks at the flag and sleeps on the fd is never left asleep
