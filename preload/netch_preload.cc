@@ -164,12 +164,6 @@ Entry::~Entry() {
   if (g_child.load()) (void)vs.release();  // the parent's: never touched here
 }
 
-EpollSet::~EpollSet() {
-  if (g_child.load()) return;
-  for (auto& [fd, reg] : regs)
-    if (reg.armed) reg.armed->vs->EndWait();
-}
-
 // ---- configuration and the stack ---------------------------------------------------------
 const char* Getenv(const char* k) { return getenv(k); }
 
@@ -369,6 +363,11 @@ void Arm(EpollReg& r, bool on, int fd) {
   }
 }
 
+EpollSet::~EpollSet() {
+  if (g_child.load()) return;
+  for (auto& [fd, reg] : regs) Arm(reg, false, fd);
+}
+
 void MakeEager(EpollSet& s) {
   if (s.eager) return;
   s.eager = true;
@@ -455,7 +454,7 @@ void EpollUnregisterLocked(int epfd, int fd, Entry& e) {
       std::erase(set->level, fd);
     }
   }
-  if (reg.armed) reg.armed->vs->EndWait();
+  Arm(reg, false, fd);
   DropReal(epfd, e, reg);
 }
 
