@@ -130,6 +130,22 @@ class PollYielder {
 // the stood-down threads wake — each wakeup pre-empts a spinner on a shared core.
 inline constexpr uint64_t kStandDownRecheckUs = 2000;
 
+// Run to completion on the sending side. While a TransmitInlineScope lives on a thread, an
+// Enqueue/Seal/Flush on that thread that finds its channel's engine asleep runs that engine's round
+// itself — the segments leave on the caller's thread (copy-mode AF_XDP TX and UDP transmit are a
+// syscall either way) — instead of waking the engine: one thread hand-off less per message, which
+// is most of a blocking round trip's cost on these machines (docs/ARCHITECTURE.md). An engine
+// that is awake, in a round or stood down for a poller is left to it, as Wake() would. Only for
+// threads that hold no lock a round may take (a channel's producer or consumer locks, the locks
+// a DeliveryHook takes): VNS opens one in a socket's Send. Scopes nest.
+class TransmitInlineScope {
+ public:
+  TransmitInlineScope();
+  ~TransmitInlineScope();
+  TransmitInlineScope(const TransmitInlineScope&) = delete;
+  TransmitInlineScope& operator=(const TransmitInlineScope&) = delete;
+};
+
 // One received segment. `payload` points into a stack buffer owned by the caller until Release().
 struct RxSegment {
   wire::SegHeader hdr;
@@ -262,6 +278,7 @@ struct EngineInfo {
   int core = -1;  // pinned core, -1 if unpinned
   int tid = 0;    // OS thread id
   uint64_t busy_ns = 0, wakeups = 0;
+  uint64_t inline_rounds = 0;  // rounds producers ran on their own threads (TransmitInlineScope)
 };
 
 class Driver {

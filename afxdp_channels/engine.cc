@@ -5,6 +5,7 @@
 #include <sched.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
+#include <sys/timerfd.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -28,8 +29,43 @@ static uint64_t NowNs() {
   return static_cast<uint64_t>(ts.tv_sec) * 1'000'000'000 + static_cast<uint64_t>(ts.tv_nsec);
 }
 
+namespace {
+thread_local int t_transmit_inline = 0;  // TransmitInlineScopes open on this thread
+// The engine whose round this thread runs for a producer or a poller, and whether that round
+// queued work for the engine itself. No round runs inside another: a DeliveryHook holds locks
+// another engine's round would try_lock again on the same thread.
+thread_local Engine* t_round_engine = nullptr;
+thread_local bool t_rewake = false;
+// A producer's inline rounds until nothing is left: the round that transmits, the one that reaps
+// the completions copy mode posted during the send, an idle one. Work beyond that (a stream of
+// arrivals) goes to the engine thread.
+constexpr int kMaxInlineRounds = 4;
+// The longest an engine sleeps without a timer: a lost wakeup costs at most this.
+constexpr uint64_t kMaxSleepUs = 100'000;
+
+struct RoundOnThisThread {
+  explicit RoundOnThisThread(Engine* e) : prev(t_round_engine) { t_round_engine = e; }
+  ~RoundOnThisThread() { t_round_engine = prev; }
+  Engine* prev;
+};
+}  // namespace
+
+TransmitInlineScope::TransmitInlineScope() { ++t_transmit_inline; }
+TransmitInlineScope::~TransmitInlineScope() { --t_transmit_inline; }
+
 void EngineTask::Wake() {
-  if (Engine* e = engine.load(std::memory_order_acquire)) e->Wake();
+  Engine* e = engine.load(std::memory_order_acquire);
+  if (!e) return;
+  if (t_round_engine != nullptr) {
+    if (e == t_round_engine)
+      t_rewake = true;  // the round's own engine: the next inline round takes it
+    else
+      e->Wake();
+  } else if (t_transmit_inline > 0) {
+    e->TransmitInline();
+  } else {
+    e->Wake();
+  }
 }
 
 Engine::Engine(int index, int core, std::string netns, absl::Duration spin)
@@ -43,6 +79,8 @@ Engine::~Engine() { Stop(); }
 absl::Status Engine::Start() {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return ErrnoStatus(errno, "eventfd");
+  timer_fd_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+  if (timer_fd_ < 0) return ErrnoStatus(errno, "timerfd_create");
   std::unique_lock lk(mu_);
   bool started = false;
   thread_ = std::thread([this, &started] {
@@ -80,16 +118,14 @@ absl::Status Engine::Start() {
 }
 
 void Engine::Stop() {
-  if (!thread_.joinable()) {
-    if (wake_fd_ >= 0) close(wake_fd_), wake_fd_ = -1;
-    return;
+  if (thread_.joinable()) {
+    stop_ = true;
+    uint64_t one = 1;
+    (void)!write(wake_fd_, &one, sizeof(one));
+    thread_.join();
   }
-  stop_ = true;
-  uint64_t one = 1;
-  (void)!write(wake_fd_, &one, sizeof(one));
-  thread_.join();
-  close(wake_fd_);
-  wake_fd_ = -1;
+  if (wake_fd_ >= 0) close(wake_fd_), wake_fd_ = -1;
+  if (timer_fd_ >= 0) close(timer_fd_), timer_fd_ = -1;
   for (EngineTask* t : tasks_) t->engine.store(nullptr);
   tasks_.clear();
 }
@@ -136,7 +172,61 @@ bool Engine::RunInline(uint64_t now_us, uint64_t stand_down_us) {
   // The caller read the clock before the lock: a round that ran meanwhile may have used a later
   // time, and a task must never see time go back.
   uint64_t deadline = UINT64_MAX;
+  RoundOnThisThread on(this);
   return RunTasks(std::max(now_us, last_round_us_), &deadline);
+}
+
+void Engine::TransmitInline() {
+  // The same handshake as Wake(): an engine that is awake sees the work before it sleeps.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (!sleeping_.load(std::memory_order_relaxed) ||
+      stand_down_until_us_.load(std::memory_order_relaxed) > NowUs())
+    return;
+  std::unique_lock rl(round_mu_, std::try_to_lock);
+  // Not ours to run: the engine is in its last look before sleeping (it may have missed the
+  // work), a poller runs a round, or tasks are being added or removed.
+  if (!rl.owns_lock() || ops_pending_.load(std::memory_order_acquire)) {
+    if (rl.owns_lock()) rl.unlock();
+    Wake();
+    return;
+  }
+  bool more = true;
+  uint64_t deadline = UINT64_MAX;
+  {
+    RoundOnThisThread on(this);
+    for (int i = 0; i < kMaxInlineRounds && more; ++i) {
+      t_rewake = false;
+      deadline = UINT64_MAX;
+      more = RunTasks(std::max(NowUs(), last_round_us_), &deadline) || t_rewake;
+    }
+  }
+  inline_rounds_.fetch_add(1, std::memory_order_relaxed);
+  // A task that now waits for room (a kernel-TCP channel's full socket) needs the engine's
+  // poll set.
+  for (EngineTask* t : tasks_) more |= t->wait_events() != POLLIN;
+  if (!more && deadline < wake_at_us_) {
+    const itimerspec at{{0, 0},
+                        {static_cast<time_t>(deadline / 1'000'000),
+                         static_cast<long>(deadline % 1'000'000) * 1000}};
+    if (timerfd_settime(timer_fd_, TFD_TIMER_ABSTIME, &at, nullptr) == 0) {
+      wake_at_us_ = deadline;
+      timer_armed_ = true;
+    } else {
+      more = true;
+    }
+  }
+  rl.unlock();
+  if (more) Wake();
+}
+
+void Engine::AwakeLocked() {
+  wake_at_us_ = UINT64_MAX;
+  if (timer_armed_) {
+    // Disarming also clears an expiry not read yet.
+    const itimerspec off{};
+    (void)timerfd_settime(timer_fd_, 0, &off, nullptr);
+    timer_armed_ = false;
+  }
 }
 
 void PollYielder::MaybeYield(uint64_t now_us, uint64_t spun_us) {
@@ -204,6 +294,7 @@ void Engine::Loop() {
       // The clock is read under the lock: a poller's round may have run while we waited for it,
       // and a task must never see time go back (timers compare with what that round stored).
       std::lock_guard rl(round_mu_);
+      AwakeLocked();
       worked = RunTasks(NowUs(), &deadline);
     }
     if (worked) {
@@ -221,7 +312,10 @@ void Engine::Loop() {
     deadline = UINT64_MAX;
     {
       std::lock_guard rl(round_mu_);
-      worked |= RunTasks(NowUs(), &deadline);
+      const uint64_t now2 = NowUs();
+      worked |= RunTasks(now2, &deadline);
+      // From here producers' rounds (TransmitInline) compare their timers with this.
+      if (!worked) wake_at_us_ = std::min(deadline, now2 + kMaxSleepUs);
     }
     if (!worked && !ops_pending_.load(std::memory_order_acquire))
       Sleep(deadline, /*wake_fd_only=*/false);
@@ -232,26 +326,27 @@ void Engine::Loop() {
 }
 
 void Engine::Sleep(uint64_t deadline_us, bool wake_fd_only) {
-  pollfd fds[65];
+  pollfd fds[66];
   nfds_t n = 0;
   fds[n++] = {wake_fd_, POLLIN, 0};
+  fds[n++] = {timer_fd_, POLLIN, 0};  // producers' timers (cleared by the next round)
   // (tasks_ is read without round_mu_: only this thread changes it.)
   for (EngineTask* t : tasks_) {
-    if (n == 65 || wake_fd_only) break;
+    if (n == 66 || wake_fd_only) break;
     if (int fd = t->wait_fd(); fd >= 0) fds[n++] = {fd, t->wait_events(), 0};
   }
   // Never sleep unbounded: a lost wakeup costs at most this much.
   const uint64_t now = NowUs();
   uint64_t wait_us = deadline_us > now ? deadline_us - now : 0;
-  wait_us = std::min<uint64_t>(wait_us, 100'000);
+  wait_us = std::min<uint64_t>(wait_us, kMaxSleepUs);
   timespec ts{static_cast<time_t>(wait_us / 1'000'000),
               static_cast<long>((wait_us % 1'000'000) * 1000)};
   wakeups_.fetch_add(1, std::memory_order_relaxed);
   ppoll(fds, n, &ts, nullptr);
-  if (fds[0].revents & POLLIN) {
-    uint64_t v;
-    (void)!read(wake_fd_, &v, sizeof(v));
-  }
+  uint64_t v;
+  if (fds[0].revents & POLLIN) (void)!read(wake_fd_, &v, sizeof(v));
+  // (A stood-down engine sleeps again without a round: the expiry must not stay readable.)
+  if (fds[1].revents & POLLIN) (void)!read(timer_fd_, &v, sizeof(v));
 }
 
 absl::StatusOr<std::vector<std::unique_ptr<Engine>>> StartEngines(const DriverOptions& opts) {
@@ -269,7 +364,8 @@ absl::StatusOr<std::vector<std::unique_ptr<Engine>>> StartEngines(const DriverOp
 std::vector<EngineInfo> DescribeEngines(const std::vector<std::unique_ptr<Engine>>& engines) {
   std::vector<EngineInfo> out;
   for (const auto& e : engines)
-    out.push_back({e->index(), e->core(), e->tid(), e->busy_ns(), e->wakeups()});
+    out.push_back(
+        {e->index(), e->core(), e->tid(), e->busy_ns(), e->wakeups(), e->inline_rounds()});
   return out;
 }
 

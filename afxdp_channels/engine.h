@@ -78,12 +78,19 @@ class Engine {
   // once.
   bool RunInline(uint64_t now_us, uint64_t stand_down_us);
   void Resume();
+  // Run to completion on the sending side (TransmitInlineScope): a producer that queued work
+  // runs the round itself if the engine sleeps, else wakes it as Wake() would. The engine's
+  // timers the round set earlier than the engine's own wakeup go to its timerfd; anything the
+  // round could not finish goes to the engine thread (an eventfd wakeup).
+  void TransmitInline();
 
   int index() const { return index_; }
   int core() const { return core_; }
   pid_t tid() const { return tid_.load(); }
   uint64_t busy_ns() const { return busy_ns_.load(std::memory_order_relaxed); }
   uint64_t wakeups() const { return wakeups_.load(std::memory_order_relaxed); }
+  bool sleeping() const { return sleeping_.load(std::memory_order_relaxed); }
+  uint64_t inline_rounds() const { return inline_rounds_.load(std::memory_order_relaxed); }
 
  private:
   struct Op {
@@ -94,6 +101,8 @@ class Engine {
   void Loop();
   void ApplyOps();
   void Sleep(uint64_t deadline_us, bool wake_fd_only);
+  // The engine thread is awake (round_mu_ held): producers' timers are its own again.
+  void AwakeLocked();
   // Runs every task once; round_mu_ held.
   bool RunTasks(uint64_t now_us, uint64_t* deadline_us);
 
@@ -105,7 +114,10 @@ class Engine {
   std::atomic<bool> stop_{false};
   std::atomic<bool> sleeping_{false};
   std::atomic<pid_t> tid_{0};
-  std::atomic<uint64_t> busy_ns_{0}, wakeups_{0};
+  std::atomic<uint64_t> busy_ns_{0}, wakeups_{0}, inline_rounds_{0};
+  // Timers set by producers' rounds while the engine sleeps (it sleeps in ppoll() with its own
+  // deadline as timeout, which another thread cannot shorten).
+  int timer_fd_ = -1;
 
   std::mutex mu_;
   std::condition_variable cv_;
@@ -121,6 +133,10 @@ class Engine {
   std::vector<EngineTask*> tasks_;  // guarded by round_mu_ (changed by the engine thread only)
   std::atomic<uint64_t> stand_down_until_us_{0};
   uint64_t last_round_us_ = 0;  // guarded by round_mu_: the clock a round last ran with
+  // guarded by round_mu_: when the sleeping engine wakes by itself (ppoll timeout or timer_fd_);
+  // UINT64_MAX while it is awake.
+  uint64_t wake_at_us_ = UINT64_MAX;
+  bool timer_armed_ = false;  // guarded by round_mu_
 };
 
 // A driver's engines: opts.engines threads, engine i pinned to opts.cores[i] when given.

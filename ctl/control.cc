@@ -137,7 +137,8 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
                          {"core", e.core},
                          {"tid", e.tid},
                          {"busy_ns", e.busy_ns},
-                         {"wakeups", e.wakeups}});
+                         {"wakeups", e.wakeups},
+                         {"inline_rounds", e.inline_rounds}});
     return Ok({{"instance", s.instance},
                {"pid", s.pid},
                {"ifname", s.ifname},

@@ -138,6 +138,10 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
               static_cast<double>(e.busy_ns) / 1e9, l);
     b.Counter("netch_engine_sleeps_total", "Times an engine went to sleep (adaptive polling).",
               static_cast<double>(e.wakeups), l);
+    b.Counter("netch_engine_inline_rounds_total",
+              "Times a sending application thread ran a sleeping engine's round itself instead "
+              "of waking it (StackOptions::transmit_inline).",
+              static_cast<double>(e.inline_rounds), l);
   }
   for (const auto& ch : d.Channels()) {
     const chan::ChannelStats s = ch->stats();

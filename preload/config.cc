@@ -90,6 +90,9 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
   int flag = 1;
   if (auto st = ReadInt(env, "NETCH_DELIVER_INLINE", 0, 1, &flag); !st.ok()) return st;
   c.deliver_inline = flag == 1;
+  flag = 1;
+  if (auto st = ReadInt(env, "NETCH_TRANSMIT_INLINE", 0, 1, &flag); !st.ok()) return st;
+  c.transmit_inline = flag == 1;
   flag = 0;
   if (auto st = ReadInt(env, "NETCH_REPLACE_XDP", 0, 1, &flag); !st.ok()) return st;
   c.replace_xdp = flag == 1;

@@ -234,6 +234,7 @@ netch::vns::Stack* GetStack() {
   so.policy = c->policy;
   so.policy_knobs = c->policy_knobs;
   so.deliver_inline = c->deliver_inline;
+  so.transmit_inline = c->transmit_inline;
   if (c->spin_us >= 0) {
     so.recv_spin_us = so.dispatcher_spin_us = static_cast<uint64_t>(c->spin_us);
     so.driver_opts.spin = absl::Microseconds(c->spin_us);

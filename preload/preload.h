@@ -41,6 +41,8 @@
 //   NETCH_SPIN_US    how long idle stack threads spin before sleeping (default: the stack's 50)
 //   NETCH_DELIVER_INLINE=0  received segments go to sockets through the dispatcher thread, not
 //                    on the engine's thread (vns::StackOptions::deliver_inline; default 1)
+//   NETCH_TRANSMIT_INLINE=0  a small write wakes the engine instead of running its round on
+//                    the writing thread (vns::StackOptions::transmit_inline; default 1)
 //   NETCH_POLICY     NAME[:key=value,...], e.g. "isolate-classes:busy_poll_us=200"
 //   NETCH_CLASS      latency | throughput: the class the program's connections announce
 //   NETCH_BUSY_POLL_US  a blocking receive on any of the program's sockets runs its channels
@@ -72,7 +74,8 @@ struct Config {
   int app_class = 0;
   int busy_poll_us = -1;  // NETCH_BUSY_POLL_US: every socket's SocketOptions::busy_poll_us
   bool replace_xdp = false, verbose = false;
-  bool deliver_inline = true;  // NETCH_DELIVER_INLINE
+  bool deliver_inline = true;   // NETCH_DELIVER_INLINE
+  bool transmit_inline = true;  // NETCH_TRANSMIT_INLINE
   // Filled from the interface: its address and netmask (host order).
   uint32_t local_ip = 0, netmask = 0;
 
