@@ -112,8 +112,8 @@ struct StackOptions {
   // dispatcher thread is not woken per delivery; it still serves what an engine could not (a
   // full socket, a round it was busy with) and its housekeeping.
   bool deliver_inline = true;
-  // Run to completion on the sending side: a Send of up to 32 KiB that finds its channel's
-  // engine asleep runs the engine's round on the application's thread
+  // Run to completion on the sending side: a blocking Send of up to 32 KiB that finds its
+  // channel's engine asleep runs the engine's round on the application's thread
   // (chan::TransmitInlineScope) rather than waking the engine — one thread hand-off less per
   // message. Busy-polled sockets transmit in their own rounds regardless.
   bool transmit_inline = true;
