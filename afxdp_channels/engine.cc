@@ -140,6 +140,14 @@ void Engine::Post(const Op& op) {
   ops_pending_.store(true, std::memory_order_release);
   // From the engine's own thread (a task adding another): applied at the top of the next round.
   if (std::this_thread::get_id() == thread_.get_id()) return;
+  // From a round another thread runs for this engine (a kernel-TCP listener adopting a
+  // connection during a producer's or a poller's round): that thread holds the round lock the
+  // engine needs to apply it, so it must not wait; the engine applies it when it wakes.
+  if (t_round_engine == this) {
+    uint64_t one = 1;
+    (void)!write(wake_fd_, &one, sizeof(one));
+    return;
+  }
   if (!thread_.joinable() || stop_) {  // not running: apply inline
     lk.unlock();
     ApplyOps();

@@ -147,5 +147,24 @@ TEST(EngineTest, ARoundRunForAProducerWakesAnotherEngineInsteadOfRunningItsRound
   e2.Remove(&b);
 }
 
+TEST(EngineTest, ATaskAddedDuringAProducersRoundIsAddedWithoutWaitingForTheEngine) {
+  // As a kernel-TCP listener adopts a connection in its round: the producer running the round
+  // holds the round lock the engine needs to apply the add, so waiting for it would deadlock.
+  Engine e(0, -1, "", absl::ZeroDuration());
+  ASSERT_TRUE(e.Start().ok());
+  WorkTask a, b;
+  e.Add(&a);
+  a.on_take = [&](uint64_t, uint64_t*) { e.Add(&b); };
+  AwaitSleep(e);
+  {
+    TransmitInlineScope scope;
+    Produce(a);
+    EXPECT_EQ(a.ran_on.load(), std::this_thread::get_id());
+  }
+  Produce(b);  // the engine took b on
+  e.Remove(&a);
+  e.Remove(&b);
+}
+
 }  // namespace
 }  // namespace netch::chan
