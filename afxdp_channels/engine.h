@@ -64,7 +64,9 @@ class Engine {
   void Stop();
 
   // Both return after the engine has applied the change (synchronous hand-off), except when
-  // called from the engine's own thread, where they take effect at the start of its next round.
+  // called from the engine's own thread or from a round another thread runs for it (busy
+  // polling, TransmitInline: it holds the round lock), where they take effect at the start of
+  // the engine thread's next round.
   void Add(EngineTask* t);
   void Remove(EngineTask* t);
   void Wake();
