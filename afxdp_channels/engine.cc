@@ -120,14 +120,18 @@ absl::Status Engine::Start() {
 void Engine::Stop() {
   if (thread_.joinable()) {
     stop_ = true;
-    uint64_t one = 1;
-    (void)!write(wake_fd_, &one, sizeof(one));
+    Kick();
     thread_.join();
   }
   if (wake_fd_ >= 0) close(wake_fd_), wake_fd_ = -1;
   if (timer_fd_ >= 0) close(timer_fd_), timer_fd_ = -1;
   for (EngineTask* t : tasks_) t->engine.store(nullptr);
   tasks_.clear();
+}
+
+void Engine::Kick() {
+  uint64_t one = 1;
+  (void)!write(wake_fd_, &one, sizeof(one));
 }
 
 void Engine::Add(EngineTask* t) { Post({t, true}); }
@@ -144,8 +148,7 @@ void Engine::Post(const Op& op) {
   // connection during a producer's or a poller's round): that thread holds the round lock the
   // engine needs to apply it, so it must not wait; the engine applies it when it wakes.
   if (t_round_engine == this) {
-    uint64_t one = 1;
-    (void)!write(wake_fd_, &one, sizeof(one));
+    Kick();
     return;
   }
   if (!thread_.joinable() || stop_) {  // not running: apply inline
@@ -153,8 +156,7 @@ void Engine::Post(const Op& op) {
     ApplyOps();
     return;
   }
-  uint64_t one = 1;
-  (void)!write(wake_fd_, &one, sizeof(one));
+  Kick();
   cv_.wait(lk, [&] { return ops_applied_ >= ticket; });
 }
 
@@ -165,8 +167,7 @@ void Engine::Wake() {
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (sleeping_.load(std::memory_order_relaxed) &&
       stand_down_until_us_.load(std::memory_order_relaxed) <= NowUs()) {
-    uint64_t one = 1;
-    (void)!write(wake_fd_, &one, sizeof(one));
+    Kick();
   }
 }
 
@@ -248,8 +249,7 @@ void Engine::Resume() {
   if (stand_down_until_us_.exchange(0, std::memory_order_relaxed) != 0) {
     std::atomic_thread_fence(std::memory_order_seq_cst);
     if (sleeping_.load(std::memory_order_relaxed)) {
-      uint64_t one = 1;
-      (void)!write(wake_fd_, &one, sizeof(one));
+      Kick();
     }
   }
 }

@@ -100,6 +100,7 @@ class Engine {
     bool add;
   };
   void Post(const Op& op);
+  void Kick();  // wakes the engine thread through its eventfd, asleep or not
   void Loop();
   void ApplyOps();
   void Sleep(uint64_t deadline_us, bool wake_fd_only);
