@@ -29,6 +29,14 @@ absl::Status ReadInt(const char* (*env)(const char*), const char* var, int lo, i
   return absl::OkStatus();
 }
 
+// A 0/1 variable; *out (the default) stays when it is unset.
+absl::Status ReadFlag(const char* (*env)(const char*), const char* var, bool* out) {
+  int n = *out ? 1 : 0;
+  if (auto st = ReadInt(env, var, 0, 1, &n); !st.ok()) return st;
+  *out = n == 1;
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
@@ -87,18 +95,11 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
   if (auto st = ReadInt(env, "NETCH_SPIN_US", 0, 100000, &c.spin_us); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_BUSY_POLL_US", 0, 1000000, &c.busy_poll_us); !st.ok())
     return st;
-  int flag = 1;
-  if (auto st = ReadInt(env, "NETCH_DELIVER_INLINE", 0, 1, &flag); !st.ok()) return st;
-  c.deliver_inline = flag == 1;
-  flag = 1;
-  if (auto st = ReadInt(env, "NETCH_TRANSMIT_INLINE", 0, 1, &flag); !st.ok()) return st;
-  c.transmit_inline = flag == 1;
-  flag = 0;
-  if (auto st = ReadInt(env, "NETCH_REPLACE_XDP", 0, 1, &flag); !st.ok()) return st;
-  c.replace_xdp = flag == 1;
-  flag = 0;
-  if (auto st = ReadInt(env, "NETCH_VERBOSE", 0, 1, &flag); !st.ok()) return st;
-  c.verbose = flag == 1;
+  for (auto [var, out] : {std::pair{"NETCH_DELIVER_INLINE", &c.deliver_inline},
+                          {"NETCH_TRANSMIT_INLINE", &c.transmit_inline},
+                          {"NETCH_REPLACE_XDP", &c.replace_xdp},
+                          {"NETCH_VERBOSE", &c.verbose}})
+    if (auto st = ReadFlag(env, var, out); !st.ok()) return st;
   if (c.driver != "afxdp" && c.driver != "tcp") return Bad("NETCH_DRIVER", c.driver, "afxdp|tcp");
   if (c.tx != "auto" && c.tx != "afxdp" && c.tx != "udp")
     return Bad("NETCH_TX", c.tx, "auto|afxdp|udp");
