@@ -38,6 +38,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <utility>
 #include <string_view>
 #include <vector>
 
@@ -146,6 +147,35 @@ class TransmitInlineScope {
   TransmitInlineScope& operator=(const TransmitInlineScope&) = delete;
 };
 
+class Engine;
+
+// Run to completion on the receive side, for a consumer about to block until data arrives
+// (Channel::BorrowInput): while the loan lives, the engine that carries the channel sleeps on
+// without watching its input (its timers and producers still wake it); the borrower polls fd()
+// — readable when any of the engine's tasks has input — and runs the round on its own thread
+// with Run(), so an arrival wakes the one thread that waits for it instead of the engine and
+// then, after its round, the consumer. Loans of one engine are counted: the engine watches its
+// input again when the last one ends. Move-only; destroying it returns the loan.
+class InputLoan {
+ public:
+  InputLoan() = default;
+  InputLoan(InputLoan&& o) noexcept : engine_(std::exchange(o.engine_, nullptr)) {}
+  InputLoan& operator=(InputLoan&& o) noexcept;
+  ~InputLoan() { Return(); }
+  explicit operator bool() const { return engine_ != nullptr; }
+  int fd() const;
+  // One round of the engine on this thread, unless another thread runs one now; timers it sets
+  // stay the engine's. True if a task did anything.
+  bool Run();
+  void Return();
+  bool same_engine(const InputLoan& o) const { return engine_ == o.engine_; }
+
+ private:
+  friend class Engine;
+  explicit InputLoan(Engine* e) : engine_(e) {}
+  Engine* engine_ = nullptr;
+};
+
 // One received segment. `payload` points into a stack buffer owned by the caller until Release().
 struct RxSegment {
   wire::SegHeader hdr;
@@ -202,6 +232,9 @@ class Channel {
   }
   // The poller stops (about to sleep): the engine thread takes over again at once.
   virtual void EndPollInline() {}
+  // Run to completion on the receive side, for a blocking consumer (see InputLoan): an empty
+  // loan when the driver has no engine threads.
+  virtual InputLoan BorrowInput() { return {}; }
   // Scale-down: `last` becomes the final segment on this channel — after every segment enqueued
   // before (including those being copied right now), and Enqueue takes nothing after it. False
   // when the send queue has no room for it yet (try again later).
@@ -279,6 +312,7 @@ struct EngineInfo {
   int tid = 0;    // OS thread id
   uint64_t busy_ns = 0, wakeups = 0;
   uint64_t inline_rounds = 0;  // rounds producers ran on their own threads (TransmitInlineScope)
+  uint64_t loan_rounds = 0;    // rounds blocked receivers ran on their own threads (InputLoan)
 };
 
 class Driver {

@@ -151,6 +151,11 @@ void ChannelCore::EndPollInline() {
   if (Engine* e = task_ ? task_->engine.load(std::memory_order_acquire) : nullptr) e->Resume();
 }
 
+InputLoan ChannelCore::BorrowInput() {
+  Engine* e = task_ ? task_->engine.load(std::memory_order_acquire) : nullptr;
+  return e ? e->BorrowInput() : InputLoan();
+}
+
 void ChannelCore::Flush() {
   if (!open_pending_.load(std::memory_order_acquire)) return;
   bool committed;

@@ -71,6 +71,7 @@ class ChannelCore : public Channel {
   void Flush() override;
   bool PollInline(uint64_t now_us, uint64_t stand_down_us) override;
   void EndPollInline() override;
+  InputLoan BorrowInput() override;
 
   // ---- engine side ----------------------------------------------------------------------------
   virtual uint8_t* BufAddr(uint64_t token) = 0;

@@ -3,6 +3,7 @@
 #include <poll.h>
 #include <pthread.h>
 #include <sched.h>
+#include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/syscall.h>
 #include <sys/timerfd.h>
@@ -81,6 +82,15 @@ absl::Status Engine::Start() {
   if (wake_fd_ < 0) return ErrnoStatus(errno, "eventfd");
   timer_fd_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
   if (timer_fd_ < 0) return ErrnoStatus(errno, "timerfd_create");
+  sleep_ep_ = epoll_create1(EPOLL_CLOEXEC);
+  input_ep_ = epoll_create1(EPOLL_CLOEXEC);
+  if (sleep_ep_ < 0 || input_ep_ < 0) return ErrnoStatus(errno, "epoll_create1");
+  for (int fd : {wake_fd_, timer_fd_, input_ep_}) {
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.fd = fd;
+    if (epoll_ctl(sleep_ep_, EPOLL_CTL_ADD, fd, &ev) != 0) return ErrnoStatus(errno, "epoll_ctl");
+  }
   std::unique_lock lk(mu_);
   bool started = false;
   thread_ = std::thread([this, &started] {
@@ -125,6 +135,9 @@ void Engine::Stop() {
   }
   if (wake_fd_ >= 0) close(wake_fd_), wake_fd_ = -1;
   if (timer_fd_ >= 0) close(timer_fd_), timer_fd_ = -1;
+  if (sleep_ep_ >= 0) close(sleep_ep_), sleep_ep_ = -1;
+  if (input_ep_ >= 0) close(input_ep_), input_ep_ = -1;
+  input_regs_.clear();
   for (EngineTask* t : tasks_) t->engine.store(nullptr);
   tasks_.clear();
 }
@@ -199,21 +212,30 @@ void Engine::TransmitInline() {
     Wake();
     return;
   }
+  const bool more = RunForeignRoundsLocked(kMaxInlineRounds);
+  inline_rounds_.fetch_add(1, std::memory_order_relaxed);
+  rl.unlock();
+  if (more) Wake();
+}
+
+bool Engine::RunForeignRoundsLocked(int max_rounds) {
   bool more = true;
   uint64_t deadline = UINT64_MAX;
   {
     RoundOnThisThread on(this);
-    for (int i = 0; i < kMaxInlineRounds && more; ++i) {
+    for (int i = 0; i < max_rounds && more; ++i) {
       t_rewake = false;
       deadline = UINT64_MAX;
       more = RunTasks(std::max(NowUs(), last_round_us_), &deadline) || t_rewake;
     }
   }
-  inline_rounds_.fetch_add(1, std::memory_order_relaxed);
-  // A task that now waits for room (a kernel-TCP channel's full socket) needs the engine's
-  // poll set.
-  for (EngineTask* t : tasks_) more |= t->wait_events() != POLLIN;
-  if (!more && deadline < wake_at_us_) {
+  // A task that now waits for more than input (a kernel-TCP channel's full socket) needs the
+  // engine to register that before it sleeps again.
+  for (size_t i = 0; i < tasks_.size(); ++i)
+    more |= i >= input_regs_.size() || input_regs_[i].task != tasks_[i] ||
+            input_regs_[i].events != static_cast<uint32_t>(tasks_[i]->wait_events());
+  // wake_at_us_ is set only by a sleeping engine (awake, it computes its deadline itself).
+  if (!more && deadline < wake_at_us_ && sleeping_.load(std::memory_order_relaxed)) {
     const itimerspec at{{0, 0},
                         {static_cast<time_t>(deadline / 1'000'000),
                          static_cast<long>(deadline % 1'000'000) * 1000}};
@@ -224,8 +246,85 @@ void Engine::TransmitInline() {
       more = true;
     }
   }
+  return more;
+}
+
+InputLoan Engine::BorrowInput() {
+  if (input_ep_ < 0) return {};
+  std::lock_guard g(lend_mu_);
+  if (loans_ == 0) {
+    epoll_event ev{};  // no events: the sleeping engine no longer wakes for input
+    ev.data.fd = input_ep_;
+    if (epoll_ctl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, &ev) != 0) return {};
+  }
+  ++loans_;
+  return InputLoan(this);
+}
+
+void Engine::ReturnInput() {
+  std::lock_guard g(lend_mu_);
+  if (--loans_ > 0) return;
+  // Watching again: input that arrived meanwhile wakes the engine at once (epoll checks the
+  // readiness of a modified registration).
+  epoll_event ev{};
+  ev.events = EPOLLIN;
+  ev.data.fd = input_ep_;
+  (void)epoll_ctl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, &ev);  // (a registered fd: cannot fail)
+}
+
+bool Engine::RunLoaned() {
+  std::unique_lock rl(round_mu_, std::try_to_lock);
+  // The engine (or a poller) runs a round now and takes the input, or tasks are being added or
+  // removed: the engine's turn.
+  if (!rl.owns_lock() || ops_pending_.load(std::memory_order_acquire)) return false;
+  const bool more = RunForeignRoundsLocked(kMaxInlineRounds);
+  loan_rounds_.fetch_add(1, std::memory_order_relaxed);
   rl.unlock();
   if (more) Wake();
+  return true;
+}
+
+void Engine::SyncInputsLocked() {
+  if (input_ep_ < 0) return;
+  // Registrations in tasks_ order; rebuilt from the first difference (tasks change rarely).
+  size_t i = 0;
+  while (i < tasks_.size() && i < input_regs_.size() && input_regs_[i].task == tasks_[i] &&
+         input_regs_[i].fd == tasks_[i]->wait_fd()) {
+    InputReg& r = input_regs_[i];
+    if (const auto ev = static_cast<uint32_t>(tasks_[i]->wait_events()); ev != r.events) {
+      epoll_event e{};
+      e.events = ev;
+      e.data.fd = r.fd;
+      if (r.fd >= 0) (void)epoll_ctl(input_ep_, EPOLL_CTL_MOD, r.fd, &e);
+      r.events = ev;
+    }
+    ++i;
+  }
+  // (A closed fd left the set by itself; DEL of it fails harmlessly.)
+  for (size_t j = i; j < input_regs_.size(); ++j)
+    if (input_regs_[j].fd >= 0) (void)epoll_ctl(input_ep_, EPOLL_CTL_DEL, input_regs_[j].fd, nullptr);
+  input_regs_.resize(i);
+  for (; i < tasks_.size(); ++i) {
+    InputReg r{tasks_[i], tasks_[i]->wait_fd(), static_cast<uint32_t>(tasks_[i]->wait_events())};
+    epoll_event e{};
+    e.events = r.events;
+    e.data.fd = r.fd;
+    if (r.fd >= 0) (void)epoll_ctl(input_ep_, EPOLL_CTL_ADD, r.fd, &e);
+    input_regs_.push_back(r);
+  }
+}
+
+InputLoan& InputLoan::operator=(InputLoan&& o) noexcept {
+  if (this != &o) {
+    Return();
+    engine_ = std::exchange(o.engine_, nullptr);
+  }
+  return *this;
+}
+int InputLoan::fd() const { return engine_ ? engine_->input_ep_ : -1; }
+bool InputLoan::Run() { return engine_ && engine_->RunLoaned(); }
+void InputLoan::Return() {
+  if (engine_) std::exchange(engine_, nullptr)->ReturnInput();
 }
 
 void Engine::AwakeLocked() {
@@ -275,6 +374,7 @@ void Engine::ApplyOps() {
     ops_applied_++;
   }
   ops_.clear();
+  SyncInputsLocked();  // before a removed task's owner may close its fd
   ops_pending_.store(false, std::memory_order_relaxed);
   cv_.notify_all();
 }
@@ -324,6 +424,7 @@ void Engine::Loop() {
       worked |= RunTasks(now2, &deadline);
       // From here producers' rounds (TransmitInline) compare their timers with this.
       if (!worked) wake_at_us_ = std::min(deadline, now2 + kMaxSleepUs);
+      SyncInputsLocked();
     }
     if (!worked && !ops_pending_.load(std::memory_order_acquire))
       Sleep(deadline, /*wake_fd_only=*/false);
@@ -334,15 +435,6 @@ void Engine::Loop() {
 }
 
 void Engine::Sleep(uint64_t deadline_us, bool wake_fd_only) {
-  pollfd fds[66];
-  nfds_t n = 0;
-  fds[n++] = {wake_fd_, POLLIN, 0};
-  fds[n++] = {timer_fd_, POLLIN, 0};  // producers' timers (cleared by the next round)
-  // (tasks_ is read without round_mu_: only this thread changes it.)
-  for (EngineTask* t : tasks_) {
-    if (n == 66 || wake_fd_only) break;
-    if (int fd = t->wait_fd(); fd >= 0) fds[n++] = {fd, t->wait_events(), 0};
-  }
   // Never sleep unbounded: a lost wakeup costs at most this much.
   const uint64_t now = NowUs();
   uint64_t wait_us = deadline_us > now ? deadline_us - now : 0;
@@ -350,11 +442,26 @@ void Engine::Sleep(uint64_t deadline_us, bool wake_fd_only) {
   timespec ts{static_cast<time_t>(wait_us / 1'000'000),
               static_cast<long>((wait_us % 1'000'000) * 1000)};
   wakeups_.fetch_add(1, std::memory_order_relaxed);
-  ppoll(fds, n, &ts, nullptr);
+  bool woken = false, timer = false;
+  if (wake_fd_only) {
+    pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {timer_fd_, POLLIN, 0}};
+    ppoll(fds, 2, &ts, nullptr);
+    woken = fds[0].revents & POLLIN;
+    timer = fds[1].revents & POLLIN;
+  } else {
+    // wake_fd_, timer_fd_ (producers' timers, cleared by the next round) and the tasks' input
+    // (unless loaned out).
+    epoll_event evs[3];
+    const int n = epoll_pwait2(sleep_ep_, evs, 3, &ts, nullptr);
+    for (int i = 0; i < n; ++i) {
+      woken |= evs[i].data.fd == wake_fd_;
+      timer |= evs[i].data.fd == timer_fd_;
+    }
+  }
   uint64_t v;
-  if (fds[0].revents & POLLIN) (void)!read(wake_fd_, &v, sizeof(v));
+  if (woken) (void)!read(wake_fd_, &v, sizeof(v));
   // (A stood-down engine sleeps again without a round: the expiry must not stay readable.)
-  if (fds[1].revents & POLLIN) (void)!read(timer_fd_, &v, sizeof(v));
+  if (timer) (void)!read(timer_fd_, &v, sizeof(v));
 }
 
 absl::StatusOr<std::vector<std::unique_ptr<Engine>>> StartEngines(const DriverOptions& opts) {
@@ -373,7 +480,8 @@ std::vector<EngineInfo> DescribeEngines(const std::vector<std::unique_ptr<Engine
   std::vector<EngineInfo> out;
   for (const auto& e : engines)
     out.push_back(
-        {e->index(), e->core(), e->tid(), e->busy_ns(), e->wakeups(), e->inline_rounds()});
+        {e->index(), e->core(), e->tid(), e->busy_ns(), e->wakeups(), e->inline_rounds(),
+         e->loan_rounds()});
   return out;
 }
 

@@ -85,6 +85,10 @@ class Engine {
   // timers the round set earlier than the engine's own wakeup go to its timerfd; anything the
   // round could not finish goes to the engine thread (an eventfd wakeup).
   void TransmitInline();
+  // Run to completion on the receive side (InputLoan): the engine's sleep stops watching its
+  // tasks' fds while loans are out (one epoll_ctl on the first and the last, no wakeup); the
+  // borrowers poll input_fd_, an epoll set of those fds, and run the rounds.
+  InputLoan BorrowInput();
 
   int index() const { return index_; }
   int core() const { return core_; }
@@ -93,6 +97,7 @@ class Engine {
   uint64_t wakeups() const { return wakeups_.load(std::memory_order_relaxed); }
   bool sleeping() const { return sleeping_.load(std::memory_order_relaxed); }
   uint64_t inline_rounds() const { return inline_rounds_.load(std::memory_order_relaxed); }
+  uint64_t loan_rounds() const { return loan_rounds_.load(std::memory_order_relaxed); }
 
  private:
   struct Op {
@@ -103,6 +108,15 @@ class Engine {
   void Kick();  // wakes the engine thread through its eventfd, asleep or not
   void Loop();
   void ApplyOps();
+  friend class InputLoan;
+  void ReturnInput();
+  bool RunLoaned();
+  // Up to kMaxInlineRounds rounds on a thread other than the engine's (round_mu_ held), then
+  // hands the engine what they left: timers earlier than its own wakeup go to timer_fd_. True if
+  // the engine thread must be woken (work left, or a task now waits for more than input).
+  bool RunForeignRoundsLocked(int max_rounds);
+  // The engine's input epoll set matches its tasks' fds and events (round_mu_ held).
+  void SyncInputsLocked();
   void Sleep(uint64_t deadline_us, bool wake_fd_only);
   // The engine thread is awake (round_mu_ held): producers' timers are its own again.
   void AwakeLocked();
@@ -117,10 +131,21 @@ class Engine {
   std::atomic<bool> stop_{false};
   std::atomic<bool> sleeping_{false};
   std::atomic<pid_t> tid_{0};
-  std::atomic<uint64_t> busy_ns_{0}, wakeups_{0}, inline_rounds_{0};
+  std::atomic<uint64_t> busy_ns_{0}, wakeups_{0}, inline_rounds_{0}, loan_rounds_{0};
   // Timers set by producers' rounds while the engine sleeps (it sleeps in ppoll() with its own
   // deadline as timeout, which another thread cannot shorten).
   int timer_fd_ = -1;
+  // The engine sleeps in epoll on sleep_ep_: wake_fd_, timer_fd_ and input_ep_, the epoll set of
+  // its tasks' fds — the one fd borrowers poll, and the one registration a loan switches off.
+  int sleep_ep_ = -1, input_ep_ = -1;
+  struct InputReg {
+    EngineTask* task;
+    int fd;
+    uint32_t events;
+  };
+  std::vector<InputReg> input_regs_;  // guarded by round_mu_
+  std::mutex lend_mu_;
+  int loans_ = 0;  // guarded by lend_mu_
 
   std::mutex mu_;
   std::condition_variable cv_;

@@ -53,7 +53,7 @@ constexpr char kUsage[] =
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp]\n"
     "                   [--busy-poll-us N] [--deliver-inline true|false]\n"
-    "                   [--transmit-inline true|false]\n"
+    "                   [--transmit-inline true|false] [--receive-inline true|false]\n"
     "  netchperf client --dev IF --peer ADDR [--stack netch|kernel] [--port P]\n"
     "                   [--mode stream|rpc|mixed] [--bytes N | --seconds S] [--size BYTES]\n"
     "                   [--concurrency N] [--no-verify] [--json]\n"
@@ -61,7 +61,7 @@ constexpr char kUsage[] =
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp] [--spin-us N]\n"
     "                   [--engine-cores C0,C1,...] [--policy NAME[:key=value,...]]\n"
     "                   [--busy-poll-us N] [--deliver-inline true|false]\n"
-    "                   [--transmit-inline true|false]\n"
+    "                   [--transmit-inline true|false] [--receive-inline true|false]\n"
     "Runs the same workload over the NetChannel stack (--stack netch, default) or kernel TCP.\n"
     "stream: one thread sends --bytes (default 1 GiB) in --size writes (default 131072); every\n"
     "byte is checked by the server. rpc: --concurrency (default 1) connections ping-pong --size\n"
@@ -91,6 +91,7 @@ struct Options {
   bool nodelay = false;                // netch: small writes are never coalesced
   bool deliver_inline = true;          // netch: StackOptions::deliver_inline
   bool transmit_inline = true;         // netch: StackOptions::transmit_inline
+  bool receive_inline = true;          // netch: StackOptions::receive_inline
   std::vector<int> engine_cores;       // netch: pin engine i to engine_cores[i]
   std::string policy = "round-robin";  // netch: NetScheduler policy
   std::vector<std::pair<std::string, std::string>> policy_knobs;
@@ -323,6 +324,7 @@ class NetchEndpoint final : public Endpoint {
     so.recv_spin_us = o.spin_us;
     so.deliver_inline = o.deliver_inline;
     so.transmit_inline = o.transmit_inline;
+    so.receive_inline = o.receive_inline;
     so.dispatcher_spin_us = std::max<uint64_t>(50, o.spin_us);
     so.driver_opts.spin = absl::Microseconds(std::max<uint64_t>(50, o.spin_us));
     auto s = netch::vns::Stack::Create(so);
@@ -714,6 +716,9 @@ int main(int argc, char** argv) {
     sub->add_option("--transmit-inline", o.transmit_inline,
                     "netch: a Send that finds its engine asleep runs the engine's round on its "
                     "own thread (true) or wakes the engine (false)");
+    sub->add_option("--receive-inline", o.receive_inline,
+                    "netch: a blocked Recv sleeps on its engines' input and runs their round on "
+                    "its own thread (true) or is woken by the engine after its round (false)");
     sub->add_option("--busy-poll-us", o.busy_poll_us,
                     "rpc (L-app) sockets spin this long in a receive before sleeping: kernel "
                     "non-blocking recv(), netch the policy's busy_poll_us (run to completion)")

@@ -138,7 +138,8 @@ std::string ControlServer::Handle(const std::vector<std::string>& a) {
                          {"tid", e.tid},
                          {"busy_ns", e.busy_ns},
                          {"wakeups", e.wakeups},
-                         {"inline_rounds", e.inline_rounds}});
+                         {"inline_rounds", e.inline_rounds},
+                         {"loan_rounds", e.loan_rounds}});
     return Ok({{"instance", s.instance},
                {"pid", s.pid},
                {"ifname", s.ifname},

@@ -142,6 +142,10 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
               "Times a sending application thread ran a sleeping engine's round itself instead "
               "of waking it (StackOptions::transmit_inline).",
               static_cast<double>(e.inline_rounds), l);
+    b.Counter("netch_engine_loan_rounds_total",
+              "Times a blocked receiving application thread, woken by the engine's input it had "
+              "borrowed, ran the engine's round itself (StackOptions::receive_inline).",
+              static_cast<double>(e.loan_rounds), l);
   }
   for (const auto& ch : d.Channels()) {
     const chan::ChannelStats s = ch->stats();

@@ -97,6 +97,7 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
     return st;
   for (auto [var, out] : {std::pair{"NETCH_DELIVER_INLINE", &c.deliver_inline},
                           {"NETCH_TRANSMIT_INLINE", &c.transmit_inline},
+                          {"NETCH_RECEIVE_INLINE", &c.receive_inline},
                           {"NETCH_REPLACE_XDP", &c.replace_xdp},
                           {"NETCH_VERBOSE", &c.verbose}})
     if (auto st = ReadFlag(env, var, out); !st.ok()) return st;

@@ -235,6 +235,7 @@ netch::vns::Stack* GetStack() {
   so.policy_knobs = c->policy_knobs;
   so.deliver_inline = c->deliver_inline;
   so.transmit_inline = c->transmit_inline;
+  so.receive_inline = c->receive_inline;
   if (c->spin_us >= 0) {
     so.recv_spin_us = so.dispatcher_spin_us = static_cast<uint64_t>(c->spin_us);
     so.driver_opts.spin = absl::Microseconds(c->spin_us);

@@ -43,6 +43,8 @@
 //                    on the engine's thread (vns::StackOptions::deliver_inline; default 1)
 //   NETCH_TRANSMIT_INLINE=0  a small write wakes the engine instead of running its round on
 //                    the writing thread (vns::StackOptions::transmit_inline; default 1)
+//   NETCH_RECEIVE_INLINE=0  a blocked read sleeps until the engine delivers instead of running
+//                    the engine's round itself (vns::StackOptions::receive_inline; default 1)
 //   NETCH_POLICY     NAME[:key=value,...], e.g. "isolate-classes:busy_poll_us=200"
 //   NETCH_CLASS      latency | throughput: the class the program's connections announce
 //   NETCH_BUSY_POLL_US  a blocking receive on any of the program's sockets runs its channels
@@ -76,6 +78,7 @@ struct Config {
   bool replace_xdp = false, verbose = false;
   bool deliver_inline = true;   // NETCH_DELIVER_INLINE
   bool transmit_inline = true;  // NETCH_TRANSMIT_INLINE
+  bool receive_inline = true;   // NETCH_RECEIVE_INLINE
   // Filled from the interface: its address and netmask (host order).
   uint32_t local_ip = 0, netmask = 0;
 

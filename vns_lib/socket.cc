@@ -103,6 +103,16 @@ class SocketImpl final : public VirtualSocket {
   // and everything after it go to the dispatcher, in order. True if anything was done.
   bool PollOnce(uint64_t now_us, uint64_t stand_down_us);
   bool TakeOwn(chan::Channel* ch, const chan::RxSegment& seg);
+  absl::StatusOr<size_t> RecvLocked(std::span<uint8_t> buf);
+  // Run to completion on the receive side (StackOptions::receive_inline; recv_mu_ held): the
+  // channels this socket's data arrived on, learned by DrainInq, and the loans of their engines'
+  // input a blocked Recv holds while it sleeps.
+  void LearnRxChannel(const chan::Channel* ch);
+  void BorrowInputs();
+  void ReturnInputs() {
+    for (size_t i = 0; i < nloans_; ++i) loans_[i].Return();
+    nloans_ = 0;
+  }
   void EndPoll();  // the engines and the dispatcher take over again
   // Bytes the peer's receive window still takes; waits (blocking sockets) until it opens or the
   // connection fails. 0 with OK status: non-blocking and the window is closed.
@@ -146,6 +156,11 @@ class SocketImpl final : public VirtualSocket {
   std::vector<PollLane> poll_lanes_;  // recv_mu_
   bool learning_ = false;             // recv_mu_: busy polling is on, DrainInq learns lanes
   chan::PollYielder yielder_;         // recv_mu_
+  static constexpr size_t kMaxLoans = 4;
+  bool learn_rx_ = false;                                 // recv_mu_: DrainInq learns rx_chans_
+  std::vector<std::shared_ptr<chan::Channel>> rx_chans_;  // recv_mu_, at most kMaxLoans
+  chan::InputLoan loans_[kMaxLoans];                      // recv_mu_: the first nloans_
+  size_t nloans_ = 0;
   uint32_t send_busy_us_ = 0;         // send_mu_: this Send's busy polling
   std::atomic<uint64_t> sent_on_{0};  // bit i: this Send used chans_[i] (busy polling)
   uint64_t snd_next_ = 0;
@@ -459,6 +474,7 @@ void SocketImpl::DrainInq() {
   for (uint32_t n; (n = c_->inq.Pop(h)) > 0;) {
     for (uint32_t i = 0; i < n; ++i) {
       if (learning_ && h[i].ch) LearnLane(h[i].ch);
+      if (learn_rx_ && h[i].ch) LearnRxChannel(h[i].ch);
       if (!reasm_.Insert(h[i])) done_.push_back(h[i]);  // overlapping: drop it
     }
   }
@@ -467,10 +483,44 @@ void SocketImpl::DrainInq() {
 
 absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
   std::lock_guard g(recv_mu_);
+  auto r = RecvLocked(buf);
+  ReturnInputs();
+  return r;
+}
+
+// A Recv whose borrowed input woke it this many times with nothing for it (another socket's
+// traffic on the same engine, or a round the engine was running) hands the input back and sleeps
+// like any socket until data comes.
+constexpr int kLoanWakeupsWithoutData = 3;
+
+void SocketImpl::LearnRxChannel(const chan::Channel* ch) {
+  for (const auto& c : rx_chans_)
+    if (c.get() == ch) return;
+  if (rx_chans_.size() >= kMaxLoans) return;
+  for (auto& c : c_->peer->All()) {
+    if (c.get() != ch) continue;
+    rx_chans_.push_back(std::move(c));
+    return;
+  }
+}
+
+void SocketImpl::BorrowInputs() {
+  std::erase_if(rx_chans_, [](const auto& ch) { return !IsLive(ch->state()); });
+  for (const auto& ch : rx_chans_) {
+    chan::InputLoan l = ch->BorrowInput();
+    if (!l) continue;
+    bool dup = false;
+    for (size_t i = 0; i < nloans_ && !dup; ++i) dup = loans_[i].same_engine(l);
+    if (!dup) loans_[nloans_++] = std::move(l);  // (a duplicate returns as it goes)
+  }
+}
+
+absl::StatusOr<size_t> SocketImpl::RecvLocked(std::span<uint8_t> buf) {
   if (!c_) return SockError(EBADF, "socket closed");
   if (c_->listening) return SockError(EINVAL, "recv on a listening socket");
   if (buf.data() == nullptr) return SockError(EINVAL, "null buffer");
   if (buf.empty()) return 0;
+  int loan_wakeups = kLoanWakeupsWithoutData;
   for (;;) {
     DrainInq();
     size_t readable = reasm_.Readable();
@@ -557,13 +607,27 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
     const uint64_t spin_end = NowUs() + st_->opts().recv_spin_us;
     while (c_->inq.EmptyApprox() && NowUs() < spin_end) std::this_thread::yield();
     if (!c_->inq.EmptyApprox()) continue;
-    pollfd p{c_->efd, POLLIN, 0};
+    // Borrowed only now: during the spin an arrival must still wake the engine.
+    learn_rx_ = st_->opts().receive_inline && st_->opts().deliver_inline;
+    if (learn_rx_ && nloans_ == 0 && loan_wakeups > 0) BorrowInputs();
+    pollfd p[1 + kMaxLoans];
+    p[0] = {c_->efd, POLLIN, 0};
+    for (size_t i = 0; i < nloans_; ++i) p[1 + i] = {loans_[i].fd(), POLLIN, 0};
     c_->Unsignal();
     c_->BeginWait();
     if (c_->inq.EmptyApprox() && c_->fin_seq.load() != reasm_.next() &&
         c_->state.load() == ConnState::kEstablished)
-      poll(&p, 1, 10);
+      poll(p, 1 + nloans_, 10);
     c_->EndWait();
+    bool input = false;
+    for (size_t i = 0; i < nloans_; ++i) {
+      if (!(p[1 + i].revents & POLLIN)) continue;
+      input = true;
+      // The round delivers this socket's segments into its inbound queue (DeliveryHook); the
+      // engine (or a poller) running one right now takes the input instead: let it finish.
+      if (!loans_[i].Run()) std::this_thread::yield();
+    }
+    if (input && c_->inq.EmptyApprox() && --loan_wakeups == 0) ReturnInputs();
   }
 }
 

@@ -117,6 +117,13 @@ struct StackOptions {
   // (chan::TransmitInlineScope) rather than waking the engine — one thread hand-off less per
   // message. Busy-polled sockets transmit in their own rounds regardless.
   bool transmit_inline = true;
+  // Run to completion on the receive side: a blocking Recv about to sleep borrows the input of
+  // the engines its data arrives from (chan::InputLoan) and sleeps on their channels' input
+  // itself; an arrival wakes it, and it runs the engine's round on its own thread, instead of the
+  // engine waking and then waking it — the receiving half of the hand-offs transmit_inline
+  // saves. Needs deliver_inline (the round hands segments to their sockets). A Recv whose
+  // wakeups keep bringing other sockets' traffic hands the input back.
+  bool receive_inline = true;
 };
 
 struct StackStats {

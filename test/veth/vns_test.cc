@@ -294,6 +294,42 @@ TEST_F(VnsTest, BusyPolledLatencyRpcRunsToCompletionBesideAStream) {
   EXPECT_GT(b_->Stats().segments_inline, 0u) << "the server took requests on its own thread";
 }
 
+uint64_t LoanRounds(Stack& s) {
+  uint64_t n = 0;
+  for (const auto& e : s.driver().Engines()) n += e.loan_rounds;
+  return n;
+}
+
+TEST_F(VnsTest, BlockedReceiversRunTheirEnginesRoundsBesideAStreamAndLoseNothing) {
+  // Blocking sockets only (no busy polling): every Recv that waits borrows its engines' input
+  // and runs their rounds when the reply arrives — beside a stream whose traffic shares those
+  // engines and wakes the borrowers for segments that are not theirs.
+  Open("afxdp", 2);
+  const RpcBesideStream r = RunRpcBesideStream(*a_, *b_, TestHosts::kIpB, 5013, 2000, 64 << 20);
+  EXPECT_TRUE(r.ok) << r.error;
+  EXPECT_EQ(r.rpc_wrong_bytes, 0u);
+  EXPECT_EQ(r.stream_bad_bytes, 0u);
+  EXPECT_GT(LoanRounds(*a_), 0u) << "the client never took a reply on its own thread";
+  EXPECT_GT(LoanRounds(*b_), 0u) << "the server never took a request on its own thread";
+  EXPECT_EQ(a_->Stats().segments_inline, 0u) << "nothing busy-polls here";
+}
+
+TEST_F(VnsTest, WithoutReceiveInlineTheEnginesDeliverEverything) {
+  for (auto* which : {&a_, &b_}) {
+    const bool is_a = which == &a_;
+    StackOptions o = Opts(is_a ? hosts_.ns_a() : hosts_.ns_b(),
+                          is_a ? TestHosts::kDevA : TestHosts::kDevB, "afxdp", 2);
+    o.receive_inline = false;
+    auto s = Stack::Create(o);
+    ASSERT_TRUE(s.ok()) << s.status();
+    *which = std::move(*s);
+  }
+  const RpcBesideStream r = RunRpcBesideStream(*a_, *b_, TestHosts::kIpB, 5014, 500, 8 << 20);
+  EXPECT_TRUE(r.ok) << r.error;
+  EXPECT_EQ(r.rpc_wrong_bytes, 0u);
+  EXPECT_EQ(LoanRounds(*a_) + LoanRounds(*b_), 0u);
+}
+
 TEST_F(VnsTest, HundredConcurrentSocketsWithMixedMessageSizes) {
   Open("afxdp", 2);
   auto l = b_->Listen(5002, 128);
