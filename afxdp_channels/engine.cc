@@ -302,7 +302,8 @@ void Engine::SyncInputsLocked() {
   }
   // (A closed fd left the set by itself; DEL of it fails harmlessly.)
   for (size_t j = i; j < input_regs_.size(); ++j)
-    if (input_regs_[j].fd >= 0) (void)epoll_ctl(input_ep_, EPOLL_CTL_DEL, input_regs_[j].fd, nullptr);
+    if (input_regs_[j].fd >= 0)
+      (void)epoll_ctl(input_ep_, EPOLL_CTL_DEL, input_regs_[j].fd, nullptr);
   input_regs_.resize(i);
   for (; i < tasks_.size(); ++i) {
     InputReg r{tasks_[i], tasks_[i]->wait_fd(), static_cast<uint32_t>(tasks_[i]->wait_events())};
@@ -479,9 +480,8 @@ absl::StatusOr<std::vector<std::unique_ptr<Engine>>> StartEngines(const DriverOp
 std::vector<EngineInfo> DescribeEngines(const std::vector<std::unique_ptr<Engine>>& engines) {
   std::vector<EngineInfo> out;
   for (const auto& e : engines)
-    out.push_back(
-        {e->index(), e->core(), e->tid(), e->busy_ns(), e->wakeups(), e->inline_rounds(),
-         e->loan_rounds()});
+    out.push_back({e->index(), e->core(), e->tid(), e->busy_ns(), e->wakeups(), e->inline_rounds(),
+                   e->loan_rounds()});
   return out;
 }
 

@@ -1,14 +1,16 @@
 // engine.h - the per-core engine threads that run channels (internal to the drivers).
 //
 // An engine runs a set of tasks (an AF_XDP queue with its channels, a kernel-TCP channel) in a
-// loop: Run() every task, and when a whole round did nothing for `spin`, sleep in ppoll() on the
-// tasks' fds and the engine's eventfd until the earliest task timer. The machines this runs on
+// loop: Run() every task, and when a whole round did nothing for `spin`, sleep in epoll on the
+// tasks' fds (a nested set a blocked receiver may borrow: InputLoan), the engine's eventfd and
+// its timerfd until the earliest task timer. The machines this runs on
 // have two cores shared by both test hosts, so an idle engine must sleep, and a producer that
 // queues work for a sleeping engine wakes it (one eventfd write, only when it sleeps).
 //
 // Busy polling: an application thread may run an engine's round itself (RunInline) while the
 // engine thread stands down; a round — on whichever thread — holds the engine's round lock, so
-// tasks never run on two threads at once.
+// tasks never run on two threads at once. So does a producer (TransmitInline) or a blocked
+// receiver (InputLoan) that runs the round of a sleeping engine.
 //
 // Tasks move between engines with Remove() + Add(): Remove returns only once the old engine has
 // finished its current round and will never touch the task again; the mutex of the mailbox orders
@@ -132,7 +134,7 @@ class Engine {
   std::atomic<bool> sleeping_{false};
   std::atomic<pid_t> tid_{0};
   std::atomic<uint64_t> busy_ns_{0}, wakeups_{0}, inline_rounds_{0}, loan_rounds_{0};
-  // Timers set by producers' rounds while the engine sleeps (it sleeps in ppoll() with its own
+  // Timers set by producers' rounds while the engine sleeps (it sleeps with its own
   // deadline as timeout, which another thread cannot shorten).
   int timer_fd_ = -1;
   // The engine sleeps in epoll on sleep_ep_: wake_fd_, timer_fd_ and input_ep_, the epoll set of
@@ -161,7 +163,7 @@ class Engine {
   std::vector<EngineTask*> tasks_;  // guarded by round_mu_ (changed by the engine thread only)
   std::atomic<uint64_t> stand_down_until_us_{0};
   uint64_t last_round_us_ = 0;  // guarded by round_mu_: the clock a round last ran with
-  // guarded by round_mu_: when the sleeping engine wakes by itself (ppoll timeout or timer_fd_);
+  // guarded by round_mu_: when the sleeping engine wakes by itself (sleep timeout or timer_fd_);
   // UINT64_MAX while it is awake.
   uint64_t wake_at_us_ = UINT64_MAX;
   bool timer_armed_ = false;  // guarded by round_mu_

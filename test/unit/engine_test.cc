@@ -59,7 +59,7 @@ void Produce(WorkTask& t) {
 void AwaitSleep(const Engine& e) {
   for (int i = 0; i < 10000 && !e.sleeping(); ++i)
     std::this_thread::sleep_for(std::chrono::microseconds(100));
-  std::this_thread::sleep_for(std::chrono::milliseconds(1));  // and is inside ppoll()
+  std::this_thread::sleep_for(std::chrono::milliseconds(1));  // and is inside its epoll_pwait2()
 }
 
 TEST(EngineTest, AProducerInATransmitInlineScopeRunsASleepingEnginesRoundItself) {

@@ -62,6 +62,7 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
                                                         {"NETCH_BUSY_POLL_US", "2000000"},
                                                         {"NETCH_DELIVER_INLINE", "2"},
                                                         {"NETCH_TRANSMIT_INLINE", "-1"},
+                                                        {"NETCH_RECEIVE_INLINE", "yes"},
                                                         {"NETCH_POLICY", "isolate-classes:x"}}) {
     g_env = {{"NETCH_ROUTE", "none"}};
     g_env[k] = v;
@@ -78,11 +79,16 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
   EXPECT_EQ(c->busy_poll_us, -1) << "the policy decides unless asked";
   EXPECT_TRUE(c->deliver_inline);
   EXPECT_TRUE(c->transmit_inline);
-  g_env = {{"NETCH_ROUTE", "none"}, {"NETCH_DELIVER_INLINE", "0"}, {"NETCH_TRANSMIT_INLINE", "0"}};
+  EXPECT_TRUE(c->receive_inline);
+  g_env = {{"NETCH_ROUTE", "none"},
+           {"NETCH_DELIVER_INLINE", "0"},
+           {"NETCH_TRANSMIT_INLINE", "0"},
+           {"NETCH_RECEIVE_INLINE", "0"}};
   c = Config::FromEnv(&FakeEnv);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_FALSE(c->deliver_inline);
   EXPECT_FALSE(c->transmit_inline);
+  EXPECT_FALSE(c->receive_inline);
   g_env = {{"NETCH_ROUTE", "none"},
            {"NETCH_POLICY", "isolate-classes:busy_poll_us=200,latency_channels=2"},
            {"NETCH_CLASS", "latency"},
