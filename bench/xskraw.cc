@@ -136,9 +136,13 @@ bool SendMessage(Side& s, const std::vector<std::vector<uint8_t>>& frames) {
   return ok;
 }
 
-// Spins until `nframes` whole frames arrived on side `s`; false at `deadline_us` (a lost frame).
+// Spins until `nframes` whole frames arrived on side `s`; false at `deadline_us` if none of the
+// message came (a lost frame). A message that started arriving is waited for to its end: giving
+// up halfway (the echo thread descheduled past its deadline on a busy machine) would take the
+// rest for the next message and put both ends out of step for good.
 bool RecvMessage(Side& s, size_t nframes, uint64_t deadline_us) {
   xdp_desc d[64];
+  bool started = false;
   for (size_t got = 0; got < nframes;) {
     const uint32_t n = s.xsk->Receive(d);
     for (uint32_t i = 0; i < n; ++i) {
@@ -146,8 +150,9 @@ bool RecvMessage(Side& s, size_t nframes, uint64_t deadline_us) {
       got += !(d[i].options & XDP_PKT_CONTD);
     }
     if (n) {
+      started = true;
       s.umem->Refill(n);
-    } else if (chan::NowUs() >= deadline_us) {
+    } else if (!started && chan::NowUs() >= deadline_us) {
       return false;
     }
   }
@@ -161,8 +166,8 @@ double Percentile(std::vector<double> v, double p) {
   return v[k];
 }
 
-int RunPingPong(Side& a, Side& b, uint32_t chan, uint32_t payload, uint32_t frame,
-                uint32_t seconds, bool json) {
+int RunPingPong(Side& a, Side& b, uint32_t chan, uint32_t payload, uint32_t frame, uint32_t seconds,
+                bool json) {
   wire::FrameAddrs ab;
   ab.src_mac = a.ifi.mac;
   ab.dst_mac = b.ifi.mac;
