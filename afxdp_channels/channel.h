@@ -164,8 +164,8 @@ class InputLoan {
   ~InputLoan() { Return(); }
   explicit operator bool() const { return engine_ != nullptr; }
   int fd() const;
-  // One round of the engine on this thread, unless another thread runs one now; timers it sets
-  // stay the engine's. True if a task did anything.
+  // Runs the engine's round on this thread (timers it sets stay the engine's). False when another
+  // thread runs one right now: that round takes the input.
   bool Run();
   void Return();
   bool same_engine(const InputLoan& o) const { return engine_ == o.engine_; }

@@ -31,6 +31,14 @@ static uint64_t NowNs() {
 }
 
 namespace {
+// epoll_ctl for an fd registered under its own number.
+int EpollCtl(int ep, int op, int fd, uint32_t events) {
+  epoll_event ev{};
+  ev.events = events;
+  ev.data.fd = fd;
+  return epoll_ctl(ep, op, fd, &ev);
+}
+
 thread_local int t_transmit_inline = 0;  // TransmitInlineScopes open on this thread
 // The engine whose round this thread runs for a producer or a poller, and whether that round
 // queued work for the engine itself. No round runs inside another: a DeliveryHook holds locks
@@ -85,12 +93,9 @@ absl::Status Engine::Start() {
   sleep_ep_ = epoll_create1(EPOLL_CLOEXEC);
   input_ep_ = epoll_create1(EPOLL_CLOEXEC);
   if (sleep_ep_ < 0 || input_ep_ < 0) return ErrnoStatus(errno, "epoll_create1");
-  for (int fd : {wake_fd_, timer_fd_, input_ep_}) {
-    epoll_event ev{};
-    ev.events = EPOLLIN;
-    ev.data.fd = fd;
-    if (epoll_ctl(sleep_ep_, EPOLL_CTL_ADD, fd, &ev) != 0) return ErrnoStatus(errno, "epoll_ctl");
-  }
+  for (int fd : {wake_fd_, timer_fd_, input_ep_})
+    if (EpollCtl(sleep_ep_, EPOLL_CTL_ADD, fd, EPOLLIN) != 0)
+      return ErrnoStatus(errno, "epoll_ctl");
   std::unique_lock lk(mu_);
   bool started = false;
   thread_ = std::thread([this, &started] {
@@ -252,11 +257,8 @@ bool Engine::RunForeignRoundsLocked(int max_rounds) {
 InputLoan Engine::BorrowInput() {
   if (input_ep_ < 0) return {};
   std::lock_guard g(lend_mu_);
-  if (loans_ == 0) {
-    epoll_event ev{};  // no events: the sleeping engine no longer wakes for input
-    ev.data.fd = input_ep_;
-    if (epoll_ctl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, &ev) != 0) return {};
-  }
+  // No events: the sleeping engine no longer wakes for input.
+  if (loans_ == 0 && EpollCtl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, 0) != 0) return {};
   ++loans_;
   return InputLoan(this);
 }
@@ -266,10 +268,7 @@ void Engine::ReturnInput() {
   if (--loans_ > 0) return;
   // Watching again: input that arrived meanwhile wakes the engine at once (epoll checks the
   // readiness of a modified registration).
-  epoll_event ev{};
-  ev.events = EPOLLIN;
-  ev.data.fd = input_ep_;
-  (void)epoll_ctl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, &ev);  // (a registered fd: cannot fail)
+  (void)EpollCtl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, EPOLLIN);  // (registered: cannot fail)
 }
 
 bool Engine::RunLoaned() {
@@ -292,25 +291,18 @@ void Engine::SyncInputsLocked() {
          input_regs_[i].fd == tasks_[i]->wait_fd()) {
     InputReg& r = input_regs_[i];
     if (const auto ev = static_cast<uint32_t>(tasks_[i]->wait_events()); ev != r.events) {
-      epoll_event e{};
-      e.events = ev;
-      e.data.fd = r.fd;
-      if (r.fd >= 0) (void)epoll_ctl(input_ep_, EPOLL_CTL_MOD, r.fd, &e);
+      if (r.fd >= 0) (void)EpollCtl(input_ep_, EPOLL_CTL_MOD, r.fd, ev);
       r.events = ev;
     }
     ++i;
   }
   // (A closed fd left the set by itself; DEL of it fails harmlessly.)
   for (size_t j = i; j < input_regs_.size(); ++j)
-    if (input_regs_[j].fd >= 0)
-      (void)epoll_ctl(input_ep_, EPOLL_CTL_DEL, input_regs_[j].fd, nullptr);
+    if (input_regs_[j].fd >= 0) (void)EpollCtl(input_ep_, EPOLL_CTL_DEL, input_regs_[j].fd, 0);
   input_regs_.resize(i);
   for (; i < tasks_.size(); ++i) {
     InputReg r{tasks_[i], tasks_[i]->wait_fd(), static_cast<uint32_t>(tasks_[i]->wait_events())};
-    epoll_event e{};
-    e.events = r.events;
-    e.data.fd = r.fd;
-    if (r.fd >= 0) (void)epoll_ctl(input_ep_, EPOLL_CTL_ADD, r.fd, &e);
+    if (r.fd >= 0) (void)EpollCtl(input_ep_, EPOLL_CTL_ADD, r.fd, r.events);
     input_regs_.push_back(r);
   }
 }

@@ -98,6 +98,9 @@ class SocketImpl final : public VirtualSocket {
   // their lanes, learned from what the dispatcher delivered.
   uint32_t BusyPollUs();
   void LearnLane(const chan::Channel* ch);
+  // The peer's reference to one of its channels a segment names (nullptr once it let go of it):
+  // what keeps a learned channel alive while the socket polls it.
+  std::shared_ptr<chan::Channel> PeerChannel(const chan::Channel* ch) const;
   // One round: each channel's engine round, then its lane's segments that are this socket's
   // straight into the reassembler; the first that is not (another socket's, a control segment)
   // and everything after it go to the dispatcher, in order. True if anything was done.
@@ -497,11 +500,7 @@ void SocketImpl::LearnRxChannel(const chan::Channel* ch) {
   for (const auto& c : rx_chans_)
     if (c.get() == ch) return;
   if (rx_chans_.size() >= kMaxLoans) return;
-  for (auto& c : c_->peer->All()) {
-    if (c.get() != ch) continue;
-    rx_chans_.push_back(std::move(c));
-    return;
-  }
+  if (auto c = PeerChannel(ch)) rx_chans_.push_back(std::move(c));
 }
 
 void SocketImpl::BorrowInputs() {
@@ -644,11 +643,13 @@ void SocketImpl::LearnLane(const chan::Channel* ch) {
   if (poll_lanes_.size() >= 8) return;  // a socket spread wider is served by the dispatcher
   auto lane = st_->Lane(ch);
   if (!lane) return;
-  for (auto& c : c_->peer->All()) {
-    if (c.get() != ch) continue;
-    poll_lanes_.push_back({std::move(c), std::move(lane)});
-    return;
-  }
+  if (auto c = PeerChannel(ch)) poll_lanes_.push_back({std::move(c), std::move(lane)});
+}
+
+std::shared_ptr<chan::Channel> SocketImpl::PeerChannel(const chan::Channel* ch) const {
+  for (auto& c : c_->peer->All())
+    if (c.get() == ch) return std::move(c);
+  return nullptr;
 }
 
 bool SocketImpl::PollOnce(uint64_t now_us, uint64_t stand_down_us) {
