@@ -142,17 +142,21 @@ bool ChannelCore::Seal(const TxSegment& last) {
   return true;
 }
 
+Engine* ChannelCore::engine() const {
+  return task_ ? task_->engine.load(std::memory_order_acquire) : nullptr;
+}
+
 bool ChannelCore::PollInline(uint64_t now_us, uint64_t stand_down_us) {
-  Engine* e = task_ ? task_->engine.load(std::memory_order_acquire) : nullptr;
+  Engine* e = engine();
   return e && e->RunInline(now_us, stand_down_us);
 }
 
 void ChannelCore::EndPollInline() {
-  if (Engine* e = task_ ? task_->engine.load(std::memory_order_acquire) : nullptr) e->Resume();
+  if (Engine* e = engine()) e->Resume();
 }
 
 InputLoan ChannelCore::BorrowInput() {
-  Engine* e = task_ ? task_->engine.load(std::memory_order_acquire) : nullptr;
+  Engine* e = engine();
   return e ? e->BorrowInput() : InputLoan();
 }
 

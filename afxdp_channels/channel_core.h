@@ -106,6 +106,8 @@ class ChannelCore : public Channel {
 
   // The task whose engine runs this channel; producers wake it after queuing.
   void set_task(EngineTask* t) { task_ = t; }
+  // The engine running the channel's task now (nullptr: none yet, or between engines).
+  Engine* engine() const;
   void set_id(uint32_t id) { id_ = id; }  // before the channel is published
   // State changes wake a waiting application.
   void SetState(ChannelState s);
