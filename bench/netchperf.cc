@@ -52,6 +52,7 @@ constexpr char kUsage[] =
     "  netchperf server --dev IF [--stack netch|kernel] [--port P] [--once] [--json]\n"
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp]\n"
+    "                   [--engine-cores C0,C1,...] [--app-cores L,T]\n"
     "                   [--busy-poll-us N] [--deliver-inline true|false]\n"
     "                   [--transmit-inline true|false] [--receive-inline true|false]\n"
     "  netchperf client --dev IF --peer ADDR [--stack netch|kernel] [--port P]\n"
@@ -60,14 +61,15 @@ constexpr char kUsage[] =
     "                   [--driver afxdp|tcp] [--channels N] [--copy-workers N] [--engines N]\n"
     "                   [--instance NAME] [--metrics ADDR|off] [--replace-xdp] [--spin-us N]\n"
     "                   [--engine-cores C0,C1,...] [--policy NAME[:key=value,...]]\n"
-    "                   [--busy-poll-us N] [--deliver-inline true|false]\n"
+    "                   [--app-cores L,T] [--busy-poll-us N] [--deliver-inline true|false]\n"
     "                   [--transmit-inline true|false] [--receive-inline true|false]\n"
     "Runs the same workload over the NetChannel stack (--stack netch, default) or kernel TCP.\n"
     "stream: one thread sends --bytes (default 1 GiB) in --size writes (default 131072); every\n"
     "byte is checked by the server. rpc: --concurrency (default 1) connections ping-pong --size\n"
     "(default 4096) bytes for --seconds (default 3). mixed: a stream of 128 KiB writes (T-app)\n"
     "and --concurrency rpc connections (L-app) at once, for --seconds: the isolation benchmark.\n"
-    "--policy picks the NetScheduler policy (netchctl policy list). --json prints one object.\n"
+    "--policy picks the NetScheduler policy (netchctl policy list). --app-cores L,T pins the\n"
+    "rpc threads to core L and the stream threads to core T (both sides). --json: one object.\n"
     "The netch stack serves netchctl (instance --instance, default 'default') and Prometheus\n"
     "metrics on --metrics (default 127.0.0.1:9464, 'off' to disable; a busy port is a warning).\n";
 
@@ -93,6 +95,7 @@ struct Options {
   bool transmit_inline = true;         // netch: StackOptions::transmit_inline
   bool receive_inline = true;          // netch: StackOptions::receive_inline
   std::vector<int> engine_cores;       // netch: pin engine i to engine_cores[i]
+  std::vector<int> app_cores;          // mixed/rpc: pin rpc threads to [0], stream threads to [1]
   std::string policy = "round-robin";  // netch: NetScheduler policy
   std::vector<std::pair<std::string, std::string>> policy_knobs;
   uint32_t busy_poll_us = 0;  // rpc sockets spin this long in a receive before sleeping
@@ -389,6 +392,19 @@ uint64_t g_start_us = 0;  // process start, for connect_ms
 
 // ---- server ------------------------------------------------------------------------------------
 
+// --app-cores L,T: the benchmark's own threads placed like an operator would place an L-app and
+// a T-app (taskset), beside --engine-cores for the stack's engines.
+const Options* g_opts = nullptr;
+void PinSelf(size_t which) {
+  if (!g_opts || g_opts->app_cores.size() <= which) return;
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  CPU_SET(g_opts->app_cores[which], &set);
+  if (int err = pthread_setaffinity_np(pthread_self(), sizeof(set), &set))
+    std::fprintf(stderr, "netchperf: pin to core %d: %s\n", g_opts->app_cores[which],
+                 std::strerror(err));
+}
+
 void ServeStream(Sock& s, const Hello& h) {
   const double cpu0 = CpuSeconds();
   std::vector<uint8_t> buf(std::max<uint64_t>(h.size, 1 << 20));
@@ -442,8 +458,15 @@ int RunServer(const Options& o, Endpoint& ep) {
         rpcs.emplace_back(std::move(s), h2);
       }
       std::vector<std::thread> t;
-      t.emplace_back([&] { ServeStream(*first, h); });
-      for (auto& [s, h2] : rpcs) t.emplace_back([&s, &h2] { ServeRpc(*s, h2); });
+      t.emplace_back([&] {
+        PinSelf(1);
+        ServeStream(*first, h);
+      });
+      for (auto& [s, h2] : rpcs)
+        t.emplace_back([&s, &h2] {
+          PinSelf(0);
+          ServeRpc(*s, h2);
+        });
       for (auto& th : t) th.join();
     } else {
       std::vector<std::unique_ptr<Sock>> socks;
@@ -456,7 +479,11 @@ int RunServer(const Options& o, Endpoint& ep) {
         socks.push_back(std::move(s));
       }
       std::vector<std::thread> t;
-      for (auto& s : socks) t.emplace_back([&s, &h] { ServeRpc(*s, h); });
+      for (auto& s : socks)
+        t.emplace_back([&s, &h] {
+          PinSelf(0);
+          ServeRpc(*s, h);
+        });
       for (auto& th : t) th.join();
     }
     if (!o.json)
@@ -537,6 +564,7 @@ int RunMixed(const Options& o, Endpoint& ep) {
   std::atomic<bool> failed{false};
   uint64_t sent = 0;
   std::thread tx([&] {
+    PinSelf(1);
     while (NowUs() < end) {
       if (!stream->SendAll(PatternAt(sent), stream_size)) {
         failed = true;
@@ -549,6 +577,7 @@ int RunMixed(const Options& o, Endpoint& ep) {
   std::vector<std::thread> th;
   for (uint32_t i = 0; i < o.concurrency; ++i)
     th.emplace_back([&, i] {
+      PinSelf(0);
       if (!PingPong(*rpcs[i], rpc_size, end, o.verify, i, &lat[i])) failed = true;
     });
   tx.join();
@@ -652,6 +681,7 @@ int RunClient(const Options& o, Endpoint& ep) {
   std::vector<std::thread> th;
   for (uint32_t i = 0; i < o.concurrency; ++i) {
     th.emplace_back([&, i] {
+      PinSelf(0);
       if (!PingPong(*socks[i], size, end, o.verify, i, &lat[i])) failed = true;
     });
   }
@@ -706,6 +736,12 @@ int main(int argc, char** argv) {
     sub->add_flag("--nodelay", o.nodelay, "netch: send small writes at once (no coalescing)");
     sub->add_option("--tx", o.tx, "AF_XDP transmit path: auto, afxdp or udp")
         ->check(CLI::IsMember({"auto", "afxdp", "udp"}));
+    sub->add_option(
+           "--app-cores", o.app_cores,
+           "pin the rpc (L-app) threads to core L and the stream (T-app) threads to core T")
+        ->delimiter(',')
+        ->expected(2)
+        ->check(CLI::Range(0, 1023));
     sub->add_option("--engine-cores", o.engine_cores, "pin engine i to core C_i")
         ->delimiter(',')
         ->check(CLI::Range(0, 1023));
@@ -755,6 +791,7 @@ int main(int argc, char** argv) {
   client->add_flag("!--no-verify", o.verify, "do not check bytes");
   try {
     app.parse(argc, argv);
+    g_opts = &o;
     if (client->parsed()) {
       in_addr ia{};
       if (inet_pton(AF_INET, peer.c_str(), &ia) != 1)
