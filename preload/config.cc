@@ -37,6 +37,19 @@ absl::Status ReadFlag(const char* (*env)(const char*), const char* var, bool* ou
   return absl::OkStatus();
 }
 
+// A comma-separated list of integers in [lo, hi]; *out stays empty when the variable is unset.
+absl::Status ReadIntList(const char* (*env)(const char*), const char* var, int lo, int hi,
+                         const char* want, std::vector<int>* out) {
+  const char* v = env(var);
+  if (v == nullptr || *v == '\0') return absl::OkStatus();
+  for (absl::string_view p : absl::StrSplit(v, ',', absl::SkipEmpty())) {
+    int n = 0;
+    if (!absl::SimpleAtoi(p, &n) || n < lo || n > hi) return Bad(var, v, want);
+    out->push_back(n);
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
@@ -80,14 +93,19 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
     else
       return Bad("NETCH_ROUTE", r, "want iface, all or none");
   }
-  if (const char* v = env("NETCH_PORTS"); v != nullptr && *v != '\0') {
-    for (absl::string_view p : absl::StrSplit(v, ',', absl::SkipEmpty())) {
-      int n = 0;
-      if (!absl::SimpleAtoi(p, &n) || n < 1 || n > 65535)
-        return Bad("NETCH_PORTS", v, "want comma-separated ports 1..65535");
-      c.ports.push_back(static_cast<uint16_t>(n));
-    }
-  }
+  std::vector<int> ports;
+  if (auto st =
+          ReadIntList(env, "NETCH_PORTS", 1, 65535, "want comma-separated ports 1..65535", &ports);
+      !st.ok())
+    return st;
+  c.ports.assign(ports.begin(), ports.end());
+  if (auto st =
+          ReadIntList(env, "NETCH_ENGINE_CORES", 0, 1023,
+                      "want comma-separated core numbers 0..1023, one per engine", &c.engine_cores);
+      !st.ok())
+    return st;
+  if (c.engine_cores.size() > 64)
+    return absl::InvalidArgumentError("NETCH_ENGINE_CORES: at most 64 engines");
   if (auto st = ReadInt(env, "NETCH_ENGINES", 1, 64, &c.engines); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_CHANNELS", 1, 64, &c.channels); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_COPY_WORKERS", 0, 64, &c.copy_workers); !st.ok()) return st;

@@ -229,6 +229,7 @@ netch::vns::Stack* GetStack() {
   so.driver_opts.steer = (*ctl)->steer();
   so.driver_opts.engines = c->engines;
   so.driver_opts.tx = c->tx;
+  so.driver_opts.cores = c->engine_cores;
   so.channels_per_peer = c->channels;
   so.copy_workers = c->copy_workers;
   so.policy = c->policy;

@@ -41,6 +41,7 @@ int main(int argc, char** argv) {
   std::string dev, instance, route, ports, driver, tx, metrics, policy, lib, app_class;
   int engines = 0, channels = 0, copy_workers = 0, linger_ms = -1, spin_us = -1, busy_poll_us = -1;
   bool replace_xdp = false, verbose = false;
+  std::vector<int> engine_cores;
   std::vector<std::string> cmd;
   app.add_option("--dev", dev, "NetChannel interface (default: the only one with IPv4)");
   app.add_option("--instance", instance, "control-plane instance name (netchctl --instance)")
@@ -52,6 +53,10 @@ int main(int argc, char** argv) {
   app.add_option("--tx", tx, "AF_XDP transmit path")
       ->check(CLI::IsMember({"auto", "afxdp", "udp"}));
   app.add_option("--engines", engines, "engine threads")->check(CLI::Range(1, 64));
+  app.add_option("--engine-cores", engine_cores,
+                 "pin engine i to core C_i (isolate-classes: engine 0 runs the L-app channels)")
+      ->delimiter(',')
+      ->check(CLI::Range(0, 1023));
   app.add_option("--channels", channels, "channels per peer")->check(CLI::Range(1, 64));
   app.add_option("--copy-workers", copy_workers, "copy worker threads")->check(CLI::Range(0, 64));
   app.add_option("--policy", policy,
@@ -73,7 +78,15 @@ int main(int argc, char** argv) {
   app.footer(
       "Example:\n  ip netns exec B netchrun --dev veth-b -- redis-server --bind 198.18.0.2\n"
       "  ip netns exec A netchrun --dev veth-a -- redis-benchmark -h 198.18.0.2 -q");
-  CLI11_PARSE(app, argc, argv);
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& e) {
+    return app.exit(e);
+  } catch (const CLI::ParseError& e) {
+    // Exit 2, as netchrun(1) says (CLI11's own codes are 100 and up).
+    std::fprintf(stderr, "netchrun: %s\nRun 'netchrun --help' for usage.\n", e.what());
+    return 2;
+  }
 
   auto set = [](const char* k, const std::string& v) {
     if (!v.empty()) setenv(k, v.c_str(), 1);
@@ -96,6 +109,11 @@ int main(int argc, char** argv) {
   set_int("NETCH_SPIN_US", spin_us, -1);
   set("NETCH_CLASS", app_class);
   set_int("NETCH_BUSY_POLL_US", busy_poll_us, -1);
+  if (!engine_cores.empty()) {
+    std::string v;
+    for (int core : engine_cores) v += (v.empty() ? "" : ",") + std::to_string(core);
+    set("NETCH_ENGINE_CORES", v);
+  }
   if (replace_xdp) set("NETCH_REPLACE_XDP", "1");
   if (verbose) set("NETCH_VERBOSE", "1");
 

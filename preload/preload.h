@@ -49,6 +49,8 @@
 //   NETCH_CLASS      latency | throughput: the class the program's connections announce
 //   NETCH_BUSY_POLL_US  a blocking receive on any of the program's sockets runs its channels
 //                    on the calling thread this long before sleeping (run to completion)
+//   NETCH_ENGINE_CORES  C0,C1,...: pin engine i to core Ci (default: engines float). With
+//                    isolate-classes, engine 0 runs the L-app channels: give it a core of its own
 #pragma once
 
 #include <cstdint>
@@ -74,7 +76,8 @@ struct Config {
   // NETCH_CLASS: the class the program's connections announce (0 unspecified, 1 latency, 2
   // throughput: vns::AppClass values).
   int app_class = 0;
-  int busy_poll_us = -1;  // NETCH_BUSY_POLL_US: every socket's SocketOptions::busy_poll_us
+  int busy_poll_us = -1;          // NETCH_BUSY_POLL_US: every socket's SocketOptions::busy_poll_us
+  std::vector<int> engine_cores;  // NETCH_ENGINE_CORES: engine i pinned to engine_cores[i]
   bool replace_xdp = false, verbose = false;
   bool deliver_inline = true;   // NETCH_DELIVER_INLINE
   bool transmit_inline = true;  // NETCH_TRANSMIT_INLINE

@@ -63,7 +63,10 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
                                                         {"NETCH_DELIVER_INLINE", "2"},
                                                         {"NETCH_TRANSMIT_INLINE", "-1"},
                                                         {"NETCH_RECEIVE_INLINE", "yes"},
-                                                        {"NETCH_POLICY", "isolate-classes:x"}}) {
+                                                        {"NETCH_POLICY", "isolate-classes:x"},
+                                                        {"NETCH_ENGINE_CORES", "1,x"},
+                                                        {"NETCH_ENGINE_CORES", "-1"},
+                                                        {"NETCH_ENGINE_CORES", "1024"}}) {
     g_env = {{"NETCH_ROUTE", "none"}};
     g_env[k] = v;
     auto c = Config::FromEnv(&FakeEnv);
@@ -80,6 +83,7 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
   EXPECT_TRUE(c->deliver_inline);
   EXPECT_TRUE(c->transmit_inline);
   EXPECT_TRUE(c->receive_inline);
+  EXPECT_TRUE(c->engine_cores.empty()) << "engines float unless asked";
   g_env = {{"NETCH_ROUTE", "none"},
            {"NETCH_DELIVER_INLINE", "0"},
            {"NETCH_TRANSMIT_INLINE", "0"},
@@ -92,7 +96,8 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
   g_env = {{"NETCH_ROUTE", "none"},
            {"NETCH_POLICY", "isolate-classes:busy_poll_us=200,latency_channels=2"},
            {"NETCH_CLASS", "latency"},
-           {"NETCH_BUSY_POLL_US", "50"}};
+           {"NETCH_BUSY_POLL_US", "50"},
+           {"NETCH_ENGINE_CORES", "1,0"}};
   c = Config::FromEnv(&FakeEnv);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->policy, "isolate-classes");
@@ -100,6 +105,7 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
                                  {"busy_poll_us", "200"}, {"latency_channels", "2"}}));
   EXPECT_EQ(c->app_class, 1);
   EXPECT_EQ(c->busy_poll_us, 50);
+  EXPECT_EQ(c->engine_cores, (std::vector<int>{1, 0}));
 }
 
 TEST(PreloadConfigTest, ANamedInterfaceWithoutAnAddressIsAnError) {

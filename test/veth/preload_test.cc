@@ -7,6 +7,7 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <fstream>
@@ -124,10 +125,22 @@ class PreloadTest : public ::testing::Test {
 
 TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClients) {
   const std::string prog = kBin + "/test/socket_calls";
-  // Three orderly clients end the server; a killed one in between must not.
-  Background server(B() + " " + prog + " server 198.18.0.2 7000 3", "/tmp/netch-preload-srv.log");
+  // Three orderly clients end the server; a killed one in between must not. Its two engines are
+  // pinned (netchrun --engine-cores), as an operator isolating an L-app core would.
+  const int last_core = std::max(1u, std::thread::hardware_concurrency()) - 1;
+  Background server(Netchrun(hosts_.ns_b(), TestHosts::kDevB,
+                             absl::StrFormat("--engines 2 --engine-cores %d,0", last_core)) +
+                        " " + prog + " server 198.18.0.2 7000 3",
+                    "/tmp/netch-preload-srv.log");
   ASSERT_TRUE(server.WaitFor("ready", 20)) << server.Output();
   std::string out;
+  ASSERT_EQ(Shell("ip netns exec " + hosts_.ns_b() + " " + kBin +
+                      "/ctl/netchctl --instance netchrun status",
+                  &out),
+            0)
+      << out;
+  EXPECT_TRUE(absl::StrContains(out, absl::StrFormat("0(core %d,", last_core))) << out;
+  EXPECT_TRUE(absl::StrContains(out, "1(core 0,")) << out;
   EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " client 198.18.0.2 7000 50000000", &out), 0)
       << out;
   EXPECT_TRUE(absl::StrContains(out, "ok echo_every_byte_in_order")) << out;
@@ -159,6 +172,16 @@ TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClien
   EXPECT_EQ(server.Wait(30), 0) << server.Output();
   EXPECT_TRUE(absl::StrContains(server.Output(), "ok kernel_fd_in_same_epoll")) << server.Output();
   EXPECT_TRUE(absl::StrContains(server.Output(), "server done: 3 clients")) << server.Output();
+}
+
+TEST(NetchrunTest, BadOptionsGetAUsageMessageAndExitStatus2) {
+  std::string out;
+  for (const char* bad : {"--engine-cores 1,x", "--engines 0", "--route some", "--no-such"}) {
+    EXPECT_EQ(Shell(kBin + "/preload/netchrun " + bad + " -- true", &out), 2) << bad << ": " << out;
+    EXPECT_TRUE(absl::StrContains(out, "netchrun --help")) << bad << ": " << out;
+  }
+  EXPECT_EQ(Shell(kBin + "/preload/netchrun --help", &out), 0) << out;
+  EXPECT_TRUE(absl::StrContains(out, "--engine-cores")) << out;
 }
 
 TEST_F(PreloadTest, ProgramsThatDoNotTouchTheInterfaceStayOnTheKernel) {
