@@ -119,6 +119,11 @@ struct Conn {
     batches_other.fetch_add(1, std::memory_order_relaxed);
   }
   std::vector<const chan::Channel*> tx_chans;  // guarded by map_mu: every channel sends used
+  // Guarded by map_mu: the channels a non-blocking Send found full, by id. Write readiness comes
+  // back when one of these has room (empty: any of the peer's channels) — not when a channel the
+  // policy does not give this socket has room (isolate-classes' L-app channels for a bulk
+  // socket): the writer would find the same channels full again, and spin.
+  std::vector<uint32_t> full_ids;
   std::vector<const chan::Channel*> rx_chans;  // dispatcher only: channels that delivered
 
   // Dispatcher -> socket.

@@ -90,8 +90,10 @@ class SocketImpl final : public VirtualSocket {
                                    bool parallel);
   // A non-blocking Send was cut short: write readiness off until the window or a channel opens.
   void WriteBlocked(bool on_channels);
-  // Waits until one of the channels can take more, or the connection breaks.
-  void WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans);
+  // Waits until one of the channels the policy tried and found full (loads[i].full) can take
+  // more — all of them if it tried none — or the connection breaks (noticed after ≤ 10 ms).
+  void WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans,
+                    std::span<const sched::ChannelLoad> loads);
   void DrainInq();
   void UpdateReadiness();
   // Busy polling (recv_mu_ held). The socket's poll set: the channels its data arrived on, with
@@ -192,11 +194,16 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> MakeSocket(StackImpl* st, std::sh
   return std::unique_ptr<VirtualSocket>(new SocketImpl(st, std::move(c), o));
 }
 
-void SocketImpl::WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
+void SocketImpl::WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>& chans,
+                              std::span<const sched::ChannelLoad> loads) {
+  // Only the channels the policy wanted: one it does not use for this socket may well have room,
+  // and waking for that would make this a busy loop.
+  const bool tried = std::any_of(loads.begin(), loads.end(), [](const auto& l) { return l.full; });
   std::vector<pollfd> fds;
-  for (const auto& ch : chans) {
-    ch->ArmNotify(chan::Channel::kWritable);
-    fds.push_back({ch->notify_fd(chan::Channel::kWritable), POLLIN, 0});
+  for (size_t i = 0; i < loads.size(); ++i) {
+    if (tried && !loads[i].full) continue;
+    chans[i]->ArmNotify(chan::Channel::kWritable);
+    fds.push_back({chans[i]->notify_fd(chan::Channel::kWritable), POLLIN, 0});
   }
   // (Not the socket's own fd: it stays readable while unread data waits, which would turn this
   // into a busy loop. A reset is noticed by the caller after at most one timeout.)
@@ -291,8 +298,14 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
     if (c_->broken.load(std::memory_order_acquire))
       return SockError(ECONNRESET, "a channel carrying the connection failed");
     if (AllDown(chans)) return SockError(ECONNRESET, "every channel to the peer failed");
-    if (nonblocking_) break;
-    WaitChannels(chans);
+    if (nonblocking_) {
+      std::lock_guard g(c_->map_mu);
+      c_->full_ids.clear();
+      for (size_t i = 0; i < nch; ++i)
+        if (loads[i].full) c_->full_ids.push_back(loads[i].id);
+      break;
+    }
+    WaitChannels(chans, {loads, nch});
   }
   return off;
 }

@@ -397,8 +397,16 @@ void StackImpl::CheckWatched() {
     if (!c || c->closed.load(std::memory_order_relaxed)) return true;
     if (c->wsignaled.load(std::memory_order_acquire)) return true;
     if (!c->peer) return false;
-    for (const auto& ch : c->peer->Live()) {
-      if (ch->writable()) {
+    const auto live = c->peer->Live();
+    std::lock_guard m(c->map_mu);
+    auto wanted = [&](const chan::Channel& ch) {
+      return std::find(c->full_ids.begin(), c->full_ids.end(), ch.id()) != c->full_ids.end();
+    };
+    // The full channels may have gone since (scaled down, failed): then any channel will do.
+    const bool any =
+        std::none_of(live.begin(), live.end(), [&](const auto& ch) { return wanted(*ch); });
+    for (const auto& ch : live) {
+      if ((any || wanted(*ch)) && ch->writable()) {
         c->SignalWritable();
         return true;
       }

@@ -3,10 +3,13 @@
 
 #include <net/if.h>
 #include <poll.h>
+#include <pthread.h>
 #include <signal.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <cstring>
@@ -83,6 +86,29 @@ class VnsTest : public ::testing::Test {
     bare_chan_ = std::move(*ch);
   }
 
+  // Both hosts with a steering program of the test's own (fault injection through
+  // SetChannelDropPpm) and a stack of `channels` channels per peer: a_, b_, steer_.
+  void OpenSteered(int channels, const std::string& policy = "") {
+    const std::string ns[2] = {hosts_.ns_a(), hosts_.ns_b()};
+    const char* dev[2] = {TestHosts::kDevA, TestHosts::kDevB};
+    std::unique_ptr<Stack>* stack[2] = {&a_, &b_};
+    for (int h = 0; h < 2; ++h) {
+      {
+        NetnsScope scope(ns[h]);
+        auto p = bpf::SteerProgram::Load();
+        ASSERT_TRUE(p.ok()) << p.status();
+        ASSERT_TRUE((*p)->Attach(if_nametoindex(dev[h]), bpf::AttachMode::kNative).ok());
+        steer_[h] = std::move(*p);
+      }
+      StackOptions o = Opts(ns[h], dev[h], "afxdp", channels);
+      o.driver_opts.steer = steer_[h].get();
+      if (!policy.empty()) o.policy = policy;
+      auto st = Stack::Create(o);
+      ASSERT_TRUE(st.ok()) << st.status();
+      *stack[h] = std::move(*st);
+    }
+  }
+
   void TearDown() override {
     if (bare_chan_) (void)bare_->driver->Destroy(*bare_chan_);
     bare_chan_.reset();
@@ -143,6 +169,7 @@ class VnsTest : public ::testing::Test {
   }
 
   TestHosts hosts_;
+  std::unique_ptr<bpf::SteerProgram> steer_[2];  // declared first: outlives the stacks
   std::unique_ptr<Stack> a_, b_;
   std::unique_ptr<tools::ChanHost> bare_;
   std::shared_ptr<chan::Channel> bare_chan_;
@@ -705,26 +732,9 @@ TEST_F(VnsTest, DataBeyondTheAdvertisedWindowResetsOnlyThatSocket) {
 // sockets whose bytes it carried fail within the channel timeout, a socket on other channels
 // finishes intact, and a new connection works.
 TEST_F(VnsTest, OneOfFourChannelsFailingBreaksOnlyTheSocketsItCarried) {
-  std::unique_ptr<bpf::SteerProgram> steer[2];
-  const std::string ns[2] = {hosts_.ns_a(), hosts_.ns_b()};
-  const char* dev[2] = {TestHosts::kDevA, TestHosts::kDevB};
-  std::unique_ptr<Stack> stack[2];
-  for (int h = 0; h < 2; ++h) {
-    {
-      NetnsScope scope(ns[h]);
-      auto p = bpf::SteerProgram::Load();
-      ASSERT_TRUE(p.ok()) << p.status();
-      ASSERT_TRUE((*p)->Attach(if_nametoindex(dev[h]), bpf::AttachMode::kNative).ok());
-      steer[h] = std::move(*p);
-    }
-    StackOptions o = Opts(ns[h], dev[h], "afxdp", 4);
-    o.driver_opts.steer = steer[h].get();
-    auto st = Stack::Create(o);
-    ASSERT_TRUE(st.ok()) << st.status();
-    stack[h] = std::move(*st);
-  }
-  Stack& a = *stack[0];
-  Stack& b = *stack[1];
+  OpenSteered(4);
+  Stack& a = *a_;
+  Stack& b = *b_;
   auto l = b.Listen(5030, 16);
   ASSERT_TRUE(l.ok());
   // X on the channel that will fail, Y on two others, Z on all four.
@@ -768,11 +778,11 @@ TEST_F(VnsTest, OneOfFourChannelsFailingBreaksOnlyTheSocketsItCarried) {
   // Cut the channel: its packets are dropped on arrival at both hosts (the peer's end of the
   // channel is the one bound to the same queue).
   const int queue = doomed.stats().queue;
-  ASSERT_TRUE(steer[0]->SetChannelDropPpm(doomed.id(), NC_PPM).ok());
+  ASSERT_TRUE(steer_[0]->SetChannelDropPpm(doomed.id(), NC_PPM).ok());
   bool cut_b = false;
   for (const auto& ch : b.driver().Channels())
     if (ch->stats().queue == queue && ch->state() == chan::ChannelState::kUp)
-      cut_b = steer[1]->SetChannelDropPpm(ch->id(), NC_PPM).ok();
+      cut_b = steer_[1]->SetChannelDropPpm(ch->id(), NC_PPM).ok();
   EXPECT_TRUE(cut_b);
   const uint64_t cut_us = chan::NowUs();
   for (auto& t : threads) t.join();
@@ -803,6 +813,101 @@ TEST_F(VnsTest, OneOfFourChannelsFailingBreaksOnlyTheSocketsItCarried) {
   EXPECT_EQ(b2, 0u);
   std::printf("sockets on the cut channel failed %.2f s / %.2f s after the cut\n",
               (failed_at_us[0] - cut_us) / 1e6, (failed_at_us[2] - cut_us) / 1e6);
+}
+
+// A bulk socket whose channels are full waits for *them*: isolate-classes never gives it the
+// L-app channel, which has room all along — waking for that channel made a blocked Send spin a
+// core and a non-blocking one's write readiness flap. The bulk channel is cut for a moment (its
+// packets dropped on arrival at B, so nothing is acknowledged and A's end fills): the blocked
+// writer must sleep, the non-blocking one must not look writable; both go on intact when the
+// cut heals.
+TEST_F(VnsTest, AWriterBlockedOnFullChannelsSleepsWhileAnotherClassesChannelHasRoom) {
+  OpenSteered(2, "isolate-classes");
+  Stack& a = *a_;
+  Stack& b = *b_;
+  SocketOptions big;
+  big.rcvbuf = 64 << 20;  // the channel, not the peer's window, is what fills
+  auto l = b.Listen(5040, 16, big);
+  ASSERT_TRUE(l.ok());
+  SocketOptions bulk;
+  bulk.app_class = AppClass::kThroughput;
+  auto connect = [&] {
+    auto c = a.Connect(TestHosts::kIpB, 5040, bulk);
+    EXPECT_TRUE(c.ok()) << c.status();
+    auto s = (*l)->Accept();
+    EXPECT_TRUE(s.ok()) << s.status();
+    return std::pair{std::move(*c), std::move(*s)};
+  };
+  auto [tx, rx] = connect();
+  auto chans = a.driver().Channels();
+  ASSERT_EQ(chans.size(), 2u);
+  std::sort(chans.begin(), chans.end(), [](auto& x, auto& y) { return x->id() < y->id(); });
+  const int bulk_queue = chans[1]->stats().queue;  // the first channel is the L-app one
+  auto cut = [&](uint32_t ppm) {
+    bool done = false;
+    for (const auto& ch : b.driver().Channels())
+      if (ch->stats().queue == bulk_queue) done = steer_[1]->SetChannelDropPpm(ch->id(), ppm).ok();
+    EXPECT_TRUE(done);
+  };
+  auto cpu_ms = [](std::thread& t) {
+    clockid_t id;
+    timespec ts{};
+    if (pthread_getcpuclockid(t.native_handle(), &id) != 0 || clock_gettime(id, &ts) != 0)
+      return -1.0;
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+  };
+
+  // Blocking.
+  constexpr uint64_t kBytes = 32 << 20;
+  cut(NC_PPM);
+  absl::Status sent, err;
+  uint64_t bad = 0, got = 0;
+  std::thread writer([&] { SendStream(*tx, 41, kBytes, 1 << 20, &sent); });
+  std::thread reader([&] { got = RecvStream(*rx, 41, 1 << 20, &bad, &err); });
+  absl::SleepFor(absl::Milliseconds(150));  // the channel fills within this
+  const double cpu0 = cpu_ms(writer);
+  absl::SleepFor(absl::Milliseconds(500));
+  const double spent = cpu_ms(writer) - cpu0;
+  cut(0);
+  writer.join();
+  reader.join();
+  EXPECT_GE(cpu0, 0);
+  EXPECT_LT(spent, 100) << "ms of CPU the blocked writer used in 500 ms";
+  EXPECT_TRUE(sent.ok()) << sent;
+  EXPECT_TRUE(err.ok()) << err;
+  EXPECT_EQ(got, kBytes);
+  EXPECT_EQ(bad, 0u);
+
+  // Non-blocking: cut short by the full channel, it stays unwritable until the channel drains.
+  auto [tx2, rx2] = connect();
+  cut(NC_PPM);
+  tx2->SetNonBlocking(true);
+  std::vector<uint8_t> chunk(1 << 20);
+  uint64_t off = 0;
+  bool blocked = false;
+  for (int i = 0; i < 256 && !blocked; ++i) {
+    for (size_t j = 0; j < chunk.size(); ++j) chunk[j] = PatternByte(42, off + j);
+    auto n = tx2->Send(chunk);
+    if (!n.ok()) {
+      ASSERT_EQ(Errno(n.status()), EAGAIN) << n.status();
+      blocked = true;
+    } else {
+      off += *n;
+      blocked = *n < chunk.size();
+    }
+  }
+  ASSERT_TRUE(blocked) << "256 MiB went into a cut channel";
+  pollfd p{tx2->write_fd(), POLLIN, 0};
+  EXPECT_EQ(poll(&p, 1, 300), 0) << "writable while the only channel it may use is full";
+  cut(0);
+  EXPECT_EQ(poll(&p, 1, 5000), 1) << "not writable after the channel drained";
+  tx2->SetNonBlocking(false);
+  ASSERT_TRUE(tx2->Shutdown().ok());
+  bad = 0;
+  err = absl::OkStatus();
+  EXPECT_EQ(RecvStream(*rx2, 42, 1 << 20, &bad, &err), off);
+  EXPECT_TRUE(err.ok()) << err;
+  EXPECT_EQ(bad, 0u);
 }
 
 // A flood of NCSYNs (virtual-connection opens) from a peer that never completes anything: the
