@@ -444,6 +444,7 @@ int RunServer(const Options& o, Endpoint& ep) {
       continue;
     }
     if (h.mode == 0) {
+      PinSelf(1);  // this (main) thread: later runs' rpc threads pin themselves
       ServeStream(*first, h);
     } else if (h.mode == 2) {
       // Mixed: this stream and `concurrency` rpc connections, all served at once.
@@ -617,6 +618,7 @@ int RunClient(const Options& o, Endpoint& ep) {
   const uint64_t size = o.size ? o.size : (stream ? 131072 : 4096);
   Hello h{kMagic, stream ? 0u : 1u, size, 0, o.verify ? 1u : 0u, stream ? 1 : o.concurrency};
   if (stream) {
+    PinSelf(1);
     const uint64_t bytes = o.bytes ? o.bytes : (o.seconds > 0 ? UINT64_MAX : 1ull << 30);
     const double cpu0 = CpuSeconds();
     auto s = ConnectRetry(ep, o, &err);
