@@ -5,6 +5,10 @@
 
 namespace netch::vns {
 
+// How long an idle dispatcher sleeps between looks (NothingToRetryLocked): everything else that
+// needs it — a segment, a failed channel, a new channel, a socket that read — wakes it.
+constexpr uint64_t kIdleDispatchSleepUs = 250'000;
+
 void StackImpl::QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
                              uint8_t type, uint64_t seq) {
   auto st = SendControl(*ch, k, conn_id, cls, type, seq);
@@ -197,6 +201,16 @@ void StackImpl::BreakConnsOn(Peer& p, const chan::Channel* ch) {
     // The other end may not have seen this channel fail (or may wait on a hole it left).
     if (ctl) QueueControl(ctl.get(), c->key, c->conn_id, c->app_class, NC_RST);
   }
+}
+
+bool StackImpl::NothingToRetryLocked() {
+  if (!ctl_backlog_.empty() || !to_seal_.empty() || !deferred_release_.empty() ||
+      !sealed_by_us_.empty() || !drained_by_peer_.empty())
+    return false;
+  for (const DispatchChan& cs : dchans_)
+    if (cs.dead || cs.drained) return false;
+  std::lock_guard g(mu_);
+  return connecting_.empty();
 }
 
 bool StackImpl::SealRequested() {
@@ -499,7 +513,9 @@ void StackImpl::Dispatch() {
         // A polled lane is looked at again once its poller may have stopped renewing it
         // without saying so (chan::kStandDownRecheckUs), not every millisecond: each wakeup
         // pre-empts a spinner.
-        uint64_t sleep = watching_.load(std::memory_order_acquire) ? 1000 : 10000;
+        uint64_t sleep = watching_.load(std::memory_order_acquire) ? 1000
+                         : NothingToRetryLocked()                  ? kIdleDispatchSleepUs
+                                                                   : 10000;
         if (polled_until) sleep = std::min(sleep, polled_until - now + chan::kStandDownRecheckUs);
         if (until > now) sleep = std::min<uint64_t>(until - now + chan::kStandDownRecheckUs, 10000);
         sleep_us = static_cast<int>(sleep);

@@ -8,6 +8,8 @@ namespace netch::vns {
 
 // The largest write that transmits on the caller's thread (StackOptions::transmit_inline).
 constexpr size_t kTransmitInlineMaxBytes = 32 << 10;
+// How long a blocked Recv sleeps between looks when nothing is owed (see RecvLocked).
+constexpr int kIdleRecvWaitMs = 500;
 
 class SocketImpl final : public VirtualSocket {
  public:
@@ -125,6 +127,8 @@ class SocketImpl final : public VirtualSocket {
   absl::StatusOr<size_t> SendPart(std::span<const uint8_t> data);  // within the window
   // Tells the peer our window moved once a quarter of the buffer was read since the last time.
   void MaybeAdvertiseWindow();
+  // A window update is due (the reader moved a quarter of rcvbuf past the last one sent).
+  bool WindowOwed() const;
   void RefreshChannels();  // send_mu_ held
   // The active policy into *p, re-read only when its version moved (one load otherwise). Send
   // and Recv keep their own copy, each under its lock.
@@ -627,9 +631,13 @@ absl::StatusOr<size_t> SocketImpl::RecvLocked(std::span<uint8_t> buf) {
     for (size_t i = 0; i < nloans_; ++i) p[1 + i] = {loans_[i].fd(), POLLIN, 0};
     c_->Unsignal();
     c_->BeginWait();
+    // Everything that ends the wait raises the fd (data, FIN, reset, a failed channel) or is
+    // input on a loaned set. The timeout is a backstop, and the retry of a window update the
+    // control channel could not take: then soon, else rarely — an idle blocked reader should
+    // not wake 100 times a second.
     if (c_->inq.EmptyApprox() && c_->fin_seq.load() != reasm_.next() &&
         c_->state.load() == ConnState::kEstablished)
-      poll(p, 1 + nloans_, 10);
+      poll(p, 1 + nloans_, WindowOwed() ? 10 : kIdleRecvWaitMs);
     c_->EndWait();
     bool input = false;
     for (size_t i = 0; i < nloans_; ++i) {
@@ -744,9 +752,14 @@ void SocketImpl::EndPoll() {
   st_->WakeDispatcher();  // it arms the channels' notifications again
 }
 
+bool SocketImpl::WindowOwed() const {
+  return reasm_.next() + c_->rcvbuf - c_->adv_edge.load(std::memory_order_relaxed) >=
+         c_->rcvbuf / 4;
+}
+
 void SocketImpl::MaybeAdvertiseWindow() {
+  if (!WindowOwed()) return;
   const uint64_t edge = reasm_.next() + c_->rcvbuf;
-  if (edge - c_->adv_edge.load(std::memory_order_relaxed) < c_->rcvbuf / 4) return;
   auto ctl = c_->peer ? c_->peer->ControlChannel() : nullptr;
   if (!ctl) return;
   // Stored before it is sent: data the peer sends on the strength of it is checked against it.

@@ -63,13 +63,15 @@ absl::Status StackImpl::Init() {
 
 // Every 100 ms, when the policy scales (knob scale=on): each peer's live channels, their
 // unacknowledged bytes and the engines' busy share go to the policy, which says how many
-// channels the peer should have; SetPeerChannels opens or drains the difference.
+// channels the peer should have; SetPeerChannels opens or drains the difference. A policy that
+// does not scale is looked at once a second (and at once when it is swapped: SetPolicy).
 void StackImpl::Scale() {
   absl::flat_hash_map<uint32_t, sched::ScaleState> state;
   uint64_t last_busy = 0, last_us = 0;
+  bool scaling = true;
   std::unique_lock lk(scale_mu_);
   while (!stop_.load()) {
-    scale_cv_.wait_for(lk, std::chrono::milliseconds(100));
+    scale_cv_.wait_for(lk, std::chrono::milliseconds(scaling ? 100 : 1000));
     if (stop_.load()) break;
     auto pol = policy();
     const uint64_t now = NowUs();
@@ -83,7 +85,8 @@ void StackImpl::Scale() {
                              : 0.0;
     last_busy = busy;
     last_us = now;
-    if (!pol->scaling()) {
+    scaling = pol->scaling();
+    if (!scaling) {
       state.clear();
       continue;
     }
@@ -245,6 +248,10 @@ absl::Status StackImpl::SetPolicy(const std::string& name,
     policy_ = std::move(*p);
   }
   policy_version_.fetch_add(1, std::memory_order_release);
+  {
+    std::lock_guard g(scale_mu_);
+    scale_cv_.notify_all();  // a policy that scales starts its 100 ms ticks now
+  }
   std::lock_guard g(workers_mu_);
   PlaceCopyWorkersLocked();
   return absl::OkStatus();

@@ -202,6 +202,10 @@ class StackImpl final : public Stack {
   void ExpireConnects();  // dispatcher: non-blocking connects past their deadline time out
   void CheckWatched();    // dispatcher: write-watched sockets whose channels have room
   bool SealRequested();   // dispatcher: seals channels being scaled down (NC_DRAIN)
+  // dispatch_mu_: nothing the dispatcher retries on its own clock — control segments a full
+  // channel refused, seals, releases, channels being drained or dying, connects that may time
+  // out. Then it sleeps kIdleDispatchSleepUs between looks instead of 10 ms.
+  bool NothingToRetryLocked();
   // dispatch_mu_: channels being scaled down.
   std::vector<chan::Channel*> to_seal_;
   absl::flat_hash_set<const chan::Channel*> sealed_by_us_, drained_by_peer_, initiated_by_us_,

@@ -3,6 +3,7 @@
 // test/veth/vns_test.cc.)
 #include <poll.h>
 #include <sched.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -179,6 +180,56 @@ TEST_F(VnsStackTest, NonBlockingRecvAndReadinessFollowTheData) {
   EXPECT_TRUE(Readable((*s)->fd(), 1000));
   EXPECT_EQ(*(*s)->Recv(buf), 10u);
   EXPECT_FALSE(Readable((*s)->fd(), 0)) << "drained: not readable any more";
+}
+
+// Voluntary context switches of one thread of this process (its sleeps ended by a wakeup).
+uint64_t Wakeups(pid_t tid) {
+  std::ifstream f("/proc/self/task/" + std::to_string(tid) + "/status");
+  for (std::string line; std::getline(f, line);)
+    if (line.rfind("voluntary_ctxt_switches:", 0) == 0) return std::stoull(line.substr(24));
+  return 0;
+}
+// ... summed over the threads named `name`.
+uint64_t WakeupsOf(const std::string& name) {
+  uint64_t n = 0;
+  for (const auto& t : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream comm(t.path() / "comm");
+    std::string c;
+    std::getline(comm, c);
+    if (c == name) n += Wakeups(std::stoi(t.path().filename()));
+  }
+  return n;
+}
+
+// A host stack holds idle connections for days: a reader blocked on one, and the dispatchers of
+// both stacks, sleep between looks for far longer than the 10 ms they used to (100 wakeups a
+// second each, for nothing). Data still wakes the reader at once.
+TEST_F(VnsStackTest, AnIdleConnectionLetsItsBlockedReaderAndTheDispatchersSleep) {
+  auto l = b_->Listen(90);
+  ASSERT_TRUE(l.ok());
+  auto c = a_->Connect(kB, 90);
+  ASSERT_TRUE(c.ok());
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok());
+  std::atomic<pid_t> reader_tid{0};
+  absl::StatusOr<size_t> got;
+  std::vector<uint8_t> buf(16);
+  std::thread reader([&] {
+    reader_tid = static_cast<pid_t>(syscall(SYS_gettid));
+    got = (*s)->Recv(buf);
+  });
+  std::this_thread::sleep_for(std::chrono::milliseconds(300));  // past every spin: asleep
+  const uint64_t r0 = Wakeups(reader_tid), d0 = WakeupsOf("netch-disp");
+  std::this_thread::sleep_for(std::chrono::seconds(1));
+  const uint64_t r1 = Wakeups(reader_tid), d1 = WakeupsOf("netch-disp");
+  const uint64_t t0 = chan::NowUs();
+  ASSERT_TRUE((*c)->Send({buf.data(), 5}).ok());
+  reader.join();
+  EXPECT_LT(chan::NowUs() - t0, 200'000u) << "data must wake the sleeping reader at once";
+  ASSERT_TRUE(got.ok()) << got.status();
+  EXPECT_EQ(*got, 5u);
+  EXPECT_LE(r1 - r0, 10u) << "wakeups of the blocked reader in 1 s";
+  EXPECT_LE(d1 - d0, 30u) << "wakeups of both stacks' dispatchers in 1 s";
 }
 
 TEST_F(VnsStackTest, NonBlockingConnectCompletesThroughWriteReadiness) {
