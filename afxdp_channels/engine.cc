@@ -13,6 +13,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_format.h"
+#include "common/affinity.h"
 #include "common/errno_status.h"
 #include "common/netns.h"
 
@@ -107,11 +108,8 @@ absl::Status Engine::Start() {
       st = ns->status();
     }
     if (st.ok() && core_ >= 0) {
-      cpu_set_t set;
-      CPU_ZERO(&set);
-      CPU_SET(core_, &set);
-      if (int err = pthread_setaffinity_np(pthread_self(), sizeof(set), &set))
-        st = ErrnoStatus(err, absl::StrFormat("pin engine %d to core %d", index_, core_));
+      if (auto pin = PinThread(pthread_self(), core_); !pin.ok())
+        st = absl::Status(pin.code(), absl::StrFormat("engine %d: %s", index_, pin.message()));
     }
     pthread_setname_np(pthread_self(), absl::StrFormat("netch-eng%d", index_).c_str());
     tid_ = static_cast<pid_t>(syscall(SYS_gettid));

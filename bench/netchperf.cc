@@ -40,6 +40,7 @@
 #include "absl/strings/str_split.h"
 #include "afxdp_channels/engine.h"
 #include "afxdp_channels/netdev.h"
+#include "common/affinity.h"
 #include "ctl/controller.h"
 #include "vns_lib/vns.h"
 
@@ -397,12 +398,8 @@ uint64_t g_start_us = 0;  // process start, for connect_ms
 const Options* g_opts = nullptr;
 void PinSelf(size_t which) {
   if (!g_opts || g_opts->app_cores.size() <= which) return;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  CPU_SET(g_opts->app_cores[which], &set);
-  if (int err = pthread_setaffinity_np(pthread_self(), sizeof(set), &set))
-    std::fprintf(stderr, "netchperf: pin to core %d: %s\n", g_opts->app_cores[which],
-                 std::strerror(err));
+  if (auto st = netch::PinThread(pthread_self(), g_opts->app_cores[which]); !st.ok())
+    std::fprintf(stderr, "netchperf: %s\n", std::string(st.message()).c_str());
 }
 
 void ServeStream(Sock& s, const Hello& h) {

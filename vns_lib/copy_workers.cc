@@ -1,12 +1,12 @@
 #include "vns_lib/copy_workers.h"
 
 #include <pthread.h>
-#include <sched.h>
 #include <time.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <string>
+
+#include "common/affinity.h"
 
 namespace netch::vns {
 
@@ -47,17 +47,8 @@ void CopyWorkers::Place(std::function<int(int)> core_of) {
 }
 
 void CopyWorkers::Pin(int i) {
-  const int core = core_of_ ? core_of_(i) : -1;
-  cpu_set_t set;
-  CPU_ZERO(&set);
-  if (core >= 0) {
-    CPU_SET(core, &set);
-  } else {
-    // Unpinned: every core this process may use.
-    if (sched_getaffinity(getpid(), sizeof(set), &set) != 0)
-      for (int c = 0; c < CPU_SETSIZE; ++c) CPU_SET(c, &set);
-  }
-  const bool ok = pthread_setaffinity_np(threads_[i].native_handle(), sizeof(set), &set) == 0;
+  const int core = core_of_ ? core_of_(i) : -1;  // unpinned: every core this process may use
+  const bool ok = PinThread(threads_[i].native_handle(), core).ok();
   std::lock_guard g(mu_);
   if (static_cast<int>(cores_.size()) <= i) cores_.resize(i + 1, -1);
   cores_[i] = ok ? core : -1;
