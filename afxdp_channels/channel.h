@@ -147,6 +147,26 @@ class TransmitInlineScope {
   TransmitInlineScope& operator=(const TransmitInlineScope&) = delete;
 };
 
+// Run to completion for an event loop's writes. A thread that comes back to wait within
+// microseconds of writing — an event loop, which calls FlushDeferredTransmit() each time it
+// returns to its wait (the preload's epoll_wait does) — opens a DeferTransmitScope around a
+// write: work the write queues for a sleeping engine then waits for the loop's flush instead of
+// waking the engine, so what one pass of the loop wrote to many sockets leaves in one round on
+// the loop's own thread, no engine thread woken. If the loop does not come back, the engine's
+// own timer runs the round kDeferTransmitUs later. A thread that never flushed does not defer
+// (the scope is then a no-op), nor does an engine that is awake or stood down for a poller.
+inline constexpr uint64_t kDeferTransmitUs = 200;
+class DeferTransmitScope {
+ public:
+  DeferTransmitScope();
+  ~DeferTransmitScope();
+  DeferTransmitScope(const DeferTransmitScope&) = delete;
+  DeferTransmitScope& operator=(const DeferTransmitScope&) = delete;
+};
+// Runs, on the calling thread, the rounds its DeferTransmitScopes deferred, and marks the thread
+// as one that flushes (from now on its scopes defer). Cheap when nothing was deferred.
+void FlushDeferredTransmit();
+
 class Engine;
 
 // Run to completion on the receive side, for a consumer about to block until data arrives

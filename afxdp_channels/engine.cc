@@ -41,6 +41,13 @@ int EpollCtl(int ep, int op, int fd, uint32_t events) {
 }
 
 thread_local int t_transmit_inline = 0;  // TransmitInlineScopes open on this thread
+// Deferred transmit: DeferTransmitScopes open on this thread, whether it flushes (it called
+// FlushDeferredTransmit once), and the engines whose rounds wait for its next flush.
+thread_local int t_defer = 0;
+thread_local bool t_flushes = false;
+constexpr int kMaxDeferred = 8;
+thread_local Engine* t_deferred[kMaxDeferred];
+thread_local int t_ndeferred = 0;
 // The engine whose round this thread runs for a producer or a poller, and whether that round
 // queued work for the engine itself. No round runs inside another: a DeliveryHook holds locks
 // another engine's round would try_lock again on the same thread.
@@ -62,6 +69,15 @@ struct RoundOnThisThread {
 
 TransmitInlineScope::TransmitInlineScope() { ++t_transmit_inline; }
 TransmitInlineScope::~TransmitInlineScope() { --t_transmit_inline; }
+DeferTransmitScope::DeferTransmitScope() { t_defer += t_flushes; }
+DeferTransmitScope::~DeferTransmitScope() { t_defer -= t_defer > 0; }
+
+void FlushDeferredTransmit() {
+  t_flushes = true;
+  // (Taken first: a flush's round may defer again — it does not, it runs with t_round_engine.)
+  const int n = std::exchange(t_ndeferred, 0);
+  for (int i = 0; i < n; ++i) t_deferred[i]->FlushDeferred();
+}
 
 void EngineTask::Wake() {
   Engine* e = engine.load(std::memory_order_acquire);
@@ -73,6 +89,8 @@ void EngineTask::Wake() {
       e->Wake();
   } else if (t_transmit_inline > 0) {
     e->TransmitInline();
+  } else if (t_defer > 0) {
+    (void)e->DeferWake();
   } else {
     e->Wake();
   }
@@ -221,7 +239,59 @@ void Engine::TransmitInline() {
   if (more) Wake();
 }
 
-bool Engine::RunForeignRoundsLocked(int max_rounds) {
+bool Engine::DeferWake() {
+  // The same handshake as Wake(): an engine that is awake sees the work before it sleeps.
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (!sleeping_.load(std::memory_order_relaxed) ||
+      stand_down_until_us_.load(std::memory_order_relaxed) > NowUs())
+    return false;
+  // (Even when this thread owes the engine a flush already: the engine may have woken on the
+  // timer since, run the earlier work and gone back to sleep with no timer for this.)
+  std::unique_lock rl(round_mu_, std::try_to_lock);
+  // Not ours to time: the engine is in its last look before sleeping, a poller runs a round,
+  // tasks change, or this thread owes too many flushes already.
+  if (!rl.owns_lock() || ops_pending_.load(std::memory_order_acquire) ||
+      t_ndeferred == kMaxDeferred) {
+    if (rl.owns_lock()) rl.unlock();
+    Wake();
+    return false;
+  }
+  // Woken meanwhile (it ran a round between our look and the lock): it looks again before it
+  // sleeps, and sees the work.
+  if (!sleeping_.load(std::memory_order_relaxed)) return false;
+  // The sleeping engine's timer covers a loop that does not come back.
+  if (const uint64_t at = NowUs() + kDeferTransmitUs; at < wake_at_us_) {
+    if (!SetTimerLocked(at)) {
+      rl.unlock();
+      Wake();
+      return false;
+    }
+    wake_at_us_ = at;
+  }
+  for (int i = 0; i < t_ndeferred; ++i)
+    if (t_deferred[i] == this) return true;
+  t_deferred[t_ndeferred++] = this;
+  return true;
+}
+
+void Engine::FlushDeferred() {
+  std::atomic_thread_fence(std::memory_order_seq_cst);
+  if (!sleeping_.load(std::memory_order_relaxed) ||
+      stand_down_until_us_.load(std::memory_order_relaxed) > NowUs())
+    return;  // awake (its timer, or another wakeup): the work was its own
+  std::unique_lock rl(round_mu_, std::try_to_lock);
+  if (!rl.owns_lock() || ops_pending_.load(std::memory_order_acquire)) {
+    if (rl.owns_lock()) rl.unlock();
+    Wake();
+    return;
+  }
+  const bool more = RunForeignRoundsLocked(kMaxInlineRounds, /*reaim=*/true);
+  inline_rounds_.fetch_add(1, std::memory_order_relaxed);
+  rl.unlock();
+  if (more) Wake();
+}
+
+bool Engine::RunForeignRoundsLocked(int max_rounds, bool reaim) {
   bool more = true;
   uint64_t deadline = UINT64_MAX;
   {
@@ -238,16 +308,17 @@ bool Engine::RunForeignRoundsLocked(int max_rounds) {
     more |= i >= input_regs_.size() || input_regs_[i].task != tasks_[i] ||
             input_regs_[i].events != static_cast<uint32_t>(tasks_[i]->wait_events());
   // wake_at_us_ is set only by a sleeping engine (awake, it computes its deadline itself).
-  if (!more && deadline < wake_at_us_ && sleeping_.load(std::memory_order_relaxed)) {
-    const itimerspec at{{0, 0},
-                        {static_cast<time_t>(deadline / 1'000'000),
-                         static_cast<long>(deadline % 1'000'000) * 1000}};
-    if (timerfd_settime(timer_fd_, TFD_TIMER_ABSTIME, &at, nullptr) == 0) {
+  if (!more && reaim && timer_armed_ && deadline > wake_at_us_ &&
+      sleeping_.load(std::memory_order_relaxed)) {
+    // A deferral armed the timer and its work has left: the timer serves the tasks again, or
+    // nothing when the sleep's own timeout comes first.
+    const bool arm = deadline < own_wake_at_us_;
+    if (SetTimerLocked(arm ? deadline : UINT64_MAX)) wake_at_us_ = arm ? deadline : own_wake_at_us_;
+  } else if (!more && deadline < wake_at_us_ && sleeping_.load(std::memory_order_relaxed)) {
+    if (SetTimerLocked(deadline))
       wake_at_us_ = deadline;
-      timer_armed_ = true;
-    } else {
+    else
       more = true;
-    }
   }
   return more;
 }
@@ -318,14 +389,21 @@ void InputLoan::Return() {
   if (engine_) std::exchange(engine_, nullptr)->ReturnInput();
 }
 
+bool Engine::SetTimerLocked(uint64_t at_us) {
+  // (Disarming also clears an expiry not read yet.)
+  const itimerspec its = at_us == UINT64_MAX
+                             ? itimerspec{}
+                             : itimerspec{{0, 0},
+                                          {static_cast<time_t>(at_us / 1'000'000),
+                                           static_cast<long>(at_us % 1'000'000) * 1000}};
+  if (timerfd_settime(timer_fd_, TFD_TIMER_ABSTIME, &its, nullptr) != 0) return false;
+  timer_armed_ = at_us != UINT64_MAX;
+  return true;
+}
+
 void Engine::AwakeLocked() {
-  wake_at_us_ = UINT64_MAX;
-  if (timer_armed_) {
-    // Disarming also clears an expiry not read yet.
-    const itimerspec off{};
-    (void)timerfd_settime(timer_fd_, 0, &off, nullptr);
-    timer_armed_ = false;
-  }
+  own_wake_at_us_ = wake_at_us_ = UINT64_MAX;
+  if (timer_armed_) (void)SetTimerLocked(UINT64_MAX);
 }
 
 void PollYielder::MaybeYield(uint64_t now_us, uint64_t spun_us) {
@@ -414,7 +492,7 @@ void Engine::Loop() {
       const uint64_t now2 = NowUs();
       worked |= RunTasks(now2, &deadline);
       // From here producers' rounds (TransmitInline) compare their timers with this.
-      if (!worked) wake_at_us_ = std::min(deadline, now2 + kMaxSleepUs);
+      if (!worked) own_wake_at_us_ = wake_at_us_ = std::min(deadline, now2 + kMaxSleepUs);
       SyncInputsLocked();
     }
     if (!worked && !ops_pending_.load(std::memory_order_acquire))

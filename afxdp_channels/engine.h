@@ -87,6 +87,14 @@ class Engine {
   // timers the round set earlier than the engine's own wakeup go to its timerfd; anything the
   // round could not finish goes to the engine thread (an eventfd wakeup).
   void TransmitInline();
+  // Deferred transmit (DeferTransmitScope): a producer's work for a sleeping engine waits for
+  // the producer's FlushDeferred, or the engine's timer kDeferTransmitUs from now. False: the
+  // engine was awake, in a round another thread runs, or stood down — the work is its own
+  // (woken as Wake() would) and needs no flush.
+  bool DeferWake();
+  // The deferred work's round on the calling thread (as TransmitInline), and the engine's timer
+  // re-aimed from the deferral's deadline at what its tasks need next.
+  void FlushDeferred();
   // Run to completion on the receive side (InputLoan): the engine's sleep stops watching its
   // tasks' fds while loans are out (one epoll_ctl on the first and the last, no wakeup); the
   // borrowers poll input_fd_, an epoll set of those fds, and run the rounds.
@@ -116,7 +124,11 @@ class Engine {
   // Up to kMaxInlineRounds rounds on a thread other than the engine's (round_mu_ held), then
   // hands the engine what they left: timers earlier than its own wakeup go to timer_fd_. True if
   // the engine thread must be woken (work left, or a task now waits for more than input).
-  bool RunForeignRoundsLocked(int max_rounds);
+  // With `reaim`, the timer is set to the tasks' next deadline even when that is later than
+  // what it was armed for (a deferral's), or disarmed when the engine wakes by itself sooner.
+  bool RunForeignRoundsLocked(int max_rounds, bool reaim = false);
+  // Arms timer_fd_ for `at_us` (NowUs clock), or disarms it for UINT64_MAX (round_mu_ held).
+  bool SetTimerLocked(uint64_t at_us);
   // The engine's input epoll set matches its tasks' fds and events (round_mu_ held).
   void SyncInputsLocked();
   void Sleep(uint64_t deadline_us, bool wake_fd_only);
@@ -166,7 +178,8 @@ class Engine {
   // guarded by round_mu_: when the sleeping engine wakes by itself (sleep timeout or timer_fd_);
   // UINT64_MAX while it is awake.
   uint64_t wake_at_us_ = UINT64_MAX;
-  bool timer_armed_ = false;  // guarded by round_mu_
+  uint64_t own_wake_at_us_ = UINT64_MAX;  // guarded by round_mu_: the sleep's own timeout
+  bool timer_armed_ = false;              // guarded by round_mu_
 };
 
 // A driver's engines: opts.engines threads, engine i pinned to opts.cores[i] when given.

@@ -111,11 +111,14 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
   if (auto st = ReadInt(env, "NETCH_COPY_WORKERS", 0, 64, &c.copy_workers); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_LINGER_MS", 0, 600000, &c.linger_ms); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_SPIN_US", 0, 100000, &c.spin_us); !st.ok()) return st;
+  if (auto st = ReadInt(env, "NETCH_LOOP_POLL_US", 0, 1000000, &c.loop_poll_us); !st.ok())
+    return st;
   if (auto st = ReadInt(env, "NETCH_BUSY_POLL_US", 0, 1000000, &c.busy_poll_us); !st.ok())
     return st;
   for (auto [var, out] : {std::pair{"NETCH_DELIVER_INLINE", &c.deliver_inline},
                           {"NETCH_TRANSMIT_INLINE", &c.transmit_inline},
                           {"NETCH_RECEIVE_INLINE", &c.receive_inline},
+                          {"NETCH_DEFER_TRANSMIT", &c.defer_transmit},
                           {"NETCH_REPLACE_XDP", &c.replace_xdp},
                           {"NETCH_VERBOSE", &c.verbose}})
     if (auto st = ReadFlag(env, var, out); !st.ok()) return st;

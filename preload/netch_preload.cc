@@ -141,6 +141,8 @@ struct EpollSet {
   ~EpollSet();
 };
 constexpr size_t kScanLimit = 256;  // level-triggered sockets a lazy set scans per epoll_wait
+constexpr size_t kMaxLoans = 8;     // engines whose input one epoll_wait borrows
+constexpr int kLoanWakeupsWithoutEvents = 3;
 
 std::mutex g_mu;  // g_cands, creating g_ep entries, Entry::epolls (then EpollSet::mu)
 absl::flat_hash_map<int, Candidate>* g_cands = new absl::flat_hash_map<int, Candidate>();
@@ -237,6 +239,11 @@ netch::vns::Stack* GetStack() {
   so.deliver_inline = c->deliver_inline;
   so.transmit_inline = c->transmit_inline;
   so.receive_inline = c->receive_inline;
+  // Deferring an event loop's writes to its next wait wins only for loops that sleep at once.
+  // A polling loop's engines stand down while it polls; once a long pass outlasts the lease, an
+  // engine woken by a write transmits beside the loop, which measured better than waiting for
+  // the loop to come back (Redis -P 16 SET 1.1M vs 1.9M req/s, docs/BENCHMARKS.md).
+  so.defer_transmit = c->defer_transmit && c->loop_poll_us == 0 && c->busy_poll_us <= 0;
   if (c->spin_us >= 0) {
     so.recv_spin_us = so.dispatcher_spin_us = static_cast<uint64_t>(c->spin_us);
     so.driver_opts.spin = absl::Microseconds(c->spin_us);
@@ -509,6 +516,8 @@ int64_t NowNs() {
 // poll over kernel fds and virtual sockets: each virtual socket waits on its eventfds (read
 // side for POLLIN, write side for POLLOUT); what it reports comes from the socket itself.
 int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
+  // The loop is back to wait: what its last pass wrote leaves now (DeferTransmitScope).
+  netch::chan::FlushDeferredTransmit();
   bool any = false;
   for (nfds_t i = 0; i < n; ++i) {
     const uint8_t k = Kind(fds[i].fd);
@@ -1320,6 +1329,9 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
 }
 
 int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t* mask) {
+  // The loop is back to wait: what its last pass wrote leaves now, in one round per engine on
+  // this thread (DeferTransmitScope), before it sleeps or looks at the set.
+  netch::chan::FlushDeferredTransmit();
   if (const uint8_t k = Kind(epfd); !(k & kEpoll)) {
     if (timeout == 0 || !(k & kEpollFd)) return REAL(epoll_pwait)(epfd, out, max, timeout, mask);
     // Counted, then checked again: a virtual socket registered from now on is armed for us.
@@ -1338,25 +1350,45 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
   thread_local std::vector<std::pair<int, int>> seen;  // (virtual fd, index in out)
   buf.resize(max);
   const int64_t deadline = timeout >= 0 ? NowNs() + timeout * 1000000ll : -1;
-  // Busy polling (NETCH_BUSY_POLL_US): before blocking, this thread runs the stack's engine and
-  // dispatcher rounds itself and looks at the set without sleeping, for up to that long — an
-  // event loop's requests then never wait for a stack thread to be scheduled.
+  // Busy polling: before blocking, this thread runs the stack's engine and dispatcher rounds
+  // itself and looks at the set without sleeping, for up to that long — an event loop's
+  // requests then never wait for a stack thread to be scheduled (one wakeup costs ~50 µs in
+  // these guests), and the engines stand down instead of spinning beside the loop. Always with
+  // NETCH_BUSY_POLL_US; by default (NETCH_LOOP_POLL_US) only while the loop is active — its
+  // last wait returned events — so an idle loop sleeps at once and costs nothing.
+  thread_local bool t_loop_active = false;
   const Config* cfg = Cfg();
   netch::vns::Stack* busy_stack = nullptr;
-  int64_t busy_start = 0, busy_end = 0;
-  if (cfg && cfg->busy_poll_us > 0 && timeout != 0 && !g_child.load()) {
+  int64_t busy_start = 0, busy_end = 0, busy_us = 0;
+  if (cfg)
+    busy_us = cfg->busy_poll_us > 0 ? cfg->busy_poll_us : t_loop_active ? cfg->loop_poll_us : 0;
+  if (busy_us > 0 && timeout != 0 && !g_child.load()) {
     std::lock_guard l(g_init_mu);
     if (g) busy_stack = g->stack.get();
     busy_start = NowNs();
-    busy_end = busy_start + cfg->busy_poll_us * 1000ll;
+    busy_end = busy_start + busy_us * 1000ll;
   }
+  // Run to completion without busy polling (NETCH_RECEIVE_INLINE): a thread about to sleep
+  // borrows the input of the stack's engines and sleeps on it beside the set; an arrival wakes
+  // this thread, which runs the engine's round itself — the round hands the segments to their
+  // sockets, which raise the set — instead of waking the engine, whose round then wakes us. The
+  // loans go back before we return. Wakeups that keep bringing nothing for this set (another
+  // thread's sockets, a round the engine was running) end the loans for the rest of the call.
+  struct Loans {
+    netch::chan::InputLoan l[kMaxLoans];
+    size_t n = 0;
+    int idle_left = kLoanWakeupsWithoutEvents;
+    ~Loans() {
+      for (size_t i = 0; i < n; ++i) l[i].Return();
+    }
+  } loans;
   for (;;) {
     int left = -1;
     if (deadline >= 0) left = static_cast<int>(std::max<int64_t>(0, deadline - NowNs()) / 1000000);
-    bool spinning = false;
+    bool spinning = false, loan_woke = false;
     if (busy_stack) {
       if (NowNs() < busy_end && (deadline < 0 || NowNs() < deadline)) {
-        busy_stack->PollInline(static_cast<uint64_t>(cfg->busy_poll_us));
+        busy_stack->PollInline(static_cast<uint64_t>(busy_us));
         spinning = true;
         left = 0;
       } else {
@@ -1383,7 +1415,29 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
       }
     }
     int rc = 0;
-    if (n < max) rc = REAL(epoll_pwait)(epfd, buf.data(), max - n, n > 0 ? 0 : left, mask);
+    if (slept && loans.n == 0 && loans.idle_left > 0 && cfg && cfg->receive_inline &&
+        !g_child.load()) {
+      std::lock_guard gl(g_init_mu);
+      if (g) loans.n = g->stack->BorrowInputs(loans.l);
+      if (loans.n == 0) loans.idle_left = 0;  // nothing to borrow: sleep as usual
+    }
+    if (slept && loans.n > 0) {
+      pollfd p[1 + kMaxLoans];
+      p[0] = {epfd, POLLIN, 0};
+      for (size_t i = 0; i < loans.n; ++i) p[1 + i] = {loans.l[i].fd(), POLLIN, 0};
+      timespec ts{left / 1000, (left % 1000) * 1000000l};
+      rc = REAL(ppoll)(p, 1 + loans.n, left < 0 ? nullptr : &ts, mask);
+      if (rc >= 0) {
+        for (size_t i = 0; i < loans.n; ++i)
+          if (p[1 + i].revents) {
+            loan_woke = true;
+            (void)loans.l[i].Run();  // (false: the engine is in a round, which takes the input)
+          }
+        rc = REAL(epoll_pwait)(epfd, buf.data(), max - n, 0, nullptr);
+      }
+    } else if (n < max) {
+      rc = REAL(epoll_pwait)(epfd, buf.data(), max - n, n > 0 ? 0 : left, mask);
+    }
     std::lock_guard l(set->mu);
     if (slept) {
       Sleepers(*set, epfd, -1);
@@ -1415,7 +1469,14 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
       seen.emplace_back(fd, n);
       out[n++] = epoll_event{r, reg->second.data};
     }
-    if (n > 0 || (rc == 0 && !spinning) || (deadline >= 0 && NowNs() >= deadline)) return n;
+    if (n > 0 || (rc == 0 && !spinning && !loan_woke) || (deadline >= 0 && NowNs() >= deadline)) {
+      if (timeout != 0) t_loop_active = n > 0;  // (a look without waiting says nothing of it)
+      return n;
+    }
+    if (loan_woke && --loans.idle_left == 0) {
+      for (size_t i = 0; i < loans.n; ++i) loans.l[i].Return();
+      loans.n = 0;
+    }
     if (spinning) {
       thread_local netch::chan::PollYielder yielder;  // a spinner sharing this core may run
       const int64_t now = NowNs();

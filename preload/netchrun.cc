@@ -39,7 +39,8 @@ int main(int argc, char** argv) {
       "0.0.0.0, go over NetChannel; everything else stays on the kernel. See netchrun(1).",
       "netchrun"};
   std::string dev, instance, route, ports, driver, tx, metrics, policy, lib, app_class;
-  int engines = 0, channels = 0, copy_workers = 0, linger_ms = -1, spin_us = -1, busy_poll_us = -1;
+  int engines = 0, channels = 0, copy_workers = 0, linger_ms = -1, spin_us = -1, busy_poll_us = -1,
+      loop_poll_us = -1;
   bool replace_xdp = false, verbose = false;
   std::vector<int> engine_cores;
   std::vector<std::string> cmd;
@@ -65,6 +66,10 @@ int main(int argc, char** argv) {
       ->check(CLI::IsMember({"latency", "throughput"}));
   app.add_option("--busy-poll-us", busy_poll_us,
                  "blocking receives run the channels on the calling thread this long first")
+      ->check(CLI::Range(0, 1000000));
+  app.add_option("--loop-poll-us", loop_poll_us,
+                 "an active event loop's epoll_wait runs the stack this long before sleeping "
+                 "(default 100, 0: never)")
       ->check(CLI::Range(0, 1000000));
   app.add_option("--metrics", metrics, "Prometheus exposer address, or off")->default_str("off");
   app.add_option("--linger-ms", linger_ms, "at exit, wait this long for unacknowledged data")
@@ -109,6 +114,7 @@ int main(int argc, char** argv) {
   set_int("NETCH_SPIN_US", spin_us, -1);
   set("NETCH_CLASS", app_class);
   set_int("NETCH_BUSY_POLL_US", busy_poll_us, -1);
+  set_int("NETCH_LOOP_POLL_US", loop_poll_us, -1);
   if (!engine_cores.empty()) {
     std::string v;
     for (int core : engine_cores) v += (v.empty() ? "" : ",") + std::to_string(core);

@@ -43,12 +43,20 @@
 //                    on the engine's thread (vns::StackOptions::deliver_inline; default 1)
 //   NETCH_TRANSMIT_INLINE=0  a small write wakes the engine instead of running its round on
 //                    the writing thread (vns::StackOptions::transmit_inline; default 1)
-//   NETCH_RECEIVE_INLINE=0  a blocked read sleeps until the engine delivers instead of running
-//                    the engine's round itself (vns::StackOptions::receive_inline; default 1)
+//   NETCH_RECEIVE_INLINE=0  a blocked read, or an epoll_wait about to sleep, sleeps until the
+//                    engine delivers instead of running the engine's round itself
+//                    (vns::StackOptions::receive_inline; default 1)
+//   NETCH_DEFER_TRANSMIT=0  an event loop's nonblocking write wakes the engine instead of
+//                    leaving with the loop's next epoll_wait or poll
+//                    (vns::StackOptions::defer_transmit; default 1; applies only to loops
+//                    that do not poll: NETCH_LOOP_POLL_US=0 and no NETCH_BUSY_POLL_US)
 //   NETCH_POLICY     NAME[:key=value,...], e.g. "isolate-classes:busy_poll_us=200"
 //   NETCH_CLASS      latency | throughput: the class the program's connections announce
 //   NETCH_BUSY_POLL_US  a blocking receive on any of the program's sockets runs its channels
 //                    on the calling thread this long before sleeping (run to completion)
+//   NETCH_LOOP_POLL_US  an event loop's epoll_wait that returned events last time runs the
+//                    stack's rounds itself for up to this long before it sleeps (default 100;
+//                    0: never). Idle loops (their last wait timed out) sleep at once.
 //   NETCH_ENGINE_CORES  C0,C1,...: pin engine i to core Ci (default: engines float). With
 //                    isolate-classes, engine 0 runs the L-app channels: give it a core of its own
 #pragma once
@@ -76,12 +84,14 @@ struct Config {
   // NETCH_CLASS: the class the program's connections announce (0 unspecified, 1 latency, 2
   // throughput: vns::AppClass values).
   int app_class = 0;
+  int loop_poll_us = 100;         // NETCH_LOOP_POLL_US
   int busy_poll_us = -1;          // NETCH_BUSY_POLL_US: every socket's SocketOptions::busy_poll_us
   std::vector<int> engine_cores;  // NETCH_ENGINE_CORES: engine i pinned to engine_cores[i]
   bool replace_xdp = false, verbose = false;
   bool deliver_inline = true;   // NETCH_DELIVER_INLINE
   bool transmit_inline = true;  // NETCH_TRANSMIT_INLINE
   bool receive_inline = true;   // NETCH_RECEIVE_INLINE
+  bool defer_transmit = true;   // NETCH_DEFER_TRANSMIT
   // Filled from the interface: its address and netmask (host order).
   uint32_t local_ip = 0, netmask = 0;
 

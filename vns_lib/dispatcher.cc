@@ -460,6 +460,29 @@ bool StackImpl::PollInline(uint64_t stand_down_us) {
   return worked;
 }
 
+size_t StackImpl::BorrowInputs(std::span<chan::InputLoan> out) {
+  if (!opts_.receive_inline || !opts_.deliver_inline) return 0;
+  std::lock_guard g(loan_mu_);
+  if (const uint64_t v = peers_->version(); v != loan_version_) {
+    loan_version_ = v;
+    loan_chans_.clear();
+    peers_->ForEach([&](Peer& p) {
+      for (auto& ch : p.All()) loan_chans_.push_back(ch);
+    });
+  }
+  size_t n = 0;
+  for (const auto& ch : loan_chans_) {
+    if (n == out.size()) break;
+    if (!IsLive(ch->state())) continue;
+    chan::InputLoan l = ch->BorrowInput();
+    if (!l) continue;
+    bool dup = false;
+    for (size_t i = 0; i < n && !dup; ++i) dup = out[i].same_engine(l);
+    if (!dup) out[n++] = std::move(l);  // (a duplicate returns as it goes)
+  }
+  return n;
+}
+
 void StackImpl::EndPollInline() {
   std::lock_guard l(dispatch_mu_);
   for (const auto& cs : dchans_) cs.ch->EndPollInline();

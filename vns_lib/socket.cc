@@ -364,9 +364,12 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
   // rather than on it (Redis -P 16 lost up to 25% transmitting inline). Busy-polled sockets
   // transmit in their own rounds (above).
   std::optional<chan::TransmitInlineScope> transmit_here;
+  std::optional<chan::DeferTransmitScope> transmit_at_flush;
   if (send_busy_us_ == 0 && !nonblocking_ && data.size() <= kTransmitInlineMaxBytes &&
       st_->opts().transmit_inline)
     transmit_here.emplace();
+  else if (send_busy_us_ == 0 && nonblocking_ && st_->opts().defer_transmit)
+    transmit_at_flush.emplace();  // an event loop's: leaves when it comes back to wait
   size_t total = 0;
   while (total < data.size()) {
     auto window = SendWindow();
@@ -597,6 +600,7 @@ absl::StatusOr<size_t> SocketImpl::RecvLocked(std::span<uint8_t> buf) {
       UpdateReadiness();
       return SockError(EAGAIN, "no data");
     }
+    chan::FlushDeferredTransmit();  // what this thread's nonblocking writes left for its wait
     if (const uint32_t busy = BusyPollUs(); busy > 0) {
       // Run to completion: this thread runs its channels' engine rounds and takes its own
       // segments until something arrives or `busy` runs out, then sleeps like any socket.

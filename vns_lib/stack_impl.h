@@ -76,6 +76,7 @@ class StackImpl final : public Stack {
   int copy_workers() const override { return nworkers_.load(); }
   bool PollInline(uint64_t stand_down_us) override;
   void EndPollInline() override;
+  size_t BorrowInputs(std::span<chan::InputLoan> out) override;
   std::vector<int> copy_worker_cores() const override {
     std::vector<int> out;
     for (int i = 0; i < nworkers_.load(); ++i) out.push_back(workers_.core(i));
@@ -176,6 +177,10 @@ class StackImpl final : public Stack {
   std::mutex inline_mu_;  // one stack poller at a time (PollInline)
   std::vector<std::shared_ptr<chan::Channel>> inline_chans_;  // inline_mu_
   uint64_t inline_version_ = ~0ull;                           // inline_mu_
+  // Every channel of every peer, as of peers_->version() loan_version_ (BorrowInputs).
+  std::mutex loan_mu_;
+  std::vector<std::shared_ptr<chan::Channel>> loan_chans_;  // loan_mu_
+  uint64_t loan_version_ = ~0ull;                           // loan_mu_
   // A channel died: connections whose bytes it carried are broken (their peers are told with an
   // RST on a live channel). Dispatcher thread.
   void BreakConnsOn(Peer& p, const chan::Channel* ch);

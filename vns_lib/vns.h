@@ -117,6 +117,12 @@ struct StackOptions {
   // (chan::TransmitInlineScope) rather than waking the engine — one thread hand-off less per
   // message. Busy-polled sockets transmit in their own rounds regardless.
   bool transmit_inline = true;
+  // Run to completion for event loops: a nonblocking socket's write on a thread that flushes
+  // (chan::FlushDeferredTransmit, called by the preload's epoll_wait and poll each time the loop
+  // comes back to wait) does not wake a sleeping engine; what the loop's pass wrote leaves in
+  // one round on its own thread when it comes back (chan::DeferTransmitScope), or on the
+  // engine's timer chan::kDeferTransmitUs later if it does not.
+  bool defer_transmit = true;
   // Run to completion on the receive side: a blocking Recv about to sleep borrows the input of
   // the engines its data arrives from (chan::InputLoan) and sleeps on their channels' input
   // itself; an arrival wakes it, and it runs the engine's round on its own thread, instead of the
@@ -236,6 +242,15 @@ class Stack {
   // was done. (A blocking Recv of a busy-polled socket polls its own channels by itself.)
   virtual bool PollInline(uint64_t stand_down_us) = 0;
   virtual void EndPollInline() = 0;
+  // Run to completion for a thread about to sleep on many sockets at once without busy polling
+  // (an event loop's epoll_wait; StackOptions::receive_inline): lends it the input of the
+  // engines that carry the stack's channels (one loan per engine, at most out.size(); none with
+  // receive_inline or deliver_inline off). The caller sleeps on the loans' fds beside its
+  // sockets' and, when one turns readable, runs that engine's round on its own thread
+  // (InputLoan::Run): the round hands segments to their sockets, whose readiness rises as
+  // usual — one thread woken per arrival, not the engine and then the loop. Loans go back
+  // (Return, or destruction) before the caller goes on with what it read. Returns how many.
+  virtual size_t BorrowInputs(std::span<chan::InputLoan> out) = 0;
 
   // ---- runtime control (ctl/ drives these; every change applies to the next batch) ----------
   virtual std::vector<SocketInfo> Sockets() const = 0;

@@ -170,6 +170,74 @@ TEST(EngineTest, ATaskAddedDuringAProducersRoundIsAddedWithoutWaitingForTheEngin
   e.Remove(&b);
 }
 
+TEST(EngineTest, AnEventLoopsDeferredWriteLeavesWithItsFlushOnItsOwnThread) {
+  // As the preload's epoll_wait: the loop flushes each time it comes back to wait; a write in a
+  // DeferTransmitScope between two waits leaves with the second, not by waking the engine.
+  Engine e(0, -1, "", absl::ZeroDuration());
+  ASSERT_TRUE(e.Start().ok());
+  WorkTask t;
+  e.Add(&t);
+  FlushDeferredTransmit();  // this thread is a loop's
+  int deferred = 0, here = 0;
+  for (int i = 0; i < 20; ++i) {
+    AwaitSleep(e);
+    const int before = t.done.load();
+    {
+      DeferTransmitScope scope;
+      t.work = 1;
+      t.Wake();
+    }
+    deferred += t.done.load() == before;  // nobody ran it yet: it waits for the flush
+    FlushDeferredTransmit();
+    for (int k = 0; k < 5000 && t.done.load() == before; ++k)
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    ASSERT_GT(t.done.load(), before);
+    here += t.ran_on.load() == std::this_thread::get_id();
+  }
+  // (A 100 ms lost-wakeup timeout of the engine may coincide with one of them.)
+  EXPECT_GE(deferred, 18);
+  EXPECT_GE(here, 18);
+  e.Remove(&t);
+}
+
+TEST(EngineTest, ADeferredWriteWhoseLoopDoesNotComeBackLeavesOnTheEnginesTimer) {
+  Engine e(0, -1, "", absl::ZeroDuration());
+  ASSERT_TRUE(e.Start().ok());
+  WorkTask t;
+  e.Add(&t);
+  FlushDeferredTransmit();
+  for (int i = 0; i < 5; ++i) {
+    AwaitSleep(e);
+    const auto start = std::chrono::steady_clock::now();
+    {
+      DeferTransmitScope scope;
+      Produce(t);  // waits without flushing: the engine's timer runs it
+    }
+    const auto took = std::chrono::steady_clock::now() - start;
+    EXPECT_NE(t.ran_on.load(), std::this_thread::get_id());
+    // kDeferTransmitUs, generous for loaded CI machines, far below the engine's 100 ms bound.
+    EXPECT_LT(took, std::chrono::milliseconds(50)) << "round " << i;
+  }
+  FlushDeferredTransmit();  // owes nothing now: the engine ran it
+  e.Remove(&t);
+}
+
+TEST(EngineTest, AThreadThatNeverFlushesDoesNotDefer) {
+  Engine e(0, -1, "", absl::ZeroDuration());
+  ASSERT_TRUE(e.Start().ok());
+  WorkTask t;
+  e.Add(&t);
+  std::thread([&] {
+    for (int i = 0; i < 5; ++i) {
+      AwaitSleep(e);
+      DeferTransmitScope scope;
+      Produce(t);
+      EXPECT_NE(t.ran_on.load(), std::this_thread::get_id());
+    }
+  }).join();
+  e.Remove(&t);
+}
+
 // A task whose input is an eventfd, as an AF_XDP queue's is its XSK: Run takes what is there.
 class InputTask : public EngineTask {
  public:

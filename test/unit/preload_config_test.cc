@@ -63,6 +63,9 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
                                                         {"NETCH_DELIVER_INLINE", "2"},
                                                         {"NETCH_TRANSMIT_INLINE", "-1"},
                                                         {"NETCH_RECEIVE_INLINE", "yes"},
+                                                        {"NETCH_DEFER_TRANSMIT", "on"},
+                                                        {"NETCH_LOOP_POLL_US", "-5"},
+                                                        {"NETCH_LOOP_POLL_US", "2000000"},
                                                         {"NETCH_POLICY", "isolate-classes:x"},
                                                         {"NETCH_ENGINE_CORES", "1,x"},
                                                         {"NETCH_ENGINE_CORES", "-1"},
@@ -83,16 +86,19 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
   EXPECT_TRUE(c->deliver_inline);
   EXPECT_TRUE(c->transmit_inline);
   EXPECT_TRUE(c->receive_inline);
+  EXPECT_TRUE(c->defer_transmit);
+  EXPECT_EQ(c->loop_poll_us, 100) << "an active event loop polls 100 us unless asked";
   EXPECT_TRUE(c->engine_cores.empty()) << "engines float unless asked";
-  g_env = {{"NETCH_ROUTE", "none"},
-           {"NETCH_DELIVER_INLINE", "0"},
-           {"NETCH_TRANSMIT_INLINE", "0"},
-           {"NETCH_RECEIVE_INLINE", "0"}};
+  g_env = {{"NETCH_ROUTE", "none"},        {"NETCH_DELIVER_INLINE", "0"},
+           {"NETCH_TRANSMIT_INLINE", "0"}, {"NETCH_RECEIVE_INLINE", "0"},
+           {"NETCH_DEFER_TRANSMIT", "0"},  {"NETCH_LOOP_POLL_US", "0"}};
   c = Config::FromEnv(&FakeEnv);
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_FALSE(c->deliver_inline);
   EXPECT_FALSE(c->transmit_inline);
   EXPECT_FALSE(c->receive_inline);
+  EXPECT_FALSE(c->defer_transmit);
+  EXPECT_EQ(c->loop_poll_us, 0);
   g_env = {{"NETCH_ROUTE", "none"},
            {"NETCH_POLICY", "isolate-classes:busy_poll_us=200,latency_channels=2"},
            {"NETCH_CLASS", "latency"},
