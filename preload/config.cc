@@ -169,4 +169,13 @@ bool Config::RoutesListen(uint32_t ip, uint16_t port) const {
   return ip == 0 || ip == local_ip;
 }
 
+uint32_t NextLoopPollWindow(uint32_t window_us, uint32_t max_us, uint64_t waited_us, bool got,
+                            bool slept) {
+  window_us = std::min(window_us, max_us);
+  if (got && !slept) return window_us;
+  if (got && waited_us <= max_us)
+    return std::min(max_us, std::max(2 * window_us, kLoopPollGrowStartUs));
+  return window_us / 2 < kLoopPollGrowStartUs ? 0 : window_us / 2;
+}
+
 }  // namespace netch::preload

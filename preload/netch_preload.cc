@@ -1354,14 +1354,19 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
   // itself and looks at the set without sleeping, for up to that long — an event loop's
   // requests then never wait for a stack thread to be scheduled (one wakeup costs ~50 µs in
   // these guests), and the engines stand down instead of spinning beside the loop. Always with
-  // NETCH_BUSY_POLL_US; by default (NETCH_LOOP_POLL_US) only while the loop is active — its
-  // last wait returned events — so an idle loop sleeps at once and costs nothing.
-  thread_local bool t_loop_active = false;
+  // NETCH_BUSY_POLL_US; by default (NETCH_LOOP_POLL_US) for as long as polling has been
+  // catching this loop's events (NextLoopPollWindow), so a loop whose events come far apart,
+  // or none, sleeps at once and costs nothing.
+  thread_local uint32_t t_loop_window_us = UINT32_MAX;  // (first wait: the whole window)
   const Config* cfg = Cfg();
   netch::vns::Stack* busy_stack = nullptr;
+  const int64_t call_start = NowNs();
+  bool ever_slept = false;
   int64_t busy_start = 0, busy_end = 0, busy_us = 0;
   if (cfg)
-    busy_us = cfg->busy_poll_us > 0 ? cfg->busy_poll_us : t_loop_active ? cfg->loop_poll_us : 0;
+    busy_us = cfg->busy_poll_us > 0
+                  ? cfg->busy_poll_us
+                  : std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us));
   if (busy_us > 0 && timeout != 0 && !g_child.load()) {
     std::lock_guard l(g_init_mu);
     if (g) busy_stack = g->stack.get();
@@ -1411,7 +1416,7 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
         if (n > 0)
           Sleepers(*set, epfd, -1);
         else
-          slept = true;
+          slept = ever_slept = true;
       }
     }
     int rc = 0;
@@ -1470,7 +1475,10 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
       out[n++] = epoll_event{r, reg->second.data};
     }
     if (n > 0 || (rc == 0 && !spinning && !loan_woke) || (deadline >= 0 && NowNs() >= deadline)) {
-      if (timeout != 0) t_loop_active = n > 0;  // (a look without waiting says nothing of it)
+      if (timeout != 0 && cfg && cfg->loop_poll_us > 0)  // (a look without waiting tells nothing)
+        t_loop_window_us = netch::preload::NextLoopPollWindow(
+            t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us),
+            static_cast<uint64_t>(NowNs() - call_start) / 1000, n > 0, ever_slept);
       return n;
     }
     if (loan_woke && --loans.idle_left == 0) {

@@ -68,8 +68,8 @@ int main(int argc, char** argv) {
                  "blocking receives run the channels on the calling thread this long first")
       ->check(CLI::Range(0, 1000000));
   app.add_option("--loop-poll-us", loop_poll_us,
-                 "an active event loop's epoll_wait runs the stack this long before sleeping "
-                 "(default 100, 0: never)")
+                 "an event loop's epoll_wait runs the stack up to this long before sleeping, "
+                 "while that catches its events (default 300, 0: never)")
       ->check(CLI::Range(0, 1000000));
   app.add_option("--metrics", metrics, "Prometheus exposer address, or off")->default_str("off");
   app.add_option("--linger-ms", linger_ms, "at exit, wait this long for unacknowledged data")

@@ -54,9 +54,9 @@
 //   NETCH_CLASS      latency | throughput: the class the program's connections announce
 //   NETCH_BUSY_POLL_US  a blocking receive on any of the program's sockets runs its channels
 //                    on the calling thread this long before sleeping (run to completion)
-//   NETCH_LOOP_POLL_US  an event loop's epoll_wait that returned events last time runs the
-//                    stack's rounds itself for up to this long before it sleeps (default 100;
-//                    0: never). Idle loops (their last wait timed out) sleep at once.
+//   NETCH_LOOP_POLL_US  an event loop's epoll_wait runs the stack's rounds itself for up to
+//                    this long before it sleeps, for as long as that catches its events
+//                    (NextLoopPollWindow; default 300, 0: never). Idle loops sleep at once.
 //   NETCH_ENGINE_CORES  C0,C1,...: pin engine i to core Ci (default: engines float). With
 //                    isolate-classes, engine 0 runs the L-app channels: give it a core of its own
 #pragma once
@@ -84,7 +84,7 @@ struct Config {
   // NETCH_CLASS: the class the program's connections announce (0 unspecified, 1 latency, 2
   // throughput: vns::AppClass values).
   int app_class = 0;
-  int loop_poll_us = 100;         // NETCH_LOOP_POLL_US
+  int loop_poll_us = 300;         // NETCH_LOOP_POLL_US
   int busy_poll_us = -1;          // NETCH_BUSY_POLL_US: every socket's SocketOptions::busy_poll_us
   std::vector<int> engine_cores;  // NETCH_ENGINE_CORES: engine i pinned to engine_cores[i]
   bool replace_xdp = false, verbose = false;
@@ -103,5 +103,17 @@ struct Config {
   // Would listen() on a socket bound to ip:port go over NetChannel?
   bool RoutesListen(uint32_t ip, uint16_t port) const;
 };
+
+// How long an event loop's next epoll_wait polls the stack before it sleeps
+// (NETCH_LOOP_POLL_US, at most `max_us`), from how its last one went — the rule of the
+// kernel's guest halt-polling governor (cpuidle-haltpoll): polling that caught the events
+// keeps the window; a sleep that a window up to max_us would have covered (the events came
+// `waited_us` after the call began) doubles it, from kLoopPollGrowStartUs; a longer sleep or a
+// timeout halves it, to 0 below kLoopPollGrowStartUs. A busy loop thus polls up to max_us
+// and never pays a wakeup, while one whose events come further apart than that (or an idle one)
+// stops polling within a few waits and costs nothing.
+inline constexpr uint32_t kLoopPollGrowStartUs = 25;
+uint32_t NextLoopPollWindow(uint32_t window_us, uint32_t max_us, uint64_t waited_us, bool got,
+                            bool slept);
 
 }  // namespace netch::preload

@@ -87,7 +87,7 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
   EXPECT_TRUE(c->transmit_inline);
   EXPECT_TRUE(c->receive_inline);
   EXPECT_TRUE(c->defer_transmit);
-  EXPECT_EQ(c->loop_poll_us, 100) << "an active event loop polls 100 us unless asked";
+  EXPECT_EQ(c->loop_poll_us, 300) << "an active event loop polls up to 300 us unless asked";
   EXPECT_TRUE(c->engine_cores.empty()) << "engines float unless asked";
   g_env = {{"NETCH_ROUTE", "none"},        {"NETCH_DELIVER_INLINE", "0"},
            {"NETCH_TRANSMIT_INLINE", "0"}, {"NETCH_RECEIVE_INLINE", "0"},
@@ -119,6 +119,32 @@ TEST(PreloadConfigTest, ANamedInterfaceWithoutAnAddressIsAnError) {
   auto c = Config::FromEnv(&FakeEnv);
   ASSERT_FALSE(c.ok());
   EXPECT_NE(c.status().message().find("no-such-if0"), std::string::npos) << c.status();
+}
+
+TEST(LoopPollWindowTest, GrowsWhilePollingWouldHaveCaughtTheEventsAndStopsForIdleLoops) {
+  constexpr uint32_t kMax = 300;
+  // Caught while polling, or there at once: the window stays.
+  EXPECT_EQ(NextLoopPollWindow(100, kMax, 40, /*got=*/true, /*slept=*/false), 100u);
+  // Slept, and the events came within what a longer window would have covered: it doubles,
+  // from the grow start, up to the maximum.
+  EXPECT_EQ(NextLoopPollWindow(0, kMax, 120, true, true), kLoopPollGrowStartUs);
+  EXPECT_EQ(NextLoopPollWindow(100, kMax, 250, true, true), 200u);
+  EXPECT_EQ(NextLoopPollWindow(200, kMax, 300, true, true), kMax);
+  // Events further apart than the maximum, or none before the timeout: it halves, then stops.
+  EXPECT_EQ(NextLoopPollWindow(kMax, kMax, 5000, true, true), 150u);
+  EXPECT_EQ(NextLoopPollWindow(40, kMax, 5000, true, true), 0u);
+  EXPECT_EQ(NextLoopPollWindow(200, kMax, 100000, false, true), 100u);
+  // A window above the maximum (its first value, or a lowered knob) is the maximum.
+  EXPECT_EQ(NextLoopPollWindow(UINT32_MAX, kMax, 10, true, false), kMax);
+  // A loop whose requests come every 2 ms stops polling within a few waits; one whose requests
+  // come every 50 us (250 us) grows its window just past that within a few.
+  uint32_t w = kMax;
+  for (int i = 0; i < 5; ++i) w = NextLoopPollWindow(w, kMax, 2000, true, w < 2000);
+  EXPECT_EQ(w, 0u);
+  for (int i = 0; i < 5; ++i) w = NextLoopPollWindow(w, kMax, 50, true, w < 50);
+  EXPECT_EQ(w, 50u);
+  for (int i = 0; i < 5; ++i) w = NextLoopPollWindow(w, kMax, 250, true, w < 250);
+  EXPECT_EQ(w, kMax);
 }
 
 }  // namespace
