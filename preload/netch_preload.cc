@@ -242,7 +242,7 @@ netch::vns::Stack* GetStack() {
   // Deferring an event loop's writes to its next wait wins only for loops that sleep at once.
   // A polling loop's engines stand down while it polls; once a long pass outlasts the lease, an
   // engine woken by a write transmits beside the loop, which measured better than waiting for
-  // the loop to come back (Redis -P 16 SET 1.1M vs 1.9M req/s, docs/BENCHMARKS.md).
+  // the loop to come back (Redis, docs/ARCHITECTURE.md "Event loops run to completion").
   so.defer_transmit = c->defer_transmit && c->loop_poll_us == 0 && c->busy_poll_us <= 0;
   if (c->spin_us >= 0) {
     so.recv_spin_us = so.dispatcher_spin_us = static_cast<uint64_t>(c->spin_us);
