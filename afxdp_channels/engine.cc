@@ -76,7 +76,7 @@ void FlushDeferredTransmit() {
   t_flushes = true;
   // (Taken first: a flush's round may defer again — it does not, it runs with t_round_engine.)
   const int n = std::exchange(t_ndeferred, 0);
-  for (int i = 0; i < n; ++i) t_deferred[i]->FlushDeferred();
+  for (int i = 0; i < n; ++i) t_deferred[i]->TransmitInline(/*reaim=*/true);
 }
 
 void EngineTask::Wake() {
@@ -219,7 +219,7 @@ bool Engine::RunInline(uint64_t now_us, uint64_t stand_down_us) {
   return RunTasks(std::max(now_us, last_round_us_), &deadline);
 }
 
-void Engine::TransmitInline() {
+void Engine::TransmitInline(bool reaim) {
   // The same handshake as Wake(): an engine that is awake sees the work before it sleeps.
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (!sleeping_.load(std::memory_order_relaxed) ||
@@ -233,7 +233,7 @@ void Engine::TransmitInline() {
     Wake();
     return;
   }
-  const bool more = RunForeignRoundsLocked(kMaxInlineRounds);
+  const bool more = RunForeignRoundsLocked(kMaxInlineRounds, reaim);
   inline_rounds_.fetch_add(1, std::memory_order_relaxed);
   rl.unlock();
   if (more) Wake();
@@ -272,23 +272,6 @@ bool Engine::DeferWake() {
     if (t_deferred[i] == this) return true;
   t_deferred[t_ndeferred++] = this;
   return true;
-}
-
-void Engine::FlushDeferred() {
-  std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (!sleeping_.load(std::memory_order_relaxed) ||
-      stand_down_until_us_.load(std::memory_order_relaxed) > NowUs())
-    return;  // awake (its timer, or another wakeup): the work was its own
-  std::unique_lock rl(round_mu_, std::try_to_lock);
-  if (!rl.owns_lock() || ops_pending_.load(std::memory_order_acquire)) {
-    if (rl.owns_lock()) rl.unlock();
-    Wake();
-    return;
-  }
-  const bool more = RunForeignRoundsLocked(kMaxInlineRounds, /*reaim=*/true);
-  inline_rounds_.fetch_add(1, std::memory_order_relaxed);
-  rl.unlock();
-  if (more) Wake();
 }
 
 bool Engine::RunForeignRoundsLocked(int max_rounds, bool reaim) {

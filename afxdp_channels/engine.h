@@ -85,16 +85,15 @@ class Engine {
   // Run to completion on the sending side (TransmitInlineScope): a producer that queued work
   // runs the round itself if the engine sleeps, else wakes it as Wake() would. The engine's
   // timers the round set earlier than the engine's own wakeup go to its timerfd; anything the
-  // round could not finish goes to the engine thread (an eventfd wakeup).
-  void TransmitInline();
+  // round could not finish goes to the engine thread (an eventfd wakeup). With `reaim` (the
+  // flush of deferred work, DeferTransmitScope), the timer is also re-aimed from the
+  // deferral's deadline at what the tasks need next.
+  void TransmitInline(bool reaim = false);
   // Deferred transmit (DeferTransmitScope): a producer's work for a sleeping engine waits for
-  // the producer's FlushDeferred, or the engine's timer kDeferTransmitUs from now. False: the
-  // engine was awake, in a round another thread runs, or stood down — the work is its own
-  // (woken as Wake() would) and needs no flush.
+  // the producer's flush (TransmitInline with reaim), or the engine's timer kDeferTransmitUs
+  // from now. False: the engine was awake, in a round another thread runs, or stood down — the
+  // work is its own (woken as Wake() would) and needs no flush.
   bool DeferWake();
-  // The deferred work's round on the calling thread (as TransmitInline), and the engine's timer
-  // re-aimed from the deferral's deadline at what its tasks need next.
-  void FlushDeferred();
   // Run to completion on the receive side (InputLoan): the engine's sleep stops watching its
   // tasks' fds while loans are out (one epoll_ctl on the first and the last, no wakeup); the
   // borrowers poll input_fd_, an epoll set of those fds, and run the rounds.
