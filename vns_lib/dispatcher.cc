@@ -435,6 +435,17 @@ bool StackImpl::DispatchRound() {
   return worked;
 }
 
+const std::vector<std::shared_ptr<chan::Channel>>& StackImpl::AllChannels(ChannelCache& cache) {
+  if (const uint64_t v = peers_->version(); v != cache.version || cache.chans.empty()) {
+    cache.version = v;
+    cache.chans.clear();
+    peers_->ForEach([&](Peer& p) {
+      for (auto& ch : p.All()) cache.chans.push_back(ch);
+    });
+  }
+  return cache.chans;
+}
+
 bool StackImpl::PollInline(uint64_t stand_down_us) {
   std::unique_lock il(inline_mu_, std::try_to_lock);
   if (!il.owns_lock()) return false;  // another thread polls the stack right now
@@ -442,14 +453,7 @@ bool StackImpl::PollInline(uint64_t stand_down_us) {
   bool worked = false;
   // Every engine once (a channel's PollInline runs its engine's whole round; an engine serving
   // several channels runs once per channel, cheap when idle).
-  std::vector<std::shared_ptr<chan::Channel>>& chans = inline_chans_;
-  if (const uint64_t v = peers_->version(); v != inline_version_ || chans.empty()) {
-    inline_version_ = v;
-    chans.clear();
-    peers_->ForEach([&](Peer& p) {
-      for (auto& ch : p.All()) chans.push_back(ch);
-    });
-  }
+  const auto& chans = AllChannels(inline_chans_);
   for (const auto& ch : chans) worked |= ch->PollInline(now, stand_down_us);
   std::unique_lock l(dispatch_mu_, std::try_to_lock);
   if (!l.owns_lock()) return worked;  // the dispatcher (or another poller) is in a round
@@ -463,15 +467,8 @@ bool StackImpl::PollInline(uint64_t stand_down_us) {
 size_t StackImpl::BorrowInputs(std::span<chan::InputLoan> out) {
   if (!opts_.receive_inline || !opts_.deliver_inline) return 0;
   std::lock_guard g(loan_mu_);
-  if (const uint64_t v = peers_->version(); v != loan_version_) {
-    loan_version_ = v;
-    loan_chans_.clear();
-    peers_->ForEach([&](Peer& p) {
-      for (auto& ch : p.All()) loan_chans_.push_back(ch);
-    });
-  }
   size_t n = 0;
-  for (const auto& ch : loan_chans_) {
+  for (const auto& ch : AllChannels(loan_chans_)) {
     if (n == out.size()) break;
     if (!IsLive(ch->state())) continue;
     chan::InputLoan l = ch->BorrowInput();

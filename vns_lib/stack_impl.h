@@ -174,13 +174,17 @@ class StackImpl final : public Stack {
   uint64_t known_version_ = ~0ull;    // dispatch_mu_: peers_->version() last scanned
   uint64_t next_expiry_ = 0;          // dispatch_mu_
   std::atomic<uint64_t> dispatch_stand_down_until_us_{0};
-  std::mutex inline_mu_;  // one stack poller at a time (PollInline)
-  std::vector<std::shared_ptr<chan::Channel>> inline_chans_;  // inline_mu_
-  uint64_t inline_version_ = ~0ull;                           // inline_mu_
-  // Every channel of every peer, as of peers_->version() loan_version_ (BorrowInputs).
-  std::mutex loan_mu_;
-  std::vector<std::shared_ptr<chan::Channel>> loan_chans_;  // loan_mu_
-  uint64_t loan_version_ = ~0ull;                           // loan_mu_
+  // Every channel of every peer, as of peers_->version() `version`; AllChannels refreshes it
+  // (the caller holds the lock that guards the cache).
+  struct ChannelCache {
+    std::vector<std::shared_ptr<chan::Channel>> chans;
+    uint64_t version = ~0ull;
+  };
+  const std::vector<std::shared_ptr<chan::Channel>>& AllChannels(ChannelCache& cache);
+  std::mutex inline_mu_;       // one stack poller at a time (PollInline)
+  ChannelCache inline_chans_;  // inline_mu_
+  std::mutex loan_mu_;         // BorrowInputs
+  ChannelCache loan_chans_;    // loan_mu_
   // A channel died: connections whose bytes it carried are broken (their peers are told with an
   // RST on a live channel). Dispatcher thread.
   void BreakConnsOn(Peer& p, const chan::Channel* ch);
