@@ -46,7 +46,8 @@ constexpr uint32_t kPoolSlot = 64 << 10;    // one kernel-UDP segment: the IPv4 
 constexpr size_t kSlotBytes = 64 << 10;     // one AF_XDP TX slot: 16 UMEM frames
 constexpr uint32_t kTxSlotsPerQueue = 256;  // 16 MB of UMEM per queue, for AF_XDP TX only
 // An idle channel's share of 64 KB send buffers (send pool, UMEM TX slots); a busy one's grows
-// up to pool_cap_ — its window and some — so a stalled channel cannot empty the queue's buffers.
+// up to pool_cap_ slots carrying at most pool_cap_bytes_ (twice its window and some), so a
+// stalled channel cannot empty the queue's buffers.
 constexpr uint32_t kPoolFreeMin = 4;
 
 class AfxdpDriver;
@@ -209,7 +210,11 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   // AF_XDP TX of segments larger than a frame: 64 KB slots in the UMEM, sent as chains.
   bool slots_ = false;
   static constexpr uint32_t kSlotDescs = 17;  // (128 B headroom + 64 KB) / 4 KB frames, rounded up
-  uint32_t pool_cap_ = 0;                     // send slots (pool or UMEM) one channel may hold
+  // What one channel may hold of the send slots (pool or UMEM): at most half of them, and slots
+  // whose bytes — queued and unacknowledged segments at their length, empty and not yet sent
+  // ones as full — stay within twice its window and some.
+  uint32_t pool_cap_ = 0;
+  uint64_t pool_cap_bytes_ = 0;
   UniqueFd udp_fd_;
   struct UdpBatch {
     mmsghdr msgs[kBatch];
@@ -381,7 +386,10 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp
 void XskQueue::SetSendLimits(bool slots, uint32_t rcv_buf) {
   slots_ = slots && umem_->slot_count() > 0;
   const uint32_t n = pool_ ? pool_->slots() : umem_->slot_count();
-  pool_cap_ = std::min(n / 2, 2 * rcv_buf / kPoolSlot + 16);
+  // Small segments (many sockets' short writes) need more slots than their bytes suggest; a
+  // quarter of the queue's slots leaves room for three stalled channels more.
+  pool_cap_ = std::min(n / 2, std::max(n / 4, 2 * rcv_buf / kPoolSlot + 16));
+  pool_cap_bytes_ = 2 * uint64_t{rcv_buf} + 16 * uint64_t{kPoolSlot};
 }
 
 void XskQueue::FreeChain(uint64_t handle) {
@@ -1051,29 +1059,40 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   // Taken lazily: an idle channel holds kFreeMin; a producer that keeps draining them doubles
   // its share up to the ring, so a thousand idle channels pin no more than a few frames each.
   // The kernel-UDP path's slots are 64 KB: a channel holds at most pool_cap_ of them in all
-  // (free, queued, unacknowledged), so a stalled one cannot empty the queue's pool.
+  // (free, queued, unacknowledged) and pool_cap_bytes_ of what they carry, so a stalled one
+  // cannot empty the queue's pool.
   const uint32_t have = ch.free_.SizeApprox();
   const uint32_t max_target = pool_ || slots_ ? pool_cap_ : kChanRing;
   if (have < ch.free_target / 4 && ch.free_target < max_target)
     ch.free_target = std::min(ch.free_target * 2, max_target);
-  if (uint32_t space = std::min(ch.free_.Room(), ch.free_target > have ? ch.free_target - have : 0);
-      space > 0) {
-    const uint32_t keep = fill_target_ + kCtlReserve;
+  // In batches up to the target, not one batch per round: an event loop's pass writes to
+  // every one of its sockets before the next round (Redis -P 16: 50 connections, ~100 segments).
+  uint32_t space = std::min(ch.free_.Room(), ch.free_target > have ? ch.free_target - have : 0);
+  const uint32_t keep = fill_target_ + kCtlReserve;
+  // Slots (pool_, slots_) are counted by what they carry, not as 64 KB each: an event loop's
+  // replies to many sockets are many small segments, and a count of slots stopped them at a
+  // tenth of their window (Redis MSET -P 16 over 50 connections, docs/BENCHMARKS.md).
+  const uint32_t unsent = have + ch.txq_.SizeApprox();
+  uint32_t held = unsent + t.send_queue_packets();
+  uint64_t held_bytes = uint64_t{unsent} * kPoolSlot + t.send_queue_bytes();
+  while (space > 0) {
     uint32_t m = 0;
     uint64_t tok[kBatch];
     if (pool_ || slots_) {
-      const uint32_t held = have + ch.txq_.SizeApprox() + t.send_queue_packets();
-      while (m < std::min(space, kBatch) && held + m < pool_cap_ &&
-             (pool_ ? pool_->free_slots() : umem_->free_slots()) > 0)
+      while (m < std::min(space, kBatch) && held + m < pool_cap_ && held_bytes < pool_cap_bytes_ &&
+             (pool_ ? pool_->free_slots() : umem_->free_slots()) > 0) {
         tok[m++] = pool_ ? pool_->Alloc() : umem_->AllocSlot() + kAfxdpHeadroom;
+        held_bytes += kPoolSlot;
+      }
     } else {
       while (m < std::min(space, kBatch) && umem_->free_frames() > keep)
         tok[m++] = umem_->AllocFrame() + kAfxdpHeadroom;
     }
-    if (m) {
-      ch.free_.Push({tok, m});
-      notify |= Channel::kWritable;
-    }
+    if (m == 0) break;
+    ch.free_.Push({tok, m});
+    notify |= Channel::kWritable;
+    held += m;
+    space -= m;
   }
   if (t.state() == afxdp::TransportState::kFailed) {
     Kill(ch, ChannelState::kFailed);
