@@ -33,16 +33,22 @@ using afxdp::TransportConfig;
 using afxdp::TxPacket;
 
 constexpr uint32_t kBatch = 64;
-constexpr uint32_t kChanRing = 512;             // per-channel SPSC rings (a 64 KB segment
-                                                // is delivered as up to kMaxFrags pieces)
-constexpr uint32_t kFreeMin = 16;               // empty send buffers an idle channel holds
-constexpr uint32_t kCtlReserve = 64;            // frames kept for ACKs and handshakes
-constexpr uint16_t kSrcPortBase = 49152;        // channel id -> UDP source port (RSS/ECMP entropy)
+constexpr uint32_t kTxBatchesPerRound = 4;  // packets a channel sends per engine round, in kBatch
+constexpr uint32_t kChanRing = 512;         // per-channel SPSC rings (a 64 KB segment
+                                            // is delivered as up to kMaxFrags pieces)
+constexpr uint32_t kFreeMin = 16;           // empty send buffers an idle channel holds
+constexpr uint32_t kCtlReserve = 64;        // frames kept for ACKs and handshakes
+constexpr uint16_t kSrcPortBase = 49152;    // channel id -> UDP source port (RSS/ECMP entropy)
 constexpr uint64_t kCookieTickUs = 16'000'000;  // a cookie is valid for one to two ticks
 // A multi-buffer frame longer than this many UMEM frames is malformed: a 64 KB IPv4 packet
 // takes 18 frames of 3,840 bytes in copy mode; the rest is margin for smaller NIC buffers.
 constexpr uint32_t kMaxFrags = 24;
-constexpr uint32_t kPoolSlot = 64 << 10;    // one kernel-UDP segment: the IPv4 maximum
+// One kernel-UDP segment (header and payload), rounded up: its largest is the IPv4 maximum; at
+// MTU 1500 a 64 KB slot per 1.4 KB segment capped a channel at ~100 segments in flight, fewer
+// than an event loop's sockets had to send (Redis MSET -P 16 over 50 connections).
+constexpr uint32_t PoolSlotBytes(size_t max_payload) {
+  return static_cast<uint32_t>((max_payload + wire::kSegHdrLen + 2047) & ~size_t{2047});
+}
 constexpr size_t kSlotBytes = 64 << 10;     // one AF_XDP TX slot: 16 UMEM frames
 constexpr uint32_t kTxSlotsPerQueue = 256;  // 16 MB of UMEM per queue, for AF_XDP TX only
 // An idle channel's share of 64 KB send buffers (send pool, UMEM TX slots); a busy one's grows
@@ -103,7 +109,9 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   XskQueue(AfxdpDriver* d, uint32_t q) : driver_(d), queue_(q), by_id_(NC_MAX_CHANNELS, nullptr) {}
 
   // tx_slots: 64 KB TX slots in the UMEM for AF_XDP TX of large segments (0: none).
-  absl::Status Open(const std::string& ifname, uint32_t frames, bool udp_tx, uint32_t tx_slots);
+  // udp_tx: the kernel-UDP transmit path, with send slots of pool_slot bytes.
+  absl::Status Open(const std::string& ifname, uint32_t frames, bool udp_tx, uint32_t pool_slot,
+                    uint32_t tx_slots);
   // Once the driver knows its segment size and window: whether large AF_XDP TX segments are on
   // (every socket bound multi-buffer), and how many send slots one channel may hold.
   void SetSendLimits(bool slots, uint32_t rcv_buf);
@@ -215,6 +223,7 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   // ones as full — stay within twice its window and some.
   uint32_t pool_cap_ = 0;
   uint64_t pool_cap_bytes_ = 0;
+  uint32_t slot_bytes_ = 0;  // one send slot
   UniqueFd udp_fd_;
   struct UdpBatch {
     mmsghdr msgs[kBatch];
@@ -321,7 +330,7 @@ class AfxdpDriver final : public Driver {
 // XskQueue
 
 absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp_tx,
-                            uint32_t tx_slots) {
+                            uint32_t pool_slot, uint32_t tx_slots) {
   afxdp::UmemConfig uc;
   uc.frame_count = frames;
   uc.slot_count = tx_slots;
@@ -359,8 +368,8 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp
   counters.tx_slots_free = umem_->free_slots();
   if (!udp_tx) return absl::OkStatus();
 
-  auto pool = SendPool::Create(std::max<uint32_t>(driver_->opts().send_pool_bytes / kPoolSlot, 64),
-                               kPoolSlot);
+  auto pool = SendPool::Create(std::max<uint32_t>(driver_->opts().send_pool_bytes / pool_slot, 64),
+                               pool_slot);
   if (!pool.ok()) return pool.status();
   pool_ = std::move(*pool);
   udp_fd_.reset(socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
@@ -386,10 +395,11 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp
 void XskQueue::SetSendLimits(bool slots, uint32_t rcv_buf) {
   slots_ = slots && umem_->slot_count() > 0;
   const uint32_t n = pool_ ? pool_->slots() : umem_->slot_count();
+  slot_bytes_ = pool_ ? pool_->slot_size() : static_cast<uint32_t>(kSlotBytes);
   // Small segments (many sockets' short writes) need more slots than their bytes suggest; a
   // quarter of the queue's slots leaves room for three stalled channels more.
-  pool_cap_ = std::min(n / 2, std::max(n / 4, 2 * rcv_buf / kPoolSlot + 16));
-  pool_cap_bytes_ = 2 * uint64_t{rcv_buf} + 16 * uint64_t{kPoolSlot};
+  pool_cap_ = std::min(n / 2, std::max(n / 4, 2 * rcv_buf / slot_bytes_ + 16));
+  pool_cap_bytes_ = 2 * uint64_t{rcv_buf} + 16 * uint64_t{slot_bytes_};
 }
 
 void XskQueue::FreeChain(uint64_t handle) {
@@ -992,9 +1002,11 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   // A small write held open (autocork): out once the channel has nothing unacknowledged.
   if (ch.has_open())
     worked |= ch.FlushOpen(now, t.send_queue_packets() == 0 && ch.txq_.EmptyApprox(), deadline);
-  // New segments from the producer, as far as the transport's window has slots.
-  const uint32_t slots = driver_->opts().window_packets - t.send_queue_packets();
-  if (const uint32_t m = ch.txq_.Peek({b, std::min(kBatch, slots)}); m > 0) {
+  // New segments from the producer, as far as the transport's window has slots — all of them,
+  // not a batch per round: an event loop's pass queues a segment for each of its sockets, and
+  // what stays in txq_ holds send slots counted as full (the refill below).
+  for (uint32_t m; (m = ch.txq_.Peek({b, std::min(kBatch, driver_->opts().window_packets -
+                                                              t.send_queue_packets())})) > 0;) {
     uint64_t bytes = 0;
     uint32_t taken = 0;
     for (; taken < m && t.Send(b[taken].token, b[taken].len); ++taken) bytes += b[taken].len;
@@ -1003,48 +1015,56 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     ch.pub_.tx_segments.fetch_add(taken, std::memory_order_relaxed);
     ch.pub_.tx_bytes.fetch_add(bytes - taken * wire::kSegHdrLen, std::memory_order_relaxed);
     worked |= taken > 0;
+    if (taken < m) break;  // the transport's send ring is full
   }
   // What the transport wants on the wire, never more than the TX ring takes now (a slot-sized
-  // segment is a chain of up to kSlotDescs descriptors).
-  const uint32_t room =
-      pool_ ? kBatch : std::min(kBatch, xsk_->tx_free() / (slots_ ? kSlotDescs : 1));
-  if (room == 0) counters.tx_ring_full.fetch_add(1, std::memory_order_relaxed);
-  TxPacket pk[kBatch];
-  const size_t k = t.Poll(now, {pk, room});
-  if (k && pool_) {
-    for (size_t i = 0; i < k; ++i) pk[i].hdr.token = ch.peer_token;
-    SendUdp(ch, pk, k);
-    worked = true;
-  } else if (k) {
-    xdp_desc d[kBatch * kSlotDescs];
-    uint64_t ctl[kBatch];
-    uint32_t nd = 0, nctl = 0;
-    const uint32_t fsz = umem_->frame_size();
-    for (size_t i = 0; i < k; ++i) {
-      pk[i].hdr.token = ch.peer_token;
-      const size_t hl = wire::HeadersLen(pk[i].hdr, false);
-      if (pk[i].hdr.type == NC_CT_DATA) {
-        uint64_t addr = pk[i].handle - hl;  // headers go in the headroom
-        wire::WriteHeaders(umem_->Data(addr), ch.addrs, pk[i].hdr, nullptr, pk[i].len);
-        // One descriptor per UMEM frame the packet covers: a frame buffer takes one, a TX slot
-        // a chain (XDP_PKT_CONTD on all but the last).
-        for (size_t left = hl + pk[i].len; left > 0;) {
-          const size_t take = std::min<size_t>(left, fsz - addr % fsz);
-          left -= take;
-          d[nd++] = {addr, static_cast<uint32_t>(take), left ? XDP_PKT_CONTD : 0u};
-          addr += take;
-        }
-      } else {
-        const uint64_t f = umem_->AllocFrame();
-        if (f == kNoFrame) continue;  // the transport's timers will ask again
-        wire::WriteHeaders(umem_->Data(f), ch.addrs, pk[i].hdr, nullptr, 0);
-        d[nd++] = {f, static_cast<uint32_t>(hl), 0};
-        ctl[nctl++] = f;
-      }
+  // segment is a chain of up to kSlotDescs descriptors); up to kTxBatchesPerRound batches, so a
+  // pass of an event loop over its sockets leaves in one round.
+  for (uint32_t pass = 0; pass < kTxBatchesPerRound; ++pass) {
+    const uint32_t room =
+        pool_ ? kBatch : std::min(kBatch, xsk_->tx_free() / (slots_ ? kSlotDescs : 1));
+    if (room == 0) {
+      if (pass == 0) counters.tx_ring_full.fetch_add(1, std::memory_order_relaxed);
+      break;
     }
-    xsk_->Transmit({d, nd});
-    for (uint32_t i = 0; i < nctl; ++i) umem_->FreeFrame(ctl[i]);
-    worked = true;
+    TxPacket pk[kBatch];
+    const size_t k = t.Poll(now, {pk, room});
+    if (k && pool_) {
+      for (size_t i = 0; i < k; ++i) pk[i].hdr.token = ch.peer_token;
+      SendUdp(ch, pk, k);
+      worked = true;
+    } else if (k) {
+      xdp_desc d[kBatch * kSlotDescs];
+      uint64_t ctl[kBatch];
+      uint32_t nd = 0, nctl = 0;
+      const uint32_t fsz = umem_->frame_size();
+      for (size_t i = 0; i < k; ++i) {
+        pk[i].hdr.token = ch.peer_token;
+        const size_t hl = wire::HeadersLen(pk[i].hdr, false);
+        if (pk[i].hdr.type == NC_CT_DATA) {
+          uint64_t addr = pk[i].handle - hl;  // headers go in the headroom
+          wire::WriteHeaders(umem_->Data(addr), ch.addrs, pk[i].hdr, nullptr, pk[i].len);
+          // One descriptor per UMEM frame the packet covers: a frame buffer takes one, a TX slot
+          // a chain (XDP_PKT_CONTD on all but the last).
+          for (size_t left = hl + pk[i].len; left > 0;) {
+            const size_t take = std::min<size_t>(left, fsz - addr % fsz);
+            left -= take;
+            d[nd++] = {addr, static_cast<uint32_t>(take), left ? XDP_PKT_CONTD : 0u};
+            addr += take;
+          }
+        } else {
+          const uint64_t f = umem_->AllocFrame();
+          if (f == kNoFrame) continue;  // the transport's timers will ask again
+          wire::WriteHeaders(umem_->Data(f), ch.addrs, pk[i].hdr, nullptr, 0);
+          d[nd++] = {f, static_cast<uint32_t>(hl), 0};
+          ctl[nctl++] = f;
+        }
+      }
+      xsk_->Transmit({d, nd});
+      for (uint32_t i = 0; i < nctl; ++i) umem_->FreeFrame(ctl[i]);
+      worked = true;
+    }
+    if (k < room) break;
   }
   // In-order data for the consumer.
   {
@@ -1074,7 +1094,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   // tenth of their window (Redis MSET -P 16 over 50 connections, docs/BENCHMARKS.md).
   const uint32_t unsent = have + ch.txq_.SizeApprox();
   uint32_t held = unsent + t.send_queue_packets();
-  uint64_t held_bytes = uint64_t{unsent} * kPoolSlot + t.send_queue_bytes();
+  uint64_t held_bytes = uint64_t{unsent} * slot_bytes_ + t.send_queue_bytes();
   while (space > 0) {
     uint32_t m = 0;
     uint64_t tok[kBatch];
@@ -1082,7 +1102,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
       while (m < std::min(space, kBatch) && held + m < pool_cap_ && held_bytes < pool_cap_bytes_ &&
              (pool_ ? pool_->free_slots() : umem_->free_slots()) > 0) {
         tok[m++] = pool_ ? pool_->Alloc() : umem_->AllocSlot() + kAfxdpHeadroom;
-        held_bytes += kPoolSlot;
+        held_bytes += slot_bytes_;
       }
     } else {
       while (m < std::min(space, kBatch) && umem_->free_frames() > keep)
@@ -1190,7 +1210,7 @@ absl::Status AfxdpDriver::Init() {
   for (uint32_t q = 0; q < nq; ++q) {
     auto xq = std::make_unique<XskQueue>(this, q);
     if (auto st = xq->Open(opts_.ifname, opts_.frames_per_queue, udp_tx_,
-                           want_slots ? kTxSlotsPerQueue : 0);
+                           PoolSlotBytes(max_payload_), want_slots ? kTxSlotsPerQueue : 0);
         !st.ok())
       return st;
     if (auto st = opts_.steer->SetXsk(q, xq->xsk()->fd()); !st.ok()) return st;

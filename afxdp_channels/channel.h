@@ -227,6 +227,9 @@ class Channel {
   // Enqueue would take at least one segment now (or the channel is down and would refuse at
   // once): what a poller of a socket's write readiness checks. Two relaxed loads.
   virtual bool writable() const { return true; }
+  // About how many segments Enqueue would take now (UINT32_MAX: no limit the caller could
+  // share out, or down): a watcher wakes no more writers than the channel has room for.
+  virtual uint32_t writable_segments() const { return writable() ? UINT32_MAX : 0; }
 
   // Copies whole segments into stack buffers and queues them, in order (one caller's order;
   // concurrent callers' segments interleave, the copies run in parallel). Returns how many were

@@ -357,6 +357,15 @@ bool ChannelCore::SideReady(int side) const {
   return changed || (!free_.EmptyApprox() && txq_.SizeApprox() < txq_.capacity());
 }
 
+uint32_t ChannelCore::writable_segments() const {
+  // Not SideReady(1): its "the state changed since the write side last armed" stays true for a
+  // caller that never arms, and a watcher would then call every full channel writable.
+  const ChannelState st = state();
+  if (st == ChannelState::kFailed || st == ChannelState::kClosed) return UINT32_MAX;
+  const uint32_t queued = txq_.SizeApprox();
+  return queued >= txq_.capacity() ? 0 : std::min(free_.SizeApprox(), txq_.capacity() - queued);
+}
+
 bool ChannelCore::Ready(Interest interest) const {
   return ((interest & kReadable) && SideReady(0)) || ((interest & kWritable) && SideReady(1));
 }

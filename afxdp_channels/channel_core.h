@@ -47,7 +47,8 @@ class ChannelCore : public Channel {
   bool tx_idle() const override {
     return txq_.EmptyApprox() && !has_open() && tx_queued_bytes() == 0;
   }
-  bool writable() const override { return SideReady(1); }
+  bool writable() const override { return writable_segments() > 0; }
+  uint32_t writable_segments() const override;
   uint64_t rx_outstanding() const override {
     return outstanding_.load(std::memory_order_acquire) + rxq_.SizeApprox();
   }

@@ -513,11 +513,34 @@ int64_t NowNs() {
   return ts.tv_sec * 1000000000ll + ts.tv_nsec;
 }
 
+// Write watches of a loop that polls the stack when it waits (Stack::SetLoopPollsOnWait): the
+// mark holds from one epoll_wait that will poll again to the next wait, which takes it back
+// (TakeLoopMark) and, unless it polls, hands what is still watched to the dispatcher.
+thread_local bool t_loop_marked = false;
+
+void MarkLoopPollsOnWait(bool polls) {
+  t_loop_marked = polls;
+  netch::vns::Stack::SetLoopPollsOnWait(polls);
+}
+
+bool TakeLoopMark() {
+  if (!t_loop_marked) return false;
+  MarkLoopPollsOnWait(false);
+  return true;
+}
+
+void HandOverWatches() {
+  std::lock_guard l(g_init_mu);
+  if (g) g->stack->HandOverWatches();
+}
+
 // poll over kernel fds and virtual sockets: each virtual socket waits on its eventfds (read
 // side for POLLIN, write side for POLLOUT); what it reports comes from the socket itself.
 int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
-  // The loop is back to wait: what its last pass wrote leaves now (DeferTransmitScope).
+  // The loop is back to wait: what its last pass wrote leaves now (DeferTransmitScope), and
+  // nothing polls on its behalf while it waits here.
   netch::chan::FlushDeferredTransmit();
+  if (TakeLoopMark()) HandOverWatches();
   bool any = false;
   for (nfds_t i = 0; i < n; ++i) {
     const uint8_t k = Kind(fds[i].fd);
@@ -1332,7 +1355,9 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
   // The loop is back to wait: what its last pass wrote leaves now, in one round per engine on
   // this thread (DeferTransmitScope), before it sleeps or looks at the set.
   netch::chan::FlushDeferredTransmit();
+  const bool marked = TakeLoopMark();
   if (const uint8_t k = Kind(epfd); !(k & kEpoll)) {
+    if (marked) HandOverWatches();
     if (timeout == 0 || !(k & kEpollFd)) return REAL(epoll_pwait)(epfd, out, max, timeout, mask);
     // Counted, then checked again: a virtual socket registered from now on is armed for us.
     g_outside_sleepers[epfd].fetch_add(1, std::memory_order_seq_cst);
@@ -1373,6 +1398,7 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
     busy_start = NowNs();
     busy_end = busy_start + busy_us * 1000ll;
   }
+  if (marked && !busy_stack) HandOverWatches();  // (a polling wait checks them in its rounds)
   // Run to completion without busy polling (NETCH_RECEIVE_INLINE): a thread about to sleep
   // borrows the input of the stack's engines and sleeps on it beside the set; an arrival wakes
   // this thread, which runs the engine's round itself — the round hands the segments to their
@@ -1398,6 +1424,7 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
         left = 0;
       } else {
         busy_stack->EndPollInline();  // about to sleep: the stack's threads take over
+        busy_stack->HandOverWatches();
         busy_stack = nullptr;
       }
     }
@@ -1479,6 +1506,11 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
         t_loop_window_us = netch::preload::NextLoopPollWindow(
             t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us),
             static_cast<uint64_t>(NowNs() - call_start) / 1000, n > 0, ever_slept);
+      // The next wait polls (unless its timeout is 0: then it hands the watches over).
+      if (cfg && !g_child.load())
+        MarkLoopPollsOnWait(
+            cfg->busy_poll_us > 0 ||
+            std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us)) > 0);
       return n;
     }
     if (loan_woke && --loans.idle_left == 0) {

@@ -124,6 +124,8 @@ struct Conn {
   // policy does not give this socket has room (isolate-classes' L-app channels for a bulk
   // socket): the writer would find the same channels full again, and spin.
   std::vector<uint32_t> full_ids;
+  // In the stack's write watch: blocked on full channels (written under StackImpl::watch_mu_).
+  std::atomic<bool> watched{false};
   std::vector<const chan::Channel*> rx_chans;  // dispatcher only: channels that delivered
 
   // Dispatcher -> socket.
@@ -158,7 +160,15 @@ struct Conn {
     uint64_t cur = snd_limit.load(std::memory_order_relaxed);
     while (edge > cur && !snd_limit.compare_exchange_weak(cur, edge)) {
     }
-    WakeSender();
+    // A socket blocked on full channels is not writable for a wider window: its watch says
+    // when a channel has room (waking it on every window update had an event loop retry full
+    // channels thousands of times a second, Redis MSET -P 16).
+    if (!watched.load(std::memory_order_acquire)) {
+      WakeSender();
+    } else if (wnd_waiters.load(std::memory_order_seq_cst) != 0) {
+      std::lock_guard g(wnd_mu);
+      wnd_cv.notify_all();
+    }
   }
 
   // Listening sockets: connections accepted by the dispatcher, waiting for Accept().

@@ -388,21 +388,57 @@ void StackImpl::ExpireConnects() {
   });
 }
 
+namespace {
+thread_local bool t_loop_polls_on_wait = false;
+}  // namespace
+
+void Stack::SetLoopPollsOnWait(bool polls) { t_loop_polls_on_wait = polls; }
+
 void StackImpl::WatchWritable(const std::shared_ptr<Conn>& c) {
+  bool added = false;
   {
     std::lock_guard g(watch_mu_);
-    watch_.push_back(c);
+    if (!c->watched.load(std::memory_order_relaxed)) {  // (once: whoever checks finds it)
+      c->watched.store(true, std::memory_order_release);
+      watch_.push_back(c);
+      added = true;
+    }
   }
-  watching_.store(true, std::memory_order_release);
-  WakeDispatcher();
+  if (added) watching_.store(true, std::memory_order_seq_cst);
+  if (t_loop_polls_on_wait) {
+    // The loop's next wait runs the rounds that check it (PollInline → CheckWatched).
+    if (added) watch_unannounced_.store(true, std::memory_order_relaxed);
+    return;
+  }
+  if (added || watch_unannounced_.exchange(false, std::memory_order_relaxed)) WakeDispatcher();
+}
+
+void StackImpl::HandOverWatches() {
+  if (watch_unannounced_.load(std::memory_order_relaxed) &&
+      watch_unannounced_.exchange(false, std::memory_order_relaxed) &&
+      watching_.load(std::memory_order_seq_cst))
+    WakeDispatcher();
 }
 
 void StackImpl::CheckWatched() {
   std::lock_guard g(watch_mu_);
-  std::erase_if(watch_, [](const std::weak_ptr<Conn>& w) {
+  // Room is shared out in watch order, a segment's worth per socket: an event loop's 50
+  // sockets blocked on one channel, all woken for the few buffers the engine just freed, had
+  // most find it full again and re-arm their write interest (Redis MSET -P 16 under netchrun
+  // spent a quarter of its loop on such retries).
+  room_.clear();
+  auto room = [&](const chan::Channel& ch) -> uint32_t& {
+    for (auto& [c, n] : room_)
+      if (c == &ch) return n;
+    return room_.emplace_back(&ch, ch.writable_segments()).second;
+  };
+  std::erase_if(watch_, [&](const std::weak_ptr<Conn>& w) {
     auto c = w.lock();
-    if (!c || c->closed.load(std::memory_order_relaxed)) return true;
-    if (c->wsignaled.load(std::memory_order_acquire)) return true;
+    if (!c) return true;
+    if (c->closed.load(std::memory_order_relaxed) || c->wsignaled.load(std::memory_order_acquire)) {
+      c->watched.store(false, std::memory_order_release);
+      return true;
+    }
     if (!c->peer) return false;
     const auto live = c->peer->Live();
     std::lock_guard m(c->map_mu);
@@ -413,8 +449,10 @@ void StackImpl::CheckWatched() {
     const bool any =
         std::none_of(live.begin(), live.end(), [&](const auto& ch) { return wanted(*ch); });
     for (const auto& ch : live) {
-      if ((any || wanted(*ch)) && ch->writable()) {
+      if (uint32_t& r = room(*ch); (any || wanted(*ch)) && r > 0) {
+        if (r != UINT32_MAX) --r;
         c->SignalWritable();
+        c->watched.store(false, std::memory_order_release);
         return true;
       }
     }

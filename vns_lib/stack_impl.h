@@ -76,6 +76,7 @@ class StackImpl final : public Stack {
   int copy_workers() const override { return nworkers_.load(); }
   bool PollInline(uint64_t stand_down_us) override;
   void EndPollInline() override;
+  void HandOverWatches() override;
   size_t BorrowInputs(std::span<chan::InputLoan> out) override;
   std::vector<int> copy_worker_cores() const override {
     std::vector<int> out;
@@ -236,8 +237,11 @@ class StackImpl final : public Stack {
   uint16_t next_port_ = 0;
   std::vector<std::shared_ptr<Conn>> connecting_;  // guarded by mu_: non-blocking connects
   std::mutex watch_mu_;
-  std::vector<std::weak_ptr<Conn>> watch_;  // guarded by watch_mu_
+  std::vector<std::weak_ptr<Conn>> watch_;                       // guarded by watch_mu_
+  std::vector<std::pair<const chan::Channel*, uint32_t>> room_;  // guarded by watch_mu_
   std::atomic<bool> watching_{false};
+  // Watches a polling loop left to its own next rounds: the dispatcher has not been told.
+  std::atomic<bool> watch_unannounced_{false};
   // Scale-down (dispatcher.cc): channels to seal, asked by SetPeerChannels.
   std::mutex drain_mu_;
   std::vector<std::shared_ptr<chan::Channel>> drain_requests_;  // guarded by drain_mu_

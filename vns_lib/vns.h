@@ -242,6 +242,15 @@ class Stack {
   // was done. (A blocking Recv of a busy-polled socket polls its own channels by itself.)
   virtual bool PollInline(uint64_t stand_down_us) = 0;
   virtual void EndPollInline() = 0;
+  // Write readiness for an event loop that polls the stack itself when it next waits: the
+  // thread marks itself (true after a wait that will poll again next time, false otherwise).
+  // A nonblocking Send of a marked thread that stops on full channels leaves the watch for
+  // room to the thread's own next PollInline rounds instead of waking the dispatcher for it —
+  // a loop whose replies fill the channels stopped ~20k times a second (Redis LRANGE_100
+  // -P 16, docs/BENCHMARKS.md), each a dispatcher wakeup that pre-empted the loop. A thread
+  // about to sleep calls HandOverWatches(): what is still watched goes to the dispatcher.
+  static void SetLoopPollsOnWait(bool polls);
+  virtual void HandOverWatches() = 0;
   // Run to completion for a thread about to sleep on many sockets at once without busy polling
   // (an event loop's epoll_wait; StackOptions::receive_inline): lends it the input of the
   // engines that carry the stack's channels (one loan per engine, at most out.size(); none with

@@ -256,6 +256,24 @@ TEST(ChannelCoreTest, SendAndReceiveWaitersNeverConsumeEachOthersWakeups) {
   EXPECT_NE(ch.notify_fd(Channel::kReadable), ch.notify_fd(Channel::kWritable));
 }
 
+// writable() is what a watcher of a socket's write readiness asks (the stack's CheckWatched):
+// room, not "something happened since a notification was last armed" — a state change that no
+// write-side notification consumed (the channel coming up) made it true for good, and an event
+// loop retried its full channels without end (Redis MSET -P 16 under netchrun).
+TEST(ChannelCoreTest, WritableMeansRoomWhateverTheStateDidBefore) {
+  FakeChannel ch(8);
+  ch.SetState(ChannelState::kUp);
+  EXPECT_FALSE(ch.writable()) << "no empty send buffer";
+  ch.GiveBuffers(2);
+  EXPECT_TRUE(ch.writable());
+  std::vector<uint8_t> p(10);
+  std::vector<TxSegment> segs(2, Seg(0, p));
+  ASSERT_EQ(*ch.Enqueue(segs), 2u);
+  EXPECT_FALSE(ch.writable()) << "both buffers taken";
+  ch.SetState(ChannelState::kFailed);
+  EXPECT_TRUE(ch.writable()) << "a dead channel refuses at once: the writer learns why";
+}
+
 TEST(ChannelCoreTest, AStateChangeFiresOneNotificationNotEveryLaterOne) {
   FakeChannel ch(8);
   ch.SetState(ChannelState::kUp);
