@@ -51,7 +51,7 @@ constexpr uint32_t PoolSlotBytes(size_t max_payload) {
 }
 constexpr size_t kSlotBytes = 64 << 10;     // one AF_XDP TX slot: 16 UMEM frames
 constexpr uint32_t kTxSlotsPerQueue = 256;  // 16 MB of UMEM per queue, for AF_XDP TX only
-// An idle channel's share of 64 KB send buffers (send pool, UMEM TX slots); a busy one's grows
+// An idle channel's share of send slots (send pool, UMEM TX slots); a busy one's grows
 // up to pool_cap_ slots carrying at most pool_cap_bytes_ (twice its window and some), so a
 // stalled channel cannot empty the queue's buffers.
 constexpr uint32_t kPoolFreeMin = 4;
