@@ -12,6 +12,9 @@
 //                 IPv4 datagram); received as multi-buffer chains (XDP_USE_SG).
 // --copy:         one user-space copy per side: the sender copies each payload into its send
 //                 buffer first, the receiver copies it out of the UMEM (udp only).
+// --zerocopy:     the UDP sender passes MSG_ZEROCOPY: the kernel pins the send buffers instead of
+//                 copying them into the skb, and a buffer is reused only after its completion
+//                 arrives on the socket's error queue (udp only).
 // --pingpong:     the raw round trip instead of the rate: host A sends a --payload byte message
 //                 (in frames of at most --frame bytes, AF_XDP TX), host B sends it back, both
 //                 spinning on their rings (no poll()); each side copies the message into its
@@ -20,6 +23,8 @@
 #include <poll.h>
 #include <sys/socket.h>
 #include <time.h>
+// After <time.h>: linux/errqueue.h uses struct timespec without including it.
+#include <linux/errqueue.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -229,13 +234,14 @@ int main(int argc, char** argv) {
   std::string ns_a = "netch-a", ns_b = "netch-b", sender = "afxdp";
   uint32_t seconds = 3, frame = 3520, queue = 0;
   uint32_t message = 4096;
-  bool json = false, copy = false, pingpong = false;
+  bool json = false, copy = false, pingpong = false, zerocopy = false;
   CLI::App app{"xskraw: raw rate of one veth queue into an AF_XDP socket", "xskraw"};
   app.add_option("--seconds", seconds, "how long to send")->check(CLI::Range(1, 60));
   app.add_option("--frame", frame, "Ethernet frame bytes (up to 65549: a 64 KB IPv4 packet)")
       ->check(CLI::Range(128, 65549));
   app.add_option("--sender", sender, "afxdp or udp")->check(CLI::IsMember({"afxdp", "udp"}));
   app.add_flag("--copy", copy, "one user-space copy per side (udp sender)");
+  app.add_flag("--zerocopy", zerocopy, "MSG_ZEROCOPY sends (udp sender)");
   app.add_option("--queue", queue, "queue")->check(CLI::Range(0, NC_MAX_QUEUES - 1));
   app.add_option("--ns-a", ns_a, "sender namespace");
   app.add_option("--ns-b", ns_b, "receiver namespace");
@@ -246,6 +252,7 @@ int main(int argc, char** argv) {
   CLI11_PARSE(app, argc, argv);
   const bool udp = sender == "udp";
   if (!udp && copy) return Fail("--copy needs --sender udp");
+  if (!udp && zerocopy) return Fail("--zerocopy needs --sender udp");
   if (pingpong && (udp || copy)) return Fail("--pingpong measures the AF_XDP TX path only");
 
   auto a = Open(ns_a, "nc-a", queue);
@@ -303,6 +310,7 @@ int main(int argc, char** argv) {
 
   std::atomic<bool> stop{false};
   std::atomic<uint64_t> rx_pkts{0}, tx_pkts{0};
+  uint64_t zc_copied = 0;  // completions the kernel marked "copied anyway"
   const uint64_t end = chan::NowUs() + seconds * 1'000'000ull;
   std::thread rx([&] {
     xdp_desc d[64];
@@ -339,6 +347,8 @@ int main(int argc, char** argv) {
         setsockopt(udp_fd.get(), SOL_SOCKET, SO_NO_CHECK, &one, sizeof(one)) ||
         setsockopt(udp_fd.get(), SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof(sndbuf)))
       return Fail("UDP socket");
+    if (zerocopy && setsockopt(udp_fd.get(), SOL_SOCKET, SO_ZEROCOPY, &one, sizeof(one)))
+      return Fail("SO_ZEROCOPY");
     // Pin the datagrams to the receiver's queue, as the driver does (nc_txq reads nc_channels of
     // the sender's program by the source channel id).
     if (auto st = a->steer->SetChannel(kChan, queue, queue); !st.ok()) return Fail(st.ToString());
@@ -348,29 +358,57 @@ int main(int argc, char** argv) {
     if (udp) {
       // The datagram is the frame minus Ethernet/IPv4/UDP; every datagram of a batch points at
       // its own buffer, which --copy refills from the "application" buffer before each send.
+      // With --zerocopy a buffer belongs to the kernel from its send until its completion (ids
+      // count sends from 0, completions come as ranges), so the buffers form a ring far larger
+      // than one batch and the sender waits for completions when the ring is all in flight.
       constexpr int kBatch = 32;
+      const size_t nbufs = zerocopy ? 1024 : kBatch;
       const size_t dlen = frame - wire::kOuterLen;
       std::vector<uint8_t> app(tmpl.begin() + wire::kOuterLen, tmpl.end());
-      std::vector<std::vector<uint8_t>> bufs(kBatch, app);
+      std::vector<std::vector<uint8_t>> bufs(nbufs, app);
       sockaddr_in to{};
       to.sin_family = AF_INET;
       to.sin_addr.s_addr = htonl(b->ifi.ipv4);
       to.sin_port = htons(NC_DEFAULT_UDP_PORT);
       mmsghdr msgs[kBatch];
       iovec iov[kBatch];
-      uint64_t n = 0;
+      uint64_t n = 0, sent = 0, completed = 0;
+      auto reap = [&] {
+        for (;;) {
+          char ctl[128];
+          msghdr m{};
+          m.msg_control = ctl;
+          m.msg_controllen = sizeof(ctl);
+          if (recvmsg(udp_fd.get(), &m, MSG_ERRQUEUE | MSG_DONTWAIT) < 0) return;
+          for (cmsghdr* c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+            const auto* e = reinterpret_cast<const sock_extended_err*>(CMSG_DATA(c));
+            if (e->ee_origin != SO_EE_ORIGIN_ZEROCOPY) continue;
+            completed = std::max<uint64_t>(completed, uint64_t{e->ee_data} + 1);
+            zc_copied += (e->ee_code & SO_EE_CODE_ZEROCOPY_COPIED) != 0;
+          }
+        }
+      };
       while (chan::NowUs() < end) {
+        if (zerocopy) {
+          reap();
+          if (sent - completed + kBatch > nbufs) {
+            pollfd p{udp_fd.get(), 0, 0};  // POLLERR is always reported
+            poll(&p, 1, 1);
+            continue;
+          }
+        }
         for (int i = 0; i < kBatch; ++i) {
-          if (copy) std::memcpy(bufs[i].data(), app.data(), dlen);
-          iov[i] = {bufs[i].data(), dlen};
+          auto& buf = bufs[(sent + i) % nbufs];
+          if (copy) std::memcpy(buf.data(), app.data(), dlen);
+          iov[i] = {buf.data(), dlen};
           msgs[i].msg_hdr = msghdr{};
           msgs[i].msg_hdr.msg_name = &to;
           msgs[i].msg_hdr.msg_namelen = sizeof(to);
           msgs[i].msg_hdr.msg_iov = &iov[i];
           msgs[i].msg_hdr.msg_iovlen = 1;
         }
-        const int r = sendmmsg(udp_fd.get(), msgs, kBatch, 0);
-        if (r > 0) n += static_cast<uint64_t>(r);
+        const int r = sendmmsg(udp_fd.get(), msgs, kBatch, zerocopy ? MSG_ZEROCOPY : 0);
+        if (r > 0) n += static_cast<uint64_t>(r), sent += static_cast<uint64_t>(r);
       }
       tx_pkts = n;
       return;
@@ -409,17 +447,21 @@ int main(int argc, char** argv) {
     std::printf(
         "{\"sender\":\"%s\",\"copy\":%s,\"frame\":%u,\"seconds\":%u,\"tx_packets\":%llu,"
         "\"rx_packets\":%llu,\"rx_mpps\":%.4f,\"rx_gbps\":%.3f,\"cpu_seconds_per_gb\":%.3f,"
-        "\"rx_dropped\":%llu}\n",
+        "\"rx_dropped\":%llu,\"zerocopy\":%s,\"zerocopy_copied\":%llu}\n",
         sender.c_str(), copy ? "true" : "false", frame, seconds, (unsigned long long)tx_pkts.load(),
         (unsigned long long)rx_pkts.load(), mpps, gbps, cpu_per_gb,
-        xs.ok() ? (unsigned long long)xs->rx_dropped : 0ull);
+        xs.ok() ? (unsigned long long)xs->rx_dropped : 0ull, zerocopy ? "true" : "false",
+        (unsigned long long)zc_copied);
   } else {
     std::printf(
         "raw %s sender%s -> AF_XDP rx, queue %u, %u B frames: received %.3f Mpps = %.2f Gbit/s, "
-        "%.2f CPU-s/GB (sent %llu, received %llu, rx_dropped %llu)\n",
+        "%.2f CPU-s/GB (sent %llu, received %llu, rx_dropped %llu%s)\n",
         sender.c_str(), copy ? " (one copy per side)" : "", queue, frame, mpps, gbps, cpu_per_gb,
         (unsigned long long)tx_pkts.load(), (unsigned long long)rx_pkts.load(),
-        xs.ok() ? (unsigned long long)xs->rx_dropped : 0ull);
+        xs.ok() ? (unsigned long long)xs->rx_dropped : 0ull,
+        zerocopy
+            ? absl::StrFormat(", MSG_ZEROCOPY, %u completions copied anyway", zc_copied).c_str()
+            : "");
   }
   {
     NetnsScope sa(ns_a);
