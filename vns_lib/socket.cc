@@ -144,6 +144,28 @@ class SocketImpl final : public VirtualSocket {
     return opt >= 0 ? static_cast<uint32_t>(opt)
                     : p.BusyPollUs({c_->id, static_cast<uint8_t>(c_->app_class)});
   }
+  // How what this thread queues on its channels leaves. A blocking socket's message for a
+  // sleeping engine leaves in a round this thread runs (no engine wakeup): the writer of a
+  // request or a reply, which then waits. Not a bulk write: the engine transmits it on another
+  // core while this thread copies the next one (128 KiB streams lost ~7% transmitting inline).
+  // Nor an event loop's (nonblocking) write: what one pass of the loop writes to many sockets
+  // leaves in one engine round and one sendmmsg, beside the loop rather than on it (Redis -P 16
+  // lost up to 25% transmitting inline); it leaves when the loop comes back to wait. Busy-polled
+  // sockets transmit in their own rounds.
+  class TransmitScope {
+   public:
+    TransmitScope(const SocketImpl& s, uint32_t busy_us, size_t bytes) {
+      if (busy_us > 0) return;
+      if (!s.nonblocking_ && bytes <= kTransmitInlineMaxBytes && s.st_->opts().transmit_inline)
+        here_.emplace();
+      else if (s.nonblocking_ && s.st_->opts().defer_transmit)
+        at_flush_.emplace();
+    }
+
+   private:
+    std::optional<chan::TransmitInlineScope> here_;
+    std::optional<chan::DeferTransmitScope> at_flush_;
+  };
   // A control segment of ours (FIN, WND) went on `ch`: if it fails, that segment may be lost,
   // so the connection breaks with it.
   void NoteControlChannel(const chan::Channel* ch) {
@@ -356,20 +378,7 @@ absl::StatusOr<size_t> SocketImpl::Send(std::span<const uint8_t> data) {
           s->chans_[k]->PollInline(NowUs(), s->send_busy_us_);
     }
   } poll_after{this};
-  // A blocking socket's message for a sleeping engine leaves in a round this thread runs (no
-  // engine wakeup): the writer of a request or a reply, which then waits. Not a bulk write: the
-  // engine transmits it on another core while this thread copies the next one (128 KiB streams
-  // lost ~7% transmitting inline). Nor an event loop's (nonblocking) write: what one pass of the
-  // loop writes to many sockets leaves in one engine round and one sendmmsg, beside the loop
-  // rather than on it (Redis -P 16 lost up to 25% transmitting inline). Busy-polled sockets
-  // transmit in their own rounds (above).
-  std::optional<chan::TransmitInlineScope> transmit_here;
-  std::optional<chan::DeferTransmitScope> transmit_at_flush;
-  if (send_busy_us_ == 0 && !nonblocking_ && data.size() <= kTransmitInlineMaxBytes &&
-      st_->opts().transmit_inline)
-    transmit_here.emplace();
-  else if (send_busy_us_ == 0 && nonblocking_ && st_->opts().defer_transmit)
-    transmit_at_flush.emplace();  // an event loop's: leaves when it comes back to wait
+  TransmitScope transmit(*this, send_busy_us_, data.size());
   size_t total = 0;
   while (total < data.size()) {
     auto window = SendWindow();
@@ -593,9 +602,14 @@ absl::StatusOr<size_t> SocketImpl::RecvLocked(std::span<uint8_t> buf) {
     if (auto st = Usable(); !st.ok()) return st;
     MaybeAdvertiseWindow();  // an update the channel could not take last time
     // About to wait (or to return EAGAIN to a poll loop), perhaps for the reply to what we wrote:
-    // what a channel holds open for coalescing leaves now.
-    if (c_->corked.exchange(false, std::memory_order_relaxed) && c_->peer)
+    // what a channel holds open for coalescing leaves now, the way this socket's writes leave —
+    // a blocking reader's in a round of its own, so the tail of a request does not wait for an
+    // engine wakeup while the request's first segment has already reached the peer.
+    if (c_->corked.exchange(false, std::memory_order_relaxed) && c_->peer) {
+      RefreshPolicy(&recv_policy_version_, &recv_policy_);
+      TransmitScope transmit(*this, BusyPollBudget(*recv_policy_), 0);
       for (const auto& ch : c_->peer->Live()) ch->Flush();
+    }
     if (nonblocking_) {
       UpdateReadiness();
       return SockError(EAGAIN, "no data");
