@@ -28,10 +28,11 @@ class RoundRobin final : public NetScheduler {
         "has less",
         mark_.load(std::memory_order_relaxed));
   }
-  size_t PickChannel(const SocketRef&, std::span<const ChannelLoad> chans,
+  size_t PickChannel(const SocketRef& s, std::span<const ChannelLoad> chans,
                      uint64_t* cursor) const override {
     const size_t n = chans.size();
     const uint64_t mark = mark_.load(std::memory_order_relaxed);
+    if (const size_t r = ReplyChannel(s, chans, mark); r != kWait) return r;
     size_t fallback = kWait;
     for (size_t k = 0; k < n; ++k) {
       const size_t i = (*cursor + k) % n;
@@ -65,14 +66,15 @@ class RoundRobin final : public NetScheduler {
 };
 
 // The channel with the fewest bytes queued (ties: the first in the socket's order after the
-// cursor, so equal channels still take turns).
+// cursor, so equal channels still take turns). An answer goes back on its request's channel
+// while that one holds no more than the shortest queue and a message (kReplySlackBytes).
 class ShortestQueue final : public NetScheduler {
  public:
   std::string_view name() const override { return "shortest-queue"; }
   std::string Explain() const override {
     return "the channel with the fewest unacknowledged bytes, equals in turn";
   }
-  size_t PickChannel(const SocketRef&, std::span<const ChannelLoad> chans,
+  size_t PickChannel(const SocketRef& s, std::span<const ChannelLoad> chans,
                      uint64_t* cursor) const override {
     const size_t n = chans.size();
     size_t best = kWait;
@@ -81,13 +83,20 @@ class ShortestQueue final : public NetScheduler {
       if (chans[i].full) continue;
       if (best == kWait || chans[i].tx_queued_bytes < chans[best].tx_queued_bytes) best = i;
     }
-    if (best != kWait) *cursor = best + 1;
+    if (best == kWait) return kWait;
+    if (const size_t r = ReplyChannel(s, chans, chans[best].tx_queued_bytes + kReplySlackBytes);
+        r != kWait)
+      return r;
+    *cursor = best + 1;
     return best;
   }
   Knobs GetKnobs() const override { return {}; }
   absl::Status SetKnob(std::string_view key, std::string_view) override {
     return NoSuchKnob(name(), key, "");
   }
+
+ private:
+  static constexpr uint64_t kReplySlackBytes = 64 << 10;
 };
 
 // The kernel-like baseline: each socket is a static pipe on one channel (chosen from its id,
@@ -133,6 +142,7 @@ class IsolateClasses final : public NetScheduler {
         lo = k;
       }
     }
+    if (const size_t r = ReplyChannel(s, chans, kIsolateReplyMark, lo, hi); r != kWait) return r;
     const size_t span = hi - lo;
     for (size_t j = 0; j < span; ++j) {
       const size_t i = lo + (*cursor + j) % span;
@@ -185,7 +195,8 @@ class IsolateClasses final : public NetScheduler {
   }
 
  private:
-  static constexpr uint8_t kLatencyClass = 1;  // NC_CLASS_LATENCY
+  static constexpr uint8_t kLatencyClass = 1;             // NC_CLASS_LATENCY
+  static constexpr uint64_t kIsolateReplyMark = 2 << 20;  // round-robin's default mark
   std::atomic<uint32_t> reserve_{1};
 };
 
@@ -202,7 +213,8 @@ NamedRegistry<PolicyFactory>& Reg() {
 
 bool NetScheduler::IsCommonKnob(std::string_view key) {
   return key == "inline_copy_bytes" || key == "copy_chunk_bytes" ||
-         key == "skip_worker_queued_bytes" || key.starts_with("scale") || key == "busy_poll_us";
+         key == "skip_worker_queued_bytes" || key.starts_with("scale") || key == "busy_poll_us" ||
+         key == "reply_affinity";
 }
 
 Knobs NetScheduler::CopyKnobs() const {
@@ -210,6 +222,7 @@ Knobs NetScheduler::CopyKnobs() const {
           {"copy_chunk_bytes", std::to_string(copy_chunk_bytes_.load())},
           {"skip_worker_queued_bytes", std::to_string(skip_worker_queued_bytes_.load())},
           {"busy_poll_us", std::to_string(busy_poll_us_.load())},
+          {"reply_affinity", reply_affinity_.load() ? "on" : "off"},
           {"scale", scale_on_.load() ? "on" : "off"},
           {"scale_min", std::to_string(scale_min_.load())},
           {"scale_max", std::to_string(scale_max_.load())},
@@ -258,15 +271,17 @@ absl::Status NetScheduler::SetAnyKnob(std::string_view key, std::string_view val
       return absl::InvalidArgumentError(
           absl::StrCat(st.message(),
                        "; every policy: inline_copy_bytes, copy_chunk_bytes, "
-                       "skip_worker_queued_bytes, busy_poll_us, scale, scale_min, scale_max, "
+                       "skip_worker_queued_bytes, busy_poll_us, reply_affinity, scale, "
+                       "scale_min, scale_max, "
                        "scale_grow_queued_bytes, scale_shrink_queued_bytes, scale_grow_busy, "
                        "scale_shrink_busy, scale_hold_ms"));
     return st;
   }
   const absl::string_view v(value.data(), value.size());
-  if (key == "scale") {
-    if (v != "on" && v != "off") return absl::InvalidArgumentError("scale must be on or off");
-    scale_on_.store(v == "on", std::memory_order_relaxed);
+  if (key == "scale" || key == "reply_affinity") {
+    if (v != "on" && v != "off")
+      return absl::InvalidArgumentError(absl::StrFormat("%s must be on or off", key));
+    (key == "scale" ? scale_on_ : reply_affinity_).store(v == "on", std::memory_order_relaxed);
     return absl::OkStatus();
   }
   if (key == "scale_grow_busy" || key == "scale_shrink_busy") {

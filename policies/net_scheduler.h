@@ -26,6 +26,7 @@
 // L-app engine's core).
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -49,10 +50,16 @@ struct ChannelLoad {
   bool full = false;             // refused a batch during this decision: do not pick it
 };
 
+inline constexpr size_t kNoReply = static_cast<size_t>(-1);
+
 // The socket a decision is for.
 struct SocketRef {
   uint64_t id = 0;        // stack-wide socket id (as netchctl shows it)
   uint8_t app_class = 0;  // enum nc_app_class
+  // When what the socket sends now answers data it received (a short message, the first batch
+  // since that data was read): the index in the decision's channels of the channel that data
+  // came on; kNoReply otherwise.
+  size_t reply_to = kNoReply;
 };
 
 using Knobs = std::vector<std::pair<std::string, std::string>>;
@@ -154,9 +161,30 @@ class NetScheduler {
 
   // Decisions that passed over a channel for its load (a policy's own measure; metrics).
   uint64_t skips() const { return skips_.load(std::memory_order_relaxed); }
+  // Decisions that sent an answer back on its request's channel (ReplyChannel; metrics).
+  uint64_t replies() const { return replies_.load(std::memory_order_relaxed); }
 
  protected:
+  // Reply affinity (common knob reply_affinity=on|off, on by default), for the policies that
+  // spread a socket over channels: an answer goes back on the channel its request came on
+  // (SocketRef::reply_to, when that is among chans[lo, hi)) while that channel can take it and
+  // holds at most `mark` bytes unacknowledged. The answer then carries the channel's ACK of the
+  // request. Spread in turn, every request/response pair left two channels each a pure ACK to
+  // send — a packet whose only effect is to wake the peer — and a 4 KiB rpc over 4 channels
+  // ran at 2-3x the p50 of one channel. Bulk writes are not answers (SocketRef) and spread as
+  // before. kWait when it does not apply.
+  size_t ReplyChannel(const SocketRef& s, std::span<const ChannelLoad> chans, uint64_t mark,
+                      size_t lo = 0, size_t hi = kNoReply) const {
+    if (s.reply_to == kNoReply || !reply_affinity_.load(std::memory_order_relaxed) ||
+        s.reply_to < lo || s.reply_to >= std::min(hi, chans.size()))
+      return kWait;
+    const ChannelLoad& c = chans[s.reply_to];
+    if (c.full || c.tx_queued_bytes > mark) return kWait;
+    replies_.fetch_add(1, std::memory_order_relaxed);
+    return s.reply_to;
+  }
   mutable std::atomic<uint64_t> skips_{0};
+  mutable std::atomic<uint64_t> replies_{0};
 
  private:
   static constexpr uint8_t kLatencyAppClass = 1;  // NC_CLASS_LATENCY
@@ -164,6 +192,7 @@ class NetScheduler {
   std::atomic<uint64_t> inline_copy_bytes_{256 << 10}, copy_chunk_bytes_{256 << 10},
       skip_worker_queued_bytes_{640 << 10};
   std::atomic<bool> scale_on_{false};
+  std::atomic<bool> reply_affinity_{true};
   std::atomic<uint64_t> scale_min_{1}, scale_max_{4}, scale_grow_queued_{1 << 20},
       scale_shrink_queued_{64 << 10}, scale_hold_ms_{500};
   std::atomic<double> scale_grow_busy_{0.8}, scale_shrink_busy_{0.25};

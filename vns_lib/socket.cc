@@ -8,6 +8,9 @@ namespace netch::vns {
 
 // The largest write that transmits on the caller's thread (StackOptions::transmit_inline).
 constexpr size_t kTransmitInlineMaxBytes = 32 << 10;
+// A write up to this long that follows data the socket read is an answer: the policy may send it
+// back on the channel that data came on (sched::SocketRef::reply_to). Longer ones are bulk.
+constexpr size_t kReplyMaxBytes = 64 << 10;
 // How long a blocked Recv sleeps between looks when nothing is owed (see RecvLocked).
 constexpr int kIdleRecvWaitMs = 500;
 
@@ -194,6 +197,9 @@ class SocketImpl final : public VirtualSocket {
   size_t nloans_ = 0;
   uint32_t send_busy_us_ = 0;         // send_mu_: this Send's busy polling
   std::atomic<uint64_t> sent_on_{0};  // bit i: this Send used chans_[i] (busy polling)
+  // The channel the data read last came on, until an answer takes it (SendRange): compared as an
+  // address only, never dereferenced here.
+  std::atomic<const chan::Channel*> reply_chan_{nullptr};
   uint64_t snd_next_ = 0;
   std::atomic<bool> lazy_{false};      // SetLazyReadiness was called
   std::atomic<bool> fin_sent_{false};  // written under send_mu_, read by Poll()
@@ -272,7 +278,12 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
   const auto& chans = chans_;
   if (chans.empty()) return SockError(ECONNRESET, "no channel to the peer");
   const sched::NetScheduler& policy = *policy_;
-  const sched::SocketRef sref{c_->id, static_cast<uint8_t>(c_->app_class)};
+  sched::SocketRef sref{c_->id, static_cast<uint8_t>(c_->app_class)};
+  if (!parallel && len <= kReplyMaxBytes) {
+    if (const chan::Channel* in = reply_chan_.exchange(nullptr, std::memory_order_relaxed))
+      for (size_t i = 0; i < chans.size() && sref.reply_to == sched::kNoReply; ++i)
+        if (chans[i].get() == in) sref.reply_to = i;
+  }
   size_t seg = SIZE_MAX;
   for (const auto& ch : chans) seg = std::min(seg, ch->max_payload());
   // Throughput sockets let the channel coalesce (autocork): small writes merge, and a write's
@@ -318,6 +329,7 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
       if (segs[*taken - 1].coalesce) c_->corked.store(true, std::memory_order_relaxed);
       for (size_t i = 0; i < *taken; ++i) off += segs[i].payload.size();
       progress = true;
+      sref.reply_to = sched::kNoReply;  // (the answer's first batch went where it could)
     }
     if (off == len || progress) continue;
     if (auto st = StateError(); !st.ok()) return st;
@@ -503,13 +515,16 @@ void SocketImpl::UpdateReadiness() {
 
 void SocketImpl::DrainInq() {
   HeldSeg h[64];
+  const chan::Channel* last = nullptr;
   for (uint32_t n; (n = c_->inq.Pop(h)) > 0;) {
     for (uint32_t i = 0; i < n; ++i) {
+      if (h[i].ch) last = h[i].ch;
       if (learning_ && h[i].ch) LearnLane(h[i].ch);
       if (learn_rx_ && h[i].ch) LearnRxChannel(h[i].ch);
       if (!reasm_.Insert(h[i])) done_.push_back(h[i]);  // overlapping: drop it
     }
   }
+  if (last) reply_chan_.store(last, std::memory_order_relaxed);
   if (!done_.empty()) ReleaseHeld(done_);
 }
 

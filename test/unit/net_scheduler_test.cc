@@ -1,6 +1,7 @@
 // NetScheduler policies: each decision, deterministically, from channel loads.
 #include "policies/net_scheduler.h"
 
+#include <algorithm>
 #include <vector>
 
 #include "gtest/gtest.h"
@@ -52,6 +53,46 @@ TEST(ShortestQueueTest, PicksTheLeastQueuedAndRotatesAmongEquals) {
   EXPECT_EQ(Picks(*p, {{1, 0}, {2, 0}, {3, 0}}, 4), (std::vector<size_t>{0, 1, 2, 0}));
   EXPECT_EQ(Picks(*p, {{1, 300}, {2, 100, true}, {3, 200}}, 1), (std::vector<size_t>{2}));
   EXPECT_EQ(Picks(*p, {{1, 0, true}}, 1), (std::vector<size_t>{kWait}));
+}
+
+TEST(ReplyAffinityTest, AnAnswerGoesBackOnItsRequestsChannelWhileThatOneCanTakeIt) {
+  // Socket 1 answers data that came on channel index 2 of four.
+  const SocketRef reply{1, NC_T, 2};
+  const std::vector<ChannelLoad> idle = {{1, 0}, {2, 0}, {3, 0}, {4, 0}};
+  auto rr = Make("round-robin", {{"skip_queued_bytes", "1000"}});
+  uint64_t cursor = 0;
+  EXPECT_EQ(rr->PickChannel(reply, idle, &cursor), 2u);
+  EXPECT_EQ(cursor, 0u) << "an answer does not move the turns of the socket's other batches";
+  EXPECT_EQ(rr->PickChannel({1, NC_T}, idle, &cursor), 0u);  // not an answer: its turn
+  EXPECT_EQ(rr->replies(), 1u);
+  // That channel full, or holding more than the mark: the answer takes its turn like any batch.
+  cursor = 0;
+  const std::vector<ChannelLoad> full = {{1, 0}, {2, 0}, {3, 0, true}, {4, 0}};
+  const std::vector<ChannelLoad> over = {{1, 0}, {2, 0}, {3, 5000}, {4, 0}};
+  EXPECT_EQ(rr->PickChannel(reply, full, &cursor), 0u);
+  EXPECT_EQ(rr->PickChannel(reply, over, &cursor), 1u);
+  // Shortest-queue: the request's channel while it holds at most the shortest queue and 64 KiB.
+  auto sq = Make("shortest-queue");
+  cursor = 0;
+  const std::vector<ChannelLoad> near = {{1, 100}, {2, 0}, {3, 60000}, {4, 0}};
+  const std::vector<ChannelLoad> far = {{1, 100}, {2, 0}, {3, 70000}, {4, 0}};
+  EXPECT_EQ(sq->PickChannel(reply, near, &cursor), 2u);
+  EXPECT_EQ(sq->PickChannel(reply, far, &cursor), 1u);
+  // Isolation first: a throughput socket's answer never goes on the L-app channel (index 0).
+  auto iso = Make("isolate-classes");  // latency_channels = 1
+  cursor = 0;
+  EXPECT_EQ(iso->PickChannel({1, NC_T, 0}, idle, &cursor), 1u);
+  EXPECT_EQ(iso->PickChannel({1, NC_T, 3}, idle, &cursor), 3u);
+  // The knob: off, an answer is a batch like any other (the paper's plain turns).
+  auto plain = Make("round-robin", {{"reply_affinity", "off"}});
+  EXPECT_EQ(Picks(*plain, idle, 1), (std::vector<size_t>{0}));
+  cursor = 0;
+  EXPECT_EQ(plain->PickChannel(reply, idle, &cursor), 0u);
+  EXPECT_FALSE(CreatePolicy("round-robin", {{"reply_affinity", "yes"}}).ok());
+  const Knobs k = plain->AllKnobs();
+  EXPECT_NE(
+      std::find(k.begin(), k.end(), std::pair<std::string, std::string>{"reply_affinity", "off"}),
+      k.end());
 }
 
 TEST(OnePerSocketTest, ASocketKeepsOneChannelAndWaitsForIt) {

@@ -392,6 +392,59 @@ TEST_F(VnsTest, ARequestsCorkedTailLeavesOnTheWaitingReadersOwnThread) {
   EXPECT_GE(InlineRounds(*a_) - before, kRounds * 3 / 2);
 }
 
+// The largest share of a socket's batches that went on one channel (-1: no such socket).
+double TopChannelShare(Stack& s, uint16_t local_port, uint16_t remote_port) {
+  for (const SocketInfo& i : s.Sockets()) {
+    if (i.listening || i.local_port != local_port || i.remote_port != remote_port) continue;
+    uint64_t all = i.batches_other, top = 0;
+    for (const auto& [ch, n] : i.batches_by_channel) all += n, top = std::max(top, n);
+    return all ? static_cast<double>(top) / static_cast<double>(all) : 0;
+  }
+  return -1;
+}
+
+TEST_F(VnsTest, AnRpcSpreadOverFourChannelsAnswersOnTheRequestsChannel) {
+  // Round-robin over four channels: with reply affinity the server answers each request on the
+  // channel it came on, and the client's next request follows the answer, so the pair settles
+  // on one channel whose data carries its ACKs; without it, both ends take turns over all four.
+  Open("afxdp", 4);
+  auto l = b_->Listen(5020);
+  ASSERT_TRUE(l.ok()) << l.status();
+  for (const char* affinity : {"on", "off"}) {
+    ASSERT_TRUE(a_->SetPolicy("round-robin", {{"reply_affinity", affinity}}).ok());
+    ASSERT_TRUE(b_->SetPolicy("round-robin", {{"reply_affinity", affinity}}).ok());
+    auto [c, s] = Pair(**l, 5020);
+    ASSERT_TRUE(c && s);
+    constexpr int kRounds = 200;
+    std::thread server([&, srv = s.get()] {
+      std::vector<uint8_t> m(4096);
+      for (int i = 0; i < kRounds; ++i) {
+        if (!ReadFull(*srv, m).empty()) return (void)srv->Shutdown();
+        for (auto& x : m) x = static_cast<uint8_t>(x + 1);
+        if (!srv->Send(m).ok()) return (void)srv->Shutdown();
+      }
+    });
+    std::vector<uint8_t> req(4096), resp(4096);
+    for (int i = 0; i < kRounds; ++i) {
+      for (size_t k = 0; k < req.size(); ++k) req[k] = PatternByte(i, k);
+      ASSERT_EQ(*c->Send(req), req.size());
+      ASSERT_EQ(ReadFull(*c, resp), "") << "reply " << i;
+      for (size_t k = 0; k < req.size(); ++k)
+        ASSERT_EQ(resp[k], static_cast<uint8_t>(req[k] + 1)) << "reply " << i;
+    }
+    server.join();
+    const double client = TopChannelShare(*a_, c->local_port(), 5020);
+    const double answers = TopChannelShare(*b_, 5020, c->local_port());
+    if (std::string(affinity) == "on") {
+      EXPECT_GE(client, 0.9) << "the client's requests kept to the answers' channel";
+      EXPECT_GE(answers, 0.9) << "the server's answers went back on the requests' channel";
+    } else {
+      EXPECT_LE(client, 0.5) << "plain round-robin takes turns";
+      EXPECT_LE(answers, 0.5);
+    }
+  }
+}
+
 TEST_F(VnsTest, WithoutReceiveInlineTheEnginesDeliverEverything) {
   for (auto* which : {&a_, &b_}) {
     const bool is_a = which == &a_;
