@@ -377,15 +377,18 @@ TEST(ChannelCoreTest, AHeldWriteLeavesWhenTheChannelIdlesOrAfterTheHoldTime) {
   ch.GiveBuffers(16);
   const std::vector<uint8_t> p(100, 'x');
   const TxSegment s = Small(1, 0, p);
+  // The segment opens between t0 and t1 (its own clock read): asking at t0 it is young whatever
+  // the thread's scheduling between the reads (a sanitized build preempted for over 20 µs once).
+  const uint64_t t0 = NowUs();
   ASSERT_EQ(*ch.Enqueue({&s, 1}), 1u);
-  const uint64_t now = NowUs();
+  const uint64_t t1 = NowUs();
   uint64_t deadline = UINT64_MAX;
-  EXPECT_FALSE(ch.FlushOpen(now, /*idle=*/false, &deadline)) << "busy and young: held";
-  EXPECT_LE(deadline, now + kCorkHoldUs);
-  EXPECT_FALSE(ch.FlushOpen(now, /*idle=*/true, &deadline)) << "idle, but a writer may add more";
-  EXPECT_LE(deadline, now + kCorkIdleUs);
+  EXPECT_FALSE(ch.FlushOpen(t0, /*idle=*/false, &deadline)) << "busy and young: held";
+  EXPECT_LE(deadline, t1 + kCorkHoldUs);
+  EXPECT_FALSE(ch.FlushOpen(t0, /*idle=*/true, &deadline)) << "idle, but a writer may add more";
+  EXPECT_LE(deadline, t1 + kCorkIdleUs);
   EXPECT_TRUE(Drain(ch).empty());
-  EXPECT_TRUE(ch.FlushOpen(now + kCorkHoldUs + 1, /*idle=*/false, &deadline)) << "held long enough";
+  EXPECT_TRUE(ch.FlushOpen(t1 + kCorkHoldUs + 1, /*idle=*/false, &deadline)) << "held long enough";
   auto got = Drain(ch);
   ASSERT_EQ(got.size(), 1u);
   ch.Release(got);
