@@ -109,11 +109,17 @@ void Send(const SteerDemoOptions& o, uint32_t dst_ip, Sender* out) {
       return;
     }
     ssize_t rc;
-    if (bad || i % 2 == 0) {
-      rc = sendto(udp.get(), buf.data() + wire::kOuterLen, n - wire::kOuterLen, 0,
-                  reinterpret_cast<sockaddr*>(&to), sizeof(to));
-    } else {
-      rc = sendto(raw.get(), buf.data(), n, 0, reinterpret_cast<sockaddr*>(&ll), sizeof(ll));
+    // ENOBUFS/EAGAIN: the local device queue is full for a moment (seen once in CI with both
+    // cores loaded); a datagram sender waits and tries again, a bounded number of times.
+    for (int tries = 0;; ++tries) {
+      if (bad || i % 2 == 0) {
+        rc = sendto(udp.get(), buf.data() + wire::kOuterLen, n - wire::kOuterLen, 0,
+                    reinterpret_cast<sockaddr*>(&to), sizeof(to));
+      } else {
+        rc = sendto(raw.get(), buf.data(), n, 0, reinterpret_cast<sockaddr*>(&ll), sizeof(ll));
+      }
+      if (rc >= 0 || (errno != ENOBUFS && errno != EAGAIN) || tries == 200) break;
+      std::this_thread::sleep_for(std::chrono::microseconds(500));
     }
     if (rc < 0) {
       out->status = ErrnoStatus(errno, "send");
