@@ -161,7 +161,8 @@ class NetScheduler {
 
   // Decisions that passed over a channel for its load (a policy's own measure; metrics).
   uint64_t skips() const { return skips_.load(std::memory_order_relaxed); }
-  // Decisions that sent an answer back on its request's channel (ReplyChannel; metrics).
+  // Decisions that sent an answer back on its request's channel (ReplyChannel; for tests,
+  // not yet exported as a metric).
   uint64_t replies() const { return replies_.load(std::memory_order_relaxed); }
 
  protected:
