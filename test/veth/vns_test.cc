@@ -341,6 +341,34 @@ TEST_F(VnsTest, BlockedReceiversRunTheirEnginesRoundsBesideAStreamAndLoseNothing
   EXPECT_EQ(a_->Stats().segments_inline, 0u) << "nothing busy-polls here";
 }
 
+// `rounds` request/response exchanges of `size` bytes from `client` to `server` (a thread that
+// answers each request with every byte xor 0x5a): "" or the first thing that went wrong.
+std::string RpcExchanges(VirtualSocket& client, VirtualSocket& server, int rounds, size_t size) {
+  std::thread srv([&] {
+    std::vector<uint8_t> m(size);
+    for (int i = 0; i < rounds; ++i) {
+      // (A failure ends the client's wait too: it reads the end of the stream.)
+      if (!ReadFull(server, m).empty()) return (void)server.Shutdown();
+      for (auto& x : m) x ^= 0x5a;
+      if (!server.Send(m).ok()) return (void)server.Shutdown();
+    }
+  });
+  std::string err;
+  std::vector<uint8_t> req(size), resp(size);
+  for (int i = 0; i < rounds && err.empty(); ++i) {
+    for (size_t k = 0; k < size; ++k) req[k] = PatternByte(i, k);
+    if (auto r = client.Send(req); !r.ok() || *r != size) {
+      err = absl::StrFormat("request %d not taken whole", i);
+    } else if (err = ReadFull(client, resp); err.empty()) {
+      for (size_t k = 0; k < size && err.empty(); ++k)
+        if (resp[k] != (req[k] ^ 0x5a)) err = absl::StrFormat("reply %d byte %u wrong", i, k);
+    }
+  }
+  if (!err.empty()) (void)client.Shutdown();  // the server's next read ends
+  srv.join();
+  return err;
+}
+
 uint64_t InlineRounds(Stack& s) {
   uint64_t n = 0;
   for (const auto& e : s.driver().Engines()) n += e.inline_rounds;
@@ -369,24 +397,8 @@ TEST_F(VnsTest, ARequestsCorkedTailLeavesOnTheWaitingReadersOwnThread) {
   ASSERT_TRUE(c && s);
   constexpr int kRounds = 200;
   constexpr size_t kMsg = 5000;  // MTU 3506: one full segment and a corked tail
-  std::thread server([&, srv = s.get()] {
-    std::vector<uint8_t> m(kMsg);
-    for (int i = 0; i < kRounds; ++i) {
-      // (A failure ends the client's wait too: it reads the end of the stream.)
-      if (!ReadFull(*srv, m).empty()) return (void)srv->Shutdown();
-      for (auto& x : m) x ^= 0x5a;
-      if (!srv->Send(m).ok()) return (void)srv->Shutdown();
-    }
-  });
   const uint64_t before = InlineRounds(*a_);
-  std::vector<uint8_t> req(kMsg), resp(kMsg);
-  for (int i = 0; i < kRounds; ++i) {
-    for (size_t k = 0; k < kMsg; ++k) req[k] = PatternByte(i, k);
-    ASSERT_EQ(*c->Send(req), kMsg);
-    ASSERT_EQ(ReadFull(*c, resp), "") << "reply " << i;
-    for (size_t k = 0; k < kMsg; ++k) ASSERT_EQ(resp[k], req[k] ^ 0x5a) << "reply " << i;
-  }
-  server.join();
+  ASSERT_EQ(RpcExchanges(*c, *s, kRounds, kMsg), "");
   // Two rounds per request on the client's thread (the write's, the flush's); with the flush on
   // an engine wakeup it was one. Timers may wake the engine now and then: 1.5 per request.
   EXPECT_GE(InlineRounds(*a_) - before, kRounds * 3 / 2);
@@ -415,24 +427,7 @@ TEST_F(VnsTest, AnRpcSpreadOverFourChannelsAnswersOnTheRequestsChannel) {
     ASSERT_TRUE(b_->SetPolicy("round-robin", {{"reply_affinity", affinity}}).ok());
     auto [c, s] = Pair(**l, 5020);
     ASSERT_TRUE(c && s);
-    constexpr int kRounds = 200;
-    std::thread server([&, srv = s.get()] {
-      std::vector<uint8_t> m(4096);
-      for (int i = 0; i < kRounds; ++i) {
-        if (!ReadFull(*srv, m).empty()) return (void)srv->Shutdown();
-        for (auto& x : m) x = static_cast<uint8_t>(x + 1);
-        if (!srv->Send(m).ok()) return (void)srv->Shutdown();
-      }
-    });
-    std::vector<uint8_t> req(4096), resp(4096);
-    for (int i = 0; i < kRounds; ++i) {
-      for (size_t k = 0; k < req.size(); ++k) req[k] = PatternByte(i, k);
-      ASSERT_EQ(*c->Send(req), req.size());
-      ASSERT_EQ(ReadFull(*c, resp), "") << "reply " << i;
-      for (size_t k = 0; k < req.size(); ++k)
-        ASSERT_EQ(resp[k], static_cast<uint8_t>(req[k] + 1)) << "reply " << i;
-    }
-    server.join();
+    ASSERT_EQ(RpcExchanges(*c, *s, 200, 4096), "");
     const double client = TopChannelShare(*a_, c->local_port(), 5020);
     const double answers = TopChannelShare(*b_, 5020, c->local_port());
     if (std::string(affinity) == "on") {
