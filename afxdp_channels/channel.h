@@ -241,6 +241,12 @@ class Channel {
   virtual size_t Dequeue(size_t max_bytes, std::span<RxSegment> out) = 0;
   // Returns buffers obtained from Dequeue, in any order.
   virtual void Release(std::span<const RxSegment> segs) = 0;
+  // Release of one segment that never waits (a delivery hook may call it): false, and nothing
+  // done, when it would have to wait for room or for another releaser.
+  virtual bool TryRelease(const RxSegment& seg) {
+    (void)seg;
+    return false;
+  }
   // Sends at once what Enqueue holds open for coalescing (a writer about to wait for a reply).
   virtual void Flush() {}
   // Busy polling (run to completion, for latency-sensitive sockets): runs one round of the engine

@@ -305,6 +305,16 @@ void ChannelCore::Release(std::span<const RxSegment> segs) {
   outstanding_.fetch_sub(segs.size(), std::memory_order_release);
 }
 
+bool ChannelCore::TryRelease(const RxSegment& seg) {
+  std::unique_lock g(release_mu_, std::try_to_lock);
+  const BufRef b{seg.token, seg.charge};
+  if (!g.owns_lock() || ret_.Push(std::span<const BufRef>(&b, 1)) != 1) return false;
+  g.unlock();
+  if (task_) task_->Wake();
+  outstanding_.fetch_sub(1, std::memory_order_release);  // last, as in Release
+  return true;
+}
+
 void ChannelCore::Reclaim(const std::function<void(uint64_t)>& give_tx,
                           const std::function<void(uint64_t, uint32_t)>& give_rx,
                           bool keep_delivered) {

@@ -61,6 +61,7 @@ class ChannelCore : public Channel {
   absl::StatusOr<size_t> Enqueue(std::span<const TxSegment> segs) override;
   size_t Dequeue(size_t max_bytes, std::span<RxSegment> out) override;
   void Release(std::span<const RxSegment> segs) override;
+  bool TryRelease(const RxSegment& seg) override;
   bool Wait(absl::Duration timeout, Interest interest = kBoth) override;
   int notify_fd(Interest side) const override {
     return side == kWritable ? notify_[1].fd : notify_[0].fd;

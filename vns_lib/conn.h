@@ -126,9 +126,13 @@ struct Conn {
   std::vector<uint32_t> full_ids;
   // In the stack's write watch: blocked on full channels (written under StackImpl::watch_mu_).
   std::atomic<bool> watched{false};
-  std::vector<const chan::Channel*> rx_chans;  // dispatcher only: channels that delivered
+  // The producer side of inq and rx_chans: the dispatcher and the engines delivering inline
+  // (StackImpl::DeliverData) may deliver to one socket from two channels at once. Uncontended
+  // unless a socket's channels run on two cores.
+  std::mutex rx_mu;
+  std::vector<const chan::Channel*> rx_chans;  // rx_mu: channels that delivered
 
-  // Dispatcher -> socket.
+  // Dispatcher and engines -> socket (one producer at a time: rx_mu).
   SpscRing<HeldSeg> inq;
   // The reader's progress, published after each read. No one needs its value any more (the
   // window check uses adv_edge below); its seq_cst store is the store half of the store/load

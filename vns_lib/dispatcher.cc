@@ -30,8 +30,9 @@ void StackImpl::Rst(chan::Channel* ch, const wire::SegHeader& h) {
                AppClass::kUnspecified, NC_RST);
 }
 
-bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
+bool StackImpl::Deliver(chan::Channel* ch, RxLane& lane, const chan::RxSegment& seg) {
   const wire::SegHeader& h = seg.hdr;
+  lane.shared |= h.type != NC_DATA;
   const ConnKey key{ch->peer_ipv4(), h.dst_port, h.src_port};
   auto release = [&] { ReleaseSeg(ch, seg); };
   switch (h.type) {
@@ -65,7 +66,10 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
         c->id = NextId();
         c->state = ConnState::kEstablished;
         c->snd_limit.store(h.seq, std::memory_order_release);
-        c->rx_chans.push_back(ch);
+        {
+          std::lock_guard r(c->rx_mu);
+          c->rx_chans.push_back(ch);
+        }
         std::lock_guard g2(mu_);
         conns_[key] = c;
         l->accept_q.push_back(c);
@@ -111,8 +115,11 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
     release();
     return true;
   }
-  if (std::find(c->rx_chans.begin(), c->rx_chans.end(), ch) == c->rx_chans.end())
-    c->rx_chans.push_back(ch);
+  {
+    std::lock_guard r(c->rx_mu);
+    if (std::find(c->rx_chans.begin(), c->rx_chans.end(), ch) == c->rx_chans.end())
+      c->rx_chans.push_back(ch);
+  }
   switch (h.type) {
     case NC_SYN_ACK: {
       c->snd_limit.store(h.seq, std::memory_order_release);
@@ -154,11 +161,14 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
     return true;
   }
   HeldSeg hs = HeldSeg::Of(ch, seg);
+  std::unique_lock r(c->rx_mu);  // engines deliver to the same socket (DeliverData)
   if (c->inq.Room() == 0) return false;
-  if (ch->rx_under_pressure()) {
-    // Sockets hold more than half of this channel's buffers (a slow or departed reader): keep a
-    // private copy and give the buffer back, so the channel keeps flowing for every socket on
-    // it. Off the fast path: a reader that keeps up never gets here.
+  lane.NoteSocket(c->id);
+  if (ch->rx_under_pressure() && lane.Shared(*ch)) {
+    // Sockets hold more than half of this channel's buffers (a slow reader) and other sockets'
+    // data shares it: keep a private copy and give the buffer back, so the channel keeps
+    // flowing for every socket on it (RxLane::NoteSocket). Off the fast path: a reader that
+    // keeps up never gets here.
     auto* copy = new uint8_t[hs.len];
     std::memcpy(copy, hs.data, hs.len);
     hs.data = copy;
@@ -167,6 +177,7 @@ bool StackImpl::Deliver(chan::Channel* ch, const chan::RxSegment& seg) {
     rx_pressure_copies_.fetch_add(1, std::memory_order_relaxed);
   }
   c->inq.PushOne(hs);
+  r.unlock();
   c->Signal();
   return true;
 }
@@ -184,7 +195,11 @@ void StackImpl::BreakConnsOn(Peer& p, const chan::Channel* ch) {
     std::lock_guard g(mu_);
     for (const auto& [k, c] : conns_) {
       if (c->peer != &p || c->broken.load(std::memory_order_relaxed)) continue;
-      bool used = std::find(c->rx_chans.begin(), c->rx_chans.end(), ch) != c->rx_chans.end();
+      bool used;
+      {
+        std::lock_guard r(c->rx_mu);
+        used = std::find(c->rx_chans.begin(), c->rx_chans.end(), ch) != c->rx_chans.end();
+      }
       if (!used) {
         std::lock_guard m(c->map_mu);
         used = std::find(c->tx_chans.begin(), c->tx_chans.end(), ch) != c->tx_chans.end();
@@ -204,8 +219,8 @@ void StackImpl::BreakConnsOn(Peer& p, const chan::Channel* ch) {
 }
 
 bool StackImpl::NothingToRetryLocked() {
-  if (!ctl_backlog_.empty() || !to_seal_.empty() || !deferred_release_.empty() ||
-      !sealed_by_us_.empty() || !drained_by_peer_.empty())
+  if (!ctl_backlog_.empty() || !to_seal_.empty() || !sealed_by_us_.empty() ||
+      !drained_by_peer_.empty())
     return false;
   for (const DispatchChan& cs : dchans_)
     if (cs.dead || cs.drained) return false;
@@ -231,7 +246,7 @@ bool StackImpl::SealRequested() {
 
 bool StackImpl::DeliverPending(DispatchChan& cs, bool* worked) {
   std::deque<chan::RxSegment>& pending = cs.lane->pending;
-  while (!pending.empty() && Deliver(cs.ch.get(), pending.front())) {
+  while (!pending.empty() && Deliver(cs.ch.get(), *cs.lane, pending.front())) {
     pending.pop_front();
     *worked = true;
   }
@@ -246,7 +261,7 @@ bool StackImpl::DeliverNew(DispatchChan& cs, bool* worked) {
   *worked = true;
   segments_in_.fetch_add(n, std::memory_order_relaxed);
   for (size_t i = 0; i < n; ++i) {
-    if (!pending.empty() || !Deliver(cs.ch.get(), segs[i])) {
+    if (!pending.empty() || !Deliver(cs.ch.get(), *cs.lane, segs[i])) {
       if (pending.empty()) blocked_.fetch_add(1, std::memory_order_relaxed);
       pending.push_back(segs[i]);
     }
@@ -254,32 +269,71 @@ bool StackImpl::DeliverNew(DispatchChan& cs, bool* worked) {
   return pending.empty();
 }
 
-bool StackImpl::DeliverInline(chan::Channel& ch) {
-  std::unique_lock l(dispatch_mu_, std::try_to_lock);
-  if (!l.owns_lock() || !deliver_inline_) return false;  // the dispatcher will be told
-  for (DispatchChan& cs : dchans_) {
-    if (cs.ch.get() != &ch) continue;
-    // A lane a socket busy-polls is that socket's to drain (it takes its own segments first,
-    // right after this round, or when it comes back for more): left alone, as the dispatcher
-    // leaves it, until the poller has been gone for kStandDownRecheckUs after its lease.
-    if (cs.dead ||
-        cs.lane->polled_until_us.load(std::memory_order_relaxed) + chan::kStandDownRecheckUs >
-            NowUs() ||
-        !cs.lane->TryOwn())
+bool StackImpl::DeliverData(chan::Channel& ch, RxLane& lane, const chan::RxSegment& seg) {
+  const wire::SegHeader& h = seg.hdr;
+  // Deliver's rules, its fast cases only: data, and the peer's window updates (another
+  // socket's, on the peer's control channel, sit between an L-app socket's segments). A buffer
+  // a shared channel needs back (rx pressure) is copied, and a copy is the dispatcher's to make.
+  const bool wnd = h.type == NC_WND;
+  if (!wnd && (h.type != NC_DATA || seg.payload.empty())) return false;
+  auto c = Lookup(ConnKey{ch.peer_ipv4(), h.dst_port, h.src_port});
+  if (!c || c->conn_id != h.conn_id) return false;
+  if (!wnd) {
+    if (c->closed.load() || c->state.load() != ConnState::kEstablished ||
+        h.seq + seg.payload.size() > c->adv_edge.load(std::memory_order_acquire))
       return false;
-    bool worked = false;
-    on_engine_ = true;
-    const bool all = DeliverPending(cs, &worked) && DeliverNew(cs, &worked);
-    on_engine_ = false;
-    cs.lane->Disown();
-    // What the segments left for the dispatcher's own round (buffers to release, a channel to
-    // seal after the peer's NC_DRAIN, a control segment a full channel refused) must not wait
-    // for its timer.
-    if (!deferred_release_.empty() || !to_seal_.empty() || !ctl_backlog_.empty()) WakeDispatcher();
-    if (all) deliveries_inline_.fetch_add(1, std::memory_order_relaxed);
-    return all;  // a full socket holds some back: the dispatcher takes over (holding_)
+    lane.NoteSocket(c->id);
+    if (ch.rx_under_pressure() && lane.Shared(ch)) return false;
   }
-  return false;
+  {
+    std::lock_guard g(c->rx_mu);
+    if (std::find(c->rx_chans.begin(), c->rx_chans.end(), &ch) == c->rx_chans.end()) return false;
+    if (wnd) {
+      if (!ch.TryRelease(seg)) return false;
+      lane.shared = true;
+    } else {
+      if (c->inq.Room() == 0) return false;
+      c->inq.PushOne(HeldSeg::Of(&ch, seg));
+    }
+  }
+  if (wnd) {
+    c->RaiseSendLimit(h.seq);
+  } else {
+    c->Signal();
+  }
+  return true;
+}
+
+bool StackImpl::DeliverInline(chan::Channel& ch) {
+  inline_active_.fetch_add(1, std::memory_order_seq_cst);
+  struct Leave {
+    std::atomic<int>& n;
+    ~Leave() { n.fetch_sub(1, std::memory_order_release); }
+  } leave{inline_active_};
+  if (!deliver_inline_.load(std::memory_order_seq_cst)) return false;
+  std::shared_ptr<RxLane> lane = Lane(&ch);
+  // A lane a socket busy-polls is that socket's to drain (it takes its own segments first,
+  // right after this round, or when it comes back for more): left alone, as the dispatcher
+  // leaves it, until the poller has been gone for kStandDownRecheckUs after its lease. A lane
+  // holding segments back is the dispatcher's: they go first.
+  if (!lane ||
+      lane->polled_until_us.load(std::memory_order_relaxed) + chan::kStandDownRecheckUs > NowUs() ||
+      lane->npending.load(std::memory_order_relaxed) != 0 || !lane->TryOwn())
+    return false;
+  bool all = !lane->gone && lane->pending.empty();
+  chan::RxSegment segs[64];
+  while (all) {
+    const size_t n = ch.Dequeue(SIZE_MAX, segs);
+    segments_in_.fetch_add(n, std::memory_order_relaxed);
+    size_t k = 0;
+    while (k < n && DeliverData(ch, *lane, segs[k])) ++k;
+    for (size_t j = k; j < n; ++j) lane->pending.push_back(segs[j]);
+    all = k == n;
+    if (n < std::size(segs)) break;
+  }
+  lane->Disown();
+  if (all) deliveries_inline_.fetch_add(1, std::memory_order_relaxed);
+  return all;  // false: the dispatcher is told, and finds the rest in the lane
 }
 
 void StackImpl::ServeChannel(DispatchChan& cs, bool* worked) {
@@ -311,9 +365,6 @@ void StackImpl::ServeChannel(DispatchChan& cs, bool* worked) {
 
 bool StackImpl::DispatchRound() {
   bool worked = false;
-  for (auto& [ch, seg] : deferred_release_) ch->Release({&seg, 1});
-  worked |= !deferred_release_.empty();
-  deferred_release_.clear();
   if (watching_.load(std::memory_order_acquire)) CheckWatched();
   {
     std::lock_guard g(drain_mu_);
@@ -360,6 +411,7 @@ bool StackImpl::DispatchRound() {
         for (auto& cs : dchans_) have |= cs.ch == ch;
         if (have) continue;
         auto lane = std::make_shared<RxLane>();
+        lane->peer = &p;
         {
           std::lock_guard g(lanes_mu_);
           lanes_[ch.get()] = lane;
@@ -424,7 +476,7 @@ bool StackImpl::DispatchRound() {
     for (DispatchChan& cs : dchans_) {
       if (cs.lane->npending.load(std::memory_order_relaxed) == 0 || !cs.lane->TryOwn()) continue;
       auto& pending = cs.lane->pending;
-      while (!pending.empty() && Deliver(cs.ch.get(), pending.front())) {
+      while (!pending.empty() && Deliver(cs.ch.get(), *cs.lane, pending.front())) {
         pending.pop_front();
         worked = true;
       }
@@ -556,8 +608,6 @@ void StackImpl::Dispatch() {
   }
   // Whatever is still held goes back to its channel.
   std::lock_guard g(dispatch_mu_);
-  for (auto& [ch, seg] : deferred_release_) ch->Release({&seg, 1});
-  deferred_release_.clear();
   for (DispatchChan& cs : dchans_) {
     if (!cs.lane->TryOwn()) continue;
     for (auto& s : cs.lane->pending) cs.ch->Release({&s, 1});

@@ -39,9 +39,17 @@ size_t Peer::live_count() const {
 }
 
 void Peer::Add(std::shared_ptr<chan::Channel> c) {
+  // In queue order, then by id: a frame leaves and arrives on the same queue number, so both
+  // ends list a pair of channels in the same place whatever order their handshakes finished
+  // in — a policy's "first k channels" (isolate-classes' L-app set) are the same channels on
+  // both hosts, on the queues and engines its placement reserved for them.
+  const auto key = [](const chan::Channel& ch) { return std::pair(ch.stats().queue, ch.id()); };
+  const auto k = key(*c);
   {
     std::lock_guard l(mu_);
-    chans_.push_back(std::move(c));
+    auto at =
+        std::find_if(chans_.begin(), chans_.end(), [&](const auto& x) { return k < key(*x); });
+    chans_.insert(at, std::move(c));
   }
   Bump();
 }

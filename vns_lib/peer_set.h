@@ -31,11 +31,12 @@ class Peer {
   Peer(uint32_t ip, std::atomic<uint64_t>* set_version) : ip_(ip), set_version_(set_version) {}
   uint32_t ip() const { return ip_; }
 
-  // Channels that take new segments (connecting or up, not sealed for scale-down), oldest first.
+  // Channels that take new segments (connecting or up, not sealed for scale-down), in queue
+  // order, then by id (Add says why).
   std::vector<std::shared_ptr<chan::Channel>> Live() const;
-  // Every channel still referenced, dead ones included.
+  // Every channel still referenced, dead ones included, in the same order.
   std::vector<std::shared_ptr<chan::Channel>> All() const;
-  // The channel control segments (NCSYN, FIN, RST) go on: the oldest one that is up.
+  // The channel control segments (NCSYN, FIN, RST, window updates) go on: the first one up.
   std::shared_ptr<chan::Channel> ControlChannel() const;
   size_t live_count() const;
 

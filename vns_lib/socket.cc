@@ -728,7 +728,13 @@ bool SocketImpl::PollOnce(uint64_t now_us, uint64_t stand_down_us) {
     if (lane.pending.empty()) {
       const size_t n = pl.ch->Dequeue(SIZE_MAX, segs);
       size_t k = 0;
-      while (k < n && TakeOwn(pl.ch.get(), segs[k])) ++k;
+      for (; k < n && TakeOwn(pl.ch.get(), segs[k]); ++k) {
+        if (segs[k].hdr.type == NC_DATA) {
+          lane.NoteSocket(c_->id);
+        } else {
+          lane.shared = true;
+        }
+      }
       if (k < n) {
         for (size_t j = k; j < n; ++j) lane.pending.push_back(segs[j]);
       }

@@ -49,7 +49,6 @@ absl::Status StackImpl::Init() {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   next_port_ = static_cast<uint16_t>(40000 + netch::RandomU32() % 20000);
   deliver_inline_ = opts_.deliver_inline;  // (before the dispatcher runs)
-  deferred_release_.reserve(256);          // the engines push here: no allocation in their rounds
   dispatcher_ = std::thread([this] {
     pthread_setname_np(pthread_self(), "netch-disp");
     Dispatch();
@@ -106,10 +105,9 @@ void StackImpl::Scale() {
 
 StackImpl::~StackImpl() {
   stop_ = true;
-  {
-    std::lock_guard g(dispatch_mu_);
-    deliver_inline_ = false;  // engines keep running until the driver goes
-  }
+  // Engines keep running until the driver goes: their hooks stop touching the stack now.
+  deliver_inline_.store(false, std::memory_order_seq_cst);
+  while (inline_active_.load(std::memory_order_seq_cst) != 0) std::this_thread::yield();
   {
     std::lock_guard g(scale_mu_);
     scale_cv_.notify_all();

@@ -60,6 +60,26 @@ struct RxLane {
   // A socket polls this lane until then: the dispatcher does not ask the channel to wake it.
   std::atomic<uint64_t> polled_until_us{0};
   bool gone = false;  // under ownership: the dispatcher let the channel go; pollers drop the lane
+  // Head-of-line resolution copies a segment out of a channel under pressure only if the
+  // channel is shared: it carried more than one socket's data, or control segments (a window
+  // update stuck behind a reader that waits for it would never arrive). A channel only one
+  // slow reader's data uses gains nothing from the copies — its own window stops the sender —
+  // and they took a quarter of a bulk stream's segments and the receiving core's time with them
+  // (docs/BENCHMARKS.md). The owner's only; once shared, always.
+  // The peer's control channel counts as shared even before a control segment came on it (it
+  // took over from one that went while this one was full).
+  uint64_t last_conn = 0;
+  bool shared = false;
+  Peer* peer = nullptr;  // set before the lane is published
+  // Notes the socket of a data segment.
+  void NoteSocket(uint64_t conn) {
+    shared |= last_conn != 0 && conn != last_conn;
+    last_conn = conn;
+  }
+  // Under rx pressure: whether `ch` (this lane's) is shared, so a segment is copied out of it.
+  bool Shared(const chan::Channel& ch) const {
+    return shared || (peer && peer->ControlChannel().get() == &ch);
+  }
 };
 
 class StackImpl final : public Stack {
@@ -130,6 +150,8 @@ class StackImpl final : public Stack {
   void NotifyConsumed() {
     if (holding_.load(std::memory_order_seq_cst)) WakeDispatcher();
   }
+  // Tests: the lock a dispatcher round holds, held by the caller as a long round would.
+  std::unique_lock<std::mutex> HoldDispatcherForTest() { return std::unique_lock(dispatch_mu_); }
 
  private:
   void Dispatch();  // the dispatcher thread: rounds, and sleeping between them
@@ -148,25 +170,26 @@ class StackImpl final : public Stack {
   // then what the channel has, to their sockets. False while a full socket holds some back.
   bool DeliverPending(DispatchChan& cs, bool* worked);
   bool DeliverNew(DispatchChan& cs, bool* worked);
-  // Channel::DeliveryHook (StackOptions::deliver_inline), on an engine's thread: serves `ch`
-  // if the dispatcher is not in a round. Never blocks.
+  // Channel::DeliveryHook (StackOptions::deliver_inline), on an engine's thread: hands the data
+  // segments `ch` just delivered straight to their sockets, without the dispatcher's lock — an
+  // engine never waits for a dispatcher round, which may be serving a bulk channel on a busy
+  // core (isolate-classes' L-app segments waited milliseconds behind it, docs/BENCHMARKS.md).
+  // Anything else (control segments, a full or unknown socket, a lane with segments held
+  // back) is left in the lane for the dispatcher, in order. Never blocks.
   bool DeliverInline(chan::Channel& ch);
+  // One data segment to its socket, as Deliver would, or false (nothing done) for anything
+  // DeliverInline leaves to the dispatcher.
+  bool DeliverData(chan::Channel& ch, RxLane& lane, const chan::RxSegment& seg);
   struct InlineDelivery final : chan::Channel::DeliveryHook {
     explicit InlineDelivery(StackImpl* s) : st(s) {}
     bool Delivered(chan::Channel& ch) override { return st->DeliverInline(ch); }
     StackImpl* st;
   } delivery_hook_{this};
-  bool deliver_inline_ = false;  // dispatch_mu_: the hook serves (off once the stack stops)
-  // Segments Deliver let go of while an engine's thread delivers (dispatch_mu_): released by the
-  // dispatcher's next round, since a Release may wait for that very engine.
-  bool on_engine_ = false;
-  std::vector<std::pair<chan::Channel*, chan::RxSegment>> deferred_release_;
-  void ReleaseSeg(chan::Channel* ch, const chan::RxSegment& seg) {
-    if (on_engine_)
-      deferred_release_.emplace_back(ch, seg);
-    else
-      ch->Release({&seg, 1});
-  }
+  // The hook serves while set; the destructor clears it and waits for hooks inside
+  // (inline_active_) before anything they touch goes.
+  std::atomic<bool> deliver_inline_{false};
+  std::atomic<int> inline_active_{0};
+  void ReleaseSeg(chan::Channel* ch, const chan::RxSegment& seg) { ch->Release({&seg, 1}); }
   std::atomic<uint64_t> deliveries_inline_{0};
   // Everything the dispatcher keeps is guarded by dispatch_mu_: its thread takes it per round, a
   // busy-polling application thread (PollInline) only try_locks it to run a round itself.
@@ -193,7 +216,7 @@ class StackImpl final : public Stack {
   void ResetConn(Conn& c, chan::Channel* ch);
   // Hands one segment to its socket. False: the socket is full, keep the segment and stop
   // draining this channel.
-  bool Deliver(chan::Channel* ch, const chan::RxSegment& seg);
+  bool Deliver(chan::Channel* ch, RxLane& lane, const chan::RxSegment& seg);
   void Rst(chan::Channel* ch, const wire::SegHeader& h);
   std::shared_ptr<Conn> Lookup(const ConnKey& k);
   // The dispatcher never blocks: a control segment a full channel refused waits here.

@@ -38,6 +38,13 @@ class FakeChannel final : public ChannelCore {
     free_.PushOne(back.token);
     return true;
   }
+  // Engine: takes one released buffer back and offers it as a send buffer.
+  bool TakeBackOne() {
+    BufRef back;
+    if (!ret_.PopOne(&back)) return false;
+    free_.PushOne(back.token);
+    return true;
+  }
   // Engine: moves everything from txq_ to rxq_ ("the wire"), as a loopback.
   uint32_t Loop() {
     BufRef b[64];
@@ -315,6 +322,33 @@ std::vector<RxSegment> Drain(FakeChannel& ch) {
   std::vector<RxSegment> out(64);
   out.resize(ch.Dequeue(SIZE_MAX, out));
   return out;
+}
+
+TEST(ChannelCoreTest, TryReleaseGivesTheBufferBackOrDoesNothingWhenItWouldWait) {
+  // What a delivery hook may call on the engine's own thread: Release would wait there for the
+  // engine to drain the return ring, forever.
+  FakeChannel ch(4);
+  ch.GiveBuffers(4);
+  const std::vector<uint8_t> p(10, 1);
+  std::vector<RxSegment> held;
+  for (uint64_t round = 0; round < 2; ++round) {
+    std::vector<TxSegment> segs;
+    for (uint64_t i = 0; i < (round == 0 ? 4u : 1u); ++i) segs.push_back(Seg(i * 10, p));
+    auto n = ch.Enqueue(segs);
+    ASSERT_TRUE(n.ok());
+    ASSERT_EQ(*n, segs.size());
+    for (const RxSegment& r : Drain(ch)) held.push_back(r);
+    if (round == 0) ch.GiveBuffers(1);  // a fifth buffer: the return ring holds only four
+  }
+  ASSERT_EQ(held.size(), 5u);
+  EXPECT_EQ(ch.rx_outstanding(), 5u);
+  for (size_t i = 0; i < 4; ++i) EXPECT_TRUE(ch.TryRelease(held[i]));
+  EXPECT_EQ(ch.rx_outstanding(), 1u);
+  EXPECT_FALSE(ch.TryRelease(held[4])) << "the return ring is full: it would have to wait";
+  EXPECT_EQ(ch.rx_outstanding(), 1u);
+  ASSERT_TRUE(ch.TakeBackOne());
+  EXPECT_TRUE(ch.TryRelease(held[4]));
+  EXPECT_EQ(ch.rx_outstanding(), 0u);
 }
 
 TEST(ChannelCoreTest, SmallWritesOfOneSocketBecomeOneSegmentUntilItIsFull) {

@@ -27,6 +27,7 @@
 #include "test/support/testhosts.h"
 #include "test/support/vns_traffic.h"
 #include "tools/chan_transfer.h"
+#include "vns_lib/stack_impl.h"
 
 namespace netch::vns {
 namespace {
@@ -438,6 +439,47 @@ TEST_F(VnsTest, AnRpcSpreadOverFourChannelsAnswersOnTheRequestsChannel) {
       EXPECT_LE(answers, 0.5);
     }
   }
+}
+
+TEST_F(VnsTest, EnginesDeliverDataWhileTheDispatcherIsInALongRound) {
+  // The dispatcher's rounds serve every channel — a bulk stream's too, on a busy core. Engines
+  // that handed it their segments whenever it was in a round made an RPC wait for that round
+  // (isolate-classes' L-app p99.9 was milliseconds, docs/BENCHMARKS.md). Engines deliver data
+  // themselves: with both dispatchers held for 3 s, as a long round holds them, 200 exchanges
+  // finish long before the hold ends.
+  for (auto* which : {&a_, &b_}) {
+    const bool is_a = which == &a_;
+    StackOptions o = Opts(is_a ? hosts_.ns_a() : hosts_.ns_b(),
+                          is_a ? TestHosts::kDevA : TestHosts::kDevB, "afxdp", 2);
+    o.receive_inline = false;  // every delivery is an engine's (or the dispatcher's)
+    auto st = Stack::Create(o);
+    ASSERT_TRUE(st.ok()) << st.status();
+    *which = std::move(*st);
+  }
+  auto l = b_->Listen(5021);
+  ASSERT_TRUE(l.ok()) << l.status();
+  auto [c, s] = Pair(**l, 5021);
+  ASSERT_TRUE(c && s);
+  ASSERT_EQ(RpcExchanges(*c, *s, 20, 4096), "");  // the stacks have seen each channel deliver
+  std::atomic<bool> held{false}, done{false};
+  std::thread holder([&] {
+    auto ha = static_cast<StackImpl&>(*a_).HoldDispatcherForTest();
+    auto hb = static_cast<StackImpl&>(*b_).HoldDispatcherForTest();
+    held = true;
+    for (int i = 0; i < 300 && !done; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    held = false;
+  });
+  while (!held) std::this_thread::yield();
+  const auto t0 = std::chrono::steady_clock::now();
+  const std::string err = RpcExchanges(*c, *s, 200, 4096);
+  const auto took = std::chrono::steady_clock::now() - t0;
+  const bool still_held = held;
+  done = true;
+  holder.join();
+  ASSERT_EQ(err, "");
+  EXPECT_TRUE(still_held) << "the exchanges waited for the dispatchers";
+  EXPECT_LT(took, std::chrono::milliseconds(2500));
 }
 
 TEST_F(VnsTest, WithoutReceiveInlineTheEnginesDeliverEverything) {

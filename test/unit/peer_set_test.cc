@@ -1,0 +1,46 @@
+// The channels of a peer as VNS lists them (vns_lib/peer_set.h): the order both ends agree on.
+#include "vns_lib/peer_set.h"
+
+#include <memory>
+#include <vector>
+
+#include "afxdp_channels/channel_core.h"
+#include "gtest/gtest.h"
+
+namespace netch::vns {
+namespace {
+
+class QueuedChannel final : public chan::ChannelCore {
+ public:
+  QueuedChannel(uint32_t id, int queue) : ChannelCore(id, 4, 1000) { pub_.queue = queue; }
+  uint8_t* BufAddr(uint64_t) override { return nullptr; }
+  uint32_t peer_ipv4() const override { return 0x01020304; }
+};
+
+std::vector<uint32_t> Ids(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
+  std::vector<uint32_t> ids;
+  for (const auto& c : chans) ids.push_back(c->id());
+  return ids;
+}
+
+TEST(PeerTest, ListsChannelsInQueueOrderWhateverOrderTheyCameUpIn) {
+  // An accepting host numbers a peer's channels as their handshakes finish: here the channel
+  // on queue 0 (the initiator's first, its L-app channel under isolate-classes) came up third.
+  // Listed by queue, then id, it is first on both hosts, so "the first k channels" of a policy
+  // are the same channels at both ends.
+  std::atomic<uint64_t> set_version{0};
+  Peer p(0x01020304, &set_version);
+  p.Add(std::make_shared<QueuedChannel>(1, 2));
+  p.Add(std::make_shared<QueuedChannel>(2, 1));
+  p.Add(std::make_shared<QueuedChannel>(3, 0));
+  p.Add(std::make_shared<QueuedChannel>(4, 1));
+  p.Add(std::make_shared<QueuedChannel>(5, 3));
+  EXPECT_EQ(Ids(p.All()), (std::vector<uint32_t>{3, 2, 4, 1, 5}));
+  EXPECT_EQ(p.version(), 5u);
+  EXPECT_EQ(set_version.load(), 5u);
+  p.Remove(p.All()[0].get());
+  EXPECT_EQ(Ids(p.All()), (std::vector<uint32_t>{2, 4, 1, 5}));
+}
+
+}  // namespace
+}  // namespace netch::vns
