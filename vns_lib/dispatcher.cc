@@ -366,15 +366,6 @@ void StackImpl::ServeChannel(DispatchChan& cs, bool* worked) {
 bool StackImpl::DispatchRound() {
   bool worked = false;
   if (watching_.load(std::memory_order_acquire)) CheckWatched();
-  {
-    std::lock_guard g(drain_mu_);
-    for (auto& ch : drain_requests_) {
-      to_seal_.push_back(ch.get());
-      initiated_by_us_.insert(ch.get());
-    }
-    drain_requests_.clear();
-  }
-  worked |= SealRequested();
   if (const uint64_t now = NowUs(); now >= next_expiry_) {
     ExpireConnects();
     next_expiry_ = now + 10000;
@@ -421,6 +412,23 @@ bool StackImpl::DispatchRound() {
       }
     });
   }
+  // Scale-down requests, for channels this round serves (so picked up above): the dispatcher's
+  // sets keep raw pointers, which dchans_ keeps valid until it retires a channel and erases
+  // them. A request for a channel already retired (the scaler saw it live just before its
+  // drain finished) is dropped: its pointer may already name a new channel.
+  {
+    std::lock_guard g(drain_mu_);
+    for (auto& ch : drain_requests_) {
+      const bool served = std::any_of(dchans_.begin(), dchans_.end(), [&](const DispatchChan& cs) {
+        return cs.ch == ch && !cs.dead;
+      });
+      if (!served) continue;
+      to_seal_.push_back(ch.get());
+      initiated_by_us_.insert(ch.get());
+    }
+    drain_requests_.clear();
+  }
+  worked |= SealRequested();
   for (DispatchChan& cs : dchans_) {
     if (!cs.lane->TryOwn()) continue;  // a busy-polling socket drains it right now
     ServeChannel(cs, &worked);

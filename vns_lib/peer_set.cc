@@ -49,15 +49,31 @@ void Peer::Add(std::shared_ptr<chan::Channel> c) {
     std::lock_guard l(mu_);
     auto at =
         std::find_if(chans_.begin(), chans_.end(), [&](const auto& x) { return k < key(*x); });
+    added_.insert(added_.begin() + (at - chans_.begin()), next_added_++);
     chans_.insert(at, std::move(c));
   }
   Bump();
 }
 
+std::vector<std::shared_ptr<chan::Channel>> Peer::LiveBeyondOldest(size_t keep) const {
+  std::lock_guard l(mu_);
+  std::vector<size_t> live;
+  for (size_t i = 0; i < chans_.size(); ++i)
+    if (IsLive(chans_[i]->state()) && !chans_[i]->sealed()) live.push_back(i);
+  std::sort(live.begin(), live.end(), [&](size_t x, size_t y) { return added_[x] > added_[y]; });
+  std::vector<std::shared_ptr<chan::Channel>> out;
+  for (size_t i = 0; i + keep < live.size(); ++i) out.push_back(chans_[live[i]]);
+  return out;
+}
+
 void Peer::Remove(const chan::Channel* c) {
   {
     std::lock_guard l(mu_);
-    std::erase_if(chans_, [&](const auto& x) { return x.get() == c; });
+    for (size_t i = chans_.size(); i-- > 0;) {
+      if (chans_[i].get() != c) continue;
+      chans_.erase(chans_.begin() + static_cast<ptrdiff_t>(i));
+      added_.erase(added_.begin() + static_cast<ptrdiff_t>(i));
+    }
   }
   Bump();
 }

@@ -39,6 +39,8 @@ class Peer {
   // The channel control segments (NCSYN, FIN, RST, window updates) go on: the first one up.
   std::shared_ptr<chan::Channel> ControlChannel() const;
   size_t live_count() const;
+  // The live channels but the `keep` added first, newest first: what a scale-down drains.
+  std::vector<std::shared_ptr<chan::Channel>> LiveBeyondOldest(size_t keep) const;
 
   void Add(std::shared_ptr<chan::Channel> c);
   // The dispatcher saw `c` die: senders rebuild their lists without it.
@@ -63,6 +65,8 @@ class Peer {
   std::atomic<uint64_t> version_{0};
   mutable std::mutex mu_;
   std::vector<std::shared_ptr<chan::Channel>> chans_;  // guarded by mu_
+  std::vector<uint64_t> added_;  // guarded by mu_: when chans_[i] was added (a count)
+  uint64_t next_added_ = 0;      // guarded by mu_
 };
 
 class PeerSet {

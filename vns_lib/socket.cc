@@ -728,11 +728,18 @@ bool SocketImpl::PollOnce(uint64_t now_us, uint64_t stand_down_us) {
     if (lane.pending.empty()) {
       const size_t n = pl.ch->Dequeue(SIZE_MAX, segs);
       size_t k = 0;
-      for (; k < n && TakeOwn(pl.ch.get(), segs[k]); ++k) {
-        if (segs[k].hdr.type == NC_DATA) {
-          lane.NoteSocket(c_->id);
-        } else {
-          lane.shared = true;
+      // Other sockets' data and window updates (a bulk socket's, on the control channel) go
+      // to them from here too: left in the lane, they would hold this socket's next segments
+      // back until the dispatcher's next round.
+      for (; k < n; ++k) {
+        if (TakeOwn(pl.ch.get(), segs[k])) {
+          if (segs[k].hdr.type == NC_DATA) {
+            lane.NoteSocket(c_->id);
+          } else {
+            lane.shared = true;
+          }
+        } else if (!st_->DeliverData(*pl.ch, lane, segs[k])) {
+          break;
         }
       }
       if (k < n) {

@@ -362,10 +362,9 @@ absl::Status StackImpl::SetPeerChannels(uint32_t ip, int n) {
   // segment) and destroyed once both sides have sealed them and every byte on them is acked
   // and read.
   // (Counted again: a channel may have been sealed or died since live_count().)
-  const auto chans = p->Live();
+  const auto newest = p->LiveBeyondOldest(static_cast<size_t>(n));
   std::lock_guard g(drain_mu_);
-  for (size_t i = chans.size(); i > static_cast<size_t>(n); --i)
-    drain_requests_.push_back(chans[i - 1]);
+  for (const auto& ch : newest) drain_requests_.push_back(ch);
   WakeDispatcher();
   return absl::OkStatus();
 }

@@ -177,9 +177,6 @@ class StackImpl final : public Stack {
   // Anything else (control segments, a full or unknown socket, a lane with segments held
   // back) is left in the lane for the dispatcher, in order. Never blocks.
   bool DeliverInline(chan::Channel& ch);
-  // One data segment to its socket, as Deliver would, or false (nothing done) for anything
-  // DeliverInline leaves to the dispatcher.
-  bool DeliverData(chan::Channel& ch, RxLane& lane, const chan::RxSegment& seg);
   struct InlineDelivery final : chan::Channel::DeliveryHook {
     explicit InlineDelivery(StackImpl* s) : st(s) {}
     bool Delivered(chan::Channel& ch) override { return st->DeliverInline(ch); }
@@ -294,6 +291,10 @@ class StackImpl final : public Stack {
   std::atomic<uint64_t> window_updates_{0};
   std::atomic<uint64_t> inline_segments_{0};  // taken by busy-polling sockets themselves
   std::atomic<uint64_t> inline_rounds_{0};    // dispatcher rounds run by PollInline callers
+  // One data segment or window update to its socket, as Deliver would, or false (nothing done)
+  // for anything it leaves to the dispatcher; `lane` owned by the caller: an engine delivering
+  // inline, or a busy-polling socket for the segments in its lane that are not its own.
+  bool DeliverData(chan::Channel& ch, RxLane& lane, const chan::RxSegment& seg);
   // The lane of a channel the dispatcher serves (null once it left); created by the dispatcher.
   std::shared_ptr<RxLane> Lane(const chan::Channel* ch) {
     std::lock_guard g(lanes_mu_);

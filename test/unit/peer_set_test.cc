@@ -38,8 +38,12 @@ TEST(PeerTest, ListsChannelsInQueueOrderWhateverOrderTheyCameUpIn) {
   EXPECT_EQ(Ids(p.All()), (std::vector<uint32_t>{3, 2, 4, 1, 5}));
   EXPECT_EQ(p.version(), 5u);
   EXPECT_EQ(set_version.load(), 5u);
+  // A scale-down drains the channels added last, wherever their queues put them in the list.
+  EXPECT_EQ(Ids(p.LiveBeyondOldest(2)), (std::vector<uint32_t>{5, 4, 3}));
   p.Remove(p.All()[0].get());
   EXPECT_EQ(Ids(p.All()), (std::vector<uint32_t>{2, 4, 1, 5}));
+  EXPECT_EQ(Ids(p.LiveBeyondOldest(1)), (std::vector<uint32_t>{5, 4, 2}));
+  EXPECT_EQ(Ids(p.LiveBeyondOldest(4)), (std::vector<uint32_t>{}));
 }
 
 }  // namespace
