@@ -41,6 +41,7 @@ int EpollCtl(int ep, int op, int fd, uint32_t events) {
 }
 
 thread_local int t_transmit_inline = 0;  // TransmitInlineScopes open on this thread
+thread_local int t_transmit_awake = 0;   // those of them even_if_awake
 // Deferred transmit: DeferTransmitScopes open on this thread, whether it flushes (it called
 // FlushDeferredTransmit once), and the engines whose rounds wait for its next flush.
 thread_local int t_defer = 0;
@@ -67,8 +68,14 @@ struct RoundOnThisThread {
 };
 }  // namespace
 
-TransmitInlineScope::TransmitInlineScope() { ++t_transmit_inline; }
-TransmitInlineScope::~TransmitInlineScope() { --t_transmit_inline; }
+TransmitInlineScope::TransmitInlineScope(bool even_if_awake) : awake_(even_if_awake) {
+  ++t_transmit_inline;
+  t_transmit_awake += awake_;
+}
+TransmitInlineScope::~TransmitInlineScope() {
+  --t_transmit_inline;
+  t_transmit_awake -= awake_;
+}
 DeferTransmitScope::DeferTransmitScope() { t_defer += t_flushes; }
 DeferTransmitScope::~DeferTransmitScope() { t_defer -= t_defer > 0; }
 
@@ -88,7 +95,7 @@ void EngineTask::Wake() {
     else
       e->Wake();
   } else if (t_transmit_inline > 0) {
-    e->TransmitInline();
+    e->TransmitInline(/*reaim=*/false, /*even_if_awake=*/t_transmit_awake > 0);
   } else if (t_defer > 0) {
     (void)e->DeferWake();
   } else {
@@ -219,10 +226,10 @@ bool Engine::RunInline(uint64_t now_us, uint64_t stand_down_us) {
   return RunTasks(std::max(now_us, last_round_us_), &deadline);
 }
 
-void Engine::TransmitInline(bool reaim) {
+void Engine::TransmitInline(bool reaim, bool even_if_awake) {
   // The same handshake as Wake(): an engine that is awake sees the work before it sleeps.
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if (!sleeping_.load(std::memory_order_relaxed) ||
+  if ((!even_if_awake && !sleeping_.load(std::memory_order_relaxed)) ||
       stand_down_until_us_.load(std::memory_order_relaxed) > NowUs())
     return;
   std::unique_lock rl(round_mu_, std::try_to_lock);

@@ -83,12 +83,13 @@ class Engine {
   bool RunInline(uint64_t now_us, uint64_t stand_down_us);
   void Resume();
   // Run to completion on the sending side (TransmitInlineScope): a producer that queued work
-  // runs the round itself if the engine sleeps, else wakes it as Wake() would. The engine's
+  // runs the round itself if the engine sleeps (or, `even_if_awake`, is not in a round), else
+  // wakes it as Wake() would. The engine's
   // timers the round set earlier than the engine's own wakeup go to its timerfd; anything the
   // round could not finish goes to the engine thread (an eventfd wakeup). With `reaim` (the
   // flush of deferred work, DeferTransmitScope), the timer is also re-aimed from the
   // deferral's deadline at what the tasks need next.
-  void TransmitInline(bool reaim = false);
+  void TransmitInline(bool reaim = false, bool even_if_awake = false);
   // Deferred transmit (DeferTransmitScope): a producer's work for a sleeping engine waits for
   // the producer's flush (TransmitInline with reaim), or the engine's timer kDeferTransmitUs
   // from now. False: the engine was awake, in a round another thread runs, or stood down — the

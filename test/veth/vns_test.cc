@@ -890,9 +890,11 @@ TEST_F(VnsTest, OneOfFourChannelsFailingBreaksOnlyTheSocketsItCarried) {
   }
   auto chans = a.driver().Channels();
   ASSERT_EQ(chans.size(), 4u);
-  std::sort(chans.begin(), chans.end(), [](auto& x, auto& y) { return x->id() < y->id(); });
-  // The oldest channel carries control segments (NCSYN, FIN, RST) of every socket: fail the
-  // newest, which carries only data.
+  // In the order VNS lists them (queue, then id): the first carries control segments (NCSYN,
+  // FIN, RST, window updates) of every socket; fail the last, which carries only data.
+  std::sort(chans.begin(), chans.end(), [](auto& x, auto& y) {
+    return std::pair(x->stats().queue, x->id()) < std::pair(y->stats().queue, y->id());
+  });
   chan::Channel& doomed = *chans[3];
   auto id_of = [&](const VirtualSocket& s) {
     for (const SocketInfo& si : a.Sockets())
@@ -937,7 +939,9 @@ TEST_F(VnsTest, OneOfFourChannelsFailingBreaksOnlyTheSocketsItCarried) {
   EXPECT_TRUE(err[1].ok()) << err[1];
   EXPECT_EQ(got[1], kY);
   EXPECT_EQ(bad[1], 0u);
-  EXPECT_GE(a.Stats().conns_broken, 2u);
+  // Whichever host saw the channel fail first broke the two sockets (the other's learn it from
+  // its RST, on a healthy channel).
+  EXPECT_GE(a.Stats().conns_broken + b.Stats().conns_broken, 2u);
   // A new connection uses the healthy channels (and whatever the peer set reopened).
   auto c = a.Connect(TestHosts::kIpB, 5030);
   ASSERT_TRUE(c.ok()) << c.status();
