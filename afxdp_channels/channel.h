@@ -139,11 +139,12 @@ inline constexpr uint64_t kStandDownRecheckUs = 2000;
 // that is awake, in a round or stood down for a poller is left to it, as Wake() would. Only for
 // threads that hold no lock a round may take (a channel's producer or consumer locks, the locks
 // a DeliveryHook takes): VNS opens one in a socket's Send. Scopes nest.
-// `even_if_awake`: an engine that is awake but not in a round (spinning between rounds) is run
-// too. For latency-sensitive senders: on a core shared with that engine, leaving the work to
-// its next turn costs a scheduler round-trip per message (a 4 KiB rpc's p50 68 → 42 µs, L-app
-// classes on one core); not for streams of small writes, whose engine batches better on its
-// own thread (4 KiB writes 7 → 2.6 Gbit/s run this way).
+// `even_if_awake`: an engine pinned to the caller's core that is awake but not in a round
+// (spinning between rounds) is run too. For latency-sensitive senders: on the engine's core,
+// leaving the work to its next turn costs a scheduler round-trip per message (a 4 KiB rpc's p50
+// 68 → 42 µs, L-app classes placed on one core); an engine on another core takes the work at
+// once (running its round from here made a floating rpc 2.5× slower); and not for streams of
+// small writes, whose engine batches better on its own (4 KiB writes 7 → 2.6 Gbit/s).
 class TransmitInlineScope {
  public:
   explicit TransmitInlineScope(bool even_if_awake = false);

@@ -229,7 +229,10 @@ bool Engine::RunInline(uint64_t now_us, uint64_t stand_down_us) {
 void Engine::TransmitInline(bool reaim, bool even_if_awake) {
   // The same handshake as Wake(): an engine that is awake sees the work before it sleeps.
   std::atomic_thread_fence(std::memory_order_seq_cst);
-  if ((!even_if_awake && !sleeping_.load(std::memory_order_relaxed)) ||
+  // An awake engine is run only from its own core: there it cannot run while we do, and the
+  // work would wait for its turn; on another core it takes the work within microseconds.
+  if ((!sleeping_.load(std::memory_order_relaxed) &&
+       (!even_if_awake || core_ < 0 || sched_getcpu() != core_)) ||
       stand_down_until_us_.load(std::memory_order_relaxed) > NowUs())
     return;
   std::unique_lock rl(round_mu_, std::try_to_lock);

@@ -83,8 +83,8 @@ class Engine {
   bool RunInline(uint64_t now_us, uint64_t stand_down_us);
   void Resume();
   // Run to completion on the sending side (TransmitInlineScope): a producer that queued work
-  // runs the round itself if the engine sleeps (or, `even_if_awake`, is not in a round), else
-  // wakes it as Wake() would. The engine's
+  // runs the round itself if the engine sleeps (or, `even_if_awake`, runs on the caller's core
+  // and is not in a round), else wakes it as Wake() would. The engine's
   // timers the round set earlier than the engine's own wakeup go to its timerfd; anything the
   // round could not finish goes to the engine thread (an eventfd wakeup). With `reaim` (the
   // flush of deferred work, DeferTransmitScope), the timer is also re-aimed from the

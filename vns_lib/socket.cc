@@ -155,9 +155,9 @@ class SocketImpl final : public VirtualSocket {
   // leaves in one engine round and one sendmmsg, beside the loop rather than on it (Redis -P 16
   // lost up to 25% transmitting inline); it leaves when the loop comes back to wait. Busy-polled
   // sockets transmit in their own rounds. An L-app socket's message (blocking or not) leaves on
-  // this thread at once, even when the engine is awake between rounds (spinning): on a core it
-  // shares with that engine, waiting for the engine's turn cost ~20 µs a hop (placed 4 KiB rpc
-  // p50 68 → 42 µs).
+  // this thread at once, even when the engine is awake between rounds (spinning) if it is
+  // pinned to this thread's core: waiting for the engine's turn on that core cost ~20 µs a hop
+  // (placed 4 KiB rpc p50 68 → 42 µs).
   class TransmitScope {
    public:
     TransmitScope(const SocketImpl& s, uint32_t busy_us, size_t bytes) {
