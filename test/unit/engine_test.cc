@@ -119,8 +119,9 @@ TEST(EngineTest, AnEvenIfAwakeScopeRunsASpinningEnginesRoundFromTheEnginesOwnCor
   }
   ASSERT_TRUE(PinThread(pthread_self(), -1).ok());
   EXPECT_EQ(same.plain, 0);
-  // (The engine may have been pre-empted inside a round of its own: then the work is its.)
-  EXPECT_GE(same.awake, 15);
+  // (The engine may have been pre-empted inside a round of its own — under TSan a third of the
+  // time: then the work is its own. Without the scope reaching it, none would run here.)
+  EXPECT_GE(same.awake, 5);
   EXPECT_EQ(other.plain, 0);
   EXPECT_EQ(other.awake, 0);
 }
