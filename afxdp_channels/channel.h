@@ -19,9 +19,9 @@
 // be called from any thread, Dequeue/Release from any thread, but each is serialized per channel
 // by a small lock of its own that the engine never takes (a DeliveryHook's Dequeue runs on the
 // engine's thread: no one waits for the engine while holding the Dequeue lock; a Release may wait
-// for room while the engine drains, so a hook must not Release). Nothing blocks: a
-// full send buffer makes Enqueue return 0, an empty receive queue makes Dequeue return 0; Wait() or
-// notify_fd() (poll/epoll) tell when to retry.
+// for room while the engine drains, so a hook must not Release — TryRelease never waits). Nothing
+// blocks: a full send buffer makes Enqueue return 0, an empty receive queue makes Dequeue return 0;
+// Wait() or notify_fd() (poll/epoll) tell when to retry.
 //
 // A DATA segment is a byte range of its socket's stream (seq, payload): Dequeue may hand one
 // segment over as several consecutive pieces, each a DATA segment with the same socket fields,
@@ -302,7 +302,8 @@ class Channel {
   // Run to completion on the receive side (optional): a consumer that takes what a round
   // delivered on the engine's own thread, right after that round, instead of being woken
   // through notify_fd(kReadable) — one thread hand-off less per delivery. Delivered() must not
-  // block, nor Release (hand released buffers to another thread); true means it dequeued
+  // block, nor Release (hand released buffers to another thread, or TryRelease, which never
+  // waits); true means it dequeued
   // everything (no wakeup is sent and an armed notification stays armed), false falls back to
   // the notification. Set by the consumer while it serves the channel, cleared (nullptr) before
   // it lets go of it; drivers without it never call it.
