@@ -34,7 +34,7 @@ bool StackImpl::Deliver(chan::Channel* ch, RxLane& lane, const chan::RxSegment& 
   const wire::SegHeader& h = seg.hdr;
   lane.shared |= h.type != NC_DATA;
   const ConnKey key{ch->peer_ipv4(), h.dst_port, h.src_port};
-  auto release = [&] { ReleaseSeg(ch, seg); };
+  auto release = [&] { ch->Release({&seg, 1}); };
   switch (h.type) {
     case NC_SYN: {
       std::shared_ptr<Conn> l;
@@ -164,7 +164,8 @@ bool StackImpl::Deliver(chan::Channel* ch, RxLane& lane, const chan::RxSegment& 
   std::unique_lock r(c->rx_mu);  // engines deliver to the same socket (DeliverData)
   if (c->inq.Room() == 0) return false;
   lane.NoteSocket(c->id);
-  if (ch->rx_under_pressure() && lane.Shared(*ch)) {
+  const bool copied = ch->rx_under_pressure() && lane.Shared(*ch);
+  if (copied) {
     // Sockets hold more than half of this channel's buffers (a slow reader) and other sockets'
     // data shares it: keep a private copy and give the buffer back, so the channel keeps
     // flowing for every socket on it (RxLane::NoteSocket). Off the fast path: a reader that
@@ -173,11 +174,13 @@ bool StackImpl::Deliver(chan::Channel* ch, RxLane& lane, const chan::RxSegment& 
     std::memcpy(copy, hs.data, hs.len);
     hs.data = copy;
     hs.ch = nullptr;
-    ReleaseSeg(ch, seg);
     rx_pressure_copies_.fetch_add(1, std::memory_order_relaxed);
   }
   c->inq.PushOne(hs);
   r.unlock();
+  // Released only now: a Release may wait for the engine, whose inline delivery may be waiting
+  // for this socket's rx_mu.
+  if (copied) release();
   c->Signal();
   return true;
 }

@@ -186,7 +186,6 @@ class StackImpl final : public Stack {
   // (inline_active_) before anything they touch goes.
   std::atomic<bool> deliver_inline_{false};
   std::atomic<int> inline_active_{0};
-  void ReleaseSeg(chan::Channel* ch, const chan::RxSegment& seg) { ch->Release({&seg, 1}); }
   std::atomic<uint64_t> deliveries_inline_{0};
   // Everything the dispatcher keeps is guarded by dispatch_mu_: its thread takes it per round, a
   // busy-polling application thread (PollInline) only try_locks it to run a round itself.
