@@ -13,6 +13,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstring>
+#include <functional>
 #include <random>
 #include <thread>
 #include <vector>
@@ -58,13 +59,24 @@ class VnsTest : public ::testing::Test {
     return o;
   }
 
-  void Open(const std::string& driver = "afxdp", int channels = 2, int copy_workers = 0) {
-    auto a = Stack::Create(Opts(hosts_.ns_a(), TestHosts::kDevA, driver, channels));
+  // Both stacks, with Opts changed by `tweak` (the same for both hosts).
+  void OpenWith(const std::string& driver, int channels,
+                const std::function<void(StackOptions&)>& tweak) {
+    StackOptions oa = Opts(hosts_.ns_a(), TestHosts::kDevA, driver, channels);
+    StackOptions ob = Opts(hosts_.ns_b(), TestHosts::kDevB, driver, channels);
+    tweak(oa);
+    tweak(ob);
+    auto a = Stack::Create(oa);
     ASSERT_TRUE(a.ok()) << a.status();
     a_ = std::move(*a);
-    auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, driver, channels));
+    auto b = Stack::Create(ob);
     ASSERT_TRUE(b.ok()) << b.status();
     b_ = std::move(*b);
+  }
+
+  void Open(const std::string& driver = "afxdp", int channels = 2, int copy_workers = 0) {
+    OpenWith(driver, channels, [](StackOptions&) {});
+    if (HasFatalFailure()) return;
     ASSERT_TRUE(a_->SetCopyWorkers(copy_workers).ok());
     ASSERT_TRUE(b_->SetCopyWorkers(copy_workers).ok());
   }
@@ -304,16 +316,11 @@ TEST_F(VnsTest, IsolateClassesRunsTheLatencyChannelOnItsOwnQueueAndEngine) {
 // rounds and takes its own segments; a T-app stream runs on the other channels meanwhile. Both
 // intact, and the rpc's segments were taken on the application threads.
 TEST_F(VnsTest, BusyPolledLatencyRpcRunsToCompletionBesideAStream) {
-  for (auto* which : {&a_, &b_}) {
-    const bool is_a = which == &a_;
-    StackOptions o = Opts(is_a ? hosts_.ns_a() : hosts_.ns_b(),
-                          is_a ? TestHosts::kDevA : TestHosts::kDevB, "afxdp", 4);
+  OpenWith("afxdp", 4, [](StackOptions& o) {
     o.policy = "isolate-classes";
     o.policy_knobs = {{"busy_poll_us", "200"}};
-    auto s = Stack::Create(o);
-    ASSERT_TRUE(s.ok()) << s.status();
-    *which = std::move(*s);
-  }
+  });
+  ASSERT_FALSE(HasFatalFailure());
   const RpcBesideStream r = RunRpcBesideStream(*a_, *b_, TestHosts::kIpB, 5012, 3000, 64 << 20);
   EXPECT_TRUE(r.ok) << r.error;
   EXPECT_EQ(r.rpc_wrong_bytes, 0u);
@@ -382,16 +389,11 @@ TEST_F(VnsTest, ARequestsCorkedTailLeavesOnTheWaitingReadersOwnThread) {
   // coalescing until the writer waits for the reply. That flush must leave the same way — in a
   // round on the waiting reader's thread — not on an engine wakeup after the first segment has
   // already woken the peer (the peer then sleeps again on half a request).
-  for (auto* which : {&a_, &b_}) {
-    const bool is_a = which == &a_;
-    StackOptions o = Opts(is_a ? hosts_.ns_a() : hosts_.ns_b(),
-                          is_a ? TestHosts::kDevA : TestHosts::kDevB, "afxdp", 1);
+  OpenWith("afxdp", 1, [](StackOptions& o) {
     o.driver_opts.engines = 1;
     o.driver_opts.spin = absl::ZeroDuration();
-    auto st = Stack::Create(o);
-    ASSERT_TRUE(st.ok()) << st.status();
-    *which = std::move(*st);
-  }
+  });
+  ASSERT_FALSE(HasFatalFailure());
   auto l = b_->Listen(5019);
   ASSERT_TRUE(l.ok()) << l.status();
   auto [c, s] = Pair(**l, 5019);
@@ -447,15 +449,10 @@ TEST_F(VnsTest, EnginesDeliverDataWhileTheDispatcherIsInALongRound) {
   // (isolate-classes' L-app p99.9 was milliseconds, docs/BENCHMARKS.md). Engines deliver data
   // themselves: with both dispatchers held for 3 s, as a long round holds them, 200 exchanges
   // finish long before the hold ends.
-  for (auto* which : {&a_, &b_}) {
-    const bool is_a = which == &a_;
-    StackOptions o = Opts(is_a ? hosts_.ns_a() : hosts_.ns_b(),
-                          is_a ? TestHosts::kDevA : TestHosts::kDevB, "afxdp", 2);
+  OpenWith("afxdp", 2, [](StackOptions& o) {
     o.receive_inline = false;  // every delivery is an engine's (or the dispatcher's)
-    auto st = Stack::Create(o);
-    ASSERT_TRUE(st.ok()) << st.status();
-    *which = std::move(*st);
-  }
+  });
+  ASSERT_FALSE(HasFatalFailure());
   auto l = b_->Listen(5021);
   ASSERT_TRUE(l.ok()) << l.status();
   auto [c, s] = Pair(**l, 5021);
@@ -483,15 +480,8 @@ TEST_F(VnsTest, EnginesDeliverDataWhileTheDispatcherIsInALongRound) {
 }
 
 TEST_F(VnsTest, WithoutReceiveInlineTheEnginesDeliverEverything) {
-  for (auto* which : {&a_, &b_}) {
-    const bool is_a = which == &a_;
-    StackOptions o = Opts(is_a ? hosts_.ns_a() : hosts_.ns_b(),
-                          is_a ? TestHosts::kDevA : TestHosts::kDevB, "afxdp", 2);
-    o.receive_inline = false;
-    auto s = Stack::Create(o);
-    ASSERT_TRUE(s.ok()) << s.status();
-    *which = std::move(*s);
-  }
+  OpenWith("afxdp", 2, [](StackOptions& o) { o.receive_inline = false; });
+  ASSERT_FALSE(HasFatalFailure());
   const RpcBesideStream r = RunRpcBesideStream(*a_, *b_, TestHosts::kIpB, 5014, 500, 8 << 20);
   EXPECT_TRUE(r.ok) << r.error;
   EXPECT_EQ(r.rpc_wrong_bytes, 0u);
