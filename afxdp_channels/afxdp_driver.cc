@@ -102,6 +102,7 @@ struct QueueCounters {
       handshakes_bad{0}, rx_bad_token{0}, reaped{0}, fill_ring_empty{0}, tx_ring_full{0},
       frames_free{0}, frames_in_fill{0}, tx_slots_free{0}, rx_multi_buffer{0}, udp_tx_packets{0},
       udp_tx_errors{0}, udp_gso_trains{0};
+  std::array<std::atomic<uint64_t>, kFailCauses> failed{};  // channels failed, by FailCause
 };
 
 class XskQueue final : public EngineTask, public Transport::BufferOwner {
@@ -181,7 +182,10 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   void Establish(AfxdpChannel& ch, uint16_t peer_chan, uint64_t now);
   // Marks the channel dead (FIN first if asked and established); its resources are reclaimed by
   // Reap() at the end of the round.
-  void Kill(AfxdpChannel& ch, ChannelState st, bool send_fin = false);
+  // Closes (kClosed; FIN first if send_fin) or fails (kFailed, counted by cause) the channel.
+  void Kill(AfxdpChannel& ch, ChannelState st, bool send_fin = false,
+            FailCause cause = FailCause::kNone);
+  void Fail(AfxdpChannel& ch, FailCause cause) { Kill(ch, ChannelState::kFailed, false, cause); }
   void Reap();
   void RunZombies();
   // Sends one packet with no data (handshake, FIN, RST, ...) and the given channel payload;
@@ -583,7 +587,7 @@ void XskQueue::ApplyOps(uint64_t now) {
         Kill(*ch, ChannelState::kClosed, /*send_fin=*/true);
         break;
       case OpKind::kRetire:
-        Kill(*ch, ChannelState::kFailed);
+        Fail(*ch, FailCause::kPeerRestarted);
         break;
     }
   }
@@ -743,7 +747,8 @@ void XskQueue::HandleFrame(const xdp_desc* frags, uint32_t n, uint64_t now) {
       umem_->FreeFrame(d.addr);
       return;
     case NC_CT_RST:
-      Kill(*ch, ChannelState::kFailed);
+      // During our handshake a reset is the peer's refusal (not accepting, over its caps).
+      Fail(*ch, handshaking ? FailCause::kRefused : FailCause::kReset);
       umem_->FreeFrame(d.addr);
       return;
     case NC_CT_FIN:
@@ -831,7 +836,7 @@ void XskQueue::HandleCookieEcho(const wire::ParsedFrame& pf, const wire::MacAddr
   // Same peer channel id with another token: the peer's stack restarted and reuses its ids.
   for (AfxdpChannel* ch : chans_) {
     if (ch->peer_ip == pf.src_ip && ch->peer_chan == pf.ch.src_chan)
-      Kill(*ch, ChannelState::kFailed);
+      Fail(*ch, FailCause::kPeerRestarted);
   }
   driver_->RetireOldIncarnations(pf.src_ip, in.incarnation);
   auto sp = driver_->NewPassive(this, pf.src_ip, peer_mac, in.resp_token);
@@ -901,7 +906,7 @@ void XskQueue::Establish(AfxdpChannel& ch, uint16_t peer_chan, uint64_t now) {
   ch.SetState(ChannelState::kUp);
 }
 
-void XskQueue::Kill(AfxdpChannel& ch, ChannelState st, bool send_fin) {
+void XskQueue::Kill(AfxdpChannel& ch, ChannelState st, bool send_fin, FailCause cause) {
   if (ch.hs == Hs::kDead) return;
   if (send_fin && ch.hs == Hs::kEstablished)
     SendControl(ch.addrs, ControlHeader(ch, NC_CT_FIN, NowUs()));
@@ -915,7 +920,13 @@ void XskQueue::Kill(AfxdpChannel& ch, ChannelState st, bool send_fin) {
   if (ch.transport) ch.transport->ReleaseAll();
   ch.hs = Hs::kDead;
   Publish(ch);
-  ch.SetState(st);  // before the rings are emptied: a producer that sees it stops
+  // Before the rings are emptied: a producer that sees it stops.
+  if (st == ChannelState::kFailed) {
+    counters.failed[static_cast<size_t>(cause)].fetch_add(1, std::memory_order_relaxed);
+    ch.Fail(cause);
+  } else {
+    ch.SetState(st);
+  }
   dying_.push_back(&ch);
 }
 
@@ -967,7 +978,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   bool worked = false;
   if (ch.hs == Hs::kSynSent || ch.hs == Hs::kCookieEchoed) {
     if (now >= ch.connect_deadline_us) {
-      Kill(ch, ChannelState::kFailed);
+      Fail(ch, FailCause::kHandshakeTimeout);
       return true;
     }
     if (now >= ch.syn_next_us) {
@@ -1115,7 +1126,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     space -= m;
   }
   if (t.state() == afxdp::TransportState::kFailed) {
-    Kill(ch, ChannelState::kFailed);
+    Fail(ch, FailCause::kPeerSilent);  // the transport fails only when the peer went silent
     return true;
   }
   Publish(ch);
@@ -1484,6 +1495,8 @@ DriverStats AfxdpDriver::Stats() const {
     s.handshakes_bad += c.handshakes_bad.load(std::memory_order_relaxed);
     s.rx_bad_token += c.rx_bad_token.load(std::memory_order_relaxed);
     s.channels_reaped += c.reaped.load(std::memory_order_relaxed);
+    for (size_t i = 0; i < kFailCauses; ++i)
+      s.channels_failed[i] += c.failed[i].load(std::memory_order_relaxed);
     s.fill_ring_empty += c.fill_ring_empty.load(std::memory_order_relaxed);
     s.tx_ring_full += c.tx_ring_full.load(std::memory_order_relaxed);
     s.frames_total += opts_.frames_per_queue;

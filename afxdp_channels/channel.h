@@ -32,6 +32,7 @@
 // window, the peer's sender stops, and the peer's Enqueue starts returning 0. Nothing is dropped.
 #pragma once
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <functional>
@@ -60,6 +61,23 @@ enum class ChannelState : uint8_t {
   kClosed,  // the peer closed the channel, or Destroy() was called
 };
 std::string_view StateName(ChannelState s);
+
+// Why a channel went kFailed: a socket's error and the driver's counters say which, because
+// "reset by the peer", "the peer went silent" and "the peer restarted" call for different
+// fixes. Read after state() returned kFailed (the cause is stored first).
+enum class FailCause : uint8_t {
+  kNone,              // not failed (or closed in order)
+  kHandshakeTimeout,  // the peer never completed the handshake in time
+  kRefused,           // the peer refused the channel, or its handshake did not match ours
+  kReset,             // the peer reset it (with the channel's token, in its window)
+  kPeerSilent,        // nothing heard for the dead-peer timeout, not even a keepalive answer
+  kPeerRestarted,     // the peer's stack restarted (a new incarnation, or its ids reused)
+  kBroken,            // the kernel connection under it broke (TCP driver: EPIPE, ECONNRESET)
+  kProtocolError,     // the peer sent what the transport cannot parse
+};
+inline constexpr size_t kFailCauses = 8;
+std::string_view FailCauseName(FailCause c);  // one word, for metrics labels and netchctl
+std::string_view FailCauseText(FailCause c);  // a phrase, for error messages
 
 // What a scheduler reads, cheaply: a snapshot the engine publishes once per batch (relaxed
 // atomics, no lock, no syscall).
@@ -220,6 +238,7 @@ class Channel {
   virtual uint32_t id() const = 0;         // local id, unique per driver instance
   virtual uint32_t peer_ipv4() const = 0;  // host order
   virtual ChannelState state() const = 0;
+  virtual FailCause fail_cause() const { return FailCause::kNone; }
   virtual ChannelStats stats() const = 0;
   // stats().tx_queued_bytes, in one load: what a scheduler reads per batch.
   virtual uint64_t tx_queued_bytes() const { return stats().tx_queued_bytes; }
@@ -327,9 +346,10 @@ struct DriverStats {
   uint64_t rx_bad_token = 0;        // for a channel of ours without its token, or a FIN/RST out of
                                     // window: forged or stale, dropped (XDP drops most before this)
   uint64_t channels_reaped = 0;     // failed/closed channels whose ids and buffers were reclaimed
-  uint64_t fill_ring_empty = 0;     // times the fill ring was found empty when refilling
-  uint64_t tx_ring_full = 0;        // times transmit was held back by a full TX ring
-  uint64_t xsk_rx_dropped = 0;      // XDP_STATISTICS, summed over the driver's sockets
+  std::array<uint64_t, kFailCauses> channels_failed{};  // channels failed, by FailCause
+  uint64_t fill_ring_empty = 0;  // times the fill ring was found empty when refilling
+  uint64_t tx_ring_full = 0;     // times transmit was held back by a full TX ring
+  uint64_t xsk_rx_dropped = 0;   // XDP_STATISTICS, summed over the driver's sockets
   uint64_t xsk_rx_ring_full = 0;
   uint64_t xsk_fill_ring_empty = 0;
   uint64_t xsk_tx_ring_empty = 0;

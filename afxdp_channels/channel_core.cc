@@ -25,6 +25,31 @@ std::string_view StateName(ChannelState s) {
   return "?";
 }
 
+namespace {
+static_assert(static_cast<size_t>(FailCause::kProtocolError) + 1 == kFailCauses);
+// Indexed by FailCause: the metrics label and the phrase a socket's error carries.
+constexpr std::string_view kFailCauseWords[kFailCauses][2] = {
+    {"none", "no cause recorded"},
+    {"handshake_timeout", "the peer did not complete the handshake in time"},
+    {"refused", "the peer refused the channel"},
+    {"reset", "reset by the peer"},
+    {"peer_silent", "nothing heard from the peer within the dead-peer timeout"},
+    {"peer_restarted", "the peer's stack restarted"},
+    {"broken", "the connection under the channel broke"},
+    {"protocol_error", "the peer sent what the transport cannot parse"},
+};
+}  // namespace
+
+std::string_view FailCauseName(FailCause c) {
+  const auto i = static_cast<size_t>(c);
+  return i < kFailCauses ? kFailCauseWords[i][0] : "?";
+}
+
+std::string_view FailCauseText(FailCause c) {
+  const auto i = static_cast<size_t>(c);
+  return i < kFailCauses ? kFailCauseWords[i][1] : "?";
+}
+
 ChannelCore::ChannelCore(uint32_t id, uint32_t ring_size, size_t max_payload)
     : free_(ring_size),
       txq_(ring_size),
@@ -419,6 +444,12 @@ bool ChannelCore::Wait(absl::Duration timeout, Interest interest) {
                                            std::memory_order_relaxed);
   }
   return ready;
+}
+
+void ChannelCore::Fail(FailCause c) {
+  FailCause none = FailCause::kNone;
+  fail_cause_.compare_exchange_strong(none, c, std::memory_order_acq_rel);
+  SetState(ChannelState::kFailed);
 }
 
 void ChannelCore::SetState(ChannelState s) {

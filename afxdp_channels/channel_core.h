@@ -40,6 +40,7 @@ class ChannelCore : public Channel {
   // ---- Channel --------------------------------------------------------------------------------
   uint32_t id() const override { return id_; }
   ChannelState state() const override { return state_.load(std::memory_order_acquire); }
+  FailCause fail_cause() const override { return fail_cause_.load(std::memory_order_acquire); }
   ChannelStats stats() const override;
   uint64_t tx_queued_bytes() const override {
     return pub_.tx_queued_bytes.load(std::memory_order_relaxed);
@@ -113,6 +114,9 @@ class ChannelCore : public Channel {
   void set_id(uint32_t id) { id_ = id; }  // before the channel is published
   // State changes wake a waiting application.
   void SetState(ChannelState s);
+  // SetState(kFailed) with its cause, stored first: whoever sees kFailed can read why. The first
+  // cause sticks.
+  void Fail(FailCause c);
   // Wakes the application if it armed a notification for `what`.
   void NotifyApp(Interest what = kBoth);
   // The engine's round delivered data: the delivery hook takes it on this thread, or the
@@ -153,6 +157,7 @@ class ChannelCore : public Channel {
   const size_t max_payload_;
   EngineTask* task_ = nullptr;
   std::atomic<ChannelState> state_{ChannelState::kConnecting};
+  std::atomic<FailCause> fail_cause_{FailCause::kNone};
   Notifier notify_[2];
   std::atomic<uint32_t> state_changes_{0};
   std::atomic<DeliveryHook*> hook_{nullptr};

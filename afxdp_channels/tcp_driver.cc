@@ -89,9 +89,10 @@ class TcpChannel final : public ChannelCore, public EngineTask {
   bool DoWrite();
   bool DoRead();
   bool ReadHello();
-  void Fail(ChannelState st) {
+  void Fail(FailCause c);
+  void Close() {
     dead_ = true;
-    SetState(st);
+    SetState(ChannelState::kClosed);
   }
 
   TcpDriver* const driver_;
@@ -144,6 +145,10 @@ class TcpDriver final : public Driver {
   // A hello from `peer_ip` carried stack incarnation `inc`: channels to that address from another
   // incarnation belong to a stack that is gone (the peer restarted) and fail.
   void RetireOldIncarnations(uint32_t peer_ip, uint64_t inc);
+
+  // Channels failed, by FailCause; kept here because a failed channel is reaped with its own
+  // counters.
+  std::array<std::atomic<uint64_t>, kFailCauses> failed{};
 
  private:
   // Accepts TCP connections and holds each, without buffers, until its hello arrives (then it
@@ -232,7 +237,7 @@ bool TcpChannel::DoConnectOrHello(uint64_t now) {
   if (!connected_) {
     pollfd p{fd_, POLLOUT, 0};
     if (poll(&p, 1, 0) <= 0) {
-      if (now >= connect_deadline_us) Fail(ChannelState::kFailed);
+      if (now >= connect_deadline_us) Fail(FailCause::kHandshakeTimeout);
       want_write_ = true;
       return false;
     }
@@ -240,7 +245,7 @@ bool TcpChannel::DoConnectOrHello(uint64_t now) {
     socklen_t len = sizeof(err);
     getsockopt(fd_, SOL_SOCKET, SO_ERROR, &err, &len);
     if (err) {
-      Fail(ChannelState::kFailed);
+      Fail(FailCause::kRefused);
       return true;
     }
     connected_ = true;
@@ -249,7 +254,7 @@ bool TcpChannel::DoConnectOrHello(uint64_t now) {
     ssize_t n = send(fd_, hello_out_ + hello_off_, sizeof(hello_out_) - hello_off_, MSG_NOSIGNAL);
     if (n > 0) hello_off_ += static_cast<size_t>(n);
     if (n < 0 && errno != EAGAIN) {
-      Fail(ChannelState::kFailed);
+      Fail(FailCause::kBroken);
       return true;
     }
   }
@@ -257,11 +262,17 @@ bool TcpChannel::DoConnectOrHello(uint64_t now) {
 }
 
 // The responder's hello, on a channel we initiated: it must echo our token.
+void TcpChannel::Fail(FailCause c) {
+  if (!dead_) driver_->failed[static_cast<size_t>(c)].fetch_add(1, std::memory_order_relaxed);
+  dead_ = true;
+  ChannelCore::Fail(c);
+}
+
 bool TcpChannel::ReadHello() {
   while (hello_got_ < sizeof(hello_in_)) {
     const ssize_t r = read(fd_, hello_in_ + hello_got_, sizeof(hello_in_) - hello_got_);
     if (r == 0 || (r < 0 && errno != EAGAIN)) {
-      Fail(ChannelState::kFailed);  // refused after TCP connected: over the peer's caps
+      Fail(FailCause::kRefused);  // refused after TCP connected: over the peer's caps
       return true;
     }
     if (r < 0) return false;
@@ -270,7 +281,7 @@ bool TcpChannel::ReadHello() {
   wire::TcpHello h;
   if (!wire::ReadTcpHello(hello_in_, &h) || h.echo_token != token_ || h.token == 0) {
     hello_bad.fetch_add(1, std::memory_order_relaxed);
-    Fail(ChannelState::kFailed);
+    Fail(FailCause::kRefused);
     return true;
   }
   hello_seen_ = true;
@@ -316,7 +327,7 @@ bool TcpChannel::DoWrite() {
         want_write_ = true;
         break;
       }
-      Fail(ChannelState::kFailed);  // EPIPE, ECONNRESET, ...: the connection is gone
+      Fail(FailCause::kBroken);  // EPIPE, ECONNRESET, ...: the connection is gone
       return true;
     }
     worked = true;
@@ -375,7 +386,7 @@ bool TcpChannel::DoRead() {
       }
       if (rec == wire::TcpRecord::kMalformed) {
         rx_malformed.fetch_add(1, std::memory_order_relaxed);
-        Fail(ChannelState::kFailed);
+        Fail(FailCause::kProtocolError);
         return true;
       }
       const uint64_t tok = rx_free_.back();
@@ -403,11 +414,14 @@ bool TcpChannel::DoRead() {
     if (r == 0) {
       // End of stream. After a goodbye it is an orderly close; without one the peer process or
       // host went away (the kernel closed its socket). What was delivered stays readable.
-      Fail(goodbye_ && stage_len_ == 0 ? ChannelState::kClosed : ChannelState::kFailed);
+      if (goodbye_ && stage_len_ == 0)
+        Close();
+      else
+        Fail(FailCause::kBroken);
       return true;
     }
     if (r < 0) {
-      if (errno != EAGAIN) Fail(ChannelState::kFailed);
+      if (errno != EAGAIN) Fail(FailCause::kBroken);
       break;
     }
     stage_len_ += static_cast<size_t>(r);
@@ -421,7 +435,7 @@ bool TcpChannel::DoRead() {
 
 bool TcpChannel::Run(uint64_t now, uint64_t* deadline) {
   if (!dead_ && retire_.load(std::memory_order_acquire)) {
-    Fail(ChannelState::kFailed);
+    Fail(FailCause::kPeerRestarted);
     shutdown(fd_, SHUT_RDWR);
   }
   if (dead_) {
@@ -447,7 +461,7 @@ bool TcpChannel::Run(uint64_t now, uint64_t* deadline) {
   if (!dead_ && hello_off_ == sizeof(hello_out_)) worked |= DoWrite();
   if (!dead_) worked |= DoRead();
   if (!dead_ && !hello_seen_) {
-    if (now >= connect_deadline_us) Fail(ChannelState::kFailed);
+    if (now >= connect_deadline_us) Fail(FailCause::kHandshakeTimeout);
     *deadline = std::min(*deadline, connect_deadline_us);
   }
   return worked;
@@ -726,6 +740,8 @@ DriverStats TcpDriver::Stats() const {
     s.handshakes_pending = listener_->pending_count.load(std::memory_order_relaxed);
   }
   s.handshakes_dropped += refused_over_cap_.load(std::memory_order_relaxed);
+  for (size_t i = 0; i < kFailCauses; ++i)
+    s.channels_failed[i] = failed[i].load(std::memory_order_relaxed);
   return s;
 }
 

@@ -121,6 +121,12 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   b.Counter("netch_driver_channels_reaped_total",
             "Failed or closed channels whose ids and buffers were reclaimed.",
             static_cast<double>(ds.channels_reaped));
+  for (size_t i = 1; i < chan::kFailCauses; ++i) {
+    b.Counter("netch_driver_channels_failed_total",
+              "Channels that failed, by cause (reset, peer_silent, peer_restarted, ...).",
+              static_cast<double>(ds.channels_failed[i]),
+              {{"cause", std::string(chan::FailCauseName(static_cast<chan::FailCause>(i)))}});
+  }
   b.Gauge("netch_driver_channels", "Channels the driver holds now (any state).",
           static_cast<double>(d.Channels().size()));
   b.Gauge("netch_umem_frames", "UMEM frames by where they are.",

@@ -94,6 +94,7 @@ struct Conn {
   // A channel that carried this connection's bytes failed: bytes may be lost, so the socket
   // reports ECONNRESET once what did arrive was read (set by the dispatcher).
   std::atomic<bool> broken{false};
+  std::atomic<chan::FailCause> broken_cause{chan::FailCause::kNone};  // stored before `broken`
   // Send left a small write held open in a channel (coalescing): a Recv about to wait flushes.
   std::atomic<bool> corked{false};
   // Scheduler decisions for this socket: batches per channel id, in a small lock-free table

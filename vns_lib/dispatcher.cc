@@ -212,6 +212,7 @@ void StackImpl::BreakConnsOn(Peer& p, const chan::Channel* ch) {
   }
   auto ctl = p.ControlChannel();
   for (const auto& c : hit) {
+    c->broken_cause.store(ch->fail_cause(), std::memory_order_relaxed);
     c->broken.store(true, std::memory_order_release);
     conns_broken_.fetch_add(1, std::memory_order_relaxed);
     c->Signal();

@@ -1,6 +1,7 @@
 // socket.cc - virtual sockets: Send (window, policy, copy workers), Recv (reassembly, window
 // updates), Accept, Shutdown, Close.
 #include <optional>
+#include <string>
 
 #include "vns_lib/stack_impl.h"
 
@@ -70,10 +71,14 @@ class SocketImpl final : public VirtualSocket {
   }
   absl::Status Usable() const {
     if (!c_) return SockError(EBADF, "socket closed");
-    if (c_->broken.load(std::memory_order_acquire))
-      return SockError(ECONNRESET, "a channel carrying the connection failed");
+    if (c_->broken.load(std::memory_order_acquire)) return BrokenError();
     if (PeerGone()) return SockError(ECONNRESET, "every channel to the peer is down");
     return StateError();
+  }
+  absl::Status BrokenError() const {
+    std::string what = "a channel carrying the connection failed (";
+    what += chan::FailCauseText(c_->broken_cause.load(std::memory_order_relaxed));
+    return SockError(ECONNRESET, what + ")");
   }
   // What the peer told us: reset, refused, or our own connect timeout.
   absl::Status StateError() const {
@@ -338,8 +343,7 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
     }
     if (off == len || progress) continue;
     if (auto st = StateError(); !st.ok()) return st;
-    if (c_->broken.load(std::memory_order_acquire))
-      return SockError(ECONNRESET, "a channel carrying the connection failed");
+    if (c_->broken.load(std::memory_order_acquire)) return BrokenError();
     if (AllDown(chans)) return SockError(ECONNRESET, "every channel to the peer failed");
     if (nonblocking_) {
       std::lock_guard g(c_->map_mu);

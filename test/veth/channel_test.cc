@@ -355,6 +355,11 @@ TEST_P(ChannelTest, KilledPeerFailsTheChannelWithinTheTimeout) {
   }
   const double took = (chan::NowUs() - killed) / 1e6;
   EXPECT_EQ((*ch)->state(), chan::ChannelState::kFailed) << chan::StateName((*ch)->state());
+  // AF_XDP hears nothing more (the dead peer's XDP program drops the frames); the kernel closes
+  // a dead process's TCP connections, so the TCP driver sees its connection break.
+  const chan::FailCause want = Afxdp() ? chan::FailCause::kPeerSilent : chan::FailCause::kBroken;
+  EXPECT_EQ((*ch)->fail_cause(), want) << chan::FailCauseName((*ch)->fail_cause());
+  EXPECT_EQ(a_->driver->Stats().channels_failed[static_cast<size_t>(want)], 1u);
   // Configured timeout 1 s; allow scheduling slack on a 2-core machine.
   EXPECT_LT(took, 1.5) << "failed after " << took << " s";
 }

@@ -248,6 +248,10 @@ TEST_F(TcpDriverTest, ARestartedPeerStackFailsItsOldChannels) {
   ASSERT_NE(b2, nullptr);
   EXPECT_TRUE(WaitState(*b1, chan::ChannelState::kFailed, absl::Seconds(1)));
   EXPECT_TRUE(WaitState(**c1, chan::ChannelState::kFailed, absl::Seconds(2)));
+  // Each side says why: B retired the old incarnation's two channels; A saw B close them.
+  EXPECT_EQ(b1->fail_cause(), chan::FailCause::kPeerRestarted);
+  EXPECT_EQ(b->Stats().channels_failed[static_cast<size_t>(chan::FailCause::kPeerRestarted)], 2u);
+  EXPECT_EQ((*c1)->fail_cause(), chan::FailCause::kBroken);
   EXPECT_EQ(b2->state(), chan::ChannelState::kUp);
   EXPECT_EQ((*c2)->state(), chan::ChannelState::kUp);
 }
