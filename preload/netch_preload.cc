@@ -1460,21 +1460,33 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
       timespec ts{left / 1000, (left % 1000) * 1000000l};
       rc = REAL(ppoll)(p, 1 + loans.n, left < 0 ? nullptr : &ts, mask);
       if (rc >= 0) {
+        for (size_t i = 0; i < loans.n; ++i) loan_woke |= p[1 + i].revents != 0;
+        bool only_level = false;  // no registration the rounds can raise through its eventfd
+        if (loan_woke) {
+          // Awake before the rounds run: the sockets they fill are this thread's to read, so
+          // they are disarmed first — armed, each delivery would write its eventfd and the
+          // read after it read the eventfd back, two syscalls per socket and wakeup for a
+          // thread that is already up (the scan below finds them).
+          std::lock_guard l(set->mu);
+          Sleepers(*set, epfd, -1);
+          slept = false;
+          only_level = !set->eager && set->level.size() == set->regs.size();
+        }
         for (size_t i = 0; i < loans.n; ++i)
-          if (p[1 + i].revents) {
-            loan_woke = true;
+          if (p[1 + i].revents)
             (void)loans.l[i].Run();  // (false: the engine is in a round, which takes the input)
-          }
-        rc = REAL(epoll_pwait)(epfd, buf.data(), max - n, 0, nullptr);
+        // The kernel's side of the set only if it has something (or may have, from the rounds
+        // just run: edge-triggered sockets stay armed): no syscall otherwise.
+        rc = p[0].revents || !only_level ? REAL(epoll_pwait)(epfd, buf.data(), max - n, 0, nullptr)
+                                         : 0;
       }
     } else if (n < max) {
       rc = REAL(epoll_pwait)(epfd, buf.data(), max - n, n > 0 ? 0 : left, mask);
     }
     std::lock_guard l(set->mu);
-    if (slept) {
-      Sleepers(*set, epfd, -1);
-      if (!set->eager) n = ScanLevel(*set, out, max);  // (an eager set's come as events)
-    }
+    if (slept) Sleepers(*set, epfd, -1);
+    if ((slept || loan_woke) && !set->eager)
+      n = ScanLevel(*set, out, max);  // (an eager set's come as events)
     if (rc < 0 && n == 0) return -1;
     seen.clear();
     for (int i = 0; i < rc && n < max; ++i) {

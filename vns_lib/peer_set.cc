@@ -79,6 +79,7 @@ void Peer::Remove(const chan::Channel* c) {
 }
 
 void Peer::Bump() {
+  live_hint_.store(live_count(), std::memory_order_release);
   version_.fetch_add(1, std::memory_order_release);
   set_version_->fetch_add(1, std::memory_order_release);
 }

@@ -39,6 +39,11 @@ class Peer {
   // The channel control segments (NCSYN, FIN, RST, window updates) go on: the first one up.
   std::shared_ptr<chan::Channel> ControlChannel() const;
   size_t live_count() const;
+  // No channel takes new segments any more, as of the last change the dispatcher saw (a death
+  // shows once it notes it, NoteDead): one load, for a socket's readiness check, which runs
+  // for every socket of an event loop on each epoll_wait and must not take mu_, which engines
+  // and the dispatcher share.
+  bool gone() const { return live_hint_.load(std::memory_order_acquire) == 0; }
   // The live channels but the `keep` added first, newest first: what a scale-down drains.
   std::vector<std::shared_ptr<chan::Channel>> LiveBeyondOldest(size_t keep) const;
 
@@ -63,6 +68,7 @@ class Peer {
   const uint32_t ip_;
   std::atomic<uint64_t>* set_version_;
   std::atomic<uint64_t> version_{0};
+  std::atomic<size_t> live_hint_{0};  // live_count() as of the last Bump
   mutable std::mutex mu_;
   std::vector<std::shared_ptr<chan::Channel>> chans_;  // guarded by mu_
   std::vector<uint64_t> added_;  // guarded by mu_: when chans_[i] was added (a count)

@@ -60,7 +60,7 @@ class SocketImpl final : public VirtualSocket {
 
  private:
   // No live channel to the peer is left: the connection cannot make progress.
-  bool PeerGone() const { return c_->peer && c_->peer->live_count() == 0; }
+  bool PeerGone() const { return c_->peer && c_->peer->gone(); }
   static bool AllDown(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
     if (chans.empty()) return false;
     for (const auto& ch : chans) {
@@ -538,6 +538,13 @@ void SocketImpl::DrainInq() {
 }
 
 absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
+  // An event loop's read gives buffers back (and may owe the peer a window update): the engine
+  // that recycles them runs at the loop's flush, when it comes back to wait, rather than being
+  // woken for it per read — a thread switch per request on these 2-core hosts (Redis -P 16:
+  // 4,000 context switches a second in the server, the kernel's TCP 140). A non-blocking Recv
+  // never waits, so nothing here waits for the deferred round.
+  std::optional<chan::DeferTransmitScope> at_flush;
+  if (nonblocking_ && st_->opts().defer_transmit) at_flush.emplace();
   std::lock_guard g(recv_mu_);
   auto r = RecvLocked(buf);
   ReturnInputs();
