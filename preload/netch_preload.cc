@@ -112,6 +112,10 @@ struct EpollReg {
   // cheaper than a DEL and an ADD).
   bool present[2] = {false, false};
   uint32_t kev[2] = {0, 0};
+  // The real registrations lag `events`: a level-triggered change in a lazy set nobody sleeps
+  // on is applied when a thread is about to sleep on the set (SyncDirty), not per epoll_ctl — an
+  // event loop toggling write interest per request then makes no syscall for it.
+  bool dirty = false;
   // Set while the registration holds a wait on the socket (VirtualSocket::BeginWait), which keeps
   // its eventfds in step with its state: edge-triggered and one-shot registrations always (the
   // kernel sees their edges), level-triggered ones while a thread sleeps on the set or the set
@@ -138,6 +142,16 @@ struct EpollSet {
   size_t cursor = 0;                        // where the next scan starts (fairness)
   int sleepers = 0;                         // threads asleep in epoll_wait on this set
   bool eager = false;
+  // Real registrations of level-triggered sockets the program removed while nobody slept on
+  // the set: left in the kernel until someone is about to (SyncDirty), because event loops
+  // remove and re-add a socket per request (redis-benchmark: DEL then ADD, read interest to
+  // write interest and back) and a re-add of the same socket takes them over, no syscall.
+  struct Ghost {
+    std::weak_ptr<Entry> e;  // expired: its eventfds are closed, the kernel dropped them
+    bool present[2] = {false, false};
+    uint32_t kev[2] = {0, 0};
+  };
+  absl::flat_hash_map<int, Ghost> ghosts;
   ~EpollSet();
 };
 constexpr size_t kScanLimit = 256;  // level-triggered sockets a lazy set scans per epoll_wait
@@ -359,6 +373,8 @@ void DropReal(int epfd, const Entry& e, const EpollReg& reg) {
 
 // ---- lazy epoll sets (EpollSet), each with set->mu held -------------------------------------
 short VRevents(Entry& e, short events);
+void SyncDirty(EpollSet& s, int epfd);
+void DropGhost(EpollSet& s, int epfd, int fd);
 bool IsLevel(const EpollReg& r) { return !(r.events & (EPOLLET | EPOLLONESHOT)); }
 
 void Arm(EpollReg& r, bool on, int fd) {
@@ -378,10 +394,11 @@ EpollSet::~EpollSet() {
   for (auto& [fd, reg] : regs) Arm(reg, false, fd);
 }
 
-void MakeEager(EpollSet& s) {
+void MakeEager(EpollSet& s, int epfd) {
   if (s.eager) return;
   s.eager = true;
   s.level.clear();  // nothing scans an eager set
+  SyncDirty(s, epfd);
   for (auto& [fd, reg] : s.regs) Arm(reg, true, fd);
 }
 
@@ -397,7 +414,7 @@ void EpollWaitedFromOutside(int epfd) {
     g_kind[epfd].fetch_or(kEpoll, std::memory_order_release);
   }
   std::lock_guard sl(set->mu);
-  MakeEager(*set);
+  MakeEager(*set, epfd);
 }
 
 // The ready level-triggered sockets of a lazy set, read from their state, into out[0..max).
@@ -430,6 +447,7 @@ void Sleepers(EpollSet& s, int epfd, int delta) {
   s.sleepers += delta;
   const bool first = delta > 0 && s.sleepers == 1, last = delta < 0 && s.sleepers == 0;
   if (s.eager || !(first || last)) return;
+  if (first) SyncDirty(s, epfd);
   if (last && g_outside_sleepers[epfd].load(std::memory_order_seq_cst) > 0) return;
   for (int fd : s.level)
     if (auto it = s.regs.find(fd); it != s.regs.end()) Arm(it->second, first, fd);
@@ -450,7 +468,7 @@ void Settle(EpollSet& s, int epfd, int fd, EpollReg& r, bool was_level) {
       !IsLevel(r) || s.eager || s.sleepers > 0 ||
           g_outside_sleepers[epfd].load(std::memory_order_seq_cst) > 0,
       fd);
-  if (s.level.size() > kScanLimit) MakeEager(s);
+  if (s.level.size() > kScanLimit) MakeEager(s, epfd);
 }
 
 // g_mu held. Removes fd's eventfds from one epoll set.
@@ -458,6 +476,7 @@ void EpollUnregisterLocked(int epfd, int fd, Entry& e) {
   EpollReg reg;
   if (auto set = g_ep[epfd].load()) {
     std::lock_guard l(set->mu);
+    DropGhost(*set, epfd, fd);
     if (auto it = set->regs.find(fd); it != set->regs.end()) {
       reg = std::move(it->second);
       set->regs.erase(it);
@@ -480,6 +499,42 @@ int SyncReal(int epfd, int kfd, uint64_t tag, uint32_t want, bool* present, uint
   *present = true;
   *kev = want;
   return 0;
+}
+
+// Brings fd's real registrations in epfd up to date with reg.events.
+int SyncRegReal(int epfd, int fd, Entry& e, EpollReg& reg) {
+  const uint32_t flags = reg.events & (EPOLLET | EPOLLONESHOT);
+  const bool want_r = reg.events & (EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLRDNORM);
+  const bool want_w = reg.events & (EPOLLOUT | EPOLLWRNORM);
+  if (SyncReal(epfd, e.vs->fd(), Tag(fd, 0), want_r ? EPOLLIN | flags : 0, &reg.present[0],
+               &reg.kev[0]) < 0 ||
+      SyncReal(epfd, e.vs->write_fd(), Tag(fd, 1), want_w ? EPOLLIN | flags : 0, &reg.present[1],
+               &reg.kev[1]) < 0)
+    return -1;
+  reg.dirty = false;
+  return 0;
+}
+
+// set.mu held: the deferred changes (EpollReg::dirty) reach the kernel before anyone sleeps on
+// the set or it turns eager. A failure here has no caller to tell: it is logged, and the
+// registration stays dirty (tried again before the next sleep).
+void DropGhost(EpollSet& s, int epfd, int fd) {
+  auto it = s.ghosts.find(fd);
+  if (it == s.ghosts.end()) return;
+  if (auto e = it->second.e.lock()) {
+    if (it->second.present[0]) REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e->vs->fd(), nullptr);
+    if (it->second.present[1]) REAL(epoll_ctl)(epfd, EPOLL_CTL_DEL, e->vs->write_fd(), nullptr);
+  }
+  s.ghosts.erase(it);
+}
+
+void SyncDirty(EpollSet& s, int epfd) {
+  while (!s.ghosts.empty()) DropGhost(s, epfd, s.ghosts.begin()->first);
+  for (auto& [fd, reg] : s.regs) {
+    if (!reg.dirty) continue;
+    if (auto e = Virt(fd); e && SyncRegReal(epfd, fd, *e, reg) < 0)
+      Log("epoll_ctl on the eventfds of virtual socket %d: %s", fd, strerror(errno));
+  }
 }
 
 // What `close` does to our state for fd (without closing the number itself).
@@ -1312,6 +1367,52 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
     if (have) reg = it->second;
   }
   const bool was_level = have && IsLevel(reg);
+  // Level-triggered changes in a lazy set nobody sleeps on reach the kernel only when someone is
+  // about to (EpollReg::dirty, EpollSet::ghosts): until then only the scan reads them.
+  const auto deferrable = [&](const EpollSet& st) {
+    return !st.eager && st.sleepers == 0 &&
+           g_outside_sleepers[epfd].load(std::memory_order_seq_cst) == 0;
+  };
+  if (op == EPOLL_CTL_DEL && was_level) {
+    std::lock_guard sl(set->mu);
+    auto it = set->regs.find(fd);
+    if (it != set->regs.end() && deferrable(*set)) {
+      DropGhost(*set, epfd, fd);  // (an older one of another socket at this number)
+      EpollSet::Ghost& g = set->ghosts[fd];
+      g.e = e;
+      for (int d = 0; d < 2; ++d)
+        g.present[d] = it->second.present[d], g.kev[d] = it->second.kev[d];
+      Arm(it->second, false, fd);
+      set->regs.erase(it);
+      std::erase(set->level, fd);
+      std::erase(e->epolls, epfd);
+      return 0;
+    }
+  }
+  if (op == EPOLL_CTL_ADD && !have && ev && !(ev->events & (EPOLLET | EPOLLONESHOT))) {
+    std::lock_guard sl(set->mu);
+    if (deferrable(*set)) {
+      EpollReg r;
+      r.events = ev->events;
+      r.data = ev->data;
+      r.dirty = true;
+      if (auto g = set->ghosts.find(fd); g != set->ghosts.end()) {
+        if (g->second.e.lock() == e) {  // the same socket back: its registrations are ours
+          for (int d = 0; d < 2; ++d)
+            r.present[d] = g->second.present[d], r.kev[d] = g->second.kev[d];
+          set->ghosts.erase(g);
+        } else {
+          DropGhost(*set, epfd, fd);
+        }
+      }
+      g_kind[epfd].fetch_or(kEpoll, std::memory_order_seq_cst);
+      EpollReg& placed = set->regs[fd] = std::move(r);
+      Settle(*set, epfd, fd, placed, /*was_level=*/false);
+      if (std::find(e->epolls.begin(), e->epolls.end(), epfd) == e->epolls.end())
+        e->epolls.push_back(epfd);
+      return 0;
+    }
+  }
   if (op == EPOLL_CTL_DEL) {
     if (!have) return Fail(ENOENT);
     EpollUnregisterLocked(epfd, fd, *e);
@@ -1322,23 +1423,39 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
   if (op == EPOLL_CTL_ADD && have) return Fail(EEXIST);
   if (op == EPOLL_CTL_MOD && !have) return Fail(ENOENT);
   if (op != EPOLL_CTL_ADD && op != EPOLL_CTL_MOD) return Fail(EINVAL);
+  if (op == EPOLL_CTL_MOD && was_level && !(ev->events & (EPOLLET | EPOLLONESHOT))) {
+    std::lock_guard sl(set->mu);
+    auto it = set->regs.find(fd);
+    if (it != set->regs.end() && deferrable(*set)) {
+      it->second.events = ev->events;
+      it->second.data = ev->data;
+      it->second.dirty = true;
+      return 0;
+    }
+  }
+  if (op == EPOLL_CTL_ADD) {  // a removal the kernel has not seen yet: take it over, or end it
+    std::lock_guard sl(set->mu);
+    if (auto g = set->ghosts.find(fd); g != set->ghosts.end()) {
+      if (g->second.e.lock() == e) {
+        for (int d = 0; d < 2; ++d)
+          reg.present[d] = g->second.present[d], reg.kev[d] = g->second.kev[d];
+        set->ghosts.erase(g);
+      } else {
+        DropGhost(*set, epfd, fd);
+      }
+    }
+  }
   // Each direction's eventfd signals with EPOLLIN; the program's ET/ONESHOT apply to both.
-  const uint32_t flags = ev->events & (EPOLLET | EPOLLONESHOT);
-  const bool want_r = ev->events & (EPOLLIN | EPOLLRDHUP | EPOLLPRI | EPOLLRDNORM);
-  const bool want_w = ev->events & (EPOLLOUT | EPOLLWRNORM);
-  const bool failed = SyncReal(epfd, e->vs->fd(), Tag(fd, 0), want_r ? EPOLLIN | flags : 0,
-                               &reg.present[0], &reg.kev[0]) < 0 ||
-                      SyncReal(epfd, e->vs->write_fd(), Tag(fd, 1), want_w ? EPOLLIN | flags : 0,
-                               &reg.present[1], &reg.kev[1]) < 0;
+  const uint32_t old_events = reg.events;
+  reg.events = ev->events;
+  const bool failed = SyncRegReal(epfd, fd, *e, reg) < 0;
+  if (failed) reg.events = old_events;
   if (failed && !have) {  // a failed ADD leaves nothing behind
     const int err = errno;
     DropReal(epfd, *e, reg);
     return Fail(err);
   }
-  if (!failed) {
-    reg.events = ev->events;
-    reg.data = ev->data;
-  }
+  if (!failed) reg.data = ev->data;
   {
     std::lock_guard sl(set->mu);
     g_kind[epfd].fetch_or(kEpoll, std::memory_order_seq_cst);

@@ -226,6 +226,28 @@ int Client(const char* ip, int port, uint64_t bytes) {
           "epoll_et_mod_reports_again");
     Check(epoll_ctl(ep, EPOLL_CTL_DEL, s, nullptr) == 0 && ready() == 0, "epoll_del");
     Check(epoll_ctl(ep, EPOLL_CTL_MOD, s, &ev) < 0 && errno == ENOENT, "epoll_mod_unknown_enoent");
+    // The same with waits that sleep, between which a loop removes and re-adds the socket (as
+    // redis-benchmark does per request): the library tells the kernel of such changes only when
+    // a thread is about to sleep on the set, and nothing removed or no longer wanted may wake it.
+    auto slept = [ep] {
+      epoll_event e[4];
+      const int n = epoll_wait(ep, e, 4, 100);
+      return n > 0 ? e[0].events & (EPOLLIN | EPOLLOUT) : 0u;
+    };
+    ev.events = EPOLLIN;
+    Check(epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) == 0 && slept() == 0, "epoll_sleep_in_idle");
+    ev.events = EPOLLOUT;
+    Check(epoll_ctl(ep, EPOLL_CTL_DEL, s, nullptr) == 0 &&
+              epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) == 0 && slept() == EPOLLOUT,
+          "epoll_del_add_out_then_sleep");
+    ev.events = EPOLLIN;
+    Check(epoll_ctl(ep, EPOLL_CTL_DEL, s, nullptr) == 0 &&
+              epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev) == 0 && slept() == 0 && slept() == 0,
+          "epoll_del_add_in_then_sleep_sees_no_out");
+    Check(epoll_ctl(ep, EPOLL_CTL_DEL, s, nullptr) == 0 && slept() == 0,
+          "epoll_sleep_after_del_sees_nothing");
+    Check(epoll_ctl(ep, EPOLL_CTL_DEL, s, nullptr) < 0 && errno == ENOENT,
+          "epoll_del_twice_enoent");
     close(ep);
   }
 
