@@ -360,7 +360,7 @@ void StackImpl::ServeChannel(DispatchChan& cs, bool* worked) {
     // Drain what it delivered before it died first (next rounds), then break whatever it
     // left incomplete.
     cs.dead = true;
-    cs.peer->NoteDead();
+    cs.peer->NoteDead(cs.ch->fail_cause());
     if (cs.ch->state() == chan::ChannelState::kFailed) BreakConnsOn(*cs.peer, cs.ch.get());
     *worked = true;
   }

@@ -48,8 +48,14 @@ class Peer {
   std::vector<std::shared_ptr<chan::Channel>> LiveBeyondOldest(size_t keep) const;
 
   void Add(std::shared_ptr<chan::Channel> c);
-  // The dispatcher saw `c` die: senders rebuild their lists without it.
-  void NoteDead() { Bump(); }
+  // The dispatcher saw a channel die (`cause`: why it failed; kNone if it closed): senders
+  // rebuild their lists without it.
+  void NoteDead(chan::FailCause cause) {
+    if (cause != chan::FailCause::kNone) last_failure_.store(cause, std::memory_order_relaxed);
+    Bump();
+  }
+  // Why the last of its channels that failed did (kNone: none failed), for error messages.
+  chan::FailCause last_failure() const { return last_failure_.load(std::memory_order_relaxed); }
   // A channel was sealed (scale-down): senders rebuild their lists without it.
   void NoteSealed() { Bump(); }
   void Remove(const chan::Channel* c);
@@ -69,6 +75,7 @@ class Peer {
   std::atomic<uint64_t>* set_version_;
   std::atomic<uint64_t> version_{0};
   std::atomic<size_t> live_hint_{0};  // live_count() as of the last Bump
+  std::atomic<chan::FailCause> last_failure_{chan::FailCause::kNone};
   mutable std::mutex mu_;
   std::vector<std::shared_ptr<chan::Channel>> chans_;  // guarded by mu_
   std::vector<uint64_t> added_;  // guarded by mu_: when chans_[i] was added (a count)

@@ -72,8 +72,29 @@ class SocketImpl final : public VirtualSocket {
   absl::Status Usable() const {
     if (!c_) return SockError(EBADF, "socket closed");
     if (c_->broken.load(std::memory_order_acquire)) return BrokenError();
-    if (PeerGone()) return SockError(ECONNRESET, "every channel to the peer is down");
+    if (PeerGone()) return GoneError();
     return StateError();
+  }
+  // Every channel in `chans` is down: why, from the first that failed.
+  static absl::Status DownError(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
+    std::string what = "every channel to the peer is down";
+    for (const auto& ch : chans) {
+      if (ch->state() != chan::ChannelState::kFailed) continue;
+      what += " (";
+      what += chan::FailCauseText(ch->fail_cause());
+      what += ")";
+      break;
+    }
+    return SockError(ECONNRESET, what);
+  }
+  absl::Status GoneError() const {
+    std::string what = "every channel to the peer is down";
+    if (const chan::FailCause f = c_->peer->last_failure(); f != chan::FailCause::kNone) {
+      what += " (";
+      what += chan::FailCauseText(f);
+      what += ")";
+    }
+    return SockError(ECONNRESET, what);
   }
   absl::Status BrokenError() const {
     std::string what = "a channel carrying the connection failed (";
@@ -344,7 +365,7 @@ absl::StatusOr<size_t> SocketImpl::SendRange(const uint8_t* data, size_t len, ui
     if (off == len || progress) continue;
     if (auto st = StateError(); !st.ok()) return st;
     if (c_->broken.load(std::memory_order_acquire)) return BrokenError();
-    if (AllDown(chans)) return SockError(ECONNRESET, "every channel to the peer failed");
+    if (AllDown(chans)) return DownError(chans);
     if (nonblocking_) {
       std::lock_guard g(c_->map_mu);
       c_->full_ids.clear();
@@ -473,8 +494,8 @@ absl::StatusOr<size_t> SocketImpl::SendWindow() {
 absl::StatusOr<size_t> SocketImpl::SendPart(std::span<const uint8_t> data) {
   if (c_->peer) RefreshChannels();
   RefreshPolicy(&policy_version_, &policy_);
-  if (chans_.empty() || AllDown(chans_))
-    return SockError(ECONNRESET, "every channel to the peer is down");
+  if (chans_.empty()) return SockError(ECONNRESET, "every channel to the peer is down");
+  if (AllDown(chans_)) return DownError(chans_);
   size_t sent = 0;
   const sched::CopyPlan plan =
       policy_->PlanCopy(data.size(), st_->copy_workers(), st_->workers().queued_bytes());

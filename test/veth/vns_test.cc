@@ -18,6 +18,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_format.h"
 #include "afxdp_channels/engine.h"
 #include "bpf/steer_program.h"
@@ -1347,6 +1348,8 @@ TEST_F(VnsTest, KilledPeerProcessGivesAnErrorWithinTheTimeout) {
   }
   const double s = (chan::NowUs() - t0) / 1e6;
   EXPECT_EQ(Errno(st), ECONNRESET) << st;
+  // The error says why: the dead peer's channel heard nothing for the dead-peer timeout.
+  EXPECT_TRUE(absl::StrContains(st.message(), "nothing heard from the peer")) << st;
   EXPECT_LT(s, 2.0) << "dead-peer timeout is 1 s";
   std::vector<uint8_t> rbuf(16);
   EXPECT_EQ(Errno((*c)->Recv(rbuf).status()), ECONNRESET) << "recv reports it too, no hang";
