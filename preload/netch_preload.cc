@@ -515,9 +515,7 @@ int SyncRegReal(int epfd, int fd, Entry& e, EpollReg& reg) {
   return 0;
 }
 
-// set.mu held: the deferred changes (EpollReg::dirty) reach the kernel before anyone sleeps on
-// the set or it turns eager. A failure here has no caller to tell: it is logged, and the
-// registration stays dirty (tried again before the next sleep).
+// set.mu held: ends a removal the kernel has not seen (EpollSet::ghosts), if its socket lives.
 void DropGhost(EpollSet& s, int epfd, int fd) {
   auto it = s.ghosts.find(fd);
   if (it == s.ghosts.end()) return;
@@ -528,6 +526,9 @@ void DropGhost(EpollSet& s, int epfd, int fd) {
   s.ghosts.erase(it);
 }
 
+// set.mu held: the deferred changes (EpollSet::ghosts, EpollReg::dirty) reach the kernel before
+// anyone sleeps on the set or it turns eager. A failure here has no caller to tell: it is
+// logged, and the registration stays dirty (tried again before the next sleep).
 void SyncDirty(EpollSet& s, int epfd) {
   while (!s.ghosts.empty()) DropGhost(s, epfd, s.ghosts.begin()->first);
   for (auto& [fd, reg] : s.regs) {
