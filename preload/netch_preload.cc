@@ -116,6 +116,11 @@ struct EpollReg {
   // on is applied when a thread is about to sleep on the set (SyncDirty), not per epoll_ctl — an
   // event loop toggling write interest per request then makes no syscall for it.
   bool dirty = false;
+  // The socket registered: an epoll_wait looks at every level-triggered socket of its set on
+  // each call, and a reference kept here spares it a lookup of the fd table per socket (an
+  // atomic shared_ptr load: a lock, a count up and a count down). Closing the fd unregisters it
+  // from every set (Forget), so this never outlives the fd's socket.
+  std::shared_ptr<Entry> entry;
   // Set while the registration holds a wait on the socket (VirtualSocket::BeginWait), which keeps
   // its eventfds in step with its state: edge-triggered and one-shot registrations always (the
   // kernel sees their edges), level-triggered ones while a thread sleeps on the set or the set
@@ -377,11 +382,16 @@ void SyncDirty(EpollSet& s, int epfd);
 void DropGhost(EpollSet& s, int epfd, int fd);
 bool IsLevel(const EpollReg& r) { return !(r.events & (EPOLLET | EPOLLONESHOT)); }
 
+// The registration's socket while fd still names a virtual socket (one load, no count).
+Entry* RegEntry(int fd, const EpollReg& r) {
+  return (Kind(fd) & kVirtual) ? r.entry.get() : nullptr;
+}
+
 void Arm(EpollReg& r, bool on, int fd) {
   if (on && !r.armed) {
-    if (auto e = Virt(fd)) {
-      e->vs->BeginWait();
-      r.armed = std::move(e);
+    if (RegEntry(fd, r)) {
+      r.entry->vs->BeginWait();
+      r.armed = r.entry;
     }
   } else if (!on && r.armed) {
     r.armed->vs->EndWait();
@@ -427,7 +437,7 @@ int ScanLevel(EpollSet& s, epoll_event* out, int max) {
     const int fd = s.level[(s.cursor + i) % len];
     auto it = s.regs.find(fd);
     if (it == s.regs.end()) continue;
-    auto e = Virt(fd);
+    Entry* e = RegEntry(fd, it->second);
     if (!e) continue;
     const uint32_t r =
         static_cast<uint16_t>(VRevents(*e, static_cast<short>(it->second.events & 0xffff)));
@@ -533,7 +543,7 @@ void SyncDirty(EpollSet& s, int epfd) {
   while (!s.ghosts.empty()) DropGhost(s, epfd, s.ghosts.begin()->first);
   for (auto& [fd, reg] : s.regs) {
     if (!reg.dirty) continue;
-    if (auto e = Virt(fd); e && SyncRegReal(epfd, fd, *e, reg) < 0)
+    if (Entry* e = RegEntry(fd, reg); e && SyncRegReal(epfd, fd, *e, reg) < 0)
       Log("epoll_ctl on the eventfds of virtual socket %d: %s", fd, strerror(errno));
   }
 }
@@ -1397,6 +1407,7 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
       r.events = ev->events;
       r.data = ev->data;
       r.dirty = true;
+      r.entry = e;
       if (auto g = set->ghosts.find(fd); g != set->ghosts.end()) {
         if (g->second.e.lock() == e) {  // the same socket back: its registrations are ours
           for (int d = 0; d < 2; ++d)
@@ -1435,6 +1446,7 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
     }
   }
   if (op == EPOLL_CTL_ADD) {  // a removal the kernel has not seen yet: take it over, or end it
+    reg.entry = e;
     std::lock_guard sl(set->mu);
     if (auto g = set->ghosts.find(fd); g != set->ghosts.end()) {
       if (g->second.e.lock() == e) {
@@ -1616,7 +1628,7 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
       auto reg = set->regs.find(fd);
       if (reg == set->regs.end()) continue;               // stale: unregistered meanwhile
       if (!set->eager && IsLevel(reg->second)) continue;  // the scan speaks for it
-      auto e = Virt(fd);
+      Entry* e = RegEntry(fd, reg->second);
       if (!e) continue;
       const uint32_t r =
           static_cast<uint16_t>(VRevents(*e, static_cast<short>(reg->second.events & 0xffff)));
