@@ -36,6 +36,10 @@ struct SteerDemoResult {
   uint64_t received_duplicate = 0;
   bpf::Counters counters{};  // XDP counter deltas over the run
   afxdp::XskStats xsk{};
+  // Packets the veth pair itself dropped over the run (tx_dropped and rx_dropped of both ends):
+  // a peer's ring that overflows while its NAPI cannot run (both hosts share 2 cores, and kernel
+  // TCP shares the ring) drops frames before any XDP program sees them.
+  uint64_t link_drops = 0;
   bool ping_ok = false;
   uint64_t tcp_bytes = 0;
   bool tcp_intact = false;

@@ -25,10 +25,19 @@ TEST(SteerSmokeTest, NetChannelFramesReachAfXdpWhileKernelTrafficFlows) {
   EXPECT_EQ(r->attach_mode, "native");
   EXPECT_EQ(r->sent_udp + r->sent_raw, o.frames);
   EXPECT_GT(r->sent_raw, 0u);
-  EXPECT_EQ(r->received_intact, o.frames) << "every valid frame arrives once, byte for byte";
+  // Every valid frame arrives once, byte for byte — except what the veth pair dropped before
+  // any XDP program ran: its ring overflows when both cores are taken for a while (seen in CI:
+  // 3 of 2000 frames while the test took 10 s instead of 1; the demo paces its frames and the
+  // TCP beside them, and no drop is the rule). Those are counted, never hidden: with none the
+  // count is exact, and XDP must have redirected exactly what the socket received.
+  if (r->link_drops == 0) {
+    EXPECT_EQ(r->received_intact, o.frames) << "every valid frame arrives once, byte for byte";
+  } else {
+    EXPECT_GE(r->received_intact + r->link_drops, o.frames) << "lost beyond the link's drops";
+  }
   EXPECT_EQ(r->received_duplicate, 0u);
-  EXPECT_EQ(r->received, o.frames) << "nothing malformed reached the socket";
-  EXPECT_EQ(r->counters[NC_CNT_REDIRECT], o.frames);
+  EXPECT_EQ(r->received, r->received_intact) << "nothing malformed reached the socket";
+  EXPECT_EQ(r->counters[NC_CNT_REDIRECT], r->received);
   EXPECT_EQ(r->counters[NC_CNT_DROP_BAD_VERSION], o.malformed);
   EXPECT_TRUE(r->ping_ok);
   EXPECT_TRUE(r->tcp_intact) << r->tcp_bytes << " TCP bytes";
