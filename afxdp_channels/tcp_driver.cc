@@ -261,13 +261,13 @@ bool TcpChannel::DoConnectOrHello(uint64_t now) {
   return true;
 }
 
-// The responder's hello, on a channel we initiated: it must echo our token.
 void TcpChannel::Fail(FailCause c) {
   if (!dead_) driver_->failed[static_cast<size_t>(c)].fetch_add(1, std::memory_order_relaxed);
   dead_ = true;
   ChannelCore::Fail(c);
 }
 
+// The responder's hello, on a channel we initiated: it must echo our token.
 bool TcpChannel::ReadHello() {
   while (hello_got_ < sizeof(hello_in_)) {
     const ssize_t r = read(fd_, hello_in_ + hello_got_, sizeof(hello_in_) - hello_got_);

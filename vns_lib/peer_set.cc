@@ -34,6 +34,10 @@ std::shared_ptr<chan::Channel> Peer::ControlChannel() const {
 
 size_t Peer::live_count() const {
   std::lock_guard l(mu_);
+  return LiveCountLocked();
+}
+
+size_t Peer::LiveCountLocked() const {
   return std::count_if(chans_.begin(), chans_.end(),
                        [](const auto& c) { return IsLive(c->state()) && !c->sealed(); });
 }
@@ -79,7 +83,12 @@ void Peer::Remove(const chan::Channel* c) {
 }
 
 void Peer::Bump() {
-  live_hint_.store(live_count(), std::memory_order_release);
+  {
+    // Counted and stored under the lock: two changes at once (a connecting thread's Add, the
+    // dispatcher's NoteDead) must not leave the earlier count last.
+    std::lock_guard l(mu_);
+    live_hint_.store(LiveCountLocked(), std::memory_order_release);
+  }
   version_.fetch_add(1, std::memory_order_release);
   set_version_->fetch_add(1, std::memory_order_release);
 }

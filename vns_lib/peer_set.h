@@ -71,6 +71,7 @@ class Peer {
 
  private:
   void Bump();
+  size_t LiveCountLocked() const;
   const uint32_t ip_;
   std::atomic<uint64_t>* set_version_;
   std::atomic<uint64_t> version_{0};

@@ -75,31 +75,29 @@ class SocketImpl final : public VirtualSocket {
     if (PeerGone()) return GoneError();
     return StateError();
   }
-  // Every channel in `chans` is down: why, from the first that failed.
-  static absl::Status DownError(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
-    std::string what = "every channel to the peer is down";
-    for (const auto& ch : chans) {
-      if (ch->state() != chan::ChannelState::kFailed) continue;
-      what += " (";
-      what += chan::FailCauseText(ch->fail_cause());
-      what += ")";
-      break;
-    }
-    return SockError(ECONNRESET, what);
-  }
-  absl::Status GoneError() const {
-    std::string what = "every channel to the peer is down";
-    if (const chan::FailCause f = c_->peer->last_failure(); f != chan::FailCause::kNone) {
+  // ECONNRESET saying why, when a channel's failure says it.
+  static absl::Status ResetError(std::string what, chan::FailCause f) {
+    if (f != chan::FailCause::kNone) {
       what += " (";
       what += chan::FailCauseText(f);
       what += ")";
     }
     return SockError(ECONNRESET, what);
   }
+  // Every channel in `chans` is down: why, from the first that failed.
+  static absl::Status DownError(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
+    chan::FailCause f = chan::FailCause::kNone;
+    for (const auto& ch : chans)
+      if (f == chan::FailCause::kNone && ch->state() == chan::ChannelState::kFailed)
+        f = ch->fail_cause();
+    return ResetError("every channel to the peer is down", f);
+  }
+  absl::Status GoneError() const {
+    return ResetError("every channel to the peer is down", c_->peer->last_failure());
+  }
   absl::Status BrokenError() const {
-    std::string what = "a channel carrying the connection failed (";
-    what += chan::FailCauseText(c_->broken_cause.load(std::memory_order_relaxed));
-    return SockError(ECONNRESET, what + ")");
+    return ResetError("a channel carrying the connection failed",
+                      c_->broken_cause.load(std::memory_order_relaxed));
   }
   // What the peer told us: reset, refused, or our own connect timeout.
   absl::Status StateError() const {
