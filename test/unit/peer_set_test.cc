@@ -13,7 +13,10 @@ namespace {
 class QueuedChannel final : public chan::ChannelCore {
  public:
   QueuedChannel(uint32_t id, int queue) : ChannelCore(id, 4, 1000) { pub_.queue = queue; }
-  uint8_t* BufAddr(uint64_t) override { return nullptr; }
+  uint8_t* BufAddr(uint64_t) override { return buf_; }  // one buffer: enough for a Seal
+
+ private:
+  uint8_t buf_[2048] = {};
   uint32_t peer_ipv4() const override { return 0x01020304; }
 };
 
@@ -44,6 +47,38 @@ TEST(PeerTest, ListsChannelsInQueueOrderWhateverOrderTheyCameUpIn) {
   EXPECT_EQ(Ids(p.All()), (std::vector<uint32_t>{2, 4, 1, 5}));
   EXPECT_EQ(Ids(p.LiveBeyondOldest(1)), (std::vector<uint32_t>{5, 4, 2}));
   EXPECT_EQ(Ids(p.LiveBeyondOldest(4)), (std::vector<uint32_t>{}));
+}
+
+TEST(PeerTest, IsGoneOnceTheDispatcherNotedItsLastLiveChannelDieAndSaysWhy) {
+  // gone() is what every socket's readiness check reads (one load, no lock): it follows the
+  // changes the dispatcher notes, and the last failure's cause is kept for error messages.
+  std::atomic<uint64_t> set_version{0};
+  Peer p(0x01020304, &set_version);
+  EXPECT_TRUE(p.gone()) << "no channel yet";
+  auto a = std::make_shared<QueuedChannel>(1, 0), b = std::make_shared<QueuedChannel>(2, 1);
+  a->SetState(chan::ChannelState::kUp);
+  b->SetState(chan::ChannelState::kUp);
+  p.Add(a);
+  p.Add(b);
+  EXPECT_FALSE(p.gone());
+  a->Fail(chan::FailCause::kReset);
+  p.NoteDead(a->fail_cause());
+  EXPECT_FALSE(p.gone()) << "b is still up";
+  EXPECT_EQ(p.last_failure(), chan::FailCause::kReset);
+  b->SetState(chan::ChannelState::kClosed);  // an orderly close keeps the last failure's cause
+  EXPECT_FALSE(p.gone()) << "not before the dispatcher notes it";
+  p.NoteDead(b->fail_cause());
+  EXPECT_TRUE(p.gone());
+  EXPECT_EQ(p.last_failure(), chan::FailCause::kReset);
+  auto c = std::make_shared<QueuedChannel>(3, 0);  // the peer came back
+  c->SetState(chan::ChannelState::kUp);
+  p.Add(c);
+  EXPECT_FALSE(p.gone());
+  const uint64_t token = 1;
+  c->free_.Push({&token, 1});
+  ASSERT_TRUE(c->Seal({}));  // scale-down: a sealed channel takes no new segments
+  p.NoteSealed();
+  EXPECT_TRUE(p.gone());
 }
 
 }  // namespace
