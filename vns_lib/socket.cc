@@ -561,7 +561,8 @@ absl::StatusOr<size_t> SocketImpl::Recv(std::span<uint8_t> buf) {
   // that recycles them runs at the loop's flush, when it comes back to wait, rather than being
   // woken for it per read — a thread switch per request on these 2-core hosts (Redis -P 16:
   // 4,000 context switches a second in the server, the kernel's TCP 140). A non-blocking Recv
-  // never waits, so nothing here waits for the deferred round.
+  // does not wait for data; a window update that finds the control channel full waits for room
+  // at most until the engine's timer runs the deferred round (chan::kDeferTransmitUs).
   std::optional<chan::DeferTransmitScope> at_flush;
   if (nonblocking_ && st_->opts().defer_transmit) at_flush.emplace();
   std::lock_guard g(recv_mu_);
