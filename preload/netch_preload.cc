@@ -536,6 +536,19 @@ void DropGhost(EpollSet& s, int epfd, int fd) {
   s.ghosts.erase(it);
 }
 
+// set.mu held: a socket added at fd takes over the kernel registrations its removal left there
+// (the same socket back), or ends the removal of another socket that had the number.
+void TakeGhost(EpollSet& s, int epfd, int fd, const std::shared_ptr<Entry>& e, EpollReg* r) {
+  auto g = s.ghosts.find(fd);
+  if (g == s.ghosts.end()) return;
+  if (g->second.e.lock() != e) {
+    DropGhost(s, epfd, fd);
+    return;
+  }
+  for (int d = 0; d < 2; ++d) r->present[d] = g->second.present[d], r->kev[d] = g->second.kev[d];
+  s.ghosts.erase(g);
+}
+
 // set.mu held: the deferred changes (EpollSet::ghosts, EpollReg::dirty) reach the kernel before
 // anyone sleeps on the set or it turns eager. A failure here has no caller to tell: it is
 // logged, and the registration stays dirty (tried again before the next sleep).
@@ -1408,15 +1421,7 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
       r.data = ev->data;
       r.dirty = true;
       r.entry = e;
-      if (auto g = set->ghosts.find(fd); g != set->ghosts.end()) {
-        if (g->second.e.lock() == e) {  // the same socket back: its registrations are ours
-          for (int d = 0; d < 2; ++d)
-            r.present[d] = g->second.present[d], r.kev[d] = g->second.kev[d];
-          set->ghosts.erase(g);
-        } else {
-          DropGhost(*set, epfd, fd);
-        }
-      }
+      TakeGhost(*set, epfd, fd, e, &r);
       g_kind[epfd].fetch_or(kEpoll, std::memory_order_seq_cst);
       EpollReg& placed = set->regs[fd] = std::move(r);
       Settle(*set, epfd, fd, placed, /*was_level=*/false);
@@ -1448,15 +1453,7 @@ int epoll_ctl(int epfd, int op, int fd, epoll_event* ev) noexcept {
   if (op == EPOLL_CTL_ADD) {  // a removal the kernel has not seen yet: take it over, or end it
     reg.entry = e;
     std::lock_guard sl(set->mu);
-    if (auto g = set->ghosts.find(fd); g != set->ghosts.end()) {
-      if (g->second.e.lock() == e) {
-        for (int d = 0; d < 2; ++d)
-          reg.present[d] = g->second.present[d], reg.kev[d] = g->second.kev[d];
-        set->ghosts.erase(g);
-      } else {
-        DropGhost(*set, epfd, fd);
-      }
-    }
+    TakeGhost(*set, epfd, fd, e, &reg);
   }
   // Each direction's eventfd signals with EPOLLIN; the program's ET/ONESHOT apply to both.
   const uint32_t old_events = reg.events;
