@@ -140,8 +140,9 @@ absl::StatusOr<Peer*> PeerSet::Ensure(
       ch->Wait(absl::Milliseconds(5), chan::Channel::kReadable);
     if (ch->state() != chan::ChannelState::kUp) {
       const bool timed_out = ch->state() == chan::ChannelState::kConnecting;
+      const chan::FailCause why = ch->fail_cause();
       for (auto& c : opened) (void)driver_->Destroy(*c);
-      return SockError(timed_out ? ETIMEDOUT : ECONNREFUSED, "open a channel to the peer");
+      return SockError(timed_out ? ETIMEDOUT : ECONNREFUSED, "open a channel to the peer", why);
     }
   }
   for (auto& ch : opened) p->Add(ch);

@@ -4,9 +4,12 @@
 #include <string_view>
 
 #include "absl/status/status.h"
+#include "afxdp_channels/channel.h"
 
 namespace netch::vns {
 
 absl::Status SockError(int err, std::string_view what);
+// The same, "what (why)" when a channel's failure says why (kNone: `what` alone).
+absl::Status SockError(int err, std::string_view what, chan::FailCause why);
 
 }  // namespace netch::vns

@@ -75,29 +75,20 @@ class SocketImpl final : public VirtualSocket {
     if (PeerGone()) return GoneError();
     return StateError();
   }
-  // ECONNRESET saying why, when a channel's failure says it.
-  static absl::Status ResetError(std::string what, chan::FailCause f) {
-    if (f != chan::FailCause::kNone) {
-      what += " (";
-      what += chan::FailCauseText(f);
-      what += ")";
-    }
-    return SockError(ECONNRESET, what);
-  }
   // Every channel in `chans` is down: why, from the first that failed.
   static absl::Status DownError(const std::vector<std::shared_ptr<chan::Channel>>& chans) {
     chan::FailCause f = chan::FailCause::kNone;
     for (const auto& ch : chans)
       if (f == chan::FailCause::kNone && ch->state() == chan::ChannelState::kFailed)
         f = ch->fail_cause();
-    return ResetError("every channel to the peer is down", f);
+    return SockError(ECONNRESET, "every channel to the peer is down", f);
   }
   absl::Status GoneError() const {
-    return ResetError("every channel to the peer is down", c_->peer->last_failure());
+    return SockError(ECONNRESET, "every channel to the peer is down", c_->peer->last_failure());
   }
   absl::Status BrokenError() const {
-    return ResetError("a channel carrying the connection failed",
-                      c_->broken_cause.load(std::memory_order_relaxed));
+    return SockError(ECONNRESET, "a channel carrying the connection failed",
+                     c_->broken_cause.load(std::memory_order_relaxed));
   }
   // What the peer told us: reset, refused, or our own connect timeout.
   absl::Status StateError() const {

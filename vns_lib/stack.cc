@@ -12,6 +12,15 @@ absl::Status SockError(int err, std::string_view what) {
   return s;
 }
 
+absl::Status SockError(int err, std::string_view what, chan::FailCause why) {
+  if (why == chan::FailCause::kNone) return SockError(err, what);
+  std::string w(what);
+  w += " (";
+  w += chan::FailCauseText(why);
+  w += ")";
+  return SockError(err, w);
+}
+
 absl::Status StackImpl::Init() {
   // The copy plan is the policy's too: StackOptions' copy sizes are its first knobs.
   sched::Knobs knobs = {{"inline_copy_bytes", std::to_string(opts_.inline_copy_bytes)},
