@@ -19,6 +19,7 @@
 #include "afxdp_channels/xsk.h"
 #include "bpf/steer_program.h"
 #include "common/errno_status.h"
+#include "common/ipv4.h"
 #include "common/netns.h"
 #include "common/random.h"
 #include "common/unique_fd.h"
@@ -101,7 +102,7 @@ struct QueueCounters {
   std::atomic<uint64_t> rx_frames{0}, rx_malformed{0}, rx_unknown_chan{0}, handshakes_rx{0},
       handshakes_bad{0}, rx_bad_token{0}, reaped{0}, fill_ring_empty{0}, tx_ring_full{0},
       frames_free{0}, frames_in_fill{0}, tx_slots_free{0}, rx_multi_buffer{0}, udp_tx_packets{0},
-      udp_tx_errors{0}, udp_gso_trains{0};
+      udp_tx_errors{0}, udp_gso_trains{0}, handshakes_refused{0};
   std::array<std::atomic<uint64_t>, kFailCauses> failed{};  // channels failed, by FailCause
 };
 
@@ -175,14 +176,16 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   // and COOKIE_ECHO (the cookie checked, the channel created).
   void HandleSyn(const wire::ParsedFrame& pf, const wire::MacAddr& peer_mac, uint64_t now);
   void HandleCookieEcho(const wire::ParsedFrame& pf, const wire::MacAddr& peer_mac, uint64_t now);
+  // A proven initiator is refused a channel: counted, and logged at most once a second (a peer
+  // that hits a cap retries, and an operator needs the reason, not a line per attempt).
+  void NoteRefused(uint32_t peer_ip, const absl::Status& why, uint64_t now);
   // An initiator's channel hears back from the responder.
   void HandleSynAck(AfxdpChannel& ch, const wire::ParsedFrame& pf, uint64_t now);
   void HandleCookieAck(AfxdpChannel& ch, const wire::ParsedFrame& pf, uint64_t now);
   bool RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline);
   void Establish(AfxdpChannel& ch, uint16_t peer_chan, uint64_t now);
-  // Marks the channel dead (FIN first if asked and established); its resources are reclaimed by
-  // Reap() at the end of the round.
-  // Closes (kClosed; FIN first if send_fin) or fails (kFailed, counted by cause) the channel.
+  // Closes (kClosed; FIN first if send_fin) or fails (kFailed, counted by cause) the channel;
+  // its resources are reclaimed by Reap() at the end of the round.
   void Kill(AfxdpChannel& ch, ChannelState st, bool send_fin = false,
             FailCause cause = FailCause::kNone);
   void Fail(AfxdpChannel& ch, FailCause cause) { Kill(ch, ChannelState::kFailed, false, cause); }
@@ -236,6 +239,8 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
     alignas(cmsghdr) uint8_t cmsg[kBatch][CMSG_SPACE(sizeof(uint16_t))];
   };
   std::unique_ptr<UdpBatch> udp_batch_;
+  uint32_t refusals_unlogged_ = 0;  // refusals since the last log line (NoteRefused)
+  uint64_t refusal_logged_us_ = 0;
   bool gso_ = true;  // UDP_SEGMENT trains; off for good once the kernel refuses one
   static constexpr size_t kGsoMaxPackets = 64;       // the kernel's UDP_MAX_SEGMENTS (older ones)
   static constexpr size_t kGsoMaxBytes = 65507 - 7;  // one UDP datagram's payload
@@ -293,9 +298,11 @@ class AfxdpDriver final : public Driver {
     return static_cast<uint32_t>(now_us / kCookieTickUs);
   }
   // A channel the initiator proved (valid cookie): registers it (id, steering with its token) and
-  // queues it for Accept(); nullptr when refused (not accepting, out of ids, peer over its cap).
-  std::shared_ptr<AfxdpChannel> NewPassive(XskQueue* q, uint32_t peer_ip,
-                                           const wire::MacAddr& peer_mac, uint64_t local_token);
+  // queues it for Accept(); an error says why it was refused (not accepting, out of ids, peer
+  // over its cap).
+  absl::StatusOr<std::shared_ptr<AfxdpChannel>> NewPassive(XskQueue* q, uint32_t peer_ip,
+                                                           const wire::MacAddr& peer_mac,
+                                                           uint64_t local_token);
   // A channel to `peer_ip` was established with the peer's stack incarnation `inc`: channels to
   // the same address from an earlier incarnation belong to a stack that is gone (the peer
   // restarted); they are failed, so their sockets reset and their resources return.
@@ -792,6 +799,8 @@ void XskQueue::HandleSyn(const wire::ParsedFrame& pf, const wire::MacAddr& peer_
   h.ts_ecr = pf.ch.ts_val;
   if (!driver_->opts().accept) {
     // Not accepting: tell the initiator now rather than let it time out. Costs no state.
+    NoteRefused(pf.src_ip, absl::FailedPreconditionError("this stack does not accept channels"),
+                now);
     h.type = NC_CT_RST;
     SendControl(a, h);
     return;
@@ -840,7 +849,8 @@ void XskQueue::HandleCookieEcho(const wire::ParsedFrame& pf, const wire::MacAddr
   }
   driver_->RetireOldIncarnations(pf.src_ip, in.incarnation);
   auto sp = driver_->NewPassive(this, pf.src_ip, peer_mac, in.resp_token);
-  if (!sp) {
+  if (!sp.ok()) {
+    NoteRefused(pf.src_ip, sp.status(), now);
     wire::ChanHeader h;
     h.type = NC_CT_RST;
     h.dst_chan = pf.ch.src_chan;
@@ -850,7 +860,7 @@ void XskQueue::HandleCookieEcho(const wire::ParsedFrame& pf, const wire::MacAddr
     SendControl(driver_->AddrsFor(0, pf.src_ip, peer_mac), h);
     return;
   }
-  AfxdpChannel* ch = sp.get();
+  AfxdpChannel* ch = sp->get();
   ch->peer_token = in.init_token;
   ch->hs_rec = in;
   ch->hs_rec.incarnation = driver_->incarnation();  // what our COOKIE_ACK tells the initiator
@@ -863,6 +873,16 @@ void XskQueue::HandleCookieEcho(const wire::ParsedFrame& pf, const wire::MacAddr
   ch->pub_.engine = engine.load()->index();
   Establish(*ch, pf.ch.src_chan, now);
   ch->send_cookie_ack = true;
+}
+
+void XskQueue::NoteRefused(uint32_t peer_ip, const absl::Status& why, uint64_t now) {
+  counters.handshakes_refused.fetch_add(1, std::memory_order_relaxed);
+  ++refusals_unlogged_;
+  if (refusal_logged_us_ != 0 && now < refusal_logged_us_ + 1'000'000) return;
+  absl::FPrintF(stderr, "netch: refused %u channel(s) from %s: %s\n", refusals_unlogged_,
+                Ipv4String(peer_ip), why.message());
+  refusals_unlogged_ = 0;
+  refusal_logged_us_ = now;
 }
 
 void XskQueue::HandleSynAck(AfxdpChannel& ch, const wire::ParsedFrame& pf, uint64_t now) {
@@ -1432,14 +1452,13 @@ absl::StatusOr<std::shared_ptr<Channel>> AfxdpDriver::Connect(const ChannelParam
   return std::shared_ptr<Channel>(*ch);
 }
 
-std::shared_ptr<AfxdpChannel> AfxdpDriver::NewPassive(XskQueue* q, uint32_t peer_ip,
-                                                      const wire::MacAddr& peer_mac,
-                                                      uint64_t local_token) {
-  if (!opts_.accept) return nullptr;
+absl::StatusOr<std::shared_ptr<AfxdpChannel>> AfxdpDriver::NewPassive(XskQueue* q, uint32_t peer_ip,
+                                                                      const wire::MacAddr& peer_mac,
+                                                                      uint64_t local_token) {
+  if (!opts_.accept) return absl::FailedPreconditionError("this stack does not accept channels");
   auto ch = Register(q, peer_ip, peer_mac, local_token);
-  if (!ch.ok()) return nullptr;
-  accept_q_.Push(*ch);
-  return *ch;
+  if (ch.ok()) accept_q_.Push(*ch);
+  return ch;
 }
 
 // A channel is handed out once its handshake state is visible (kUp is set by the engine).
@@ -1493,6 +1512,7 @@ DriverStats AfxdpDriver::Stats() const {
     s.rx_unknown_chan += c.rx_unknown_chan.load(std::memory_order_relaxed);
     s.handshakes_rx += c.handshakes_rx.load(std::memory_order_relaxed);
     s.handshakes_bad += c.handshakes_bad.load(std::memory_order_relaxed);
+    s.handshakes_dropped += c.handshakes_refused.load(std::memory_order_relaxed);
     s.rx_bad_token += c.rx_bad_token.load(std::memory_order_relaxed);
     s.channels_reaped += c.reaped.load(std::memory_order_relaxed);
     for (size_t i = 0; i < kFailCauses; ++i)

@@ -335,13 +335,14 @@ class Channel {
 };
 
 struct DriverStats {
-  uint64_t rx_frames = 0;           // frames taken from the wire (AF_XDP) / segments read (TCP)
-  uint64_t rx_malformed = 0;        // failed validation in the driver: dropped
-  uint64_t rx_unknown_chan = 0;     // for no channel of ours (or from the wrong peer): dropped
-  uint64_t handshakes_rx = 0;       // channel SYNs received (each answered statelessly)
-  uint64_t handshakes_bad = 0;      // handshake packets with a bad cookie or not matching ours
-  uint64_t handshakes_dropped = 0;  // kernel-TCP: connections closed before a channel existed
-                                    // (over the pending or per-peer caps, or hello timed out)
+  uint64_t rx_frames = 0;        // frames taken from the wire (AF_XDP) / segments read (TCP)
+  uint64_t rx_malformed = 0;     // failed validation in the driver: dropped
+  uint64_t rx_unknown_chan = 0;  // for no channel of ours (or from the wrong peer): dropped
+  uint64_t handshakes_rx = 0;    // channel SYNs received (each answered statelessly)
+  uint64_t handshakes_bad = 0;   // handshake packets with a bad cookie or not matching ours
+  // Handshakes refused or closed before a channel existed: not accepting, over the pending or
+  // per-peer caps, out of ids (kernel-TCP also: hello timed out). AF_XDP logs each reason.
+  uint64_t handshakes_dropped = 0;
   uint64_t handshakes_pending = 0;  // kernel-TCP: accepted connections awaiting their hello
   uint64_t rx_bad_token = 0;        // for a channel of ours without its token, or a FIN/RST out of
                                     // window: forged or stale, dropped (XDP drops most before this)

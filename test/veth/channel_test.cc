@@ -364,6 +364,70 @@ TEST_P(ChannelTest, KilledPeerFailsTheChannelWithinTheTimeout) {
   EXPECT_LT(took, 1.5) << "failed after " << took << " s";
 }
 
+// A long-running server caps the channels one peer address may hold: the channel over the cap is
+// refused at once (the initiator learns why, the server counts it), and a closed channel gives
+// its place back, so a peer's later processes are served again.
+TEST_P(ChannelTest, APeerOverItsChannelCapIsRefusedUntilOneCloses) {
+  auto a = tools::OpenChanHost(Driver(), Opts(hosts_.ns_a(), TestHosts::kDevA));
+  ASSERT_TRUE(a.ok()) << a.status();
+  a_ = std::move(*a);
+  chan::DriverOptions bo = Opts(hosts_.ns_b(), TestHosts::kDevB);
+  bo.max_channels_per_peer = 2;
+  auto b = tools::OpenChanHost(Driver(), bo);
+  ASSERT_TRUE(b.ok()) << b.status();
+  b_ = std::move(*b);
+  auto open = [&]() -> std::shared_ptr<chan::Channel> {
+    chan::ChannelParams p;
+    p.peer_ipv4 = TestHosts::kIpB;
+    auto ch = a_->driver->Connect(p);
+    EXPECT_TRUE(ch.ok()) << ch.status();
+    if (!ch.ok()) return nullptr;
+    const uint64_t end = chan::NowUs() + 3'000'000;
+    while ((*ch)->state() == chan::ChannelState::kConnecting && chan::NowUs() < end)
+      (*ch)->Wait(absl::Milliseconds(10), chan::Channel::kReadable);
+    return *ch;
+  };
+  std::vector<std::shared_ptr<chan::Channel>> held;
+  for (int i = 0; i < 2; ++i) {
+    held.push_back(open());
+    ASSERT_TRUE(held.back());
+    ASSERT_EQ(held.back()->state(), chan::ChannelState::kUp) << i;
+  }
+  auto over = open();
+  ASSERT_TRUE(over);
+  EXPECT_EQ(over->state(), chan::ChannelState::kFailed) << chan::StateName(over->state());
+  EXPECT_EQ(over->fail_cause(), chan::FailCause::kRefused)
+      << chan::FailCauseName(over->fail_cause());
+  EXPECT_GE(b_->driver->Stats().handshakes_dropped, 1u);
+  (void)a_->driver->Destroy(*over);
+
+  // One closed: its place comes back once the server has let it go. The server's owner takes
+  // each channel and destroys it when it ends, as the stack's dispatcher does (the kernel-TCP
+  // driver keeps an ended channel until then; AF_XDP's engine reaps it by itself).
+  ASSERT_TRUE(a_->driver->Destroy(*held[0]).ok());
+  held.erase(held.begin());
+  std::vector<std::shared_ptr<chan::Channel>> served;
+  auto serve = [&] {
+    while (auto c = b_->driver->Accept()) served.push_back(c);
+    std::erase_if(served, [&](const std::shared_ptr<chan::Channel>& c) {
+      const bool ended =
+          c->state() == chan::ChannelState::kClosed || c->state() == chan::ChannelState::kFailed;
+      if (ended) (void)b_->driver->Destroy(*c);
+      return ended;
+    });
+  };
+  std::shared_ptr<chan::Channel> again;
+  for (int attempt = 0; attempt < 20; ++attempt) {
+    serve();
+    again = open();
+    ASSERT_TRUE(again);
+    if (again->state() == chan::ChannelState::kUp) break;
+    (void)a_->driver->Destroy(*again);
+    usleep(100'000);
+  }
+  EXPECT_EQ(again->state(), chan::ChannelState::kUp) << chan::FailCauseName(again->fail_cause());
+}
+
 // Frames an attacker or a broken peer could put on the wire, sent with AF_PACKET while a channel
 // moves data: none may reach the stream, each is dropped and counted where it is caught. The
 // hosts run the kernel-UDP path with jumbo frames, so multi-buffer frames are under attack too.
