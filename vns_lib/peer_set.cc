@@ -139,8 +139,10 @@ absl::StatusOr<Peer*> PeerSet::Ensure(
     while (ch->state() == chan::ChannelState::kConnecting && chan::NowUs() < end)
       ch->Wait(absl::Milliseconds(5), chan::Channel::kReadable);
     if (ch->state() != chan::ChannelState::kUp) {
-      const bool timed_out = ch->state() == chan::ChannelState::kConnecting;
+      // Timed out here, or by the driver's own handshake deadline (the same timeout).
       const chan::FailCause why = ch->fail_cause();
+      const bool timed_out = ch->state() == chan::ChannelState::kConnecting ||
+                             why == chan::FailCause::kHandshakeTimeout;
       for (auto& c : opened) (void)driver_->Destroy(*c);
       return SockError(timed_out ? ETIMEDOUT : ECONNREFUSED, "open a channel to the peer", why);
     }

@@ -1217,6 +1217,20 @@ TEST_F(VnsTest, ConnectToAPortNobodyListensOnIsRefusedFast) {
   EXPECT_LT((chan::NowUs() - t1) / 1e3, 50);
 }
 
+// A host with no stack never answers the channel handshake: connect says it timed out (the
+// driver's handshake deadline is the connect timeout), not that it was refused.
+TEST_F(VnsTest, ConnectToAHostWithoutAStackTimesOut) {
+  auto a = Stack::Create(Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1));
+  ASSERT_TRUE(a.ok()) << a.status();
+  a_ = std::move(*a);
+  SocketOptions so;
+  so.connect_timeout = absl::Milliseconds(300);
+  auto c = a_->Connect(TestHosts::kIpB, 80, so);
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(Errno(c.status()), ETIMEDOUT) << c.status();
+  EXPECT_NE(c.status().message().find("handshake in time"), std::string::npos) << c.status();
+}
+
 TEST_F(VnsTest, AForgedConnIdCannotInjectAByteIntoAnotherSocket) {
   Open("afxdp", 1);
   auto l = b_->Listen(5010);
