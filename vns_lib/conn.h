@@ -88,6 +88,9 @@ struct Conn {
   // may poll fd() at any time); a lazy one (SetLazyReadiness) counts announced waits only.
   std::atomic<int> waiters{1};
   uint64_t connect_deadline_us = 0;  // non-blocking connects: when the dispatcher gives up
+  // A non-blocking connect waiting for its peer's first channels: the peer's open_failures()
+  // when it started (a later failure is its own).
+  uint64_t open_failures_seen = 0;
   std::atomic<ConnState> state{ConnState::kConnecting};
   std::atomic<uint64_t> fin_seq{UINT64_MAX};  // stream length announced by the peer's FIN
   std::atomic<bool> closed{false};

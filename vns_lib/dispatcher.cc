@@ -367,9 +367,49 @@ void StackImpl::ServeChannel(DispatchChan& cs, bool* worked) {
   DeliverNew(cs, worked);
 }
 
+bool StackImpl::ServeAwaitingChannels() {
+  const bool opening = peers_->FinishOpens();
+  std::vector<std::shared_ptr<Conn>> waiting;
+  {
+    std::lock_guard g(mu_);
+    waiting = awaiting_channels_;
+  }
+  // Looked at outside mu_ (a peer's lock is not taken under it); handled ones leave the list.
+  std::vector<const Conn*> done;
+  for (const auto& c : waiting) {
+    if (c->state.load() != ConnState::kConnecting) {  // timed out (ExpireConnects) or closed
+      done.push_back(c.get());
+      continue;
+    }
+    if (auto ctl = c->peer->ControlChannel()) {
+      QueueControl(ctl.get(), c->key, c->conn_id, c->app_class, NC_SYN, c->rcvbuf);
+      done.push_back(c.get());
+      continue;
+    }
+    if (c->peer->open_failures() == c->open_failures_seen) continue;
+    const ConnState fail =
+        c->peer->open_errno() == ECONNREFUSED ? ConnState::kRefused : ConnState::kTimedOut;
+    ConnState want = ConnState::kConnecting;
+    if (c->state.compare_exchange_strong(want, fail)) {
+      Unregister(c);
+      c->Signal();
+      c->WakeSender();
+    }
+    done.push_back(c.get());
+  }
+  std::lock_guard g(mu_);
+  std::erase_if(awaiting_channels_, [&](const std::shared_ptr<Conn>& c) {
+    return std::find(done.begin(), done.end(), c.get()) != done.end();
+  });
+  awaiting_.store(!awaiting_channels_.empty(), std::memory_order_release);
+  return opening || !awaiting_channels_.empty();
+}
+
 bool StackImpl::DispatchRound() {
   bool worked = false;
   if (watching_.load(std::memory_order_acquire)) CheckWatched();
+  if (awaiting_.load(std::memory_order_acquire) || peers_->opens_pending())
+    (void)ServeAwaitingChannels();
   if (const uint64_t now = NowUs(); now >= next_expiry_) {
     ExpireConnects();
     next_expiry_ = now + 10000;
@@ -597,9 +637,14 @@ void StackImpl::Dispatch() {
         // A polled lane is looked at again once its poller may have stopped renewing it
         // without saying so (chan::kStandDownRecheckUs), not every millisecond: each wakeup
         // pre-empts a spinner.
-        uint64_t sleep = watching_.load(std::memory_order_acquire) ? 1000
-                         : NothingToRetryLocked()                  ? kIdleDispatchSleepUs
-                                                                   : 10000;
+        // (Connections waiting for a peer's first channel: looked at each millisecond, as the
+        // channels' handshakes do not wake us.)
+        uint64_t sleep = watching_.load(std::memory_order_acquire) ||
+                                 awaiting_.load(std::memory_order_acquire) ||
+                                 peers_->opens_pending()
+                             ? 1000
+                         : NothingToRetryLocked() ? kIdleDispatchSleepUs
+                                                  : 10000;
         if (polled_until) sleep = std::min(sleep, polled_until - now + chan::kStandDownRecheckUs);
         if (until > now) sleep = std::min<uint64_t>(until - now + chan::kStandDownRecheckUs, 10000);
         sleep_us = static_cast<int>(sleep);

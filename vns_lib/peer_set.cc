@@ -5,6 +5,7 @@
 
 #include "afxdp_channels/engine.h"
 #include "vns_lib/sock_error.h"
+#include "vns_lib/vns.h"
 
 namespace netch::vns {
 
@@ -95,8 +96,10 @@ void Peer::Bump() {
 
 PeerSet::~PeerSet() {
   std::lock_guard l(mu_);
-  for (auto& [ip, p] : peers_)
+  for (auto& [ip, p] : peers_) {
     for (auto& ch : p->All()) (void)driver_->Destroy(*ch);
+    for (auto& ch : p->opening) (void)driver_->Destroy(*ch);
+  }
   peers_.clear();
 }
 
@@ -116,25 +119,39 @@ void PeerSet::ForEach(const std::function<void(Peer&)>& fn) {
   for (Peer* p : all) fn(*p);
 }
 
+absl::Status PeerSet::Open(Peer* p, int from, int to, absl::Duration timeout,
+                           const std::function<void(size_t index, chan::ChannelParams*)>& place,
+                           std::vector<std::shared_ptr<chan::Channel>>* opened) {
+  for (int i = from; i < to; ++i) {
+    chan::ChannelParams cp;
+    cp.peer_ipv4 = p->ip();
+    cp.connect_timeout = timeout;
+    if (place) place(static_cast<size_t>(i), &cp);
+    auto ch = driver_->Connect(cp);
+    if (!ch.ok()) {
+      for (auto& c : *opened) (void)driver_->Destroy(*c);
+      p->NoteOpenFailed(Errno(ch.status()));
+      return ch.status();
+    }
+    opened->push_back(*ch);
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<Peer*> PeerSet::Ensure(
     uint32_t ip, int want, absl::Duration timeout,
     const std::function<void(size_t index, chan::ChannelParams*)>& place) {
   Peer* p = Get(ip);
   std::lock_guard g(p->connect_mu);
   const uint64_t end = chan::NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
-  std::vector<std::shared_ptr<chan::Channel>> opened;
-  for (int i = static_cast<int>(p->live_count()); i < want; ++i) {
-    chan::ChannelParams cp;
-    cp.peer_ipv4 = ip;
-    cp.connect_timeout = timeout;
-    if (place) place(static_cast<size_t>(i), &cp);
-    auto ch = driver_->Connect(cp);
-    if (!ch.ok()) {
-      for (auto& c : opened) (void)driver_->Destroy(*c);
-      return ch.status();
-    }
-    opened.push_back(*ch);
-  }
+  // Channels a non-blocking connect started are ours to wait for now (none opened twice).
+  std::vector<std::shared_ptr<chan::Channel>> opened = std::move(p->opening);
+  p->opening.clear();
+  if (!opened.empty()) opening_peers_.fetch_sub(1, std::memory_order_acq_rel);
+  if (auto st =
+          Open(p, static_cast<int>(p->live_count() + opened.size()), want, timeout, place, &opened);
+      !st.ok())
+    return st;
   for (auto& ch : opened) {
     while (ch->state() == chan::ChannelState::kConnecting && chan::NowUs() < end)
       ch->Wait(absl::Milliseconds(5), chan::Channel::kReadable);
@@ -144,11 +161,67 @@ absl::StatusOr<Peer*> PeerSet::Ensure(
       const bool timed_out = ch->state() == chan::ChannelState::kConnecting ||
                              why == chan::FailCause::kHandshakeTimeout;
       for (auto& c : opened) (void)driver_->Destroy(*c);
+      p->NoteOpenFailed(timed_out ? ETIMEDOUT : ECONNREFUSED);
       return SockError(timed_out ? ETIMEDOUT : ECONNREFUSED, "open a channel to the peer", why);
     }
   }
   for (auto& ch : opened) p->Add(ch);
   return p;
+}
+
+absl::Status PeerSet::StartOpen(
+    Peer* p, int want, absl::Duration timeout,
+    const std::function<void(size_t index, chan::ChannelParams*)>& place) {
+  // Held: another thread is opening channels here right now (or finishing them); the caller
+  // waits for the outcome like any other connection to this peer.
+  std::unique_lock g(p->connect_mu, std::try_to_lock);
+  if (!g.owns_lock() || p->live_count() > 0 || !p->opening.empty()) return absl::OkStatus();
+  std::vector<std::shared_ptr<chan::Channel>> opened;
+  if (auto st = Open(p, 0, want, timeout, place, &opened); !st.ok()) return st;
+  p->opening = std::move(opened);
+  p->opening_deadline_us =
+      chan::NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
+  opening_peers_.fetch_add(1, std::memory_order_acq_rel);
+  return absl::OkStatus();
+}
+
+bool PeerSet::FinishOpens() {
+  if (!opens_pending()) return false;
+  bool pending = false;
+  ForEach([&](Peer& p) {
+    std::unique_lock g(p.connect_mu, std::try_to_lock);
+    if (!g.owns_lock()) {
+      pending = true;
+      return;
+    }
+    if (p.opening.empty()) return;
+    bool all_up = true;
+    bool failed = false;
+    chan::FailCause why = chan::FailCause::kNone;
+    for (const auto& ch : p.opening) {
+      const chan::ChannelState st = ch->state();
+      if (st == chan::ChannelState::kConnecting) {
+        all_up = false;
+      } else if (st != chan::ChannelState::kUp) {
+        failed = true;
+        why = ch->fail_cause();
+      }
+    }
+    const bool expired = chan::NowUs() >= p.opening_deadline_us;
+    if (all_up && !failed) {
+      for (auto& ch : p.opening) p.Add(ch);
+    } else if (failed || expired) {
+      for (auto& ch : p.opening) (void)driver_->Destroy(*ch);
+      const bool timed_out = !failed || why == chan::FailCause::kHandshakeTimeout;
+      p.NoteOpenFailed(timed_out ? ETIMEDOUT : ECONNREFUSED);
+    } else {
+      pending = true;
+      return;
+    }
+    p.opening.clear();
+    opening_peers_.fetch_sub(1, std::memory_order_acq_rel);
+  });
+  return pending;
 }
 
 }  // namespace netch::vns

@@ -68,6 +68,18 @@ class Peer {
   std::mutex connect_mu;
   // Channels wanted to this peer, as last set by scaling (0: the stack's channels_per_peer).
   std::atomic<int> target{0};
+  // Channels a non-blocking connect started opening (PeerSet::StartOpen) that are not up yet:
+  // the dispatcher adds them once up (FinishOpens), or a blocking Ensure adopts them.
+  std::vector<std::shared_ptr<chan::Channel>> opening;  // guarded by connect_mu
+  uint64_t opening_deadline_us = 0;                     // guarded by connect_mu
+  // Attempts to open channels here that failed, and the errno a connect() sees for the last: a
+  // connection waiting for this peer's channels fails once the count passes what it saw.
+  uint64_t open_failures() const { return open_failures_.load(std::memory_order_acquire); }
+  int open_errno() const { return open_errno_.load(std::memory_order_relaxed); }
+  void NoteOpenFailed(int err) {
+    open_errno_.store(err, std::memory_order_relaxed);
+    open_failures_.fetch_add(1, std::memory_order_release);
+  }
 
  private:
   void Bump();
@@ -77,6 +89,8 @@ class Peer {
   std::atomic<uint64_t> version_{0};
   std::atomic<size_t> live_hint_{0};  // live_count() as of the last Bump
   std::atomic<chan::FailCause> last_failure_{chan::FailCause::kNone};
+  std::atomic<uint64_t> open_failures_{0};
+  std::atomic<int> open_errno_{0};
   mutable std::mutex mu_;
   std::vector<std::shared_ptr<chan::Channel>> chans_;  // guarded by mu_
   std::vector<uint64_t> added_;  // guarded by mu_: when chans_[i] was added (a count)
@@ -95,13 +109,31 @@ class PeerSet {
   absl::StatusOr<Peer*> Ensure(
       uint32_t ip, int want, absl::Duration timeout,
       const std::function<void(size_t index, chan::ChannelParams*)>& place = nullptr);
+  // A non-blocking connect's first channels: starts opening `want` channels to `p` if it has
+  // no live channel and nobody is opening any, and returns without waiting for them (an error
+  // only if the driver cannot even start one). The connection then waits for the peer's
+  // channels in the dispatcher (FinishOpens, Peer::open_failures).
+  absl::Status StartOpen(Peer* p, int want, absl::Duration timeout,
+                         const std::function<void(size_t index, chan::ChannelParams*)>& place);
+  // The dispatcher's part of StartOpen, each round while any is pending: channels that came up
+  // join their peer; a peer whose opening failed or outlived its timeout has them destroyed and
+  // the failure noted. Never blocks (a peer whose connect_mu is held waits for the next round).
+  // True while an opening is still pending.
+  bool FinishOpens();
+  bool opens_pending() const { return opening_peers_.load(std::memory_order_acquire) > 0; }
   void ForEach(const std::function<void(Peer&)>& fn);
   // Bumped whenever any peer's channels change.
   uint64_t version() const { return version_.load(std::memory_order_acquire); }
 
  private:
+  // Starts channels `from`..`to`-1 to `p` (handshakes under way) into `opened`; on an error
+  // destroys all of `opened` and notes the failure on the peer.
+  absl::Status Open(Peer* p, int from, int to, absl::Duration timeout,
+                    const std::function<void(size_t index, chan::ChannelParams*)>& place,
+                    std::vector<std::shared_ptr<chan::Channel>>* opened);
   chan::Driver* driver_;
   std::atomic<uint64_t> version_{0};
+  std::atomic<int> opening_peers_{0};  // peers with a non-empty `opening`
   std::mutex mu_;
   std::unordered_map<uint32_t, std::unique_ptr<Peer>> peers_;  // guarded by mu_
 };

@@ -71,6 +71,10 @@ class SocketImpl final : public VirtualSocket {
   }
   absl::Status Usable() const {
     if (!c_) return SockError(EBADF, "socket closed");
+    // A connect that failed says how, even if the peer's channels are gone too (they may never
+    // have come up: the peer has no stack).
+    if (const ConnState s = c_->state.load(); s == ConnState::kRefused || s == ConnState::kTimedOut)
+      return StateError();
     if (c_->broken.load(std::memory_order_acquire)) return BrokenError();
     if (PeerGone()) return GoneError();
     return StateError();

@@ -281,28 +281,54 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Listen(uint16_t port, 
   return MakeSocket(this, c, o);
 }
 
+std::shared_ptr<Conn> StackImpl::NewClientConn(uint32_t ip, uint16_t port, Peer* peer,
+                                               const SocketOptions& o) {
+  std::lock_guard g(mu_);
+  for (int tries = 0; tries < 20000; ++tries) {
+    const uint16_t lp = next_port_;
+    next_port_ = next_port_ >= 60999 ? 40000 : next_port_ + 1;
+    ConnKey k{ip, lp, port};
+    if (conns_.contains(k)) continue;
+    auto c = std::make_shared<Conn>(k, netch::RandomU32() | 1, o.app_class, o.rcvbuf);
+    c->id = NextId();
+    c->peer = peer;
+    conns_[k] = c;
+    return c;
+  }
+  return nullptr;
+}
+
 absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, uint16_t port,
                                                                   const SocketOptions& o) {
   if (port == 0 || ip == 0) return SockError(EINVAL, "connect to address 0 or port 0");
   if (o.rcvbuf < 4096) return SockError(EINVAL, "rcvbuf below 4096 bytes");
-  const int target = peers_->Get(ip)->target.load(std::memory_order_relaxed);
+  const uint64_t end =
+      NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(o.connect_timeout));
+  Peer* p = peers_->Get(ip);
+  const int target = p->target.load(std::memory_order_relaxed);
   const int want = target > 0 ? target : opts_.channels_per_peer;
+  if (o.nonblocking && p->live_count() == 0) {
+    // The first connection to a new (or unreachable) peer must not hold an event loop for the
+    // channel handshake, up to the whole connect timeout: its NCSYN leaves from the dispatcher
+    // once a channel is up (ServeAwaitingChannels); EINPROGRESS now.
+    const uint64_t failures = p->open_failures();
+    if (auto st = peers_->StartOpen(p, want, o.connect_timeout, Placer(want)); !st.ok()) return st;
+    auto c = NewClientConn(ip, port, p, o);
+    if (!c) return SockError(EADDRNOTAVAIL, "no free local port");
+    c->connect_deadline_us = end;
+    c->open_failures_seen = failures;
+    {
+      std::lock_guard g(mu_);
+      connecting_.push_back(c);
+      awaiting_channels_.push_back(c);
+      awaiting_.store(true, std::memory_order_release);
+    }
+    WakeDispatcher();
+    return MakeSocket(this, c, o);
+  }
   auto peer = peers_->Ensure(ip, want, o.connect_timeout, Placer(want));
   if (!peer.ok()) return peer.status();
-  std::shared_ptr<Conn> c;
-  {
-    std::lock_guard g(mu_);
-    for (int tries = 0; tries < 20000 && !c; ++tries) {
-      const uint16_t lp = next_port_;
-      next_port_ = next_port_ >= 60999 ? 40000 : next_port_ + 1;
-      ConnKey k{ip, lp, port};
-      if (conns_.contains(k)) continue;
-      c = std::make_shared<Conn>(k, netch::RandomU32() | 1, o.app_class, o.rcvbuf);
-      c->id = NextId();
-      c->peer = *peer;
-      conns_[k] = c;
-    }
-  }
+  std::shared_ptr<Conn> c = NewClientConn(ip, port, *peer, o);
   if (!c) return SockError(EADDRNOTAVAIL, "no free local port");
   auto ctl = (*peer)->ControlChannel();
   auto st = ctl ? SendControlWait(*ctl, *c, NC_SYN, c->rcvbuf, o.connect_timeout)
@@ -311,8 +337,6 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
     Unregister(c);
     return st;
   }
-  const uint64_t end =
-      NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(o.connect_timeout));
   if (o.nonblocking) {
     // The handshake finishes without us: NCSYN_ACK or RST arrive through the dispatcher, which
     // also times the connection out (WakeSender makes write_fd() readable either way).

@@ -229,8 +229,15 @@ class StackImpl final : public Stack {
   std::deque<CtlMsg> ctl_backlog_;            // dispatch_mu_
   std::atomic<uint64_t> ctl_backlog_len_{0};  // its size after the last round, for Stats()
   void ExpireConnects();  // dispatcher: non-blocking connects past their deadline time out
-  void CheckWatched();    // dispatcher: write-watched sockets whose channels have room
-  bool SealRequested();   // dispatcher: seals channels being scaled down (NC_DRAIN)
+  // Dispatcher: finishes the peers' channel openings a non-blocking connect started, then sends
+  // the NCSYN of each connection whose peer has a channel up, or fails it with the peer's open
+  // failure. True while any connection still waits.
+  bool ServeAwaitingChannels();
+  // Connect's new connection to `peer` (a free local port, registered), or null.
+  std::shared_ptr<Conn> NewClientConn(uint32_t ip, uint16_t port, Peer* peer,
+                                      const SocketOptions& o);
+  void CheckWatched();   // dispatcher: write-watched sockets whose channels have room
+  bool SealRequested();  // dispatcher: seals channels being scaled down (NC_DRAIN)
   // dispatch_mu_: nothing the dispatcher retries on its own clock — control segments a full
   // channel refused, seals, releases, channels being drained or dying, connects that may time
   // out. Then it sleeps kIdleDispatchSleepUs between looks instead of 10 ms.
@@ -255,6 +262,9 @@ class StackImpl final : public Stack {
   absl::flat_hash_map<uint16_t, std::shared_ptr<Conn>> listeners_;
   uint16_t next_port_ = 0;
   std::vector<std::shared_ptr<Conn>> connecting_;  // guarded by mu_: non-blocking connects
+  // Non-blocking connects whose NCSYN waits for the peer's first channel (also in connecting_).
+  std::vector<std::shared_ptr<Conn>> awaiting_channels_;  // guarded by mu_
+  std::atomic<bool> awaiting_{false};                     // awaiting_channels_ is not empty
   std::mutex watch_mu_;
   std::vector<std::weak_ptr<Conn>> watch_;                       // guarded by watch_mu_
   std::vector<std::pair<const chan::Channel*, uint32_t>> room_;  // guarded by watch_mu_

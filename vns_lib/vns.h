@@ -73,7 +73,9 @@ struct SocketOptions {
   int channels = 0;         // hint: spread over at most this many of the peer's channels (0: all)
   // Send/Recv/Accept return EAGAIN instead of waiting. Connect returns as soon as the NCSYN is
   // on its way (the socket's EINPROGRESS): write_fd() turns readable when the handshake ends and
-  // Error() says how. Only the first connection to a new peer waits, for the peer's channels.
+  // Error() says how. To a peer with no channel yet, Connect starts opening the channels and
+  // returns at once; the NCSYN follows from the dispatcher once one is up, and a failed opening
+  // fails the connection (ETIMEDOUT, ECONNREFUSED). connect_timeout bounds the whole.
   bool nonblocking = false;
   // TCP_NODELAY: a small write leaves at once instead of waiting (up to kCorkHoldUs, or until
   // the channel has nothing unacknowledged) to be coalesced with the next ones into one segment.

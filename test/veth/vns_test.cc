@@ -1275,6 +1275,62 @@ TEST_F(VnsTest, ConnectToAHostWithoutAStackTimesOut) {
   EXPECT_NE(c.status().message().find("handshake in time"), std::string::npos) << c.status();
 }
 
+// An event loop's non-blocking connect never waits for the channel handshake to a new peer: it
+// returns at once, and write readiness with Error() reports the outcome — a working connection,
+// or ETIMEDOUT from a host without a stack (the kernel's non-blocking connect behaves the same).
+TEST_F(VnsTest, NonBlockingConnectToANewPeerReturnsAtOnce) {
+  auto a = Stack::Create(Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 2));
+  ASSERT_TRUE(a.ok()) << a.status();
+  a_ = std::move(*a);
+  SocketOptions nb;
+  nb.nonblocking = true;
+  nb.connect_timeout = absl::Milliseconds(400);
+  auto writable = [](VirtualSocket& s, int ms) {
+    pollfd p{s.write_fd(), POLLIN, 0};
+    return poll(&p, 1, ms) == 1;
+  };
+  // No stack on B yet: two connections wait for the same channel opening, then time out.
+  uint64_t t0 = chan::NowUs();
+  auto dead1 = a_->Connect(TestHosts::kIpB, 80, nb);
+  auto dead2 = a_->Connect(TestHosts::kIpB, 81, nb);
+  EXPECT_LT(chan::NowUs() - t0, 100'000u) << "the connects waited for the channel handshake";
+  ASSERT_TRUE(dead1.ok()) << dead1.status();
+  ASSERT_TRUE(dead2.ok()) << dead2.status();
+  EXPECT_FALSE(writable(**dead1, 0)) << "still connecting";
+  EXPECT_TRUE(writable(**dead1, 3000));
+  EXPECT_TRUE(writable(**dead2, 3000));
+  EXPECT_EQ((*dead1)->Error(), ETIMEDOUT);
+  EXPECT_EQ((*dead2)->Error(), ETIMEDOUT);
+  EXPECT_EQ(a_->driver().Channels().size(), 0u) << "the failed opening left channels behind";
+
+  // B comes up: the next non-blocking connect opens the channels without waiting for them
+  // and completes through write readiness.
+  auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 2));
+  ASSERT_TRUE(b.ok()) << b.status();
+  b_ = std::move(*b);
+  auto l = b_->Listen(80);
+  ASSERT_TRUE(l.ok()) << l.status();
+  nb.connect_timeout = absl::Seconds(5);
+  t0 = chan::NowUs();
+  auto c = a_->Connect(TestHosts::kIpB, 80, nb);
+  const uint64_t took = chan::NowUs() - t0;
+  ASSERT_TRUE(c.ok()) << c.status();
+  EXPECT_LT(took, 100'000u);
+  EXPECT_TRUE(writable(**c, 5000));
+  EXPECT_EQ((*c)->Error(), 0);
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok()) << s.status();
+  const uint8_t msg[3] = {1, 2, 3};
+  auto n = (*c)->Send(msg);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(*n, 3u);
+  uint8_t buf[8];
+  auto r = (*s)->Recv(buf);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, 3u);
+  EXPECT_EQ(a_->driver().Channels().size(), 2u) << "channels_per_peer, opened once";
+}
+
 TEST_F(VnsTest, AForgedConnIdCannotInjectAByteIntoAnotherSocket) {
   Open("afxdp", 1);
   auto l = b_->Listen(5010);
