@@ -110,6 +110,9 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
   if (auto st = ReadInt(env, "NETCH_CHANNELS", 1, 64, &c.channels); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_COPY_WORKERS", 0, 64, &c.copy_workers); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_LINGER_MS", 0, 600000, &c.linger_ms); !st.ok()) return st;
+  if (auto st = ReadInt(env, "NETCH_CONNECT_TIMEOUT_MS", 1, 600000, &c.connect_timeout_ms);
+      !st.ok())
+    return st;
   if (auto st = ReadInt(env, "NETCH_SPIN_US", 0, 100000, &c.spin_us); !st.ok()) return st;
   if (auto st = ReadInt(env, "NETCH_LOOP_POLL_US", 0, 1000000, &c.loop_poll_us); !st.ok())
     return st;

@@ -934,6 +934,7 @@ int connect(int fd, const sockaddr* addr, socklen_t len) {
   so.nodelay = cand.nodelay;
   so.app_class = static_cast<netch::vns::AppClass>(c->app_class);
   so.busy_poll_us = c->busy_poll_us;
+  so.connect_timeout = absl::Milliseconds(c->connect_timeout_ms);
   if (cand.rcvbuf > 0) so.rcvbuf = std::max(4096, cand.rcvbuf);
   t_internal = true;
   auto vs = stack->Connect(ip, port, so);

@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
       "netchrun"};
   std::string dev, instance, route, ports, driver, tx, metrics, policy, lib, app_class;
   int engines = 0, channels = 0, copy_workers = 0, linger_ms = -1, spin_us = -1, busy_poll_us = -1,
-      loop_poll_us = -1;
+      loop_poll_us = -1, connect_timeout_ms = -1;
   bool replace_xdp = false, verbose = false;
   std::vector<int> engine_cores;
   std::vector<std::string> cmd;
@@ -74,6 +74,9 @@ int main(int argc, char** argv) {
   app.add_option("--metrics", metrics, "Prometheus exposer address, or off")->default_str("off");
   app.add_option("--linger-ms", linger_ms, "at exit, wait this long for unacknowledged data")
       ->check(CLI::Range(0, 600000));
+  app.add_option("--connect-timeout-ms", connect_timeout_ms,
+                 "a connect() gives up after this long, channel handshake included (default 2000)")
+      ->check(CLI::Range(1, 600000));
   app.add_option("--spin-us", spin_us, "idle stack threads spin this long before sleeping")
       ->check(CLI::Range(0, 100000));
   app.add_flag("--replace-xdp", replace_xdp, "take over an interface with another XDP program");
@@ -111,6 +114,7 @@ int main(int argc, char** argv) {
   set_int("NETCH_CHANNELS", channels, 0);
   set_int("NETCH_COPY_WORKERS", copy_workers, 0);
   set_int("NETCH_LINGER_MS", linger_ms, -1);
+  set_int("NETCH_CONNECT_TIMEOUT_MS", connect_timeout_ms, -1);
   set_int("NETCH_SPIN_US", spin_us, -1);
   set("NETCH_CLASS", app_class);
   set_int("NETCH_BUSY_POLL_US", busy_poll_us, -1);

@@ -38,6 +38,8 @@
 //   NETCH_METRICS    host:port of the Prometheus exposer, or "off" (default)
 //   NETCH_REPLACE_XDP=1  take over an interface where another XDP program is attached
 //   NETCH_LINGER_MS  see exit() above;  NETCH_VERBOSE=1  log each socket routed over NetChannel
+//   NETCH_CONNECT_TIMEOUT_MS  a connect() to a peer gives up after this long, its channels'
+//                    handshake included (default 2000; a non-blocking one reports it)
 //   NETCH_SPIN_US    how long idle stack threads spin before sleeping (default: the stack's 50)
 //   NETCH_DELIVER_INLINE=0  received segments go to sockets through the dispatcher thread, not
 //                    on the engine's thread (vns::StackOptions::deliver_inline; default 1)
@@ -78,6 +80,7 @@ struct Config {
   std::vector<uint16_t> ports;  // empty: all
   int engines = 1, channels = 1, copy_workers = 0;
   int linger_ms = 2000;
+  int connect_timeout_ms = 2000;  // NETCH_CONNECT_TIMEOUT_MS
   int spin_us = -1;  // adaptive polling spin of engines, dispatcher and Recv (-1: stack defaults)
   // NETCH_POLICY=NAME[:key=value,...]: the policy's knobs, applied in order.
   std::vector<std::pair<std::string, std::string>> policy_knobs;

@@ -8,7 +8,11 @@
 //   socket_calls client IP PORT BYTES     non-blocking connect, poll/select/ppoll, writev/readv,
 //                                         dup, fcntl, ioctl, getsockname/peername, fork, shutdown
 //   socket_calls hang IP PORT             connects, sends half a message, then sleeps (to be
-//   killed) socket_calls refused IP PORT          a connect nobody accepts: SO_ERROR = ECONNREFUSED
+//                                         killed)
+//   socket_calls refused IP PORT          a connect nobody accepts: SO_ERROR = ECONNREFUSED
+//   socket_calls timeout IP PORT          connects to a host that never answers: a non-blocking
+//                                         connect returns at once and reports ETIMEDOUT, a
+//                                         blocking one fails with it
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -390,11 +394,53 @@ int Refused(const char* ip, int port) {
   return g_failures;
 }
 
+int64_t NowMs() {
+  timespec t{};
+  clock_gettime(CLOCK_MONOTONIC, &t);
+  return t.tv_sec * 1000 + t.tv_nsec / 1000000;
+}
+
+int TimesOut(const char* ip, int port) {
+  sockaddr_in a = Addr(ip, port);
+  // Twice: the first connect also starts the library's stack (lazily, on the first socket that
+  // goes over NetChannel); the second shows what a connect itself costs.
+  for (int round = 0; round < 2; ++round) {
+    const int s = socket(AF_INET, SOCK_STREAM, 0);
+    fcntl(s, F_SETFL, fcntl(s, F_GETFL) | O_NONBLOCK);
+    const int64_t t0 = NowMs();
+    const int r = connect(s, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+    const bool inprogress = r < 0 && errno == EINPROGRESS;
+    const int64_t returned = NowMs() - t0;
+    pollfd p{s, POLLOUT, 0};
+    const bool quiet = poll(&p, 1, 0) == 0;
+    const bool ended = poll(&p, 1, 5000) == 1;
+    int err = 0;
+    socklen_t el = sizeof(err);
+    getsockopt(s, SOL_SOCKET, SO_ERROR, &err, &el);
+    close(s);
+    if (round == 0) continue;
+    Check(inprogress && returned < 200, "nonblocking_connect_returns_at_once",
+          "rc " + std::to_string(r) + " after " + std::to_string(returned) + " ms");
+    Check(quiet, "not_writable_while_connecting");
+    Check(ended, "writable_when_the_connect_ends");
+    Check(err == ETIMEDOUT, "so_error_etimedout", "SO_ERROR " + std::to_string(err));
+  }
+  const int b = socket(AF_INET, SOCK_STREAM, 0);
+  const int64_t t0 = NowMs();
+  const int rb = connect(b, reinterpret_cast<sockaddr*>(&a), sizeof(a));
+  const int eb = errno;
+  Check(rb < 0 && eb == ETIMEDOUT, "blocking_connect_etimedout",
+        "rc " + std::to_string(rb) + " errno " + std::to_string(eb) + " after " +
+            std::to_string(NowMs() - t0) + " ms");
+  close(b);
+  return g_failures;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: socket_calls server|client|hang|refused IP PORT [N]\n");
+    std::fprintf(stderr, "usage: socket_calls server|client|hang|refused|timeout IP PORT [N]\n");
     return 2;
   }
   const std::string mode = argv[1];
@@ -403,6 +449,7 @@ int main(int argc, char** argv) {
   if (mode == "client" && argc == 5) return Client(argv[2], port, std::strtoull(argv[4], 0, 10));
   if (mode == "hang") return Hang(argv[2], port);
   if (mode == "refused") return Refused(argv[2], port);
-  std::fprintf(stderr, "usage: socket_calls server|client|hang|refused IP PORT [N]\n");
+  if (mode == "timeout") return TimesOut(argv[2], port);
+  std::fprintf(stderr, "usage: socket_calls server|client|hang|refused|timeout IP PORT [N]\n");
   return 2;
 }

@@ -58,6 +58,7 @@ TEST(PreloadConfigTest, BadVariablesNameThemselves) {
                                                         {"NETCH_DRIVER", "dpdk"},
                                                         {"NETCH_TX", "rdma"},
                                                         {"NETCH_LINGER_MS", "-1"},
+                                                        {"NETCH_CONNECT_TIMEOUT_MS", "0"},
                                                         {"NETCH_CLASS", "bulk"},
                                                         {"NETCH_BUSY_POLL_US", "2000000"},
                                                         {"NETCH_DELIVER_INLINE", "2"},

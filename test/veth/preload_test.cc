@@ -180,6 +180,20 @@ TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClien
   EXPECT_TRUE(absl::StrContains(server.Output(), "server done: 3 clients")) << server.Output();
 }
 
+// A client whose server's host runs no stack: an event loop's connect() must not freeze for the
+// channel handshake (EINPROGRESS at once, ETIMEDOUT through POLLOUT and SO_ERROR), and a
+// blocking one fails after --connect-timeout-ms (1 s here; a connect that waited for the
+// handshake would take all of it).
+TEST_F(PreloadTest, AConnectToAHostWithoutAStackTimesOutWithoutFreezingTheLoop) {
+  const std::string prog = kBin + "/test/socket_calls";
+  const std::string a = Netchrun(hosts_.ns_a(), TestHosts::kDevA, "--connect-timeout-ms 1000");
+  std::string out;
+  EXPECT_EQ(Shell("timeout 60 " + a + " " + prog + " timeout 198.18.0.2 7000", &out), 0) << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok nonblocking_connect_returns_at_once")) << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok so_error_etimedout")) << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok blocking_connect_etimedout")) << out;
+}
+
 TEST(NetchrunTest, BadOptionsGetAUsageMessageAndExitStatus2) {
   std::string out;
   for (const char* bad : {"--engine-cores 1,x", "--engines 0", "--route some", "--no-such"}) {
