@@ -301,6 +301,34 @@ TEST_F(PreloadTest, RedisBenchmarkAndALargeValueOverNetChannel) {
   ASSERT_EQ(Shell(cli + "ping", &out), 0) << out;
   EXPECT_TRUE(absl::StrContains(out, "PONG")) << "still serving afterwards: " << out;
 
+  // Clients killed mid-run (SIGKILL, 50 connections with pipelined requests in flight), three
+  // times over: the server outlives them, drops their connections (the next client process's
+  // channels retire the dead one's, or the dead-peer timeout does) and serves the next client
+  // in full.
+  for (int i = 0; i < 3; ++i) {
+    Background victim(A() + " redis-benchmark -h 198.18.0.2 -q -c 50 -n 100000000 -P 16 -t set,get",
+                      std::string(dir) + "/victim.log");
+    ASSERT_TRUE(victim.WaitFor("SET", 30)) << victim.Output();
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  }  // ~Background: SIGKILL to the client's process group
+  ASSERT_EQ(Shell(absl::StrFormat("timeout 120 %s redis-benchmark -h 198.18.0.2 -q -c 50 -n %d "
+                                  "-P 16 -t set,get",
+                                  A(), n / 5),
+                  &out),
+            0)
+      << out;
+  int after_kills = 0;
+  for (absl::string_view line : absl::StrSplit(out, absl::ByAnyChar("\r\n")))
+    after_kills += absl::StrContains(line, "requests per second");
+  EXPECT_EQ(after_kills, 2) << out;
+  for (int i = 0; i < 100; ++i) {  // bounded: 10 s
+    Shell(cli + "info clients", &out);
+    if (absl::StrContains(out, "connected_clients:1\r")) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(absl::StrContains(out, "connected_clients:1\r"))
+      << "the killed clients' connections are still open: " << out;
+
   // SIGTERM: Redis shuts down through exit(); the library detaches its XDP program.
   server.Signal(SIGTERM);
   EXPECT_EQ(server.Wait(20), 0) << server.Output();
