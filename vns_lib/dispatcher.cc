@@ -377,7 +377,8 @@ bool StackImpl::ServeAwaitingChannels() {
   // Looked at outside mu_ (a peer's lock is not taken under it); handled ones leave the list.
   std::vector<const Conn*> done;
   for (const auto& c : waiting) {
-    if (c->state.load() != ConnState::kConnecting) {  // timed out (ExpireConnects) or closed
+    // Timed out (ExpireConnects), or closed by its socket before a channel came up: no NCSYN.
+    if (c->state.load() != ConnState::kConnecting || c->closed.load()) {
       done.push_back(c.get());
       continue;
     }
