@@ -702,6 +702,11 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
   return worked;
 }
 
+// Why a stack with DriverOptions::accept off refuses every channel.
+absl::Status NotAccepting() {
+  return absl::FailedPreconditionError("this stack does not accept channels");
+}
+
 void XskQueue::HandleFrame(const xdp_desc* frags, uint32_t n, uint64_t now) {
   counters.rx_frames.fetch_add(1, std::memory_order_relaxed);
   const xdp_desc& d = frags[0];
@@ -799,8 +804,7 @@ void XskQueue::HandleSyn(const wire::ParsedFrame& pf, const wire::MacAddr& peer_
   h.ts_ecr = pf.ch.ts_val;
   if (!driver_->opts().accept) {
     // Not accepting: tell the initiator now rather than let it time out. Costs no state.
-    NoteRefused(pf.src_ip, absl::FailedPreconditionError("this stack does not accept channels"),
-                now);
+    NoteRefused(pf.src_ip, NotAccepting(), now);
     h.type = NC_CT_RST;
     SendControl(a, h);
     return;
@@ -1455,7 +1459,7 @@ absl::StatusOr<std::shared_ptr<Channel>> AfxdpDriver::Connect(const ChannelParam
 absl::StatusOr<std::shared_ptr<AfxdpChannel>> AfxdpDriver::NewPassive(XskQueue* q, uint32_t peer_ip,
                                                                       const wire::MacAddr& peer_mac,
                                                                       uint64_t local_token) {
-  if (!opts_.accept) return absl::FailedPreconditionError("this stack does not accept channels");
+  if (!opts_.accept) return NotAccepting();
   auto ch = Register(q, peer_ip, peer_mac, local_token);
   if (ch.ok()) accept_q_.Push(*ch);
   return ch;

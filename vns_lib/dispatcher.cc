@@ -376,6 +376,7 @@ bool StackImpl::ServeAwaitingChannels() {
   }
   // Looked at outside mu_ (a peer's lock is not taken under it); handled ones leave the list.
   std::vector<const Conn*> done;
+  std::vector<std::pair<std::shared_ptr<Conn>, ConnState>> failed;
   for (const auto& c : waiting) {
     // Timed out (ExpireConnects), or closed by its socket before a channel came up: no NCSYN.
     if (c->state.load() != ConnState::kConnecting || c->closed.load()) {
@@ -388,17 +389,12 @@ bool StackImpl::ServeAwaitingChannels() {
       continue;
     }
     if (c->peer->open_failures() == c->open_failures_seen) continue;
-    const ConnState fail =
-        c->peer->open_errno() == ECONNREFUSED ? ConnState::kRefused : ConnState::kTimedOut;
-    ConnState want = ConnState::kConnecting;
-    if (c->state.compare_exchange_strong(want, fail)) {
-      Unregister(c);
-      c->Signal();
-      c->WakeSender();
-    }
+    failed.emplace_back(
+        c, c->peer->open_errno() == ECONNREFUSED ? ConnState::kRefused : ConnState::kTimedOut);
     done.push_back(c.get());
   }
   std::lock_guard g(mu_);
+  for (const auto& [c, fail] : failed) FailConnectLocked(c, fail);
   std::erase_if(awaiting_channels_, [&](const std::shared_ptr<Conn>& c) {
     return std::find(done.begin(), done.end(), c.get()) != done.end();
   });

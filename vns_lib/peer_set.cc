@@ -8,6 +8,13 @@
 #include "vns_lib/vns.h"
 
 namespace netch::vns {
+namespace {
+// The errno of a failed channel opening: ETIMEDOUT if it was still connecting when the wait
+// ended or the driver's own handshake deadline failed it (the same timeout), else ECONNREFUSED.
+int OpenFailureErrno(bool still_connecting, chan::FailCause why) {
+  return still_connecting || why == chan::FailCause::kHandshakeTimeout ? ETIMEDOUT : ECONNREFUSED;
+}
+}  // namespace
 
 bool IsLive(chan::ChannelState s) {
   return s == chan::ChannelState::kConnecting || s == chan::ChannelState::kUp;
@@ -156,13 +163,11 @@ absl::StatusOr<Peer*> PeerSet::Ensure(
     while (ch->state() == chan::ChannelState::kConnecting && chan::NowUs() < end)
       ch->Wait(absl::Milliseconds(5), chan::Channel::kReadable);
     if (ch->state() != chan::ChannelState::kUp) {
-      // Timed out here, or by the driver's own handshake deadline (the same timeout).
       const chan::FailCause why = ch->fail_cause();
-      const bool timed_out = ch->state() == chan::ChannelState::kConnecting ||
-                             why == chan::FailCause::kHandshakeTimeout;
+      const int err = OpenFailureErrno(ch->state() == chan::ChannelState::kConnecting, why);
       for (auto& c : opened) (void)driver_->Destroy(*c);
-      p->NoteOpenFailed(timed_out ? ETIMEDOUT : ECONNREFUSED);
-      return SockError(timed_out ? ETIMEDOUT : ECONNREFUSED, "open a channel to the peer", why);
+      p->NoteOpenFailed(err);
+      return SockError(err, "open a channel to the peer", why);
     }
   }
   for (auto& ch : opened) p->Add(ch);
@@ -212,8 +217,7 @@ bool PeerSet::FinishOpens() {
       for (auto& ch : p.opening) p.Add(ch);
     } else if (failed || expired) {
       for (auto& ch : p.opening) (void)driver_->Destroy(*ch);
-      const bool timed_out = !failed || why == chan::FailCause::kHandshakeTimeout;
-      p.NoteOpenFailed(timed_out ? ETIMEDOUT : ECONNREFUSED);
+      p.NoteOpenFailed(OpenFailureErrno(/*still_connecting=*/!failed, why));
     } else {
       pending = true;
       return;

@@ -406,16 +406,19 @@ void StackImpl::ExpireConnects() {
   const uint64_t now = NowUs();
   std::lock_guard g(mu_);
   std::erase_if(connecting_, [&](const std::shared_ptr<Conn>& c) {
-    ConnState want = ConnState::kConnecting;
     if (c->state.load() != ConnState::kConnecting) return true;
     if (now < c->connect_deadline_us) return false;
-    if (c->state.compare_exchange_strong(want, ConnState::kTimedOut)) {
-      if (auto it = conns_.find(c->key); it != conns_.end() && it->second == c) conns_.erase(it);
-      c->Signal();
-      c->WakeSender();
-    }
+    FailConnectLocked(c, ConnState::kTimedOut);
     return true;
   });
+}
+
+void StackImpl::FailConnectLocked(const std::shared_ptr<Conn>& c, ConnState fail) {
+  ConnState want = ConnState::kConnecting;
+  if (!c->state.compare_exchange_strong(want, fail)) return;
+  if (auto it = conns_.find(c->key); it != conns_.end() && it->second == c) conns_.erase(it);
+  c->Signal();
+  c->WakeSender();
 }
 
 namespace {

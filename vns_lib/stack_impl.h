@@ -229,6 +229,9 @@ class StackImpl final : public Stack {
   std::deque<CtlMsg> ctl_backlog_;            // dispatch_mu_
   std::atomic<uint64_t> ctl_backlog_len_{0};  // its size after the last round, for Stats()
   void ExpireConnects();  // dispatcher: non-blocking connects past their deadline time out
+  // mu_ held: a connect still in progress ends as `fail` (kTimedOut, kRefused): it leaves the
+  // connection table and its socket learns at once (write readiness, Error()).
+  void FailConnectLocked(const std::shared_ptr<Conn>& c, ConnState fail);
   // Dispatcher: finishes the peers' channel openings a non-blocking connect started, then sends
   // the NCSYN of each connection whose peer has a channel up, or fails it with the peer's open
   // failure. True while any connection still waits.

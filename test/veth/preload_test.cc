@@ -217,6 +217,14 @@ TEST_F(PreloadTest, ProgramsThatDoNotTouchTheInterfaceStayOnTheKernel) {
   EXPECT_FALSE(absl::StrContains(out, "xdp")) << out;
 }
 
+// The result lines of a `redis-benchmark -q` run: one per test it completed.
+int BenchmarkResults(const std::string& out) {
+  int results = 0;
+  for (absl::string_view line : absl::StrSplit(out, absl::ByAnyChar("\r\n")))
+    results += absl::StrContains(line, "requests per second");
+  return results;
+}
+
 // The acceptance: Redis under netchrun on both hosts.
 TEST_F(PreloadTest, RedisBenchmarkAndALargeValueOverNetChannel) {
   std::string out;
@@ -252,10 +260,7 @@ TEST_F(PreloadTest, RedisBenchmarkAndALargeValueOverNetChannel) {
               0)
         << out;
     // One result line per test (LRANGE adds its LPUSH fill), and no error from the server.
-    int results = 0;
-    for (absl::string_view line : absl::StrSplit(out, absl::ByAnyChar("\r\n")))
-      results += absl::StrContains(line, "requests per second");
-    EXPECT_EQ(results, 13) << out;
+    EXPECT_EQ(BenchmarkResults(out), 13) << out;
     EXPECT_FALSE(absl::StrContains(out, "ERR")) << out;
   }
   // Every INCR of the four runs was applied exactly once.
@@ -317,10 +322,7 @@ TEST_F(PreloadTest, RedisBenchmarkAndALargeValueOverNetChannel) {
                   &out),
             0)
       << out;
-  int after_kills = 0;
-  for (absl::string_view line : absl::StrSplit(out, absl::ByAnyChar("\r\n")))
-    after_kills += absl::StrContains(line, "requests per second");
-  EXPECT_EQ(after_kills, 2) << out;
+  EXPECT_EQ(BenchmarkResults(out), 2) << out;
   for (int i = 0; i < 100; ++i) {  // bounded: 10 s
     Shell(cli + "info clients", &out);
     if (absl::StrContains(out, "connected_clients:1\r")) break;
