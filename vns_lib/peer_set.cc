@@ -163,8 +163,12 @@ absl::StatusOr<Peer*> PeerSet::Ensure(
     while (ch->state() == chan::ChannelState::kConnecting && chan::NowUs() < end)
       ch->Wait(absl::Milliseconds(5), chan::Channel::kReadable);
     if (ch->state() != chan::ChannelState::kUp) {
-      const chan::FailCause why = ch->fail_cause();
-      const int err = OpenFailureErrno(ch->state() == chan::ChannelState::kConnecting, why);
+      // Still connecting: our wait ended before the driver's own deadline failed it; the cause
+      // is the same.
+      const bool still_connecting = ch->state() == chan::ChannelState::kConnecting;
+      const chan::FailCause why =
+          still_connecting ? chan::FailCause::kHandshakeTimeout : ch->fail_cause();
+      const int err = OpenFailureErrno(still_connecting, why);
       for (auto& c : opened) (void)driver_->Destroy(*c);
       p->NoteOpenFailed(err);
       return SockError(err, "open a channel to the peer", why);
@@ -175,19 +179,53 @@ absl::StatusOr<Peer*> PeerSet::Ensure(
 }
 
 absl::Status PeerSet::StartOpen(
-    Peer* p, int want, absl::Duration timeout,
-    const std::function<void(size_t index, chan::ChannelParams*)>& place) {
+    Peer* p, int want, absl::Duration timeout, uint64_t deadline_us,
+    const std::function<void(size_t index, chan::ChannelParams*)>& place, uint64_t* failures_seen) {
   // Held: another thread is opening channels here right now (or finishing them); the caller
   // waits for the outcome like any other connection to this peer.
   std::unique_lock g(p->connect_mu, std::try_to_lock);
-  if (!g.owns_lock() || p->live_count() > 0 || !p->opening.empty()) return absl::OkStatus();
+  if (!g.owns_lock()) {
+    *failures_seen = p->open_failures();
+    return absl::OkStatus();
+  }
+  // An opening that ended (up, failed, or past its deadline) but that the dispatcher has not
+  // looked at yet is settled first: a connect must not join an attempt already lost.
+  const bool in_progress = !p->opening.empty() && SettleOpeningLocked(*p);
+  *failures_seen = p->open_failures();
+  if (in_progress || p->live_count() > 0) return absl::OkStatus();
   std::vector<std::shared_ptr<chan::Channel>> opened;
   if (auto st = Open(p, 0, want, timeout, place, &opened); !st.ok()) return st;
   p->opening = std::move(opened);
-  p->opening_deadline_us =
-      chan::NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(timeout));
+  p->opening_deadline_us = deadline_us;
   opening_peers_.fetch_add(1, std::memory_order_acq_rel);
   return absl::OkStatus();
+}
+
+bool PeerSet::SettleOpeningLocked(Peer& p) {
+  bool all_up = true;
+  bool failed = false;
+  chan::FailCause why = chan::FailCause::kNone;
+  for (const auto& ch : p.opening) {
+    const chan::ChannelState st = ch->state();
+    if (st == chan::ChannelState::kConnecting) {
+      all_up = false;
+    } else if (st != chan::ChannelState::kUp) {
+      failed = true;
+      why = ch->fail_cause();
+    }
+  }
+  const bool expired = chan::NowUs() >= p.opening_deadline_us;
+  if (all_up && !failed) {
+    for (auto& ch : p.opening) p.Add(ch);
+  } else if (failed || expired) {
+    for (auto& ch : p.opening) (void)driver_->Destroy(*ch);
+    p.NoteOpenFailed(OpenFailureErrno(/*still_connecting=*/!failed, why));
+  } else {
+    return true;
+  }
+  p.opening.clear();
+  opening_peers_.fetch_sub(1, std::memory_order_acq_rel);
+  return false;
 }
 
 bool PeerSet::FinishOpens() {
@@ -199,31 +237,7 @@ bool PeerSet::FinishOpens() {
       pending = true;
       return;
     }
-    if (p.opening.empty()) return;
-    bool all_up = true;
-    bool failed = false;
-    chan::FailCause why = chan::FailCause::kNone;
-    for (const auto& ch : p.opening) {
-      const chan::ChannelState st = ch->state();
-      if (st == chan::ChannelState::kConnecting) {
-        all_up = false;
-      } else if (st != chan::ChannelState::kUp) {
-        failed = true;
-        why = ch->fail_cause();
-      }
-    }
-    const bool expired = chan::NowUs() >= p.opening_deadline_us;
-    if (all_up && !failed) {
-      for (auto& ch : p.opening) p.Add(ch);
-    } else if (failed || expired) {
-      for (auto& ch : p.opening) (void)driver_->Destroy(*ch);
-      p.NoteOpenFailed(OpenFailureErrno(/*still_connecting=*/!failed, why));
-    } else {
-      pending = true;
-      return;
-    }
-    p.opening.clear();
-    opening_peers_.fetch_sub(1, std::memory_order_acq_rel);
+    if (!p.opening.empty()) pending |= SettleOpeningLocked(p);
   });
   return pending;
 }

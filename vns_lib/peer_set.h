@@ -113,8 +113,14 @@ class PeerSet {
   // no live channel and nobody is opening any, and returns without waiting for them (an error
   // only if the driver cannot even start one). The connection then waits for the peer's
   // channels in the dispatcher (FinishOpens, Peer::open_failures).
-  absl::Status StartOpen(Peer* p, int want, absl::Duration timeout,
-                         const std::function<void(size_t index, chan::ChannelParams*)>& place);
+  // `deadline_us`: when the opening gives up, the starting connection's own deadline — so the
+  // opening has failed (open_failures) before that connection learns it timed out, and a
+  // connect the program makes next starts afresh instead of joining the dying opening.
+  // `failures_seen`: the peer's open_failures() once any finished opening is settled — a later
+  // failure is one of the attempt the connection waits for.
+  absl::Status StartOpen(Peer* p, int want, absl::Duration timeout, uint64_t deadline_us,
+                         const std::function<void(size_t index, chan::ChannelParams*)>& place,
+                         uint64_t* failures_seen);
   // The dispatcher's part of StartOpen, each round while any is pending: channels that came up
   // join their peer; a peer whose opening failed or outlived its timeout has them destroyed and
   // the failure noted. Never blocks (a peer whose connect_mu is held waits for the next round).
@@ -126,6 +132,10 @@ class PeerSet {
   uint64_t version() const { return version_.load(std::memory_order_acquire); }
 
  private:
+  // p.connect_mu held, p.opening not empty: channels that came up join the peer; failed ones,
+  // or any still connecting past the deadline, are destroyed and the failure noted; either way
+  // the opening ends. True while it is still in progress.
+  bool SettleOpeningLocked(Peer& p);
   // Starts channels `from`..`to`-1 to `p` (handshakes under way) into `opened`; on an error
   // destroys all of `opened` and notes the failure on the peer.
   absl::Status Open(Peer* p, int from, int to, absl::Duration timeout,

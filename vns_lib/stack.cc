@@ -311,8 +311,10 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
     // The first connection to a new (or unreachable) peer must not hold an event loop for the
     // channel handshake, up to the whole connect timeout: its NCSYN leaves from the dispatcher
     // once a channel is up (ServeAwaitingChannels); EINPROGRESS now.
-    const uint64_t failures = p->open_failures();
-    if (auto st = peers_->StartOpen(p, want, o.connect_timeout, Placer(want)); !st.ok()) return st;
+    uint64_t failures = 0;
+    if (auto st = peers_->StartOpen(p, want, o.connect_timeout, end, Placer(want), &failures);
+        !st.ok())
+      return st;
     auto c = NewClientConn(ip, port, p, o);
     if (!c) return SockError(EADDRNOTAVAIL, "no free local port");
     c->connect_deadline_us = end;
