@@ -41,6 +41,10 @@ constexpr uint32_t kFreeMin = 16;           // empty send buffers an idle channe
 constexpr uint32_t kCtlReserve = 64;        // frames kept for ACKs and handshakes
 constexpr uint16_t kSrcPortBase = 49152;    // channel id -> UDP source port (RSS/ECMP entropy)
 constexpr uint64_t kCookieTickUs = 16'000'000;  // a cookie is valid for one to two ticks
+// How long an initiator waits for its peer's address to resolve (ARP) before the channel fails
+// as unreachable, and how often, at most, its engine looks.
+constexpr uint64_t kNeighborTimeoutUs = 1'000'000;
+constexpr uint64_t kNeighborPollMaxUs = 20'000;
 // A multi-buffer frame longer than this many UMEM frames is malformed: a 64 KB IPv4 packet
 // takes 18 frames of 3,840 bytes in copy mode; the rest is margin for smaller NIC buffers.
 constexpr uint32_t kMaxFrags = 24;
@@ -90,6 +94,11 @@ class AfxdpChannel final : public ChannelCore {
   bool keep_delivered = false;  // dead, but what was delivered stays readable
   Hs hs = Hs::kSynSent;
   uint64_t syn_next_us = 0, syn_rto_us = 0, connect_deadline_us = 0;
+  // An initiator whose peer's MAC was not in the neighbour table: the engine looks again after
+  // neigh_poll_us (doubling up to kNeighborPollMaxUs) and sends the SYN once it resolves;
+  // kUnreachable at neigh_deadline_us.
+  bool neigh_pending = false;
+  uint64_t neigh_deadline_us = 0, neigh_poll_us = 0;
   uint64_t rx_held = 0;  // delivered to rxq_, not yet returned
   uint32_t free_target = kFreeMin;
   std::unique_ptr<Transport> transport;
@@ -189,6 +198,8 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   void Kill(AfxdpChannel& ch, ChannelState st, bool send_fin = false,
             FailCause cause = FailCause::kNone);
   void Fail(AfxdpChannel& ch, FailCause cause) { Kill(ch, ChannelState::kFailed, false, cause); }
+  // An initiator waiting for its peer's MAC: looks it up when due (syn_next_us); true once known.
+  bool ResolvePeer(AfxdpChannel& ch, uint64_t now);
   void Reap();
   void RunZombies();
   // Sends one packet with no data (handshake, FIN, RST, ...) and the given channel payload;
@@ -284,6 +295,7 @@ class AfxdpDriver final : public Driver {
   size_t max_payload() const { return max_payload_; }
   uint32_t rcv_buf() const { return rcv_buf_; }
   uint64_t incarnation() const { return incarnation_; }
+  int neigh_fd() const { return neigh_fd_.get(); }  // for LookupNeighbor, in the driver's netns
   TransportConfig TransportFor(uint16_t local, uint16_t peer, uint32_t isn_send,
                                uint32_t isn_recv) const;
   // The cookie a responder mints for a SYN: the responder's token and ISN, a keyed hash of what
@@ -322,6 +334,7 @@ class AfxdpDriver final : public Driver {
   const SipKey cookie_key_;
   const uint64_t incarnation_;
   afxdp::InterfaceInfo ifi_;
+  UniqueFd neigh_fd_;
   size_t max_payload_ = 0;
   bool udp_tx_ = false;
   uint32_t rcv_buf_ = 0;  // the receive window each channel advertises
@@ -997,10 +1010,33 @@ void XskQueue::RunZombies() {
   });
 }
 
+bool XskQueue::ResolvePeer(AfxdpChannel& ch, uint64_t now) {
+  if (now < ch.syn_next_us) return false;
+  // (Connect provoked the resolution; the kernel probes for longer than kNeighborTimeoutUs.)
+  auto mac = afxdp::LookupNeighbor(driver_->neigh_fd(), driver_->opts().ifname, ch.peer_ip,
+                                   /*provoke=*/false);
+  if (mac.ok() && mac->has_value()) {
+    ch.addrs.dst_mac = **mac;
+    ch.neigh_pending = false;
+    return true;
+  }
+  ch.syn_next_us = mac.ok() ? now + ch.neigh_poll_us : ch.neigh_deadline_us;
+  ch.neigh_poll_us = std::min(ch.neigh_poll_us * 2, kNeighborPollMaxUs);
+  return false;
+}
+
 bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   if (ch.hs == Hs::kDead) return false;
   bool worked = false;
   if (ch.hs == Hs::kSynSent || ch.hs == Hs::kCookieEchoed) {
+    if (ch.neigh_pending && !ResolvePeer(ch, now)) {
+      if (now >= ch.neigh_deadline_us) {
+        Fail(ch, FailCause::kUnreachable);
+        return true;
+      }
+      *deadline = std::min({*deadline, ch.syn_next_us, ch.neigh_deadline_us});
+      return false;
+    }
     if (now >= ch.connect_deadline_us) {
       Fail(ch, FailCause::kHandshakeTimeout);
       return true;
@@ -1203,6 +1239,8 @@ absl::Status AfxdpDriver::Init() {
   auto ifi = afxdp::GetInterfaceInfo(opts_.ifname);
   if (!ifi.ok()) return ifi.status();
   ifi_ = *ifi;
+  neigh_fd_ = UniqueFd(socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (neigh_fd_.get() < 0) return ErrnoStatus(errno, "socket");
   if (ifi_.ipv4 == 0)
     return absl::FailedPreconditionError(absl::StrFormat("%s has no IPv4 address", opts_.ifname));
   if (opts_.steer->attached_ifindex() != ifi_.ifindex)
@@ -1427,14 +1465,12 @@ absl::StatusOr<std::shared_ptr<Channel>> AfxdpDriver::Connect(const ChannelParam
     for (auto& c : queues_)
       if (!q || c->channel_count() < q->channel_count()) q = c.get();
   }
-  absl::StatusOr<wire::MacAddr> mac;
-  {
-    std::unique_ptr<NetnsScope> ns;
-    if (!opts_.netns.empty()) ns = std::make_unique<NetnsScope>(opts_.netns);
-    mac = afxdp::ResolveNeighbor(opts_.ifname, p.peer_ipv4);
-  }
+  // Never waits for ARP: a connect must not block an event loop (a host that does not answer
+  // took the whole resolution timeout inside the call). Unresolved, the channel starts without
+  // the MAC and its engine finishes the resolution before it sends the SYN.
+  auto mac = afxdp::LookupNeighbor(neigh_fd_.get(), opts_.ifname, p.peer_ipv4, /*provoke=*/true);
   if (!mac.ok()) return mac.status();
-  auto ch = Register(q, p.peer_ipv4, *mac, RandomNonZeroU64());
+  auto ch = Register(q, p.peer_ipv4, mac->value_or(wire::MacAddr{}), RandomNonZeroU64());
   if (!ch.ok()) return ch.status();
   AfxdpChannel& c = **ch;
   c.active = true;
@@ -1443,6 +1479,9 @@ absl::StatusOr<std::shared_ptr<Channel>> AfxdpDriver::Connect(const ChannelParam
   const uint64_t now = NowUs();
   c.syn_rto_us = 20'000;
   c.connect_deadline_us = now + static_cast<uint64_t>(absl::ToInt64Microseconds(p.connect_timeout));
+  c.neigh_pending = !mac->has_value();
+  c.neigh_deadline_us = std::min(c.connect_deadline_us, now + kNeighborTimeoutUs);
+  c.neigh_poll_us = 200;  // an answering host on the link replies within microseconds
   {
     std::lock_guard mv(move_mu_);  // the queue must not change engines while the op is posted
     if (p.engine >= 0) {

@@ -74,8 +74,9 @@ enum class FailCause : uint8_t {
   kPeerRestarted,     // the peer's stack restarted (a new incarnation, or its ids reused)
   kBroken,            // the kernel connection under it broke (TCP driver: EPIPE, ECONNRESET)
   kProtocolError,     // the peer sent what the transport cannot parse
+  kUnreachable,       // the peer's address never resolved (no ARP answer): no host there
 };
-inline constexpr size_t kFailCauses = 8;
+inline constexpr size_t kFailCauses = 9;
 std::string_view FailCauseName(FailCause c);  // one word, for metrics labels and netchctl
 std::string_view FailCauseText(FailCause c);  // a phrase, for error messages
 

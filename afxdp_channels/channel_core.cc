@@ -26,7 +26,7 @@ std::string_view StateName(ChannelState s) {
 }
 
 namespace {
-static_assert(static_cast<size_t>(FailCause::kProtocolError) + 1 == kFailCauses);
+static_assert(static_cast<size_t>(FailCause::kUnreachable) + 1 == kFailCauses);
 // Indexed by FailCause: the metrics label and the phrase a socket's error carries.
 constexpr std::string_view kFailCauseWords[kFailCauses][2] = {
     {"none", "no cause recorded"},
@@ -37,6 +37,7 @@ constexpr std::string_view kFailCauseWords[kFailCauses][2] = {
     {"peer_restarted", "the peer's stack restarted"},
     {"broken", "the connection under the channel broke"},
     {"protocol_error", "the peer sent what the transport cannot parse"},
+    {"unreachable", "no host answered for the peer's address (neighbour resolution failed)"},
 };
 }  // namespace
 

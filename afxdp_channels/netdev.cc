@@ -64,37 +64,42 @@ absl::StatusOr<InterfaceInfo> GetInterfaceInfo(const std::string& ifname) {
   return info;
 }
 
+absl::StatusOr<std::optional<wire::MacAddr>> LookupNeighbor(int fd, const std::string& ifname,
+                                                            uint32_t ip, bool provoke) {
+  arpreq r{};
+  sockaddr_in pa{};
+  pa.sin_family = AF_INET;
+  pa.sin_addr.s_addr = htonl(ip);
+  std::memcpy(&r.arp_pa, &pa, sizeof(pa));
+  std::strncpy(r.arp_dev, ifname.c_str(), sizeof(r.arp_dev) - 1);
+  if (ioctl(fd, SIOCGARP, &r) == 0) {
+    if (r.arp_flags & ATF_COM) {
+      wire::MacAddr mac;
+      std::memcpy(mac.data(), r.arp_ha.sa_data, 6);
+      return mac;
+    }
+    // An incomplete (or failed) entry: resolution is under way, or needs provoking again.
+  } else if (errno != ENXIO) {
+    return ErrnoStatus(errno, "SIOCGARP");  // ENXIO = no entry yet; anything else is real
+  }
+  if (provoke) {
+    // An empty datagram to the discard port makes the kernel resolve the address.
+    sockaddr_in dst = pa;
+    dst.sin_port = htons(9);
+    (void)sendto(fd, "", 0, MSG_DONTWAIT, reinterpret_cast<sockaddr*>(&dst), sizeof(dst));
+  }
+  return std::nullopt;
+}
+
 absl::StatusOr<wire::MacAddr> ResolveNeighbor(const std::string& ifname, uint32_t ip,
                                               absl::Duration timeout) {
   UniqueFd s(socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0));
   if (s.get() < 0) return ErrnoStatus(errno, "socket");
-  arpreq req{};
-  sockaddr_in pa{};
-  pa.sin_family = AF_INET;
-  pa.sin_addr.s_addr = htonl(ip);
-  std::memcpy(&req.arp_pa, &pa, sizeof(pa));
-  std::strncpy(req.arp_dev, ifname.c_str(), sizeof(req.arp_dev) - 1);
   const absl::Time deadline = absl::Now() + timeout;
-  bool triggered = false;
-  for (;;) {
-    arpreq r = req;
-    if (ioctl(s.get(), SIOCGARP, &r) == 0) {
-      if (r.arp_flags & ATF_COM) {
-        wire::MacAddr mac;
-        std::memcpy(mac.data(), r.arp_ha.sa_data, 6);
-        return mac;
-      }
-      // An incomplete entry: resolution is under way, keep waiting.
-    } else if (errno != ENXIO) {
-      return ErrnoStatus(errno, "SIOCGARP");  // ENXIO = no entry yet; anything else is real
-    }
-    if (!triggered) {
-      // An empty datagram to the discard port makes the kernel resolve the address.
-      sockaddr_in dst = pa;
-      dst.sin_port = htons(9);
-      (void)sendto(s.get(), "", 0, MSG_DONTWAIT, reinterpret_cast<sockaddr*>(&dst), sizeof(dst));
-      triggered = true;
-    }
+  for (bool first = true;; first = false) {
+    auto mac = LookupNeighbor(s.get(), ifname, ip, /*provoke=*/first);
+    if (!mac.ok()) return mac.status();
+    if (mac->has_value()) return **mac;
     if (absl::Now() >= deadline)
       return absl::DeadlineExceededError(
           absl::StrFormat("no neighbour entry for %s on %s",

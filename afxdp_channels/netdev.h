@@ -6,6 +6,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -31,5 +32,12 @@ absl::StatusOr<InterfaceInfo> GetInterfaceInfo(const std::string& ifname);
 // `timeout` for the entry to become complete.
 absl::StatusOr<wire::MacAddr> ResolveNeighbor(const std::string& ifname, uint32_t ip,
                                               absl::Duration timeout = absl::Seconds(1));
+
+// One look, without waiting: the MAC of `ip` if its entry is complete, nullopt if not (yet).
+// `fd` is a datagram socket, which names the namespace (any thread may call this). With
+// `provoke`, a missing or incomplete entry gets the empty datagram that makes the kernel resolve
+// it. For a caller that must not block, e.g. an engine opening a channel.
+absl::StatusOr<std::optional<wire::MacAddr>> LookupNeighbor(int fd, const std::string& ifname,
+                                                            uint32_t ip, bool provoke);
 
 }  // namespace netch::afxdp

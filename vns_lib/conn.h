@@ -8,6 +8,7 @@
 
 #include <array>
 #include <atomic>
+#include <cerrno>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -25,7 +26,12 @@ namespace netch::vns {
 
 inline uint64_t NowUs() { return chan::NowUs(); }
 
-enum class ConnState : int { kConnecting, kEstablished, kRefused, kReset, kTimedOut };
+enum class ConnState : int { kConnecting, kEstablished, kRefused, kReset, kTimedOut, kUnreachable };
+// How a connect ends when its peer's channel opening failed with `err` (PeerSet's errno).
+inline ConnState ConnStateFor(int err) {
+  if (err == ECONNREFUSED) return ConnState::kRefused;
+  return err == EHOSTUNREACH ? ConnState::kUnreachable : ConnState::kTimedOut;
+}
 
 struct ConnKey {
   uint32_t peer;

@@ -389,8 +389,7 @@ bool StackImpl::ServeAwaitingChannels() {
       continue;
     }
     if (c->peer->open_failures() == c->open_failures_seen) continue;
-    failed.emplace_back(
-        c, c->peer->open_errno() == ECONNREFUSED ? ConnState::kRefused : ConnState::kTimedOut);
+    failed.emplace_back(c, ConnStateFor(c->peer->open_errno()));
     done.push_back(c.get());
   }
   std::lock_guard g(mu_);

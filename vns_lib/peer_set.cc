@@ -10,9 +10,12 @@
 namespace netch::vns {
 namespace {
 // The errno of a failed channel opening: ETIMEDOUT if it was still connecting when the wait
-// ended or the driver's own handshake deadline failed it (the same timeout), else ECONNREFUSED.
+// ended or the driver's own handshake deadline failed it (the same timeout), EHOSTUNREACH if no
+// host answered for the address (as the kernel's connect says after failed ARP), else
+// ECONNREFUSED.
 int OpenFailureErrno(bool still_connecting, chan::FailCause why) {
-  return still_connecting || why == chan::FailCause::kHandshakeTimeout ? ETIMEDOUT : ECONNREFUSED;
+  if (still_connecting || why == chan::FailCause::kHandshakeTimeout) return ETIMEDOUT;
+  return why == chan::FailCause::kUnreachable ? EHOSTUNREACH : ECONNREFUSED;
 }
 }  // namespace
 

@@ -73,7 +73,8 @@ class SocketImpl final : public VirtualSocket {
     if (!c_) return SockError(EBADF, "socket closed");
     // A connect that failed says how, even if the peer's channels are gone too (they may never
     // have come up: the peer has no stack).
-    if (const ConnState s = c_->state.load(); s == ConnState::kRefused || s == ConnState::kTimedOut)
+    if (const ConnState s = c_->state.load();
+        s == ConnState::kRefused || s == ConnState::kTimedOut || s == ConnState::kUnreachable)
       return StateError();
     if (c_->broken.load(std::memory_order_acquire)) return BrokenError();
     if (PeerGone()) return GoneError();
@@ -94,7 +95,7 @@ class SocketImpl final : public VirtualSocket {
     return SockError(ECONNRESET, "a channel carrying the connection failed",
                      c_->broken_cause.load(std::memory_order_relaxed));
   }
-  // What the peer told us: reset, refused, or our own connect timeout.
+  // What the peer told us: reset, refused; or our own connect timeout, or no host answered.
   absl::Status StateError() const {
     switch (c_->state.load()) {
       case ConnState::kReset:
@@ -103,6 +104,8 @@ class SocketImpl final : public VirtualSocket {
         return SockError(ECONNREFUSED, "connection refused");
       case ConnState::kTimedOut:
         return SockError(ETIMEDOUT, "connection timed out");
+      case ConnState::kUnreachable:
+        return SockError(EHOSTUNREACH, "no route to host", chan::FailCause::kUnreachable);
       default:
         return absl::OkStatus();
     }

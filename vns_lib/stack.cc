@@ -365,6 +365,9 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
     case ConnState::kRefused:
       Unregister(c);
       return SockError(ECONNREFUSED, "connect");
+    case ConnState::kUnreachable:
+      Unregister(c);
+      return SockError(EHOSTUNREACH, "connect", chan::FailCause::kUnreachable);
     default:
       Unregister(c);
       return SockError(ECONNRESET, "connect");

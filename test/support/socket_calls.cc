@@ -13,6 +13,8 @@
 //   socket_calls timeout IP PORT          connects to a host that never answers: a non-blocking
 //                                         connect returns at once and reports ETIMEDOUT, a
 //                                         blocking one fails with it
+//   socket_calls unreachable IP PORT      the same to an address no host answers ARP for:
+//                                         EHOSTUNREACH
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -400,7 +402,9 @@ int64_t NowMs() {
   return t.tv_sec * 1000 + t.tv_nsec / 1000000;
 }
 
-int TimesOut(const char* ip, int port) {
+// A connect that cannot succeed: a non-blocking one returns at once and reports `want` through
+// SO_ERROR, a blocking one fails with it (checks named after `want_name`).
+int FailsWith(const char* ip, int port, int want, const std::string& want_name) {
   sockaddr_in a = Addr(ip, port);
   // Twice: the first connect also starts the library's stack (lazily, on the first socket that
   // goes over NetChannel); the second shows what a connect itself costs.
@@ -423,13 +427,13 @@ int TimesOut(const char* ip, int port) {
           "rc " + std::to_string(r) + " after " + std::to_string(returned) + " ms");
     Check(quiet, "not_writable_while_connecting");
     Check(ended, "writable_when_the_connect_ends");
-    Check(err == ETIMEDOUT, "so_error_etimedout", "SO_ERROR " + std::to_string(err));
+    Check(err == want, ("so_error_" + want_name).c_str(), "SO_ERROR " + std::to_string(err));
   }
   const int b = socket(AF_INET, SOCK_STREAM, 0);
   const int64_t t0 = NowMs();
   const int rb = connect(b, reinterpret_cast<sockaddr*>(&a), sizeof(a));
   const int eb = errno;
-  Check(rb < 0 && eb == ETIMEDOUT, "blocking_connect_etimedout",
+  Check(rb < 0 && eb == want, ("blocking_connect_" + want_name).c_str(),
         "rc " + std::to_string(rb) + " errno " + std::to_string(eb) + " after " +
             std::to_string(NowMs() - t0) + " ms");
   close(b);
@@ -440,7 +444,8 @@ int TimesOut(const char* ip, int port) {
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr, "usage: socket_calls server|client|hang|refused|timeout IP PORT [N]\n");
+    std::fprintf(
+        stderr, "usage: socket_calls server|client|hang|refused|timeout|unreachable IP PORT [N]\n");
     return 2;
   }
   const std::string mode = argv[1];
@@ -449,7 +454,9 @@ int main(int argc, char** argv) {
   if (mode == "client" && argc == 5) return Client(argv[2], port, std::strtoull(argv[4], 0, 10));
   if (mode == "hang") return Hang(argv[2], port);
   if (mode == "refused") return Refused(argv[2], port);
-  if (mode == "timeout") return TimesOut(argv[2], port);
-  std::fprintf(stderr, "usage: socket_calls server|client|hang|refused|timeout IP PORT [N]\n");
+  if (mode == "timeout") return FailsWith(argv[2], port, ETIMEDOUT, "etimedout");
+  if (mode == "unreachable") return FailsWith(argv[2], port, EHOSTUNREACH, "ehostunreach");
+  std::fprintf(stderr,
+               "usage: socket_calls server|client|hang|refused|timeout|unreachable IP PORT [N]\n");
   return 2;
 }

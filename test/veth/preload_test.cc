@@ -194,6 +194,19 @@ TEST_F(PreloadTest, AConnectToAHostWithoutAStackTimesOutWithoutFreezingTheLoop) 
   EXPECT_TRUE(absl::StrContains(out, "ok blocking_connect_etimedout")) << out;
 }
 
+// An address on the link where no host answers ARP: the loop is not frozen for the resolution
+// either, and the error is the kernel's for it (EHOSTUNREACH), well before the connect timeout.
+TEST_F(PreloadTest, AConnectToAnAddressNobodyAnswersIsHostUnreachable) {
+  const std::string prog = kBin + "/test/socket_calls";
+  const std::string a = Netchrun(hosts_.ns_a(), TestHosts::kDevA, "--connect-timeout-ms 4000");
+  std::string out;
+  EXPECT_EQ(Shell("timeout 60 " + a + " " + prog + " unreachable 198.18.0.99 7000", &out), 0)
+      << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok nonblocking_connect_returns_at_once")) << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok so_error_ehostunreach")) << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok blocking_connect_ehostunreach")) << out;
+}
+
 TEST(NetchrunTest, BadOptionsGetAUsageMessageAndExitStatus2) {
   std::string out;
   for (const char* bad : {"--engine-cores 1,x", "--engines 0", "--route some", "--no-such"}) {

@@ -1331,6 +1331,40 @@ TEST_F(VnsTest, NonBlockingConnectToANewPeerReturnsAtOnce) {
   EXPECT_EQ(a_->driver().Channels().size(), 2u) << "channels_per_peer, opened once";
 }
 
+// A connect to an address where no host answers ARP: the call never waits for the resolution
+// (an event loop would freeze for its whole timeout), the connection fails EHOSTUNREACH as the
+// kernel's does, and no channel is left behind; the live peer on the same link still works.
+TEST_F(VnsTest, AConnectToAnAddressNobodyAnswersFailsHostUnreachableWithoutBlocking) {
+  Open("afxdp", 1);
+  constexpr uint32_t kNobody = 0xC6120063;  // 198.18.0.99: on the test link, no host
+  SocketOptions nb;
+  nb.nonblocking = true;
+  nb.connect_timeout = absl::Seconds(5);
+  uint64_t t0 = chan::NowUs();
+  auto c = a_->Connect(kNobody, 80, nb);
+  EXPECT_LT(chan::NowUs() - t0, 100'000u) << "the connect waited for ARP";
+  ASSERT_TRUE(c.ok()) << c.status();
+  pollfd p{(*c)->write_fd(), POLLIN, 0};
+  EXPECT_EQ(poll(&p, 1, 0), 0) << "still resolving";
+  ASSERT_EQ(poll(&p, 1, 4000), 1);
+  EXPECT_EQ((*c)->Error(), EHOSTUNREACH);
+  EXPECT_LT(chan::NowUs() - t0, 3'000'000u) << "it waited for the connect timeout, not for ARP";
+
+  SocketOptions blocking;
+  blocking.connect_timeout = absl::Seconds(5);
+  auto d = a_->Connect(kNobody, 81, blocking);
+  ASSERT_FALSE(d.ok());
+  EXPECT_EQ(Errno(d.status()), EHOSTUNREACH) << d.status();
+  EXPECT_NE(d.status().message().find("neighbour resolution"), std::string::npos) << d.status();
+  for (const auto& ch : a_->driver().Channels())
+    EXPECT_NE(ch->peer_ipv4(), kNobody) << "the failed opening left a channel behind";
+
+  auto l = b_->Listen(82);
+  ASSERT_TRUE(l.ok()) << l.status();
+  auto live = a_->Connect(TestHosts::kIpB, 82);
+  ASSERT_TRUE(live.ok()) << live.status();
+}
+
 TEST_F(VnsTest, AForgedConnIdCannotInjectAByteIntoAnotherSocket) {
   Open("afxdp", 1);
   auto l = b_->Listen(5010);
