@@ -1,6 +1,8 @@
 // dispatcher.cc - the stack's dispatcher thread: drains every channel, demultiplexes segments to
 // connections by port pair and conn_id, answers NCSYNs, tracks dead channels and breaks the
 // connections they carried.
+#include <array>
+
 #include "vns_lib/stack_impl.h"
 
 namespace netch::vns {
@@ -308,6 +310,23 @@ bool StackImpl::DeliverData(chan::Channel& ch, RxLane& lane, const chan::RxSegme
   return true;
 }
 
+RxLane* StackImpl::InlineLane(const chan::Channel* ch) {
+  struct Memo {
+    const chan::Channel* ch = nullptr;
+    std::shared_ptr<RxLane> lane;
+  };
+  // (An engine serves a few queues' channels; a miss only costs the locked lookup.)
+  thread_local std::array<Memo, 8> t_memo;
+  thread_local size_t t_next = 0;
+  for (Memo& m : t_memo)
+    if (m.ch == ch && !m.lane->left.load(std::memory_order_acquire)) return m.lane.get();
+  std::shared_ptr<RxLane> lane = Lane(ch);
+  if (!lane) return nullptr;
+  Memo& m = t_memo[t_next++ % t_memo.size()];
+  m = {ch, std::move(lane)};
+  return m.lane.get();
+}
+
 bool StackImpl::DeliverInline(chan::Channel& ch) {
   inline_active_.fetch_add(1, std::memory_order_seq_cst);
   struct Leave {
@@ -315,7 +334,7 @@ bool StackImpl::DeliverInline(chan::Channel& ch) {
     ~Leave() { n.fetch_sub(1, std::memory_order_release); }
   } leave{inline_active_};
   if (!deliver_inline_.load(std::memory_order_seq_cst)) return false;
-  std::shared_ptr<RxLane> lane = Lane(&ch);
+  RxLane* lane = InlineLane(&ch);
   // A lane a socket busy-polls is that socket's to drain (it takes its own segments first,
   // right after this round, or when it comes back for more): left alone, as the dispatcher
   // leaves it, until the poller has been gone for kStandDownRecheckUs after its lease. A lane
@@ -490,6 +509,7 @@ bool StackImpl::DispatchRound() {
       lanes_.erase(cs.ch.get());
     }
     cs.lane->gone = true;
+    cs.lane->left.store(true, std::memory_order_release);
     cs.lane->Disown();
     cs.ch->SetDeliveryHook(nullptr);
     if (cs.drained || cs.ch->sealed()) {
@@ -662,6 +682,9 @@ void StackImpl::Dispatch() {
   // Whatever is still held goes back to its channel.
   std::lock_guard g(dispatch_mu_);
   for (DispatchChan& cs : dchans_) {
+    // (Even a lane someone owns: no thread's InlineLane memo may take it for a later channel
+    // at the same address.)
+    cs.lane->left.store(true, std::memory_order_release);
     if (!cs.lane->TryOwn()) continue;
     for (auto& s : cs.lane->pending) cs.ch->Release({&s, 1});
     cs.lane->pending.clear();

@@ -60,6 +60,7 @@ struct RxLane {
   // A socket polls this lane until then: the dispatcher does not ask the channel to wake it.
   std::atomic<uint64_t> polled_until_us{0};
   bool gone = false;  // under ownership: the dispatcher let the channel go; pollers drop the lane
+  std::atomic<bool> left{false};  // `gone`, readable without ownership (set with it)
   // Head-of-line resolution copies a segment out of a channel under pressure only if the
   // channel is shared: it carried more than one socket's data, or control segments (a window
   // update stuck behind a reader that waits for it would never arrive). A channel only one
@@ -308,6 +309,7 @@ class StackImpl final : public Stack {
   // inline, or a busy-polling socket for the segments in its lane that are not its own.
   bool DeliverData(chan::Channel& ch, RxLane& lane, const chan::RxSegment& seg);
   // The lane of a channel the dispatcher serves (null once it left); created by the dispatcher.
+  // Takes lanes_mu_: DeliverInline, per delivery, asks InlineLane instead.
   std::shared_ptr<RxLane> Lane(const chan::Channel* ch) {
     std::lock_guard g(lanes_mu_);
     auto it = lanes_.find(ch);
@@ -315,6 +317,11 @@ class StackImpl final : public Stack {
   }
 
  private:
+  // Lane() for the thread delivering inline, without a lock shared with the other engines: a
+  // per-thread memo of the lanes it served, looked up again when the remembered lane left (a
+  // new channel may have the old one's address). The memo keeps a left lane's memory, never
+  // its buffers (they went back when it left).
+  RxLane* InlineLane(const chan::Channel* ch);
   std::mutex lanes_mu_;
   absl::flat_hash_map<const chan::Channel*, std::shared_ptr<RxLane>> lanes_;  // lanes_mu_
 
