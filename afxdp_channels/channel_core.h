@@ -27,9 +27,12 @@
 
 namespace netch::chan {
 
+// No default member initializers, on purpose: batches of these are scratch arrays on every
+// enqueue, dequeue and engine round, which initializers would zero (1 KB per array per call).
+// Whoever produces one sets both fields.
 struct BufRef {
-  uint64_t token = 0;
-  uint32_t len = 0;  // NetChannel header + payload
+  uint64_t token;
+  uint32_t len;  // NetChannel header + payload
 };
 
 class ChannelCore : public Channel {

@@ -539,7 +539,7 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
   if (snd_nxt_ != snd_end_ && snd_una_ == snd_nxt_ && !SendWindowAllows(tx(snd_nxt_).len)) {
     if (probe_deadline_us_ == UINT64_MAX) probe_deadline_us_ = now_us + rto_us_;
     if (now_us >= probe_deadline_us_ && n < out.size()) {
-      out[n++].hdr = MakeHeader(NC_CT_KEEPALIVE, now_us);
+      out[n++] = {MakeHeader(NC_CT_KEEPALIVE, now_us), 0, 0};
       stats_.zero_window_probes++;
       probe_deadline_us_ = now_us + rto_us_;
     }
@@ -548,12 +548,12 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
   }
   // Keepalive: nothing heard for a while.
   if (now_us >= next_keepalive_us_ && n < out.size()) {
-    out[n++].hdr = MakeHeader(NC_CT_KEEPALIVE, now_us);
+    out[n++] = {MakeHeader(NC_CT_KEEPALIVE, now_us), 0, 0};
     stats_.keepalives_sent++;
     next_keepalive_us_ = now_us + std::max<uint64_t>(cfg_.keepalive_idle_us / 4, 1);
   }
   if ((ack_now_ || now_us >= ack_deadline_us_) && n < out.size()) {
-    out[n++].hdr = MakeHeader(NC_CT_ACK, now_us);
+    out[n++] = {MakeHeader(NC_CT_ACK, now_us), 0, 0};
     stats_.acks_sent++;
   }
   return n;

@@ -168,6 +168,8 @@ class Transport {
   // ---- driving --------------------------------------------------------------------------------
   // Fills `out` with what must be transmitted now (ACKs, retransmissions, new data, probes).
   // Returns how many entries were written.
+  // Sets every field of the packets it returns (`out` may hold anything: callers keep it as
+  // scratch across rounds rather than initialize a batch of headers per call).
   size_t Poll(uint64_t now_us, std::span<TxPacket> out);
   // When Poll() next has timed work (RTO, delayed ACK, keepalive); UINT64_MAX if none.
   uint64_t next_timer_us() const;

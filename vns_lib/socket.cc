@@ -742,7 +742,6 @@ std::shared_ptr<chan::Channel> SocketImpl::PeerChannel(const chan::Channel* ch) 
 
 bool SocketImpl::PollOnce(uint64_t now_us, uint64_t stand_down_us) {
   bool worked = false;
-  chan::RxSegment segs[32];
   const uint64_t until = now_us + stand_down_us;
   for (size_t i = 0; i < poll_lanes_.size();) {
     PollLane& pl = poll_lanes_[i];
@@ -760,7 +759,8 @@ bool SocketImpl::PollOnce(uint64_t now_us, uint64_t stand_down_us) {
       continue;
     }
     if (lane.pending.empty()) {
-      const size_t n = pl.ch->Dequeue(SIZE_MAX, segs);
+      chan::RxSegment* const segs = lane.batch;
+      const size_t n = pl.ch->Dequeue(SIZE_MAX, lane.batch);
       size_t k = 0;
       // Other sockets' data and window updates (a bulk socket's, on the control channel) go
       // to them from here too: left in the lane, they would hold this socket's next segments

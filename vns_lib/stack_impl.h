@@ -56,7 +56,10 @@ struct RxLane {
   }
   std::atomic<bool> owned{false};
   std::deque<chan::RxSegment> pending;  // the owner's only
-  std::atomic<size_t> npending{0};      // pending.size() as the last owner left it
+  // The owner's batch for Channel::Dequeue (which sets every field): not a local array, whose
+  // initializers zeroed 3 KB per delivery and per busy-poll spin.
+  chan::RxSegment batch[64];
+  std::atomic<size_t> npending{0};  // pending.size() as the last owner left it
   // A socket polls this lane until then: the dispatcher does not ask the channel to wake it.
   std::atomic<uint64_t> polled_until_us{0};
   bool gone = false;  // under ownership: the dispatcher let the channel go; pollers drop the lane
