@@ -16,7 +16,10 @@ void ReleaseHeld(std::vector<HeldSeg>& segs) {
     batch.clear();
     auto keep = std::remove_if(segs.begin(), segs.end(), [&](const HeldSeg& h) {
       if (h.ch != ch) return false;
-      batch.push_back(h.rx);
+      chan::RxSegment r;  // Release reads only the buffer's token and charge
+      r.token = h.token;
+      r.charge = h.charge;
+      batch.push_back(r);
       return true;
     });
     segs.erase(keep, segs.end());
