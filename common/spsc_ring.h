@@ -6,9 +6,10 @@
 // on its own cache line and each side caches the other's index to avoid reading it every call.
 //
 // A large ring's slots are anonymous memory the kernel maps on first touch, never initialized
-// here: a socket's ring sized for its worst case (4096 segments, 360 KB) costs one page at
-// creation and grows with the slots it actually cycles through. Filling them at construction
-// cost 375 KB of resident memory and ~0.3 ms per virtual connection (docs/PRELOAD.md).
+// here: a ring sized for its worst case costs one page at creation and grows with the slots it
+// actually cycles through (filling a socket's 4096-slot ring at construction cost 375 KB and
+// ~0.3 ms per virtual connection; sockets now use common/spsc_chain.h, whose memory also
+// shrinks back after a burst).
 #pragma once
 
 #include <sys/mman.h>

@@ -17,7 +17,7 @@
 #include <vector>
 
 #include "afxdp_channels/engine.h"
-#include "common/spsc_ring.h"
+#include "common/spsc_chain.h"
 #include "vns_lib/peer_set.h"
 #include "vns_lib/reassembly.h"
 #include "vns_lib/vns.h"
@@ -142,8 +142,10 @@ struct Conn {
   std::mutex rx_mu;
   std::vector<const chan::Channel*> rx_chans;  // rx_mu: channels that delivered
 
-  // Dispatcher and engines -> socket (one producer at a time: rx_mu).
-  SpscRing<HeldSeg> inq;
+  // Dispatcher and engines -> socket (one producer at a time: rx_mu). Takes a receive buffer of
+  // tiny segments (4096); its memory follows what it holds (~3 KB at rest, a burst's chunks
+  // given back after it), not its worst case (common/spsc_chain.h).
+  SpscChain<HeldSeg> inq;
   // The reader's progress, published after each read. No one needs its value any more (the
   // window check uses adv_edge below); its seq_cst store is the store half of the store/load
   // pairing with the dispatcher's holding_ flag (reader: consume from inq, store rcv_next, load

@@ -29,7 +29,6 @@
 #include "common/errno_status.h"
 #include "common/netns.h"
 #include "common/random.h"
-#include "common/spsc_ring.h"
 #include "policies/net_scheduler.h"
 #include "vns_lib/conn.h"
 #include "vns_lib/copy_workers.h"
