@@ -2,6 +2,7 @@
 // connections by port pair and conn_id, answers NCSYNs, tracks dead channels and breaks the
 // connections they carried.
 #include <array>
+#include <span>
 
 #include "vns_lib/stack_impl.h"
 
@@ -260,9 +261,9 @@ bool StackImpl::DeliverPending(DispatchChan& cs, bool* worked) {
 }
 
 bool StackImpl::DeliverNew(DispatchChan& cs, bool* worked) {
-  chan::RxSegment* const segs = cs.lane->batch;
+  const std::span<chan::RxSegment> segs(cs.lane->batch);
   std::deque<chan::RxSegment>& pending = cs.lane->pending;
-  const size_t n = cs.ch->Dequeue(SIZE_MAX, cs.lane->batch);
+  const size_t n = cs.ch->Dequeue(SIZE_MAX, segs);
   if (n == 0) return pending.empty();
   *worked = true;
   segments_in_.fetch_add(n, std::memory_order_relaxed);
@@ -344,15 +345,15 @@ bool StackImpl::DeliverInline(chan::Channel& ch) {
       lane->npending.load(std::memory_order_relaxed) != 0 || !lane->TryOwn())
     return false;
   bool all = !lane->gone && lane->pending.empty();
-  chan::RxSegment* const segs = lane->batch;
+  const std::span<chan::RxSegment> segs(lane->batch);
   while (all) {
-    const size_t n = ch.Dequeue(SIZE_MAX, lane->batch);
+    const size_t n = ch.Dequeue(SIZE_MAX, segs);
     segments_in_.fetch_add(n, std::memory_order_relaxed);
     size_t k = 0;
     while (k < n && DeliverData(ch, *lane, segs[k])) ++k;
     for (size_t j = k; j < n; ++j) lane->pending.push_back(segs[j]);
     all = k == n;
-    if (n < std::size(lane->batch)) break;
+    if (n < segs.size()) break;
   }
   lane->Disown();
   if (all) deliveries_inline_.fetch_add(1, std::memory_order_relaxed);

@@ -14,8 +14,8 @@
 
 namespace netch::vns {
 
-// 48 bytes: a socket's inbound ring holds 4096 of them, and a busy socket touches them all as
-// it cycles (with the whole RxSegment inside, 88 bytes: 360 KB per busy connection).
+// 48 bytes: a socket's inbound queue (Conn::inq) holds up to 4096 of them. (With the whole
+// RxSegment inside, as it once had, 88.)
 struct HeldSeg {
   uint64_t seq = 0;  // stream offset of data[0]
   const uint8_t* data = nullptr;

@@ -1,6 +1,7 @@
 // socket.cc - virtual sockets: Send (window, policy, copy workers), Recv (reassembly, window
 // updates), Accept, Shutdown, Close.
 #include <optional>
+#include <span>
 #include <string>
 
 #include "vns_lib/stack_impl.h"
@@ -759,8 +760,8 @@ bool SocketImpl::PollOnce(uint64_t now_us, uint64_t stand_down_us) {
       continue;
     }
     if (lane.pending.empty()) {
-      chan::RxSegment* const segs = lane.batch;
-      const size_t n = pl.ch->Dequeue(SIZE_MAX, lane.batch);
+      const std::span<chan::RxSegment> segs(lane.batch);
+      const size_t n = pl.ch->Dequeue(SIZE_MAX, segs);
       size_t k = 0;
       // Other sockets' data and window updates (a bulk socket's, on the control channel) go
       // to them from here too: left in the lane, they would hold this socket's next segments
