@@ -11,6 +11,9 @@ namespace netch::vns {
 // How long an idle dispatcher sleeps between looks (NothingToRetryLocked): everything else that
 // needs it — a segment, a failed channel, a new channel, a socket that read — wakes it.
 constexpr uint64_t kIdleDispatchSleepUs = 250'000;
+// A non-blocking connect gets a channel opening of its own (ReopenFor) only with this much of
+// its timeout left.
+constexpr uint64_t kReopenMinUs = 50'000;
 
 void StackImpl::QueueControl(chan::Channel* ch, const ConnKey& k, uint32_t conn_id, AppClass cls,
                              uint8_t type, uint64_t seq) {
@@ -409,6 +412,12 @@ bool StackImpl::ServeAwaitingChannels() {
       continue;
     }
     if (c->peer->open_failures() == c->open_failures_seen) continue;
+    // The opening it waited for timed out on the deadline of the connect that started it
+    // (joiners share an opening's outcome); this connect's own may be later. (Not for the last
+    // few ms of it: connects started together would each leave a doomed opening behind.)
+    if (c->peer->open_errno() == ETIMEDOUT && NowUs() + kReopenMinUs < c->connect_deadline_us &&
+        ReopenFor(*c))
+      continue;
     failed.emplace_back(c, ConnStateFor(c->peer->open_errno()));
     done.push_back(c.get());
   }
@@ -419,6 +428,19 @@ bool StackImpl::ServeAwaitingChannels() {
   });
   awaiting_.store(!awaiting_channels_.empty(), std::memory_order_release);
   return opening || !awaiting_channels_.empty();
+}
+
+bool StackImpl::ReopenFor(Conn& c) {
+  const int want = ChannelsWanted(*c.peer);
+  const uint64_t left = c.connect_deadline_us - NowUs();
+  uint64_t failures = 0;
+  if (!peers_
+           ->StartOpen(c.peer, want, absl::Microseconds(left), c.connect_deadline_us, Placer(want),
+                       &failures)
+           .ok())
+    return false;
+  c.open_failures_seen = failures;
+  return true;
 }
 
 bool StackImpl::DispatchRound() {

@@ -305,8 +305,7 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
   const uint64_t end =
       NowUs() + static_cast<uint64_t>(absl::ToInt64Microseconds(o.connect_timeout));
   Peer* p = peers_->Get(ip);
-  const int target = p->target.load(std::memory_order_relaxed);
-  const int want = target > 0 ? target : opts_.channels_per_peer;
+  const int want = ChannelsWanted(*p);
   if (o.nonblocking && p->live_count() == 0) {
     // The first connection to a new (or unreachable) peer must not hold an event loop for the
     // channel handshake, up to the whole connect timeout: its NCSYN leaves from the dispatcher

@@ -150,6 +150,15 @@ class StackImpl final : public Stack {
   absl::Status SetPeerChannels(uint32_t ip, int n) override;
   // The active policy's placement of a peer's channels (queue, engine), for PeerSet::Ensure.
   std::function<void(size_t, chan::ChannelParams*)> Placer(int count);
+  // How many channels a peer's first opening starts: its scaler's target, else the stack's.
+  int ChannelsWanted(const Peer& p) const {
+    const int target = p.target.load(std::memory_order_relaxed);
+    return target > 0 ? target : opts_.channels_per_peer;
+  }
+  // A non-blocking connect whose peer's opening timed out on another connect's earlier deadline:
+  // a new opening, with this one's deadline (the peer may have come up since). False if none
+  // could start.
+  bool ReopenFor(Conn& c);
   void NotifyConsumed() {
     if (holding_.load(std::memory_order_seq_cst)) WakeDispatcher();
   }

@@ -1349,6 +1349,50 @@ TEST_F(VnsTest, NonBlockingConnectToANewPeerReturnsAtOnce) {
   EXPECT_EQ(a_->driver().Channels().size(), 2u) << "channels_per_peer, opened once";
 }
 
+// Connections that join a channel opening already under way are bound by their own connect
+// timeout, not by the earlier one of the connect that started it: a peer whose stack comes up
+// after the first connect gave up still gets the second.
+TEST_F(VnsTest, AConnectThatJoinedAnOpeningKeepsItsOwnTimeout) {
+  auto a = Stack::Create(Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1));
+  ASSERT_TRUE(a.ok()) << a.status();
+  a_ = std::move(*a);
+  auto writable = [](VirtualSocket& s, int ms) {
+    pollfd p{s.write_fd(), POLLIN, 0};
+    return poll(&p, 1, ms) == 1;
+  };
+  SocketOptions early;
+  early.nonblocking = true;
+  early.connect_timeout = absl::Milliseconds(300);
+  auto first = a_->Connect(TestHosts::kIpB, 80, early);
+  ASSERT_TRUE(first.ok()) << first.status();
+  absl::SleepFor(absl::Milliseconds(100));
+  SocketOptions late = early;
+  late.connect_timeout = absl::Seconds(5);
+  auto second = a_->Connect(TestHosts::kIpB, 80, late);  // joins the opening under way
+  ASSERT_TRUE(second.ok()) << second.status();
+  ASSERT_TRUE(writable(**first, 3000));
+  EXPECT_EQ((*first)->Error(), ETIMEDOUT);
+  EXPECT_FALSE(writable(**second, 0))
+      << "failed with the first connect's deadline: " << (*second)->Error();
+  // B's stack comes up well within the second connect's timeout.
+  auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 1));
+  ASSERT_TRUE(b.ok()) << b.status();
+  b_ = std::move(*b);
+  auto l = b_->Listen(80);
+  ASSERT_TRUE(l.ok()) << l.status();
+  ASSERT_TRUE(writable(**second, 5000));
+  EXPECT_EQ((*second)->Error(), 0);
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok()) << s.status();
+  const uint8_t msg[3] = {4, 5, 6};
+  auto n = (*second)->Send(msg);
+  ASSERT_TRUE(n.ok()) << n.status();
+  uint8_t buf[8];
+  auto r = (*s)->Recv(buf);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, 3u);
+}
+
 // A connect to an address where no host answers ARP: the call never waits for the resolution
 // (an event loop would freeze for its whole timeout), the connection fails EHOSTUNREACH as the
 // kernel's does, and no channel is left behind; the live peer on the same link still works.
