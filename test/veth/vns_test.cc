@@ -1350,9 +1350,25 @@ TEST_F(VnsTest, NonBlockingConnectToANewPeerReturnsAtOnce) {
 }
 
 // Connections that join a channel opening already under way are bound by their own connect
-// timeout, not by the earlier one of the connect that started it: a peer whose stack comes up
-// after the first connect gave up still gets the second.
+// timeout, not by the earlier one of the connect that started it: a peer that becomes reachable
+// after the first connect gave up still gets the second. (B's stack and listener are up all
+// along; B's steering program drops every packet until the first connect has failed.)
 TEST_F(VnsTest, AConnectThatJoinedAnOpeningKeepsItsOwnTimeout) {
+  {
+    NetnsScope scope(hosts_.ns_b());
+    auto p = bpf::SteerProgram::Load();
+    ASSERT_TRUE(p.ok()) << p.status();
+    ASSERT_TRUE((*p)->Attach(if_nametoindex(TestHosts::kDevB), bpf::AttachMode::kNative).ok());
+    steer_[1] = std::move(*p);
+  }
+  ASSERT_TRUE(steer_[1]->SetGlobalDropPpm(1'000'000).ok());
+  StackOptions bo = Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 1);
+  bo.driver_opts.steer = steer_[1].get();
+  auto b = Stack::Create(bo);
+  ASSERT_TRUE(b.ok()) << b.status();
+  b_ = std::move(*b);
+  auto l = b_->Listen(80);
+  ASSERT_TRUE(l.ok()) << l.status();
   auto a = Stack::Create(Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1));
   ASSERT_TRUE(a.ok()) << a.status();
   a_ = std::move(*a);
@@ -1374,12 +1390,7 @@ TEST_F(VnsTest, AConnectThatJoinedAnOpeningKeepsItsOwnTimeout) {
   EXPECT_EQ((*first)->Error(), ETIMEDOUT);
   EXPECT_FALSE(writable(**second, 0))
       << "failed with the first connect's deadline: " << (*second)->Error();
-  // B's stack comes up well within the second connect's timeout.
-  auto b = Stack::Create(Opts(hosts_.ns_b(), TestHosts::kDevB, "afxdp", 1));
-  ASSERT_TRUE(b.ok()) << b.status();
-  b_ = std::move(*b);
-  auto l = b_->Listen(80);
-  ASSERT_TRUE(l.ok()) << l.status();
+  ASSERT_TRUE(steer_[1]->SetGlobalDropPpm(0).ok());  // B reachable, well within 5 s
   ASSERT_TRUE(writable(**second, 5000));
   EXPECT_EQ((*second)->Error(), 0);
   auto s = (*l)->Accept();
