@@ -43,8 +43,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* d, size_t n) {
       h.seq = seq;
       h.data = stream.data() + seq;
       h.len = len;
-      h.rx.token = next_id++;
-      if (r.Insert(h)) held.insert(h.rx.token);
+      h.token = next_id++;
+      if (r.Insert(h)) held.insert(h.token);
     } else {
       const size_t want = 1 + (byte() << 4);
       pieces.clear();
@@ -64,7 +64,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* d, size_t n) {
       read += got;
       if (r.next() != read) abort();
       for (const HeldSeg& h : done) {
-        auto it = held.find(h.rx.token);
+        auto it = held.find(h.token);
         if (it == held.end()) abort();  // handed back twice, or never held
         held.erase(it);
       }
@@ -72,7 +72,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* d, size_t n) {
   }
   // Close: everything still held comes back once.
   r.ForEachHeld([&](const HeldSeg& h) {
-    auto it = held.find(h.rx.token);
+    auto it = held.find(h.token);
     if (it == held.end()) abort();
     held.erase(it);
   });
