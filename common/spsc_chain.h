@@ -97,7 +97,11 @@ class SpscChain {
       // after its last push here, so what we see now is all this chunk will ever hold).
       Chunk* next = cons_->next.load(std::memory_order_acquire);
       if (next == nullptr) break;
-      if (cons_->Pop(out.subspan(n)) > 0) continue;  // (a push that landed before the link)
+      // (Pushes that landed between our look and the link: this chunk's last.)
+      if (const uint32_t late = cons_->Pop(out.subspan(n)); late > 0) {
+        n += late;
+        continue;
+      }
       allocated_.fetch_sub(cons_->size(), std::memory_order_relaxed);
       Chunk::Delete(cons_);
       cons_ = next;
