@@ -1281,6 +1281,26 @@ TEST_F(VnsTest, IdleConnectionsCostLittleMemory) {
 
 // A host with no stack never answers the channel handshake: connect says it timed out (the
 // driver's handshake deadline is the connect timeout), not that it was refused.
+// A non-blocking connect ended (write_fd() readable) within `ms`.
+bool WriteReady(VirtualSocket& s, int ms) {
+  pollfd p{s.write_fd(), POLLIN, 0};
+  return poll(&p, 1, ms) == 1;
+}
+
+// The connection `c` made works: `listener` accepts it and three bytes cross.
+void ExpectAcceptedAndBytesFlow(VirtualSocket& listener, VirtualSocket& c) {
+  auto s = listener.Accept();
+  ASSERT_TRUE(s.ok()) << s.status();
+  const uint8_t msg[3] = {1, 2, 3};
+  auto n = c.Send(msg);
+  ASSERT_TRUE(n.ok()) << n.status();
+  EXPECT_EQ(*n, 3u);
+  uint8_t buf[8];
+  auto r = (*s)->Recv(buf);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(*r, 3u);
+}
+
 TEST_F(VnsTest, ConnectToAHostWithoutAStackTimesOut) {
   auto a = Stack::Create(Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1));
   ASSERT_TRUE(a.ok()) << a.status();
@@ -1303,10 +1323,6 @@ TEST_F(VnsTest, NonBlockingConnectToANewPeerReturnsAtOnce) {
   SocketOptions nb;
   nb.nonblocking = true;
   nb.connect_timeout = absl::Milliseconds(400);
-  auto writable = [](VirtualSocket& s, int ms) {
-    pollfd p{s.write_fd(), POLLIN, 0};
-    return poll(&p, 1, ms) == 1;
-  };
   // No stack on B yet: two connections wait for the same channel opening, then time out.
   uint64_t t0 = chan::NowUs();
   auto dead1 = a_->Connect(TestHosts::kIpB, 80, nb);
@@ -1314,9 +1330,9 @@ TEST_F(VnsTest, NonBlockingConnectToANewPeerReturnsAtOnce) {
   EXPECT_LT(chan::NowUs() - t0, 100'000u) << "the connects waited for the channel handshake";
   ASSERT_TRUE(dead1.ok()) << dead1.status();
   ASSERT_TRUE(dead2.ok()) << dead2.status();
-  EXPECT_FALSE(writable(**dead1, 0)) << "still connecting";
-  EXPECT_TRUE(writable(**dead1, 3000));
-  EXPECT_TRUE(writable(**dead2, 3000));
+  EXPECT_FALSE(WriteReady(**dead1, 0)) << "still connecting";
+  EXPECT_TRUE(WriteReady(**dead1, 3000));
+  EXPECT_TRUE(WriteReady(**dead2, 3000));
   EXPECT_EQ((*dead1)->Error(), ETIMEDOUT);
   EXPECT_EQ((*dead2)->Error(), ETIMEDOUT);
   EXPECT_EQ(a_->driver().Channels().size(), 0u) << "the failed opening left channels behind";
@@ -1334,18 +1350,9 @@ TEST_F(VnsTest, NonBlockingConnectToANewPeerReturnsAtOnce) {
   const uint64_t took = chan::NowUs() - t0;
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_LT(took, 100'000u);
-  EXPECT_TRUE(writable(**c, 5000));
+  EXPECT_TRUE(WriteReady(**c, 5000));
   EXPECT_EQ((*c)->Error(), 0);
-  auto s = (*l)->Accept();
-  ASSERT_TRUE(s.ok()) << s.status();
-  const uint8_t msg[3] = {1, 2, 3};
-  auto n = (*c)->Send(msg);
-  ASSERT_TRUE(n.ok()) << n.status();
-  EXPECT_EQ(*n, 3u);
-  uint8_t buf[8];
-  auto r = (*s)->Recv(buf);
-  ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(*r, 3u);
+  ExpectAcceptedAndBytesFlow(**l, **c);
   EXPECT_EQ(a_->driver().Channels().size(), 2u) << "channels_per_peer, opened once";
 }
 
@@ -1372,10 +1379,6 @@ TEST_F(VnsTest, AConnectThatJoinedAnOpeningKeepsItsOwnTimeout) {
   auto a = Stack::Create(Opts(hosts_.ns_a(), TestHosts::kDevA, "afxdp", 1));
   ASSERT_TRUE(a.ok()) << a.status();
   a_ = std::move(*a);
-  auto writable = [](VirtualSocket& s, int ms) {
-    pollfd p{s.write_fd(), POLLIN, 0};
-    return poll(&p, 1, ms) == 1;
-  };
   SocketOptions early;
   early.nonblocking = true;
   early.connect_timeout = absl::Milliseconds(300);
@@ -1386,22 +1389,14 @@ TEST_F(VnsTest, AConnectThatJoinedAnOpeningKeepsItsOwnTimeout) {
   late.connect_timeout = absl::Seconds(5);
   auto second = a_->Connect(TestHosts::kIpB, 80, late);  // joins the opening under way
   ASSERT_TRUE(second.ok()) << second.status();
-  ASSERT_TRUE(writable(**first, 3000));
+  ASSERT_TRUE(WriteReady(**first, 3000));
   EXPECT_EQ((*first)->Error(), ETIMEDOUT);
-  EXPECT_FALSE(writable(**second, 0))
+  EXPECT_FALSE(WriteReady(**second, 0))
       << "failed with the first connect's deadline: " << (*second)->Error();
   ASSERT_TRUE(steer_[1]->SetGlobalDropPpm(0).ok());  // B reachable, well within 5 s
-  ASSERT_TRUE(writable(**second, 5000));
+  ASSERT_TRUE(WriteReady(**second, 5000));
   EXPECT_EQ((*second)->Error(), 0);
-  auto s = (*l)->Accept();
-  ASSERT_TRUE(s.ok()) << s.status();
-  const uint8_t msg[3] = {4, 5, 6};
-  auto n = (*second)->Send(msg);
-  ASSERT_TRUE(n.ok()) << n.status();
-  uint8_t buf[8];
-  auto r = (*s)->Recv(buf);
-  ASSERT_TRUE(r.ok()) << r.status();
-  EXPECT_EQ(*r, 3u);
+  ExpectAcceptedAndBytesFlow(**l, **second);
 }
 
 // A connect to an address where no host answers ARP: the call never waits for the resolution
