@@ -20,6 +20,7 @@
 #include "common/spsc_chain.h"
 #include "vns_lib/peer_set.h"
 #include "vns_lib/reassembly.h"
+#include "vns_lib/sock_error.h"
 #include "vns_lib/vns.h"
 
 namespace netch::vns {
@@ -32,6 +33,9 @@ inline ConnState ConnStateFor(int err) {
   if (err == ECONNREFUSED) return ConnState::kRefused;
   return err == EHOSTUNREACH ? ConnState::kUnreachable : ConnState::kTimedOut;
 }
+// The error a connection in state `s` reports (reset, refused, timed out, unreachable): one
+// mapping for the blocking connect and every later socket call; OK while connecting or open.
+absl::Status ConnStateError(ConnState s);
 
 struct ConnKey {
   uint32_t peer;

@@ -97,20 +97,7 @@ class SocketImpl final : public VirtualSocket {
                      c_->broken_cause.load(std::memory_order_relaxed));
   }
   // What the peer told us: reset, refused; or our own connect timeout, or no host answered.
-  absl::Status StateError() const {
-    switch (c_->state.load()) {
-      case ConnState::kReset:
-        return SockError(ECONNRESET, "connection reset by peer");
-      case ConnState::kRefused:
-        return SockError(ECONNREFUSED, "connection refused");
-      case ConnState::kTimedOut:
-        return SockError(ETIMEDOUT, "connection timed out");
-      case ConnState::kUnreachable:
-        return SockError(EHOSTUNREACH, "no route to host", chan::FailCause::kUnreachable);
-      default:
-        return absl::OkStatus();
-    }
-  }
+  absl::Status StateError() const { return ConnStateError(c_->state.load()); }
   // Sends [off, off+len) of the stream (stream offset base + off) from data; blocks while the
   // channels are full unless non-blocking. Returns bytes taken.
   // `parallel`: copy workers run several ranges of one write at once.

@@ -21,6 +21,23 @@ absl::Status SockError(int err, std::string_view what, chan::FailCause why) {
   return SockError(err, w);
 }
 
+absl::Status ConnStateError(ConnState s) {
+  switch (s) {
+    case ConnState::kReset:
+      return SockError(ECONNRESET, "connection reset by peer");
+    case ConnState::kRefused:
+      return SockError(ECONNREFUSED, "connection refused");
+    case ConnState::kTimedOut:
+      return SockError(ETIMEDOUT, "connection timed out");
+    case ConnState::kUnreachable:
+      return SockError(EHOSTUNREACH, "no route to host", chan::FailCause::kUnreachable);
+    case ConnState::kConnecting:
+    case ConnState::kEstablished:
+      break;
+  }
+  return absl::OkStatus();
+}
+
 absl::Status StackImpl::Init() {
   // The copy plan is the policy's too: StackOptions' copy sizes are its first knobs.
   sched::Knobs knobs = {{"inline_copy_bytes", std::to_string(opts_.inline_copy_bytes)},
@@ -361,15 +378,9 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
       c->state = ConnState::kTimedOut;
       Unregister(c);
       return SockError(ETIMEDOUT, "connect");
-    case ConnState::kRefused:
-      Unregister(c);
-      return SockError(ECONNREFUSED, "connect");
-    case ConnState::kUnreachable:
-      Unregister(c);
-      return SockError(EHOSTUNREACH, "connect", chan::FailCause::kUnreachable);
     default:
       Unregister(c);
-      return SockError(ECONNRESET, "connect");
+      return ConnStateError(c->state.load());
   }
 }
 
