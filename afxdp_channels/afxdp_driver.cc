@@ -1,8 +1,10 @@
 #include "afxdp_channels/afxdp_driver.h"
 
 #include <arpa/inet.h>
+#include <net/if.h>
 #include <netinet/in.h>
 #include <netinet/udp.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <unistd.h>
 
@@ -94,9 +96,10 @@ class AfxdpChannel final : public ChannelCore {
   bool keep_delivered = false;  // dead, but what was delivered stays readable
   Hs hs = Hs::kSynSent;
   uint64_t syn_next_us = 0, syn_rto_us = 0, connect_deadline_us = 0;
-  // An initiator whose peer's MAC was not in the neighbour table: the engine looks again after
-  // neigh_poll_us (doubling up to kNeighborPollMaxUs) and sends the SYN once it resolves;
-  // kUnreachable at neigh_deadline_us.
+  // An initiator whose next hop's MAC (the peer's, or its gateway's) was not in the neighbour
+  // table: the engine looks again after neigh_poll_us (doubling up to kNeighborPollMaxUs) and
+  // sends the SYN once it resolves; kUnreachable at neigh_deadline_us.
+  uint32_t next_hop = 0;
   bool neigh_pending = false;
   uint64_t neigh_deadline_us = 0, neigh_poll_us = 0;
   uint64_t rx_held = 0;  // delivered to rxq_, not yet returned
@@ -299,6 +302,9 @@ class AfxdpDriver final : public Driver {
   uint32_t rcv_buf() const { return rcv_buf_; }
   uint64_t incarnation() const { return incarnation_; }
   int neigh_fd() const { return neigh_fd_.get(); }  // for LookupNeighbor, in the driver's netns
+  // The host on our link that takes packets for `peer_ip`: the peer itself or its gateway. Fails
+  // (ENETUNREACH) when the kernel routes the peer through another interface.
+  absl::StatusOr<uint32_t> NextHopTo(uint32_t peer_ip);
   TransportConfig TransportFor(uint16_t local, uint16_t peer, uint32_t isn_send,
                                uint32_t isn_recv) const;
   // The cookie a responder mints for a SYN: the responder's token and ISN, a keyed hash of what
@@ -338,6 +344,7 @@ class AfxdpDriver final : public Driver {
   const uint64_t incarnation_;
   afxdp::InterfaceInfo ifi_;
   UniqueFd neigh_fd_;
+  std::unique_ptr<afxdp::RouteTable> routes_;  // opened in the driver's netns
   size_t max_payload_ = 0;
   bool udp_tx_ = false;
   uint32_t rcv_buf_ = 0;  // the receive window each channel advertises
@@ -1016,7 +1023,7 @@ void XskQueue::RunZombies() {
 bool XskQueue::ResolvePeer(AfxdpChannel& ch, uint64_t now) {
   if (now < ch.syn_next_us) return false;
   // (Connect provoked the resolution; the kernel probes for longer than kNeighborTimeoutUs.)
-  auto mac = afxdp::LookupNeighbor(driver_->neigh_fd(), driver_->opts().ifname, ch.peer_ip,
+  auto mac = afxdp::LookupNeighbor(driver_->neigh_fd(), driver_->opts().ifname, ch.next_hop,
                                    /*provoke=*/false);
   if (mac.ok() && mac->has_value()) {
     ch.addrs.dst_mac = **mac;
@@ -1244,6 +1251,9 @@ absl::Status AfxdpDriver::Init() {
   ifi_ = *ifi;
   neigh_fd_ = UniqueFd(socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
   if (neigh_fd_.get() < 0) return ErrnoStatus(errno, "socket");
+  auto routes = afxdp::RouteTable::Open();
+  if (!routes.ok()) return routes.status();
+  routes_ = std::move(*routes);
   if (ifi_.ipv4 == 0)
     return absl::FailedPreconditionError(absl::StrFormat("%s has no IPv4 address", opts_.ifname));
   if (opts_.steer->attached_ifindex() != ifi_.ifindex)
@@ -1456,6 +1466,22 @@ int AfxdpDriver::EngineOf(XskQueue* q) const {
   return e ? e->index() : -1;
 }
 
+absl::StatusOr<uint32_t> AfxdpDriver::NextHopTo(uint32_t peer_ip) {
+  auto hop = routes_->Get(peer_ip);
+  if (!hop.ok()) return hop.status();
+  if (hop->oif != ifi_.ifindex) {
+    ifreq ifr{};  // the name in the driver's namespace: ask through a socket that lives there
+    ifr.ifr_ifindex = hop->oif;
+    const std::string other =
+        ioctl(neigh_fd_.get(), SIOCGIFNAME, &ifr) == 0 ? ifr.ifr_name : absl::StrCat("#", hop->oif);
+    return ErrnoStatus(ENETUNREACH,
+                       absl::StrFormat("the route to %s leaves through %s, not %s (the AF_XDP "
+                                       "driver reaches only peers routed over its interface)",
+                                       Ipv4String(peer_ip), other, opts_.ifname));
+  }
+  return hop->via(peer_ip);
+}
+
 absl::StatusOr<std::shared_ptr<Channel>> AfxdpDriver::Connect(const ChannelParams& p) {
   if (p.peer_ipv4 == 0) return absl::InvalidArgumentError("no peer address");
   XskQueue* q = nullptr;
@@ -1468,10 +1494,13 @@ absl::StatusOr<std::shared_ptr<Channel>> AfxdpDriver::Connect(const ChannelParam
     for (auto& c : queues_)
       if (!q || c->channel_count() < q->channel_count()) q = c.get();
   }
+  // Frames go to the next hop's MAC (a peer behind a router gets the router's).
+  auto hop = NextHopTo(p.peer_ipv4);
+  if (!hop.ok()) return hop.status();
   // Never waits for ARP: a connect must not block an event loop (a host that does not answer
   // took the whole resolution timeout inside the call). Unresolved, the channel starts without
   // the MAC and its engine finishes the resolution before it sends the SYN.
-  auto mac = afxdp::LookupNeighbor(neigh_fd_.get(), opts_.ifname, p.peer_ipv4, /*provoke=*/true);
+  auto mac = afxdp::LookupNeighbor(neigh_fd_.get(), opts_.ifname, *hop, /*provoke=*/true);
   if (!mac.ok()) return mac.status();
   auto ch = Register(q, p.peer_ipv4, mac->value_or(wire::MacAddr{}), RandomNonZeroU64());
   if (!ch.ok()) return ch.status();
@@ -1482,6 +1511,7 @@ absl::StatusOr<std::shared_ptr<Channel>> AfxdpDriver::Connect(const ChannelParam
   const uint64_t now = NowUs();
   c.syn_rto_us = 20'000;
   c.connect_deadline_us = now + static_cast<uint64_t>(absl::ToInt64Microseconds(p.connect_timeout));
+  c.next_hop = *hop;
   c.neigh_pending = !mac->has_value();
   c.neigh_deadline_us = std::min(c.connect_deadline_us, now + kNeighborTimeoutUs);
   c.neigh_poll_us = 200;  // an answering host on the link replies within microseconds

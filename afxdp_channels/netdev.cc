@@ -1,7 +1,9 @@
 #include "afxdp_channels/netdev.h"
 
 #include <arpa/inet.h>
+#include <libmnl/libmnl.h>
 #include <linux/ethtool.h>
+#include <linux/rtnetlink.h>
 #include <linux/sockios.h>
 #include <net/if.h>
 #include <net/if_arp.h>
@@ -17,6 +19,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "common/errno_status.h"
+#include "common/ipv4.h"
 #include "common/unique_fd.h"
 
 namespace netch::afxdp {
@@ -38,7 +41,90 @@ void ReadQueueCounts(int sock, const std::string& ifname, InterfaceInfo* info) {
   }
 }
 
+struct RouteReply {
+  uint8_t type = RTN_UNSPEC;
+  int oif = 0;
+  uint32_t gateway = 0;  // network order
+};
+
+int OnRouteAttr(const nlattr* a, void* data) {
+  auto* r = static_cast<RouteReply*>(data);
+  switch (mnl_attr_get_type(a)) {
+    case RTA_OIF:
+      if (mnl_attr_validate(a, MNL_TYPE_U32) >= 0) r->oif = static_cast<int>(mnl_attr_get_u32(a));
+      break;
+    case RTA_GATEWAY:
+      if (mnl_attr_validate(a, MNL_TYPE_U32) >= 0) r->gateway = mnl_attr_get_u32(a);
+      break;
+    default:
+      break;
+  }
+  return MNL_CB_OK;
+}
+
+int OnRoute(const nlmsghdr* nlh, void* data) {
+  if (nlh->nlmsg_type != RTM_NEWROUTE || mnl_nlmsg_get_payload_len(nlh) < sizeof(rtmsg))
+    return MNL_CB_OK;
+  const auto* rtm = static_cast<const rtmsg*>(mnl_nlmsg_get_payload(nlh));
+  static_cast<RouteReply*>(data)->type = rtm->rtm_type;
+  return mnl_attr_parse(nlh, sizeof(rtmsg), OnRouteAttr, data);
+}
+
 }  // namespace
+
+absl::StatusOr<std::unique_ptr<RouteTable>> RouteTable::Open() {
+  mnl_socket* nl = mnl_socket_open2(NETLINK_ROUTE, SOCK_CLOEXEC);
+  if (!nl) return ErrnoStatus(errno, "rtnetlink socket");
+  if (mnl_socket_bind(nl, 0, MNL_SOCKET_AUTOPID) < 0) {
+    const int err = errno;
+    mnl_socket_close(nl);
+    return ErrnoStatus(err, "rtnetlink bind");
+  }
+  return std::unique_ptr<RouteTable>(new RouteTable(nl));
+}
+
+RouteTable::~RouteTable() { mnl_socket_close(nl_); }
+
+absl::StatusOr<NextHop> RouteTable::Get(uint32_t ip) {
+  alignas(nlmsghdr) char buf[8192];
+  std::lock_guard l(mu_);
+  nlmsghdr* nlh = mnl_nlmsg_put_header(buf);
+  nlh->nlmsg_type = RTM_GETROUTE;
+  nlh->nlmsg_flags = NLM_F_REQUEST;
+  nlh->nlmsg_seq = ++seq_;
+  auto* rtm = static_cast<rtmsg*>(mnl_nlmsg_put_extra_header(nlh, sizeof(rtmsg)));
+  rtm->rtm_family = AF_INET;
+  rtm->rtm_dst_len = 32;
+  mnl_attr_put_u32(nlh, RTA_DST, htonl(ip));
+  if (mnl_socket_sendto(nl_, nlh, nlh->nlmsg_len) < 0) return ErrnoStatus(errno, "RTM_GETROUTE");
+  RouteReply r;
+  const unsigned portid = mnl_socket_get_portid(nl_);
+  for (;;) {
+    const ssize_t n = mnl_socket_recvfrom(nl_, buf, sizeof(buf));
+    if (n < 0) return ErrnoStatus(errno, "RTM_GETROUTE reply");
+    // An error reply (no route) comes back as MNL_CB_ERROR with errno set; replies to an older
+    // request (a lookup that failed before reading its answer) fail the sequence check: skip.
+    const int rc = mnl_cb_run(buf, static_cast<size_t>(n), seq_, portid, OnRoute, &r);
+    if (rc == MNL_CB_ERROR && errno == EPROTO) continue;
+    if (rc == MNL_CB_ERROR) return ErrnoStatus(errno, absl::StrCat("route to ", Ipv4String(ip)));
+    if (rc == MNL_CB_STOP || r.type != RTN_UNSPEC) break;
+  }
+  switch (r.type) {
+    case RTN_UNICAST:
+      return NextHop{r.oif, ntohl(r.gateway)};
+    case RTN_LOCAL:
+    case RTN_BROADCAST:
+    case RTN_MULTICAST:
+      return ErrnoStatus(EADDRNOTAVAIL,
+                         absl::StrCat(Ipv4String(ip), " is no peer's unicast address"));
+    case RTN_UNREACHABLE:
+    case RTN_PROHIBIT:
+    case RTN_BLACKHOLE:
+      return ErrnoStatus(EHOSTUNREACH, absl::StrCat("route to ", Ipv4String(ip)));
+    default:
+      return ErrnoStatus(ENETUNREACH, absl::StrCat("route to ", Ipv4String(ip)));
+  }
+}
 
 absl::StatusOr<InterfaceInfo> GetInterfaceInfo(const std::string& ifname) {
   if (ifname.empty() || ifname.size() >= IFNAMSIZ)
@@ -102,10 +188,7 @@ absl::StatusOr<wire::MacAddr> ResolveNeighbor(const std::string& ifname, uint32_
     if (mac->has_value()) return **mac;
     if (absl::Now() >= deadline)
       return absl::DeadlineExceededError(
-          absl::StrFormat("no neighbour entry for %s on %s",
-                          absl::StrCat((ip >> 24) & 255, ".", (ip >> 16) & 255, ".",
-                                       (ip >> 8) & 255, ".", ip & 255),
-                          ifname));
+          absl::StrFormat("no neighbour entry for %s on %s", Ipv4String(ip), ifname));
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
 }

@@ -4,12 +4,8 @@
 
 namespace netch::vns {
 
-constexpr char kErrnoUrl[] = "netch.errno";
-
 absl::Status SockError(int err, std::string_view what) {
-  absl::Status s = ErrnoStatus(err, std::string(what));
-  s.SetPayload(kErrnoUrl, absl::Cord(std::to_string(err)));
-  return s;
+  return ErrnoStatus(err, std::string(what));
 }
 
 absl::Status SockError(int err, std::string_view what, chan::FailCause why) {
@@ -564,14 +560,7 @@ absl::Status StackImpl::SendControlWait(chan::Channel& ch, const Conn& c, uint8_
   }
 }
 
-int Errno(const absl::Status& s) {
-  if (s.ok()) return 0;
-  if (auto p = s.GetPayload(kErrnoUrl)) {
-    int e = 0;
-    if (absl::SimpleAtoi(std::string(*p), &e)) return e;
-  }
-  return EIO;
-}
+int Errno(const absl::Status& s) { return StatusErrno(s); }
 
 absl::StatusOr<std::unique_ptr<Stack>> Stack::Create(const StackOptions& opts) {
   auto s = std::make_unique<StackImpl>(opts);

@@ -48,8 +48,10 @@ absl::Status TestHosts::Up(const TestHostsOptions& opts) {
   ns_b_ = prefix_ + "-b";
   std::string gc = absl::StrCat(NETCH_SOURCE_DIR, "/scripts/testhosts gc >&2");
   (void)std::system(gc.c_str());  // leftovers of crashed runs; failure here is not ours to report
-  std::string cmd = absl::StrCat(NETCH_SOURCE_DIR, "/scripts/testhosts up --prefix ", prefix_,
-                                 " --queues ", opts.queues, " --mtu ", opts.mtu, " >/dev/null");
+  std::string cmd =
+      absl::StrCat(NETCH_SOURCE_DIR, "/scripts/testhosts up --prefix ", prefix_, " --queues ",
+                   opts.queues, " --mtu ", opts.mtu, opts.routed ? " --routed" : "", " >/dev/null");
+  routed_ = opts.routed;
   if (std::system(cmd.c_str()) != 0) return absl::InternalError("failed: " + cmd);
   up_ = true;
   if (auto s = ReadLink(ns_a_, kDevA, &ifindex_a_, &mac_a_); !s.ok()) return s;

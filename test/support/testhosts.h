@@ -16,6 +16,9 @@ namespace netch::testing {
 struct TestHostsOptions {
   int queues = 1;
   int mtu = 1500;
+  // B in another subnet behind a forwarding router namespace (scripts/testhosts --routed):
+  // B's address is kIpBRouted, each host reaches the other through its gateway.
+  bool routed = false;
 };
 
 // What the channel, VNS and control-plane tests run on: 4 queues (one per channel) and the
@@ -24,8 +27,10 @@ inline TestHostsOptions StackHostsOptions() { return {.queues = 4, .mtu = 3506};
 
 class TestHosts {
  public:
-  static constexpr uint32_t kIpA = 0xC6120001;  // 198.18.0.1
-  static constexpr uint32_t kIpB = 0xC6120002;  // 198.18.0.2
+  static constexpr uint32_t kIpA = 0xC6120001;        // 198.18.0.1
+  static constexpr uint32_t kIpB = 0xC6120002;        // 198.18.0.2
+  static constexpr uint32_t kIpBRouted = 0xC6120102;  // 198.18.1.2, behind the router
+  static constexpr uint32_t kGatewayA = 0xC61200FE;   // 198.18.0.254: A's router
 
   TestHosts() = default;
   ~TestHosts();
@@ -37,6 +42,7 @@ class TestHosts {
 
   const std::string& ns_a() const { return ns_a_; }
   const std::string& ns_b() const { return ns_b_; }
+  uint32_t ip_b() const { return routed_ ? kIpBRouted : kIpB; }
   static constexpr const char* kDevA = "nc-a";
   static constexpr const char* kDevB = "nc-b";
   // Valid after Up(). Interface indexes are per namespace.
@@ -54,6 +60,7 @@ class TestHosts {
   int ifindex_a_ = 0, ifindex_b_ = 0;
   wire::MacAddr mac_a_{}, mac_b_{};
   bool up_ = false;
+  bool routed_ = false;
 };
 
 }  // namespace netch::testing

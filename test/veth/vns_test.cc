@@ -191,6 +191,44 @@ class VnsTest : public ::testing::Test {
     }
   }
 
+  // Checked streams both ways at once over one connection: c → s (stream 1) and s → c (stream
+  // 2), each `bytes` long in 256 KB writes. done() once c has read all of stream 2.
+  class BothWays {
+   public:
+    BothWays(VirtualSocket& c, VirtualSocket& s, uint64_t bytes) : bytes_(bytes) {
+      // (The sockets outlive this object; `bytes` does not: the threads read bytes_.)
+      threads_.emplace_back([this, &c] { SendStream(c, 1, bytes_, kChunk, &sent_ab_); });
+      threads_.emplace_back([this, &s] { SendStream(s, 2, bytes_, kChunk, &sent_ba_); });
+      threads_.emplace_back([this, &s] { got_ab_ = RecvStream(s, 1, kChunk, &bad_ab_, &err_ab_); });
+      threads_.emplace_back([this, &c] {
+        got_ba_ = RecvStream(c, 2, kChunk, &bad_ba_, &err_ba_);
+        done_ = true;
+      });
+    }
+    bool done() const { return done_.load(); }
+    // Joins, then expects every byte sent, received and intact, both ways.
+    void ExpectIntact() {
+      for (auto& t : threads_) t.join();
+      threads_.clear();
+      EXPECT_TRUE(sent_ab_.ok() && sent_ba_.ok()) << sent_ab_ << " " << sent_ba_;
+      EXPECT_TRUE(err_ab_.ok() && err_ba_.ok()) << err_ab_ << " " << err_ba_;
+      EXPECT_EQ(got_ab_, bytes_);
+      EXPECT_EQ(got_ba_, bytes_);
+      EXPECT_EQ(bad_ab_ + bad_ba_, 0u);
+    }
+    ~BothWays() {
+      for (auto& t : threads_) t.join();
+    }
+
+   private:
+    static constexpr size_t kChunk = 256 << 10;
+    const uint64_t bytes_;
+    absl::Status sent_ab_, sent_ba_, err_ab_, err_ba_;
+    uint64_t bad_ab_ = 0, bad_ba_ = 0, got_ab_ = 0, got_ba_ = 0;
+    std::atomic<bool> done_{false};
+    std::vector<std::thread> threads_;
+  };
+
   TestHosts hosts_;
   std::unique_ptr<bpf::SteerProgram> steer_[2];  // declared first: outlives the stacks
   std::unique_ptr<Stack> a_, b_;
@@ -237,32 +275,15 @@ TEST_F(VnsTest, HundredScaleCyclesDuringCheckedStreamsLoseNothing) {
   auto s = (*l)->Accept();
   ASSERT_TRUE(s.ok()) << s.status();
   constexpr uint64_t kBytes = 512ull << 20;
-  absl::Status sent_ab, sent_ba, err_ab, err_ba;
-  uint64_t bad_ab = 0, bad_ba = 0, got_ab = 0, got_ba = 0;
-  std::atomic<bool> done{false};
-  std::thread tx1([&] { SendStream(**c, 1, kBytes, 256 << 10, &sent_ab); });
-  std::thread tx2([&] { SendStream(**s, 2, kBytes, 256 << 10, &sent_ba); });
-  std::thread rx1([&] { got_ab = RecvStream(**s, 1, 256 << 10, &bad_ab, &err_ab); });
-  std::thread rx2([&] {
-    got_ba = RecvStream(**c, 2, 256 << 10, &bad_ba, &err_ba);
-    done = true;
-  });
+  BothWays streams(**c, **s, kBytes);
   int cycles = 0;
-  for (; cycles < 100 && !done.load(); ++cycles) {
+  for (; cycles < 100 && !streams.done(); ++cycles) {
     ASSERT_TRUE(a_->SetPeerChannels(TestHosts::kIpB, 3).ok());
     std::this_thread::sleep_for(std::chrono::milliseconds(3));
     ASSERT_TRUE(a_->SetPeerChannels(TestHosts::kIpB, 1).ok());
     std::this_thread::sleep_for(std::chrono::milliseconds(3));
   }
-  tx1.join();
-  tx2.join();
-  rx1.join();
-  rx2.join();
-  EXPECT_TRUE(sent_ab.ok() && sent_ba.ok()) << sent_ab << " " << sent_ba;
-  EXPECT_TRUE(err_ab.ok() && err_ba.ok()) << err_ab << " " << err_ba;
-  EXPECT_EQ(got_ab, kBytes);
-  EXPECT_EQ(got_ba, kBytes);
-  EXPECT_EQ(bad_ab + bad_ba, 0u);
+  streams.ExpectIntact();
   EXPECT_GE(cycles, 20) << "the streams ended before the scaling could run";
   auto count = [](Stack& st) { return st.driver().Channels().size(); };
   for (int i = 0; i < 300 && (count(*a_) != 1 || count(*b_) != 1); ++i)
@@ -1430,6 +1451,74 @@ TEST_F(VnsTest, AConnectToAnAddressNobodyAnswersFailsHostUnreachableWithoutBlock
   ASSERT_TRUE(l.ok()) << l.status();
   auto live = a_->Connect(TestHosts::kIpB, 82);
   ASSERT_TRUE(live.ok()) << live.status();
+}
+
+// B in another subnet behind a forwarding router (scripts/testhosts --routed): frames go to the
+// gateway's MAC, which the kernel's routing table names and ARP resolves (no static neighbours).
+// One queue per link: the router, not our tx queue, picks the queue a forwarded frame arrives on
+// (docs/ARCHITECTURE.md, "Channel ↔ queue").
+class VnsRoutedTest : public VnsTest {
+ protected:
+  void SetUp() override {
+    NETCH_REQUIRE_ROOT();
+    testing::TestHostsOptions o = testing::StackHostsOptions();
+    o.queues = 1;
+    o.routed = true;
+    ASSERT_TRUE(hosts_.Up(o).ok());
+  }
+};
+
+TEST_F(VnsRoutedTest, APeerBehindARouterIsReachedThroughItsGateway) {
+  Open("afxdp", 2);
+  auto l = b_->Listen(5020);
+  ASSERT_TRUE(l.ok()) << l.status();
+  auto c = a_->Connect(hosts_.ip_b(), 5020);
+  ASSERT_TRUE(c.ok()) << c.status();
+  auto s = (*l)->Accept();
+  ASSERT_TRUE(s.ok()) << s.status();
+  // Checked streams both ways at once: data one way, ACKs and the other stream's data the other.
+  BothWays(**c, **s, 16ull << 20).ExpectIntact();
+  // The router took them: the frames were addressed to A's gateway, which A resolved by ARP.
+  EXPECT_EQ(hosts_.RunIn(hosts_.ns_a(), "ip neigh show 198.18.0.254 | grep -q lladdr"), 0);
+
+  // The other way round: B opens channels to A through its own gateway.
+  auto l2 = a_->Listen(5021);
+  ASSERT_TRUE(l2.ok()) << l2.status();
+  auto c2 = b_->Connect(TestHosts::kIpA, 5021);
+  ASSERT_TRUE(c2.ok()) << c2.status();
+  ExpectAcceptedAndBytesFlow(**l2, **c2);
+}
+
+// What the routing table rules out fails at once, with the kernel's errno, and sends nothing.
+TEST_F(VnsRoutedTest, AConnectTheRoutingTableRulesOutFailsAtOnceWithItsErrno) {
+  Open("afxdp", 1);
+  ASSERT_EQ(hosts_.RunIn(hosts_.ns_a(),
+                         "ip route add unreachable 198.19.1.0/24 && "
+                         "ip link add nc-x type veth peer name nc-y && "
+                         "ip addr add 198.19.2.1/24 dev nc-x && ip link set nc-x up"),
+            0);
+  SocketOptions nb;
+  nb.nonblocking = true;
+  const uint64_t t0 = chan::NowUs();
+  auto unreachable = a_->Connect(0xC6130101, 80, nb);  // 198.19.1.1: an unreachable route
+  ASSERT_FALSE(unreachable.ok());
+  EXPECT_EQ(Errno(unreachable.status()), EHOSTUNREACH) << unreachable.status();
+  auto elsewhere = a_->Connect(0xC6130202, 80, nb);  // 198.19.2.2: routed through nc-x
+  ASSERT_FALSE(elsewhere.ok());
+  EXPECT_EQ(Errno(elsewhere.status()), ENETUNREACH) << elsewhere.status();
+  EXPECT_TRUE(absl::StrContains(elsewhere.status().message(), "leaves through nc-x"))
+      << elsewhere.status();
+  auto self = a_->Connect(TestHosts::kIpA, 80, nb);  // our own address: no peer there
+  ASSERT_FALSE(self.ok());
+  EXPECT_EQ(Errno(self.status()), EADDRNOTAVAIL) << self.status();
+  EXPECT_LT(chan::NowUs() - t0, 100'000u) << "a ruled-out connect waited";
+  EXPECT_TRUE(a_->driver().Channels().empty()) << "a failed lookup left a channel behind";
+  // The stack is unharmed: the routed peer is reachable.
+  auto l = b_->Listen(5022);
+  ASSERT_TRUE(l.ok()) << l.status();
+  auto c = a_->Connect(hosts_.ip_b(), 5022);
+  ASSERT_TRUE(c.ok()) << c.status();
+  ExpectAcceptedAndBytesFlow(**l, **c);
 }
 
 TEST_F(VnsTest, AForgedConnIdCannotInjectAByteIntoAnotherSocket) {
