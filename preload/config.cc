@@ -156,6 +156,7 @@ absl::StatusOr<Config> Config::FromEnv(const char* (*env)(const char*)) {
   if (env("NETCH_DEV") == nullptr && seen.size() > 1)
     return absl::FailedPreconditionError(absl::StrFormat(
         "%d interfaces have IPv4 addresses: set NETCH_DEV (netchrun --dev)", seen.size()));
+  c.ifindex = static_cast<int>(if_nametoindex(c.dev.c_str()));
   return c;
 }
 
@@ -163,7 +164,10 @@ bool Config::RoutesPeer(uint32_t ip, uint16_t port) const {
   if (route == Route::kNone || (ip >> 24) == 127 || ip == 0) return false;
   if (!ports.empty() && std::find(ports.begin(), ports.end(), port) == ports.end()) return false;
   if (route == Route::kAll) return true;
-  return (ip & netmask) == (local_ip & netmask) && ip != local_ip;
+  if ((ip & netmask) == (local_ip & netmask)) return ip != local_ip;
+  // Another subnet: ours when its route leaves through the interface (a gateway on our link,
+  // which the driver resolves); a route through another interface stays on the kernel.
+  return route_oif != nullptr && ifindex != 0 && route_oif(ip) == ifindex;
 }
 
 bool Config::RoutesListen(uint32_t ip, uint16_t port) const {

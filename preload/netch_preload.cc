@@ -36,6 +36,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
+#include "afxdp_channels/netdev.h"
 #include "bpf/wire.h"
 #include "ctl/controller.h"
 #include "preload/preload.h"
@@ -188,6 +189,15 @@ Entry::~Entry() {
 // ---- configuration and the stack ---------------------------------------------------------
 const char* Getenv(const char* k) { return getenv(k); }
 
+// Config::route_oif: one rtnetlink lookup, on a socket of its own (a socket kept open would be
+// shared with forked children, whose lookups could read the parent's answers).
+int RouteOif(uint32_t ip) {
+  auto table = netch::afxdp::RouteTable::Open();
+  if (!table.ok()) return 0;
+  auto hop = (*table)->Get(ip);
+  return hop.ok() ? hop->oif : 0;
+}
+
 const Config* Cfg() {
   static const Config* cfg = []() -> const Config* {
     auto c = Config::FromEnv(&Getenv);
@@ -195,6 +205,7 @@ const Config* Cfg() {
       Log("not routing anything over NetChannel: %s", std::string(c.status().message()).c_str());
       return nullptr;
     }
+    c->route_oif = &RouteOif;
     return new Config(std::move(*c));
   }();
   return cfg;

@@ -4,7 +4,9 @@
 // What goes over NetChannel (everything else stays on the kernel, untouched):
 // * IPv4 TCP stream sockets (socket(AF_INET, SOCK_STREAM, 0 | IPPROTO_TCP)) that the program
 //   - connect() to an address routed over the NetChannel interface (NETCH_ROUTE=iface, the
-//     default: inside the interface's IPv4 subnet; =all: any non-loopback address), or
+//     default: inside the interface's IPv4 subnet, or elsewhere when the kernel's route to it
+//     leaves through the interface, i.e. through a gateway on its link; =all: any non-loopback
+//     address), or
 //   - bind() to the interface's address or INADDR_ANY and then listen() on.
 //   NETCH_PORTS (comma-separated) narrows this to those remote (connect) or local (listen)
 //   ports. Loopback, Unix sockets, UDP, IPv6, files and pipes are never touched.
@@ -95,8 +97,13 @@ struct Config {
   bool transmit_inline = true;  // NETCH_TRANSMIT_INLINE
   bool receive_inline = true;   // NETCH_RECEIVE_INLINE
   bool defer_transmit = true;   // NETCH_DEFER_TRANSMIT
-  // Filled from the interface: its address and netmask (host order).
+  // Filled from the interface: its address and netmask (host order), and its index.
   uint32_t local_ip = 0, netmask = 0;
+  int ifindex = 0;
+  // The interface the kernel routes `ip` (host order) through, 0 if none: asked for addresses
+  // outside the subnet with NETCH_ROUTE=iface. Set by the library (a rtnetlink lookup); unset,
+  // only the subnet is routed.
+  int (*route_oif)(uint32_t ip) = nullptr;
 
   // Reads the NETCH_* variables from `getenv` and the interface's address. InvalidArgument
   // names the variable at fault.

@@ -36,6 +36,20 @@ TEST(PreloadConfigTest, ConnectsToTheInterfaceSubnetOnlyAndNeverLoopback) {
   EXPECT_FALSE(c.RoutesPeer(0xC6120001, 6379));
 }
 
+// Another subnet goes over NetChannel when the kernel routes it through the interface (a gateway
+// on its link), and stays on the kernel when it leaves through another interface.
+TEST(PreloadConfigTest, AnotherSubnetRoutedThroughTheInterfaceGoesOverNetChannel) {
+  Config c = Iface();
+  c.ifindex = 7;
+  c.route_oif = [](uint32_t ip) { return ip == 0xC6130001 ? 7 : ip == 0xC6130002 ? 3 : 0; };
+  EXPECT_TRUE(c.RoutesPeer(0xC6130001, 6379)) << "through a gateway on our link";
+  EXPECT_FALSE(c.RoutesPeer(0xC6130002, 6379)) << "through another interface";
+  EXPECT_FALSE(c.RoutesPeer(0xC6130003, 6379)) << "no route";
+  EXPECT_TRUE(c.RoutesPeer(0xC6120001, 6379)) << "the subnet, without asking";
+  c.ports = {80};
+  EXPECT_FALSE(c.RoutesPeer(0xC6130001, 6379)) << "NETCH_PORTS narrows it too";
+}
+
 TEST(PreloadConfigTest, ListensOnTheInterfaceAddressOrAnyAndPortsNarrowBoth) {
   Config c = Iface();
   EXPECT_TRUE(c.RoutesListen(0xC6120002, 80));

@@ -180,6 +180,32 @@ TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClien
   EXPECT_TRUE(absl::StrContains(server.Output(), "server done: 3 clients")) << server.Output();
 }
 
+// B behind a router (testhosts --routed, one queue per link): with the default NETCH_ROUTE=iface
+// a connect to B's subnet goes over NetChannel because the kernel routes it through the
+// interface, and every byte of the echo comes back.
+TEST(PreloadRoutedTest, AProgramReachesAServerBehindARouterOverNetChannel) {
+  NETCH_REQUIRE_ROOT();
+  TestHosts hosts;
+  testing::TestHostsOptions o = testing::StackHostsOptions();
+  o.queues = 1;
+  o.routed = true;
+  ASSERT_TRUE(hosts.Up(o).ok());
+  const std::string prog = kBin + "/test/socket_calls";
+  Background server(
+      Netchrun(hosts.ns_b(), TestHosts::kDevB) + " " + prog + " server 198.18.1.2 7000 1",
+      "/tmp/netch-preload-routed-srv.log");
+  ASSERT_TRUE(server.WaitFor("ready", 20)) << server.Output();
+  std::string out;
+  EXPECT_EQ(Shell("timeout 60 " + Netchrun(hosts.ns_a(), TestHosts::kDevA, "-v") + " " + prog +
+                      " client 198.18.1.2 7000 5000000",
+                  &out),
+            0)
+      << out;
+  EXPECT_TRUE(absl::StrContains(out, "connects over NetChannel to port 7000")) << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok echo_every_byte_in_order")) << out;
+  EXPECT_EQ(server.Wait(30), 0) << server.Output();
+}
+
 // A client whose server's host runs no stack: an event loop's connect() must not freeze for the
 // channel handshake (EINPROGRESS at once, ETIMEDOUT through POLLOUT and SO_ERROR), and a
 // blocking one fails after --connect-timeout-ms (1 s here; a connect that waited for the
