@@ -96,6 +96,9 @@ class AfxdpChannel final : public ChannelCore {
   bool keep_delivered = false;  // dead, but what was delivered stays readable
   Hs hs = Hs::kSynSent;
   uint64_t syn_next_us = 0, syn_rto_us = 0, connect_deadline_us = 0;
+  // The steering program's wrong-queue count for this id when the handshake began: more at its
+  // timeout means the peer answered on a queue we do not listen on (kWrongQueue).
+  uint64_t wrong_queue_at_start = 0;
   // An initiator whose next hop's MAC (the peer's, or its gateway's) was not in the neighbour
   // table: the engine looks again after neigh_poll_us (doubling up to kNeighborPollMaxUs) and
   // sends the SYN once it resolves; kUnreachable at neigh_deadline_us.
@@ -302,6 +305,11 @@ class AfxdpDriver final : public Driver {
   uint32_t rcv_buf() const { return rcv_buf_; }
   uint64_t incarnation() const { return incarnation_; }
   int neigh_fd() const { return neigh_fd_.get(); }  // for LookupNeighbor, in the driver's netns
+  // Frames for `ch` dropped on another rx queue since its handshake began.
+  bool WrongQueueSince(const AfxdpChannel& ch) const {
+    auto st = opts_.steer->ReadChanStats(ch.id());
+    return st.ok() && st->wrong_queue > ch.wrong_queue_at_start;
+  }
   // The host on our link that takes packets for `peer_ip`: the peer itself or its gateway. Fails
   // (ENETUNREACH) when the kernel routes the peer through another interface.
   absl::StatusOr<uint32_t> NextHopTo(uint32_t peer_ip);
@@ -1048,7 +1056,8 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
       return false;
     }
     if (now >= ch.connect_deadline_us) {
-      Fail(ch, FailCause::kHandshakeTimeout);
+      Fail(ch,
+           driver_->WrongQueueSince(ch) ? FailCause::kWrongQueue : FailCause::kHandshakeTimeout);
       return true;
     }
     if (now >= ch.syn_next_us) {
@@ -1512,6 +1521,8 @@ absl::StatusOr<std::shared_ptr<Channel>> AfxdpDriver::Connect(const ChannelParam
   c.syn_rto_us = 20'000;
   c.connect_deadline_us = now + static_cast<uint64_t>(absl::ToInt64Microseconds(p.connect_timeout));
   c.next_hop = *hop;
+  if (auto st = opts_.steer->ReadChanStats(c.id()); st.ok())
+    c.wrong_queue_at_start = st->wrong_queue;
   c.neigh_pending = !mac->has_value();
   c.neigh_deadline_us = std::min(c.connect_deadline_us, now + kNeighborTimeoutUs);
   c.neigh_poll_us = 200;  // an answering host on the link replies within microseconds

@@ -75,8 +75,9 @@ enum class FailCause : uint8_t {
   kBroken,            // the kernel connection under it broke (TCP driver: EPIPE, ECONNRESET)
   kProtocolError,     // the peer sent what the transport cannot parse
   kUnreachable,       // the peer's address never resolved (no ARP answer): no host there
+  kWrongQueue,        // handshake timed out with its replies arriving on another rx queue
 };
-inline constexpr size_t kFailCauses = 9;
+inline constexpr size_t kFailCauses = 10;
 std::string_view FailCauseName(FailCause c);  // one word, for metrics labels and netchctl
 std::string_view FailCauseText(FailCause c);  // a phrase, for error messages
 

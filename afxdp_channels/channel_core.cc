@@ -26,7 +26,7 @@ std::string_view StateName(ChannelState s) {
 }
 
 namespace {
-static_assert(static_cast<size_t>(FailCause::kUnreachable) + 1 == kFailCauses);
+static_assert(static_cast<size_t>(FailCause::kWrongQueue) + 1 == kFailCauses);
 // Indexed by FailCause: the metrics label and the phrase a socket's error carries.
 constexpr std::string_view kFailCauseWords[kFailCauses][2] = {
     {"none", "no cause recorded"},
@@ -38,6 +38,9 @@ constexpr std::string_view kFailCauseWords[kFailCauses][2] = {
     {"broken", "the connection under the channel broke"},
     {"protocol_error", "the peer sent what the transport cannot parse"},
     {"unreachable", "no host answered for the peer's address (neighbour resolution failed)"},
+    {"wrong_queue",
+     "the peer's replies arrived on another rx queue: a router or the NIC's RSS picks it (one "
+     "queue per link, or the tcp driver)"},
 };
 }  // namespace
 

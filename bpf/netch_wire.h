@@ -184,6 +184,9 @@ struct nc_chan_stats {
   __u64 rx_bytes;
   __u64 fault_drops;
   __u64 ce_marked; /* packets the program marked CE (ce_ppm) */
+  /* Frames for the channel that arrived on another rx queue (dropped): a router or a NIC's RSS,
+   * not our tx queue, chose their queue. A handshake that timed out with these names it. */
+  __u64 wrong_queue;
 };
 
 /* nc_counters: PERCPU_ARRAY of __u64, key = enum nc_counter. One slot per verdict reason, so
@@ -231,6 +234,6 @@ NC_STATIC_ASSERT(sizeof(struct nc_sack_block) == 8, "nc_sack_block is 8 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_hdr) == 24, "nc_hdr is 24 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_config) == 24, "nc_config is 24 bytes");
 NC_STATIC_ASSERT(sizeof(struct nc_chan_steer) == 24, "nc_chan_steer is 24 bytes");
-NC_STATIC_ASSERT(sizeof(struct nc_chan_stats) == 32, "nc_chan_stats is 32 bytes");
+NC_STATIC_ASSERT(sizeof(struct nc_chan_stats) == 40, "nc_chan_stats is 40 bytes");
 
 #endif /* NETCH_BPF_NETCH_WIRE_H_ */

@@ -182,7 +182,11 @@ int nc_steer(struct xdp_md* ctx) {
     if (chan >= NC_MAX_CHANNELS) return DROP(UNKNOWN_CHANNEL);
     struct nc_chan_steer* st = bpf_map_lookup_elem(&nc_channels, &chan);
     if (!st || !(st->flags & NC_STEER_ACTIVE)) return DROP(UNKNOWN_CHANNEL);
-    if (st->queue != ctx->rx_queue_index) return DROP(WRONG_QUEUE);
+    if (st->queue != ctx->rx_queue_index) {
+      struct nc_chan_stats* wq = bpf_map_lookup_elem(&nc_chan_stats, &chan);
+      if (wq) wq->wrong_queue += 1; /* per-CPU: no atomic needed */
+      return DROP(WRONG_QUEUE);
+    }
     /* The token is what makes forging cheap to reject: a flood of packets with guessed channel
      * ids never reaches user space. */
     if (ch->token != st->token) return DROP(BAD_TOKEN);

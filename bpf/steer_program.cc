@@ -274,6 +274,7 @@ absl::StatusOr<nc_chan_stats> SteerProgram::ReadChanStats(uint32_t id) const {
     out.rx_bytes += s.rx_bytes;
     out.fault_drops += s.fault_drops;
     out.ce_marked += s.ce_marked;
+    out.wrong_queue += s.wrong_queue;
   }
   return out;
 }

@@ -202,6 +202,9 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
                 static_cast<double>(xs->fault_drops), l);
       b.Counter("netch_channel_ce_marked_total", "Packets the XDP program marked CE (tests).",
                 static_cast<double>(xs->ce_marked), l);
+      b.Counter("netch_channel_wrong_queue_total",
+                "Packets for the channel dropped for arriving on another rx queue.",
+                static_cast<double>(xs->wrong_queue), l);
     }
   }
   for (const auto& so : stack.Sockets()) {

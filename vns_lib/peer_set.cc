@@ -10,11 +10,14 @@
 namespace netch::vns {
 namespace {
 // The errno of a failed channel opening: ETIMEDOUT if it was still connecting when the wait
-// ended or the driver's own handshake deadline failed it (the same timeout), EHOSTUNREACH if no
+// ended or the driver's own handshake deadline failed it (the same timeout; also when the
+// replies went to another rx queue: the message says so), EHOSTUNREACH if no
 // host answered for the address (as the kernel's connect says after failed ARP), else
 // ECONNREFUSED.
 int OpenFailureErrno(bool still_connecting, chan::FailCause why) {
-  if (still_connecting || why == chan::FailCause::kHandshakeTimeout) return ETIMEDOUT;
+  if (still_connecting || why == chan::FailCause::kHandshakeTimeout ||
+      why == chan::FailCause::kWrongQueue)
+    return ETIMEDOUT;
   return why == chan::FailCause::kUnreachable ? EHOSTUNREACH : ECONNREFUSED;
 }
 }  // namespace

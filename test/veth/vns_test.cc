@@ -1521,6 +1521,53 @@ TEST_F(VnsRoutedTest, AConnectTheRoutingTableRulesOutFailsAtOnceWithItsErrno) {
   ExpectAcceptedAndBytesFlow(**l, **c);
 }
 
+// Through a router, the router picks the rx queue a forwarded frame arrives on (by its own hash
+// of the flow), not our tx queue. Channels opened on each of A's 4 queues: each comes up if the
+// router's choice for its flow happens to be its queue, and otherwise fails saying why
+// (kWrongQueue, with the steering program's count), never as a bare handshake timeout. With 8
+// channels, all of them matching has odds of 4^-8.
+TEST(RoutedChannelTest, AHandshakeAnsweredOnAnotherRxQueueFailsSayingSo) {
+  NETCH_REQUIRE_ROOT();
+  TestHosts hosts;
+  testing::TestHostsOptions o = testing::StackHostsOptions();
+  o.routed = true;
+  ASSERT_TRUE(hosts.Up(o).ok());
+  chan::DriverOptions ao, bo;
+  ao.netns = hosts.ns_a();
+  ao.ifname = TestHosts::kDevA;
+  ao.accept = false;
+  bo.netns = hosts.ns_b();
+  bo.ifname = TestHosts::kDevB;
+  auto a = tools::OpenChanHost("afxdp", ao);
+  ASSERT_TRUE(a.ok()) << a.status();
+  auto b = tools::OpenChanHost("afxdp", bo);
+  ASSERT_TRUE(b.ok()) << b.status();
+  std::vector<std::shared_ptr<chan::Channel>> chans;
+  for (int i = 0; i < 8; ++i) {
+    chan::ChannelParams cp;
+    cp.peer_ipv4 = hosts.ip_b();
+    cp.queue = i % 4;
+    cp.connect_timeout = absl::Milliseconds(500);
+    auto ch = (*a)->driver->Connect(cp);
+    ASSERT_TRUE(ch.ok()) << ch.status();
+    chans.push_back(std::move(*ch));
+  }
+  int wrong = 0;
+  for (auto& ch : chans) {
+    while (ch->state() == chan::ChannelState::kConnecting)
+      ch->Wait(absl::Milliseconds(20), chan::Channel::kReadable);
+    auto st = (*a)->steer->ReadChanStats(ch->id());
+    ASSERT_TRUE(st.ok()) << st.status();
+    if (ch->state() == chan::ChannelState::kUp) continue;
+    ++wrong;
+    EXPECT_EQ(ch->fail_cause(), chan::FailCause::kWrongQueue)
+        << chan::FailCauseText(ch->fail_cause());
+    EXPECT_GT(st->wrong_queue, 0u) << "channel " << ch->id();
+  }
+  EXPECT_GT(wrong, 0) << "the router delivered all 8 flows on their own queues (odds 4^-8)";
+  for (auto& ch : chans) (void)(*a)->driver->Destroy(*ch);
+}
+
 TEST_F(VnsTest, AForgedConnIdCannotInjectAByteIntoAnotherSocket) {
   Open("afxdp", 1);
   auto l = b_->Listen(5010);
