@@ -104,10 +104,12 @@ absl::StatusOr<NextHop> RouteTable::Get(uint32_t ip) {
     if (n < 0) return ErrnoStatus(errno, "RTM_GETROUTE reply");
     // An error reply (no route) comes back as MNL_CB_ERROR with errno set; replies to an older
     // request (a lookup that failed before reading its answer) fail the sequence check: skip.
+    // Anything else answered this request: a reply without a route falls to ENETUNREACH below
+    // rather than waiting for a message that will not come.
     const int rc = mnl_cb_run(buf, static_cast<size_t>(n), seq_, portid, OnRoute, &r);
     if (rc == MNL_CB_ERROR && errno == EPROTO) continue;
     if (rc == MNL_CB_ERROR) return ErrnoStatus(errno, absl::StrCat("route to ", Ipv4String(ip)));
-    if (rc == MNL_CB_STOP || r.type != RTN_UNSPEC) break;
+    break;
   }
   switch (r.type) {
     case RTN_UNICAST:
