@@ -35,7 +35,8 @@ std::string FindLibrary(const std::string& given) {
 int main(int argc, char** argv) {
   CLI::App app{
       "Runs CMD with its IPv4 TCP sockets over NetChannel (an LD_PRELOAD library and an embedded "
-      "stack). Sockets connected to the interface's subnet, or listening on its address or "
+      "stack). Sockets connected to peers routed through the interface (its subnet, or a gateway "
+      "on its link), or listening on its address or "
       "0.0.0.0, go over NetChannel; everything else stays on the kernel. See netchrun(1).",
       "netchrun"};
   std::string dev, instance, route, ports, driver, tx, metrics, policy, lib, app_class;
@@ -47,7 +48,7 @@ int main(int argc, char** argv) {
   app.add_option("--dev", dev, "NetChannel interface (default: the only one with IPv4)");
   app.add_option("--instance", instance, "control-plane instance name (netchctl --instance)")
       ->default_str("netchrun");
-  app.add_option("--route", route, "which peers: iface (its subnet), all, none")
+  app.add_option("--route", route, "which peers: iface (routed through it), all, none")
       ->check(CLI::IsMember({"iface", "all", "none"}));
   app.add_option("--ports", ports, "only these ports, comma-separated (default: all)");
   app.add_option("--driver", driver, "channel driver")->check(CLI::IsMember({"afxdp", "tcp"}));
