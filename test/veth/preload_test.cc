@@ -182,7 +182,8 @@ TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClien
 
 // B behind a router (testhosts --routed, one queue per link): with the default NETCH_ROUTE=iface
 // a connect to B's subnet goes over NetChannel because the kernel routes it through the
-// interface, and every byte of the echo comes back.
+// interface. The server outlives its clients: one killed holding a connection with bytes in
+// flight, then two orderly ones, each echo checked byte for byte.
 TEST(PreloadRoutedTest, AProgramReachesAServerBehindARouterOverNetChannel) {
   NETCH_REQUIRE_ROOT();
   TestHosts hosts;
@@ -191,19 +192,26 @@ TEST(PreloadRoutedTest, AProgramReachesAServerBehindARouterOverNetChannel) {
   o.routed = true;
   ASSERT_TRUE(hosts.Up(o).ok());
   const std::string prog = kBin + "/test/socket_calls";
+  const std::string a = Netchrun(hosts.ns_a(), TestHosts::kDevA, "-v");
   Background server(
-      Netchrun(hosts.ns_b(), TestHosts::kDevB) + " " + prog + " server 198.18.1.2 7000 1",
+      Netchrun(hosts.ns_b(), TestHosts::kDevB) + " " + prog + " server 198.18.1.2 7000 2",
       "/tmp/netch-preload-routed-srv.log");
   ASSERT_TRUE(server.WaitFor("ready", 20)) << server.Output();
-  std::string out;
-  EXPECT_EQ(Shell("timeout 60 " + Netchrun(hosts.ns_a(), TestHosts::kDevA, "-v") + " " + prog +
-                      " client 198.18.1.2 7000 5000000",
-                  &out),
-            0)
-      << out;
-  EXPECT_TRUE(absl::StrContains(out, "connects over NetChannel to port 7000")) << out;
-  EXPECT_TRUE(absl::StrContains(out, "ok echo_every_byte_in_order")) << out;
+  {
+    Background hang(a + " " + prog + " hang 198.18.1.2 7000", "/tmp/netch-preload-routed-hang.log");
+    ASSERT_TRUE(hang.WaitFor("hanging", 20)) << hang.Output();
+    hang.Signal(SIGKILL);
+    hang.Wait(10);
+  }
+  for (int i = 0; i < 2; ++i) {
+    std::string out;
+    EXPECT_EQ(Shell("timeout 60 " + a + " " + prog + " client 198.18.1.2 7000 5000000", &out), 0)
+        << out;
+    EXPECT_TRUE(absl::StrContains(out, "connects over NetChannel to port 7000")) << out;
+    EXPECT_TRUE(absl::StrContains(out, "ok echo_every_byte_in_order")) << out;
+  }
   EXPECT_EQ(server.Wait(30), 0) << server.Output();
+  EXPECT_TRUE(absl::StrContains(server.Output(), "server done: 2 clients")) << server.Output();
 }
 
 // A client whose server's host runs no stack: an event loop's connect() must not freeze for the
