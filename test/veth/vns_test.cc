@@ -1489,7 +1489,8 @@ TEST_F(VnsRoutedTest, APeerBehindARouterIsReachedThroughItsGateway) {
   ExpectAcceptedAndBytesFlow(**l2, **c2);
 }
 
-// What the routing table rules out fails at once, with the kernel's errno, and sends nothing.
+// What the routing table rules out fails at once, with the kernel's errno, and sends nothing; a
+// gateway that never answers ARP fails as an unanswered peer on the link does.
 TEST_F(VnsRoutedTest, AConnectTheRoutingTableRulesOutFailsAtOnceWithItsErrno) {
   Open("afxdp", 1);
   ASSERT_EQ(hosts_.RunIn(hosts_.ns_a(),
@@ -1513,6 +1514,16 @@ TEST_F(VnsRoutedTest, AConnectTheRoutingTableRulesOutFailsAtOnceWithItsErrno) {
   EXPECT_EQ(Errno(self.status()), EADDRNOTAVAIL) << self.status();
   EXPECT_LT(chan::NowUs() - t0, 100'000u) << "a ruled-out connect waited";
   EXPECT_TRUE(a_->driver().Channels().empty()) << "a failed lookup left a channel behind";
+  // A route through a gateway nobody answers for: the gateway's ARP fails, as the peer's own
+  // does on the link (EHOSTUNREACH after the 1 s resolution, not the 5 s connect timeout).
+  ASSERT_EQ(hosts_.RunIn(hosts_.ns_a(), "ip route add 198.19.3.0/24 via 198.18.0.99"), 0);
+  SocketOptions blocking;
+  blocking.connect_timeout = absl::Seconds(5);
+  const uint64_t t1 = chan::NowUs();
+  auto dead_gw = a_->Connect(0xC6130301, 80, blocking);  // 198.19.3.1
+  ASSERT_FALSE(dead_gw.ok());
+  EXPECT_EQ(Errno(dead_gw.status()), EHOSTUNREACH) << dead_gw.status();
+  EXPECT_LT(chan::NowUs() - t1, 3'000'000u) << "it waited for the connect timeout, not for ARP";
   // The stack is unharmed: the routed peer is reachable.
   auto l = b_->Listen(5022);
   ASSERT_TRUE(l.ok()) << l.status();
