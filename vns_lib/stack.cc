@@ -371,9 +371,8 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> StackImpl::Connect(uint32_t ip, u
     case ConnState::kEstablished:
       return MakeSocket(this, c, o);
     case ConnState::kConnecting:
-      c->state = ConnState::kTimedOut;
-      Unregister(c);
-      return SockError(ETIMEDOUT, "connect");
+      c->state = ConnState::kTimedOut;  // our own timeout ended it
+      [[fallthrough]];
     default:
       Unregister(c);
       return ConnStateError(c->state.load());
