@@ -36,6 +36,7 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/container/flat_hash_set.h"
 #include "absl/strings/str_format.h"
+#include "afxdp_channels/engine.h"
 #include "afxdp_channels/netdev.h"
 #include "bpf/wire.h"
 #include "ctl/controller.h"
@@ -307,7 +308,9 @@ void AtExit() {
   // published at the end of that engine round.
   const Config* c = Cfg();
   const int linger_ms = c ? c->linger_ms : 0;
-  for (int waited = 0, idle = 0; waited < linger_ms && idle < 2; ++waited) {
+  const uint64_t linger_start = netch::chan::NowUs();
+  int waited = 0;
+  for (int idle = 0; waited < linger_ms && idle < 2; ++waited) {
     bool quiet = g->stack->Stats().ctl_backlog == 0;
     for (const auto& ch : g->stack->driver().Channels())
       if (ch->state() == netch::chan::ChannelState::kUp && !ch->tx_idle()) quiet = false;
@@ -316,8 +319,11 @@ void AtExit() {
   }
   if (c && c->verbose) {
     const auto ss = g->stack->Stats();
-    Log("NetChannel stack down: %llu segments through the dispatcher (%llu of its rounds run "
-        "inline by busy-polling threads), %llu taken inline by busy-polling sockets",
+    Log("NetChannel stack down after %s %.1f ms for unacknowledged data: %llu segments through "
+        "the dispatcher (%llu of its rounds run inline by busy-polling threads), %llu taken "
+        "inline by busy-polling sockets",
+        waited < linger_ms ? "waiting" : "giving up after",
+        static_cast<double>(netch::chan::NowUs() - linger_start) / 1000.0,
         static_cast<unsigned long long>(ss.segments_in),
         static_cast<unsigned long long>(ss.dispatch_inline),
         static_cast<unsigned long long>(ss.segments_inline));
@@ -1554,7 +1560,9 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
   } loans;
   for (;;) {
     int left = -1;
-    if (deadline >= 0) left = static_cast<int>(std::max<int64_t>(0, deadline - NowNs()) / 1000000);
+    // Rounded up: a kernel wait that times out has reached the deadline (the check below).
+    if (deadline >= 0)
+      left = static_cast<int>((std::max<int64_t>(0, deadline - NowNs()) + 999999) / 1000000);
     bool spinning = false, loan_woke = false;
     if (busy_stack) {
       if (NowNs() < busy_end && (deadline < 0 || NowNs() < deadline)) {
@@ -1652,7 +1660,11 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
       seen.emplace_back(fd, n);
       out[n++] = epoll_event{r, reg->second.data};
     }
-    if (n > 0 || (rc == 0 && !spinning && !loan_woke) || (deadline >= 0 && NowNs() >= deadline)) {
+    // Nothing to report ends the call only at the deadline: a wakeup that brought nothing (the
+    // epoll fd was readable for an eventfd another thread cleared before our look, a loan's
+    // round for another set) waits again — returning 0 early is a timeout the program never
+    // asked for (a server that takes it at its word stops serving).
+    if (n > 0 || (deadline >= 0 && NowNs() >= deadline)) {
       if (timeout != 0 && cfg && cfg->loop_poll_us > 0)  // (a look without waiting tells nothing)
         t_loop_window_us = netch::preload::NextLoopPollWindow(
             t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us),

@@ -177,6 +177,8 @@ TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClien
   }
   EXPECT_EQ(server.Wait(30), 0) << server.Output();
   EXPECT_TRUE(absl::StrContains(server.Output(), "ok kernel_fd_in_same_epoll")) << server.Output();
+  EXPECT_TRUE(absl::StrContains(server.Output(), "ok epoll_wait_keeps_its_timeout"))
+      << server.Output();
   EXPECT_TRUE(absl::StrContains(server.Output(), "server done: 3 clients")) << server.Output();
 }
 
