@@ -1100,6 +1100,12 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     uint64_t bytes = 0;
     uint32_t taken = 0;
     for (; taken < m && t.Send(b[taken].token, b[taken].len); ++taken) bytes += b[taken].len;
+    // Counted as unacknowledged before they leave txq_ (Consume's release store publishes it):
+    // whoever sees txq_ empty also sees them here, never neither (Channel::tx_idle). Published
+    // only at the end of the round, they were in neither place for as long as the round's
+    // sendmmsg took — a process exiting once its channels looked idle lost them (the stack's
+    // linger at exit, preload/netch_preload.cc).
+    if (taken > 0) ch.pub_.tx_queued_bytes.store(t.send_queue_bytes(), std::memory_order_relaxed);
     ch.txq_.Consume(taken);
     if (taken > 0) notify |= Channel::kWritable;  // room for the producer again
     ch.pub_.tx_segments.fetch_add(taken, std::memory_order_relaxed);

@@ -48,8 +48,10 @@ class ChannelCore : public Channel {
   uint64_t tx_queued_bytes() const override {
     return pub_.tx_queued_bytes.load(std::memory_order_relaxed);
   }
+  // Looked at in the order a segment moves (open segment -> txq_ -> transport), each move
+  // published before the segment leaves the earlier place: one in transit is always seen.
   bool tx_idle() const override {
-    return txq_.EmptyApprox() && !has_open() && tx_queued_bytes() == 0;
+    return !has_open() && txq_.EmptyApprox() && tx_queued_bytes() == 0;
   }
   bool writable() const override { return writable_segments() > 0; }
   uint32_t writable_segments() const override;

@@ -327,6 +327,20 @@ void AtExit() {
         static_cast<unsigned long long>(ss.segments_in),
         static_cast<unsigned long long>(ss.dispatch_inline),
         static_cast<unsigned long long>(ss.segments_inline));
+    // Each channel's account at the end: what a peer that lost bytes compares with its own.
+    for (const auto& ch : g->stack->driver().Channels()) {
+      const netch::chan::ChannelStats cs = ch->stats();
+      Log("  channel %u (queue %d): %s, %llu B in %llu segments sent, %llu B unacknowledged, "
+          "%llu B in %llu segments received, %llu retransmits, %llu stale dropped",
+          ch->id(), cs.queue, std::string(netch::chan::StateName(ch->state())).c_str(),
+          static_cast<unsigned long long>(cs.tx_bytes),
+          static_cast<unsigned long long>(cs.tx_segments),
+          static_cast<unsigned long long>(cs.tx_queued_bytes),
+          static_cast<unsigned long long>(cs.rx_bytes),
+          static_cast<unsigned long long>(cs.rx_segments),
+          static_cast<unsigned long long>(cs.retransmits),
+          static_cast<unsigned long long>(cs.rx_dropped_stale));
+    }
   }
   g->ctl.reset();
 }

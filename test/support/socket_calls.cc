@@ -15,6 +15,12 @@
 //                                         blocking one fails with it
 //   socket_calls unreachable IP PORT      the same to an address no host answers ARP for:
 //                                         EHOSTUNREACH
+//   socket_calls sink IP PORT CLIENTS     accepts CLIENTS connections one after another and checks
+//                                         each sends BYTES of the pattern (its first 8 bytes say
+//                                         how many) before its end of stream
+//   socket_calls burst IP PORT BYTES      sends BYTES in two bursts 100 ms apart, closes and exits
+//                                         at once: what it wrote must still arrive (the stack's
+//                                         linger at exit)
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -451,6 +457,65 @@ int Hang(const char* ip, int port) {
   return 0;
 }
 
+int Sink(const char* ip, int port, int clients) {
+  const int l = socket(AF_INET, SOCK_STREAM, 0);
+  int one = 1;
+  setsockopt(l, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  sockaddr_in a = Addr(ip, port);
+  Check(bind(l, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0 && listen(l, 8) == 0, "listen");
+  std::printf("ready\n");
+  std::fflush(stdout);
+  std::vector<uint8_t> buf(256 << 10);
+  for (int i = 0; i < clients; ++i) {
+    const int c = accept(l, nullptr, nullptr);
+    uint64_t want = UINT64_MAX, got = 0;
+    bool same = true;
+    for (ssize_t r; (r = read(c, buf.data(), buf.size())) > 0;) {
+      for (ssize_t k = 0; k < r; ++k, ++got) {
+        if (got < 8) {
+          want = (got == 0 ? 0 : want) | uint64_t{buf[k]} << (8 * got);
+        } else {
+          same &= buf[k] == Pattern(got);
+        }
+      }
+    }
+    close(c);
+    Check(got == want && same, ("burst_" + std::to_string(i) + "_arrived_whole").c_str(),
+          std::to_string(got) + " of " + std::to_string(want) + " bytes");
+  }
+  close(l);
+  return g_failures;
+}
+
+int Burst(const char* ip, int port, uint64_t bytes) {
+  const int s = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a = Addr(ip, port);
+  if (connect(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
+    std::printf("FAIL connect: %s\n", std::strerror(errno));
+    return 1;
+  }
+  std::vector<uint8_t> b(bytes);
+  for (uint64_t i = 0; i < bytes; ++i)
+    b[i] = i < 8 ? static_cast<uint8_t>(bytes >> (8 * i)) : Pattern(i);
+  // The first burst is acknowledged during the pause: the second then goes into idle channels,
+  // and the process exits while it is still on its way.
+  for (uint64_t off = 0, half = bytes / 2; off < bytes;) {
+    const uint64_t end = off < half ? half : bytes;
+    while (off < end) {
+      const ssize_t w = write(s, b.data() + off, end - off);
+      if (w <= 0) {
+        std::printf("FAIL write: %s\n", std::strerror(errno));
+        return 1;
+      }
+      off += static_cast<uint64_t>(w);
+    }
+    if (off < bytes) usleep(100000);
+  }
+  close(s);
+  std::printf("burst sent %llu\n", static_cast<unsigned long long>(bytes));
+  return 0;
+}
+
 int Refused(const char* ip, int port) {
   bool inprogress = false;
   const int s = Connect(ip, port, &inprogress);
@@ -511,8 +576,9 @@ int FailsWith(const char* ip, int port, int want, const std::string& want_name) 
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(
-        stderr, "usage: socket_calls server|client|hang|refused|timeout|unreachable IP PORT [N]\n");
+    std::fprintf(stderr,
+                 "usage: socket_calls server|client|hang|refused|timeout|unreachable|sink|burst IP "
+                 "PORT [N]\n");
     return 2;
   }
   const std::string mode = argv[1];
@@ -520,10 +586,13 @@ int main(int argc, char** argv) {
   if (mode == "server" && argc == 5) return Server(argv[2], port, std::atoi(argv[4]));
   if (mode == "client" && argc == 5) return Client(argv[2], port, std::strtoull(argv[4], 0, 10));
   if (mode == "hang") return Hang(argv[2], port);
+  if (mode == "sink" && argc == 5) return Sink(argv[2], port, std::atoi(argv[4]));
+  if (mode == "burst" && argc == 5) return Burst(argv[2], port, std::strtoull(argv[4], 0, 10));
   if (mode == "refused") return Refused(argv[2], port);
   if (mode == "timeout") return FailsWith(argv[2], port, ETIMEDOUT, "etimedout");
   if (mode == "unreachable") return FailsWith(argv[2], port, EHOSTUNREACH, "ehostunreach");
   std::fprintf(stderr,
-               "usage: socket_calls server|client|hang|refused|timeout|unreachable IP PORT [N]\n");
+               "usage: socket_calls server|client|hang|refused|timeout|unreachable|sink|burst IP "
+               "PORT [N]\n");
   return 2;
 }

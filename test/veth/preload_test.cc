@@ -182,6 +182,26 @@ TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClien
   EXPECT_TRUE(absl::StrContains(server.Output(), "server done: 3 clients")) << server.Output();
 }
 
+// A program that writes and exits at once (no wait for its peer) relies on the stack's linger at
+// exit: what it wrote must arrive whole. The second burst goes into channels the pause let go
+// idle, and is several transport windows long, so it is still on its way when the program
+// returns from main. (Seen failing when a segment moving into the transport was counted in
+// neither place for the length of a round: the exiting process thought its channels idle.)
+TEST_F(PreloadTest, AProgramThatExitsRightAfterWritingLosesNothing) {
+  const std::string prog = kBin + "/test/socket_calls";
+  Background sink(B() + " " + prog + " sink 198.18.0.2 7002 3", "/tmp/netch-preload-sink.log");
+  ASSERT_TRUE(sink.WaitFor("ready", 20)) << sink.Output();
+  std::string out;
+  for (int i = 0; i < 3; ++i) {
+    EXPECT_EQ(Shell("timeout 60 " + A() + " " + prog + " burst 198.18.0.2 7002 16000000", &out), 0)
+        << out;
+  }
+  EXPECT_EQ(sink.Wait(30), 0) << sink.Output();
+  for (int i = 0; i < 3; ++i)
+    EXPECT_TRUE(absl::StrContains(sink.Output(), absl::StrFormat("ok burst_%d_arrived_whole", i)))
+        << sink.Output();
+}
+
 // B behind a router (testhosts --routed, one queue per link): with the default NETCH_ROUTE=iface
 // a connect to B's subnet goes over NetChannel because the kernel routes it through the
 // interface. The server outlives its clients: one killed holding a connection with bytes in
