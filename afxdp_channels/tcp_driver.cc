@@ -299,14 +299,20 @@ bool TcpChannel::DoWrite() {
   // Take what the producer queued.
   BufRef b[64];
   bool worked = false;
-  for (uint32_t m; writing_.size() < kRing && (m = txq_.Pop(b)) > 0;) {
+  for (uint32_t m; writing_.size() < kRing && (m = txq_.Peek(b)) > 0;) {
+    uint64_t added = 0;
     for (uint32_t i = 0; i < m; ++i) {
       const uint32_t be = htonl(b[i].len);
       std::memcpy(BufAddr(b[i].token) - 4, &be, 4);
       writing_.push_back(b[i]);
+      added += b[i].len;
       pub_.tx_segments.fetch_add(1, std::memory_order_relaxed);
       pub_.tx_bytes.fetch_add(b[i].len - wire::kSegHdrLen, std::memory_order_relaxed);
     }
+    // Counted as queued before they leave txq_ (Consume publishes it): never in neither place
+    // for tx_idle (the AF_XDP driver's RunChannel says why).
+    pub_.tx_queued_bytes.fetch_add(added, std::memory_order_relaxed);
+    txq_.Consume(m);
     worked = true;
   }
   want_write_ = false;
