@@ -304,13 +304,14 @@ void AtExit() {
   // still queued for an engine or held for coalescing, unacknowledged segments, control
   // segments waiting for room (counting only what the transport had taken let a FIN queued
   // behind the last data die here: the peer saw its channel fail instead of an end of stream).
-  // Seen idle twice, a millisecond apart: a segment moving from a queue into the transport is
-  // published at the end of that engine round.
+  // Seen idle twice, a millisecond apart. A segment's every move is published before it leaves
+  // where it was (Channel::tx_idle), so one look would do for data; the dispatcher publishes its
+  // backlog of control segments only at the end of its round.
   const Config* c = Cfg();
   const int linger_ms = c ? c->linger_ms : 0;
   const uint64_t linger_start = netch::chan::NowUs();
-  int waited = 0;
-  for (int idle = 0; waited < linger_ms && idle < 2; ++waited) {
+  int idle = 0;
+  for (int waited = 0; waited < linger_ms && idle < 2; ++waited) {
     bool quiet = g->stack->Stats().ctl_backlog == 0;
     for (const auto& ch : g->stack->driver().Channels())
       if (ch->state() == netch::chan::ChannelState::kUp && !ch->tx_idle()) quiet = false;
@@ -322,7 +323,7 @@ void AtExit() {
     Log("NetChannel stack down after %s %.1f ms for unacknowledged data: %llu segments through "
         "the dispatcher (%llu of its rounds run inline by busy-polling threads), %llu taken "
         "inline by busy-polling sockets",
-        waited < linger_ms ? "waiting" : "giving up after",
+        idle >= 2 ? "waiting" : "giving up after",
         static_cast<double>(netch::chan::NowUs() - linger_start) / 1000.0,
         static_cast<unsigned long long>(ss.segments_in),
         static_cast<unsigned long long>(ss.dispatch_inline),
