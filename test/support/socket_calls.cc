@@ -252,6 +252,16 @@ int Connect(const char* ip, int port, bool* inprogress) {
   return s;
 }
 
+// A blocking connect; on failure one line saying why, and -1.
+int ConnectBlocking(const char* ip, int port) {
+  const int s = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in a = Addr(ip, port);
+  if (connect(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) == 0) return s;
+  std::printf("FAIL connect: %s\n", std::strerror(errno));
+  close(s);
+  return -1;
+}
+
 int Client(const char* ip, int port, uint64_t bytes) {
   bool inprogress = false;
   const int s = Connect(ip, port, &inprogress);
@@ -443,12 +453,8 @@ int Client(const char* ip, int port, uint64_t bytes) {
 }
 
 int Hang(const char* ip, int port) {
-  const int s = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a = Addr(ip, port);
-  if (connect(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    std::printf("FAIL connect: %s\n", std::strerror(errno));
-    return 1;
-  }
+  const int s = ConnectBlocking(ip, port);
+  if (s < 0) return 1;
   std::vector<uint8_t> b(300000, 1);
   (void)!write(s, b.data(), b.size());
   std::printf("hanging\n");
@@ -488,12 +494,8 @@ int Sink(const char* ip, int port, int clients) {
 }
 
 int Burst(const char* ip, int port, uint64_t bytes) {
-  const int s = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in a = Addr(ip, port);
-  if (connect(s, reinterpret_cast<sockaddr*>(&a), sizeof(a)) != 0) {
-    std::printf("FAIL connect: %s\n", std::strerror(errno));
-    return 1;
-  }
+  const int s = ConnectBlocking(ip, port);
+  if (s < 0) return 1;
   std::vector<uint8_t> b(bytes);
   for (uint64_t i = 0; i < bytes; ++i)
     b[i] = i < 8 ? static_cast<uint8_t>(bytes >> (8 * i)) : Pattern(i);
