@@ -129,9 +129,14 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   // udp_tx: the kernel-UDP transmit path, with send slots of pool_slot bytes.
   absl::Status Open(const std::string& ifname, uint32_t frames, bool udp_tx, uint32_t pool_slot,
                     uint32_t tx_slots);
-  // Once the driver knows its segment size and window: whether large AF_XDP TX segments are on
-  // (every socket bound multi-buffer), and how many send slots one channel may hold.
-  void SetSendLimits(bool slots, uint32_t rcv_buf);
+  // Once the driver knows the queue's segment size and window: whether large AF_XDP TX segments
+  // are on (the socket bound multi-buffer), and how many send slots one channel may hold.
+  void SetSendLimits(bool slots, size_t max_payload, uint32_t rcv_buf);
+  // The largest segment payload a channel on this queue sends (its transmit path's and the
+  // MTU's limit), and the receive window it advertises.
+  size_t max_payload() const { return max_payload_; }
+  uint32_t rcv_buf() const { return rcv_buf_; }
+  bool udp_tx() const { return pool_ != nullptr; }
   ~XskQueue() override;
 
   bool Run(uint64_t now_us, uint64_t* deadline_us) override;
@@ -220,6 +225,8 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
 
   AfxdpDriver* driver_;
   const uint32_t queue_;
+  size_t max_payload_ = 0;
+  uint32_t rcv_buf_ = 0;
   std::unique_ptr<afxdp::Umem> umem_;
   std::unique_ptr<afxdp::XskSocket> xsk_;
   uint32_t fill_target_ = 0;
@@ -301,8 +308,6 @@ class AfxdpDriver final : public Driver {
   // ---- for XskQueue ---------------------------------------------------------------------------
   const afxdp::InterfaceInfo& ifinfo() const { return ifi_; }
   const DriverOptions& opts() const { return opts_; }
-  size_t max_payload() const { return max_payload_; }
-  uint32_t rcv_buf() const { return rcv_buf_; }
   uint64_t incarnation() const { return incarnation_; }
   int neigh_fd() const { return neigh_fd_.get(); }  // for LookupNeighbor, in the driver's netns
   // Frames for `ch` dropped on another rx queue since its handshake began.
@@ -313,8 +318,8 @@ class AfxdpDriver final : public Driver {
   // The host on our link that takes packets for `peer_ip`: the peer itself or its gateway. Fails
   // (ENETUNREACH) when the kernel routes the peer through another interface.
   absl::StatusOr<uint32_t> NextHopTo(uint32_t peer_ip);
-  TransportConfig TransportFor(uint16_t local, uint16_t peer, uint32_t isn_send,
-                               uint32_t isn_recv) const;
+  TransportConfig TransportFor(uint16_t local, uint16_t peer, uint32_t isn_send, uint32_t isn_recv,
+                               uint32_t rcv_buf) const;
   // The cookie a responder mints for a SYN: the responder's token and ISN, a keyed hash of what
   // the SYN said and of the coarse time. Only this driver can compute it.
   struct Cookie {
@@ -353,9 +358,8 @@ class AfxdpDriver final : public Driver {
   afxdp::InterfaceInfo ifi_;
   UniqueFd neigh_fd_;
   std::unique_ptr<afxdp::RouteTable> routes_;  // opened in the driver's netns
-  size_t max_payload_ = 0;
-  bool udp_tx_ = false;
-  uint32_t rcv_buf_ = 0;  // the receive window each channel advertises
+  bool udp_tx_ = false;           // some queue transmits through the kernel's UDP socket
+  uint32_t afxdp_tx_queues_ = 0;  // queues [0, n) transmit through AF_XDP (all of them: !udp_tx_)
   std::vector<std::unique_ptr<XskQueue>> queues_;
   std::vector<std::unique_ptr<Engine>> engines_;
 
@@ -434,7 +438,9 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp
   return absl::OkStatus();
 }
 
-void XskQueue::SetSendLimits(bool slots, uint32_t rcv_buf) {
+void XskQueue::SetSendLimits(bool slots, size_t max_payload, uint32_t rcv_buf) {
+  max_payload_ = max_payload;
+  rcv_buf_ = rcv_buf;
   slots_ = slots && umem_->slot_count() > 0;
   const uint32_t n = pool_ ? pool_->slots() : umem_->slot_count();
   slot_bytes_ = pool_ ? pool_->slot_size() : static_cast<uint32_t>(kSlotBytes);
@@ -663,7 +669,7 @@ wire::ChanHeader XskQueue::ControlHeader(const AfxdpChannel& ch, uint8_t type, u
   h.src_chan = static_cast<uint16_t>(ch.id());
   h.seq = ch.transport ? ch.transport->next_seq()
                        : (ch.active ? ch.hs_rec.init_isn : ch.hs_rec.resp_isn);
-  h.wnd = driver_->rcv_buf();
+  h.wnd = rcv_buf_;
   h.ts_val = static_cast<uint32_t>(now) | 1;
   h.token = type == NC_CT_SYN ? 0 : ch.peer_token;
   return h;
@@ -851,7 +857,7 @@ void XskQueue::HandleSyn(const wire::ParsedFrame& pf, const wire::MacAddr& peer_
   h.type = NC_CT_SYN_ACK;
   h.seq = c.isn;
   h.ack = in.init_isn;
-  h.wnd = driver_->rcv_buf();
+  h.wnd = rcv_buf_;
   SendControl(a, h, &out);
 }
 
@@ -953,7 +959,8 @@ void XskQueue::Establish(AfxdpChannel& ch, uint16_t peer_chan, uint64_t now) {
   const uint32_t isn_send = ch.active ? ch.hs_rec.init_isn : ch.hs_rec.resp_isn;
   const uint32_t isn_recv = ch.active ? ch.hs_rec.resp_isn : ch.hs_rec.init_isn;
   ch.transport = std::make_unique<Transport>(
-      driver_->TransportFor(static_cast<uint16_t>(ch.id()), peer_chan, isn_send, isn_recv),
+      driver_->TransportFor(static_cast<uint16_t>(ch.id()), peer_chan, isn_send, isn_recv,
+                            rcv_buf_),
       afxdp::MakeCongestionControl(driver_->opts().congestion, 16, driver_->opts().window_packets),
       this, now);
   if (ch.transport->wants_ecn()) ch.addrs.tos = 0x02;  // ECT(0)
@@ -1238,9 +1245,9 @@ void XskQueue::Publish(AfxdpChannel& ch) {
   p.tail_probes.store(t.stats().tail_probes, std::memory_order_relaxed);
   p.ecn_echoes.store(t.stats().ece_received, std::memory_order_relaxed);
   p.rx_ignored_acks.store(t.stats().bad_acks, std::memory_order_relaxed);
-  const uint64_t cwnd_bytes = static_cast<uint64_t>(t.cwnd()) * driver_->max_payload();
+  const uint64_t cwnd_bytes = static_cast<uint64_t>(t.cwnd()) * max_payload_;
   const uint64_t limit = std::min<uint64_t>(cwnd_bytes, t.peer_window());
-  const uint64_t in_flight = static_cast<uint64_t>(t.in_flight_packets()) * driver_->max_payload();
+  const uint64_t in_flight = static_cast<uint64_t>(t.in_flight_packets()) * max_payload_;
   p.send_window_bytes.store(limit > in_flight ? limit - in_flight : 0, std::memory_order_relaxed);
 }
 
@@ -1294,42 +1301,45 @@ absl::Status AfxdpDriver::Init() {
         "tx udp on a multi-queue device needs the steering program's tc egress hook (nc_txq), "
         "which failed to attach");
   udp_tx_ = opts_.tx == "udp" || (opts_.tx == "auto" && pinned);
-  if (udp_tx_) {
-    // Up to the IPv4 maximum where the MTU allows; the receiver takes it as a multi-buffer
-    // frame. Both ends' MTU bounds it: the link does.
-    const size_t udp_overhead = wire::kIpv4Len + wire::kUdpLen + wire::kChanHdrLen +
-                                wire::kMaxSacks * sizeof(nc_sack_block) + wire::kSegHdrLen;
-    max_payload_ = std::min<size_t>(ifi_.mtu, 0xffff) - udp_overhead;
-  } else {
-    // Without multi-buffer, XDP on veth takes frames up to 3520 bytes.
-    max_payload_ = std::min({ifi_.mtu - overhead, by_frame, size_t{3506} - overhead});
-  }
-
+  // Latency queues (DriverOptions::afxdp_tx_queues): AF_XDP TX beside the UDP path, only where
+  // auto chose udp, and never every queue (bulk keeps at least one UDP queue).
+  afxdp_tx_queues_ = !udp_tx_                        ? nq
+                     : opts_.tx == "auto" && nq >= 2 ? std::min(opts_.afxdp_tx_queues, nq - 1)
+                                                     : 0;
+  // Up to the IPv4 maximum where the MTU allows; the receiver takes it as a multi-buffer
+  // frame. Both ends' MTU bounds it: the link does.
+  const size_t udp_overhead = wire::kIpv4Len + wire::kUdpLen + wire::kChanHdrLen +
+                              wire::kMaxSacks * sizeof(nc_sack_block) + wire::kSegHdrLen;
+  const size_t udp_max = std::min<size_t>(ifi_.mtu, 0xffff) - udp_overhead;
+  // AF_XDP TX from a frame. Without multi-buffer, XDP on veth takes frames up to 3520 bytes.
+  const size_t frame_max = std::min({ifi_.mtu - overhead, by_frame, size_t{3506} - overhead});
   // AF_XDP TX of segments up to 64 KB where the MTU allows more than a frame: TX slots in the
-  // UMEM sent as descriptor chains, if every socket binds multi-buffer (decided after binding).
-  const bool want_slots = !udp_tx_ && ifi_.mtu > 3506;
+  // UMEM sent as descriptor chains, if the queue's socket binds multi-buffer (known after binding).
+  const size_t slot_max =
+      std::min<size_t>({ifi_.mtu - overhead, kSlotBytes - kAfxdpHeadroom - wire::kSegHdrLen,
+                        size_t{0xffff} - overhead});
+  const bool want_slots = ifi_.mtu > 3506;
   for (uint32_t q = 0; q < nq; ++q) {
+    const bool udp = q >= afxdp_tx_queues_;
     auto xq = std::make_unique<XskQueue>(this, q);
-    if (auto st = xq->Open(opts_.ifname, opts_.frames_per_queue, udp_tx_,
-                           PoolSlotBytes(max_payload_), want_slots ? kTxSlotsPerQueue : 0);
+    if (auto st = xq->Open(opts_.ifname, opts_.frames_per_queue, udp, PoolSlotBytes(udp_max),
+                           !udp && want_slots ? kTxSlotsPerQueue : 0);
         !st.ok())
       return st;
     if (auto st = opts_.steer->SetXsk(q, xq->xsk()->fd()); !st.ok()) return st;
     queues_.push_back(std::move(xq));
   }
-  bool slots = want_slots;
-  for (const auto& q : queues_) slots &= q->xsk()->multi_buffer();
-  if (slots) {
-    max_payload_ =
-        std::min<size_t>({ifi_.mtu - overhead, kSlotBytes - kAfxdpHeadroom - wire::kSegHdrLen,
-                          size_t{0xffff} - overhead});
+  for (auto& q : queues_) {
+    const bool udp = q->queue() >= afxdp_tx_queues_;
+    const bool slots = !udp && want_slots && q->xsk()->multi_buffer();
+    const size_t max_payload = udp ? udp_max : slots ? slot_max : frame_max;
+    // 64 KB segments need a deeper window than 3.5 KB ones: at 2 MB (32 segments) a reader that
+    // falls a little behind pushes the channel into pressure copies (measured: 2 MB 10.8, 8 MB
+    // 12.4 Gbit/s, one stream on jumbo test hosts). Both ends derive it the same way.
+    uint32_t rcv_buf = opts_.rcv_buf_bytes;
+    if (max_payload >= 16384) rcv_buf = std::max<uint32_t>(rcv_buf, 8u << 20);
+    q->SetSendLimits(slots, max_payload, rcv_buf);
   }
-  // 64 KB segments need a deeper window than 3.5 KB ones: at 2 MB (32 segments) a reader that
-  // falls a little behind pushes the channel into pressure copies (measured: 2 MB 10.8, 8 MB
-  // 12.4 Gbit/s, one stream on jumbo test hosts). Both ends derive it the same way.
-  rcv_buf_ = opts_.rcv_buf_bytes;
-  if (max_payload_ >= 16384) rcv_buf_ = std::max<uint32_t>(rcv_buf_, 8u << 20);
-  for (auto& q : queues_) q->SetSendLimits(slots, rcv_buf_);
   auto engines = StartEngines(opts_);
   if (!engines.ok()) return engines.status();
   engines_ = std::move(*engines);
@@ -1354,10 +1364,10 @@ AfxdpDriver::~AfxdpDriver() {
 }
 
 TransportConfig AfxdpDriver::TransportFor(uint16_t local, uint16_t peer, uint32_t isn_send,
-                                          uint32_t isn_recv) const {
+                                          uint32_t isn_recv, uint32_t rcv_buf) const {
   TransportConfig c;
   c.window_packets = opts_.window_packets;
-  c.rcv_buf_bytes = rcv_buf_;
+  c.rcv_buf_bytes = rcv_buf;
   c.dead_peer_us = static_cast<uint64_t>(absl::ToInt64Microseconds(opts_.dead_peer_timeout));
   c.keepalive_idle_us = std::max<uint64_t>(c.dead_peer_us / 4, 1000);
   c.min_rto_us = 5'000;
@@ -1442,7 +1452,7 @@ absl::StatusOr<std::shared_ptr<AfxdpChannel>> AfxdpDriver::Register(XskQueue* q,
     used_ids_[id] = true;
     next_id_ = id % (NC_MAX_CHANNELS - 1) + 1;
   }
-  auto ch = std::make_shared<AfxdpChannel>(id, max_payload_, q->umem(), q->pool());
+  auto ch = std::make_shared<AfxdpChannel>(id, q->max_payload(), q->umem(), q->pool());
   ch->queue = q;
   ch->EnableCoalescing();
   if (q->large_send_buffers()) ch->free_target = kPoolFreeMin;
@@ -1598,6 +1608,7 @@ std::vector<EngineInfo> AfxdpDriver::Engines() const { return DescribeEngines(en
 DriverStats AfxdpDriver::Stats() const {
   DriverStats s;
   s.tx_udp = udp_tx_;
+  s.afxdp_tx_queues = udp_tx_ ? afxdp_tx_queues_ : 0;
   for (const auto& q : queues_) {
     const QueueCounters& c = q->counters;
     s.rx_frames += c.rx_frames.load(std::memory_order_relaxed);

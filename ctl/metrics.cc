@@ -108,6 +108,9 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   b.Gauge("netch_driver_tx_udp",
           "1 when DATA leaves through the kernel's UDP socket (tx udp), 0 for AF_XDP TX.",
           ds.tx_udp ? 1.0 : 0.0);
+  b.Gauge("netch_driver_afxdp_tx_queues",
+          "With tx udp: queues [0, n) that transmit through AF_XDP all the same (latency queues).",
+          static_cast<double>(ds.afxdp_tx_queues));
   b.Counter("netch_driver_handshakes_total", "Channel handshakes by outcome.",
             static_cast<double>(ds.handshakes_rx), {{"result", "syn_answered"}});
   b.Counter("netch_driver_handshakes_total", "Channel handshakes by outcome.",

@@ -181,6 +181,10 @@ class IsolateClasses final : public NetScheduler {
     if (queues < 2 || engines < 2 || k < 1 || queue < 0) return -1;
     return queue < k ? 0 : 1 + (queue - k) % (engines - 1);
   }
+  // Queues [0, k) carry only L-app channels (PlaceChannel), when there are two engines or more.
+  uint32_t LatencyQueues(int engines) const override {
+    return engines < 2 ? 0 : reserve_.load(std::memory_order_relaxed);
+  }
   Knobs GetKnobs() const override {
     return {{"latency_channels", std::to_string(reserve_.load(std::memory_order_relaxed))}};
   }

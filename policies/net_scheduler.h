@@ -125,6 +125,14 @@ class NetScheduler {
     (void)queue, (void)queues, (void)engines;
     return -1;
   }
+  // How many of the driver's first queues this policy gives latency-class channels, asked once
+  // when the stack opens its driver with `engines` engines: those queues transmit through AF_XDP
+  // (DriverOptions::afxdp_tx_queues; fewer per-packet costs than the kernel's UDP path, which
+  // the other queues keep for bulk). Default: 0. A policy set later does not change it.
+  virtual uint32_t LatencyQueues(int engines) const {
+    (void)engines;
+    return 0;
+  }
   // The policy's own typed knobs, validated when set, with their current values.
   virtual Knobs GetKnobs() const = 0;
   virtual absl::Status SetKnob(std::string_view key, std::string_view value) = 0;

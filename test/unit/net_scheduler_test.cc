@@ -238,6 +238,11 @@ TEST(PlacementTest, IsolateClassesGivesLatencyChannelsTheirOwnQueueAndEngine) {
   EXPECT_EQ(p->EngineForQueue(2, 4, 3), 2);
   EXPECT_EQ(p->EngineForQueue(0, 1, 2), -1);
   EXPECT_EQ(Make("round-robin")->EngineForQueue(2, 4, 2), -1);
+  // The queues it reserves transmit through AF_XDP (the driver clamps to its queues).
+  EXPECT_EQ(p->LatencyQueues(2), 1u);
+  EXPECT_EQ(p->LatencyQueues(1), 0u) << "one engine: L-app channels are not placed apart";
+  EXPECT_EQ(Make("isolate-classes", {{"latency_channels", "2"}})->LatencyQueues(3), 2u);
+  EXPECT_EQ(Make("round-robin")->LatencyQueues(2), 0u);
 }
 
 TEST(ScalingTest, GrowsAndShrinksOneAtATimeWithHysteresisWithinBounds) {

@@ -41,8 +41,12 @@ class ChannelHostsTest : public ::testing::Test {
   explicit ChannelHostsTest(std::string variant = "") : variant_(std::move(variant)) {}
   std::string Driver() const { return variant_.substr(0, variant_.find('_')); }
   bool Afxdp() const { return Driver() == "afxdp"; }
-  bool UdpTx() const { return variant_ == "afxdp_udp" || variant_ == "afxdp_gso"; }
-  bool Jumbo() const { return variant_ == "afxdp_udp" || variant_ == "afxdp_mb"; }
+  bool UdpTx() const {
+    return variant_ == "afxdp_udp" || variant_ == "afxdp_gso" || variant_ == "afxdp_lat";
+  }
+  bool Jumbo() const {
+    return variant_ == "afxdp_udp" || variant_ == "afxdp_mb" || variant_ == "afxdp_lat";
+  }
 
   void SetUp() override {
     NETCH_REQUIRE_ROOT();
@@ -59,6 +63,10 @@ class ChannelHostsTest : public ::testing::Test {
     o.dead_peer_timeout = dead_peer_timeout_;
     o.congestion = congestion_;
     o.tx = UdpTx() ? "udp" : "afxdp";
+    if (variant_ == "afxdp_lat") {
+      o.tx = "auto";  // (udp here: the tc hook is attached)
+      o.afxdp_tx_queues = 1;
+    }
     return o;
   }
 
@@ -113,11 +121,14 @@ class ChannelHostsTest : public ::testing::Test {
     }
   }
 
-  // Moves kBulk bytes over `channels` channels; checks integrity and the UMEM afterwards.
-  tools::TransferResult Bulk(int channels, absl::Duration deadline = absl::Seconds(60)) {
+  // Moves kBulk bytes over `channels` channels (on `queue`, or spread by the driver); checks
+  // integrity and the UMEM afterwards.
+  tools::TransferResult Bulk(int channels, absl::Duration deadline = absl::Seconds(60),
+                             int queue = -1) {
     tools::TransferOptions o;
     o.peer_ipv4 = TestHosts::kIpB;
     o.channels = channels;
+    o.queue = queue;
     o.bytes = kBulk;
     o.deadline = deadline;
     auto r = tools::RunTransfer(*a_->driver, *b_->driver, o);
@@ -176,6 +187,38 @@ TEST_F(MultiBufferTxTest, AWindowOfChainsFitsTheReceiversFillRing) {
   const tools::TransferResult r = Bulk(1);
   EXPECT_EQ(b_->driver->Stats().xsk_rx_dropped, 0u) << Describe(r);
   EXPECT_EQ(a_->driver->Stats().xsk_rx_dropped, 0u);
+}
+
+// Latency queues (DriverOptions::afxdp_tx_queues): with tx auto picking udp, queue 0 transmits
+// through AF_XDP — 64 KB slots as descriptor chains on these jumbo hosts — and the others
+// through the kernel's UDP socket, side by side in one driver.
+class LatencyQueueTest : public ChannelHostsTest {
+ protected:
+  LatencyQueueTest() : ChannelHostsTest("afxdp_lat") {}
+};
+
+TEST_F(LatencyQueueTest, QueueZeroSendsThroughAfxdpAndTheRestThroughUdpIntact) {
+  Open();
+  const chan::DriverStats before = a_->driver->Stats();
+  EXPECT_TRUE(before.tx_udp);
+  EXPECT_EQ(before.afxdp_tx_queues, 1u);
+  EXPECT_GT(before.tx_slots_total, 0u);  // queue 0's
+  // A channel on queue 0: not one packet through the UDP socket, and the chains arrived.
+  {
+    tools::TransferOptions o;
+    o.peer_ipv4 = TestHosts::kIpB;
+    o.queue = 0;
+    o.bytes = 64ull << 20;
+    auto r = tools::RunTransfer(*a_->driver, *b_->driver, o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(r->intact) << Describe(*r);
+    EXPECT_EQ(a_->driver->Stats().udp_tx_packets, before.udp_tx_packets);
+    EXPECT_GT(b_->driver->Stats().rx_multi_buffer, 0u);
+    for (const auto& c : r->channels)
+      EXPECT_GT(c.tx_stats.tx_bytes / c.tx_stats.tx_segments, 60'000u);
+  }
+  // Four channels over every queue: the three UDP queues carry theirs through the kernel.
+  Bulk(4);
 }
 
 // The kernel-UDP path where the MTU is smaller than a segment could be: equal-size packets leave
