@@ -276,9 +276,14 @@ TEST_F(VnsTest, HundredScaleCyclesDuringCheckedStreamsLoseNothing) {
   ASSERT_TRUE(s.ok()) << s.status();
   constexpr uint64_t kBytes = 512ull << 20;
   BothWays streams(**c, **s, kBytes);
+  // Counted are cycles whose scale-up opened channels: one that comes before the dispatcher has
+  // begun the last scale-down finds three live channels and opens none (9 of 100 did under TSan
+  // in CI), and does not count as a cycle.
   int cycles = 0;
-  for (; cycles < 100 && !streams.done(); ++cycles) {
+  for (int tries = 0; cycles < 100 && tries < 300 && !streams.done(); ++tries) {
+    const uint64_t opened = a_->Stats().channels_scaled_up;
     ASSERT_TRUE(a_->SetPeerChannels(TestHosts::kIpB, 3).ok());
+    cycles += a_->Stats().channels_scaled_up > opened;
     std::this_thread::sleep_for(std::chrono::milliseconds(3));
     ASSERT_TRUE(a_->SetPeerChannels(TestHosts::kIpB, 1).ok());
     std::this_thread::sleep_for(std::chrono::milliseconds(3));
@@ -291,7 +296,6 @@ TEST_F(VnsTest, HundredScaleCyclesDuringCheckedStreamsLoseNothing) {
   EXPECT_EQ(count(*a_), 1u);
   EXPECT_EQ(count(*b_), 1u);
   EXPECT_EQ(a_->Stats().conns_broken + b_->Stats().conns_broken, 0u);
-  EXPECT_GE(a_->Stats().channels_scaled_up, static_cast<uint64_t>(cycles));
 }
 
 // isolate-classes places the L-app channel on a queue and an engine of its own (4 queues, 2
