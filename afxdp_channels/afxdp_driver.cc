@@ -685,6 +685,15 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
 
   xdp_desc descs[2 * kBatch];
   const uint32_t n = xsk_->Receive(descs);
+  // What arrived was just written by another CPU (on veth the sender's, which runs our XDP
+  // program and the copy into the UMEM): its header lines are in that CPU's cache. Asked for
+  // all at once here, their misses overlap instead of stalling the parser one after another
+  // (~0.2 µs less per frame at the head of a busy-polled round trip, docs/DATAPATH.md).
+  for (uint32_t i = 0; i < n; ++i) {
+    const uint8_t* p = umem_->Data(descs[i].addr);
+    __builtin_prefetch(p);
+    __builtin_prefetch(p + 64);
+  }
   for (uint32_t i = 0; i < n; ++i) {
     const bool more = descs[i].options & XDP_PKT_CONTD;
     if (chain_len_ == 0 && !more) {
