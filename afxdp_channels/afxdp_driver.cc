@@ -133,10 +133,8 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   // are on (the socket bound multi-buffer), and how many send slots one channel may hold.
   void SetSendLimits(bool slots, size_t max_payload, uint32_t rcv_buf);
   // The largest segment payload a channel on this queue sends (its transmit path's and the
-  // MTU's limit), and the receive window it advertises.
+  // MTU's limit).
   size_t max_payload() const { return max_payload_; }
-  uint32_t rcv_buf() const { return rcv_buf_; }
-  bool udp_tx() const { return pool_ != nullptr; }
   ~XskQueue() override;
 
   bool Run(uint64_t now_us, uint64_t* deadline_us) override;
@@ -225,8 +223,8 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
 
   AfxdpDriver* driver_;
   const uint32_t queue_;
-  size_t max_payload_ = 0;
-  uint32_t rcv_buf_ = 0;
+  size_t max_payload_ = 0;  // SetSendLimits
+  uint32_t rcv_buf_ = 0;    // SetSendLimits: the receive window this queue's channels advertise
   std::unique_ptr<afxdp::Umem> umem_;
   std::unique_ptr<afxdp::XskSocket> xsk_;
   uint32_t fill_target_ = 0;

@@ -432,9 +432,10 @@ struct DriverOptions {
   // With tx "auto" where it picks udp: queues [0, afxdp_tx_queues) transmit through AF_XDP all
   // the same (at most every queue but one). A packet then skips the kernel's UDP/IP stack, tc
   // and qdisc — ~1 µs less per packet on veth here, what a busy-polled round trip is made of —
-  // while bulk keeps the UDP path's large datagrams and GSO trains. The stack sets it from its
-  // NetScheduler policy (PolicyDriverHints: isolate-classes' latency channels run on those
-  // queues); fixed once the driver opens its queues. docs/DATAPATH.md, "Latency queues".
+  // while bulk keeps the UDP path's large datagrams and GSO trains. Left at 0, the stack sets it
+  // from its NetScheduler policy (NetScheduler::LatencyQueues: isolate-classes' latency channels
+  // run on those queues); fixed once the driver opens its queues. docs/DATAPATH.md, "Latency
+  // queues".
   uint32_t afxdp_tx_queues = 0;
   uint32_t send_pool_bytes = 32 << 20;  // per queue, for tx "udp"
   // Kernel-TCP driver.

@@ -43,7 +43,7 @@ absl::Status StackImpl::Init() {
   if (!policy.ok()) return policy.status();
   policy_ = std::move(*policy);
   chan::DriverOptions dopts = opts_.driver_opts;
-  dopts.afxdp_tx_queues = policy_->LatencyQueues(dopts.engines);
+  if (dopts.afxdp_tx_queues == 0) dopts.afxdp_tx_queues = policy_->LatencyQueues(dopts.engines);
   if (opts_.driver == "afxdp" && dopts.steer == nullptr) {
     // The stack owns its steering program until the controller (ctl/) takes it over.
     std::unique_ptr<NetnsScope> ns;
