@@ -357,7 +357,7 @@ class AfxdpDriver final : public Driver {
   UniqueFd neigh_fd_;
   std::unique_ptr<afxdp::RouteTable> routes_;  // opened in the driver's netns
   bool udp_tx_ = false;           // some queue transmits through the kernel's UDP socket
-  uint32_t afxdp_tx_queues_ = 0;  // queues [0, n) transmit through AF_XDP (all of them: !udp_tx_)
+  uint32_t afxdp_tx_queues_ = 0;  // with udp_tx_: queues [0, n) transmit through AF_XDP anyway
   std::vector<std::unique_ptr<XskQueue>> queues_;
   std::vector<std::unique_ptr<Engine>> engines_;
 
@@ -1310,9 +1310,9 @@ absl::Status AfxdpDriver::Init() {
   udp_tx_ = opts_.tx == "udp" || (opts_.tx == "auto" && pinned);
   // Latency queues (DriverOptions::afxdp_tx_queues): AF_XDP TX beside the UDP path, only where
   // auto chose udp, and never every queue (bulk keeps at least one UDP queue).
-  afxdp_tx_queues_ = !udp_tx_                        ? nq
-                     : opts_.tx == "auto" && nq >= 2 ? std::min(opts_.afxdp_tx_queues, nq - 1)
-                                                     : 0;
+  afxdp_tx_queues_ =
+      udp_tx_ && opts_.tx == "auto" && nq >= 2 ? std::min(opts_.afxdp_tx_queues, nq - 1) : 0;
+  const auto udp_queue = [&](uint32_t q) { return udp_tx_ && q >= afxdp_tx_queues_; };
   // Up to the IPv4 maximum where the MTU allows; the receiver takes it as a multi-buffer
   // frame. Both ends' MTU bounds it: the link does.
   const size_t udp_overhead = wire::kIpv4Len + wire::kUdpLen + wire::kChanHdrLen +
@@ -1327,7 +1327,7 @@ absl::Status AfxdpDriver::Init() {
                         size_t{0xffff} - overhead});
   const bool want_slots = ifi_.mtu > 3506;
   for (uint32_t q = 0; q < nq; ++q) {
-    const bool udp = q >= afxdp_tx_queues_;
+    const bool udp = udp_queue(q);
     auto xq = std::make_unique<XskQueue>(this, q);
     if (auto st = xq->Open(opts_.ifname, opts_.frames_per_queue, udp, PoolSlotBytes(udp_max),
                            !udp && want_slots ? kTxSlotsPerQueue : 0);
@@ -1337,7 +1337,7 @@ absl::Status AfxdpDriver::Init() {
     queues_.push_back(std::move(xq));
   }
   for (auto& q : queues_) {
-    const bool udp = q->queue() >= afxdp_tx_queues_;
+    const bool udp = udp_queue(q->queue());
     const bool slots = !udp && want_slots && q->xsk()->multi_buffer();
     const size_t max_payload = udp ? udp_max : slots ? slot_max : frame_max;
     // 64 KB segments need a deeper window than 3.5 KB ones: at 2 MB (32 segments) a reader that
@@ -1615,7 +1615,7 @@ std::vector<EngineInfo> AfxdpDriver::Engines() const { return DescribeEngines(en
 DriverStats AfxdpDriver::Stats() const {
   DriverStats s;
   s.tx_udp = udp_tx_;
-  s.afxdp_tx_queues = udp_tx_ ? afxdp_tx_queues_ : 0;
+  s.afxdp_tx_queues = afxdp_tx_queues_;
   for (const auto& q : queues_) {
     const QueueCounters& c = q->counters;
     s.rx_frames += c.rx_frames.load(std::memory_order_relaxed);

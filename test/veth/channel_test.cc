@@ -121,14 +121,11 @@ class ChannelHostsTest : public ::testing::Test {
     }
   }
 
-  // Moves kBulk bytes over `channels` channels (on `queue`, or spread by the driver); checks
-  // integrity and the UMEM afterwards.
-  tools::TransferResult Bulk(int channels, absl::Duration deadline = absl::Seconds(60),
-                             int queue = -1) {
+  // Moves kBulk bytes over `channels` channels; checks integrity and the UMEM afterwards.
+  tools::TransferResult Bulk(int channels, absl::Duration deadline = absl::Seconds(60)) {
     tools::TransferOptions o;
     o.peer_ipv4 = TestHosts::kIpB;
     o.channels = channels;
-    o.queue = queue;
     o.bytes = kBulk;
     o.deadline = deadline;
     auto r = tools::RunTransfer(*a_->driver, *b_->driver, o);
