@@ -438,8 +438,10 @@ TEST_F(VnsTest, ARequestsCorkedTailLeavesOnTheWaitingReadersOwnThread) {
   const uint64_t before = InlineRounds(*a_);
   ASSERT_EQ(RpcExchanges(*c, *s, kRounds, kMsg), "");
   // Two rounds per request on the client's thread (the write's, the flush's); with the flush on
-  // an engine wakeup it was one. Timers may wake the engine now and then: 1.5 per request.
-  EXPECT_GE(InlineRounds(*a_) - before, kRounds * 3 / 2);
+  // an engine wakeup it is one (measured: 188-200 for 200 requests). Timers wake the engine now
+  // and then and some flushes leave there: 274-400 measured with the flush in place, so the
+  // line sits between the two at 1.25 per request (1.5 failed about half the runs).
+  EXPECT_GE(InlineRounds(*a_) - before, kRounds * 5 / 4);
 }
 
 // The largest share of a socket's batches that went on one channel (-1: no such socket).
