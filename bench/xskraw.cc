@@ -19,6 +19,9 @@
 //                 (in frames of at most --frame bytes, AF_XDP TX), host B sends it back, both
 //                 spinning on their rings (no poll()); each side copies the message into its
 //                 UMEM, as a sender must. The floor for a busy-polled rpc over this pair.
+//                 With --copy each side also copies every received frame out of the UMEM into
+//                 a buffer of its own, as a receiver that uses the data must (the frames were
+//                 written by the other CPU a moment before; without it they are never read).
 #include <netinet/in.h>
 #include <poll.h>
 #include <sys/socket.h>
@@ -141,16 +144,24 @@ bool SendMessage(Side& s, const std::vector<std::vector<uint8_t>>& frames) {
   return ok;
 }
 
+constexpr size_t kCopyBufBytes = 1 << 17;
+
 // Spins until `nframes` whole frames arrived on side `s`; false at `deadline_us` if none of the
 // message came (a lost frame). A message that started arriving is waited for to its end: giving
 // up halfway (the echo thread descheduled past its deadline on a busy machine) would take the
 // rest for the next message and put both ends out of step for good.
-bool RecvMessage(Side& s, size_t nframes, uint64_t deadline_us) {
+// With `copy_to`, every frame's bytes are copied there first (as a reader of the data would).
+bool RecvMessage(Side& s, size_t nframes, uint64_t deadline_us, uint8_t* copy_to) {
   xdp_desc d[64];
   bool started = false;
+  size_t off = 0;
   for (size_t got = 0; got < nframes;) {
     const uint32_t n = s.xsk->Receive(d);
     for (uint32_t i = 0; i < n; ++i) {
+      if (copy_to && off + d[i].len <= kCopyBufBytes) {
+        std::memcpy(copy_to + off, s.umem->Data(d[i].addr), d[i].len);
+        off += d[i].len;
+      }
       s.umem->FreeFrame(d[i].addr);
       got += !(d[i].options & XDP_PKT_CONTD);
     }
@@ -172,7 +183,7 @@ double Percentile(std::vector<double> v, double p) {
 }
 
 int RunPingPong(Side& a, Side& b, uint32_t chan, uint32_t payload, uint32_t frame, uint32_t seconds,
-                bool json) {
+                bool copy, bool json) {
   wire::FrameAddrs ab;
   ab.src_mac = a.ifi.mac;
   ab.dst_mac = b.ifi.mac;
@@ -189,9 +200,12 @@ int RunPingPong(Side& a, Side& b, uint32_t chan, uint32_t payload, uint32_t fram
   b.umem->Refill(4096);
   std::atomic<bool> stop{false};
   const uint64_t end = chan::NowUs() + seconds * 1'000'000ull;
+  std::vector<uint8_t> buf_a(copy ? kCopyBufBytes : 0), buf_b(copy ? kCopyBufBytes : 0);
+  uint8_t* const to_a = copy ? buf_a.data() : nullptr;
+  uint8_t* const to_b = copy ? buf_b.data() : nullptr;
   std::thread echo([&] {
     while (!stop.load(std::memory_order_relaxed))
-      if (RecvMessage(b, fwd.size(), chan::NowUs() + 10'000)) SendMessage(b, back);
+      if (RecvMessage(b, fwd.size(), chan::NowUs() + 10'000, to_b)) SendMessage(b, back);
   });
   auto now_ns = [] {
     timespec t{};
@@ -204,7 +218,7 @@ int RunPingPong(Side& a, Side& b, uint32_t chan, uint32_t payload, uint32_t fram
   while (chan::NowUs() < end) {
     const uint64_t t0 = now_ns();
     if (!SendMessage(a, fwd)) return stop = true, echo.join(), Fail("host A's UMEM ran dry");
-    if (!RecvMessage(a, back.size(), chan::NowUs() + 100'000)) {
+    if (!RecvMessage(a, back.size(), chan::NowUs() + 100'000, to_a)) {
       ++lost;
       continue;
     }
@@ -216,14 +230,16 @@ int RunPingPong(Side& a, Side& b, uint32_t chan, uint32_t payload, uint32_t fram
   if (json) {
     std::printf(
         "{\"sender\":\"afxdp\",\"mode\":\"pingpong\",\"payload\":%u,\"frame\":%u,"
-        "\"frames_per_message\":%zu,\"round_trips\":%zu,\"lost\":%llu,\"p50_us\":%.2f,"
+        "\"copy\":%s,\"frames_per_message\":%zu,\"round_trips\":%zu,\"lost\":%llu,\"p50_us\":%.2f,"
         "\"p99_us\":%.2f,\"p999_us\":%.2f}\n",
-        payload, frame, fwd.size(), rtt.size(), (unsigned long long)lost, p50, p99, p999);
+        payload, frame, copy ? "true" : "false", fwd.size(), rtt.size(), (unsigned long long)lost,
+        p50, p99, p999);
   } else {
     std::printf(
-        "raw AF_XDP ping-pong, %u B messages in %zu frame(s) of <= %u B, spinning: %zu round "
+        "raw AF_XDP ping-pong, %u B messages in %zu frame(s) of <= %u B, spinning%s: %zu round "
         "trips, p50 %.1f us, p99 %.1f us, p99.9 %.1f us (lost %llu)\n",
-        payload, fwd.size(), frame, rtt.size(), p50, p99, p999, (unsigned long long)lost);
+        payload, fwd.size(), frame, copy ? ", received frames copied out" : "", rtt.size(), p50,
+        p99, p999, (unsigned long long)lost);
   }
   return lost == 0 ? 0 : 1;
 }
@@ -240,7 +256,8 @@ int main(int argc, char** argv) {
   app.add_option("--frame", frame, "Ethernet frame bytes (up to 65549: a 64 KB IPv4 packet)")
       ->check(CLI::Range(128, 65549));
   app.add_option("--sender", sender, "afxdp or udp")->check(CLI::IsMember({"afxdp", "udp"}));
-  app.add_flag("--copy", copy, "one user-space copy per side (udp sender)");
+  app.add_flag("--copy", copy,
+               "one user-space copy per side (udp sender; --pingpong: received frames copied out)");
   app.add_flag("--zerocopy", zerocopy, "MSG_ZEROCOPY sends (udp sender)");
   app.add_option("--queue", queue, "queue")->check(CLI::Range(0, NC_MAX_QUEUES - 1));
   app.add_option("--ns-a", ns_a, "sender namespace");
@@ -251,9 +268,9 @@ int main(int argc, char** argv) {
   app.footer("Needs `scripts/testhosts up --queues N --mtu M` with M >= frame - 14.");
   CLI11_PARSE(app, argc, argv);
   const bool udp = sender == "udp";
-  if (!udp && copy) return Fail("--copy needs --sender udp");
+  if (!udp && copy && !pingpong) return Fail("--copy needs --sender udp or --pingpong");
   if (!udp && zerocopy) return Fail("--zerocopy needs --sender udp");
-  if (pingpong && (udp || copy)) return Fail("--pingpong measures the AF_XDP TX path only");
+  if (pingpong && udp) return Fail("--pingpong measures the AF_XDP TX path only");
 
   auto a = Open(ns_a, "nc-a", queue);
   if (!a.ok())
@@ -269,7 +286,7 @@ int main(int argc, char** argv) {
     if (auto st = a->steer->SetChannel(kChan, queue, queue); !st.ok())
       std::fprintf(stderr, "xskraw: %s\n", st.ToString().c_str());
     else
-      rc = RunPingPong(*a, *b, kChan, message, frame, seconds, json);
+      rc = RunPingPong(*a, *b, kChan, message, frame, seconds, copy, json);
     for (auto [ns, side] : {std::pair{ns_a, &*a}, std::pair{ns_b, &*b}}) {
       NetnsScope scope(ns);
       (void)side->steer->Detach();
