@@ -29,16 +29,23 @@ namespace {
 constexpr const char* kPins[] = {"nc_config",   "nc_channels",   "nc_xsks",
                                  "nc_counters", "nc_chan_stats", "nc_steer"};
 
+// Another instance's clean exit removes the per-namespace directories it was the last user of
+// (Cleanup), possibly between our mkdir of a level and of the next: ENOENT there means "created,
+// then removed under us", so the whole path is made again (a few times: each exit removes once).
 absl::Status MkdirP(const std::string& path, mode_t mode) {
-  std::string cur;
-  for (size_t i = 1; i <= path.size(); ++i) {
-    if (i == path.size() || path[i] == '/') {
-      cur = path.substr(0, i);
-      if (mkdir(cur.c_str(), mode) != 0 && errno != EEXIST)
-        return ErrnoStatus(errno, "mkdir " + cur);
+  absl::Status st;
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    st = absl::OkStatus();
+    for (size_t i = 1; i <= path.size() && st.ok(); ++i) {
+      if (i == path.size() || path[i] == '/') {
+        const std::string cur = path.substr(0, i);
+        if (mkdir(cur.c_str(), mode) != 0 && errno != EEXIST)
+          st = ErrnoStatus(errno, "mkdir " + cur);
+      }
     }
+    if (st.ok() || !absl::IsNotFound(st)) return st;
   }
-  return absl::OkStatus();
+  return st;
 }
 
 // A pin directory someone else could write to (or a symlink planted in its place) would let them
@@ -63,10 +70,17 @@ absl::Status CheckPinDir(const std::string& bpffs, const std::string& dir) {
 }  // namespace
 
 absl::Status Controller::Lock(const std::string& path) {
-  // A predecessor killed a moment ago still holds the lock while the kernel closes its files.
-  constexpr int kTries = 100;  // x 20 ms
-  for (int i = 0; i < kTries; ++i) {
+  // A predecessor killed a moment ago still holds the lock while the kernel closes its files;
+  // one exiting cleanly holds it until it is gone (DetachForExit).
+  const int64_t tries = std::max<int64_t>(1, absl::ToInt64Milliseconds(opts_.name_wait) / 20);
+  for (int64_t i = 0; i < tries; ++i) {
     UniqueFd fd(open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600));
+    if (!fd.valid() && errno == ENOENT) {
+      // The holder's clean exit removed the directory with its lock file (it was the
+      // namespace's last instance) after we made it: make it again and take the free name.
+      if (auto st = MkdirP(path.substr(0, path.rfind('/')), 0700); !st.ok()) return st;
+      continue;
+    }
     if (!fd.valid()) return ErrnoStatus(errno, "open " + path);
     if (flock(fd.get(), LOCK_EX | LOCK_NB) == 0) {
       // The holder unlinks the file on a clean exit: make sure we locked the file that is there.
@@ -256,16 +270,26 @@ Controller::~Controller() {
 }
 
 // Leaves steer_ loaded: on a signal the engines may still touch its maps until _exit.
-void Controller::Cleanup() {
+void Controller::DetachForExit() {
+  Stop();
+  Cleanup(/*keep_name=*/true);
+}
+
+void Controller::Cleanup(bool keep_name) {
   if (steer_) (void)steer_->Detach();
+  auto parent = [](const std::string& p) { return p.substr(0, p.rfind('/')); };
   for (const char* p : kPins) unlink((pin_dir_ + "/" + p).c_str());
+  // The per-namespace directories go when their last instance does (rmdir fails otherwise);
+  // the pins' while we still hold the name, so that the next instance of it never has its
+  // pin directory's parent removed under it.
   if (!pin_dir_.empty()) rmdir(pin_dir_.c_str());
+  if (!pin_dir_.empty()) rmdir(parent(pin_dir_).c_str());
   if (!pid_file_.empty()) unlink(pid_file_.c_str());
+  if (keep_name) return;
   // Unlinked while still locked: a waiter that locks the old file sees its inode is stale.
   if (lock_fd_.valid()) unlink(lock_file_.c_str());
-  // The per-namespace directories go when their last instance does (rmdir fails otherwise).
-  auto parent = [](const std::string& p) { return p.substr(0, p.rfind('/')); };
-  if (!pin_dir_.empty()) rmdir(parent(pin_dir_).c_str());
+  // Its directory can only go after the lock file: a waiter that finds it gone makes it again
+  // (Lock, MkdirP).
   if (!pid_file_.empty()) rmdir(parent(pid_file_).c_str());
 }
 

@@ -30,6 +30,7 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "bpf/steer_program.h"
 #include "common/unique_fd.h"
 
@@ -52,6 +53,10 @@ struct ControllerOptions {
   // the pid file, then exit (status 128 + signal). Start() must then run before any other
   // thread starts, so that every thread inherits the blocked signals.
   bool exit_on_signal = false;
+  // How long Start waits for the instance's name while another process holds it: a predecessor
+  // of the same name still exiting (a restarted service) lets go once it is gone; past this the
+  // name is taken and Start fails with AlreadyExists.
+  absl::Duration name_wait = absl::Seconds(2);
 };
 
 struct ControllerStatus {
@@ -75,6 +80,12 @@ class Controller {
   // Starts the control socket and the metrics exposer for `stack` (which must outlive Stop()).
   absl::Status Serve(vns::Stack* stack);
   void Stop();  // stops both; idempotent
+  // For a process about to exit whose stack lives on until it is gone (the preload's exit):
+  // stops serving, detaches and unpins like the destructor, but keeps the instance's name
+  // locked — the kernel drops the lock with the process, after its AF_XDP sockets. An instance
+  // started under the same name meanwhile waits for that, instead of taking the name while
+  // this process still holds the interface's queues (its sockets then failed EBUSY).
+  void DetachForExit();
   ControllerStatus status() const;
 
   // The abstract socket name of an instance (without the leading NUL).
@@ -88,8 +99,9 @@ class Controller {
   // The kernel drops it when the holder dies, even by SIGKILL, before the process is fully gone:
   // a restarted instance waits for that instead of trusting whether the old pid still exists.
   absl::Status Lock(const std::string& path);
-  // What the destructor and the signal handler share: detach, unpin, unlink.
-  void Cleanup();
+  // What the destructor and the signal handler share: detach, unpin, unlink; with
+  // `keep_name`, everything but the lock (DetachForExit).
+  void Cleanup(bool keep_name = false);
   void WatchSignals();
 
   ControllerOptions opts_;

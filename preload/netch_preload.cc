@@ -254,6 +254,9 @@ netch::vns::Stack* GetStack() {
   co.ifname = c->dev;
   co.replace = c->replace_xdp;
   co.metrics_address = c->metrics == "off" ? "" : c->metrics;
+  // A predecessor of the same instance (a server restarted at once) keeps the name until it is
+  // gone, which may take its exit linger: wait that long and then some before giving up.
+  co.name_wait = absl::Milliseconds(c->linger_ms) + absl::Seconds(5);
   auto ctl = netch::ctl::Controller::Start(co);
   if (!ctl.ok()) return fail(ctl.status());
   netch::vns::StackOptions so;
@@ -293,7 +296,8 @@ netch::vns::Stack* GetStack() {
 }
 
 // Sockets still open get a FIN after their last byte; their data is given time to be
-// acknowledged; then the XDP program is detached (the stack itself is left to the exit).
+// acknowledged; then the XDP program is detached (the stack itself, and the instance's name,
+// are left to the exit).
 void AtExit() {
   if (g == nullptr || g_child.load() || getpid() != g->owner) return;
   for (int fd = 0; fd < kMaxFd; ++fd) {
@@ -343,7 +347,10 @@ void AtExit() {
           static_cast<unsigned long long>(cs.rx_dropped_stale));
     }
   }
-  g->ctl.reset();
+  // Detached and unpinned, but the instance's name stays ours until the process is gone with
+  // its AF_XDP sockets (Controller::DetachForExit): a server restarted at once under the same
+  // instance waits for that instead of finding the queues still bound (EBUSY).
+  g->ctl->DetachForExit();
 }
 
 // ---- installing and removing virtual sockets ------------------------------------------------

@@ -516,6 +516,35 @@ TEST_F(CtlTest, ACrashedInstanceIsDetectedAndCleanedUpByTheNextStart) {
       << "a clean exit detaches";
 }
 
+TEST_F(CtlTest, AnInstanceWaitingForItsNameStartsTheMomentTheHolderExits) {
+  // A service restarted at once (systemd, a supervisor) starts its next instance while the old
+  // one is still exiting: the new one waits for the instance lock, and the old one's clean exit
+  // removes its files and, being the namespace's last instance, their directories — which the
+  // waiter must create again rather than fail on ("open .../NAME.lock: No such file or
+  // directory" took down a restarted memcached under netchrun).
+  NetnsScope scope(hosts_.ns_a());
+  ControllerOptions co;
+  co.ifname = TestHosts::kDevA;
+  co.metrics_address = "";
+  co.instance = "restarted";
+  for (int round = 0; round < 5; ++round) {
+    auto first = Controller::Start(co);
+    ASSERT_TRUE(first.ok()) << first.status();
+    absl::StatusOr<std::unique_ptr<Controller>> second = absl::UnknownError("not started");
+    std::thread next([&] {
+      NetnsScope s(hosts_.ns_a());
+      second = Controller::Start(co);  // waits for the lock the first holds
+    });
+    std::this_thread::sleep_for(std::chrono::milliseconds(60));
+    first->reset();  // a clean exit: detaches, removes its pins, files and directories
+    next.join();
+    ASSERT_TRUE(second.ok()) << "round " << round << ": " << second.status();
+    EXPECT_EQ(hosts_.RunIn(hosts_.ns_a(), "ip link show nc-a | grep -q xdp"), 0)
+        << "the second instance attached its program";
+    second->reset();
+  }
+}
+
 TEST_F(CtlTest, APinDirectoryOthersCanWriteIsRefused) {
   const std::string bpffs = absl::StrFormat("/tmp/netch-ctltest-bpffs-%d", getpid());
   NetnsScope scope(hosts_.ns_a());

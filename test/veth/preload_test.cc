@@ -204,6 +204,37 @@ TEST_F(PreloadTest, AProgramThatExitsRightAfterWritingLosesNothing) {
         << sink.Output();
 }
 
+// A supervisor restarts a server the moment it exits. Here the next server is started while
+// the previous one still runs (it serves one client, then exits): the new one's stack waits for
+// the instance's name, and must come up once the old process is gone — not fail on the lock
+// file's directory the old one's exit removed ("open .../netchrun.lock: No such file or
+// directory"), nor take the name while the old process still held the interface's queues
+// (its AF_XDP sockets: "create AF_XDP socket ...: Device or resource busy"). Both failed a
+// memcached restarted under netchrun half a second after the last one.
+TEST_F(PreloadTest, AServerRestartedAtOnceUnderTheSameInstanceServesAgain) {
+  const std::string prog = kBin + "/test/socket_calls";
+  const std::string sink = B() + " " + prog + " sink 198.18.0.2 7003 1";
+  const std::string burst = "timeout 60 " + A() + " " + prog + " burst 198.18.0.2 7003 4000000";
+  auto first = std::make_unique<Background>(sink, "/tmp/netch-preload-restart-0.log");
+  ASSERT_TRUE(first->WaitFor("ready", 20)) << first->Output();
+  std::string out;
+  for (int round = 1; round <= 3; ++round) {
+    auto next = std::make_unique<Background>(
+        sink, absl::StrFormat("/tmp/netch-preload-restart-%d.log", round));
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));  // it waits for the name now
+    EXPECT_EQ(Shell(burst, &out), 0) << out;
+    EXPECT_EQ(first->Wait(30), 0) << first->Output();
+    EXPECT_TRUE(absl::StrContains(first->Output(), "ok burst_0_arrived_whole")) << first->Output();
+    ASSERT_TRUE(next->WaitFor("ready", 20)) << next->Output();
+    ASSERT_TRUE(absl::StrContains(next->Output(), "ok listen"))
+        << "round " << round << ": " << next->Output();
+    first = std::move(next);
+  }
+  EXPECT_EQ(Shell(burst, &out), 0) << out;
+  EXPECT_EQ(first->Wait(30), 0) << first->Output();
+  EXPECT_TRUE(absl::StrContains(first->Output(), "ok burst_0_arrived_whole")) << first->Output();
+}
+
 // B behind a router (testhosts --routed, one queue per link): with the default NETCH_ROUTE=iface
 // a connect to B's subnet goes over NetChannel because the kernel routes it through the
 // interface. The server outlives its clients: one killed holding a connection with bytes in
