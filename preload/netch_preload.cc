@@ -25,6 +25,7 @@
 #include <atomic>
 #include <cerrno>
 #include <cstdarg>
+#include <cstddef>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -1241,6 +1242,54 @@ int setsockopt(int fd, int level, int name, const void* val, socklen_t len) noex
   return 0;
 }
 
+// The kernel's struct tcp_info (linux/tcp.h) up to tcpi_bytes_received: glibc declares only the
+// fields up to tcpi_total_retrans, and programs built against the kernel's header ask for more.
+// The ABI only grows at the end; a caller gets min(its length, ours), as from the kernel.
+struct KernelTcpInfo {
+  tcp_info base;
+  uint64_t pacing_rate, max_pacing_rate, bytes_acked, bytes_received;
+};
+static_assert(offsetof(KernelTcpInfo, bytes_received) == 128);
+
+// TCP_INFO for a virtual socket (iperf3, nginx's $tcpinfo_rtt, ... read it): its state and byte
+// counts, and its channels' transport figures (VirtualSocket::Info: shared channels, so RTT,
+// window and retransmissions are theirs). What has no counterpart stays 0 (rttvar, pacing).
+int PutTcpInfo(const netch::vns::TransportInfo& t, void* val, socklen_t* len) {
+  using S = netch::vns::TransportInfo::State;
+  KernelTcpInfo k{};
+  tcp_info& b = k.base;
+  switch (t.state) {
+    case S::kListening:
+      b.tcpi_state = TCP_LISTEN;
+      break;
+    case S::kConnecting:
+      b.tcpi_state = TCP_SYN_SENT;
+      break;
+    case S::kEstablished:
+      b.tcpi_state = t.shut_down && t.peer_finished ? TCP_CLOSE
+                     : t.shut_down                  ? TCP_FIN_WAIT2
+                     : t.peer_finished              ? TCP_CLOSE_WAIT
+                                                    : TCP_ESTABLISHED;
+      break;
+    case S::kClosed:
+      b.tcpi_state = TCP_CLOSE;
+      break;
+  }
+  b.tcpi_snd_mss = b.tcpi_rcv_mss = b.tcpi_advmss = t.mss;
+  b.tcpi_rtt = static_cast<uint32_t>(std::min<uint64_t>(t.srtt_us, UINT32_MAX));
+  b.tcpi_snd_cwnd = t.cwnd_packets;
+  b.tcpi_total_retrans = static_cast<uint32_t>(std::min<uint64_t>(t.retransmits, UINT32_MAX));
+  if (t.mss > 0)
+    b.tcpi_unacked = static_cast<uint32_t>(
+        std::min<uint64_t>((t.unacked_bytes + t.mss - 1) / t.mss, UINT32_MAX));
+  k.bytes_acked = t.bytes_sent - std::min(t.unacked_bytes, t.bytes_sent);
+  k.bytes_received = t.bytes_received;
+  const socklen_t n = std::min<socklen_t>(*len, sizeof(k));
+  std::memcpy(val, &k, n);
+  *len = n;
+  return 0;
+}
+
 int getsockopt(int fd, int level, int name, void* val, socklen_t* len) noexcept {
   auto e = Virt(fd);
   if (!e) return REAL(getsockopt)(fd, level, name, val, len);
@@ -1277,6 +1326,7 @@ int getsockopt(int fd, int level, int name, void* val, socklen_t* len) noexcept 
       return 0;
     }
   }
+  if (level == IPPROTO_TCP && name == TCP_INFO) return PutTcpInfo(e->vs->Info(), val, len);
   if (level == SOL_SOCKET && (name == SO_RCVBUF || name == SO_SNDBUF)) return put_int(4 << 20);
   if ((level == SOL_SOCKET && (name == SO_REUSEADDR || name == SO_KEEPALIVE)) ||
       (level == IPPROTO_TCP && name == TCP_NODELAY))

@@ -58,6 +58,7 @@ class SocketImpl final : public VirtualSocket {
   uint16_t remote_port() const override { return c_ ? c_->key.remote_port : 0; }
   uint32_t remote_ipv4() const override { return c_ ? c_->key.peer : 0; }
   AppClass app_class() const override { return c_ ? c_->app_class : AppClass::kUnspecified; }
+  TransportInfo Info() const override;
 
  private:
   // No live channel to the peer is left: the connection cannot make progress.
@@ -869,6 +870,47 @@ absl::StatusOr<std::unique_ptr<VirtualSocket>> SocketImpl::Accept() {
     if (empty) poll(&p, 1, 10);
     c_->EndWait();
   }
+}
+
+TransportInfo SocketImpl::Info() const {
+  TransportInfo t;
+  if (!c_) return t;
+  if (c_->listening) {
+    t.state = TransportInfo::State::kListening;
+    return t;
+  }
+  switch (c_->state.load()) {
+    case ConnState::kConnecting:
+      t.state = TransportInfo::State::kConnecting;
+      break;
+    case ConnState::kEstablished:
+      t.state =
+          c_->broken.load() ? TransportInfo::State::kClosed : TransportInfo::State::kEstablished;
+      break;
+    default:
+      t.state = TransportInfo::State::kClosed;
+  }
+  t.peer_finished = c_->fin_seq.load(std::memory_order_acquire) != UINT64_MAX;
+  t.shut_down = fin_sent_.load();
+  t.bytes_sent = c_->tx_bytes.load(std::memory_order_relaxed);
+  t.bytes_received = c_->rx_bytes.load(std::memory_order_relaxed);
+  if (!c_->peer) return t;
+  std::vector<uint32_t> ids;
+  {
+    std::lock_guard g(c_->map_mu);
+    ids = c_->channel_ids;
+  }
+  for (const auto& ch : c_->peer->Live()) {
+    if (!ids.empty() && std::find(ids.begin(), ids.end(), ch->id()) == ids.end()) continue;
+    const chan::ChannelStats cs = ch->stats();
+    ++t.channels;
+    t.srtt_us = std::max(t.srtt_us, cs.srtt_us);
+    t.cwnd_packets += cs.cwnd_packets;
+    t.mss = std::max(t.mss, static_cast<uint32_t>(ch->max_payload()));
+    t.retransmits += cs.retransmits;
+    t.unacked_bytes += cs.tx_queued_bytes;
+  }
+  return t;
 }
 
 absl::Status SocketImpl::Shutdown() {

@@ -178,6 +178,24 @@ struct PolicyInfo {
   std::vector<std::pair<std::string, std::string>> knobs;
 };
 
+// What a socket's transport looks like now (the preload answers getsockopt(TCP_INFO) with it).
+// A socket's segments ride channels other sockets may share, so the round-trip time, window,
+// segment size and retransmissions are those of the channels it may use (the largest RTT and
+// segment, the sum of windows, retransmissions and unacknowledged bytes), not its own.
+struct TransportInfo {
+  enum class State { kListening, kConnecting, kEstablished, kClosed };
+  State state = State::kClosed;
+  bool peer_finished = false;  // the peer's FIN arrived: the stream ends after what it sent
+  bool shut_down = false;      // this side sent its FIN (Shutdown)
+  uint64_t bytes_sent = 0, bytes_received = 0;  // handed to channels / delivered to the reader
+  uint64_t srtt_us = 0;
+  uint32_t cwnd_packets = 0;  // 0 where the kernel owns the window (the TCP driver)
+  uint32_t mss = 0;
+  uint64_t retransmits = 0;
+  uint64_t unacked_bytes = 0;
+  uint32_t channels = 0;
+};
+
 class VirtualSocket {
  public:
   virtual ~VirtualSocket() = default;
@@ -217,6 +235,7 @@ class VirtualSocket {
   virtual uint16_t remote_port() const = 0;
   virtual uint32_t remote_ipv4() const = 0;
   virtual AppClass app_class() const = 0;
+  virtual TransportInfo Info() const = 0;
 };
 
 class Stack {

@@ -39,6 +39,7 @@
 #include <atomic>
 #include <cerrno>
 #include <chrono>
+#include <cstddef>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -50,6 +51,14 @@
 namespace {
 
 int g_failures = 0;
+
+// The kernel's struct tcp_info (linux/tcp.h) up to tcpi_bytes_received: glibc's declares only
+// the fields up to tcpi_total_retrans; the ABI only ever grows at the end.
+struct TcpInfo {
+  tcp_info base;
+  uint64_t pacing_rate, max_pacing_rate, bytes_acked, bytes_received;
+};
+static_assert(offsetof(TcpInfo, bytes_received) == 128);
 
 void Check(bool ok, const char* name, const std::string& why = "") {
   if (ok) {
@@ -285,6 +294,14 @@ int Client(const char* ip, int port, uint64_t bytes) {
   int v = 0;
   socklen_t vl = sizeof(v);
   Check(getsockopt(s, IPPROTO_TCP, TCP_NODELAY, &v, &vl) == 0 && v == 1, "getsockopt_nodelay");
+  {
+    TcpInfo ti{};
+    socklen_t tl = sizeof(ti);
+    Check(getsockopt(s, IPPROTO_TCP, TCP_INFO, &ti, &tl) == 0 && tl == sizeof(ti) &&
+              ti.base.tcpi_state == TCP_ESTABLISHED && ti.base.tcpi_snd_mss > 0,
+          "getsockopt_tcp_info_established",
+          "state " + std::to_string(ti.base.tcpi_state) + ", len " + std::to_string(tl));
+  }
 
   // epoll interest changes as event loops make them: write interest toggled per request, and
   // one-shot and edge-triggered registrations re-armed by a MOD with the same events. (Nothing
@@ -444,6 +461,23 @@ int Client(const char* ip, int port, uint64_t bytes) {
   writer.join();
   Check(got == bytes && same, "echo_every_byte_in_order",
         std::to_string(got) + " of " + std::to_string(bytes));
+  {
+    // What a program reading TCP_INFO sees after the exchange (iperf3 prints it): the bytes it
+    // read, a round-trip time; a short buffer gets the head of the structure, as the kernel's.
+    TcpInfo ti{};
+    socklen_t tl = sizeof(ti);
+    const int rc = getsockopt(d, IPPROTO_TCP, TCP_INFO, &ti, &tl);
+    // (The kernel's count includes the peer's FIN: one more.)
+    Check(rc == 0 && ti.bytes_received >= bytes && ti.bytes_received <= bytes + 1 &&
+              ti.base.tcpi_rtt > 0,
+          "getsockopt_tcp_info_counts",
+          "rc " + std::to_string(rc) + ", " + std::to_string(ti.bytes_received) +
+              " B received, rtt " + std::to_string(ti.base.tcpi_rtt) + " us");
+    uint8_t head[8];
+    socklen_t hl = sizeof(head);
+    Check(getsockopt(d, IPPROTO_TCP, TCP_INFO, head, &hl) == 0 && hl == sizeof(head),
+          "getsockopt_tcp_info_short_buffer");
+  }
   char c;
   Check(read(d, &c, 1) == 0, "end_of_stream_after_shutdown");
   Check(close(d) == 0, "close");
