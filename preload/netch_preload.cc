@@ -1317,6 +1317,8 @@ int getsockopt(int fd, int level, int name, void* val, socklen_t* len) noexcept 
         break;
     }
   }
+  // Answered from the socket now, never from a value a setsockopt left.
+  if (level == IPPROTO_TCP && name == TCP_INFO) return PutTcpInfo(e->vs->Info(), val, len);
   {
     std::lock_guard l(e->opt_mu);
     if (auto it = e->opts.find(OptKey(level, name)); it != e->opts.end()) {
@@ -1326,7 +1328,6 @@ int getsockopt(int fd, int level, int name, void* val, socklen_t* len) noexcept 
       return 0;
     }
   }
-  if (level == IPPROTO_TCP && name == TCP_INFO) return PutTcpInfo(e->vs->Info(), val, len);
   if (level == SOL_SOCKET && (name == SO_RCVBUF || name == SO_SNDBUF)) return put_int(4 << 20);
   if ((level == SOL_SOCKET && (name == SO_REUSEADDR || name == SO_KEEPALIVE)) ||
       (level == IPPROTO_TCP && name == TCP_NODELAY))
