@@ -6,7 +6,8 @@
 //                                         with a kernel loopback listener in the same epoll set;
 //                                         exits after CLIENTS clients ended cleanly
 //   socket_calls client IP PORT BYTES     non-blocking connect, poll/select/ppoll, writev/readv,
-//                                         dup, fcntl, ioctl, getsockname/peername, fork, shutdown
+//                                         dup, fcntl, ioctl, getsockname/peername, TCP_INFO,
+//                                         fork, shutdown
 //   socket_calls hang IP PORT             connects, sends half a message, then sleeps (to be
 //                                         killed)
 //   socket_calls refused IP PORT          a connect nobody accepts: SO_ERROR = ECONNREFUSED
@@ -297,10 +298,13 @@ int Client(const char* ip, int port, uint64_t bytes) {
   {
     TcpInfo ti{};
     socklen_t tl = sizeof(ti);
-    Check(getsockopt(s, IPPROTO_TCP, TCP_INFO, &ti, &tl) == 0 && tl == sizeof(ti) &&
-              ti.base.tcpi_state == TCP_ESTABLISHED && ti.base.tcpi_snd_mss > 0,
+    // (Called first: the message below reads what it filled in.)
+    const int rc = getsockopt(s, IPPROTO_TCP, TCP_INFO, &ti, &tl);
+    Check(rc == 0 && tl == sizeof(ti) && ti.base.tcpi_state == TCP_ESTABLISHED &&
+              ti.base.tcpi_snd_mss > 0,
           "getsockopt_tcp_info_established",
-          "state " + std::to_string(ti.base.tcpi_state) + ", len " + std::to_string(tl));
+          "rc " + std::to_string(rc) + ", state " + std::to_string(ti.base.tcpi_state) + ", len " +
+              std::to_string(tl));
   }
 
   // epoll interest changes as event loops make them: write interest toggled per request, and
