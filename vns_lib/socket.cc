@@ -143,6 +143,9 @@ class SocketImpl final : public VirtualSocket {
   void MaybeAdvertiseWindow();
   // A window update is due (the reader moved a quarter of rcvbuf past the last one sent).
   bool WindowOwed() const;
+  // The peer's live channels this socket may send on: the operator's map (or all, when what it
+  // names is gone), cut to SocketOptions::channels.
+  std::vector<std::shared_ptr<chan::Channel>> UsableChannels() const;
   void RefreshChannels();  // send_mu_ held
   // The active policy into *p, re-read only when its version moved (one load otherwise). Send
   // and Recv keep their own copy, each under its lock.
@@ -263,24 +266,30 @@ void SocketImpl::WaitChannels(const std::vector<std::shared_ptr<chan::Channel>>&
   }
 }
 
-void SocketImpl::RefreshChannels() {
-  const uint64_t pv = c_->peer->version(), mv = c_->map_version.load(std::memory_order_acquire);
-  if (pv == peer_version_ && mv == map_version_ && !chans_.empty()) return;
-  peer_version_ = pv;
-  map_version_ = mv;
-  chans_ = c_->peer->Live();
+std::vector<std::shared_ptr<chan::Channel>> SocketImpl::UsableChannels() const {
+  auto chans = c_->peer->Live();
   std::lock_guard g(c_->map_mu);
   if (!c_->channel_ids.empty()) {
-    auto mapped = chans_;
+    auto mapped = chans;
     std::erase_if(mapped, [&](const auto& ch) {
       return std::find(c_->channel_ids.begin(), c_->channel_ids.end(), ch->id()) ==
              c_->channel_ids.end();
     });
     // The operator's map names channels that are gone (scaled down): the socket uses the rest.
-    if (!mapped.empty()) chans_ = std::move(mapped);
+    if (!mapped.empty()) chans = std::move(mapped);
   }
-  if (channels_hint_ > 0 && static_cast<size_t>(channels_hint_) < chans_.size())
-    chans_.resize(channels_hint_);
+  if (channels_hint_ > 0 && static_cast<size_t>(channels_hint_) < chans.size())
+    chans.resize(channels_hint_);
+  return chans;
+}
+
+void SocketImpl::RefreshChannels() {
+  const uint64_t pv = c_->peer->version(), mv = c_->map_version.load(std::memory_order_acquire);
+  if (pv == peer_version_ && mv == map_version_ && !chans_.empty()) return;
+  peer_version_ = pv;
+  map_version_ = mv;
+  chans_ = UsableChannels();
+  std::lock_guard g(c_->map_mu);
   // Remembered for the dispatcher: if one of these fails, bytes this socket sent may be lost.
   for (const auto& ch : chans_)
     if (std::find(c_->tx_chans.begin(), c_->tx_chans.end(), ch.get()) == c_->tx_chans.end())
@@ -895,13 +904,7 @@ TransportInfo SocketImpl::Info() const {
   t.bytes_sent = c_->tx_bytes.load(std::memory_order_relaxed);
   t.bytes_received = c_->rx_bytes.load(std::memory_order_relaxed);
   if (!c_->peer) return t;
-  std::vector<uint32_t> ids;
-  {
-    std::lock_guard g(c_->map_mu);
-    ids = c_->channel_ids;
-  }
-  for (const auto& ch : c_->peer->Live()) {
-    if (!ids.empty() && std::find(ids.begin(), ids.end(), ch->id()) == ids.end()) continue;
+  for (const auto& ch : UsableChannels()) {
     const chan::ChannelStats cs = ch->stats();
     ++t.channels;
     t.srtt_us = std::max(t.srtt_us, cs.srtt_us);

@@ -215,24 +215,26 @@ TEST_F(PreloadTest, AServerRestartedAtOnceUnderTheSameInstanceServesAgain) {
   const std::string prog = kBin + "/test/socket_calls";
   const std::string sink = B() + " " + prog + " sink 198.18.0.2 7003 1";
   const std::string burst = "timeout 60 " + A() + " " + prog + " burst 198.18.0.2 7003 4000000";
+  // One client's burst to the running server, which then exits; all of it must have arrived.
+  const auto serve_and_exit = [&](Background& server) {
+    std::string out;
+    EXPECT_EQ(Shell(burst, &out), 0) << out;
+    EXPECT_EQ(server.Wait(30), 0) << server.Output();
+    EXPECT_TRUE(absl::StrContains(server.Output(), "ok burst_0_arrived_whole")) << server.Output();
+  };
   auto first = std::make_unique<Background>(sink, "/tmp/netch-preload-restart-0.log");
   ASSERT_TRUE(first->WaitFor("ready", 20)) << first->Output();
-  std::string out;
   for (int round = 1; round <= 3; ++round) {
     auto next = std::make_unique<Background>(
         sink, absl::StrFormat("/tmp/netch-preload-restart-%d.log", round));
     std::this_thread::sleep_for(std::chrono::milliseconds(200));  // it waits for the name now
-    EXPECT_EQ(Shell(burst, &out), 0) << out;
-    EXPECT_EQ(first->Wait(30), 0) << first->Output();
-    EXPECT_TRUE(absl::StrContains(first->Output(), "ok burst_0_arrived_whole")) << first->Output();
+    serve_and_exit(*first);
     ASSERT_TRUE(next->WaitFor("ready", 20)) << next->Output();
     ASSERT_TRUE(absl::StrContains(next->Output(), "ok listen"))
         << "round " << round << ": " << next->Output();
     first = std::move(next);
   }
-  EXPECT_EQ(Shell(burst, &out), 0) << out;
-  EXPECT_EQ(first->Wait(30), 0) << first->Output();
-  EXPECT_TRUE(absl::StrContains(first->Output(), "ok burst_0_arrived_whole")) << first->Output();
+  serve_and_exit(*first);
 }
 
 // B behind a router (testhosts --routed, one queue per link): with the default NETCH_ROUTE=iface
