@@ -653,20 +653,91 @@ void HandOverWatches() {
   if (g) g->stack->HandOverWatches();
 }
 
-// poll over kernel fds and virtual sockets: each virtual socket waits on its eventfds (read
-// side for POLLIN, write side for POLLOUT); what it reports comes from the socket itself.
+// The window an event loop's wait polls the stack before it sleeps (NextLoopPollWindow): one
+// per thread, shared by its poll/select and epoll_wait calls (a thread waits in one at a time).
+thread_local uint32_t t_loop_window_us = UINT32_MAX;  // (first wait: the whole window)
+
+// How long a wait that may sleep polls the stack first (0: it does not), and the stack it
+// polls. Always NETCH_BUSY_POLL_US when set; else the thread's loop window (NETCH_LOOP_POLL_US).
+netch::vns::Stack* LoopPollStack(const Config* cfg, bool may_sleep, int64_t* busy_us) {
+  *busy_us = 0;
+  if (!cfg || !may_sleep || g_child.load()) return nullptr;
+  *busy_us = cfg->busy_poll_us > 0
+                 ? cfg->busy_poll_us
+                 : std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us));
+  if (*busy_us <= 0) return nullptr;
+  std::lock_guard l(g_init_mu);
+  return g ? g->stack.get() : nullptr;
+}
+
+// A wait that returns events: its loop window follows what polling caught, and the thread's
+// next wait polls (unless its timeout is 0: then it hands the watches over).
+void EndLoopWait(const Config* cfg, int timeout_sign, int64_t call_start, bool got,
+                 bool ever_slept) {
+  if (!cfg || g_child.load()) return;
+  if (timeout_sign != 0 && cfg->loop_poll_us > 0)  // (a look without waiting tells nothing)
+    t_loop_window_us = netch::preload::NextLoopPollWindow(
+        t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us),
+        static_cast<uint64_t>(NowNs() - call_start) / 1000, got, ever_slept);
+  MarkLoopPollsOnWait(
+      cfg->busy_poll_us > 0 ||
+      std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us)) > 0);
+}
+
+// Between the rounds of a wait that polls (since `start_ns`): a spinner sharing this core may run.
+void SpinPause(int64_t start_ns) {
+  thread_local netch::chan::PollYielder yielder;
+  const int64_t now = NowNs();
+  yielder.MaybeYield(static_cast<uint64_t>(now / 1000),
+                     static_cast<uint64_t>((now - start_ns) / 1000));
+}
+
+// The input of the stack's engines borrowed by a thread about to sleep in a wait (see
+// epoll_pwait), returned before the wait returns.
+struct WaitLoans {
+  netch::chan::InputLoan l[kMaxLoans];
+  size_t n = 0;
+  int idle_left = kLoanWakeupsWithoutEvents;
+  void Borrow(const Config* cfg) {
+    if (n > 0 || idle_left <= 0 || !cfg || !cfg->receive_inline || g_child.load()) return;
+    std::lock_guard gl(g_init_mu);
+    if (g) n = g->stack->BorrowInputs(l);
+    if (n == 0) idle_left = 0;  // nothing to borrow: sleep as usual
+  }
+  // After a wakeup that brought the waiter nothing: too many, and the loans go back.
+  void Idle() {
+    if (--idle_left > 0) return;
+    ReturnAll();
+  }
+  void ReturnAll() {
+    for (size_t i = 0; i < n; ++i) l[i].Return();
+    n = 0;
+  }
+  ~WaitLoans() { ReturnAll(); }
+};
+
+// poll over kernel fds and virtual sockets. Like epoll_wait: an event loop's wait first polls
+// the stack on this thread (its engines' and dispatcher's rounds) for its loop window, looking
+// at the virtual sockets' state (and the kernel fds without sleeping); then it sleeps on each
+// virtual socket's eventfds (read side for POLLIN, write side for POLLOUT), armed only for the
+// sleep, beside the borrowed input of the engines — an arrival wakes this thread, which runs
+// the round itself, instead of an engine thread that then wakes it (libmemcached's clients wait
+// for each reply in poll()). What it reports comes from the sockets themselves.
 int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
   // The loop is back to wait: what its last pass wrote leaves now (DeferTransmitScope), and
-  // nothing polls on its behalf while it waits here.
+  // nothing polls on its behalf while it waits here unless this wait does.
   netch::chan::FlushDeferredTransmit();
-  if (TakeLoopMark()) HandOverWatches();
+  const bool marked = TakeLoopMark();
   bool any = false;
   for (nfds_t i = 0; i < n; ++i) {
     const uint8_t k = Kind(fds[i].fd);
     any |= k & kVirtual;
     if (k & kEpollFd) EpollWaitedFromOutside(fds[i].fd);
   }
-  if (!any) return REAL(ppoll)(fds, n, tmo, mask);
+  if (!any) {
+    if (marked) HandOverWatches();
+    return REAL(ppoll)(fds, n, tmo, mask);
+  }
   if (g_child.load()) {
     for (nfds_t i = 0; i < n; ++i)
       if (Kind(fds[i].fd) & kVirtual) fds[i].revents = POLLNVAL;
@@ -675,38 +746,106 @@ int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
   thread_local std::vector<std::shared_ptr<Entry>> ents;
   k.clear();
   ents.assign(n, nullptr);
+  size_t kernel_fds = 0;
   // The references go when poll returns: a socket the program closes next must close then, not
   // at this thread's next poll.
   struct Release {
-    ~Release() {
+    bool armed = false;
+    void Arm(bool on) {
+      if (on == armed) return;
+      armed = on;
       for (auto& e : ents)
-        if (e) e->vs->EndWait();
+        if (e) on ? e->vs->BeginWait() : e->vs->EndWait();
+    }
+    ~Release() {
+      Arm(false);
       ents.clear();
     }
   } release;
   for (nfds_t i = 0; i < n; ++i) {
     if (!g_child.load() && (ents[i] = Virt(fds[i].fd))) {
       const Entry& e = *ents[i];
-      e.vs->BeginWait();  // its eventfds follow it until we return; looked at before sleeping
       if (fds[i].events & (POLLIN | POLLRDNORM | POLLRDHUP | POLLPRI))
         k.push_back({e.vs->fd(), POLLIN, 0});
       if (fds[i].events & (POLLOUT | POLLWRNORM)) k.push_back({e.vs->write_fd(), POLLIN, 0});
     } else if (!(Kind(fds[i].fd) & kVirtual)) {
       k.push_back(fds[i]);
+      ++kernel_fds;
     }
   }
-  const int64_t deadline = tmo ? NowNs() + tmo->tv_sec * 1000000000ll + tmo->tv_nsec : -1;
+  const int64_t call_start = NowNs();
+  const int64_t deadline = tmo ? call_start + tmo->tv_sec * 1000000000ll + tmo->tv_nsec : -1;
+  const bool may_sleep = !tmo || tmo->tv_sec > 0 || tmo->tv_nsec > 0;
+  const Config* cfg = Cfg();
+  int64_t busy_us = 0;
+  netch::vns::Stack* busy_stack = LoopPollStack(cfg, may_sleep, &busy_us);
+  const int64_t busy_end = call_start + busy_us * 1000ll;
+  if (marked && !busy_stack) HandOverWatches();  // (a polling wait checks them in its rounds)
+  bool ever_slept = false;
+  WaitLoans loans;
   for (;;) {
+    bool spinning = false;
+    if (busy_stack) {
+      const int64_t now = NowNs();
+      if (now < busy_end && (deadline < 0 || now < deadline)) {
+        busy_stack->PollInline(static_cast<uint64_t>(busy_us));
+        spinning = true;
+      } else {
+        busy_stack->EndPollInline();  // about to sleep: the stack's threads take over
+        busy_stack->HandOverWatches();
+        busy_stack = nullptr;
+      }
+    }
     int ready = 0;
     for (nfds_t i = 0; i < n; ++i)
       if (ents[i] && VRevents(*ents[i], fds[i].events)) ++ready;
     timespec left{0, 0};
-    if (ready == 0 && deadline >= 0) {
+    // (A fork child's virtual sockets are POLLNVAL: reported at once.)
+    bool sleep = may_sleep && !spinning && ready == 0 && !g_child.load();
+    if (sleep && deadline >= 0) {
       const int64_t ns = std::max<int64_t>(0, deadline - NowNs());
       left = {static_cast<time_t>(ns / 1000000000), static_cast<long>(ns % 1000000000)};
+      sleep = ns > 0;  // (at the deadline: one last look)
     }
-    const int rc = REAL(ppoll)(k.data(), k.size(), ready || deadline >= 0 ? &left : nullptr, mask);
+    // Announced, then looked at again, then slept on: an arrival between the look and the sleep
+    // raises the eventfd.
+    if (sleep) {
+      release.Arm(true);
+      for (nfds_t i = 0; i < n; ++i)
+        if (ents[i] && VRevents(*ents[i], fds[i].events)) ++ready;
+    }
+    const bool sleeping = sleep && ready == 0;
+    if (!sleeping) left = {0, 0};
+    int rc = 0;
+    bool loan_woke = false;
+    if (sleeping) {
+      ever_slept = true;
+      loans.Borrow(cfg);
+      const size_t nk = k.size();
+      for (size_t i = 0; i < loans.n; ++i) k.push_back({loans.l[i].fd(), POLLIN, 0});
+      rc = REAL(ppoll)(k.data(), k.size(), deadline >= 0 ? &left : nullptr, mask);
+      const int err = errno;
+      for (size_t i = 0; i < loans.n; ++i) {
+        if (!k[nk + i].revents) continue;
+        loan_woke = true;
+        if (rc > 0) --rc;
+      }
+      if (loan_woke) {
+        // Awake before the rounds run: the sockets they fill are this thread's to read
+        // (armed, each delivery would write its eventfd for a thread that is already up).
+        release.Arm(false);
+        for (size_t i = 0; i < loans.n; ++i)
+          if (k[nk + i].revents) (void)loans.l[i].Run();
+      }
+      k.resize(nk);
+      errno = err;
+    } else if (kernel_fds > 0) {
+      rc = REAL(ppoll)(k.data(), k.size(), &left, mask);  // a look, no sleep
+    } else {
+      for (pollfd& p : k) p.revents = 0;
+    }
     if (rc < 0) return -1;
+    release.Arm(false);
     int count = 0;
     size_t j = 0;
     for (nfds_t i = 0; i < n; ++i) {
@@ -719,8 +858,15 @@ int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
       }
       if (fds[i].revents) ++count;
     }
-    if (count > 0 || (deadline >= 0 && NowNs() >= deadline)) return count;
-    // Woken by an eventfd whose socket has nothing for these events after all: wait again.
+    const bool timed_out = deadline >= 0 && NowNs() >= deadline;
+    if (count > 0 || timed_out || (!may_sleep && !spinning)) {
+      EndLoopWait(cfg, may_sleep ? 1 : 0, call_start, count > 0, ever_slept);
+      return count;
+    }
+    // Woken by an eventfd whose socket has nothing for these events after all, or by a loan
+    // whose round brought this wait nothing: wait again.
+    if (loan_woke) loans.Idle();
+    if (spinning) SpinPause(call_start);
   }
 }
 
@@ -1600,22 +1746,12 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
   // NETCH_BUSY_POLL_US; by default (NETCH_LOOP_POLL_US) for as long as polling has been
   // catching this loop's events (NextLoopPollWindow), so a loop whose events come far apart,
   // or none, sleeps at once and costs nothing.
-  thread_local uint32_t t_loop_window_us = UINT32_MAX;  // (first wait: the whole window)
   const Config* cfg = Cfg();
-  netch::vns::Stack* busy_stack = nullptr;
   const int64_t call_start = NowNs();
   bool ever_slept = false;
-  int64_t busy_start = 0, busy_end = 0, busy_us = 0;
-  if (cfg)
-    busy_us = cfg->busy_poll_us > 0
-                  ? cfg->busy_poll_us
-                  : std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us));
-  if (busy_us > 0 && timeout != 0 && !g_child.load()) {
-    std::lock_guard l(g_init_mu);
-    if (g) busy_stack = g->stack.get();
-    busy_start = NowNs();
-    busy_end = busy_start + busy_us * 1000ll;
-  }
+  int64_t busy_us = 0;
+  netch::vns::Stack* busy_stack = LoopPollStack(cfg, timeout != 0, &busy_us);
+  const int64_t busy_end = call_start + busy_us * 1000ll;
   if (marked && !busy_stack) HandOverWatches();  // (a polling wait checks them in its rounds)
   // Run to completion without busy polling (NETCH_RECEIVE_INLINE): a thread about to sleep
   // borrows the input of the stack's engines and sleeps on it beside the set; an arrival wakes
@@ -1623,14 +1759,7 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
   // sockets, which raise the set — instead of waking the engine, whose round then wakes us. The
   // loans go back before we return. Wakeups that keep bringing nothing for this set (another
   // thread's sockets, a round the engine was running) end the loans for the rest of the call.
-  struct Loans {
-    netch::chan::InputLoan l[kMaxLoans];
-    size_t n = 0;
-    int idle_left = kLoanWakeupsWithoutEvents;
-    ~Loans() {
-      for (size_t i = 0; i < n; ++i) l[i].Return();
-    }
-  } loans;
+  WaitLoans loans;
   for (;;) {
     int left = -1;
     // Rounded up: a kernel wait that times out has reached the deadline (the check below).
@@ -1667,12 +1796,7 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
       }
     }
     int rc = 0;
-    if (slept && loans.n == 0 && loans.idle_left > 0 && cfg && cfg->receive_inline &&
-        !g_child.load()) {
-      std::lock_guard gl(g_init_mu);
-      if (g) loans.n = g->stack->BorrowInputs(loans.l);
-      if (loans.n == 0) loans.idle_left = 0;  // nothing to borrow: sleep as usual
-    }
+    if (slept) loans.Borrow(cfg);
     if (slept && loans.n > 0) {
       pollfd p[1 + kMaxLoans];
       p[0] = {epfd, POLLIN, 0};
@@ -1738,27 +1862,11 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
     // round for another set) waits again — returning 0 early is a timeout the program never
     // asked for (a server that takes it at its word stops serving).
     if (n > 0 || (deadline >= 0 && NowNs() >= deadline)) {
-      if (timeout != 0 && cfg && cfg->loop_poll_us > 0)  // (a look without waiting tells nothing)
-        t_loop_window_us = netch::preload::NextLoopPollWindow(
-            t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us),
-            static_cast<uint64_t>(NowNs() - call_start) / 1000, n > 0, ever_slept);
-      // The next wait polls (unless its timeout is 0: then it hands the watches over).
-      if (cfg && !g_child.load())
-        MarkLoopPollsOnWait(
-            cfg->busy_poll_us > 0 ||
-            std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us)) > 0);
+      EndLoopWait(cfg, timeout, call_start, n > 0, ever_slept);
       return n;
     }
-    if (loan_woke && --loans.idle_left == 0) {
-      for (size_t i = 0; i < loans.n; ++i) loans.l[i].Return();
-      loans.n = 0;
-    }
-    if (spinning) {
-      thread_local netch::chan::PollYielder yielder;  // a spinner sharing this core may run
-      const int64_t now = NowNs();
-      yielder.MaybeYield(static_cast<uint64_t>(now / 1000),
-                         static_cast<uint64_t>((now - busy_start) / 1000));
-    }
+    if (loan_woke) loans.Idle();
+    if (spinning) SpinPause(call_start);
   }
 }
 

@@ -22,6 +22,9 @@
 //   socket_calls burst IP PORT BYTES      sends BYTES in two bursts 100 ms apart, closes and exits
 //                                         at once: what it wrote must still arrive (the stack's
 //                                         linger at exit)
+//   socket_calls pingpong IP PORT ROUNDS  ROUNDS 64-byte messages to an echo server, each reply
+//                                         awaited in poll() on a non-blocking socket (the way
+//                                         libmemcached's clients wait), checked, then the next
 #include <arpa/inet.h>
 #include <fcntl.h>
 #include <netinet/in.h>
@@ -556,6 +559,38 @@ int Burst(const char* ip, int port, uint64_t bytes) {
   return 0;
 }
 
+int64_t NowMs();
+
+int Pingpong(const char* ip, int port, int rounds) {
+  const int s = ConnectBlocking(ip, port);
+  if (s < 0) return 1;
+  fcntl(s, F_SETFL, fcntl(s, F_GETFL) | O_NONBLOCK);
+  const int one = 1;
+  setsockopt(s, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+  uint8_t msg[64], got[64];
+  const int64_t t0 = NowMs();
+  bool ok = true;
+  int r = 0;
+  for (; r < rounds && ok; ++r) {
+    for (size_t i = 0; i < sizeof(msg); ++i) msg[i] = static_cast<uint8_t>(r * 7 + i);
+    ok = write(s, msg, sizeof(msg)) == static_cast<ssize_t>(sizeof(msg));
+    size_t have = 0;
+    while (ok && have < sizeof(got)) {
+      pollfd p{s, POLLIN, 0};
+      ok = poll(&p, 1, 5000) == 1 && (p.revents & POLLIN);
+      const ssize_t n = ok ? read(s, got + have, sizeof(got) - have) : -1;
+      if (n > 0) have += static_cast<size_t>(n);
+      ok = ok && (n > 0 || (n < 0 && errno == EAGAIN));
+    }
+    ok = ok && std::memcmp(msg, got, sizeof(msg)) == 0;
+  }
+  Check(ok, "pingpong_replies_awaited_in_poll",
+        "round " + std::to_string(r) + " of " + std::to_string(rounds));
+  close(s);
+  std::printf("pingpong %d rounds in %lld ms\n", r, static_cast<long long>(NowMs() - t0));
+  return g_failures;
+}
+
 int Refused(const char* ip, int port) {
   bool inprogress = false;
   const int s = Connect(ip, port, &inprogress);
@@ -616,9 +651,10 @@ int FailsWith(const char* ip, int port, int want, const std::string& want_name) 
 
 int main(int argc, char** argv) {
   if (argc < 4) {
-    std::fprintf(stderr,
-                 "usage: socket_calls server|client|hang|refused|timeout|unreachable|sink|burst IP "
-                 "PORT [N]\n");
+    std::fprintf(
+        stderr,
+        "usage: socket_calls server|client|hang|refused|timeout|unreachable|sink|burst|pingpong IP "
+        "PORT [N]\n");
     return 2;
   }
   const std::string mode = argv[1];
@@ -628,11 +664,13 @@ int main(int argc, char** argv) {
   if (mode == "hang") return Hang(argv[2], port);
   if (mode == "sink" && argc == 5) return Sink(argv[2], port, std::atoi(argv[4]));
   if (mode == "burst" && argc == 5) return Burst(argv[2], port, std::strtoull(argv[4], 0, 10));
+  if (mode == "pingpong" && argc == 5) return Pingpong(argv[2], port, std::atoi(argv[4]));
   if (mode == "refused") return Refused(argv[2], port);
   if (mode == "timeout") return FailsWith(argv[2], port, ETIMEDOUT, "etimedout");
   if (mode == "unreachable") return FailsWith(argv[2], port, EHOSTUNREACH, "ehostunreach");
-  std::fprintf(stderr,
-               "usage: socket_calls server|client|hang|refused|timeout|unreachable|sink|burst IP "
-               "PORT [N]\n");
+  std::fprintf(
+      stderr,
+      "usage: socket_calls server|client|hang|refused|timeout|unreachable|sink|burst|pingpong IP "
+      "PORT [N]\n");
   return 2;
 }

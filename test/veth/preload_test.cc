@@ -182,6 +182,30 @@ TEST_F(PreloadTest, AnOrdinarySocketProgramServesSuccessiveKilledAndRefusedClien
   EXPECT_TRUE(absl::StrContains(server.Output(), "server done: 3 clients")) << server.Output();
 }
 
+// A client that waits for each reply in poll() on a non-blocking socket (libmemcached's way)
+// polls the stack on that thread, as an event loop's epoll_wait does: before, its waits slept on
+// the socket's eventfd and every reply passed through the stack's threads first (memcslap at
+// half kernel TCP's rate). The client's own stack counts the dispatcher rounds its threads ran.
+TEST_F(PreloadTest, AClientWaitingInPollRunsTheStackOnItsOwnThread) {
+  const std::string prog = kBin + "/test/socket_calls";
+  Background server(B() + " " + prog + " server 198.18.0.2 7003 1", "/tmp/netch-preload-pp.log");
+  ASSERT_TRUE(server.WaitFor("ready", 20)) << server.Output();
+  std::string out;
+  EXPECT_EQ(Shell("timeout 60 " + Netchrun(hosts_.ns_a(), TestHosts::kDevA, "-v") + " " + prog +
+                      " pingpong 198.18.0.2 7003 2000",
+                  &out),
+            0)
+      << out;
+  EXPECT_TRUE(absl::StrContains(out, "ok pingpong_replies_awaited_in_poll")) << out;
+  unsigned long long inline_rounds = 0;
+  const size_t at = out.find("through the dispatcher (");
+  ASSERT_NE(at, std::string::npos) << out;
+  ASSERT_EQ(std::sscanf(out.c_str() + at, "through the dispatcher (%llu", &inline_rounds), 1)
+      << out;
+  EXPECT_GT(inline_rounds, 0u) << out;
+  EXPECT_EQ(server.Wait(30), 0) << server.Output();
+}
+
 // A program that writes and exits at once (no wait for its peer) relies on the stack's linger at
 // exit: what it wrote must arrive whole. The second burst goes into channels the pause let go
 // idle, and is several transport windows long, so it is still on its way when the program
