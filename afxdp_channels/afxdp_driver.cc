@@ -1109,7 +1109,8 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   }
   // A small write held open (autocork): out once the channel has nothing unacknowledged.
   if (ch.has_open())
-    worked |= ch.FlushOpen(now, t.send_queue_packets() == 0 && ch.txq_.EmptyApprox(), deadline);
+    worked |= ch.FlushOpen(now, t.send_queue_packets() == 0 && ch.txq_.EmptyApprox(),
+                           RoundFlushesOpen(), deadline);
   // New segments from the producer, as far as the transport's window has slots — all of them,
   // not a batch per round: an event loop's pass queues a segment for each of its sockets, and
   // what stays in txq_ holds send slots counted as full (the refill below).

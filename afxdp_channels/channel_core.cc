@@ -247,14 +247,15 @@ bool ChannelCore::CoalesceLocked(const TxSegment& s) {
   if (len) std::memcpy(BufAddr(tok) + wire::kSegHdrLen, src, len);
   open_since_us_.store(NowUs(), std::memory_order_relaxed);
   open_pending_.store(true, std::memory_order_release);
+  NoteOpenSegment(engine());
   if (open_.len >= full) (void)CommitOpenLocked();
   return true;
 }
 
-bool ChannelCore::FlushOpen(uint64_t now_us, bool idle, uint64_t* deadline_us) {
+bool ChannelCore::FlushOpen(uint64_t now_us, bool idle, bool now, uint64_t* deadline_us) {
   if (!open_pending_.load(std::memory_order_acquire)) return false;
   const uint64_t since = open_since_us_.load(std::memory_order_relaxed);
-  const uint64_t due = since + (idle ? kCorkIdleUs : kCorkHoldUs);
+  const uint64_t due = now ? 0 : since + (idle ? kCorkIdleUs : kCorkHoldUs);
   if (now_us < due) {
     *deadline_us = std::min(*deadline_us, due);
     return false;

@@ -109,7 +109,8 @@ class ChannelCore : public Channel {
   // unacknowledged: Nagle) and it is kCorkIdleUs old — a streaming writer fills it meanwhile —
   // or when it has been held kCorkHoldUs; lowers *deadline_us to when it must look again. Never
   // blocks: a producer holding the lock defers it by a few µs.
-  bool FlushOpen(uint64_t now_us, bool idle, uint64_t* deadline_us);
+  // With `now` (a waiting event loop asked for it, RoundFlushesOpen) it commits at once.
+  bool FlushOpen(uint64_t now_us, bool idle, bool now, uint64_t* deadline_us);
   bool has_open() const { return open_pending_.load(std::memory_order_acquire); }
 
   // The task whose engine runs this channel; producers wake it after queuing.

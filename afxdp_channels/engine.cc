@@ -49,6 +49,10 @@ thread_local bool t_flushes = false;
 constexpr int kMaxDeferred = 8;
 thread_local Engine* t_deferred[kMaxDeferred];
 thread_local int t_ndeferred = 0;
+// Engines whose channels hold a segment this thread left open (NoteOpenSegment), until its flush.
+thread_local Engine* t_opened[kMaxDeferred];
+thread_local int t_nopened = 0;
+thread_local bool t_round_flushes_open = false;  // the round on this thread commits open segments
 // The engine whose round this thread runs for a producer or a poller, and whether that round
 // queued work for the engine itself. No round runs inside another: a DeliveryHook holds locks
 // another engine's round would try_lock again on the same thread.
@@ -81,10 +85,31 @@ DeferTransmitScope::~DeferTransmitScope() { t_defer -= t_defer > 0; }
 
 void FlushDeferredTransmit() {
   t_flushes = true;
+  // Open segments first: the deferred rounds below (or a poller's, or the engine's own next
+  // round) commit them. An engine with nothing deferred gets a round here too when it sleeps.
+  for (int i = 0, n = std::exchange(t_nopened, 0); i < n; ++i) {
+    Engine* e = t_opened[i];
+    e->RequestOpenFlush();
+    bool deferred = false;
+    for (int j = 0; j < t_ndeferred && !deferred; ++j) deferred = t_deferred[j] == e;
+    if (!deferred && t_ndeferred < kMaxDeferred)
+      t_deferred[t_ndeferred++] = e;
+    else if (!deferred)
+      e->Wake();
+  }
   // (Taken first: a flush's round may defer again — it does not, it runs with t_round_engine.)
   const int n = std::exchange(t_ndeferred, 0);
   for (int i = 0; i < n; ++i) t_deferred[i]->TransmitInline(/*reaim=*/true);
 }
+
+void NoteOpenSegment(Engine* e) {
+  if (!t_flushes || e == nullptr) return;
+  for (int i = 0; i < t_nopened; ++i)
+    if (t_opened[i] == e) return;
+  if (t_nopened < kMaxDeferred) t_opened[t_nopened++] = e;  // (else: kCorkIdleUs as ever)
+}
+
+bool RoundFlushesOpen() { return t_round_flushes_open; }
 
 void EngineTask::Wake() {
   Engine* e = engine.load(std::memory_order_acquire);
@@ -418,7 +443,11 @@ void Engine::Resume() {
 bool Engine::RunTasks(uint64_t now_us, uint64_t* deadline_us) {
   last_round_us_ = now_us;
   bool worked = false;
+  const bool flush_open = flush_open_.load(std::memory_order_relaxed) &&
+                          flush_open_.exchange(false, std::memory_order_acquire);
+  const bool outer = std::exchange(t_round_flushes_open, flush_open);
   for (EngineTask* t : tasks_) worked |= t->Run(now_us, deadline_us);
+  t_round_flushes_open = outer;
   return worked;
 }
 

@@ -99,6 +99,11 @@ class Engine {
   // tasks' fds while loans are out (one epoll_ctl on the first and the last, no wakeup); the
   // borrowers poll input_fd_, an epoll set of those fds, and run the rounds.
   InputLoan BorrowInput();
+  // An event loop left a small write open (coalescing) on one of this engine's channels and is
+  // about to wait, likely for the answer: the engine's next round, on whatever thread runs it,
+  // commits its channels' open segments at once (ChannelCore::FlushOpen's `now`), as a blocking
+  // reader's Channel::Flush does, instead of after kCorkIdleUs (NoteOpenSegment).
+  void RequestOpenFlush() { flush_open_.store(true, std::memory_order_release); }
 
   int index() const { return index_; }
   int core() const { return core_; }
@@ -174,13 +179,23 @@ class Engine {
   std::mutex round_mu_;
   std::vector<EngineTask*> tasks_;  // guarded by round_mu_ (changed by the engine thread only)
   std::atomic<uint64_t> stand_down_until_us_{0};
-  uint64_t last_round_us_ = 0;  // guarded by round_mu_: the clock a round last ran with
+  std::atomic<bool> flush_open_{false};  // RequestOpenFlush, taken by the next round
+  uint64_t last_round_us_ = 0;           // guarded by round_mu_: the clock a round last ran with
   // guarded by round_mu_: when the sleeping engine wakes by itself (sleep timeout or timer_fd_);
   // UINT64_MAX while it is awake.
   uint64_t wake_at_us_ = UINT64_MAX;
   uint64_t own_wake_at_us_ = UINT64_MAX;  // guarded by round_mu_: the sleep's own timeout
   bool timer_armed_ = false;              // guarded by round_mu_
 };
+
+// A producer left a segment open for coalescing on a channel `e` runs: on a thread that
+// flushes (an event loop), its next FlushDeferredTransmit asks the engine to commit it at once —
+// the loop is about to wait, most likely for the answer to what it wrote (TCP's Nagle would
+// send it now: the channel is idle; an engine round would hold it kCorkIdleUs). A no-op on
+// other threads.
+void NoteOpenSegment(Engine* e);
+// Whether the round running on this thread commits open segments now (Engine::RequestOpenFlush).
+bool RoundFlushesOpen();
 
 // A driver's engines: opts.engines threads, engine i pinned to opts.cores[i] when given.
 absl::StatusOr<std::vector<std::unique_ptr<Engine>>> StartEngines(const DriverOptions& opts);

@@ -393,7 +393,7 @@ TEST(ChannelCoreTest, OnlyContiguousBytesOfTheSameSocketAreMerged) {
   const TxSegment segs[] = {Small(1, 0, p), Small(2, 100, p), Small(2, 500, p), Small(2, 600, p)};
   ASSERT_EQ(*ch.Enqueue(segs), 4u);
   uint64_t deadline = UINT64_MAX;
-  EXPECT_TRUE(ch.FlushOpen(NowUs() + kCorkIdleUs, /*idle=*/true, &deadline));
+  EXPECT_TRUE(ch.FlushOpen(NowUs() + kCorkIdleUs, /*idle=*/true, /*now=*/false, &deadline));
   auto got = Drain(ch);
   ASSERT_EQ(got.size(), 3u);  // socket 1; socket 2 at 100; socket 2 at 500..700 merged
   EXPECT_EQ(got[0].hdr.src_port, 1);
@@ -417,14 +417,27 @@ TEST(ChannelCoreTest, AHeldWriteLeavesWhenTheChannelIdlesOrAfterTheHoldTime) {
   ASSERT_EQ(*ch.Enqueue({&s, 1}), 1u);
   const uint64_t t1 = NowUs();
   uint64_t deadline = UINT64_MAX;
-  EXPECT_FALSE(ch.FlushOpen(t0, /*idle=*/false, &deadline)) << "busy and young: held";
+  EXPECT_FALSE(ch.FlushOpen(t0, /*idle=*/false, /*now=*/false, &deadline))
+      << "busy and young: held";
   EXPECT_LE(deadline, t1 + kCorkHoldUs);
-  EXPECT_FALSE(ch.FlushOpen(t0, /*idle=*/true, &deadline)) << "idle, but a writer may add more";
+  EXPECT_FALSE(ch.FlushOpen(t0, /*idle=*/true, /*now=*/false, &deadline))
+      << "idle, but a writer may add more";
   EXPECT_LE(deadline, t1 + kCorkIdleUs);
   EXPECT_TRUE(Drain(ch).empty());
-  EXPECT_TRUE(ch.FlushOpen(t1 + kCorkHoldUs + 1, /*idle=*/false, &deadline)) << "held long enough";
+  EXPECT_TRUE(ch.FlushOpen(t1 + kCorkHoldUs + 1, /*idle=*/false, /*now=*/false, &deadline))
+      << "held long enough";
   auto got = Drain(ch);
   ASSERT_EQ(got.size(), 1u);
+  ch.Release(got);
+  // An event loop about to wait asked the engine's round to commit it (RoundFlushesOpen): at
+  // once, busy or idle.
+  const TxSegment next = Small(1, 100, p);
+  const uint64_t t2 = NowUs();
+  ASSERT_EQ(*ch.Enqueue({&next, 1}), 1u);
+  EXPECT_TRUE(ch.FlushOpen(t2, /*idle=*/false, /*now=*/true, &deadline)) << "the loop waits";
+  got = Drain(ch);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].hdr.seq, 100u);
   ch.Release(got);
   // A writer about to wait for a reply flushes.
   const TxSegment rpc = Small(1, 100, p);

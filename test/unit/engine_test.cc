@@ -268,6 +268,58 @@ TEST(EngineTest, ADeferredWriteWhoseLoopDoesNotComeBackLeavesOnTheEnginesTimer) 
   e.Remove(&t);
 }
 
+// A task that records whether each round asked it to commit open segments (RoundFlushesOpen).
+class OpenTask : public EngineTask {
+ public:
+  std::atomic<int> rounds{0}, flushing_rounds{0};
+  std::atomic<std::thread::id> flushed_on{};
+  bool Run(uint64_t, uint64_t*) override {
+    rounds++;
+    if (RoundFlushesOpen()) {
+      flushing_rounds++;
+      flushed_on = std::this_thread::get_id();
+    }
+    return false;
+  }
+  int wait_fd() const override { return -1; }
+};
+
+TEST(EngineTest, AnEventLoopsOpenSegmentIsCommittedByTheRoundItsWaitRuns) {
+  // A loop's small write left a segment open (coalescing) on a channel of this engine: its next
+  // wait asks for it to leave at once — one round, on the loop's own thread when the engine
+  // sleeps — instead of after kCorkIdleUs.
+  Engine e(0, -1, "", absl::ZeroDuration());
+  ASSERT_TRUE(e.Start().ok());
+  OpenTask t;
+  e.Add(&t);
+  FlushDeferredTransmit();  // this thread is a loop's
+  for (int i = 0; i < 5; ++i) {
+    AwaitSleep(e);
+    const int before = t.flushing_rounds.load();
+    NoteOpenSegment(&e);
+    FlushDeferredTransmit();
+    for (int k = 0; k < 5000 && t.flushing_rounds.load() == before; ++k)
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    EXPECT_EQ(t.flushing_rounds.load(), before + 1) << "round " << i;
+    EXPECT_EQ(t.flushed_on.load(), std::this_thread::get_id()) << "round " << i;
+  }
+  // Asked once, committed once: the engine's own rounds after it hold segments as usual.
+  const int flushed = t.flushing_rounds.load();
+  e.Wake();
+  for (int k = 0; k < 50; ++k) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  EXPECT_EQ(t.flushing_rounds.load(), flushed);
+  // Not a loop's thread: nothing is asked.
+  std::thread([&] {
+    NoteOpenSegment(&e);
+    FlushDeferredTransmit();  // (its first: it did not flush when the segment opened)
+  }).join();
+  FlushDeferredTransmit();
+  e.Wake();
+  for (int k = 0; k < 50; ++k) std::this_thread::sleep_for(std::chrono::microseconds(200));
+  EXPECT_EQ(t.flushing_rounds.load(), flushed);
+  e.Remove(&t);
+}
+
 TEST(EngineTest, AThreadThatNeverFlushesDoesNotDefer) {
   Engine e(0, -1, "", absl::ZeroDuration());
   ASSERT_TRUE(e.Start().ok());
