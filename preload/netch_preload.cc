@@ -657,18 +657,59 @@ void HandOverWatches() {
 // per thread, shared by its poll/select and epoll_wait calls (a thread waits in one at a time).
 thread_local uint32_t t_loop_window_us = UINT32_MAX;  // (first wait: the whole window)
 
-// How long a wait that may sleep polls the stack first (0: it does not), and the stack it
-// polls. Always NETCH_BUSY_POLL_US when set; else the thread's loop window (NETCH_LOOP_POLL_US).
-netch::vns::Stack* LoopPollStack(const Config* cfg, bool may_sleep, int64_t* busy_us) {
-  *busy_us = 0;
-  if (!cfg || !may_sleep || g_child.load()) return nullptr;
-  *busy_us = cfg->busy_poll_us > 0
-                 ? cfg->busy_poll_us
-                 : std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us));
-  if (*busy_us <= 0) return nullptr;
-  std::lock_guard l(g_init_mu);
-  return g ? g->stack.get() : nullptr;
-}
+// Threads of this process polling the stack in a wait right now (LoopPoll): at most one. On
+// these 2-core hosts eight memcslap client threads all polling in poll() took 5.6 s for what
+// they did in 3.1-3.5 s sleeping — each spun its window on a core the others needed. The one
+// that polls delivers for all: the others sleep on their sockets' eventfds.
+std::atomic<int> g_loop_pollers{0};
+
+// A wait's polling of the stack before it sleeps: up to `us` (NETCH_BUSY_POLL_US when set, else
+// the thread's loop window, NETCH_LOOP_POLL_US), only while no other thread of the process polls.
+class LoopPoll {
+ public:
+  LoopPoll(const Config* cfg, bool may_sleep, int64_t start_ns) {
+    if (!cfg || !may_sleep || g_child.load()) return;
+    us_ = cfg->busy_poll_us > 0
+              ? cfg->busy_poll_us
+              : std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us));
+    if (us_ <= 0) return;
+    if (g_loop_pollers.fetch_add(1, std::memory_order_acq_rel) != 0) {
+      g_loop_pollers.fetch_sub(1, std::memory_order_relaxed);
+      return;
+    }
+    std::lock_guard l(g_init_mu);
+    stack_ = g ? g->stack.get() : nullptr;
+    if (!stack_) g_loop_pollers.fetch_sub(1, std::memory_order_relaxed);
+    end_ns_ = start_ns + us_ * 1000ll;
+  }
+  ~LoopPoll() { Release(); }
+  LoopPoll(const LoopPoll&) = delete;
+  LoopPoll& operator=(const LoopPoll&) = delete;
+  bool polling() const { return stack_ != nullptr; }
+  // One round of the stack on this thread while the window is open (true); at its end, the
+  // stack's threads take the work over (and this thread may sleep): false from then on. A wait
+  // that returns while polling leaves the engines stood down: the loop comes back within µs.
+  bool Round(int64_t deadline_ns) {
+    if (!stack_) return false;
+    const int64_t now = NowNs();
+    if (now < end_ns_ && (deadline_ns < 0 || now < deadline_ns)) {
+      stack_->PollInline(static_cast<uint64_t>(us_));
+      return true;
+    }
+    stack_->EndPollInline();
+    stack_->HandOverWatches();
+    Release();
+    return false;
+  }
+
+ private:
+  void Release() {
+    if (stack_) g_loop_pollers.fetch_sub(1, std::memory_order_release);
+    stack_ = nullptr;
+  }
+  netch::vns::Stack* stack_ = nullptr;
+  int64_t us_ = 0, end_ns_ = 0;
+};
 
 // A wait that returns events: its loop window follows what polling caught, and the thread's
 // next wait polls (unless its timeout is 0: then it hands the watches over).
@@ -700,6 +741,9 @@ struct WaitLoans {
   int idle_left = kLoanWakeupsWithoutEvents;
   void Borrow(const Config* cfg) {
     if (n > 0 || idle_left <= 0 || !cfg || !cfg->receive_inline || g_child.load()) return;
+    // Another thread polls the stack, taking every arrival: borrowed, its input would wake this
+    // one for each of them too.
+    if (g_loop_pollers.load(std::memory_order_acquire) > 0) return;
     std::lock_guard gl(g_init_mu);
     if (g) n = g->stack->BorrowInputs(l);
     if (n == 0) idle_left = 0;  // nothing to borrow: sleep as usual
@@ -777,25 +821,12 @@ int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
   const int64_t deadline = tmo ? call_start + tmo->tv_sec * 1000000000ll + tmo->tv_nsec : -1;
   const bool may_sleep = !tmo || tmo->tv_sec > 0 || tmo->tv_nsec > 0;
   const Config* cfg = Cfg();
-  int64_t busy_us = 0;
-  netch::vns::Stack* busy_stack = LoopPollStack(cfg, may_sleep, &busy_us);
-  const int64_t busy_end = call_start + busy_us * 1000ll;
-  if (marked && !busy_stack) HandOverWatches();  // (a polling wait checks them in its rounds)
+  LoopPoll poll(cfg, may_sleep, call_start);
+  if (marked && !poll.polling()) HandOverWatches();  // (a polling wait checks them in its rounds)
   bool ever_slept = false;
   WaitLoans loans;
   for (;;) {
-    bool spinning = false;
-    if (busy_stack) {
-      const int64_t now = NowNs();
-      if (now < busy_end && (deadline < 0 || now < deadline)) {
-        busy_stack->PollInline(static_cast<uint64_t>(busy_us));
-        spinning = true;
-      } else {
-        busy_stack->EndPollInline();  // about to sleep: the stack's threads take over
-        busy_stack->HandOverWatches();
-        busy_stack = nullptr;
-      }
-    }
+    const bool spinning = poll.Round(deadline);
     int ready = 0;
     for (nfds_t i = 0; i < n; ++i)
       if (ents[i] && VRevents(*ents[i], fds[i].events)) ++ready;
@@ -1749,10 +1780,8 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
   const Config* cfg = Cfg();
   const int64_t call_start = NowNs();
   bool ever_slept = false;
-  int64_t busy_us = 0;
-  netch::vns::Stack* busy_stack = LoopPollStack(cfg, timeout != 0, &busy_us);
-  const int64_t busy_end = call_start + busy_us * 1000ll;
-  if (marked && !busy_stack) HandOverWatches();  // (a polling wait checks them in its rounds)
+  LoopPoll poll(cfg, timeout != 0, call_start);
+  if (marked && !poll.polling()) HandOverWatches();  // (a polling wait checks them in its rounds)
   // Run to completion without busy polling (NETCH_RECEIVE_INLINE): a thread about to sleep
   // borrows the input of the stack's engines and sleeps on it beside the set; an arrival wakes
   // this thread, which runs the engine's round itself — the round hands the segments to their
@@ -1765,18 +1794,9 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
     // Rounded up: a kernel wait that times out has reached the deadline (the check below).
     if (deadline >= 0)
       left = static_cast<int>((std::max<int64_t>(0, deadline - NowNs()) + 999999) / 1000000);
-    bool spinning = false, loan_woke = false;
-    if (busy_stack) {
-      if (NowNs() < busy_end && (deadline < 0 || NowNs() < deadline)) {
-        busy_stack->PollInline(static_cast<uint64_t>(busy_us));
-        spinning = true;
-        left = 0;
-      } else {
-        busy_stack->EndPollInline();  // about to sleep: the stack's threads take over
-        busy_stack->HandOverWatches();
-        busy_stack = nullptr;
-      }
-    }
+    bool loan_woke = false;
+    const bool spinning = poll.Round(deadline);
+    if (spinning) left = 0;
     const auto set = g_ep[epfd].load();
     if (!set) return REAL(epoll_pwait)(epfd, out, max, timeout, mask);  // closed meanwhile
     // A lazy set's level-triggered sockets first, from their own state (EpollSet); a thread
