@@ -1107,7 +1107,8 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     }
     worked = true;
   }
-  // A small write held open (autocork): out once the channel has nothing unacknowledged.
+  // A small write held open (autocork): out once the channel has nothing unacknowledged, or
+  // at once when the event loop that wrote it has come back to wait (RoundFlushesOpen).
   if (ch.has_open())
     worked |= ch.FlushOpen(now, t.send_queue_packets() == 0 && ch.txq_.EmptyApprox(),
                            RoundFlushesOpen(), deadline);

@@ -52,6 +52,18 @@ thread_local int t_ndeferred = 0;
 // Engines whose channels hold a segment this thread left open (NoteOpenSegment), until its flush.
 thread_local Engine* t_opened[kMaxDeferred];
 thread_local int t_nopened = 0;
+// Both lists hold raw engine pointers until the thread's next flush: an engine destroyed
+// meanwhile (a stack torn down and made again in one process, as tests do) would be dangling
+// there. Destroying one bumps the generation; lists from an older one are dropped unread — what
+// they owed is covered, the deferred rounds by the engine's timer, open segments by kCorkIdleUs.
+std::atomic<uint64_t> g_engines_destroyed{0};
+thread_local uint64_t t_lists_generation = 0;
+void DropStaleLists() {
+  const uint64_t g = g_engines_destroyed.load(std::memory_order_acquire);
+  if (g == t_lists_generation) return;
+  t_lists_generation = g;
+  t_ndeferred = t_nopened = 0;
+}
 thread_local bool t_round_flushes_open = false;  // the round on this thread commits open segments
 // The engine whose round this thread runs for a producer or a poller, and whether that round
 // queued work for the engine itself. No round runs inside another: a DeliveryHook holds locks
@@ -85,6 +97,7 @@ DeferTransmitScope::~DeferTransmitScope() { t_defer -= t_defer > 0; }
 
 void FlushDeferredTransmit() {
   t_flushes = true;
+  DropStaleLists();
   // Open segments first: the deferred rounds below (or a poller's, or the engine's own next
   // round) commit them. An engine with nothing deferred gets a round here too when it sleeps.
   for (int i = 0, n = std::exchange(t_nopened, 0); i < n; ++i) {
@@ -104,6 +117,7 @@ void FlushDeferredTransmit() {
 
 void NoteOpenSegment(Engine* e) {
   if (!t_flushes || e == nullptr) return;
+  DropStaleLists();
   for (int i = 0; i < t_nopened; ++i)
     if (t_opened[i] == e) return;
   if (t_nopened < kMaxDeferred) t_opened[t_nopened++] = e;  // (else: kCorkIdleUs as ever)
@@ -134,7 +148,10 @@ Engine::Engine(int index, int core, std::string netns, absl::Duration spin)
       netns_(std::move(netns)),
       spin_us_(static_cast<uint64_t>(absl::ToInt64Microseconds(spin))) {}
 
-Engine::~Engine() { Stop(); }
+Engine::~Engine() {
+  Stop();
+  g_engines_destroyed.fetch_add(1, std::memory_order_release);
+}
 
 absl::Status Engine::Start() {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
@@ -275,6 +292,7 @@ void Engine::TransmitInline(bool reaim, bool even_if_awake) {
 }
 
 bool Engine::DeferWake() {
+  DropStaleLists();  // (before this thread's list is read or grown)
   // The same handshake as Wake(): an engine that is awake sees the work before it sleeps.
   std::atomic_thread_fence(std::memory_order_seq_cst);
   if (!sleeping_.load(std::memory_order_relaxed) ||

@@ -190,9 +190,8 @@ class Engine {
 
 // A producer left a segment open for coalescing on a channel `e` runs: on a thread that
 // flushes (an event loop), its next FlushDeferredTransmit asks the engine to commit it at once —
-// the loop is about to wait, most likely for the answer to what it wrote (TCP's Nagle would
-// send it now: the channel is idle; an engine round would hold it kCorkIdleUs). A no-op on
-// other threads.
+// the loop is about to wait, most likely for the answer to what it wrote, and holding it for
+// kCorkIdleUs more would only delay that answer. A no-op on other threads.
 void NoteOpenSegment(Engine* e);
 // Whether the round running on this thread commits open segments now (Engine::RequestOpenFlush).
 bool RoundFlushesOpen();

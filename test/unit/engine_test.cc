@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <functional>
+#include <memory>
 #include <thread>
 
 #include "common/affinity.h"
@@ -317,6 +318,30 @@ TEST(EngineTest, AnEventLoopsOpenSegmentIsCommittedByTheRoundItsWaitRuns) {
   e.Wake();
   for (int k = 0; k < 50; ++k) std::this_thread::sleep_for(std::chrono::microseconds(200));
   EXPECT_EQ(t.flushing_rounds.load(), flushed);
+  e.Remove(&t);
+}
+
+TEST(EngineTest, AThreadsListsNamingADestroyedEngineAreDroppedUnread) {
+  // A stack torn down and made again in one process: this thread's flush must not touch the
+  // engine its list named (in the sanitized build, a heap-use-after-free), and the lists work
+  // for the new engine.
+  FlushDeferredTransmit();
+  {
+    auto gone = std::make_unique<Engine>(0, -1, "", absl::ZeroDuration());
+    ASSERT_TRUE(gone->Start().ok());
+    NoteOpenSegment(gone.get());
+  }
+  Engine e(1, -1, "", absl::ZeroDuration());
+  ASSERT_TRUE(e.Start().ok());
+  OpenTask t;
+  e.Add(&t);
+  AwaitSleep(e);
+  FlushDeferredTransmit();
+  NoteOpenSegment(&e);
+  FlushDeferredTransmit();
+  for (int k = 0; k < 5000 && t.flushing_rounds.load() == 0; ++k)
+    std::this_thread::sleep_for(std::chrono::microseconds(200));
+  EXPECT_EQ(t.flushing_rounds.load(), 1);
   e.Remove(&t);
 }
 
