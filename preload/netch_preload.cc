@@ -662,6 +662,13 @@ thread_local uint32_t t_loop_window_us = UINT32_MAX;  // (first wait: the whole 
 // they did in 3.1-3.5 s sleeping — each spun its window on a core the others needed. The one
 // that polls delivers for all: the others sleep on their sockets' eventfds.
 std::atomic<int> g_loop_pollers{0};
+// A thread asleep without loans while another polls relies on the poller's rounds to raise its
+// sockets. The poller may leave (its wait returns) with the engines still stood down for the rest
+// of its lease, and they look again only kStandDownRecheckUs after it: such a sleep is capped at
+// this, then the thread looks again — and, with no poller left, borrows the input or sleeps as
+// usual. (Handing the engines back at each return of the poller instead, when someone slept,
+// cost eight memcslap threads a third of their rate: an engine wakeup per request.)
+constexpr int64_t kDependentSleepNs = 500'000;
 
 // A wait's polling of the stack before it sleeps: up to `us` (NETCH_BUSY_POLL_US when set, else
 // the thread's loop window, NETCH_LOOP_POLL_US), only while no other thread of the process polls.
@@ -854,7 +861,10 @@ int PollImpl(pollfd* fds, nfds_t n, const timespec* tmo, const sigset_t* mask) {
       loans.Borrow(cfg);
       const size_t nk = k.size();
       for (size_t i = 0; i < loans.n; ++i) k.push_back({loans.l[i].fd(), POLLIN, 0});
-      rc = REAL(ppoll)(k.data(), k.size(), deadline >= 0 ? &left : nullptr, mask);
+      const bool dependent = loans.n == 0 && g_loop_pollers.load(std::memory_order_acquire) > 0;
+      if (dependent && (deadline < 0 || left.tv_sec > 0 || left.tv_nsec > kDependentSleepNs))
+        left = {0, kDependentSleepNs};
+      rc = REAL(ppoll)(k.data(), k.size(), deadline >= 0 || dependent ? &left : nullptr, mask);
       const int err = errno;
       for (size_t i = 0; i < loans.n; ++i) {
         if (!k[nk + i].revents) continue;
@@ -1845,7 +1855,12 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
                                          : 0;
       }
     } else if (n < max) {
-      rc = REAL(epoll_pwait)(epfd, buf.data(), max - n, n > 0 ? 0 : left, mask);
+      int wait_ms = n > 0 ? 0 : left;
+      // A dependent sleep (kDependentSleepNs), in whole milliseconds here.
+      if (wait_ms != 0 && g_loop_pollers.load(std::memory_order_acquire) > 0 &&
+          (wait_ms < 0 || wait_ms > 1))
+        wait_ms = 1;
+      rc = REAL(epoll_pwait)(epfd, buf.data(), max - n, wait_ms, mask);
     }
     std::lock_guard l(set->mu);
     if (slept) Sleepers(*set, epfd, -1);
