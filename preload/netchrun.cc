@@ -68,9 +68,10 @@ int main(int argc, char** argv) {
   app.add_option("--busy-poll-us", busy_poll_us,
                  "blocking receives run the channels on the calling thread this long first")
       ->check(CLI::Range(0, 1000000));
-  app.add_option("--loop-poll-us", loop_poll_us,
-                 "an event loop's epoll_wait runs the stack up to this long before sleeping, "
-                 "while that catches its events (default 300, 0: never)")
+  app.add_option(
+         "--loop-poll-us", loop_poll_us,
+         "an event loop's epoll_wait/poll/select runs the stack up to this long before sleeping, "
+         "while that catches its events (default 300, 0: never)")
       ->check(CLI::Range(0, 1000000));
   app.add_option("--metrics", metrics, "Prometheus exposer address, or off")->default_str("off");
   app.add_option("--linger-ms", linger_ms, "at exit, wait this long for unacknowledged data")

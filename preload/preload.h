@@ -47,7 +47,7 @@
 //                    on the engine's thread (vns::StackOptions::deliver_inline; default 1)
 //   NETCH_TRANSMIT_INLINE=0  a small write wakes the engine instead of running its round on
 //                    the writing thread (vns::StackOptions::transmit_inline; default 1)
-//   NETCH_RECEIVE_INLINE=0  a blocked read, or an epoll_wait about to sleep, sleeps until the
+//   NETCH_RECEIVE_INLINE=0  a blocked read, or an epoll_wait/poll about to sleep, sleeps until the
 //                    engine delivers instead of running the engine's round itself
 //                    (vns::StackOptions::receive_inline; default 1)
 //   NETCH_DEFER_TRANSMIT=0  an event loop's nonblocking write wakes the engine instead of
@@ -58,9 +58,10 @@
 //   NETCH_CLASS      latency | throughput: the class the program's connections announce
 //   NETCH_BUSY_POLL_US  a blocking receive on any of the program's sockets runs its channels
 //                    on the calling thread this long before sleeping (run to completion)
-//   NETCH_LOOP_POLL_US  an event loop's epoll_wait runs the stack's rounds itself for up to
-//                    this long before it sleeps, for as long as that catches its events
-//                    (NextLoopPollWindow; default 300, 0: never). Idle loops sleep at once.
+//   NETCH_LOOP_POLL_US  an event loop's epoll_wait (or poll/select) runs the stack's rounds
+//                    itself for up to this long before it sleeps, for as long as that catches
+//                    its events (NextLoopPollWindow; default 300, 0: never), one thread of the
+//                    process at a time. Idle loops sleep at once.
 //   NETCH_ENGINE_CORES  C0,C1,...: pin engine i to core Ci (default: engines float). With
 //                    isolate-classes, engine 0 runs the L-app channels: give it a core of its own
 #pragma once
