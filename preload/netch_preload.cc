@@ -1786,7 +1786,7 @@ int epoll_pwait(int epfd, epoll_event* out, int max, int timeout, const sigset_t
   // these guests), and the engines stand down instead of spinning beside the loop. Always with
   // NETCH_BUSY_POLL_US; by default (NETCH_LOOP_POLL_US) for as long as polling has been
   // catching this loop's events (NextLoopPollWindow), so a loop whose events come far apart,
-  // or none, sleeps at once and costs nothing.
+  // or none, sleeps at once and costs nothing; and only while no other thread polls (LoopPoll).
   const Config* cfg = Cfg();
   const int64_t call_start = NowNs();
   bool ever_slept = false;
