@@ -657,6 +657,14 @@ void HandOverWatches() {
 // per thread, shared by its poll/select and epoll_wait calls (a thread waits in one at a time).
 thread_local uint32_t t_loop_window_us = UINT32_MAX;  // (first wait: the whole window)
 
+// How long this thread's next wait polls the stack before it sleeps (0: it does not):
+// NETCH_BUSY_POLL_US when set, else its loop window, at most NETCH_LOOP_POLL_US.
+int64_t LoopWindowUs(const Config& cfg) {
+  return cfg.busy_poll_us > 0
+             ? cfg.busy_poll_us
+             : std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg.loop_poll_us));
+}
+
 // Threads of this process polling the stack in a wait right now (LoopPoll): at most one. On
 // these 2-core hosts eight memcslap client threads all polling in poll() took 5.6 s for what
 // they did in 3.1-3.5 s sleeping — each spun its window on a core the others needed. The one
@@ -676,9 +684,7 @@ class LoopPoll {
  public:
   LoopPoll(const Config* cfg, bool may_sleep, int64_t start_ns) {
     if (!cfg || !may_sleep || g_child.load()) return;
-    us_ = cfg->busy_poll_us > 0
-              ? cfg->busy_poll_us
-              : std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us));
+    us_ = LoopWindowUs(*cfg);
     if (us_ <= 0) return;
     if (g_loop_pollers.fetch_add(1, std::memory_order_acq_rel) != 0) {
       g_loop_pollers.fetch_sub(1, std::memory_order_relaxed);
@@ -727,9 +733,7 @@ void EndLoopWait(const Config* cfg, int timeout_sign, int64_t call_start, bool g
     t_loop_window_us = netch::preload::NextLoopPollWindow(
         t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us),
         static_cast<uint64_t>(NowNs() - call_start) / 1000, got, ever_slept);
-  MarkLoopPollsOnWait(
-      cfg->busy_poll_us > 0 ||
-      std::min<uint32_t>(t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us)) > 0);
+  MarkLoopPollsOnWait(LoopWindowUs(*cfg) > 0);
 }
 
 // Between the rounds of a wait that polls (since `start_ns`): a spinner sharing this core may run.
