@@ -68,6 +68,8 @@ class ChannelCore : public Channel {
   size_t Dequeue(size_t max_bytes, std::span<RxSegment> out) override;
   void Release(std::span<const RxSegment> segs) override;
   bool TryRelease(const RxSegment& seg) override;
+  // After buffers went to ret_: wakes the engine if it needs them soon (or `now`: ret_ is full).
+  void WakeForReturns(bool now);
   bool Wait(absl::Duration timeout, Interest interest = kBoth) override;
   int notify_fd(Interest side) const override {
     return side == kWritable ? notify_[1].fd : notify_[0].fd;

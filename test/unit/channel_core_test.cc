@@ -45,6 +45,8 @@ class FakeChannel final : public ChannelCore {
     free_.PushOne(back.token);
     return true;
   }
+  // What the engine's last round published about the receive window (rx_under_pressure).
+  void SetPressure(bool p) { pub_.rx_pressure.store(p); }
   // Engine: moves everything from txq_ to rxq_ ("the wire"), as a loopback.
   uint32_t Loop() {
     BufRef b[64];
@@ -120,6 +122,59 @@ TEST(ChannelCoreTest, EnqueueCopiesHeaderAndPayloadAndDequeueReturnsThemInOrder)
   EXPECT_EQ(ch.ret_.SizeApprox(), 3u);
   EXPECT_EQ(ch.stats().rx_segments, 3u);
   EXPECT_EQ(ch.stats().rx_bytes, 1100u);
+}
+
+// Counts the rounds of the engine the channel's returned buffers would wake.
+class CountingTask : public EngineTask {
+ public:
+  std::atomic<int> rounds{0};
+  bool Run(uint64_t, uint64_t*) override {
+    rounds++;
+    return false;
+  }
+  int wait_fd() const override { return -1; }
+};
+
+TEST(ChannelCoreTest, ReturnedBuffersWakeTheEngineOnlyWhenTheWindowNeedsThem) {
+  // An event loop's read returns buffers on every pass; an engine with a window to spare takes
+  // them in its next round rather than being woken for each (Redis: thousands of wakeups a
+  // second). A window below half (rx_under_pressure) may have stopped the sender: then it is.
+  Engine e(0, -1, "", absl::ZeroDuration());
+  ASSERT_TRUE(e.Start().ok());
+  CountingTask t;
+  e.Add(&t);
+  FakeChannel ch(16);
+  ch.set_task(&t);
+  ch.GiveBuffers(16);
+  const std::vector<uint8_t> p(100, 'x');
+  auto one = [&] {
+    const TxSegment s = Seg(0, p);
+    EXPECT_EQ(*ch.Enqueue({&s, 1}), 1u);
+    ch.Loop();
+    RxSegment r;
+    EXPECT_EQ(ch.Dequeue(SIZE_MAX, {&r, 1}), 1u);
+    return r;
+  };
+  // Whether a Release woke the sleeping engine within 20 ms. (The engine also wakes by itself
+  // every 100 ms: a trial may see that, hence several.)
+  auto woke = [&] {
+    const RxSegment r = one();
+    for (int i = 0; i < 10000 && !e.sleeping(); ++i)
+      std::this_thread::sleep_for(std::chrono::microseconds(100));
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    const int before = t.rounds.load();
+    ch.Release({&r, 1});
+    for (int k = 0; k < 100 && t.rounds.load() == before; ++k)
+      std::this_thread::sleep_for(std::chrono::microseconds(200));
+    ch.TakeBackOne();
+    return t.rounds.load() != before;
+  };
+  int woken = 0;
+  for (int i = 0; i < 5; ++i) woken += woke();
+  EXPECT_LE(woken, 2) << "returns woke an engine with the window to spare";
+  ch.SetPressure(true);
+  for (int i = 0; i < 3; ++i) EXPECT_TRUE(woke()) << "the window is below half: trial " << i;
+  e.Remove(&t);
 }
 
 // An engine delivering inline (Channel::DeliveryHook) dequeues on its own thread while an
