@@ -274,12 +274,11 @@ netch::vns::Stack* GetStack() {
   so.deliver_inline = c->deliver_inline;
   so.transmit_inline = c->transmit_inline;
   so.receive_inline = c->receive_inline;
-  // An event loop's writes and reads that find the engine asleep leave with its next wait (or
-  // the engine's timer, chan::kDeferTransmitUs) instead of waking it — a polling loop's too, for
-  // a pass that outlasts its lease: an engine woken beside the loop waited ~0.7 ms for a core the
-  // two Redis programs were using, and cost them 7% of LRANGE_100 -P 16 (docs/ARCHITECTURE.md
-  // "Event loops run to completion").
-  so.defer_transmit = c->defer_transmit;
+  // Deferring an event loop's writes to its next wait wins only for loops that sleep at once.
+  // A polling loop's engines stand down while it polls; once a long pass outlasts the lease, an
+  // engine woken by a write transmits beside the loop, which measured better than waiting for
+  // the loop to come back (Redis, docs/ARCHITECTURE.md "Event loops run to completion").
+  so.defer_transmit = c->defer_transmit && c->loop_poll_us == 0 && c->busy_poll_us <= 0;
   if (c->spin_us >= 0) {
     so.recv_spin_us = so.dispatcher_spin_us = static_cast<uint64_t>(c->spin_us);
     so.driver_opts.spin = absl::Microseconds(c->spin_us);
@@ -657,10 +656,6 @@ void HandOverWatches() {
 // The window an event loop's wait polls the stack before it sleeps (NextLoopPollWindow): one
 // per thread, shared by its poll/select and epoll_wait calls (a thread waits in one at a time).
 thread_local uint32_t t_loop_window_us = UINT32_MAX;  // (first wait: the whole window)
-// The thread's recent pass between two waits (NextLoopAwayUs), and when its last wait that could
-// sleep returned (0: none yet).
-thread_local uint32_t t_loop_away_us = 0;
-thread_local int64_t t_wait_returned_ns = 0;
 
 // How long this thread's next wait polls the stack before it sleeps (0: it does not):
 // NETCH_BUSY_POLL_US when set, else its loop window, at most NETCH_LOOP_POLL_US.
@@ -689,13 +684,8 @@ class LoopPoll {
  public:
   LoopPoll(const Config* cfg, bool may_sleep, int64_t start_ns) {
     if (!cfg || !may_sleep || g_child.load()) return;
-    if (t_wait_returned_ns != 0)  // (a look without waiting is part of the pass)
-      t_loop_away_us = netch::preload::NextLoopAwayUs(
-          t_loop_away_us,
-          static_cast<uint64_t>(std::max<int64_t>(0, start_ns - t_wait_returned_ns)) / 1000);
     us_ = LoopWindowUs(*cfg);
     if (us_ <= 0) return;
-    lease_us_ = netch::preload::LoopLeaseUs(static_cast<uint32_t>(us_), t_loop_away_us);
     if (g_loop_pollers.fetch_add(1, std::memory_order_acq_rel) != 0) {
       g_loop_pollers.fetch_sub(1, std::memory_order_relaxed);
       return;
@@ -711,13 +701,12 @@ class LoopPoll {
   bool polling() const { return stack_ != nullptr; }
   // One round of the stack on this thread while the window is open (true); at its end, the
   // stack's threads take the work over (and this thread may sleep): false from then on. A wait
-  // that returns while polling leaves the engines stood down for the lease (LoopLeaseUs): the
-  // loop's pass, until it is back, is the loop's own.
+  // that returns while polling leaves the engines stood down: the loop comes back within µs.
   bool Round(int64_t deadline_ns) {
     if (!stack_) return false;
     const int64_t now = NowNs();
     if (now < end_ns_ && (deadline_ns < 0 || now < deadline_ns)) {
-      stack_->PollInline(lease_us_);
+      stack_->PollInline(static_cast<uint64_t>(us_));
       return true;
     }
     stack_->EndPollInline();
@@ -733,7 +722,6 @@ class LoopPoll {
   }
   netch::vns::Stack* stack_ = nullptr;
   int64_t us_ = 0, end_ns_ = 0;
-  uint64_t lease_us_ = 0;
 };
 
 // A wait that returns events: its loop window follows what polling caught, and the thread's
@@ -741,12 +729,10 @@ class LoopPoll {
 void EndLoopWait(const Config* cfg, int timeout_sign, int64_t call_start, bool got,
                  bool ever_slept) {
   if (!cfg || g_child.load()) return;
-  if (timeout_sign != 0 && cfg->loop_poll_us > 0) {  // (a look without waiting tells nothing)
-    t_wait_returned_ns = NowNs();
+  if (timeout_sign != 0 && cfg->loop_poll_us > 0)  // (a look without waiting tells nothing)
     t_loop_window_us = netch::preload::NextLoopPollWindow(
         t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us),
-        static_cast<uint64_t>(t_wait_returned_ns - call_start) / 1000, got, ever_slept);
-  }
+        static_cast<uint64_t>(NowNs() - call_start) / 1000, got, ever_slept);
   MarkLoopPollsOnWait(LoopWindowUs(*cfg) > 0);
 }
 

@@ -50,10 +50,10 @@
 //   NETCH_RECEIVE_INLINE=0  a blocked read, or an epoll_wait/poll about to sleep, sleeps until the
 //                    engine delivers instead of running the engine's round itself
 //                    (vns::StackOptions::receive_inline; default 1)
-//   NETCH_DEFER_TRANSMIT=0  an event loop's nonblocking write or read that finds the engine
-//                    asleep wakes it instead of leaving with the loop's next epoll_wait or poll
-//                    (vns::StackOptions::defer_transmit; default 1; for a polling loop this
-//                    applies to a pass that outlasts its lease, LoopLeaseUs)
+//   NETCH_DEFER_TRANSMIT=0  an event loop's nonblocking write wakes the engine instead of
+//                    leaving with the loop's next epoll_wait or poll
+//                    (vns::StackOptions::defer_transmit; default 1; applies only to loops
+//                    that do not poll: NETCH_LOOP_POLL_US=0 and no NETCH_BUSY_POLL_US)
 //   NETCH_POLICY     NAME[:key=value,...], e.g. "isolate-classes:busy_poll_us=200"
 //   NETCH_CLASS      latency | throughput: the class the program's connections announce
 //   NETCH_BUSY_POLL_US  a blocking receive on any of the program's sockets runs its channels
@@ -66,7 +66,6 @@
 //                    isolate-classes, engine 0 runs the L-app channels: give it a core of its own
 #pragma once
 
-#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -127,23 +126,5 @@ struct Config {
 inline constexpr uint32_t kLoopPollGrowStartUs = 25;
 uint32_t NextLoopPollWindow(uint32_t window_us, uint32_t max_us, uint64_t waited_us, bool got,
                             bool slept);
-
-// How long the stack's engines and dispatcher leave the work to an event loop that polls: the
-// lease each of its rounds gives them (they stand down until it runs out, and look again
-// chan::kStandDownRecheckUs after it unless the loop's next round renewed it). It is the loop's
-// window or, if longer, the time the loop has recently spent on a pass between two waits
-// (NextLoopAwayUs), up to kMaxLoopLeaseUs: a loop back within it runs the stack alone, as a loop
-// over kernel TCP runs its TCP in its own syscalls. With the window alone, Redis answering fifty
-// pipelined connections (passes of 0.1-3 ms) outlasted the lease in most passes, and each read
-// and write after that woke an engine (4,000-5,000 wakeups a second per program) that waited
-// ~0.7 ms for a core both programs were using.
-inline constexpr uint32_t kMaxLoopLeaseUs = 2000;
-// A loop's recent pass between two waits: a maximum that decays by 1/8 per wait, so a few long
-// passes among short ones keep it and a loop whose passes shorten sheds it within ~20 waits.
-// `last_us`: from the last wait's return to this wait's call.
-uint32_t NextLoopAwayUs(uint32_t away_us, uint64_t last_us);
-inline uint32_t LoopLeaseUs(uint32_t window_us, uint32_t away_us) {
-  return window_us == 0 ? 0 : std::max(window_us, std::min(kMaxLoopLeaseUs, away_us));
-}
 
 }  // namespace netch::preload

@@ -162,25 +162,5 @@ TEST(LoopPollWindowTest, GrowsWhilePollingWouldHaveCaughtTheEventsAndStopsForIdl
   EXPECT_EQ(w, kMax);
 }
 
-TEST(PreloadConfigTest, ALoopsLeaseCoversItsRecentPasses) {
-  // The lease is the window, or the loop's recent pass between waits if longer, up to the cap.
-  EXPECT_EQ(LoopLeaseUs(300, 40), 300u);
-  EXPECT_EQ(LoopLeaseUs(300, 1500), 1500u);
-  EXPECT_EQ(LoopLeaseUs(300, 100000), kMaxLoopLeaseUs);
-  EXPECT_EQ(LoopLeaseUs(0, 1500), 0u) << "a loop that does not poll gives no lease";
-  // The recent pass: the longest, decaying by 1/8 per wait.
-  uint32_t a = 0;
-  a = NextLoopAwayUs(a, 1600);
-  EXPECT_EQ(a, 1600u);
-  a = NextLoopAwayUs(a, 10);
-  EXPECT_EQ(a, 1400u);
-  a = NextLoopAwayUs(a, 2000);
-  EXPECT_EQ(a, 2000u);
-  // A loop whose passes shortened to 10 µs is back at its window within ~20 waits.
-  for (int i = 0; i < 20; ++i) a = NextLoopAwayUs(a, 10);
-  EXPECT_EQ(LoopLeaseUs(300, a), 300u);
-  EXPECT_EQ(NextLoopAwayUs(0, uint64_t{1} << 40), UINT32_MAX) << "clamped, not wrapped";
-}
-
 }  // namespace
 }  // namespace netch::preload
