@@ -68,8 +68,6 @@ class ChannelCore : public Channel {
   size_t Dequeue(size_t max_bytes, std::span<RxSegment> out) override;
   void Release(std::span<const RxSegment> segs) override;
   bool TryRelease(const RxSegment& seg) override;
-  // After buffers went to ret_: wakes the engine if it needs them soon (or `now`: ret_ is full).
-  void WakeForReturns(bool now);
   bool Wait(absl::Duration timeout, Interest interest = kBoth) override;
   int notify_fd(Interest side) const override {
     return side == kWritable ? notify_[1].fd : notify_[0].fd;
@@ -152,6 +150,8 @@ class ChannelCore : public Channel {
 
  private:
   bool Ready(Interest interest) const;
+  // After buffers went to ret_: wakes the engine if it needs them soon (or `now`: ret_ is full).
+  void WakeForReturns(bool now);
   // One side's wakeup: [0] receive, [1] send.
   struct Notifier {
     int fd = -1;
