@@ -15,6 +15,7 @@
 #include "afxdp_channels/channel.h"
 #include "common/spsc_ring.h"
 #include "gtest/gtest.h"
+#include "test/support/engine_sleep.h"
 
 namespace netch::chan {
 namespace {
@@ -159,9 +160,7 @@ TEST(ChannelCoreTest, ReturnedBuffersWakeTheEngineOnlyWhenTheWindowNeedsThem) {
   // every 100 ms: a trial may see that, hence several.)
   auto woke = [&] {
     const RxSegment r = one();
-    for (int i = 0; i < 10000 && !e.sleeping(); ++i)
-      std::this_thread::sleep_for(std::chrono::microseconds(100));
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    AwaitSleep(e);
     const int before = t.rounds.load();
     ch.Release({&r, 1});
     for (int k = 0; k < 100 && t.rounds.load() == before; ++k)

@@ -16,6 +16,7 @@
 #include <thread>
 
 #include "common/affinity.h"
+#include "test/support/engine_sleep.h"
 
 namespace netch::chan {
 namespace {
@@ -58,13 +59,6 @@ void Produce(WorkTask& t) {
   for (int i = 0; i < 5000 && t.done.load() == before; ++i)
     std::this_thread::sleep_for(std::chrono::microseconds(200));
   ASSERT_GT(t.done.load(), before) << "nobody ran the task's work within 1 s";
-}
-
-// Waits until the engine has gone to sleep (it does at once with nothing to do and no spin).
-void AwaitSleep(const Engine& e) {
-  for (int i = 0; i < 10000 && !e.sleeping(); ++i)
-    std::this_thread::sleep_for(std::chrono::microseconds(100));
-  std::this_thread::sleep_for(std::chrono::milliseconds(1));  // and is inside its epoll_pwait2()
 }
 
 TEST(EngineTest, AProducerInATransmitInlineScopeRunsASleepingEnginesRoundItself) {
