@@ -504,7 +504,8 @@ void Engine::Loop() {
       if (!ops_pending_.load(std::memory_order_acquire))
         Sleep(until + kStandDownRecheckUs, /*wake_fd_only=*/true);
       sleeping_.store(false, std::memory_order_relaxed);
-      idle_since_us = NowUs();
+      // (idle_since_us is left as it was: the poller ran the rounds meanwhile, and an engine it
+      // hands back to that finds nothing to do sleeps at once rather than spinning beside it.)
       continue;
     }
     {

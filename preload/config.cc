@@ -185,4 +185,9 @@ uint32_t NextLoopPollWindow(uint32_t window_us, uint32_t max_us, uint64_t waited
   return window_us / 2 < kLoopPollGrowStartUs ? 0 : window_us / 2;
 }
 
+uint32_t NextLoopAwayUs(uint32_t away_us, uint64_t last_us) {
+  return static_cast<uint32_t>(
+      std::max<uint64_t>(std::min<uint64_t>(last_us, UINT32_MAX), away_us - away_us / 8));
+}
+
 }  // namespace netch::preload

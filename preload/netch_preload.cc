@@ -274,11 +274,12 @@ netch::vns::Stack* GetStack() {
   so.deliver_inline = c->deliver_inline;
   so.transmit_inline = c->transmit_inline;
   so.receive_inline = c->receive_inline;
-  // Deferring an event loop's writes to its next wait wins only for loops that sleep at once.
-  // A polling loop's engines stand down while it polls; once a long pass outlasts the lease, an
-  // engine woken by a write transmits beside the loop, which measured better than waiting for
-  // the loop to come back (Redis, docs/ARCHITECTURE.md "Event loops run to completion").
-  so.defer_transmit = c->defer_transmit && c->loop_poll_us == 0 && c->busy_poll_us <= 0;
+  // An event loop's writes and reads that find the engine asleep leave with its next wait (or
+  // the engine's timer, chan::kDeferTransmitUs) instead of waking it — a polling loop's too, for
+  // a pass that outlasts its lease: an engine woken beside the loop waited ~0.7 ms for a core the
+  // two Redis programs were using, and cost them 7% of LRANGE_100 -P 16 (docs/ARCHITECTURE.md
+  // "Event loops run to completion").
+  so.defer_transmit = c->defer_transmit;
   if (c->spin_us >= 0) {
     so.recv_spin_us = so.dispatcher_spin_us = static_cast<uint64_t>(c->spin_us);
     so.driver_opts.spin = absl::Microseconds(c->spin_us);
@@ -656,6 +657,10 @@ void HandOverWatches() {
 // The window an event loop's wait polls the stack before it sleeps (NextLoopPollWindow): one
 // per thread, shared by its poll/select and epoll_wait calls (a thread waits in one at a time).
 thread_local uint32_t t_loop_window_us = UINT32_MAX;  // (first wait: the whole window)
+// The thread's recent pass between two waits (NextLoopAwayUs), and when its last wait that could
+// sleep returned (0: none yet).
+thread_local uint32_t t_loop_away_us = 0;
+thread_local int64_t t_wait_returned_ns = 0;
 
 // How long this thread's next wait polls the stack before it sleeps (0: it does not):
 // NETCH_BUSY_POLL_US when set, else its loop window, at most NETCH_LOOP_POLL_US.
@@ -684,8 +689,13 @@ class LoopPoll {
  public:
   LoopPoll(const Config* cfg, bool may_sleep, int64_t start_ns) {
     if (!cfg || !may_sleep || g_child.load()) return;
+    if (t_wait_returned_ns != 0)  // (a look without waiting is part of the pass)
+      t_loop_away_us = netch::preload::NextLoopAwayUs(
+          t_loop_away_us,
+          static_cast<uint64_t>(std::max<int64_t>(0, start_ns - t_wait_returned_ns)) / 1000);
     us_ = LoopWindowUs(*cfg);
     if (us_ <= 0) return;
+    lease_us_ = netch::preload::LoopLeaseUs(static_cast<uint32_t>(us_), t_loop_away_us);
     if (g_loop_pollers.fetch_add(1, std::memory_order_acq_rel) != 0) {
       g_loop_pollers.fetch_sub(1, std::memory_order_relaxed);
       return;
@@ -701,14 +711,22 @@ class LoopPoll {
   bool polling() const { return stack_ != nullptr; }
   // One round of the stack on this thread while the window is open (true); at its end, the
   // stack's threads take the work over (and this thread may sleep): false from then on. A wait
-  // that returns while polling leaves the engines stood down: the loop comes back within µs.
+  // that returns while polling leaves the engines stood down for the lease (LoopLeaseUs): the
+  // loop's pass, until it is back, is the loop's own.
   bool Round(int64_t deadline_ns) {
     if (!stack_) return false;
     const int64_t now = NowNs();
     if (now < end_ns_ && (deadline_ns < 0 || now < deadline_ns)) {
-      stack_->PollInline(static_cast<uint64_t>(us_));
+      stack_->PollInline(lease_us_);
+      t_round_ns = now;
+      t_lease_ns = static_cast<int64_t>(lease_us_) * 1000;
+      if (g_lease_holder.load(std::memory_order_relaxed) != &t_round_ns) {
+        g_lease_holder.store(&t_round_ns, std::memory_order_relaxed);
+        g_lease_moved_ns.store(now, std::memory_order_relaxed);
+      }
       return true;
     }
+    t_round_ns = 0;  // (the stack's threads have the work back)
     stack_->EndPollInline();
     stack_->HandOverWatches();
     Release();
@@ -722,17 +740,54 @@ class LoopPoll {
   }
   netch::vns::Stack* stack_ = nullptr;
   int64_t us_ = 0, end_ns_ = 0;
+  uint64_t lease_us_ = 0;
+
+ public:
+  // This thread's last polling round, while the stack's threads stand down for it (0: none
+  // since it handed the work back), and the lease that round gave (SendRound).
+  static inline thread_local int64_t t_round_ns = 0;
+  static inline thread_local int64_t t_lease_ns = 0;
+  // Whose rounds gave the stack's current lease (that thread's t_round_ns; a thread whose wait
+  // returned while polling keeps its own), and when it last passed to another thread
+  // (LoopSendRoundDue).
+  static inline std::atomic<const int64_t*> g_lease_holder{nullptr};
+  static inline std::atomic<int64_t> g_lease_moved_ns{0};
 };
+
+// A polling loop's write, in a pass the stack's threads leave to it (its lease): what the loop
+// writes waits for its next wait (deferred, no engine woken) — unless a round is due here
+// (LoopSendRoundDue). A pass of redis-benchmark at -P 1 writes a request per connection and the
+// server waited for the whole pass: 108k -> 67k req/s, p50 0.32 -> 0.62 ms with deferral alone;
+// with this round 84-125k, p50 0.29-0.47.
+void LoopSendRound() {
+  if (LoopPoll::t_round_ns == 0) return;
+  const int64_t now = NowNs();
+  if (!netch::preload::LoopSendRoundDue(
+          now, LoopPoll::t_round_ns, LoopPoll::t_lease_ns,
+          LoopPoll::g_lease_holder.load(std::memory_order_relaxed) == &LoopPoll::t_round_ns,
+          LoopPoll::g_lease_moved_ns.load(std::memory_order_relaxed)))
+    return;
+  netch::vns::Stack* st;
+  {
+    std::lock_guard l(g_init_mu);
+    st = g ? g->stack.get() : nullptr;
+  }
+  if (!st) return;
+  st->PollInline(static_cast<uint64_t>(LoopPoll::t_lease_ns / 1000));
+  LoopPoll::t_round_ns = now;
+}
 
 // A wait that returns events: its loop window follows what polling caught, and the thread's
 // next wait polls (unless its timeout is 0: then it hands the watches over).
 void EndLoopWait(const Config* cfg, int timeout_sign, int64_t call_start, bool got,
                  bool ever_slept) {
   if (!cfg || g_child.load()) return;
-  if (timeout_sign != 0 && cfg->loop_poll_us > 0)  // (a look without waiting tells nothing)
+  if (timeout_sign != 0 && cfg->loop_poll_us > 0) {  // (a look without waiting tells nothing)
+    t_wait_returned_ns = NowNs();
     t_loop_window_us = netch::preload::NextLoopPollWindow(
         t_loop_window_us, static_cast<uint32_t>(cfg->loop_poll_us),
-        static_cast<uint64_t>(NowNs() - call_start) / 1000, got, ever_slept);
+        static_cast<uint64_t>(t_wait_returned_ns - call_start) / 1000, got, ever_slept);
+  }
   MarkLoopPollsOnWait(LoopWindowUs(*cfg) > 0);
 }
 
@@ -1000,6 +1055,7 @@ ssize_t VSend(Entry& e, const void* buf, size_t len, int flags) {
     if (err == EPIPE && !(flags & MSG_NOSIGNAL)) pthread_kill(pthread_self(), SIGPIPE);
     return Fail(err);
   }
+  LoopSendRound();
   return static_cast<ssize_t>(*n);
 }
 

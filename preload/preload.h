@@ -50,10 +50,10 @@
 //   NETCH_RECEIVE_INLINE=0  a blocked read, or an epoll_wait/poll about to sleep, sleeps until the
 //                    engine delivers instead of running the engine's round itself
 //                    (vns::StackOptions::receive_inline; default 1)
-//   NETCH_DEFER_TRANSMIT=0  an event loop's nonblocking write wakes the engine instead of
-//                    leaving with the loop's next epoll_wait or poll
-//                    (vns::StackOptions::defer_transmit; default 1; applies only to loops
-//                    that do not poll: NETCH_LOOP_POLL_US=0 and no NETCH_BUSY_POLL_US)
+//   NETCH_DEFER_TRANSMIT=0  an event loop's nonblocking write or read that finds the engine
+//                    asleep wakes it instead of leaving with the loop's next epoll_wait or poll
+//                    (vns::StackOptions::defer_transmit; default 1; for a polling loop this
+//                    applies to a pass that outlasts its lease, LoopLeaseUs)
 //   NETCH_POLICY     NAME[:key=value,...], e.g. "isolate-classes:busy_poll_us=200"
 //   NETCH_CLASS      latency | throughput: the class the program's connections announce
 //   NETCH_BUSY_POLL_US  a blocking receive on any of the program's sockets runs its channels
@@ -66,6 +66,7 @@
 //                    isolate-classes, engine 0 runs the L-app channels: give it a core of its own
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #include <vector>
@@ -126,5 +127,42 @@ struct Config {
 inline constexpr uint32_t kLoopPollGrowStartUs = 25;
 uint32_t NextLoopPollWindow(uint32_t window_us, uint32_t max_us, uint64_t waited_us, bool got,
                             bool slept);
+
+// How long the stack's engines and dispatcher leave the work to an event loop that polls: the
+// lease each of its rounds gives them (they stand down until it runs out, and look again
+// chan::kStandDownRecheckUs after it unless the loop's next round renewed it). It is the loop's
+// window or, if longer, the time the loop has recently spent on a pass between two waits
+// (NextLoopAwayUs), up to kMaxLoopLeaseUs: a loop back within it runs the stack alone, as a loop
+// over kernel TCP runs its TCP in its own syscalls. With the window alone, Redis answering fifty
+// pipelined connections (passes of 0.1-3 ms) outlasted the lease in most passes, and each read
+// and write after that woke an engine (4,000-5,000 wakeups a second per program) that waited
+// ~0.7 ms for a core both programs were using.
+inline constexpr uint32_t kMaxLoopLeaseUs = 2000;
+// A loop's recent pass between two waits: a maximum that decays by 1/8 per wait, so a few long
+// passes among short ones keep it and a loop whose passes shorten sheds it within ~20 waits.
+// `last_us`: from the last wait's return to this wait's call.
+uint32_t NextLoopAwayUs(uint32_t away_us, uint64_t last_us);
+// Within its lease, a polling loop's writes leave with its next wait (no engine woken), but a
+// write whose thread last ran a round this long ago runs one: a pass that writes to many
+// sockets keeps feeding the peer every kLoopSendRoundUs instead of at its end.
+inline constexpr uint32_t kLoopSendRoundUs = 50;
+// ... only in a process whose polling has stayed with one thread this long. Where threads take
+// turns (eight memcslap threads, each waiting in its own poll), a thread's round delivers to
+// the others, which it wakes and which then take its core mid-round: 60-74 us a round against
+// 20-31 us in Redis's one loop, and eight memcslap threads 2.6 -> 3.4 s.
+inline constexpr uint32_t kLoopSoleUs = 20'000;
+// Whether a polling loop's write at `now_ns` runs a round on its thread: its last round
+// (`round_ns`, which gave a lease of `lease_ns`) is kLoopSendRoundUs old or more but the lease
+// still runs, the current lease is this thread's (`holder`), and it has been since
+// `lease_moved_ns` (when polling last passed from one thread to another) for kLoopSoleUs.
+inline bool LoopSendRoundDue(int64_t now_ns, int64_t round_ns, int64_t lease_ns, bool holder,
+                             int64_t lease_moved_ns) {
+  const int64_t since = now_ns - round_ns;
+  return round_ns != 0 && holder && since >= int64_t{kLoopSendRoundUs} * 1000 &&
+         since <= lease_ns && now_ns - lease_moved_ns >= int64_t{kLoopSoleUs} * 1000;
+}
+inline uint32_t LoopLeaseUs(uint32_t window_us, uint32_t away_us) {
+  return window_us == 0 ? 0 : std::max(window_us, std::min(kMaxLoopLeaseUs, away_us));
+}
 
 }  // namespace netch::preload

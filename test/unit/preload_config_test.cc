@@ -162,5 +162,42 @@ TEST(LoopPollWindowTest, GrowsWhilePollingWouldHaveCaughtTheEventsAndStopsForIdl
   EXPECT_EQ(w, kMax);
 }
 
+TEST(PreloadConfigTest, ALoopsLeaseCoversItsRecentPasses) {
+  // The lease is the window, or the loop's recent pass between waits if longer, up to the cap.
+  EXPECT_EQ(LoopLeaseUs(300, 40), 300u);
+  EXPECT_EQ(LoopLeaseUs(300, 1500), 1500u);
+  EXPECT_EQ(LoopLeaseUs(300, 100000), kMaxLoopLeaseUs);
+  EXPECT_EQ(LoopLeaseUs(0, 1500), 0u) << "a loop that does not poll gives no lease";
+  // The recent pass: the longest, decaying by 1/8 per wait.
+  uint32_t a = 0;
+  a = NextLoopAwayUs(a, 1600);
+  EXPECT_EQ(a, 1600u);
+  a = NextLoopAwayUs(a, 10);
+  EXPECT_EQ(a, 1400u);
+  a = NextLoopAwayUs(a, 2000);
+  EXPECT_EQ(a, 2000u);
+  // A loop whose passes shortened to 10 µs is back at its window within ~20 waits.
+  for (int i = 0; i < 20; ++i) a = NextLoopAwayUs(a, 10);
+  EXPECT_EQ(LoopLeaseUs(300, a), 300u);
+  EXPECT_EQ(NextLoopAwayUs(0, uint64_t{1} << 40), UINT32_MAX) << "clamped, not wrapped";
+}
+
+TEST(PreloadConfigTest, ASendRoundRunsOnlyOnASoleLoopsThreadWithinItsLease) {
+  constexpr int64_t kUs = 1000, kLease = 1500 * kUs;
+  const int64_t round = 1'000'000 * kUs, moved = round - 30'000 * kUs;  // sole for 30 ms
+  auto due = [&](int64_t after_us, bool holder, int64_t moved_ns) {
+    return LoopSendRoundDue(round + after_us * kUs, round, kLease, holder, moved_ns);
+  };
+  EXPECT_FALSE(due(kLoopSendRoundUs - 1, true, moved)) << "the last round is recent: it waits";
+  EXPECT_TRUE(due(kLoopSendRoundUs, true, moved));
+  EXPECT_TRUE(due(1500, true, moved));
+  EXPECT_FALSE(due(1501, true, moved)) << "past the lease the engines have the work back";
+  EXPECT_FALSE(due(100, /*holder=*/false, moved)) << "another thread polls now";
+  EXPECT_FALSE(due(100, true, round - (kLoopSoleUs - 200) * kUs))
+      << "polling passed between threads within kLoopSoleUs";
+  EXPECT_TRUE(due(100, true, round - (kLoopSoleUs - 100) * kUs));
+  EXPECT_FALSE(LoopSendRoundDue(round, 0, kLease, true, 0)) << "no round since the hand-back";
+}
+
 }  // namespace
 }  // namespace netch::preload
