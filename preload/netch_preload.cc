@@ -744,12 +744,13 @@ class LoopPoll {
 
  public:
   // This thread's last polling round, while the stack's threads stand down for it (0: none
-  // since it handed the work back), and the lease that round gave (SendRound).
+  // since it handed the work back), and the lease that round gave (LoopSendRound).
   static inline thread_local int64_t t_round_ns = 0;
   static inline thread_local int64_t t_lease_ns = 0;
   // Whose rounds gave the stack's current lease (that thread's t_round_ns; a thread whose wait
   // returned while polling keeps its own), and when it last passed to another thread
-  // (LoopSendRoundDue).
+  // (LoopSendRoundDue). Only compared, never followed: a thread that exited leaves an address a
+  // new thread may reuse, whose t_round_ns starts at 0 (no send round until its own round).
   static inline std::atomic<const int64_t*> g_lease_holder{nullptr};
   static inline std::atomic<int64_t> g_lease_moved_ns{0};
 };
