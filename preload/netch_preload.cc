@@ -224,6 +224,12 @@ bool g_failed = false;
 
 void AtExit();
 
+// The process's stack if it has been made (nullptr otherwise): never makes one.
+netch::vns::Stack* MadeStack() {
+  std::lock_guard l(g_init_mu);
+  return g ? g->stack.get() : nullptr;
+}
+
 // The process's stack, created on first use. nullptr (errno set) if it cannot be.
 netch::vns::Stack* GetStack() {
   std::lock_guard l(g_init_mu);
@@ -700,8 +706,7 @@ class LoopPoll {
       g_loop_pollers.fetch_sub(1, std::memory_order_relaxed);
       return;
     }
-    std::lock_guard l(g_init_mu);
-    stack_ = g ? g->stack.get() : nullptr;
+    stack_ = MadeStack();
     if (!stack_) g_loop_pollers.fetch_sub(1, std::memory_order_relaxed);
     end_ns_ = start_ns + us_ * 1000ll;
   }
@@ -768,11 +773,7 @@ void LoopSendRound() {
           LoopPoll::g_lease_holder.load(std::memory_order_relaxed) == &LoopPoll::t_round_ns,
           LoopPoll::g_lease_moved_ns.load(std::memory_order_relaxed)))
     return;
-  netch::vns::Stack* st;
-  {
-    std::lock_guard l(g_init_mu);
-    st = g ? g->stack.get() : nullptr;
-  }
+  netch::vns::Stack* st = MadeStack();
   if (!st) return;
   st->PollInline(static_cast<uint64_t>(LoopPoll::t_lease_ns / 1000));
   LoopPoll::t_round_ns = now;
