@@ -362,18 +362,32 @@ bool Engine::RunForeignRoundsLocked(int max_rounds, bool reaim) {
 InputLoan Engine::BorrowInput() {
   if (input_ep_ < 0) return {};
   std::lock_guard g(lend_mu_);
-  // No events: the sleeping engine no longer wakes for input.
-  if (loans_ == 0 && EpollCtl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, 0) != 0) return {};
+  // No events: the sleeping engine no longer wakes for input. An awake one masks it itself
+  // before it sleeps (MaskInputIfLent); either way one side sees the other (both under lend_mu_,
+  // the engine's sleeping_ stored before it takes it). A registration left watching costs a
+  // wakeup the borrower's round makes useless, never a lost one.
+  if (!input_masked_ && sleeping_.load(std::memory_order_seq_cst)) {
+    if (EpollCtl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, 0) != 0) return {};
+    input_masked_ = true;
+  }
   ++loans_;
   return InputLoan(this);
 }
 
+void Engine::MaskInputIfLent() {
+  if (input_ep_ < 0) return;
+  std::lock_guard g(lend_mu_);
+  if (loans_ > 0 && !input_masked_ && EpollCtl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, 0) == 0)
+    input_masked_ = true;
+}
+
 void Engine::ReturnInput() {
   std::lock_guard g(lend_mu_);
-  if (--loans_ > 0) return;
+  if (--loans_ > 0 || !input_masked_) return;
   // Watching again: input that arrived meanwhile wakes the engine at once (epoll checks the
   // readiness of a modified registration).
   (void)EpollCtl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, EPOLLIN);  // (registered: cannot fail)
+  input_masked_ = false;
 }
 
 bool Engine::RunLoaned() {
@@ -536,8 +550,10 @@ void Engine::Loop() {
       if (!worked) own_wake_at_us_ = wake_at_us_ = std::min(deadline, now2 + kMaxSleepUs);
       SyncInputsLocked();
     }
-    if (!worked && !ops_pending_.load(std::memory_order_acquire))
+    if (!worked && !ops_pending_.load(std::memory_order_acquire)) {
+      MaskInputIfLent();
       Sleep(deadline, /*wake_fd_only=*/false);
+    }
     sleeping_.store(false, std::memory_order_relaxed);
     idle_since_us = NowUs();
   }

@@ -96,8 +96,11 @@ class Engine {
   // work is its own (woken as Wake() would) and needs no flush.
   bool DeferWake();
   // Run to completion on the receive side (InputLoan): the engine's sleep stops watching its
-  // tasks' fds while loans are out (one epoll_ctl on the first and the last, no wakeup); the
-  // borrowers poll input_fd_, an epoll set of those fds, and run the rounds.
+  // tasks' fds while loans are out (no wakeup); the borrowers poll input_fd_, an epoll set of
+  // those fds, and run the rounds. The sleep's registration is masked by whoever finds the
+  // other side ready for it — a borrower that finds the engine asleep, or the engine going to
+  // sleep with loans out — and unmasked by the last return: borrowing from an awake engine
+  // (a busy stream's reader that found its ring empty for a moment) costs no system call.
   InputLoan BorrowInput();
   // An event loop left a small write open (coalescing) on one of this engine's channels and is
   // about to wait, likely for the answer: the engine's next round, on whatever thread runs it,
@@ -164,7 +167,9 @@ class Engine {
   };
   std::vector<InputReg> input_regs_;  // guarded by round_mu_
   std::mutex lend_mu_;
-  int loans_ = 0;  // guarded by lend_mu_
+  int loans_ = 0;              // guarded by lend_mu_
+  bool input_masked_ = false;  // guarded by lend_mu_: sleep_ep_ does not watch input_ep_
+  void MaskInputIfLent();      // the engine, about to sleep
 
   std::mutex mu_;
   std::condition_variable cv_;

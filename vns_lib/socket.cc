@@ -687,7 +687,8 @@ absl::StatusOr<size_t> SocketImpl::RecvLocked(std::span<uint8_t> buf) {
     // microseconds), then sleep on the socket's fd. The engines' input is borrowed before the
     // spin, and the spin runs their rounds itself: the reply neither wakes an engine to deliver
     // it (a wakeup, and on these 2 shared cores a thread beside the spinner for one of them)
-    // nor waits for one. Blocking 4 KiB rpc (netchperf --mode rpc): p50 34-96 -> 28-35 us.
+    // nor waits for one. Blocking 4 KiB rpc (netchperf --mode rpc): p50 47-74 -> 28-44 us
+    // (kernel TCP 29-31; docs/ARCHITECTURE.md).
     learn_rx_ = st_->opts().receive_inline && st_->opts().deliver_inline;
     if (learn_rx_ && nloans_ == 0 && loan_wakeups > 0) BorrowInputs();
     const uint64_t spin_end = NowUs() + st_->opts().recv_spin_us;
