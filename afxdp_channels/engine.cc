@@ -366,19 +366,21 @@ InputLoan Engine::BorrowInput() {
   // before it sleeps (MaskInputIfLent); either way one side sees the other (both under lend_mu_,
   // the engine's sleeping_ stored before it takes it). A registration left watching costs a
   // wakeup the borrower's round makes useless, never a lost one.
-  if (!input_masked_ && sleeping_.load(std::memory_order_seq_cst)) {
-    if (EpollCtl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, 0) != 0) return {};
-    input_masked_ = true;
-  }
+  if (!input_masked_ && sleeping_.load(std::memory_order_seq_cst) && !MaskInputLocked()) return {};
   ++loans_;
   return InputLoan(this);
+}
+
+bool Engine::MaskInputLocked() {
+  if (EpollCtl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, 0) != 0) return false;
+  input_masked_ = true;
+  return true;
 }
 
 void Engine::MaskInputIfLent() {
   if (input_ep_ < 0) return;
   std::lock_guard g(lend_mu_);
-  if (loans_ > 0 && !input_masked_ && EpollCtl(sleep_ep_, EPOLL_CTL_MOD, input_ep_, 0) == 0)
-    input_masked_ = true;
+  if (loans_ > 0 && !input_masked_) (void)MaskInputLocked();
 }
 
 void Engine::ReturnInput() {

@@ -170,6 +170,7 @@ class Engine {
   int loans_ = 0;              // guarded by lend_mu_
   bool input_masked_ = false;  // guarded by lend_mu_: sleep_ep_ does not watch input_ep_
   void MaskInputIfLent();      // the engine, about to sleep
+  bool MaskInputLocked();      // lend_mu_ held: sleep_ep_ stops watching input_ep_
 
   std::mutex mu_;
   std::condition_variable cv_;
