@@ -41,7 +41,17 @@ constexpr uint32_t kChanRing = 512;         // per-channel SPSC rings (a 64 KB s
                                             // is delivered as up to kMaxFrags pieces)
 constexpr uint32_t kFreeMin = 16;           // empty send buffers an idle channel holds
 constexpr uint32_t kCtlReserve = 64;        // frames kept for ACKs and handshakes
-constexpr uint16_t kSrcPortBase = 49152;    // channel id -> UDP source port (RSS/ECMP entropy)
+// The fill ring is shallow (kFillShallow frames) until a burst takes from it (AdaptFillDepth),
+// deep from then on, and shallow again after kFillQuietUs without one. Why shallow: the kernel
+// fills the frames in ring order, so a frame comes back only after every other frame in the ring
+// has been used once; a ring 4,096 deep cycles 16 MB, and after a pause each arriving packet lands
+// in a frame no cache and no TLB still holds (the kernel writes it through 4 KB mappings of its
+// own). 512 frames hold a new channel's first flight (initial window 16 segments of up to 18
+// frames).
+constexpr uint32_t kFillShallow = 512;
+constexpr uint64_t kFillQuietUs = 1'000'000;
+constexpr uint64_t kFillRateWindowUs = 100;     // the shortest span a rate is taken over
+constexpr uint16_t kSrcPortBase = 49152;        // channel id -> UDP source port (RSS/ECMP entropy)
 constexpr uint64_t kCookieTickUs = 16'000'000;  // a cookie is valid for one to two ticks
 // How long an initiator waits for its peer's address to resolve (ARP) before the channel fails
 // as unreachable, and how often, at most, its engine looks.
@@ -62,6 +72,10 @@ constexpr uint32_t kTxSlotsPerQueue = 256;  // 16 MB of UMEM per queue, for AF_X
 // up to pool_cap_ slots carrying at most pool_cap_bytes_ (twice its window and some), so a
 // stalled channel cannot empty the queue's buffers.
 constexpr uint32_t kPoolFreeMin = 4;
+// How long a channel's producer takes no empty buffer before the engine takes back what its
+// share grew to: idle channels holding grown shares once left none for a busy one on the same
+// queue, for good (four channels on one queue, the last two stalled: FillDepthTest).
+constexpr uint64_t kFreeIdleUs = 10'000;
 
 class AfxdpDriver;
 class XskQueue;
@@ -107,6 +121,10 @@ class AfxdpChannel final : public ChannelCore {
   uint64_t neigh_deadline_us = 0, neigh_poll_us = 0;
   uint64_t rx_held = 0;  // delivered to rxq_, not yet returned
   uint32_t free_target = kFreeMin;
+  // free_'s size after the engine's last top-up, and when the producer last took from it: a
+  // share grown for a burst goes back after kFreeIdleUs without a take.
+  uint32_t free_topped = 0;
+  uint64_t free_taken_us = 0;
   std::unique_ptr<Transport> transport;
   // The peer stack's incarnation once known (0 before): read by other engines when a peer
   // restarts, hence atomic.
@@ -117,7 +135,7 @@ struct QueueCounters {
   std::atomic<uint64_t> rx_frames{0}, rx_malformed{0}, rx_unknown_chan{0}, handshakes_rx{0},
       handshakes_bad{0}, rx_bad_token{0}, reaped{0}, fill_ring_empty{0}, tx_ring_full{0},
       frames_free{0}, frames_in_fill{0}, tx_slots_free{0}, rx_multi_buffer{0}, udp_tx_packets{0},
-      udp_tx_errors{0}, udp_gso_trains{0}, handshakes_refused{0};
+      udp_tx_errors{0}, udp_gso_trains{0}, handshakes_refused{0}, fill_target{0}, fill_deepened{0};
   std::array<std::atomic<uint64_t>, kFailCauses> failed{};  // channels failed, by FailCause
 };
 
@@ -227,7 +245,16 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   uint32_t rcv_buf_ = 0;    // SetSendLimits: the receive window this queue's channels advertise
   std::unique_ptr<afxdp::Umem> umem_;
   std::unique_ptr<afxdp::XskSocket> xsk_;
+  // The fill ring's depth: fill_target_ is what each round refills it to, fill_deep_ the most
+  // (AdaptFillDepth), fill_after_ its level after the last refill, fill_burst_us_ when a round
+  // last found a burst taken from it.
   uint32_t fill_target_ = 0;
+  uint32_t fill_deep_ = 0;
+  uint32_t fill_after_ = 0;
+  uint64_t fill_burst_us_ = 0;
+  uint64_t fill_ms_ = 0;  // the millisecond the rate is counted in, and what it took
+  uint32_t fill_ms_taken_ = 0;
+  void AdaptFillDepth(uint32_t level, uint64_t now);
 
   // Per UMEM frame, engine-side: how a received frame's pieces chain and what each holds
   // against the receive window (the pieces' charges add up to the frame's Transport::Charge).
@@ -410,7 +437,9 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp
   // pool, the TX slots), so the frames are the receiver's; 3.5 KB AF_XDP TX sends from them too.
   fill_target_ = udp_tx || tx_slots > 0 ? std::min<uint32_t>(4096, frames / 2)
                                         : std::min<uint32_t>(2048, frames / 4);
-  umem_->Refill(fill_target_);
+  fill_deep_ = fill_target_;
+  fill_target_ = std::min(fill_deep_, kFillShallow);
+  fill_after_ = umem_->Refill(fill_target_);
   counters.frames_free = umem_->free_frames();
   links_.resize(frames);
   counters.tx_slots_free = umem_->free_slots();
@@ -735,19 +764,42 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
     for (int i = 0; i < (slots_ ? 64 : 1) && xsk_->tx_pending(); ++i) xsk_->KickTx();
     worked = true;
   }
-  // Keep the fill ring deep: a burst must never find it empty. The last kCtlReserve frames stay
-  // for ACKs, which is what frees TX frames; starving them would deadlock the channel.
+  // Keep the fill ring deep enough that a burst never finds it empty (AdaptFillDepth). The
+  // last kCtlReserve frames stay for ACKs, which is what frees TX frames; starving them would
+  // deadlock the channel.
   const uint32_t level = umem_->fill_ring_level();
+  AdaptFillDepth(level, now);
+  fill_after_ = level;
   if (level < fill_target_) {
     if (level == 0) counters.fill_ring_empty.fetch_add(1, std::memory_order_relaxed);
     const uint32_t spare =
         umem_->free_frames() > kCtlReserve ? umem_->free_frames() - kCtlReserve : 0;
-    umem_->Refill(std::min(fill_target_ - level, spare));
+    fill_after_ += umem_->Refill(std::min(fill_target_ - level, spare));
   }
+  counters.fill_target.store(fill_target_, std::memory_order_relaxed);
   counters.frames_free.store(umem_->free_frames(), std::memory_order_relaxed);
   counters.frames_in_fill.store(umem_->fill_ring_level(), std::memory_order_relaxed);
   counters.tx_slots_free.store(umem_->free_slots(), std::memory_order_relaxed);
   return worked;
+}
+
+void XskQueue::AdaptFillDepth(uint32_t level, uint64_t now) {
+  const uint32_t taken = fill_after_ > level ? fill_after_ - level : 0;
+  if (now / 1000 != fill_ms_) fill_ms_ = now / 1000, fill_ms_taken_ = 0;
+  fill_ms_taken_ += taken;
+  // A burst: half the shallow ring taken in one round, the ring found empty, or a quarter of it
+  // within one millisecond — a stream whose rounds each take a little, which an engine kept
+  // off its core for 4 ms would find with the shallow ring drained.
+  if (taken > kFillShallow / 2 || level == 0 || fill_ms_taken_ > kFillShallow / 4) {
+    fill_burst_us_ = now;
+    if (fill_target_ < fill_deep_) {
+      fill_target_ = fill_deep_;
+      counters.fill_deepened.fetch_add(1, std::memory_order_relaxed);
+    }
+  } else if (fill_target_ > kFillShallow && now - fill_burst_us_ > kFillQuietUs) {
+    // (The frames already in the ring stay there: it gets shallow as traffic uses them.)
+    fill_target_ = kFillShallow;
+  }
 }
 
 // Why a stack with DriverOptions::accept off refuses every channel.
@@ -1197,8 +1249,22 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   // The kernel-UDP path's slots are 64 KB: a channel holds at most pool_cap_ of them in all
   // (free, queued, unacknowledged) and pool_cap_bytes_ of what they carry, so a stalled one
   // cannot empty the queue's pool.
-  const uint32_t have = ch.free_.SizeApprox();
+  uint32_t have = ch.free_.SizeApprox();
   const uint32_t max_target = pool_ || slots_ ? pool_cap_ : kChanRing;
+  const uint32_t min_target = pool_ || slots_ ? kPoolFreeMin : kFreeMin;
+  if (have < ch.free_topped) ch.free_taken_us = now;
+  if (ch.free_target > min_target) {
+    if (now - ch.free_taken_us < kFreeIdleUs) {
+      *deadline = std::min(*deadline, ch.free_taken_us + kFreeIdleUs);
+    } else if (ch.TakeBackFree(min_target, [this](uint64_t t) { FreeTx(t); }) > 0 ||
+               have <= min_target) {
+      ch.free_target = min_target;
+      have = ch.free_.SizeApprox();
+      worked = true;
+    } else {
+      *deadline = std::min(*deadline, now + kFreeIdleUs);  // (a producer had the lock)
+    }
+  }
   if (have < ch.free_target / 4 && ch.free_target < max_target)
     ch.free_target = std::min(ch.free_target * 2, max_target);
   // In batches up to the target, not one batch per round: an event loop's pass writes to
@@ -1230,6 +1296,7 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
     held += m;
     space -= m;
   }
+  ch.free_topped = ch.free_.SizeApprox();
   if (t.state() == afxdp::TransportState::kFailed) {
     Fail(ch, FailCause::kPeerSilent);  // the transport fails only when the peer went silent
     return true;
@@ -1635,6 +1702,8 @@ DriverStats AfxdpDriver::Stats() const {
     for (size_t i = 0; i < kFailCauses; ++i)
       s.channels_failed[i] += c.failed[i].load(std::memory_order_relaxed);
     s.fill_ring_empty += c.fill_ring_empty.load(std::memory_order_relaxed);
+    s.fill_target += c.fill_target.load(std::memory_order_relaxed);
+    s.fill_deepened += c.fill_deepened.load(std::memory_order_relaxed);
     s.tx_ring_full += c.tx_ring_full.load(std::memory_order_relaxed);
     s.frames_total += opts_.frames_per_queue;
     s.frames_free += c.frames_free.load(std::memory_order_relaxed);

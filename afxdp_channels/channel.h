@@ -359,6 +359,8 @@ struct DriverStats {
   uint64_t frames_total = 0;     // UMEM frames owned by the driver
   uint64_t frames_free = 0;      // ... of which in the free pools right now
   uint64_t frames_in_fill = 0;   // ... of which lent to the kernel in the fill rings
+  uint64_t fill_target = 0;      // the depth the fill rings are kept at now (shallow or deep)
+  uint64_t fill_deepened = 0;    // times a fill ring went from shallow to deep (a burst)
   uint64_t tx_slots_total = 0;   // 64 KB UMEM slots for AF_XDP TX of large segments
   uint64_t tx_slots_free = 0;    // ... of which free right now
   uint64_t rx_multi_buffer = 0;  // frames that arrived as a chain of UMEM frames (XDP_USE_SG)

@@ -367,6 +367,15 @@ bool ChannelCore::TryRelease(const RxSegment& seg) {
   return true;
 }
 
+uint32_t ChannelCore::TakeBackFree(uint32_t keep, const std::function<void(uint64_t)>& give) {
+  std::unique_lock g(producer_mu_, std::try_to_lock);
+  if (!g.owns_lock()) return 0;
+  uint32_t n = 0;
+  uint64_t t;
+  while (free_.SizeApprox() > keep && free_.PopOne(&t)) give(t), ++n;
+  return n;
+}
+
 void ChannelCore::Reclaim(const std::function<void(uint64_t)>& give_tx,
                           const std::function<void(uint64_t, uint32_t)>& give_rx,
                           bool keep_delivered) {

@@ -44,6 +44,13 @@ class NewReno final : public CongestionControl {
     cwnd_ = before_rto_cwnd_;
     ssthresh_ = before_rto_ssthresh_;
   }
+  void OnIdle(uint32_t restart) override {
+    if (cwnd_ <= restart) return;
+    // (As Linux's tcp_cwnd_restart: slow start back to at least three quarters of the window.)
+    ssthresh_ = std::max(ssthresh_, cwnd_ / 2 + cwnd_ / 4);
+    cwnd_ = restart;
+    acc_ = 0;
+  }
   uint32_t cwnd() const override { return cwnd_; }
   // DCTCP's proportional reduction; also ends slow start like a loss would.
   void Scale(double factor) {
@@ -82,6 +89,7 @@ class Dctcp final : public CongestionControl {
   void UndoRto() override { reno_.UndoRto(); }
   void OnEce() override {}  // handled per window in OnAck
   bool wants_ecn() const override { return true; }
+  void OnIdle(uint32_t restart) override { reno_.OnIdle(restart); }
   uint32_t cwnd() const override { return reno_.cwnd(); }
   double alpha() const { return alpha_; }
 
@@ -518,7 +526,14 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
     pipe++;
     stats_.retransmits++;
   }
-  // New data.
+  // New data. After an idle longer than an RTO the window restarts (RFC 7661): a receiver's
+  // fill ring is shallow after a quiet second (afxdp_driver.cc, kFillShallow) and takes the
+  // initial window's burst, not a whole window of the past.
+  if (snd_una_ == snd_nxt_ && snd_nxt_ != snd_end_ && last_data_sent_us_ != 0 &&
+      now_us - last_data_sent_us_ > rto_us_ && cc_->cwnd() > cfg_.initial_cwnd) {
+    cc_->OnIdle(cfg_.initial_cwnd);
+    stats_.idle_restarts++;
+  }
   while (n < out.size() && snd_nxt_ != snd_end_ && pipe < cc_->cwnd() &&
          SendWindowAllows(tx(snd_nxt_).len)) {
     TxSlot& slot = tx(snd_nxt_);

@@ -41,6 +41,10 @@ class CongestionControl {
   virtual void OnEce() { OnLoss(); }
   // Whether the sender marks its packets ECN-capable (ECT(0)).
   virtual bool wants_ecn() const { return false; }
+  // The sender was idle longer than an RTO (RFC 7661's restart): the window it had says nothing
+  // about the path now, so it restarts at most at `restart` packets and slow-starts back to
+  // where it was.
+  virtual void OnIdle(uint32_t restart) = 0;
   virtual uint32_t cwnd() const = 0;
 };
 
@@ -93,10 +97,11 @@ struct TransportStats {
   uint64_t rto_events = 0;
   uint64_t spurious_rtos = 0;  // timeouts undone: a later ACK showed the data had arrived
   uint64_t fast_retransmits = 0;
-  uint64_t rack_losses = 0;   // packets found lost by RACK's time rule
-  uint64_t tail_probes = 0;   // tail-loss probes sent
-  uint64_t ce_received = 0;   // DATA packets that arrived marked CE
-  uint64_t ece_received = 0;  // ACKs from the peer echoing congestion marks
+  uint64_t rack_losses = 0;    // packets found lost by RACK's time rule
+  uint64_t tail_probes = 0;    // tail-loss probes sent
+  uint64_t idle_restarts = 0;  // windows restarted after an idle longer than an RTO
+  uint64_t ce_received = 0;    // DATA packets that arrived marked CE
+  uint64_t ece_received = 0;   // ACKs from the peer echoing congestion marks
   uint64_t acks_sent = 0;
   uint64_t data_received = 0;  // DATA packets accepted (in order or buffered)
   uint64_t dup_received = 0;   // DATA already received: dropped, re-ACKed

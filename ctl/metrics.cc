@@ -93,6 +93,9 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
        ds.xsk_fill_ring_empty},
       {"netch_xsk_tx_ring_empty_total", "XDP_STATISTICS tx_ring_empty_descs.",
        ds.xsk_tx_ring_empty},
+      {"netch_fill_ring_deepened_total",
+       "Times a fill ring went from its shallow depth to its deep one (a burst arrived).",
+       ds.fill_deepened},
       {"netch_udp_tx_packets_total", "Packets sent through the kernel's UDP socket.",
        ds.udp_tx_packets},
       {"netch_udp_gso_trains_total",
@@ -139,6 +142,10 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
   b.Gauge("netch_umem_frames", "UMEM frames by where they are.",
           static_cast<double>(ds.frames_total - ds.frames_free - ds.frames_in_fill),
           {{"state", "in_use"}});
+  b.Gauge("netch_fill_ring_target_frames",
+          "The depth the fill rings are kept at now, summed: shallow after a quiet second, deep "
+          "while bursts arrive.",
+          static_cast<double>(ds.fill_target));
 
   const auto engines = d.Engines();
   for (const auto& e : engines) {

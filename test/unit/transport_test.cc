@@ -416,6 +416,40 @@ TEST(TransportTest, ALateAckUndoesASpuriousTimeout) {
   }
 }
 
+// RFC 7661's restart: a sender idle longer than an RTO sends at most the initial window at
+// once (the receiver's fill ring may be shallow again by then); a shorter pause keeps the window.
+TEST(TransportTest, AWindowRestartsAfterAnIdleLongerThanTheRto) {
+  for (const bool long_idle : {false, true}) {
+    SCOPED_TRACE(long_idle ? "idle longer than the RTO" : "idle shorter than the RTO");
+    Sim sim({}, 21);
+    sim.Transfer(2 << 20, kMss, 10'000'000);  // a grown window
+    for (int i = 0; i < 20 && sim.ta_->in_flight_packets() > 0; ++i) {
+      sim.PollBoth();
+      sim.Advance();
+    }
+    ASSERT_EQ(sim.ta_->in_flight_packets(), 0u);
+    const uint32_t grown = sim.ta_->cwnd();
+    ASSERT_GT(grown, 48u);
+    const uint64_t rto = sim.ta_->rto_us();
+    sim.now_ += long_idle ? rto + 1000 : rto / 2;
+    for (int i = 0; i < 48; ++i)
+      ASSERT_TRUE(sim.ta_->Send(sim.sa_.Put(std::string(kMss, 'x')), kMss));
+    std::vector<TxPacket> out(64);
+    const size_t n = sim.ta_->Poll(sim.now_, out);
+    const auto data = std::count_if(out.begin(), out.begin() + static_cast<ptrdiff_t>(n),
+                                    [](const TxPacket& p) { return p.hdr.type == NC_CT_DATA; });
+    if (long_idle) {
+      EXPECT_EQ(data, 16) << "the initial window";
+      EXPECT_EQ(sim.ta_->stats().idle_restarts, 1u);
+      EXPECT_EQ(sim.ta_->cwnd(), 16u);
+    } else {
+      EXPECT_EQ(data, 48) << "the grown window, " << grown;
+      EXPECT_EQ(sim.ta_->stats().idle_restarts, 0u);
+      EXPECT_EQ(sim.ta_->cwnd(), grown);
+    }
+  }
+}
+
 TEST(TransportTest, SendRingFullRefusesAndKeepsBuffer) {
   TransportConfig cfg;
   cfg.window_packets = 8;

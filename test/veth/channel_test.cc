@@ -218,6 +218,58 @@ TEST_F(LatencyQueueTest, QueueZeroSendsThroughAfxdpAndTheRestThroughUdpIntact) {
   Bulk(4);
 }
 
+// The fill ring's depth (afxdp_driver.cc, kFillShallow): shallow from the start, so that
+// sparse traffic reuses a few warm frames; deep as soon as a stream arrives, without a frame
+// dropped on the way; shallow again after a quiet second; a new channel's first flight fits
+// the shallow ring; and four channels starting at once on one queue and the idle channels
+// that held grown shares of its send slots leave nothing stalled.
+class FillDepthTest : public ChannelHostsTest {
+ protected:
+  FillDepthTest() : ChannelHostsTest("afxdp_udp") {}
+  // Every channel on queue 0: the other queues' rings stay as they started.
+  void Move(uint64_t bytes, int channels) {
+    tools::TransferOptions o;
+    o.peer_ipv4 = TestHosts::kIpB;
+    o.queue = 0;
+    o.channels = channels;
+    o.bytes = bytes;
+    auto r = tools::RunTransfer(*a_->driver, *b_->driver, o);
+    ASSERT_TRUE(r.ok()) << r.status();
+    EXPECT_TRUE(r->intact) << Describe(*r);
+  }
+};
+
+TEST_F(FillDepthTest, ShallowWhenQuietDeepUnderAStreamAndNothingDropped) {
+  Open();
+  const chan::DriverStats start = b_->driver->Stats();
+  ASSERT_GT(start.fill_target, 0u);
+  EXPECT_EQ(start.fill_deepened, 0u);
+  EXPECT_EQ(start.fill_target % 512, 0u);
+  EXPECT_LT(start.fill_target, start.frames_total / 4) << "the shallow depth";
+  Move(256 << 10, 1);  // a little traffic keeps it shallow
+  EXPECT_EQ(b_->driver->Stats().fill_target, start.fill_target);
+  EXPECT_EQ(b_->driver->Stats().fill_deepened, 0u);
+
+  Move(kBulk, 1);
+  const chan::DriverStats deep = b_->driver->Stats();
+  EXPECT_EQ(deep.fill_deepened, 1u);
+  EXPECT_GT(deep.fill_target, start.fill_target);
+  EXPECT_EQ(deep.xsk_rx_dropped, 0u) << "growing lost nothing";
+
+  absl::SleepFor(absl::Milliseconds(1200));
+  Move(256 << 10, 1);  // the rounds that see the quiet second
+  EXPECT_EQ(b_->driver->Stats().fill_target, start.fill_target) << "shallow again";
+  Move(kBulk / 4, 1);  // a new channel's first flight fits the shallow ring
+  EXPECT_EQ(b_->driver->Stats().xsk_rx_dropped, 0u);
+  EXPECT_EQ(b_->driver->Stats().fill_deepened, 2u);
+  // Four first flights at once on one queue, 64 KB packets (~1,100 frames), may overflow it:
+  // the transport repairs what the socket dropped.
+  absl::SleepFor(absl::Milliseconds(1200));
+  Move(256 << 10, 1);
+  Move(kBulk / 4, 4);
+  ExpectFramesReturned();
+}
+
 // The kernel-UDP path where the MTU is smaller than a segment could be: equal-size packets leave
 // as UDP_SEGMENT trains, which the kernel cuts exactly at packet boundaries.
 class GsoChannelTest : public ChannelHostsTest {
