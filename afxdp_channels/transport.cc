@@ -408,8 +408,13 @@ void Transport::ConsumedCharge(uint64_t charge) {
     ack_now_ = true;
 }
 
+uint64_t Transport::AckDelayAllowance() const {
+  return in_flight_packets() < cfg_.pingpong_max_pending ? cfg_.pingpong_ack_us : 0;
+}
+
 uint64_t Transport::TlpTimeout() const {
-  return std::max<uint64_t>(2 * (srtt_us_ ? srtt_us_ : cfg_.initial_rto_us / 2), 1000);
+  return std::max<uint64_t>(2 * (srtt_us_ ? srtt_us_ : cfg_.initial_rto_us / 2), 1000) +
+         AckDelayAllowance();
 }
 
 void Transport::UpdateRtt(uint64_t r) {
@@ -543,11 +548,14 @@ size_t Transport::Poll(uint64_t now_us, std::span<TxPacket> out) {
     out[n].len = slot.len;
     n++;
     in_flight_bytes_ += Charge(slot.len);
-    if (tlp_deadline_us_ == UINT64_MAX) tlp_deadline_us_ = now_us + TlpTimeout();
     snd_nxt_++;
     pipe++;
     stats_.data_sent++;
     last_data_sent_us_ = now_us;
+  }
+  // (After the batch: whether the flight is small enough for the peer to hold its ACK.)
+  if (last_data_sent_us_ == now_us && snd_una_ != snd_nxt_) {
+    if (tlp_deadline_us_ == UINT64_MAX) tlp_deadline_us_ = now_us + TlpTimeout();
     if (rto_deadline_us_ == UINT64_MAX) ArmRto(now_us);
   }
   // Zero-window probe: data waits, nothing in flight, the peer's window is too small.

@@ -72,11 +72,13 @@ struct TransportConfig {
   uint64_t delayed_ack_us = 500;  // ...or after this long
   // Request/response (Linux's "pingpong" ACK mode): having sent new data within the last
   // pingpong_window_us, fewer than pingpong_max_pending in-order packets wait for the reply,
-  // which carries the ACK, or for pingpong_ack_us (below the 1 ms tail-loss probe floor) — not
-  // for a pure ACK that would sit on the request's critical path.
+  // which carries the ACK, or for pingpong_ack_us — not for a pure ACK that would sit on the
+  // request's critical path, or wake the peer between requests a few milliseconds apart. The
+  // peer's tail-loss probe and RTO allow for the hold on a flight that small (both ends run this
+  // transport with these defaults). Linux holds such an ACK 40 ms or more.
   uint64_t pingpong_window_us = 1'000;
   uint32_t pingpong_max_pending = 4;
-  uint64_t pingpong_ack_us = 200;
+  uint64_t pingpong_ack_us = 5'000;
   uint64_t keepalive_idle_us = 200'000;  // probe an idle peer after this long
   uint64_t dead_peer_us = 2'000'000;     // nothing heard for this long: kFailed
   // Receive-buffer accounting unit: a packet is charged at least this many bytes against both
@@ -226,7 +228,10 @@ class Transport {
   uint64_t TlpTimeout() const;
   wire::ChanHeader MakeHeader(uint8_t type, uint64_t now_us);
   bool SendWindowAllows(uint32_t len) const;
-  void ArmRto(uint64_t now_us) { rto_deadline_us_ = now_us + rto_us_; }
+  // A small flight's ACK may be held by the peer for its reply (pingpong_ack_us): the tail-loss
+  // probe and the RTO wait that much longer for it (RFC 8985's WCDelAckT).
+  uint64_t AckDelayAllowance() const;
+  void ArmRto(uint64_t now_us) { rto_deadline_us_ = now_us + rto_us_ + AckDelayAllowance(); }
 
   TransportConfig cfg_;
   std::unique_ptr<CongestionControl> cc_;

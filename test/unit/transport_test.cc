@@ -138,7 +138,7 @@ class Sim {
 
   // Jumps to the next event: a delivery or a transport timer (bounded step so polling proceeds).
   void Advance() {
-    uint64_t next = now_ + 1000;
+    uint64_t next = now_ + max_step_us_;
     if (!wire_.empty()) next = std::min(next, wire_.top().at_us);
     next = std::min({next, ta_->next_timer_us(), tb_->next_timer_us()});
     if (stall_until_ > now_) next = std::min(next, stall_until_);
@@ -166,6 +166,7 @@ class Sim {
   int burst_left_ = 0;
   bool drop_all_ = false;
   uint64_t stall_until_ = 0;
+  uint64_t max_step_us_ = 1000;  // the longest Advance() jumps without an event
   std::vector<TxPacket> out_ = std::vector<TxPacket>(64);
 };
 
@@ -414,6 +415,49 @@ TEST(TransportTest, ALateAckUndoesASpuriousTimeout) {
       EXPECT_GT(sim.ta_->stats().retransmits, resent) << "the rest of the flight is repaired";
     }
   }
+}
+
+// Requests a few milliseconds apart: the client holds its ACK of each reply for the next
+// request (pingpong_ack_us), and the server's tail-loss probe and RTO wait for it — no pure ACK
+// wakes the server between requests, no probe resends a reply that arrived.
+TEST(TransportTest, AReplysAckWaitsForTheNextRequestWithoutAProbe) {
+  Sim sim({}, 23);
+  sim.max_step_us_ = 10;  // the exchanges' timing as written
+  auto drain = [&] {
+    uint64_t h;
+    uint32_t len;
+    while (sim.ta_->PopDelivered(&h, &len)) sim.sa_.Drop(h), sim.ta_->Consumed(len);
+    while (sim.tb_->PopDelivered(&h, &len)) sim.sb_.Drop(h), sim.tb_->Consumed(len);
+  };
+  auto run_for = [&](uint64_t us) {
+    for (const uint64_t end = sim.now_ + us; sim.now_ < end;) {
+      sim.PollBoth();
+      sim.Advance();
+      drain();
+    }
+  };
+  auto exchange = [&] {
+    ASSERT_TRUE(sim.ta_->Send(sim.sa_.Put("request"), 7));
+    run_for(100);
+    ASSERT_TRUE(sim.tb_->Send(sim.sb_.Put("reply"), 5));
+    run_for(100);
+  };
+  for (int i = 0; i < 5; ++i) exchange();  // an RTT estimate
+  const TransportStats a0 = sim.ta_->stats(), b0 = sim.tb_->stats();
+  for (int i = 0; i < 20; ++i) {
+    exchange();
+    run_for(3'000);  // the pause between requests
+    EXPECT_EQ(sim.tb_->in_flight_packets(), 1u) << "the reply's ACK is held, pause " << i;
+  }
+  EXPECT_EQ(sim.ta_->stats().acks_sent, a0.acks_sent) << "every ACK rode on a request";
+  EXPECT_EQ(sim.tb_->stats().tail_probes, b0.tail_probes);
+  EXPECT_EQ(sim.tb_->stats().rto_events, b0.rto_events);
+  EXPECT_EQ(sim.tb_->stats().retransmits, b0.retransmits);
+  // A longer pause: the held ACK leaves by itself, still before any probe.
+  run_for(10'000);
+  EXPECT_EQ(sim.tb_->in_flight_packets(), 0u);
+  EXPECT_EQ(sim.ta_->stats().acks_sent, a0.acks_sent + 1);
+  EXPECT_EQ(sim.tb_->stats().tail_probes, b0.tail_probes);
 }
 
 // RFC 7661's restart: a sender idle longer than an RTO sends at most the initial window at
