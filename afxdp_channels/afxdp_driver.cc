@@ -50,7 +50,6 @@ constexpr uint32_t kCtlReserve = 64;        // frames kept for ACKs and handshak
 // frames).
 constexpr uint32_t kFillShallow = 512;
 constexpr uint64_t kFillQuietUs = 1'000'000;
-constexpr uint64_t kFillRateWindowUs = 100;     // the shortest span a rate is taken over
 constexpr uint16_t kSrcPortBase = 49152;        // channel id -> UDP source port (RSS/ECMP entropy)
 constexpr uint64_t kCookieTickUs = 16'000'000;  // a cookie is valid for one to two ticks
 // How long an initiator waits for its peer's address to resolve (ARP) before the channel fails
@@ -73,8 +72,9 @@ constexpr uint32_t kTxSlotsPerQueue = 256;  // 16 MB of UMEM per queue, for AF_X
 // stalled channel cannot empty the queue's buffers.
 constexpr uint32_t kPoolFreeMin = 4;
 // How long a channel's producer takes no empty buffer before the engine takes back what its
-// share grew to: idle channels holding grown shares once left none for a busy one on the same
-// queue, for good (four channels on one queue, the last two stalled: FillDepthTest).
+// share grew to, when another channel of the queue finds the pool empty: idle channels holding
+// grown shares once left none for a busy one on the same queue, for good (four channels on one
+// queue, the last two stalled: FillDepthTest).
 constexpr uint64_t kFreeIdleUs = 10'000;
 
 class AfxdpDriver;
@@ -254,6 +254,10 @@ class XskQueue final : public EngineTask, public Transport::BufferOwner {
   uint64_t fill_burst_us_ = 0;
   uint64_t fill_ms_ = 0;  // the millisecond the rate is counted in, and what it took
   uint32_t fill_ms_taken_ = 0;
+  uint32_t fill_prev_ms_taken_ = 0;  // ... and in the millisecond before it
+  // When a channel last wanted send slots the pool did not have (RunChannel gives back idle
+  // channels' grown shares then).
+  uint64_t starved_us_ = 0;
   void AdaptFillDepth(uint32_t level, uint64_t now);
 
   // Per UMEM frame, engine-side: how a received frame's pieces chain and what each holds
@@ -440,6 +444,7 @@ absl::Status XskQueue::Open(const std::string& ifname, uint32_t frames, bool udp
   fill_deep_ = fill_target_;
   fill_target_ = std::min(fill_deep_, kFillShallow);
   fill_after_ = umem_->Refill(fill_target_);
+  counters.fill_target = fill_target_;
   counters.frames_free = umem_->free_frames();
   links_.resize(frames);
   counters.tx_slots_free = umem_->free_slots();
@@ -785,12 +790,18 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
 
 void XskQueue::AdaptFillDepth(uint32_t level, uint64_t now) {
   const uint32_t taken = fill_after_ > level ? fill_after_ - level : 0;
-  if (now / 1000 != fill_ms_) fill_ms_ = now / 1000, fill_ms_taken_ = 0;
+  if (const uint64_t ms = now / 1000; ms != fill_ms_) {
+    fill_prev_ms_taken_ = ms == fill_ms_ + 1 ? fill_ms_taken_ : 0;
+    fill_ms_ = ms;
+    fill_ms_taken_ = 0;
+  }
   fill_ms_taken_ += taken;
   // A burst: half the shallow ring taken in one round, the ring found empty, or a quarter of it
-  // within one millisecond — a stream whose rounds each take a little, which an engine kept
-  // off its core for 4 ms would find with the shallow ring drained.
-  if (taken > kFillShallow / 2 || level == 0 || fill_ms_taken_ > kFillShallow / 4) {
+  // within this millisecond and the last — a stream whose rounds each take a little (a new
+  // channel's first flight, then twice that), which an engine kept off its core for a few ms
+  // would find with the shallow ring drained.
+  if (taken > kFillShallow / 2 || level == 0 ||
+      fill_ms_taken_ + fill_prev_ms_taken_ > kFillShallow / 4) {
     fill_burst_us_ = now;
     if (fill_target_ < fill_deep_) {
       fill_target_ = fill_deep_;
@@ -1252,18 +1263,19 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
   uint32_t have = ch.free_.SizeApprox();
   const uint32_t max_target = pool_ || slots_ ? pool_cap_ : kChanRing;
   const uint32_t min_target = pool_ || slots_ ? kPoolFreeMin : kFreeMin;
-  if (have < ch.free_topped) ch.free_taken_us = now;
-  if (ch.free_target > min_target) {
-    if (now - ch.free_taken_us < kFreeIdleUs) {
-      *deadline = std::min(*deadline, ch.free_taken_us + kFreeIdleUs);
-    } else if (ch.TakeBackFree(min_target, [this](uint64_t t) { FreeTx(t); }) > 0 ||
-               have <= min_target) {
-      ch.free_target = min_target;
-      have = ch.free_.SizeApprox();
-      worked = true;
-    } else {
-      *deadline = std::min(*deadline, now + kFreeIdleUs);  // (a producer had the lock)
-    }
+  // (Only an idle producer's: one blocked on a full channel takes nothing either, and its share
+  // taken back and handed out again would make it writable while the channel is full.)
+  if (have < ch.free_topped || ch.txq_.SizeApprox() > 0 || t.send_queue_packets() > 0)
+    ch.free_taken_us = now;
+  // Taken back only while another channel of the queue wants buffers the pool no longer has:
+  // a share taken back for nothing regrows by doubling, and a channel a scheduler left alone for
+  // a while would carry less for it (four channels of one socket on slow sanitizer builds).
+  if (ch.free_target > min_target && now - starved_us_ < kFreeIdleUs &&
+      now - ch.free_taken_us >= kFreeIdleUs &&
+      (ch.TakeBackFree(min_target, [this](uint64_t t) { FreeTx(t); }) > 0 || have <= min_target)) {
+    ch.free_target = min_target;
+    have = ch.free_.SizeApprox();
+    worked = true;
   }
   if (have < ch.free_target / 4 && ch.free_target < max_target)
     ch.free_target = std::min(ch.free_target * 2, max_target);
@@ -1290,7 +1302,15 @@ bool XskQueue::RunChannel(AfxdpChannel& ch, uint64_t now, uint64_t* deadline) {
       while (m < std::min(space, kBatch) && umem_->free_frames() > keep)
         tok[m++] = umem_->AllocFrame() + kAfxdpHeadroom;
     }
-    if (m == 0) break;
+    if (m == 0) {
+      // The pool ran dry under a channel below its own cap: idle channels' shares come back
+      // (above); look again every millisecond until they have.
+      if ((pool_ || slots_) && held < pool_cap_ && held_bytes < pool_cap_bytes_) {
+        starved_us_ = now;
+        *deadline = std::min(*deadline, now + 1000);
+      }
+      break;
+    }
     ch.free_.Push({tok, m});
     notify |= Channel::kWritable;
     held += m;

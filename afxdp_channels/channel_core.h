@@ -96,13 +96,13 @@ class ChannelCore : public Channel {
   // channel died is still read (a peer's FIN after its last segment must not lose that segment).
   void Reclaim(const std::function<void(uint64_t)>& give_tx,
                const std::function<void(uint64_t, uint32_t)>& give_rx, bool keep_delivered);
-  // True when no producer is copying outside the producer lock (its buffers would reach txq_
-  // later).
   // An idle producer's empty buffers beyond `keep` go back through `give` (the engine's
   // share trim); returns how many, 0 when a producer holds the lock (try again later).
   uint32_t TakeBackFree(uint32_t keep, const std::function<void(uint64_t)>& give);
   // Once the application dropped its last reference: frees what it never dequeued.
   void DropDelivered(const std::function<void(uint64_t)>& give);
+  // True when no producer is copying outside the producer lock (its buffers would reach txq_
+  // later).
   bool ProducersIdle();
 
   // Coalescing (TxSegment::coalesce) for a driver whose engine calls FlushOpen every round; in
