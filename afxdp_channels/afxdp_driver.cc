@@ -783,7 +783,8 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
   }
   counters.fill_target.store(fill_target_, std::memory_order_relaxed);
   counters.frames_free.store(umem_->free_frames(), std::memory_order_relaxed);
-  counters.frames_in_fill.store(umem_->fill_ring_level(), std::memory_order_relaxed);
+  // (The level after the refill, as counted above: not the kernel's consumer index read again.)
+  counters.frames_in_fill.store(fill_after_, std::memory_order_relaxed);
   counters.tx_slots_free.store(umem_->free_slots(), std::memory_order_relaxed);
   return worked;
 }
