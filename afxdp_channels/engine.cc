@@ -65,6 +65,14 @@ void DropStaleLists() {
   t_ndeferred = t_nopened = 0;
 }
 thread_local bool t_round_flushes_open = false;  // the round on this thread commits open segments
+thread_local uint64_t t_round_now_us = 0;        // the round running on this thread (RoundNowUs)
+thread_local bool t_poller_round = false;        // ... run by a poller (PollerRound)
+}  // namespace
+
+uint64_t RoundNowUs() { return t_round_now_us != 0 ? t_round_now_us : NowUs(); }
+bool PollerRound() { return t_poller_round; }
+
+namespace {
 // The engine whose round this thread runs for a producer or a poller, and whether that round
 // queued work for the engine itself. No round runs inside another: a DeliveryHook holds locks
 // another engine's round would try_lock again on the same thread.
@@ -265,7 +273,10 @@ bool Engine::RunInline(uint64_t now_us, uint64_t stand_down_us) {
   // time, and a task must never see time go back.
   uint64_t deadline = UINT64_MAX;
   RoundOnThisThread on(this);
-  return RunTasks(std::max(now_us, last_round_us_), &deadline);
+  const bool outer = std::exchange(t_poller_round, true);
+  const bool worked = RunTasks(std::max(now_us, last_round_us_), &deadline);
+  t_poller_round = outer;
+  return worked;
 }
 
 void Engine::TransmitInline(bool reaim, bool even_if_awake) {
@@ -480,7 +491,9 @@ bool Engine::RunTasks(uint64_t now_us, uint64_t* deadline_us) {
   const bool flush_open = flush_open_.load(std::memory_order_relaxed) &&
                           flush_open_.exchange(false, std::memory_order_acquire);
   const bool outer = std::exchange(t_round_flushes_open, flush_open);
+  const uint64_t outer_now = std::exchange(t_round_now_us, now_us);
   for (EngineTask* t : tasks_) worked |= t->Run(now_us, deadline_us);
+  t_round_now_us = outer_now;
   t_round_flushes_open = outer;
   return worked;
 }

@@ -344,7 +344,8 @@ bool StackImpl::DeliverInline(chan::Channel& ch) {
   // leaves it, until the poller has been gone for kStandDownRecheckUs after its lease. A lane
   // holding segments back is the dispatcher's: they go first.
   if (!lane ||
-      lane->polled_until_us.load(std::memory_order_relaxed) + chan::kStandDownRecheckUs > NowUs() ||
+      lane->polled_until_us.load(std::memory_order_relaxed) + chan::kStandDownRecheckUs >
+          chan::RoundNowUs() ||
       lane->npending.load(std::memory_order_relaxed) != 0 || !lane->TryOwn())
     return false;
   bool all = !lane->gone && lane->pending.empty();
