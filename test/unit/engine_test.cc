@@ -135,6 +135,39 @@ TEST(EngineTest, WithoutAScopeTheEngineThreadRunsTheWork) {
   e.Remove(&t);
 }
 
+// What a task learns of the round it runs in: a poller's round (PollInline) is marked as one and
+// gives its time to RoundNowUs; the engine's own round is not a poller's; outside any round
+// RoundNowUs reads the clock.
+TEST(EngineTest, ATaskSeesWhetherAPollerRunsItsRoundAndTheRoundsTime) {
+  Engine e(0, -1, "", absl::ZeroDuration());
+  ASSERT_TRUE(e.Start().ok());
+  WorkTask t;
+  std::atomic<int> poller_rounds{0}, own_rounds{0}, stale{0};
+  t.on_take = [&](uint64_t now_us, uint64_t*) {
+    (PollerRound() ? poller_rounds : own_rounds)++;
+    stale += RoundNowUs() != now_us;
+  };
+  e.Add(&t);
+  // The poller's round runs at a time half a second ahead, which no clock read inside it could
+  // give. (Not ours to run while the engine is in a round of its own: tried again.)
+  AwaitSleep(e);
+  for (int i = 0; i < 100 && poller_rounds.load() == 0; ++i) {
+    t.work = 1;
+    e.RunInline(NowUs() + 500'000, 0);
+  }
+  EXPECT_EQ(poller_rounds.load(), 1);
+  e.Resume();  // (the stand-down that round set, half a second ahead, ends)
+  const int own_before = own_rounds.load();
+  AwaitSleep(e);
+  Produce(t);  // no scope: the engine thread runs it
+  EXPECT_GT(own_rounds.load(), own_before);
+  EXPECT_EQ(stale.load(), 0) << "RoundNowUs inside a round must be the round's own time";
+  EXPECT_FALSE(PollerRound()) << "outside any round";
+  const uint64_t before = NowUs();
+  EXPECT_GE(RoundNowUs(), before) << "outside any round it reads the clock";
+  e.Remove(&t);
+}
+
 TEST(EngineTest, ATimerAProducersRoundSetWakesTheSleepingEngine) {
   Engine e(0, -1, "", absl::ZeroDuration());
   ASSERT_TRUE(e.Start().ok());
