@@ -50,6 +50,8 @@ constexpr uint32_t kCtlReserve = 64;        // frames kept for ACKs and handshak
 // frames).
 constexpr uint32_t kFillShallow = 512;
 constexpr uint64_t kFillQuietUs = 1'000'000;
+// A poller's round that took at most this many descriptors prefetches their whole payload (Run).
+constexpr uint32_t kPrefetchPayloadFrames = 2;
 constexpr uint16_t kSrcPortBase = 49152;        // channel id -> UDP source port (RSS/ECMP entropy)
 constexpr uint64_t kCookieTickUs = 16'000'000;  // a cookie is valid for one to two ticks
 // How long an initiator waits for its peer's address to resolve (ARP) before the channel fails
@@ -711,8 +713,6 @@ wire::ChanHeader XskQueue::ControlHeader(const AfxdpChannel& ch, uint8_t type, u
   return h;
 }
 
-constexpr uint32_t kPrefetchPayloadFrames = 2;
-
 bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
   bool worked = false;
   if (ops_pending_.load(std::memory_order_acquire)) {
@@ -727,22 +727,19 @@ bool XskQueue::Run(uint64_t now, uint64_t* deadline) {
   // program and the copy into the UMEM): its header lines are in that CPU's cache. Asked for
   // all at once here, their misses overlap instead of stalling the parser one after another
   // (~0.2 µs less per frame at the head of a busy-polled round trip, docs/DATAPATH.md).
+  // A poller's round (a busy-polled reader, an event loop's wait) that took one or two frames
+  // most likely took a request or a reply its reader copies out right after the round, on this
+  // core: the rest of the frame is asked for too, so that copy finds it in cache instead of
+  // missing line after line (docs/DATAPATH.md). Not in the engine's own rounds, whose reader is
+  // another thread (a 128 KiB stream lost 4-14% of its rate to it), nor for batches, whose frames
+  // would push each other out before their reader came.
+  const bool whole = n <= kPrefetchPayloadFrames && PollerRound();
   for (uint32_t i = 0; i < n; ++i) {
     const uint8_t* p = umem_->Data(descs[i].addr);
     __builtin_prefetch(p);
     __builtin_prefetch(p + 64);
-  }
-  // A poller's round (a busy-polled reader, an event loop's wait) that took one or two frames
-  // most likely took a request or a reply its reader copies out right after the round, on this
-  // core: the rest of the frame is asked for now too, so that copy finds it in cache instead of
-  // missing line after line (docs/DATAPATH.md). Not in the engine's own rounds, whose reader is
-  // another thread (a 128 KiB stream lost 4-14% of its rate to it), nor for batches, whose frames
-  // would push each other out before their reader came.
-  if (n <= kPrefetchPayloadFrames && PollerRound()) {
-    for (uint32_t i = 0; i < n; ++i) {
-      const uint8_t* p = umem_->Data(descs[i].addr);
+    if (whole)
       for (uint32_t o = 128; o < descs[i].len; o += 64) __builtin_prefetch(p + o);
-    }
   }
   for (uint32_t i = 0; i < n; ++i) {
     const bool more = descs[i].options & XDP_PKT_CONTD;

@@ -67,12 +67,6 @@ void DropStaleLists() {
 thread_local bool t_round_flushes_open = false;  // the round on this thread commits open segments
 thread_local uint64_t t_round_now_us = 0;        // the round running on this thread (RoundNowUs)
 thread_local bool t_poller_round = false;        // ... run by a poller (PollerRound)
-}  // namespace
-
-uint64_t RoundNowUs() { return t_round_now_us != 0 ? t_round_now_us : NowUs(); }
-bool PollerRound() { return t_poller_round; }
-
-namespace {
 // The engine whose round this thread runs for a producer or a poller, and whether that round
 // queued work for the engine itself. No round runs inside another: a DeliveryHook holds locks
 // another engine's round would try_lock again on the same thread.
@@ -91,6 +85,9 @@ struct RoundOnThisThread {
   Engine* prev;
 };
 }  // namespace
+
+uint64_t RoundNowUs() { return t_round_now_us != 0 ? t_round_now_us : NowUs(); }
+bool PollerRound() { return t_poller_round; }
 
 TransmitInlineScope::TransmitInlineScope(bool even_if_awake) : awake_(even_if_awake) {
   ++t_transmit_inline;
