@@ -162,7 +162,7 @@ absl::Status Engine::Start() {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return ErrnoStatus(errno, "eventfd");
   timer_fd_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-  if (timer_fd_ < 0) return ErrnoStatus(errno, "timerfd_create");
+  if (timer_fd_ < 0 || !standby_.ok()) return ErrnoStatus(errno, "timerfd_create");
   sleep_ep_ = epoll_create1(EPOLL_CLOEXEC);
   input_ep_ = epoll_create1(EPOLL_CLOEXEC);
   if (sleep_ep_ < 0 || input_ep_ < 0) return ErrnoStatus(errno, "epoll_create1");
@@ -262,8 +262,10 @@ void Engine::Wake() {
 bool Engine::RunInline(uint64_t now_us, uint64_t stand_down_us) {
   // Published first: the engine thread that finishes its round now sees it before sleeping.
   if (const uint64_t until = now_us + stand_down_us;
-      stand_down_until_us_.load(std::memory_order_relaxed) < until)
+      stand_down_until_us_.load(std::memory_order_relaxed) < until) {
     stand_down_until_us_.store(until, std::memory_order_relaxed);
+    standby_.Cover(until + kStandDownRecheckUs);
+  }
   std::unique_lock rl(round_mu_, std::try_to_lock);
   if (!rl.owns_lock() || ops_pending_.load(std::memory_order_acquire)) return false;
   // The caller read the clock before the lock: a round that ran meanwhile may have used a later
@@ -473,6 +475,25 @@ void PollYielder::MaybeYield(uint64_t now_us, uint64_t spun_us) {
     paused_until_us_ = back + kPollYieldPauseUs;
 }
 
+StandbyTimer::StandbyTimer() : fd_(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)) {}
+
+StandbyTimer::~StandbyTimer() {
+  if (fd_ >= 0) close(fd_);
+}
+
+void StandbyTimer::Arm(uint64_t at_us) {
+  itimerspec its{};
+  its.it_value = {static_cast<time_t>(at_us / 1'000'000),
+                  static_cast<long>((at_us % 1'000'000) * 1000)};
+  (void)timerfd_settime(fd_, TFD_TIMER_ABSTIME, &its, nullptr);
+}
+
+void StandbyTimer::Fired() {
+  armed_us_.store(0, std::memory_order_relaxed);
+  uint64_t v;
+  (void)!read(fd_, &v, sizeof(v));
+}
+
 void Engine::Resume() {
   if (stand_down_until_us_.exchange(0, std::memory_order_relaxed) != 0) {
     std::atomic_thread_fence(std::memory_order_seq_cst);
@@ -523,12 +544,12 @@ void Engine::Loop() {
     uint64_t deadline = UINT64_MAX;
     bool worked = false;
     // A busy poller runs the rounds for now: stay out of its way (and off its core), sleeping
-    // on the eventfd only until it stops polling (Resume) or, checked kStandDownRecheckUs after
-    // its lease ran out, it has stopped renewing it.
+    // on the eventfd until it stops polling (Resume) or on the standby timer until, checked
+    // kStandDownRecheckUs after its lease ran out, it has stopped renewing it.
     if (const uint64_t until = stand_down_until_us_.load(std::memory_order_relaxed); until > now) {
+      standby_.Cover(until + kStandDownRecheckUs);
       sleeping_.store(true, std::memory_order_seq_cst);
-      if (!ops_pending_.load(std::memory_order_acquire))
-        Sleep(until + kStandDownRecheckUs, /*wake_fd_only=*/true);
+      if (!ops_pending_.load(std::memory_order_acquire)) Sleep(UINT64_MAX, /*wake_fd_only=*/true);
       sleeping_.store(false, std::memory_order_relaxed);
       // (idle_since_us is left as it was: the poller ran the rounds meanwhile, and an engine it
       // hands back to that finds nothing to do sleeps at once rather than spinning beside it.)
@@ -582,10 +603,11 @@ void Engine::Sleep(uint64_t deadline_us, bool wake_fd_only) {
   wakeups_.fetch_add(1, std::memory_order_relaxed);
   bool woken = false, timer = false;
   if (wake_fd_only) {
-    pollfd fds[2] = {{wake_fd_, POLLIN, 0}, {timer_fd_, POLLIN, 0}};
-    ppoll(fds, 2, &ts, nullptr);
+    pollfd fds[3] = {{wake_fd_, POLLIN, 0}, {timer_fd_, POLLIN, 0}, {standby_.fd(), POLLIN, 0}};
+    ppoll(fds, 3, &ts, nullptr);
     woken = fds[0].revents & POLLIN;
     timer = fds[1].revents & POLLIN;
+    if (fds[2].revents & POLLIN) standby_.Fired();
   } else {
     // wake_fd_, timer_fd_ (producers' timers, cleared by the next round) and the tasks' input
     // (unless loaned out).

@@ -192,6 +192,7 @@ class Engine {
   std::mutex round_mu_;
   std::vector<EngineTask*> tasks_;  // guarded by round_mu_ (changed by the engine thread only)
   std::atomic<uint64_t> stand_down_until_us_{0};
+  StandbyTimer standby_;  // wakes the stood-down engine once its pollers stopped renewing
   std::atomic<bool> flush_open_{false};  // RequestOpenFlush, taken by the next round
   uint64_t last_round_us_ = 0;           // guarded by round_mu_: the clock a round last ran with
   // guarded by round_mu_: when the sleeping engine wakes by itself (sleep timeout or timer_fd_);

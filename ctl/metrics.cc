@@ -247,6 +247,10 @@ std::vector<MetricFamily> CollectMetrics(vns::Stack& stack, Controller& ctl) {
             static_cast<double>(ss.deliveries_inline));
   b.Counter("netch_dispatcher_holds_total", "Times a full socket held a channel back.",
             static_cast<double>(ss.dispatcher_blocked));
+  b.Counter("netch_dispatcher_wakeups_total",
+            "Sleeps of the stack's dispatcher thread, each ended by a wakeup (a busy poller's "
+            "stack should cause few: chan::StandbyTimer).",
+            static_cast<double>(ss.dispatcher_wakeups));
   b.Counter("netch_rst_sent_total", "RST segments sent (no listener, no such connection).",
             static_cast<double>(ss.rst_sent));
   b.Counter("netch_rx_bad_conn_id_total",

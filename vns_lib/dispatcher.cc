@@ -601,8 +601,10 @@ bool StackImpl::PollInline(uint64_t stand_down_us) {
   for (const auto& ch : chans) worked |= ch->PollInline(now, stand_down_us);
   std::unique_lock l(dispatch_mu_, std::try_to_lock);
   if (!l.owns_lock()) return worked;  // the dispatcher (or another poller) is in a round
-  if (dispatch_stand_down_until_us_.load(std::memory_order_relaxed) < now + stand_down_us)
+  if (dispatch_stand_down_until_us_.load(std::memory_order_relaxed) < now + stand_down_us) {
     dispatch_stand_down_until_us_.store(now + stand_down_us, std::memory_order_relaxed);
+    CoverPolledUntil(now + stand_down_us);
+  }
   worked |= DispatchRound();
   inline_rounds_.fetch_add(1, std::memory_order_relaxed);
   return worked;
@@ -638,6 +640,7 @@ void StackImpl::Dispatch() {
     bool worked;
     uint64_t now;
     int sleep_us = 0;
+    size_t standby_at = SIZE_MAX;  // the standby timer's place in fds, if there
     fds.clear();
     {
       std::lock_guard g(dispatch_mu_);
@@ -674,8 +677,9 @@ void StackImpl::Dispatch() {
           cs.ch->ArmNotify(chan::Channel::kReadable);
           fds.push_back({cs.ch->notify_fd(chan::Channel::kReadable), POLLIN, 0});
         }
-        // A polled lane is looked at again once its poller may have stopped renewing it
-        // without saying so (chan::kStandDownRecheckUs), not every millisecond: each wakeup
+        // A polled lane, or a stack stood down for a poller, is looked at again once its poller
+        // may have stopped renewing it without saying so: when the standby timer the pollers
+        // push ahead fires (chan::StandbyTimer), not every few milliseconds — each wakeup
         // pre-empts a spinner.
         // (Connections waiting for a peer's first channel: looked at each millisecond, as the
         // channels' handshakes do not wake us.)
@@ -685,8 +689,11 @@ void StackImpl::Dispatch() {
                              ? 1000
                          : NothingToRetryLocked() ? kIdleDispatchSleepUs
                                                   : 10000;
-        if (polled_until) sleep = std::min(sleep, polled_until - now + chan::kStandDownRecheckUs);
-        if (until > now) sleep = std::min<uint64_t>(until - now + chan::kStandDownRecheckUs, 10000);
+        if (const uint64_t polled = std::max(polled_until, until); polled > now) {
+          CoverPolledUntil(polled);
+          standby_at = fds.size();
+          fds.push_back({dispatch_standby_.fd(), POLLIN, 0});
+        }
         sleep_us = static_cast<int>(sleep);
       }
     }
@@ -694,12 +701,18 @@ void StackImpl::Dispatch() {
       std::this_thread::yield();
       continue;
     }
-    const timespec ts{0, static_cast<long>(sleep_us) * 1000};
+    const timespec ts{static_cast<time_t>(sleep_us / 1'000'000),
+                      static_cast<long>(sleep_us % 1'000'000) * 1000};
+    dispatch_sleeps_.fetch_add(1, std::memory_order_relaxed);
     if (ppoll(fds.data(), fds.size(), &ts, nullptr) > 0) {
       for (size_t i = 0; i < fds.size(); ++i) {
-        if (i == 1) continue;  // the driver's accept fd is cleared by Accept()
+        if (i == 1 || !(fds[i].revents & POLLIN)) continue;  // (accept fd: cleared by Accept())
+        if (i == standby_at) {
+          dispatch_standby_.Fired();
+          continue;
+        }
         uint64_t v;
-        if (fds[i].revents & POLLIN) (void)!read(fds[i].fd, &v, sizeof(v));
+        (void)!read(fds[i].fd, &v, sizeof(v));
       }
     }
   }

@@ -747,6 +747,7 @@ std::shared_ptr<chan::Channel> SocketImpl::PeerChannel(const chan::Channel* ch) 
 bool SocketImpl::PollOnce(uint64_t now_us, uint64_t stand_down_us) {
   bool worked = false;
   const uint64_t until = now_us + stand_down_us;
+  if (!poll_lanes_.empty()) st_->CoverPolledUntil(until);
   for (size_t i = 0; i < poll_lanes_.size();) {
     PollLane& pl = poll_lanes_[i];
     RxLane& lane = *pl.lane;

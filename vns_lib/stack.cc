@@ -35,6 +35,7 @@ absl::Status ConnStateError(ConnState s) {
 }
 
 absl::Status StackImpl::Init() {
+  if (!dispatch_standby_.ok()) return ErrnoStatus(errno, "timerfd_create (the dispatcher's)");
   // The copy plan is the policy's too: StackOptions' copy sizes are its first knobs.
   sched::Knobs knobs = {{"inline_copy_bytes", std::to_string(opts_.inline_copy_bytes)},
                         {"copy_chunk_bytes", std::to_string(opts_.chunk_bytes)}};
@@ -181,6 +182,7 @@ StackStats StackImpl::Stats() const {
   s.segments_out_ctl = ctl_out_.load();
   s.rst_sent = rst_sent_.load();
   s.dispatcher_blocked = blocked_.load();
+  s.dispatcher_wakeups = dispatch_sleeps_.load();
   s.copy_chunks = const_cast<CopyWorkers&>(workers_).chunks_run();
   s.copy_busy_ns = const_cast<CopyWorkers&>(workers_).busy_ns();
   s.sched_batches = sched_batches_.load();

@@ -159,6 +159,12 @@ class StackImpl final : public Stack {
   // a new opening, with this one's deadline (the peer may have come up since). False if none
   // could start.
   bool ReopenFor(Conn& c);
+  // A busy poller renewed its lease on a lane or on the whole stack until `until_us`: the
+  // dispatcher, not watching what the poller drains, wakes only once such a lease has run out
+  // (chan::StandbyTimer).
+  void CoverPolledUntil(uint64_t until_us) {
+    dispatch_standby_.Cover(until_us + chan::kStandDownRecheckUs);
+  }
   void NotifyConsumed() {
     if (holding_.load(std::memory_order_seq_cst)) WakeDispatcher();
   }
@@ -206,6 +212,8 @@ class StackImpl final : public Stack {
   uint64_t known_version_ = ~0ull;    // dispatch_mu_: peers_->version() last scanned
   uint64_t next_expiry_ = 0;          // dispatch_mu_
   std::atomic<uint64_t> dispatch_stand_down_until_us_{0};
+  chan::StandbyTimer dispatch_standby_;
+  std::atomic<uint64_t> dispatch_sleeps_{0};
   // Every channel of every peer, as of peers_->version() `version`; AllChannels refreshes it
   // (the caller holds the lock that guards the cache).
   struct ChannelCache {

@@ -141,6 +141,7 @@ struct StackStats {
   uint64_t deliveries_inline = 0;   // channel deliveries served on the engine's thread
   uint64_t rst_sent = 0;            // segments for no socket, SYNs for no listener
   uint64_t dispatcher_blocked = 0;  // times a full socket stopped a channel from draining
+  uint64_t dispatcher_wakeups = 0;  // sleeps of the dispatcher thread (each one ends in a wakeup)
   uint64_t copy_chunks = 0;         // chunks run by copy workers
   uint64_t copy_busy_ns = 0;        // time copy workers spent copying
   uint64_t sched_batches = 0;       // scheduler decisions: a batch of segments sent on a channel

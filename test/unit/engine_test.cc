@@ -168,6 +168,44 @@ TEST(EngineTest, ATaskSeesWhetherAPollerRunsItsRoundAndTheRoundsTime) {
   e.Remove(&t);
 }
 
+// A busy poller renews the engine's stand-down with every round: the engine sleeps through it
+// (each wakeup would pre-empt a spinner), and takes over by itself once the poller stops without
+// saying so — work queued during the lease, whose Wake() the stand-down swallowed, still runs.
+TEST(EngineTest, AStoodDownEngineSleepsWhileItsPollerRenewsAndTakesOverWhenItStops) {
+  Engine e(0, -1, "", absl::ZeroDuration());
+  ASSERT_TRUE(e.Start().ok());
+  WorkTask t;
+  e.Add(&t);
+  AwaitSleep(e);
+  const uint64_t wakeups_before = e.wakeups();
+  // 100 ms of a poller's rounds, 200 µs leases (what a busy-polled Recv gives).
+  const uint64_t end = NowUs() + 100'000;
+  while (NowUs() < end) {
+    e.RunInline(NowUs(), 200);
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+  // Slept each lease plus kStandDownRecheckUs: ~45 wakeups; on the standby timer: one or two
+  // (the first stand-down, and a push the timer may have fired ahead of).
+  EXPECT_LE(e.wakeups() - wakeups_before, 5u) << "the stood-down engine kept waking";
+  // The poller's last round, then work whose Wake() the lease swallows; nobody ends the poll.
+  std::atomic<uint64_t> ran_at{0};
+  t.on_take = [&](uint64_t now_us, uint64_t*) { ran_at = now_us; };
+  e.RunInline(NowUs(), 200);
+  const uint64_t stopped = NowUs();
+  t.work = 1;
+  t.Wake();
+  for (int i = 0; i < 1000 && t.done.load() == 0; ++i)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  ASSERT_EQ(t.done.load(), 1) << "the engine never took over";
+  EXPECT_NE(t.ran_on.load(), std::this_thread::get_id());
+  // Not before its lease and the recheck (it leaves the poller alone meanwhile).
+  EXPECT_GE(ran_at.load(), stopped + 200 + kStandDownRecheckUs);
+  // And by the standby timer (at most kStandbySlackUs later), not the sleep's 100 ms backstop:
+  // 50 ms of margin for a slow scheduler.
+  EXPECT_LE(ran_at.load(), stopped + 200 + kStandDownRecheckUs + kStandbySlackUs + 50'000);
+  e.Remove(&t);
+}
+
 TEST(EngineTest, ATimerAProducersRoundSetWakesTheSleepingEngine) {
   Engine e(0, -1, "", absl::ZeroDuration());
   ASSERT_TRUE(e.Start().ok());

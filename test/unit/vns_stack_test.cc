@@ -573,6 +573,44 @@ TEST(VnsBusyPollTest, PolledRpcBesideAStreamOnSharedChannelsLosesNothing) {
   EXPECT_GT(b->Stats().segments_inline, 0u) << "the server took requests on its own thread";
 }
 
+// A busy-polled reader renews its lease on its lanes with every spin: the dispatcher, which leaves
+// those lanes to it, sleeps until the reader stops (chan::StandbyTimer) instead of looking again
+// every lease plus kStandDownRecheckUs — each such wakeup pre-empted a spinner on a shared core.
+TEST(VnsBusyPollTest, TheDispatcherSleepsWhileABusyPolledReaderSpins) {
+  auto a = MakeStack(kA, 1), b = MakeStack(kB, 1);
+  ASSERT_TRUE(a && b);
+  auto [c, s] = Connected(*a, *b, 94);
+  ASSERT_TRUE(c && s);
+  // A 10 ms budget: a reader pre-empted for longer ends its spin and wakes the dispatcher (as it
+  // should), which on a loaded machine (a sanitizer, a parallel test run) a 2 ms one did dozens
+  // of times here.
+  s->SetBusyPoll(10'000);
+  constexpr int kMessages = 1500;
+  std::atomic<int> got{0};
+  std::atomic<uint64_t> wakeups_at_100{0}, wakeups_at_1400{0};
+  std::thread reader([&] {
+    std::vector<uint8_t> buf(64);
+    for (size_t have = 0; have < kMessages * buf.size();) {
+      auto r = s->Recv(buf);
+      if (!r.ok() || *r == 0) return;
+      have += *r;
+      got = static_cast<int>(have / buf.size());
+    }
+  });
+  // A message every 100-400 µs: the reader's spin always outlasts the gap.
+  const std::vector<uint8_t> msg(64, 0x42);
+  for (int i = 0; i < kMessages; ++i) {
+    ASSERT_EQ(*c->Send(msg), msg.size());
+    if (i == 100) wakeups_at_100 = b->Stats().dispatcher_wakeups;
+    if (i == 1400) wakeups_at_1400 = b->Stats().dispatcher_wakeups;
+    std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  reader.join();
+  EXPECT_EQ(got.load(), kMessages);
+  // 1,300 messages, 130-500 ms: a sleep per lease (10 ms) plus the recheck (2 ms) was 11-40.
+  EXPECT_LE(wakeups_at_1400 - wakeups_at_100, 8u) << "the dispatcher kept waking beside the poller";
+}
+
 // The cores a thread may run on, from the kernel.
 std::vector<int> Affinity(pid_t tid) {
   cpu_set_t set;
