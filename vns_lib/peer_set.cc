@@ -105,6 +105,7 @@ void Peer::Bump() {
   }
   version_.fetch_add(1, std::memory_order_release);
   set_version_->fetch_add(1, std::memory_order_release);
+  if (on_change_ && *on_change_) (*on_change_)();
 }
 
 PeerSet::~PeerSet() {
@@ -119,7 +120,7 @@ PeerSet::~PeerSet() {
 Peer* PeerSet::Get(uint32_t ip) {
   std::lock_guard l(mu_);
   auto& p = peers_[ip];
-  if (!p) p = std::make_unique<Peer>(ip, &version_);
+  if (!p) p = std::make_unique<Peer>(ip, &version_, &on_change_);
   return p.get();
 }
 

@@ -27,8 +27,11 @@ bool IsLive(chan::ChannelState s);
 
 class Peer {
  public:
-  // `set_version` is bumped with this peer's version: the dispatcher rescans only then.
-  Peer(uint32_t ip, std::atomic<uint64_t>* set_version) : ip_(ip), set_version_(set_version) {}
+  // `set_version` is bumped with this peer's version: the dispatcher rescans only then;
+  // `on_change` (the set's, may be empty) is called after.
+  Peer(uint32_t ip, std::atomic<uint64_t>* set_version,
+       const std::function<void()>* on_change = nullptr)
+      : ip_(ip), set_version_(set_version), on_change_(on_change) {}
   uint32_t ip() const { return ip_; }
 
   // Channels that take new segments (connecting or up, not sealed for scale-down), in queue
@@ -86,6 +89,7 @@ class Peer {
   size_t LiveCountLocked() const;
   const uint32_t ip_;
   std::atomic<uint64_t>* set_version_;
+  const std::function<void()>* on_change_;
   std::atomic<uint64_t> version_{0};
   std::atomic<size_t> live_hint_{0};  // live_count() as of the last Bump
   std::atomic<chan::FailCause> last_failure_{chan::FailCause::kNone};
@@ -99,7 +103,12 @@ class Peer {
 
 class PeerSet {
  public:
-  explicit PeerSet(chan::Driver* driver) : driver_(driver) {}
+  // `on_change` is called whenever a peer's channels change (from the thread that changed them):
+  // the stack wakes its dispatcher, which watches only the channels it knew when it went to sleep
+  // — a connect's new channels waited for its idle timeout (250 ms) before their first segment
+  // was looked at.
+  explicit PeerSet(chan::Driver* driver, std::function<void()> on_change = {})
+      : driver_(driver), on_change_(std::move(on_change)) {}
   ~PeerSet();  // destroys every channel
 
   Peer* Get(uint32_t ip);  // created on first use; never freed before the set
@@ -142,6 +151,7 @@ class PeerSet {
                     const std::function<void(size_t index, chan::ChannelParams*)>& place,
                     std::vector<std::shared_ptr<chan::Channel>>* opened);
   chan::Driver* driver_;
+  const std::function<void()> on_change_;
   std::atomic<uint64_t> version_{0};
   std::atomic<int> opening_peers_{0};  // peers with a non-empty `opening`
   std::mutex mu_;

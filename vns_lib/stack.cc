@@ -66,11 +66,12 @@ absl::Status StackImpl::Init() {
   auto d = chan::CreateDriver(opts_.driver, dopts);
   if (!d.ok()) return d.status();
   driver_ = std::move(*d);
-  peers_ = std::make_unique<PeerSet>(driver_.get());
+  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+  if (wake_fd_ < 0) return ErrnoStatus(errno, "eventfd (the dispatcher's)");
+  peers_ = std::make_unique<PeerSet>(driver_.get(), [this] { WakeDispatcher(); });
   if (opts_.channels_per_peer < 1 || opts_.channels_per_peer > 64)
     return absl::InvalidArgumentError("channels_per_peer must be 1..64");
   if (auto st = SetCopyWorkers(opts_.copy_workers); !st.ok()) return st;
-  wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   next_port_ = static_cast<uint16_t>(40000 + netch::RandomU32() % 20000);
   deliver_inline_ = opts_.deliver_inline;  // (before the dispatcher runs)
   dispatcher_ = std::thread([this] {

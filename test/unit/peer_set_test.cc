@@ -1,6 +1,7 @@
 // The channels of a peer as VNS lists them (vns_lib/peer_set.h): the order both ends agree on.
 #include "vns_lib/peer_set.h"
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -47,6 +48,27 @@ TEST(PeerTest, ListsChannelsInQueueOrderWhateverOrderTheyCameUpIn) {
   EXPECT_EQ(Ids(p.All()), (std::vector<uint32_t>{2, 4, 1, 5}));
   EXPECT_EQ(Ids(p.LiveBeyondOldest(1)), (std::vector<uint32_t>{5, 4, 2}));
   EXPECT_EQ(Ids(p.LiveBeyondOldest(4)), (std::vector<uint32_t>{}));
+}
+
+// Every change of a peer's channels reaches its set's callback — the stack's dispatcher wakeup:
+// it watches only the channels it knew when it went to sleep, and a blocking connect's new
+// channels otherwise waited for its idle timeout (250 ms) before the NCSYN_ACK on them was read.
+TEST(PeerTest, TellsItsSetOfEveryChangeOfItsChannels) {
+  std::atomic<uint64_t> set_version{0};
+  int changes = 0;
+  const std::function<void()> on_change = [&] { ++changes; };
+  Peer p(0x01020304, &set_version, &on_change);
+  auto a = std::make_shared<QueuedChannel>(1, 0), b = std::make_shared<QueuedChannel>(2, 1);
+  a->SetState(chan::ChannelState::kUp);
+  p.Add(a);
+  p.Add(b);
+  EXPECT_EQ(changes, 2);
+  a->Fail(chan::FailCause::kReset);
+  p.NoteDead(a->fail_cause());
+  EXPECT_EQ(changes, 3);
+  p.Remove(a.get());
+  EXPECT_EQ(changes, 4);
+  EXPECT_EQ(set_version.load(), 4u);
 }
 
 TEST(PeerTest, IsGoneOnceTheDispatcherNotedItsLastLiveChannelDieAndSaysWhy) {

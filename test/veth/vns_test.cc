@@ -969,7 +969,13 @@ TEST_F(VnsTest, OneOfFourChannelsFailingBreaksOnlyTheSocketsItCarried) {
   // Whichever host saw the channel fail first broke the two sockets (the other's learn it from
   // its RST, on a healthy channel).
   EXPECT_GE(a.Stats().conns_broken + b.Stats().conns_broken, 2u);
-  // A new connection uses the healthy channels (and whatever the peer set reopened).
+  // A new connection uses the healthy channels (and whatever the peer set reopened) — once this
+  // host too has found the cut channel dead: when the peer found it first, its RSTs broke our two
+  // sockets a moment before our own dead-peer timer fired, and a connection made in between still
+  // spread over the cut channel (one run of 45 in parallel).
+  for (int i = 0; i < 300 && doomed.state() == chan::ChannelState::kUp; ++i)
+    absl::SleepFor(absl::Milliseconds(10));
+  ASSERT_NE(doomed.state(), chan::ChannelState::kUp) << "the cut channel never failed here";
   auto c = a.Connect(TestHosts::kIpB, 5030);
   ASSERT_TRUE(c.ok()) << c.status();
   auto s = (*l)->Accept();
