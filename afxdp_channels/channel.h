@@ -169,7 +169,8 @@ class StandbyTimer {
   StandbyTimer(const StandbyTimer&) = delete;
   StandbyTimer& operator=(const StandbyTimer&) = delete;
   bool ok() const { return fd_ >= 0; }
-  int fd() const { return fd_; }  // readable once the timer fired
+  int error() const { return error_; }  // why the timer could not be made (errno), if !ok()
+  int fd() const { return fd_; }        // readable once the timer fired
   // Makes the timer fire no sooner than `due_us` (NowUs clock): if it would, sets it for
   // due_us + kStandbySlackUs.
   void Cover(uint64_t due_us) {
@@ -184,6 +185,7 @@ class StandbyTimer {
  private:
   void Arm(uint64_t at_us);
   int fd_ = -1;
+  int error_ = 0;
   std::atomic<uint64_t> armed_us_{0};  // when it fires; 0: not armed
 };
 

@@ -162,7 +162,8 @@ absl::Status Engine::Start() {
   wake_fd_ = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
   if (wake_fd_ < 0) return ErrnoStatus(errno, "eventfd");
   timer_fd_ = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
-  if (timer_fd_ < 0 || !standby_.ok()) return ErrnoStatus(errno, "timerfd_create");
+  if (timer_fd_ < 0) return ErrnoStatus(errno, "timerfd_create");
+  if (!standby_.ok()) return ErrnoStatus(standby_.error(), "timerfd_create (standby timer)");
   sleep_ep_ = epoll_create1(EPOLL_CLOEXEC);
   input_ep_ = epoll_create1(EPOLL_CLOEXEC);
   if (sleep_ep_ < 0 || input_ep_ < 0) return ErrnoStatus(errno, "epoll_create1");
@@ -475,7 +476,9 @@ void PollYielder::MaybeYield(uint64_t now_us, uint64_t spun_us) {
     paused_until_us_ = back + kPollYieldPauseUs;
 }
 
-StandbyTimer::StandbyTimer() : fd_(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)) {}
+StandbyTimer::StandbyTimer() : fd_(timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC)) {
+  if (fd_ < 0) error_ = errno;
+}
 
 StandbyTimer::~StandbyTimer() {
   if (fd_ >= 0) close(fd_);

@@ -35,7 +35,9 @@ absl::Status ConnStateError(ConnState s) {
 }
 
 absl::Status StackImpl::Init() {
-  if (!dispatch_standby_.ok()) return ErrnoStatus(errno, "timerfd_create (the dispatcher's)");
+  if (!dispatch_standby_.ok())
+    return ErrnoStatus(dispatch_standby_.error(),
+                       "timerfd_create (the dispatcher's standby timer)");
   // The copy plan is the policy's too: StackOptions' copy sizes are its first knobs.
   sched::Knobs knobs = {{"inline_copy_bytes", std::to_string(opts_.inline_copy_bytes)},
                         {"copy_chunk_bytes", std::to_string(opts_.chunk_bytes)}};
