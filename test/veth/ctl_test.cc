@@ -345,6 +345,7 @@ TEST_F(CtlTest, OperatorChangesARunningStackWithoutLosingAByte) {
   // The stack's default transmit path on these hosts, and it carried the data.
   EXPECT_EQ(MetricValue(text, "netch_driver_tx_udp"), 1);
   EXPECT_GT(MetricValue(text, "netch_udp_tx_packets_total"), 0);
+  EXPECT_GT(MetricValue(text, "netch_dispatcher_wakeups_total"), 0) << "its sleeps are counted";
   const std::string text_b = Scrape(hosts_.ns_b(), 19465);
   EXPECT_EQ(MetricValue(text_b, "netch_socket_rx_bytes_total"), static_cast<double>(kBytes));
   EXPECT_GT(MetricValue(text_b, "netch_xdp_packets_total{verdict=\"drop_fault\"}"), 0);
